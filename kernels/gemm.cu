@@ -1,0 +1,125 @@
+// bf16 GEMM on tensor cores with fused epilogues (ops/gemm.rs).
+//
+// Math: C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]), f32 accumulation, where the epilogue is, in
+//   order: + bias[n] (if bias), GELU-erf (if gelu), + R[m, n] (if residual). This is a
+//   PyTorch Linear (W is [out, in]) applied to every row of A, i.e. a 1×1 conv on NHWC.
+// Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major, bias f32 [N], R and C [M, N]
+//   row-major in the output type (f32 or bf16).
+// Launch: grid (ceil(M/128), ceil(N/128)), 256 threads = 8 warps as 2 (m) × 4 (n), each warp a
+//   64×32 tile; dynamic shared memory STAGES·(128 + 128)·40·2 = 61,440 bytes (opt-in > 48 KiB).
+// Pipeline: cp.async 16-byte copies into a 3-stage ring of padded tiles (row pitch 40
+//   elements = 80 bytes keeps ldmatrix rows on distinct banks), ldmatrix.x4 fragments,
+//   mma.sync m16n8k16 bf16 → f32.
+// Limits: K % 8 == 0 (16-byte rows; the op rejects other K), M < 2^31, N ≤ 65535·128.
+//   M, N, K tails are zero-filled on load and masked on store.
+// Names: gemm_bf16_<out>.
+#include "common/portable.cuh"
+#include "common/convert.cuh"
+#include "common/mma.cuh"
+
+namespace gemm {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 8, THREADS = 256;
+
+template <typename TO>
+__device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ W,
+                                     const float* __restrict__ bias, const TO* __restrict__ R, TO* __restrict__ C,
+                                     int M, int N, int K, int gelu) {
+    __nv_bfloat16* As = HS_DYNAMIC_SMEM(__nv_bfloat16, smem);  // [STAGES][BM][LDS]
+    __nv_bfloat16* Bs = As + STAGES * BM * LDS;                 // [STAGES][BN][LDS]
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wm = warp / 4, wn = warp % 4;
+    const long long m0 = (long long)blockIdx.x * BM;
+    const int n0 = blockIdx.y * BN;
+    const int ktiles = (K + BK - 1) / BK;
+
+    // One k-tile of A and W: 128 rows × 4 chunks of 8 elements each, 2 chunks per thread.
+    auto load_tile = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int c = tid + i * THREADS, r = c / 4, kc = (c % 4) * 8;
+            const int gk = k0 + kc;
+            const long long gm = m0 + r;
+            const bool a_ok = gm < M && gk < K;
+            cp_async_16_zfill(As + (stage * BM + r) * LDS + kc, a_ok ? A + gm * K + gk : A, a_ok);
+            const int gn = n0 + r;
+            const bool b_ok = gn < N && gk < K;
+            cp_async_16_zfill(Bs + (stage * BN + r) * LDS + kc, b_ok ? W + (long long)gn * K + gk : W, b_ok);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile kt landed for everyone; stage (kt-1) % STAGES is free again
+        const int next = kt + STAGES - 1;
+        if (next < ktiles) load_tile(next % STAGES, next);
+        cp_async_commit();
+
+        const __nv_bfloat16* a_s = As + (kt % STAGES) * BM * LDS;
+        const __nv_bfloat16* b_s = Bs + (kt % STAGES) * BN * LDS;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                ldmatrix_x4(af[mi], a_s + (wm * 64 + mi * 16 + (lane & 15)) * LDS + kk + (lane >> 4) * 8);
+#pragma unroll
+            for (int ni = 0; ni < 4; ni += 2) {
+                uint32_t r[4];
+                ldmatrix_x4(r, b_s + (wn * 32 + ni * 8 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk + ((lane >> 3) & 1) * 8);
+                bf[ni][0] = r[0];
+                bf[ni][1] = r[1];
+                bf[ni + 1][0] = r[2];
+                bf[ni + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        }
+    }
+    cp_async_wait_all();
+
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const long long row = m0 + wm * 64 + mi * 16 + g + h * 8;
+            if (row >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n0 + wn * 32 + ni * 8 + 2 * t + e;
+                    if (col >= N) continue;
+                    float v = acc[mi][ni][h * 2 + e];
+                    if (bias) v += bias[col];
+                    if (gelu) v = gelu_erf(v);
+                    if (R) v += to_f32(R[row * N + col]);
+                    C[row * N + col] = from_f32<TO>(v);
+                }
+        }
+}
+}  // namespace gemm
+
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu);
+}
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu);
+}

@@ -1,0 +1,225 @@
+//! Command-line interface (`ultrapixel <command>`).
+
+use crate::runtime::cuda::CudaDevice;
+use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
+use crate::runtime::{Backend, BackendKind};
+use crate::verify::{self, CheckResult, Scale};
+use crate::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ultrapixel",
+    version,
+    about = "UltraPixel text-to-image (1K-6K) through fused CUDA kernels"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the GPU, the embedded kernel architectures and the ptxas resource table.
+    Info,
+    /// Run every kernel on this device against its CPU reference (and the host emulator).
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Random seed of the inputs (default: fresh each run; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only checks whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+/// Runs a parsed command; the return value is the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Info => info(),
+        Command::Verify(a) => verify_cmd(a),
+    }
+}
+
+fn info() -> Result<i32> {
+    println!("ultrapixel {}", env!("CARGO_PKG_VERSION"));
+    if KERNELS_COMPILED {
+        println!(
+            "kernels: compiled by nvcc ({NVCC_VERSION}) for {} + PTX {PTX_ARCH}",
+            CUDA_ARCHS.join(", ")
+        );
+    } else {
+        println!("kernels: NOT compiled (built without nvcc; run tools/install-cuda-toolchain.sh and rebuild)");
+    }
+    println!(
+        "host emulator: {}",
+        if cfg!(feature = "hostsim") {
+            "built in"
+        } else {
+            "not built in"
+        }
+    );
+    match CudaDevice::new(0) {
+        Ok(d) => {
+            let i = d.info();
+            println!(
+                "GPU: {} (compute capability {}.{}), {} MiB free of {} MiB",
+                i.name,
+                i.compute_capability.0,
+                i.compute_capability.1,
+                i.free_bytes >> 20,
+                i.total_bytes >> 20
+            );
+        }
+        Err(e) => println!("GPU: none usable: {e}"),
+    }
+    if !PTXAS.is_empty() {
+        println!(
+            "\nptxas resource use (registers, shared memory bytes, stack bytes, spill bytes):"
+        );
+        println!(
+            "{:<36} {:<7} {:>5} {:>7} {:>6} {:>6}",
+            "kernel", "arch", "regs", "smem", "stack", "spills"
+        );
+        for e in PTXAS {
+            println!(
+                "{:<36} {:<7} {:>5} {:>7} {:>6} {:>6}",
+                e.kernel,
+                e.arch,
+                e.registers,
+                e.smem_bytes,
+                e.stack_bytes,
+                e.spill_stores + e.spill_loads
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn print_result(backend: &str, r: &CheckResult) {
+    let status = if r.passed() { "PASS" } else { "FAIL" };
+    println!(
+        "{status} {backend:<8} {:<72} {:<6} max_err {:.3e} limit {:.3e} (max|ref| {:.3e}){}",
+        r.check,
+        r.output,
+        r.max_err,
+        r.limit,
+        r.max_ref,
+        if r.non_finite > 0 {
+            format!(" {} non-finite", r.non_finite)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// Runs the checks on `backend`, printing one line per output; returns (passed, failed).
+fn run_checks(
+    backend: &Backend,
+    label: &str,
+    seed: u64,
+    scale: Scale,
+    filter: &Option<String>,
+) -> Result<(usize, usize)> {
+    let mut counts = (0, 0);
+    for check in verify::all_checks(seed, scale)? {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !check.name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let results = match verify::run_check(&check, backend) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("FAIL {label:<8} {}: {e}", check.name);
+                counts.1 += 1;
+                continue;
+            }
+        };
+        for r in results {
+            print_result(label, &r);
+            if r.passed() {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<i32> {
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!("verify: seed {seed} (rerun with --seed {seed})");
+    let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let mut passed = 0;
+    let mut failed = 0;
+    match Backend::open(BackendKind::Cuda) {
+        Ok(gpu) => {
+            let (p, f) = run_checks(&gpu, "cuda", seed, Scale::Gpu, &a.filter)?;
+            passed += p;
+            failed += f;
+            if cfg!(feature = "hostsim") {
+                let (p, f) = gpu_vs_hostsim(&gpu, seed, &a.filter)?;
+                passed += p;
+                failed += f;
+            }
+        }
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            if require_gpu {
+                println!("UPX_REQUIRE_GPU=1: a GPU is required");
+                return Ok(1);
+            }
+            if cfg!(feature = "hostsim") {
+                let (p, f) = run_checks(
+                    &Backend::open(BackendKind::Hostsim)?,
+                    "hostsim",
+                    seed,
+                    Scale::Emulator,
+                    &a.filter,
+                )?;
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// GPU ↔ emulator parity on the emulator-sized checks: the only test that catches
+/// compensating mistakes in the emulated fragment layouts.
+fn gpu_vs_hostsim(gpu: &Backend, seed: u64, filter: &Option<String>) -> Result<(usize, usize)> {
+    let hostsim = Backend::open(BackendKind::Hostsim)?;
+    let mut counts = (0, 0);
+    for check in verify::all_checks(seed, Scale::Emulator)? {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !check.name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let g = verify::run_on(&check, gpu)?;
+        let h = verify::run_on(&check, &hostsim)?;
+        for ((&o, gv), hv) in check.graph.outputs.iter().zip(&g).zip(&h) {
+            let r = verify::compare(&check.name, &check.graph.desc(o).name, gv, hv, check.tol);
+            print_result("cuda~emu", &r);
+            if r.passed() {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+    }
+    Ok(counts)
+}

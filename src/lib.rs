@@ -1,0 +1,17 @@
+//! ultrapixel: UltraPixel text-to-image (Stable Cascade stage C with UltraPixel's
+//! low-res guidance, stage B lite, stage A, CLIP ViT-bigG) through our own CUDA kernels.
+//!
+//! Layers, bottom up: [`tensor`] (host tensors, dtypes), [`runtime`] (op graph, arena
+//! planner, executors cpu / hostsim / cuda, kernel table), [`ops`] (one module per kernel
+//! family: shape checks, CPU reference, launch plan), [`weights`] (safetensors, safe pickle
+//! conversion, name maps), [`verify`] (every kernel against its reference).
+
+pub mod cli;
+pub mod error;
+pub mod ops;
+pub mod runtime;
+pub mod tensor;
+pub mod verify;
+pub mod weights;
+
+pub use error::{Error, Result};

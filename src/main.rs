@@ -1,0 +1,14 @@
+use clap::Parser;
+use ultrapixel::cli::{run, Cli};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    };
+    std::process::exit(code);
+}

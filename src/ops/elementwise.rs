@@ -1,0 +1,302 @@
+//! Elementwise ops (`kernels/elementwise.cu`): exact GELU, SiLU, `a + α·b`, and FiLM
+//! `x·(k + a) + b` with per-sample, per-channel a and b.
+
+use super::{arity, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
+use crate::runtime::graph::TensorDesc;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
+use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
+use crate::{Error, Result};
+
+const THREADS: usize = 256;
+/// Grid-stride kernels never need more blocks than this.
+const MAX_BLOCKS: usize = 1 << 20;
+
+fn linear_launch(kernel: &str, n: usize, args: Args) -> Result<Vec<Launch>> {
+    let blocks = ceil_div(n, THREADS).clamp(1, MAX_BLOCKS) as u32;
+    Ok(vec![Launch::linear(
+        KernelId::lookup(kernel)?,
+        blocks,
+        THREADS as u32,
+        args,
+    )])
+}
+
+/// Exact (erf) GELU, as `torch.nn.GELU()`, evaluated in f64.
+pub fn gelu_ref(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// SiLU, x·σ(x), in f64.
+pub fn silu_ref(x: f32) -> f32 {
+    let x = x as f64;
+    (x / (1.0 + (-x).exp())) as f32
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Gelu,
+    Silu,
+}
+
+impl Act {
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::Gelu => gelu_ref(x),
+            Act::Silu => silu_ref(x),
+        }
+    }
+
+    fn kernel(self) -> &'static str {
+        match self {
+            Act::Gelu => "gelu",
+            Act::Silu => "silu",
+        }
+    }
+}
+
+/// An elementwise activation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Activation {
+    pub act: Act,
+    pub out: DType,
+}
+
+impl OpImpl for Activation {
+    fn name(&self) -> &'static str {
+        self.act.kernel()
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let ins = arity(self.name(), inputs, 1)?;
+        Ok(vec![(ins[0].shape.clone(), self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        for (o, &x) in outputs[0].data.iter_mut().zip(&inputs[0].data) {
+            *o = self.act.apply(x);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let x = io.inputs[0];
+        let n = x.desc.numel();
+        let name = format!(
+            "{}_{}_{}",
+            self.act.kernel(),
+            x.desc.dtype.suffix(),
+            self.out.suffix()
+        );
+        linear_launch(
+            &name,
+            n,
+            Args::new().ptr(x.ptr).ptr(io.outputs[0].ptr).u64(n as u64),
+        )
+    }
+}
+
+/// `y = a + α·b` (same shapes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Add {
+    pub alpha: f32,
+    pub out: DType,
+}
+
+impl Add {
+    pub fn plain(out: DType) -> Self {
+        Add { alpha: 1.0, out }
+    }
+}
+
+impl OpImpl for Add {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let ins = arity(self.name(), inputs, 2)?;
+        if ins[0].shape != ins[1].shape {
+            return Err(Error::shape(
+                self.name(),
+                format!("shapes differ: {:?} and {:?}", ins[0].shape, ins[1].shape),
+            ));
+        }
+        Ok(vec![(ins[0].shape.clone(), self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        for ((o, a), b) in outputs[0]
+            .data
+            .iter_mut()
+            .zip(&inputs[0].data)
+            .zip(&inputs[1].data)
+        {
+            *o = a + self.alpha * b;
+        }
+        Ok(())
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let (a, b) = (io.inputs[0], io.inputs[1]);
+        let n = a.desc.numel();
+        let name = format!(
+            "add_{}_{}_{}",
+            a.desc.dtype.suffix(),
+            b.desc.dtype.suffix(),
+            self.out.suffix()
+        );
+        let args = Args::new()
+            .ptr(a.ptr)
+            .ptr(b.ptr)
+            .ptr(io.outputs[0].ptr)
+            .u64(n as u64)
+            .f32(self.alpha);
+        linear_launch(&name, n, args)
+    }
+}
+
+/// FiLM: `y = x·(k + a) + b` where `ab` is f32 `[B, 2C]` (a = first C columns) and x is
+/// `[B, …, C]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Film {
+    pub k: f32,
+    pub out: DType,
+}
+
+impl Film {
+    fn dims(&self, x: &[usize], ab: &[usize]) -> Result<(usize, usize)> {
+        let (_, c) = rows_channels(self.name(), x)?;
+        let b = x[0];
+        if ab != [b, 2 * c] {
+            return Err(Error::shape(
+                self.name(),
+                format!(
+                    "modulation must be [{b}, {}] for x {x:?}, got {ab:?}",
+                    2 * c
+                ),
+            ));
+        }
+        Ok((c, x.iter().product::<usize>() / b))
+    }
+}
+
+impl OpImpl for Film {
+    fn name(&self) -> &'static str {
+        "film"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let ins = arity(self.name(), inputs, 2)?;
+        if ins[1].dtype != DType::F32 {
+            return Err(Error::shape(self.name(), "the modulation must be f32"));
+        }
+        self.dims(&ins[0].shape, &ins[1].shape)?;
+        Ok(vec![(ins[0].shape.clone(), self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (x, ab) = (inputs[0], inputs[1]);
+        let (c, per_sample) = self.dims(&x.shape, &ab.shape)?;
+        for (i, (o, &v)) in outputs[0].data.iter_mut().zip(&x.data).enumerate() {
+            let row = &ab.data[(i / per_sample) * 2 * c..][..2 * c];
+            let ch = i % c;
+            *o = v * (self.k + row[ch]) + row[c + ch];
+        }
+        Ok(())
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let (x, ab) = (io.inputs[0], io.inputs[1]);
+        let (c, per_sample) = self.dims(&x.desc.shape, &ab.desc.shape)?;
+        let n = x.desc.numel();
+        let name = format!("film_{}_{}", x.desc.dtype.suffix(), self.out.suffix());
+        let args = Args::new()
+            .ptr(x.ptr)
+            .ptr(ab.ptr)
+            .ptr(io.outputs[0].ptr)
+            .u64(n as u64)
+            .i32(to_i32(self.name(), "channels", c)?)
+            .u64(per_sample as u64)
+            .f32(self.k);
+        linear_launch(&name, n, args)
+    }
+}
+
+/// Checks for `verify` and the emulator tests.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut sizes = vec![1, 37, 1000, 4097];
+    if scale == Scale::Gpu {
+        sizes.push(3 << 22);
+    }
+    let f32_tol = Tolerance {
+        atol: 1e-6,
+        rtol: 1e-6,
+    };
+    let tol = |d: DType| {
+        if d == DType::BF16 {
+            Tolerance::BF16_OUT
+        } else {
+            f32_tol
+        }
+    };
+    let mut v = Vec::new();
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(1);
+        CheckBuilder::new(s)
+    };
+    for &n in &sizes {
+        for (act, d) in [
+            (Act::Gelu, DType::F32),
+            (Act::Gelu, DType::BF16),
+            (Act::Silu, DType::F32),
+            (Act::Silu, DType::BF16),
+        ] {
+            let mut b = next();
+            let x = b.input(&[n], d, 6.0)?;
+            let y = b.graph.op1(Activation { act, out: d }, &[x])?;
+            v.push(b.finish(format!("{act:?} {d:?} [{n}]"), &[y], tol(d))?);
+        }
+        for (da, db, dout) in [
+            (DType::F32, DType::F32, DType::F32),
+            (DType::F32, DType::BF16, DType::F32),
+            (DType::BF16, DType::BF16, DType::BF16),
+        ] {
+            let mut b = next();
+            let x = b.input(&[n], da, 4.0)?;
+            let y = b.input(&[n], db, 4.0)?;
+            let alpha = if n % 2 == 1 { 0.7 } else { 1.0 };
+            let z = b.graph.op1(Add { alpha, out: dout }, &[x, y])?;
+            v.push(b.finish(
+                format!("add {da:?}+{alpha}*{db:?}->{dout:?} [{n}]"),
+                &[z],
+                tol(dout),
+            )?);
+        }
+    }
+    let mut film_shapes = vec![(1, 1, 8), (3, 37, 33), (2, 63, 320)];
+    if scale == Scale::Gpu {
+        film_shapes.push((2, 9216, 2048));
+    }
+    for (bs, p, c) in film_shapes {
+        for (dx, dout, k) in [
+            (DType::F32, DType::F32, 1.0),
+            (DType::F32, DType::BF16, 2.0),
+            (DType::BF16, DType::BF16, 1.0),
+        ] {
+            let mut b = next();
+            let x = b.input(&[bs, p, c], dx, 3.0)?;
+            let ab = b.input(&[bs, 2 * c], DType::F32, 1.0)?;
+            let y = b.graph.op1(Film { k, out: dout }, &[x, ab])?;
+            v.push(b.finish(
+                format!("film k={k} {dx:?}->{dout:?} [{bs},{p},{c}]"),
+                &[y],
+                tol(dout),
+            )?);
+        }
+    }
+    Ok(v)
+}

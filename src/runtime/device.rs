@@ -1,0 +1,176 @@
+//! What the kernel executors (hostsim and cuda) share: device memory, launching, and the
+//! session that places a graph in one arena and replays its launch list.
+
+use super::graph::{Graph, Role, TensorId};
+use super::launch::Launch;
+use super::planner::{self, ArenaPlan, ALIGN};
+use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
+use crate::ops::{DevTensor, LaunchIo};
+use crate::tensor::{decode, encode};
+use crate::{Error, Result};
+use std::any::Any;
+use std::sync::Arc;
+
+/// An owned device allocation; freed when dropped.
+pub struct DeviceBuffer {
+    pub ptr: u64,
+    pub bytes: usize,
+    /// Frees the memory on drop.
+    _owner: Box<dyn Any + Send + Sync>,
+}
+
+impl DeviceBuffer {
+    pub fn new(ptr: u64, bytes: usize, owner: Box<dyn Any + Send + Sync>) -> Self {
+        DeviceBuffer {
+            ptr,
+            bytes,
+            _owner: owner,
+        }
+    }
+}
+
+/// The launches of one graph, in order, with the node label of each (for error messages),
+/// and backend state kept between runs (a captured CUDA graph).
+pub struct LaunchList {
+    pub launches: Vec<Launch>,
+    pub labels: Vec<String>,
+    pub replay: Option<Box<dyn Any + Send>>,
+}
+
+pub trait Device: Send + Sync {
+    /// Human-readable description (device name, compute capability).
+    fn describe(&self) -> String;
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer>;
+    fn write(&self, dst: u64, data: &[u8]) -> Result<()>;
+    fn read(&self, src: u64, out: &mut [u8]) -> Result<()>;
+    fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<()>;
+    /// Runs every launch of the list in order; returns when they are done.
+    fn execute(&self, list: &mut LaunchList) -> Result<()>;
+}
+
+pub struct KernelSession {
+    device: Arc<dyn Device>,
+    graph: Graph,
+    plan: ArenaPlan,
+    _arena: DeviceBuffer,
+    _weights: Option<DeviceBuffer>,
+    ptrs: Vec<u64>,
+    list: LaunchList,
+}
+
+impl KernelSession {
+    pub fn new(
+        device: Arc<dyn Device>,
+        graph: Graph,
+        weights: &dyn WeightSource,
+        opts: SessionOptions,
+    ) -> Result<Self> {
+        let plan = planner::plan(&graph);
+        let arena = device.alloc(plan.peak.max(ALIGN))?;
+        if opts.poison {
+            device.fill(arena.ptr, 0xff, arena.bytes)?;
+        }
+        let mut ptrs: Vec<u64> = plan
+            .offsets
+            .iter()
+            .map(|o| o.map_or(0, |o| arena.ptr + o as u64))
+            .collect();
+
+        // All weights of the graph in one allocation.
+        let wids: Vec<TensorId> = graph.weights().map(|(id, _)| id).collect();
+        let mut woffs = Vec::with_capacity(wids.len());
+        let mut total = 0usize;
+        for &id in &wids {
+            woffs.push(total);
+            total += graph.desc(id).bytes().div_ceil(ALIGN) * ALIGN;
+        }
+        let wbuf = if total > 0 {
+            let buf = device.alloc(total)?;
+            for (&id, &off) in wids.iter().zip(&woffs) {
+                let t = load_weight(&graph, id, weights)?;
+                let ptr = buf.ptr + off as u64;
+                device.write(ptr, &encode(&t.data, graph.desc(id).dtype))?;
+                ptrs[id.index()] = ptr;
+            }
+            Some(buf)
+        } else {
+            None
+        };
+
+        let mut list = LaunchList {
+            launches: Vec::new(),
+            labels: Vec::new(),
+            replay: None,
+        };
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let dev = |ids: &[TensorId]| -> Vec<DevTensor<'_>> {
+                ids.iter()
+                    .map(|&t| DevTensor {
+                        ptr: ptrs[t.index()],
+                        desc: graph.desc(t),
+                    })
+                    .collect()
+            };
+            let io = LaunchIo {
+                inputs: dev(&node.inputs),
+                outputs: dev(&node.outputs),
+                workspace: plan.workspaces[i].map_or(0, |o| arena.ptr + o as u64),
+            };
+            for l in node.op.launches(&io)? {
+                list.launches.push(l);
+                list.labels.push(node.label.clone());
+            }
+        }
+        Ok(KernelSession {
+            device,
+            graph,
+            plan,
+            _arena: arena,
+            _weights: wbuf,
+            ptrs,
+            list,
+        })
+    }
+
+    pub fn plan(&self) -> &ArenaPlan {
+        &self.plan
+    }
+
+    pub fn launch_count(&self) -> usize {
+        self.list.launches.len()
+    }
+}
+
+impl Session for KernelSession {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn set_input(&mut self, id: TensorId, data: &[f32]) -> Result<()> {
+        check_input(&self.graph, id, data.len())?;
+        let d = self.graph.desc(id);
+        self.device
+            .write(self.ptrs[id.index()], &encode(data, d.dtype))
+    }
+
+    fn run(&mut self) -> Result<()> {
+        self.device.execute(&mut self.list)
+    }
+
+    fn read(&mut self, id: TensorId) -> Result<Vec<f32>> {
+        let d = self.graph.desc(id);
+        if d.role == Role::Weight {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a weight, not readable",
+                d.name
+            )));
+        }
+        let mut bytes = vec![0u8; d.bytes()];
+        self.device.read(self.ptrs[id.index()], &mut bytes)?;
+        Ok(decode(&bytes, d.dtype))
+    }
+
+    fn arena_bytes(&self) -> usize {
+        self.plan.peak
+    }
+}

@@ -1,0 +1,216 @@
+//! The typed op graph: tensors (shape, dtype, role) and nodes (one fused op each). Model code
+//! records its forward pass here; it never touches memory or launches.
+
+use crate::ops::OpImpl;
+use crate::tensor::{numel, DType};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u32);
+
+impl TensorId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Written by the caller before each run.
+    Input,
+    /// A parameter, bound by name to a weight source; lives outside the arena.
+    Weight,
+    /// Produced by a node.
+    Activation,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorDesc {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub role: Role,
+}
+
+impl TensorDesc {
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Arc<dyn OpImpl>,
+    pub inputs: Vec<TensorId>,
+    pub outputs: Vec<TensorId>,
+    /// Scratch bytes the node's kernels need while it runs.
+    pub workspace: usize,
+    pub label: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub tensors: Vec<TensorDesc>,
+    pub nodes: Vec<Node>,
+    /// Tensors the caller reads after a run; they stay live until the end of the graph.
+    pub outputs: Vec<TensorId>,
+    by_name: HashMap<String, TensorId>,
+    scope: Vec<String>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Graph::default()
+    }
+
+    pub fn desc(&self, id: TensorId) -> &TensorDesc {
+        &self.tensors[id.index()]
+    }
+
+    pub fn shape(&self, id: TensorId) -> &[usize] {
+        &self.tensors[id.index()].shape
+    }
+
+    pub fn find(&self, name: &str) -> Option<TensorId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Looks up a named tensor, with an error naming it.
+    pub fn get(&self, name: &str) -> Result<TensorId> {
+        self.find(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("the graph has no tensor named {name}")))
+    }
+
+    fn push(&mut self, desc: TensorDesc) -> Result<TensorId> {
+        let id = TensorId(self.tensors.len() as u32);
+        if self.by_name.insert(desc.name.clone(), id).is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "graph: the tensor name {} is used twice",
+                desc.name
+            )));
+        }
+        self.tensors.push(desc);
+        Ok(id)
+    }
+
+    pub fn input(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<TensorId> {
+        self.push(TensorDesc {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            role: Role::Input,
+        })
+    }
+
+    /// A parameter bound by `name` to the weight source. Asking twice for the same name
+    /// returns the same tensor (shared weights), provided shape and dtype agree.
+    pub fn weight(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<TensorId> {
+        if let Some(id) = self.find(name) {
+            let d = self.desc(id);
+            if d.role != Role::Weight || d.shape != shape || d.dtype != dtype {
+                return Err(Error::Weights(format!(
+                    "weight {name} requested as {shape:?} {dtype:?} but already recorded as {:?} {:?} ({:?})",
+                    d.shape, d.dtype, d.role
+                )));
+            }
+            return Ok(id);
+        }
+        self.push(TensorDesc {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            role: Role::Weight,
+        })
+    }
+
+    /// Records `op` applied to `inputs`; returns its outputs.
+    pub fn op(&mut self, op: impl OpImpl + 'static, inputs: &[TensorId]) -> Result<Vec<TensorId>> {
+        let op: Arc<dyn OpImpl> = Arc::new(op);
+        let descs: Vec<&TensorDesc> = inputs.iter().map(|&i| self.desc(i)).collect();
+        let specs = op.infer(&descs)?;
+        let workspace = op.workspace_bytes(&descs);
+        let label = self.label(op.name());
+        let mut outputs = Vec::with_capacity(specs.len());
+        for (k, (shape, dtype)) in specs.into_iter().enumerate() {
+            let name = format!("{label}:{k}");
+            outputs.push(self.push(TensorDesc {
+                name,
+                shape,
+                dtype,
+                role: Role::Activation,
+            })?);
+        }
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outputs.clone(),
+            workspace,
+            label,
+        });
+        Ok(outputs)
+    }
+
+    /// Records a single-output op.
+    pub fn op1(&mut self, op: impl OpImpl + 'static, inputs: &[TensorId]) -> Result<TensorId> {
+        let out = self.op(op, inputs)?;
+        match out.as_slice() {
+            [one] => Ok(*one),
+            _ => Err(Error::InvalidArgument(format!(
+                "op1 used for an op with {} outputs",
+                out.len()
+            ))),
+        }
+    }
+
+    /// Marks `id` as a graph output readable after a run, under an extra name.
+    pub fn output(&mut self, id: TensorId, name: &str) -> Result<()> {
+        if self.by_name.insert(name.to_string(), id).is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "graph: the output name {name} is used twice"
+            )));
+        }
+        if !self.outputs.contains(&id) {
+            self.outputs.push(id);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with `name` appended to the label scope of the nodes it records.
+    pub fn scoped<R>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.scope.push(name.to_string());
+        let r = f(self);
+        self.scope.pop();
+        r
+    }
+
+    fn label(&self, op: &str) -> String {
+        let n = self.nodes.len();
+        if self.scope.is_empty() {
+            format!("{op}#{n}")
+        } else {
+            format!("{}/{op}#{n}", self.scope.join("."))
+        }
+    }
+
+    /// Tensors with the Weight role.
+    pub fn weights(&self) -> impl Iterator<Item = (TensorId, &TensorDesc)> {
+        self.ids().filter(|(_, d)| d.role == Role::Weight)
+    }
+
+    pub fn inputs(&self) -> impl Iterator<Item = (TensorId, &TensorDesc)> {
+        self.ids().filter(|(_, d)| d.role == Role::Input)
+    }
+
+    fn ids(&self) -> impl Iterator<Item = (TensorId, &TensorDesc)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (TensorId(i as u32), d))
+    }
+}

@@ -1,0 +1,110 @@
+//! A kernel launch as data: which kernel, the launch shape and the packed arguments. The
+//! same record drives the CUDA driver and the host emulator (both take `void**` arguments,
+//! the `cuLaunchKernel` convention).
+
+use super::kernels::KernelId;
+use std::ffi::c_void;
+
+/// Kernel arguments, one 8-byte slot each (every kernel parameter is a scalar or a pointer of
+/// at most 8 bytes; little endian, so a 4-byte value in the low half of its slot reads right).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Args {
+    slots: Vec<u64>,
+}
+
+impl Args {
+    pub fn new() -> Self {
+        Args::default()
+    }
+
+    /// A device pointer (a host address under the emulator).
+    pub fn ptr(mut self, p: u64) -> Self {
+        self.slots.push(p);
+        self
+    }
+
+    pub fn i32(mut self, v: i32) -> Self {
+        self.slots.push(v as u32 as u64);
+        self
+    }
+
+    pub fn u32(mut self, v: u32) -> Self {
+        self.slots.push(v as u64);
+        self
+    }
+
+    pub fn f32(mut self, v: f32) -> Self {
+        self.slots.push(v.to_bits() as u64);
+        self
+    }
+
+    pub fn u64(mut self, v: u64) -> Self {
+        self.slots.push(v);
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The `void**` array: pointers into this argument list, valid while `self` is neither
+    /// moved nor modified.
+    pub fn pointers(&mut self) -> Vec<*mut c_void> {
+        self.slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub kernel: KernelId,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
+    pub args: Args,
+}
+
+impl Launch {
+    /// A 1-d grid of `blocks` blocks of `threads` threads.
+    pub fn linear(kernel: KernelId, blocks: u32, threads: u32, args: Args) -> Self {
+        Launch {
+            kernel,
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            smem: 0,
+            args,
+        }
+    }
+
+    pub fn threads_per_block(&self) -> u32 {
+        self.block.iter().product()
+    }
+}
+
+/// ceil(a / b) for launch shapes.
+pub fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argument_slots_hold_values_in_their_low_bytes() {
+        let mut a = Args::new().i32(-3).f32(1.5).ptr(0xdead_beef_0000);
+        let p = a.pointers();
+        unsafe {
+            assert_eq!(*(p[0] as *const i32), -3);
+            assert_eq!(*(p[1] as *const f32), 1.5);
+            assert_eq!(*(p[2] as *const u64), 0xdead_beef_0000);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The runtime: op graph, arena planner, executors (cpu, hostsim, cuda) and the kernel table.
+
+pub mod cpu;
+pub mod cuda;
+pub mod device;
+pub mod graph;
+#[cfg(feature = "hostsim")]
+pub mod hostsim;
+pub mod kernels;
+pub mod launch;
+pub mod planner;
+pub mod session;
+
+use crate::{Error, Result};
+use graph::Graph;
+use session::{Session, SessionOptions, WeightSource};
+use std::sync::Arc;
+
+/// Which executor runs a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Our CUDA kernels on an NVIDIA GPU (compute capability 8.0+).
+    Cuda,
+    /// The same kernels on the CPU through the host emulator (very slow; for testing).
+    Hostsim,
+    /// Naive f32 reference implementations on the CPU (slow; exact).
+    Cpu,
+}
+
+/// An opened backend: sessions created from it share its device.
+#[derive(Clone)]
+pub enum Backend {
+    Cpu,
+    #[cfg(feature = "hostsim")]
+    Hostsim(Arc<hostsim::HostsimDevice>),
+    Cuda(Arc<cuda::CudaDevice>),
+}
+
+impl Backend {
+    pub fn open(kind: BackendKind) -> Result<Backend> {
+        match kind {
+            BackendKind::Cpu => Ok(Backend::Cpu),
+            #[cfg(feature = "hostsim")]
+            BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice))),
+            #[cfg(not(feature = "hostsim"))]
+            BackendKind::Hostsim => Err(Error::HostsimUnavailable),
+            BackendKind::Cuda => Ok(Backend::Cuda(cuda::CudaDevice::new(0)?)),
+        }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Cpu => BackendKind::Cpu,
+            #[cfg(feature = "hostsim")]
+            Backend::Hostsim(_) => BackendKind::Hostsim,
+            Backend::Cuda(_) => BackendKind::Cuda,
+        }
+    }
+
+    /// Places `graph` on this backend with its weights; ready to run.
+    pub fn session(
+        &self,
+        graph: Graph,
+        weights: &dyn WeightSource,
+        opts: SessionOptions,
+    ) -> Result<Box<dyn Session>> {
+        Ok(match self {
+            Backend::Cpu => Box::new(cpu::CpuSession::new(graph, weights)?),
+            #[cfg(feature = "hostsim")]
+            Backend::Hostsim(d) => {
+                Box::new(device::KernelSession::new(d.clone(), graph, weights, opts)?)
+            }
+            Backend::Cuda(d) => {
+                Box::new(device::KernelSession::new(d.clone(), graph, weights, opts)?)
+            }
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! The arena planner: every activation and input of a graph gets an offset in one arena from
+//! its liveness (defined by a node, dead after its last consumer), so the peak memory of a
+//! whole stage is known before any device memory is touched, and pointers stay fixed for
+//! CUDA-graph replay. Best-fit over a free list with coalescing (ggml-alloc style);
+//! deterministic for a given graph.
+
+use super::graph::{Graph, Role};
+use crate::{Error, Result};
+
+/// Offsets are aligned to this (≥ the 16 bytes of vector loads and cp.async; 256 matches the
+/// driver's allocation alignment).
+pub const ALIGN: usize = 256;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArenaPlan {
+    /// Offset of each tensor (None for weights).
+    pub offsets: Vec<Option<usize>>,
+    /// Offset of each node's workspace (None when it needs none).
+    pub workspaces: Vec<Option<usize>>,
+    /// Arena size: the peak of simultaneously live bytes, fragmentation included.
+    pub peak: usize,
+}
+
+/// When a block of the arena is in use: from `first` (node index, or 0 for inputs) to
+/// `last` inclusive.
+#[derive(Clone, Copy, Debug)]
+struct Life {
+    first: usize,
+    last: usize,
+}
+
+fn aligned(bytes: usize) -> usize {
+    bytes.max(1).div_ceil(ALIGN) * ALIGN
+}
+
+/// Live ranges of every non-weight tensor, indexed like `graph.tensors`.
+fn lifetimes(graph: &Graph) -> Vec<Option<Life>> {
+    let end = graph.nodes.len();
+    let mut life: Vec<Option<Life>> = graph
+        .tensors
+        .iter()
+        .map(|d| (d.role == Role::Input).then_some(Life { first: 0, last: 0 }))
+        .collect();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &o in &node.outputs {
+            life[o.index()] = Some(Life { first: i, last: i });
+        }
+        for &t in &node.inputs {
+            if let Some(l) = life[t.index()].as_mut() {
+                l.last = l.last.max(i);
+            }
+        }
+    }
+    for &o in &graph.outputs {
+        if let Some(l) = life[o.index()].as_mut() {
+            l.last = end;
+        }
+    }
+    life
+}
+
+#[derive(Default)]
+struct FreeList {
+    /// Sorted, non-adjacent free blocks (offset, size) below `top`.
+    blocks: Vec<(usize, usize)>,
+    top: usize,
+    peak: usize,
+}
+
+impl FreeList {
+    fn alloc(&mut self, size: usize) -> usize {
+        let best = self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.1 >= size)
+            .min_by_key(|(_, b)| (b.1, b.0))
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let (off, s) = self.blocks[i];
+            if s == size {
+                self.blocks.remove(i);
+            } else {
+                self.blocks[i] = (off + size, s - size);
+            }
+            return off;
+        }
+        // Grow from the top, absorbing a free block that ends there.
+        let off = match self.blocks.last() {
+            Some(&(o, s)) if o + s == self.top => {
+                self.blocks.pop();
+                o
+            }
+            _ => self.top,
+        };
+        self.top = off + size;
+        self.peak = self.peak.max(self.top);
+        off
+    }
+
+    fn free(&mut self, off: usize, size: usize) {
+        let i = self.blocks.partition_point(|b| b.0 < off);
+        self.blocks.insert(i, (off, size));
+        // Coalesce with the next and the previous block.
+        if i + 1 < self.blocks.len() && self.blocks[i].0 + self.blocks[i].1 == self.blocks[i + 1].0
+        {
+            self.blocks[i].1 += self.blocks[i + 1].1;
+            self.blocks.remove(i + 1);
+        }
+        if i > 0 && self.blocks[i - 1].0 + self.blocks[i - 1].1 == self.blocks[i].0 {
+            self.blocks[i - 1].1 += self.blocks[i].1;
+            self.blocks.remove(i);
+        }
+        // A free block at the top just lowers the top.
+        if let Some(&(o, s)) = self.blocks.last() {
+            if o + s == self.top {
+                self.blocks.pop();
+                self.top = o;
+            }
+        }
+    }
+}
+
+pub fn plan(graph: &Graph) -> ArenaPlan {
+    let life = lifetimes(graph);
+    let mut offsets = vec![None; graph.tensors.len()];
+    let mut workspaces = vec![None; graph.nodes.len()];
+    let mut fl = FreeList::default();
+    // Dying tensors per node index.
+    let mut dies: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len() + 1];
+    for (t, l) in life.iter().enumerate() {
+        if let Some(l) = l {
+            dies[l.last].push(t);
+        }
+    }
+    for (t, d) in graph.tensors.iter().enumerate() {
+        if d.role == Role::Input {
+            offsets[t] = Some(fl.alloc(aligned(d.bytes())));
+        }
+    }
+    let size = |t: usize| aligned(graph.tensors[t].bytes());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        // Outputs and workspace are allocated before this node's dying inputs are released,
+        // so no output ever aliases an input of the same node.
+        for &o in &node.outputs {
+            offsets[o.index()] = Some(fl.alloc(size(o.index())));
+        }
+        if node.workspace > 0 {
+            let w = aligned(node.workspace);
+            let off = fl.alloc(w);
+            workspaces[i] = Some(off);
+            fl.free(off, w);
+        }
+        for &t in &dies[i] {
+            if let Some(off) = offsets[t] {
+                fl.free(off, size(t));
+            }
+        }
+    }
+    ArenaPlan {
+        offsets,
+        workspaces,
+        peak: fl.peak,
+    }
+}
+
+/// Checks that no two tensors (or workspaces) live at the same time share bytes, and that
+/// everything fits in the arena. Used by tests and debug builds.
+pub fn check(graph: &Graph, plan: &ArenaPlan) -> Result<()> {
+    let life = lifetimes(graph);
+    // (first, last, offset, bytes, what)
+    let mut spans: Vec<(usize, usize, usize, usize, String)> = Vec::new();
+    for (t, l) in life.iter().enumerate() {
+        if let Some(l) = l {
+            let off = plan.offsets[t].ok_or_else(|| {
+                Error::InvalidArgument(format!("planner: tensor {t} has no offset"))
+            })?;
+            let d = &graph.tensors[t];
+            spans.push((l.first, l.last, off, d.bytes(), d.name.clone()));
+        }
+    }
+    for (i, (n, w)) in graph.nodes.iter().zip(&plan.workspaces).enumerate() {
+        if let Some(off) = w {
+            spans.push((i, i, *off, n.workspace, format!("{} workspace", n.label)));
+        }
+    }
+    for s in &spans {
+        if s.2 + s.3 > plan.peak {
+            return Err(Error::InvalidArgument(format!(
+                "planner: {} ends at {} beyond the arena ({})",
+                s.4,
+                s.2 + s.3,
+                plan.peak
+            )));
+        }
+    }
+    for (a, x) in spans.iter().enumerate() {
+        for y in &spans[a + 1..] {
+            let live_together = x.0 <= y.1 && y.0 <= x.1;
+            let overlap = x.2 < y.2 + y.3 && y.2 < x.2 + x.3;
+            if live_together && overlap && x.3 > 0 && y.3 > 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "planner: {} and {} are live together and overlap",
+                    x.4, y.4
+                )));
+            }
+        }
+    }
+    Ok(())
+}
