@@ -562,7 +562,8 @@ fn build_hostsim(files: &[KernelFile], kdir: &Path, out: &Path) {
         // Shared memory and emulator state are thread_local; the archive only ever links
         // into executables, so the fast TLS model is valid.
         .flag("-ftls-model=initial-exec")
-        .flag_if_supported("-Wno-unused-parameter");
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unknown-pragmas");
     let mut any = false;
     for f in files.iter().filter(|f| !f.sm90a) {
         let mut src = format!("#include \"{}\"\n", f.path.display());

@@ -24,7 +24,7 @@ template <typename TO>
 __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ W,
                                      const float* __restrict__ bias, const TO* __restrict__ R, TO* __restrict__ C,
                                      int M, int N, int K, int gelu) {
-    __nv_bfloat16* As = HS_DYNAMIC_SMEM(__nv_bfloat16, smem);  // [STAGES][BM][LDS]
+    __nv_bfloat16* As = dynamic_smem<__nv_bfloat16>();  // [STAGES][BM][LDS]
     __nv_bfloat16* Bs = As + STAGES * BM * LDS;                 // [STAGES][BN][LDS]
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp / 4, wn = warp % 4;

@@ -1,6 +1,6 @@
 //! Command-line interface (`ultrapixel <command>`).
 
-use crate::runtime::cuda::CudaDevice;
+use crate::runtime::cuda::{probe, CudaDevice};
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::runtime::{Backend, BackendKind};
 use crate::verify::{self, CheckResult, Scale};
@@ -24,6 +24,18 @@ pub enum Command {
     Info,
     /// Run every kernel on this device against its CPU reference (and the host emulator).
     Verify(VerifyArgs),
+    /// Time every kernel on the GPU against the device's copy bandwidth.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Timed runs per kernel.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Only benchmarks whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -41,6 +53,11 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info => info(),
         Command::Verify(a) => verify_cmd(a),
+        Command::Bench(a) => {
+            let dev = CudaDevice::new(0)?;
+            crate::bench::print(&dev, a.iters, a.filter.as_deref())?;
+            Ok(0)
+        }
     }
 }
 
@@ -62,9 +79,8 @@ fn info() -> Result<i32> {
             "not built in"
         }
     );
-    match CudaDevice::new(0) {
-        Ok(d) => {
-            let i = d.info();
+    match probe(0) {
+        Ok((_, i)) => {
             println!(
                 "GPU: {} (compute capability {}.{}), {} MiB free of {} MiB",
                 i.name,

@@ -6,8 +6,10 @@
 //! family: shape checks, CPU reference, launch plan), [`weights`] (safetensors, safe pickle
 //! conversion, name maps), [`verify`] (every kernel against its reference).
 
+pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod models;
 pub mod ops;
 pub mod runtime;
 pub mod tensor;

@@ -5,7 +5,7 @@
 //! and adds a residual, in that order, each optional.
 
 use super::elementwise::gelu_ref;
-use super::{arity, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
+use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
@@ -150,6 +150,16 @@ impl OpImpl for Gemm {
             &mut outputs[0].data,
         );
         Ok(())
+    }
+
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        let (m, n, k) = self
+            .dims(&inputs[0].shape, &inputs[1].shape)
+            .unwrap_or((0, 0, 0));
+        Cost {
+            flops: 2.0 * m as f64 * n as f64 * k as f64,
+            bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
+        }
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {

@@ -2,11 +2,25 @@
 //! naive f32 CPU reference (the truth the kernels are tested against) and the launch plan.
 //!
 //! Index of ops: [`norm`] (LayerNorm over channels), [`elementwise`] (GELU, add, FiLM),
-//! [`gemm`] (bf16 tensor-core GEMM with fused epilogues).
+//! [`gemm`] (bf16 tensor-core GEMM with fused epilogues), [`layout`] (pixel (un)shuffle,
+//! concat, slice, broadcast, cast, embedding and row gathers), [`conv`] (depthwise conv, also
+//! fused with LayerNorm2d; transposed conv), [`resample`] (bilinear and nearest resizes),
+//! [`attention`] (multi-head softmax attention: extra keys, causal and padding masks),
+//! [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal r-embedding,
+//! scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate encoding,
+//! hyper-MLP), [`sampler`] (GDF schedule, CFG combine with rescale, DDPM step).
 
+pub mod attention;
+pub mod conv;
 pub mod elementwise;
+pub mod embed;
 pub mod gemm;
+pub mod grn;
+pub mod inr;
+pub mod layout;
 pub mod norm;
+pub mod resample;
+pub mod sampler;
 
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::launch::Launch;
@@ -34,6 +48,32 @@ pub trait OpImpl: std::fmt::Debug + Send + Sync {
 
     /// The kernel launches that compute the op on the given device buffers.
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>>;
+
+    /// Work of one execution, for benchmarks: tensor-core FLOPs and the bytes the op must
+    /// move at least (by default every input and output once).
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        Cost {
+            flops: 0.0,
+            bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
+        }
+    }
+}
+
+/// FLOPs and bytes of one op execution.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            flops: self.flops + o.flops,
+            bytes: self.bytes + o.bytes,
+        }
+    }
 }
 
 /// A tensor placed in device memory (a host address under the emulator).
@@ -79,4 +119,124 @@ pub(crate) fn rows_channels(op: &str, shape: &[usize]) -> Result<(usize, usize)>
 pub(crate) fn to_i32(op: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| Error::shape(op, format!("{what} = {v} exceeds the kernel's i32 range")))
+}
+
+/// What `launches` returns for an op whose CUDA kernel does not exist yet.
+pub(crate) fn no_kernel(op: &str) -> Error {
+    Error::KernelsMissing(vec![format!("{op} (CUDA kernel not written yet)")])
+}
+
+/// Anything with a shape: graph tensors in `infer`, host tensors in `reference`, so one shape
+/// check serves both.
+pub(crate) trait Shaped {
+    fn shape(&self) -> &[usize];
+}
+
+impl Shaped for TensorDesc {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl Shaped for HostTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// Checks the input count and hands the inputs back as an array to destructure.
+pub(crate) fn inputs_n<'a, T, const N: usize>(op: &str, inputs: &[&'a T]) -> Result<[&'a T; N]> {
+    inputs
+        .try_into()
+        .map_err(|_| Error::shape(op, format!("expected {N} inputs, got {}", inputs.len())))
+}
+
+/// Splits a non-empty channels-last image shape `[B, H, W, C]`.
+pub(crate) fn nhwc(op: &str, what: &str, shape: &[usize]) -> Result<[usize; 4]> {
+    match <[usize; 4]>::try_from(shape) {
+        Ok(d) if !d.contains(&0) => Ok(d),
+        _ => Err(Error::shape(
+            op,
+            format!("{what} must be a non-empty image [B, H, W, C], got {shape:?}"),
+        )),
+    }
+}
+
+/// Small parameters and index tensors are f32 on every executor.
+pub(crate) fn require_f32(op: &str, what: &str, t: &TensorDesc) -> Result<()> {
+    if t.dtype != DType::F32 {
+        return Err(Error::shape(
+            op,
+            format!("{what} must be f32, got {:?}", t.dtype),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs ops' references outside a graph, for the unit tests of the op modules.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::OpImpl;
+    use crate::runtime::graph::{Role, TensorDesc};
+    use crate::tensor::{DType, HostTensor};
+    use crate::Result;
+
+    pub fn desc(shape: &[usize], dtype: DType) -> TensorDesc {
+        TensorDesc {
+            name: "t".into(),
+            shape: shape.to_vec(),
+            dtype,
+            role: Role::Input,
+        }
+    }
+
+    /// `infer` on f32 descriptors of `inputs`, then the reference into NaN-poisoned outputs;
+    /// panics if any output element stays unwritten.
+    pub fn run(op: &dyn OpImpl, inputs: &[&HostTensor]) -> Result<HostTensor> {
+        let descs: Vec<TensorDesc> = inputs.iter().map(|t| desc(&t.shape, DType::F32)).collect();
+        let specs = op.infer(&descs.iter().collect::<Vec<_>>())?;
+        let mut outs: Vec<HostTensor> = specs
+            .iter()
+            .map(|(shape, _)| HostTensor::full(shape, f32::NAN))
+            .collect();
+        op.reference(inputs, &mut outs)?;
+        let out = outs.swap_remove(0);
+        assert!(
+            out.data.iter().all(|v| !v.is_nan()),
+            "{}: unwritten output elements",
+            op.name()
+        );
+        Ok(out)
+    }
+
+    /// An op and the input (shape, dtype) list its `infer` must refuse.
+    pub type Rejected = (Box<dyn OpImpl>, Vec<(&'static [usize], DType)>);
+
+    pub fn assert_rejected(cases: &[Rejected]) {
+        for (op, inputs) in cases {
+            let descs: Vec<TensorDesc> = inputs.iter().map(|(s, d)| desc(s, *d)).collect();
+            let result = op.infer(&descs.iter().collect::<Vec<_>>());
+            assert!(result.is_err(), "{op:?} accepted {inputs:?}");
+        }
+    }
+
+    pub fn assert_no_kernel(op: &dyn OpImpl) {
+        let io = super::LaunchIo {
+            inputs: vec![],
+            outputs: vec![],
+            workspace: 0,
+        };
+        let err = op.launches(&io).unwrap_err();
+        assert!(
+            matches!(&err, crate::Error::KernelsMissing(v) if v[0].starts_with(op.name())),
+            "{err}"
+        );
+    }
+
+    /// Uniform random values in [-1, 1).
+    pub fn random(shape: &[usize], seed: u64) -> HostTensor {
+        let n = shape.iter().product();
+        let values = crate::verify::CheckBuilder::new(seed).values(n, 1.0, DType::F32);
+        HostTensor::new(shape.to_vec(), values)
+    }
 }

@@ -51,41 +51,55 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// Opens the driver and device `ordinal` and reads its properties, without loading any
+/// kernels: a clear error when there is no driver, no device or too old a device.
+pub fn probe(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            Error::NoDevice("the driver reports no CUDA-capable device".into())
+        }
+        sys::CUresult::CUDA_ERROR_INVALID_DEVICE => {
+            Error::NoDevice(format!("there is no CUDA device number {ordinal}"))
+        }
+        _ => driver_error("opening the device", e),
+    })?;
+    // Our arena orders all work on one stream; cudarc's per-buffer events would only add host
+    // cost and break graph capture.
+    // SAFETY: called before anything is allocated in this context.
+    unsafe { ctx.disable_event_tracking() };
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| driver_error("compute capability", e))?;
+    if cc.0 < 8 {
+        return Err(Error::UnsupportedDevice {
+            major: cc.0,
+            minor: cc.1,
+        });
+    }
+    let name = ctx.name().map_err(|e| driver_error("device name", e))?;
+    let (free, total) = ctx
+        .mem_get_info()
+        .map_err(|e| driver_error("memory info", e))?;
+    let info = DeviceInfo {
+        name,
+        compute_capability: cc,
+        free_bytes: free,
+        total_bytes: total,
+    };
+    Ok((ctx, info))
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`, loads every embedded module and resolves every kernel.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
         if !KERNELS_COMPILED {
             return Err(Error::KernelsNotCompiled);
         }
-        if !driver_present() {
-            return Err(Error::NoDriver);
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| match e.0 {
-            sys::CUresult::CUDA_ERROR_NO_DEVICE => {
-                Error::NoDevice("the driver reports no CUDA-capable device".into())
-            }
-            sys::CUresult::CUDA_ERROR_INVALID_DEVICE => {
-                Error::NoDevice(format!("there is no CUDA device number {ordinal}"))
-            }
-            _ => driver_error("opening the device", e),
-        })?;
-        // Our arena orders all work on one stream; cudarc's per-buffer events would only add
-        // host cost and break graph capture (must happen before any allocation).
-        // SAFETY: called before anything is allocated in this context.
-        unsafe { ctx.disable_event_tracking() };
-        let cc = ctx
-            .compute_capability()
-            .map_err(|e| driver_error("compute capability", e))?;
-        if cc.0 < 8 {
-            return Err(Error::UnsupportedDevice {
-                major: cc.0,
-                minor: cc.1,
-            });
-        }
-        let name = ctx.name().map_err(|e| driver_error("device name", e))?;
-        let (free, total) = ctx
-            .mem_get_info()
-            .map_err(|e| driver_error("memory info", e))?;
+        let (ctx, info) = probe(ordinal)?;
+        let cc = info.compute_capability;
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("creating a stream", e))?;
@@ -135,12 +149,7 @@ impl CudaDevice {
             _modules: modules,
             functions,
             smem_limits: Mutex::new(vec![DEFAULT_SMEM_LIMIT; KernelId::ALL.len()]),
-            info: DeviceInfo {
-                name,
-                compute_capability: cc,
-                free_bytes: free,
-                total_bytes: total,
-            },
+            info,
             debug: cfg!(debug_assertions)
                 || std::env::var("UPX_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         }))
@@ -155,6 +164,37 @@ impl CudaDevice {
         self.ctx
             .mem_get_info()
             .map_err(|e| driver_error("memory info", e))
+    }
+
+    /// Device-to-device copy bandwidth in bytes/s (a copy of `bytes` bytes, read + write
+    /// counted), the memory-bound ceiling benchmarks compare against.
+    pub fn copy_bandwidth(&self, bytes: usize, iters: usize) -> Result<f64> {
+        let src = self.alloc(bytes)?;
+        let dst = self.alloc(bytes)?;
+        let event = || {
+            self.ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_error("creating a timing event", e))
+        };
+        let (start, end) = (event()?, event()?);
+        let copy = || {
+            // SAFETY: both buffers are live allocations of `bytes` bytes.
+            unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
+                .map_err(|e| driver_error("device copy", e))
+        };
+        copy()?;
+        start
+            .record(&self.stream)
+            .map_err(|e| driver_error("recording an event", e))?;
+        for _ in 0..iters {
+            copy()?;
+        }
+        end.record(&self.stream)
+            .map_err(|e| driver_error("recording an event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| driver_error("timing", e))?;
+        Ok(2.0 * bytes as f64 * iters as f64 / (ms as f64 / 1e3))
     }
 
     fn bind(&self) -> Result<()> {
@@ -363,5 +403,41 @@ impl Device for CudaDevice {
         self.run_eager(list)?;
         list.replay = Some(Box::new(self.capture(list)?));
         Ok(())
+    }
+
+    fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {
+        // Warm up (and capture the graph outside the timed region).
+        self.execute(list)?;
+        let event = || {
+            self.ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_error("creating a timing event", e))
+        };
+        let (start, end) = (event()?, event()?);
+        start
+            .record(&self.stream)
+            .map_err(|e| driver_error("recording an event", e))?;
+        for _ in 0..iters {
+            match list
+                .replay
+                .as_ref()
+                .and_then(|r| r.downcast_ref::<Captured>())
+            {
+                // SAFETY: launching an instantiated graph on our stream.
+                Some(c) => unsafe { result::graph::launch(c.exec, self.stream.cu_stream()) }
+                    .map_err(|e| driver_error("launching the CUDA graph", e))?,
+                None => {
+                    for l in list.launches.iter_mut() {
+                        self.launch(l)?;
+                    }
+                }
+            }
+        }
+        end.record(&self.stream)
+            .map_err(|e| driver_error("recording an event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| driver_error("timing", e))?;
+        Ok(ms as f64 / 1e3 / iters.max(1) as f64)
     }
 }

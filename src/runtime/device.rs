@@ -46,6 +46,16 @@ pub trait Device: Send + Sync {
     fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<()>;
     /// Runs every launch of the list in order; returns when they are done.
     fn execute(&self, list: &mut LaunchList) -> Result<()>;
+
+    /// Seconds per execution of the list, averaged over `iters` back-to-back runs (device
+    /// time where the device can measure it, else wall time).
+    fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            self.execute(list)?;
+        }
+        Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
 }
 
 pub struct KernelSession {
@@ -97,30 +107,7 @@ impl KernelSession {
             None
         };
 
-        let mut list = LaunchList {
-            launches: Vec::new(),
-            labels: Vec::new(),
-            replay: None,
-        };
-        for (i, node) in graph.nodes.iter().enumerate() {
-            let dev = |ids: &[TensorId]| -> Vec<DevTensor<'_>> {
-                ids.iter()
-                    .map(|&t| DevTensor {
-                        ptr: ptrs[t.index()],
-                        desc: graph.desc(t),
-                    })
-                    .collect()
-            };
-            let io = LaunchIo {
-                inputs: dev(&node.inputs),
-                outputs: dev(&node.outputs),
-                workspace: plan.workspaces[i].map_or(0, |o| arena.ptr + o as u64),
-            };
-            for l in node.op.launches(&io)? {
-                list.launches.push(l);
-                list.labels.push(node.label.clone());
-            }
-        }
+        let list = build_launches(&graph, &plan, &ptrs, arena.ptr)?;
         Ok(KernelSession {
             device,
             graph,
@@ -139,6 +126,76 @@ impl KernelSession {
     pub fn launch_count(&self) -> usize {
         self.list.launches.len()
     }
+
+    /// Seconds per run, averaged over `iters` runs (inputs as last set).
+    pub fn time(&mut self, iters: usize) -> Result<f64> {
+        self.device.time(&mut self.list, iters)
+    }
+
+    /// Total work of one run.
+    pub fn cost(&self) -> crate::ops::Cost {
+        let g = &self.graph;
+        g.nodes
+            .iter()
+            .map(|n| {
+                let ins: Vec<_> = n.inputs.iter().map(|&t| g.desc(t)).collect();
+                let outs: Vec<_> = n.outputs.iter().map(|&t| g.desc(t)).collect();
+                n.op.cost(&ins, &outs)
+            })
+            .fold(crate::ops::Cost::default(), |a, b| a + b)
+    }
+}
+
+/// The launch list of a graph whose tensors live at `ptrs` (workspaces at `arena` + offset).
+fn build_launches(graph: &Graph, plan: &ArenaPlan, ptrs: &[u64], arena: u64) -> Result<LaunchList> {
+    let mut list = LaunchList {
+        launches: Vec::new(),
+        labels: Vec::new(),
+        replay: None,
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let dev = |ids: &[TensorId]| -> Vec<DevTensor<'_>> {
+            ids.iter()
+                .map(|&t| DevTensor {
+                    ptr: ptrs[t.index()],
+                    desc: graph.desc(t),
+                })
+                .collect()
+        };
+        let io = LaunchIo {
+            inputs: dev(&node.inputs),
+            outputs: dev(&node.outputs),
+            workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
+        };
+        for l in node.op.launches(&io)? {
+            list.launches.push(l);
+            list.labels.push(node.label.clone());
+        }
+    }
+    Ok(list)
+}
+
+/// The launches a graph would make, at made-up addresses: for inspecting which kernels a
+/// graph uses without any device.
+pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
+    let plan = planner::plan(graph);
+    const ARENA: u64 = 1 << 40;
+    const WEIGHTS: u64 = 1 << 44;
+    let mut next_weight = WEIGHTS;
+    let ptrs: Vec<u64> = graph
+        .tensors
+        .iter()
+        .zip(&plan.offsets)
+        .map(|(d, o)| match o {
+            Some(o) => ARENA + *o as u64,
+            None => {
+                let p = next_weight;
+                next_weight += d.bytes().div_ceil(ALIGN) as u64 * ALIGN as u64;
+                p
+            }
+        })
+        .collect();
+    Ok(build_launches(graph, &plan, &ptrs, ARENA)?.launches)
 }
 
 impl Session for KernelSession {

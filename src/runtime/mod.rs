@@ -11,7 +11,7 @@ pub mod launch;
 pub mod planner;
 pub mod session;
 
-use crate::{Error, Result};
+use crate::Result;
 use graph::Graph;
 use session::{Session, SessionOptions, WeightSource};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ impl Backend {
             #[cfg(feature = "hostsim")]
             BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice))),
             #[cfg(not(feature = "hostsim"))]
-            BackendKind::Hostsim => Err(Error::HostsimUnavailable),
+            BackendKind::Hostsim => Err(crate::Error::HostsimUnavailable),
             BackendKind::Cuda => Ok(Backend::Cuda(cuda::CudaDevice::new(0)?)),
         }
     }

@@ -208,3 +208,151 @@ pub fn check(graph: &Graph, plan: &ArenaPlan) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{LaunchIo, OpImpl, OutSpec};
+    use crate::runtime::graph::{TensorDesc, TensorId};
+    use crate::runtime::launch::Launch;
+    use crate::tensor::{DType, HostTensor};
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    /// An op that only has shapes: `outs` outputs of `len` f32 values each.
+    #[derive(Debug)]
+    struct Shaped {
+        outs: usize,
+        len: usize,
+        ws: usize,
+    }
+
+    impl OpImpl for Shaped {
+        fn name(&self) -> &'static str {
+            "shaped"
+        }
+        fn infer(&self, _: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+            Ok(vec![(vec![self.len], DType::F32); self.outs])
+        }
+        fn workspace_bytes(&self, _: &[&TensorDesc]) -> usize {
+            self.ws
+        }
+        fn reference(&self, _: &[&HostTensor], _: &mut [HostTensor]) -> Result<()> {
+            Ok(())
+        }
+        fn launches(&self, _: &LaunchIo) -> Result<Vec<Launch>> {
+            Ok(vec![])
+        }
+    }
+
+    fn random_graph(seed: u64) -> Graph {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut g = Graph::new();
+        let mut pool: Vec<TensorId> = (0..rng.random_range(1..4))
+            .map(|i| {
+                g.input(&format!("in{i}"), &[rng.random_range(1..3000)], DType::BF16)
+                    .unwrap()
+            })
+            .collect();
+        pool.push(g.weight("w", &[100], DType::F32).unwrap());
+        for _ in 0..rng.random_range(1..60) {
+            let n_in = rng.random_range(1..4).min(pool.len());
+            let ins: Vec<TensorId> = (0..n_in)
+                .map(|_| pool[rng.random_range(0..pool.len())])
+                .collect();
+            let op = Shaped {
+                outs: rng.random_range(1..3),
+                len: rng.random_range(1..5000),
+                ws: if rng.random_bool(0.2) {
+                    rng.random_range(1..9000)
+                } else {
+                    0
+                },
+            };
+            pool.extend(g.op(op, &ins).unwrap());
+        }
+        for _ in 0..rng.random_range(0..3) {
+            let t = pool[rng.random_range(0..pool.len())];
+            if g.desc(t).role != Role::Weight {
+                let name = format!("out{}", g.outputs.len());
+                g.output(t, &name).unwrap();
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn random_graphs_never_overlap_live_tensors() {
+        let base: u64 = rand::random();
+        for s in 0..300 {
+            let g = random_graph(base.wrapping_add(s));
+            let p = plan(&g);
+            check(&g, &p).unwrap_or_else(|e| panic!("seed {}: {e}", base.wrapping_add(s)));
+            for (t, off) in p.offsets.iter().enumerate() {
+                let is_weight = g.tensors[t].role == Role::Weight;
+                assert_eq!(
+                    off.is_none(),
+                    is_weight,
+                    "seed {}: tensor {t}",
+                    base.wrapping_add(s)
+                );
+                if let Some(o) = off {
+                    assert_eq!(o % ALIGN, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plans_are_deterministic() {
+        let seed: u64 = rand::random();
+        assert_eq!(
+            plan(&random_graph(seed)),
+            plan(&random_graph(seed)),
+            "seed {seed}"
+        );
+    }
+
+    #[test]
+    fn memory_is_reused_along_a_chain() {
+        // x -> a -> b -> c -> d: at most two 1 MiB tensors are live at once.
+        let mut g = Graph::new();
+        let mut t = g.input("x", &[1 << 18], DType::F32).unwrap();
+        for _ in 0..4 {
+            t = g
+                .op1(
+                    Shaped {
+                        outs: 1,
+                        len: 1 << 18,
+                        ws: 0,
+                    },
+                    &[t],
+                )
+                .unwrap();
+        }
+        g.output(t, "y").unwrap();
+        let p = plan(&g);
+        assert_eq!(p.peak, 2 << 20);
+        check(&g, &p).unwrap();
+    }
+
+    #[test]
+    fn check_rejects_an_overlapping_plan() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[64], DType::F32).unwrap();
+        let y = g
+            .op1(
+                Shaped {
+                    outs: 1,
+                    len: 64,
+                    ws: 0,
+                },
+                &[x],
+            )
+            .unwrap();
+        g.output(y, "y").unwrap();
+        let mut p = plan(&g);
+        p.offsets[y.index()] = p.offsets[x.index()];
+        assert!(check(&g, &p).is_err());
+    }
+}

@@ -1,0 +1,38 @@
+//! Criterion benchmarks of every op check at GPU size, timed with CUDA events over replayed
+//! CUDA graphs (`ultrapixel::bench`). Without a GPU: prints "skipped: no GPU" and exits.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::time::Duration;
+use ultrapixel::runtime::{Backend, BackendKind};
+use ultrapixel::verify::{all_checks, Scale};
+
+fn ops(c: &mut Criterion) {
+    let dev = match Backend::open(BackendKind::Cuda) {
+        Ok(Backend::Cuda(d)) => d,
+        Ok(_) => unreachable!("opened the cuda backend"),
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            return;
+        }
+    };
+    let (copy, timings) = ultrapixel::bench::run(&dev, 20, None).expect("bench");
+    for t in &timings {
+        println!("{}", t.line(copy));
+    }
+    let mut group = c.benchmark_group("ops");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(2));
+    for check in all_checks(7, Scale::Gpu).expect("checks") {
+        let mut s = ultrapixel::bench::session(&dev, &check).expect("session");
+        group.bench_function(&check.name, |b| {
+            b.iter_custom(|iters| {
+                Duration::from_secs_f64(s.time(iters as usize).expect("timing") * iters as f64)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, ops);
+criterion_main!(benches);

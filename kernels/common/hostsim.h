@@ -1,0 +1,708 @@
+// hostsim: the CUDA built-ins our kernels use, emulated on the CPU so that g++ compiles the same
+// kernels/*.cu files nvcc compiles (design: notes/hostsim.md of the shared docs).
+//
+// Execution model
+// - Blocks of a launch run one after another on the calling OS thread; every CUDA thread of a
+//   block is a fiber with its own stack. A fiber runs until it reaches a barrier or a warp
+//   collective, then yields to the block scheduler, which resumes only fibers whose barrier
+//   has released. Launches on different OS threads are independent: all emulator state and
+//   `__shared__` variables are thread_local, so parallel tests need no global lock.
+// - Thread order inside a block is forward, reversed (HOSTSIM_REVERSE=1) or a permutation
+//   drawn from HOSTSIM_SEED; a correct kernel gives the same result in every order.
+// - __syncthreads: releases when every live thread arrived; exited threads drop out. Two
+//   threads arriving in one phase from different source lines is a divergent barrier: an error
+//   that names both lines.
+// - Warp collectives (shuffles, votes, __syncwarp, mma.sync, ldmatrix): exchange through a
+//   double-buffered per-warp slot array and a warp barrier. The mask must cover the whole warp
+//   (collectives on full warps only); a lane that exits while its warp needs it is an error.
+// - cp.async: copies are queued per thread, their destination poisoned at issue; wait_group
+//   performs them. Reading before the wait sees poison; exiting with copies pending is an error.
+// - Dynamic shared memory is filled with 0xFF (NaN as f32 and bf16) at the start of every block.
+// - Errors (divergent barrier, deadlock, partial-warp collective, bad launch shape...) stop the
+//   launch: the launcher returns non-zero and hostsim_last_error() says what happened.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <source_location>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <sys/mman.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Keywords and vector types
+// ---------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+// Blocks of one launch run one at a time on one OS thread: a thread_local static is exactly
+// one block's shared memory.
+#define __shared__ static thread_local
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; };
+struct __align__(8) int2 { int x, y; };
+struct __align__(8) uint2 { unsigned x, y; };
+struct __align__(8) float2 { float x, y; };
+struct __align__(16) int4 { int x, y, z, w; };
+struct __align__(16) uint4 { unsigned x, y, z, w; };
+struct __align__(16) float4 { float x, y, z, w; };
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+// ---------------------------------------------------------------------------------------------
+// bf16 (bit-compatible with cuda_bf16.h: round to nearest even, NaN → 0x7FFF)
+// ---------------------------------------------------------------------------------------------
+namespace hostsim {
+inline uint16_t f32_to_bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFF;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline float bf16_bits_to_f32(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace hostsim
+
+struct __nv_bfloat16 {
+    uint16_t __x;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float f) : __x(hostsim::f32_to_bf16_bits(f)) {}
+    operator float() const { return hostsim::bf16_bits_to_f32(__x); }
+};
+struct __align__(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+static_assert(std::is_trivially_default_constructible_v<__nv_bfloat16> && sizeof(__nv_bfloat16) == 2);
+
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline float __bfloat162float(__nv_bfloat16 b) { return (float)b; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return {__nv_bfloat16(f.x), __nv_bfloat16(f.y)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 b) { return {(float)b.x, (float)b.y}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline float __low2float(__nv_bfloat162 b) { return (float)b.x; }
+inline float __high2float(__nv_bfloat162 b) { return (float)b.y; }
+
+// ---------------------------------------------------------------------------------------------
+// Math: fast intrinsics map to the precise libm functions (tolerances must cover the GPU).
+// ---------------------------------------------------------------------------------------------
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __sinf(float x) { return sinf(x); }
+inline float __cosf(float x) { return cosf(x); }
+inline float __powf(float a, float b) { return powf(a, b); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __saturatef(float x) { return fminf(fmaxf(x, 0.0f), 1.0f); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+template <typename T> inline T __ldg(const T* p) { return *p; }
+
+// Atomics: fibers of one launch never run concurrently, so a plain read-modify-write is atomic.
+template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
+template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = old < v ? old : v; return old; }
+template <typename T> inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
+template <typename T> inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+// ---------------------------------------------------------------------------------------------
+// The emulator
+// ---------------------------------------------------------------------------------------------
+namespace hostsim {
+
+struct LaunchCfg {
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint32_t smem_bytes;
+};
+
+constexpr size_t kStackBytes = 256 * 1024;  // per CUDA thread; a guard page sits below it
+constexpr uint32_t kMaxThreads = 1024;
+constexpr uint32_t kMaxSmem = 227 * 1024;
+
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    bool valid;  // false: zero-fill (cp.async with src-size 0)
+};
+
+enum class Wait : uint8_t { Running, Block, Warp, Done };
+
+struct Fiber {
+    void* sp = nullptr;  // saved stack pointer while switched out
+#if !defined(__x86_64__)
+    ucontext_t uc;
+#endif
+    char* stack = nullptr;  // lowest usable byte (the guard page is below)
+    uint3 tid{};
+    unsigned linear = 0, warp = 0, lane = 0;
+    Wait wait = Wait::Running;
+    uint64_t wait_gen = 0;
+    uint64_t collectives = 0;          // warp collectives executed: picks the exchange buffer
+    std::vector<AsyncCopy> copies;     // issued, not yet performed
+    std::vector<size_t> groups;        // end index in `copies` of each committed group
+};
+
+struct Warp {
+    uint32_t lanes = 0;  // lanes that exist in this warp
+    uint32_t live = 0;   // lanes that have not exited
+    unsigned arrived = 0;
+    uint64_t gen = 0;
+    const char* what = nullptr;  // the collective of the current phase
+    uint64_t slots[2][32][8];    // double-buffered exchange, 64 bytes per lane
+};
+
+struct BlockBarrier {
+    unsigned live = 0, arrived = 0;
+    uint64_t gen = 0;
+    const char* file = nullptr;  // where the current phase's first arrival came from
+    unsigned line = 0;
+};
+
+struct State {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    BlockBarrier barrier;
+    Fiber* cur = nullptr;
+    void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+    ucontext_t sched_uc;
+#endif
+    void (*body)(void*) = nullptr;
+    void* ctx = nullptr;
+    unsigned char* smem = nullptr;
+    size_t smem_cap = 0;
+    bool failed = false;
+    std::string error;
+
+    ~State() {
+        for (Fiber& f : fibers)
+            if (f.stack) munmap(f.stack - 4096, kStackBytes + 4096);
+        free(smem);
+    }
+};
+
+inline thread_local State* g_state = nullptr;
+inline thread_local struct StateOwner {
+    ~StateOwner() { delete g_state; }
+} g_state_owner;
+
+inline State& state() {
+    if (!g_state) {
+        (void)&g_state_owner;  // registers the destructor for this OS thread
+        g_state = new State;
+    }
+    return *g_state;
+}
+
+inline std::string format(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+// --- context switch ------------------------------------------------------------------------
+#if defined(__x86_64__)
+// hostsim_switch(save, load): saves the callee-saved registers on the current stack, stores
+// the stack pointer in *save, switches to `load` and restores that context's registers.
+// Weak, because this header is compiled into several objects of one archive.
+extern "C" void hostsim_switch(void** save, void* load);
+asm(R"(
+    .text
+    .weak hostsim_switch
+    .type hostsim_switch, @function
+hostsim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size hostsim_switch, .-hostsim_switch
+)");
+#endif
+
+[[noreturn]] inline void fiber_main();
+
+inline void to_scheduler(Fiber& f) {
+    State& s = state();
+#if defined(__x86_64__)
+    hostsim_switch(&f.sp, s.sched_sp);
+#else
+    swapcontext(&f.uc, &s.sched_uc);
+#endif
+}
+
+inline void to_fiber(Fiber& f) {
+    State& s = state();
+    s.cur = &f;
+    threadIdx = f.tid;
+#if defined(__x86_64__)
+    hostsim_switch(&s.sched_sp, f.sp);
+#else
+    swapcontext(&s.sched_uc, &f.uc);
+#endif
+}
+
+inline void prepare_stack(Fiber& f) {
+#if defined(__x86_64__)
+    // Entered through the `ret` of hostsim_switch: six zeroed registers, then fiber_main as
+    // the return address, then a dummy return address so fiber_main starts with the stack
+    // aligned as after a call (rsp ≡ 8 mod 16).
+    void** sp = (void**)(f.stack + kStackBytes);
+    *--sp = nullptr;
+    *--sp = (void*)&fiber_main;
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    f.sp = sp;
+#else
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = f.stack;
+    f.uc.uc_stack.ss_size = kStackBytes;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, (void (*)())fiber_main, 0);
+#endif
+}
+
+// --- errors --------------------------------------------------------------------------------
+inline std::string where(const Fiber& f) {
+    return format("block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z, f.tid.x, f.tid.y,
+                  f.tid.z);
+}
+
+// Stops the launch from inside a fiber: the scheduler never resumes it.
+[[noreturn]] inline void fail(const std::string& msg) {
+    State& s = state();
+    s.failed = true;
+    s.error = msg + " (" + where(*s.cur) + ")";
+    to_scheduler(*s.cur);
+    __builtin_unreachable();
+}
+
+// --- barriers ------------------------------------------------------------------------------
+inline void yield_until(Fiber& f, Wait w, uint64_t gen) {
+    f.wait = w;
+    f.wait_gen = gen;
+    to_scheduler(f);
+}
+
+inline void block_barrier(const std::source_location& loc) {
+    State& s = state();
+    Fiber& f = *s.cur;
+    BlockBarrier& b = s.barrier;
+    if (b.arrived == 0) {
+        b.file = loc.file_name();
+        b.line = loc.line();
+    } else if (b.line != loc.line() || strcmp(b.file, loc.file_name()) != 0) {
+        fail(format("__syncthreads: divergent barrier: %s:%u and %s:%u arrive in the same phase", b.file, b.line,
+                    loc.file_name(), loc.line()));
+    }
+    if (++b.arrived == b.live) {
+        b.arrived = 0;
+        ++b.gen;
+        return;
+    }
+    yield_until(f, Wait::Block, b.gen);
+}
+
+// Deposits this lane's 64-byte slot for a warp collective, waits for the whole warp, and
+// returns the 32 slots of this collective.
+template <typename Write>
+inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8] {
+    State& s = state();
+    Fiber& f = *s.cur;
+    Warp& w = s.warps[f.warp];
+    if (mask != w.lanes)
+        fail(format("%s: mask 0x%08x, but warp %u has lanes 0x%08x: hostsim emulates warp collectives on full "
+                    "warps only",
+                    what, mask, f.warp, w.lanes));
+    if (w.live != w.lanes)
+        fail(format("%s: lanes 0x%08x of warp %u have exited but are in the mask", what, w.lanes & ~w.live, f.warp));
+    if (w.arrived == 0) {
+        w.what = what;
+    } else if (strcmp(w.what, what) != 0) {
+        fail(format("warp %u: divergent collectives: %s and %s in the same phase", f.warp, w.what, what));
+    }
+    uint64_t(*buf)[8] = w.slots[f.collectives & 1];
+    ++f.collectives;
+    write(buf[f.lane]);
+    if (++w.arrived == (unsigned)__builtin_popcount(w.live)) {
+        w.arrived = 0;
+        ++w.gen;
+    } else {
+        yield_until(f, Wait::Warp, w.gen);
+    }
+    return buf;
+}
+
+inline unsigned lane_id() { return state().cur->lane; }
+
+// --- cp.async ------------------------------------------------------------------------------
+inline void cp_async(void* dst, const void* src, bool valid) {
+    if (((uintptr_t)dst | (uintptr_t)src) & 15)
+        fail(format("cp.async: 16-byte copy with misaligned address (dst %p, src %p)", dst, src));
+    memset(dst, 0xFF, 16);  // poison: reading before the wait sees NaN, not stale data
+    state().cur->copies.push_back({dst, src, valid});
+}
+
+inline void cp_async_commit() {
+    Fiber& f = *state().cur;
+    f.groups.push_back(f.copies.size());
+}
+
+// Completes all but the `pending` most recent committed groups of this thread.
+inline void cp_async_wait(size_t pending) {
+    Fiber& f = *state().cur;
+    if (f.groups.size() <= pending) return;
+    const size_t done_groups = f.groups.size() - pending;
+    const size_t n = f.groups[done_groups - 1];
+    for (size_t i = 0; i < n; ++i) {
+        const AsyncCopy& c = f.copies[i];
+        if (c.valid)
+            memcpy(c.dst, c.src, 16);
+        else
+            memset(c.dst, 0, 16);
+    }
+    f.copies.erase(f.copies.begin(), f.copies.begin() + n);
+    f.groups.erase(f.groups.begin(), f.groups.begin() + done_groups);
+    for (size_t& g : f.groups) g -= n;
+}
+
+// --- tensor-core emulation (fragment layouts: PTX ISA, mma.m16n8k16 and ldmatrix) -----------
+inline float bf16_half(uint64_t reg, unsigned half) { return bf16_bits_to_f32((uint16_t)(reg >> (16 * half))); }
+
+// D = A·B + C for one m16n8k16 bf16 tile, accumulating sequentially in f32 over k.
+inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+    auto slots = warp_exchange(0xFFFFFFFFu, "mma.sync", [&](uint64_t* slot) {
+        for (int i = 0; i < 4; ++i) slot[i] = a[i];
+        slot[4] = b[0];
+        slot[5] = b[1];
+    });
+    const unsigned lane = lane_id(), g = lane >> 2, t = lane & 3;
+    const float c_in[4] = {c[0], c[1], c[2], c[3]};
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = c_in[i];
+        for (unsigned k = 0; k < 16; ++k) {
+            const unsigned kl = (k % 8) >> 1, hi = k >= 8, half = k & 1;
+            const float av = bf16_half(slots[4 * (row % 8) + kl][(row >= 8) + 2 * hi], half);
+            const float bv = bf16_half(slots[4 * col + kl][4 + hi], half);
+            acc = fmaf(av, bv, acc);
+        }
+        d[i] = acc;
+    }
+}
+
+// ldmatrix.m8n8.x{1,2,4}[.trans].b16: lanes 8j..8j+7 address the rows of matrix j.
+inline void ldmatrix(uint32_t* r, const void* row, unsigned matrices, bool trans) {
+    if ((uintptr_t)row & 15) fail(format("ldmatrix: row address %p is not 16-byte aligned", row));
+    auto slots = warp_exchange(0xFFFFFFFFu, "ldmatrix", [&](uint64_t* slot) { slot[0] = (uintptr_t)row; });
+    const unsigned lane = lane_id(), g = lane >> 2, t = lane & 3;
+    auto at = [&](unsigned j, unsigned rr, unsigned cc) {
+        return (uint32_t)((const uint16_t*)(uintptr_t)slots[8 * j + rr][0])[cc];
+    };
+    for (unsigned j = 0; j < matrices; ++j)
+        r[j] = trans ? at(j, 2 * t, g) | at(j, 2 * t + 1, g) << 16 : at(j, g, 2 * t) | at(j, g, 2 * t + 1) << 16;
+}
+
+// --- scheduling ----------------------------------------------------------------------------
+inline void thread_exit() {
+    State& s = state();
+    Fiber& f = *s.cur;
+    if (!f.copies.empty()) fail(format("thread exited with %zu cp.async copies never waited for", f.copies.size()));
+    f.wait = Wait::Done;
+    Warp& w = s.warps[f.warp];
+    w.live &= ~(1u << f.lane);
+    if (w.arrived > 0)
+        fail(format("lane %u exited while warp %u waits for it in %s", f.lane, f.warp, w.what));
+    BlockBarrier& b = s.barrier;
+    --b.live;
+    if (b.arrived > 0 && b.arrived == b.live) {
+        b.arrived = 0;
+        ++b.gen;
+    }
+    to_scheduler(f);
+    __builtin_unreachable();
+}
+
+[[noreturn]] inline void fiber_main() {
+    State& s = state();
+    s.body(s.ctx);
+    thread_exit();
+    __builtin_unreachable();
+}
+
+inline bool env_flag(const char* name) {
+    const char* v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+inline uint64_t splitmix(uint64_t& x) {
+    uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+inline bool ensure_fibers(State& s, size_t n) {
+    while (s.fibers.size() < n) {
+        void* m = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (m == MAP_FAILED) return false;
+        mprotect(m, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+        s.fibers.emplace_back();
+        s.fibers.back().stack = (char*)m + 4096;
+    }
+    return true;
+}
+
+inline std::string deadlock_report(State& s, unsigned n) {
+    unsigned at_block = 0, at_warp = 0, done = 0;
+    const char* what = "";
+    for (unsigned i = 0; i < n; ++i) {
+        const Fiber& f = s.fibers[i];
+        at_block += f.wait == Wait::Block;
+        done += f.wait == Wait::Done;
+        if (f.wait == Wait::Warp) {
+            ++at_warp;
+            what = s.warps[f.warp].what;
+        }
+    }
+    return format("deadlock in block (%u,%u,%u): %u threads wait at __syncthreads (%s:%u), %u in warp collectives "
+                  "(%s), %u exited",
+                  blockIdx.x, blockIdx.y, blockIdx.z, at_block, s.barrier.file ? s.barrier.file : "?",
+                  s.barrier.line, at_warp, what, done);
+}
+
+inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) {
+    const unsigned bx = blockDim.x, by = blockDim.y;
+    s.barrier = BlockBarrier{};
+    s.barrier.live = n;
+    const unsigned nwarps = (n + 31) / 32;
+    s.warps.resize(nwarps);
+    for (unsigned w = 0; w < nwarps; ++w) {
+        const unsigned lanes = std::min(32u, n - 32 * w);
+        s.warps[w].lanes = s.warps[w].live = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
+        s.warps[w].arrived = 0;
+        s.warps[w].gen = 0;
+    }
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = s.fibers[i];
+        f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
+        f.linear = i;
+        f.warp = i / 32;
+        f.lane = i % 32;
+        f.wait = Wait::Running;
+        f.collectives = 0;
+        f.copies.clear();
+        f.groups.clear();
+        prepare_stack(f);
+    }
+    if (s.smem_cap) memset(s.smem, 0xFF, s.smem_cap);
+    for (;;) {
+        bool progress = false, all_done = true;
+        for (unsigned i : order) {
+            Fiber& f = s.fibers[i];
+            if (f.wait == Wait::Done) continue;
+            all_done = false;
+            if (f.wait == Wait::Block && s.barrier.gen == f.wait_gen) continue;
+            if (f.wait == Wait::Warp && s.warps[f.warp].gen == f.wait_gen) continue;
+            f.wait = Wait::Running;
+            to_fiber(f);
+            progress = true;
+            if (s.failed) return false;
+        }
+        if (all_done) return true;
+        if (!progress) {
+            s.failed = true;
+            s.error = deadlock_report(s, n);
+            return false;
+        }
+    }
+}
+
+inline int run(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
+    State& s = state();
+    s.failed = false;
+    s.error.clear();
+    const uint32_t* g = cfg->grid;
+    const uint32_t* b = cfg->block;
+    const uint64_t threads = (uint64_t)b[0] * b[1] * b[2];
+    if (!g[0] || !g[1] || !g[2] || !threads || threads > kMaxThreads || b[2] > 64 || g[1] > 65535 ||
+        g[2] > 65535 || g[0] > 0x7FFFFFFFu) {
+        s.error = format("invalid launch shape: grid (%u,%u,%u), block (%u,%u,%u)", g[0], g[1], g[2], b[0], b[1], b[2]);
+        return 1;
+    }
+    if (cfg->smem_bytes > kMaxSmem) {
+        s.error = format("%u bytes of dynamic shared memory requested; at most %u exist", cfg->smem_bytes, kMaxSmem);
+        return 1;
+    }
+    const unsigned n = (unsigned)threads;
+    if (!ensure_fibers(s, n)) {
+        s.error = "could not allocate fiber stacks";
+        return 1;
+    }
+    if (s.smem_cap < cfg->smem_bytes) {
+        free(s.smem);
+        s.smem_cap = (cfg->smem_bytes + 127) / 128 * 128;
+        s.smem = (unsigned char*)aligned_alloc(128, s.smem_cap);
+    }
+    s.body = body;
+    s.ctx = ctx;
+    gridDim = {g[0], g[1], g[2]};
+    blockDim = {b[0], b[1], b[2]};
+
+    std::vector<unsigned> order(n);
+    std::iota(order.begin(), order.end(), 0u);
+    const bool reverse = env_flag("HOSTSIM_REVERSE");
+    const char* seed_env = getenv("HOSTSIM_SEED");
+    uint64_t seed = seed_env ? strtoull(seed_env, nullptr, 10) : 0;
+    if (reverse) std::reverse(order.begin(), order.end());
+
+    const uint64_t blocks = (uint64_t)g[0] * g[1] * g[2];
+    for (uint64_t k = 0; k < blocks; ++k) {
+        const uint64_t bi = reverse ? blocks - 1 - k : k;
+        blockIdx = {(unsigned)(bi % g[0]), (unsigned)(bi / g[0] % g[1]), (unsigned)(bi / ((uint64_t)g[0] * g[1]))};
+        if (seed_env)
+            for (unsigned i = n; i > 1; --i) std::swap(order[i - 1], order[splitmix(seed) % i]);
+        if (!run_block(s, n, order)) return 1;
+    }
+    return 0;
+}
+
+// Unpacks the cuLaunchKernel-style argument array into a typed call of `kernel`.
+template <typename... A, size_t... I>
+inline int launch_with(void (*kernel)(A...), const LaunchCfg* cfg, void** args, std::index_sequence<I...>) {
+    using Args = std::tuple<std::remove_cv_t<A>...>;
+    Args values{*static_cast<std::remove_cv_t<A>*>(args[I])...};
+    struct Ctx {
+        void (*kernel)(A...);
+        Args* values;
+    } ctx{kernel, &values};
+    return run(cfg, [](void* p) { std::apply(static_cast<Ctx*>(p)->kernel, *static_cast<Ctx*>(p)->values); }, &ctx);
+}
+
+template <typename... A> inline int launch(void (*kernel)(A...), const LaunchCfg* cfg, void** args) {
+    return launch_with(kernel, cfg, args, std::index_sequence_for<A...>{});
+}
+
+}  // namespace hostsim
+
+extern "C" __attribute__((weak)) const char* hostsim_last_error() { return hostsim::state().error.c_str(); }
+
+#define HS_EXPORT(kernel)                                                                     \
+    extern "C" int hostsim_launch_##kernel(const hostsim::LaunchCfg* cfg, void** args) { \
+        return hostsim::launch(kernel, cfg, args);                                            \
+    }
+
+template <typename T> inline T* dynamic_smem() { return reinterpret_cast<T*>(hostsim::state().smem); }
+
+// ---------------------------------------------------------------------------------------------
+// Barriers, shuffles and votes
+// ---------------------------------------------------------------------------------------------
+inline void __syncthreads(const std::source_location loc = std::source_location::current()) {
+    hostsim::block_barrier(loc);
+}
+
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+    hostsim::warp_exchange(mask, "__syncwarp", [](uint64_t*) {});
+}
+
+namespace hostsim {
+template <typename T> inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
+    uint64_t u = 0;
+    memcpy(&u, &v, sizeof(T));
+    return u;
+}
+template <typename T> inline T from_bits(uint64_t u) {
+    T v;
+    memcpy(&v, &u, sizeof(T));
+    return v;
+}
+// One shuffle: every lane deposits v and reads the value of lane src(lane) of its segment.
+template <typename T, typename Src> inline T shuffle(unsigned mask, T v, int width, const char* what, Src src) {
+    auto slots = warp_exchange(mask, what, [&](uint64_t* slot) { slot[0] = to_bits(v); });
+    const int lane = (int)lane_id(), base = lane & ~(width - 1);
+    const int from = src(lane - base);
+    return from < 0 ? v : from_bits<T>(slots[base + from][0]);
+}
+}  // namespace hostsim
+
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    return hostsim::shuffle(mask, v, width, "__shfl_sync", [&](int) { return src & (width - 1); });
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) {
+    return hostsim::shuffle(mask, v, width, "__shfl_xor_sync", [&](int l) { return (l ^ m) < width ? l ^ m : l; });
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    return hostsim::shuffle(mask, v, width, "__shfl_up_sync", [&](int l) { return l - (int)d >= 0 ? l - (int)d : -1; });
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    return hostsim::shuffle(mask, v, width, "__shfl_down_sync",
+                            [&](int l) { return l + (int)d < width ? l + (int)d : -1; });
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    auto slots = hostsim::warp_exchange(mask, "vote", [&](uint64_t* slot) { slot[0] = pred != 0; });
+    unsigned bits = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if ((mask >> l) & 1) bits |= (unsigned)slots[l][0] << l;
+    return bits;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline unsigned __activemask() { return hostsim::state().warps[hostsim::state().cur->warp].live; }

@@ -1,0 +1,105 @@
+// Tensor-core and async-copy wrappers: the only inline PTX in the project. Each wrapper has
+// the real instruction for the device pass (__CUDA_ARCH__) and an emulated twin in hostsim.h
+// (g++), so every kernel that uses them also runs on the CPU. Fragment layouts: PTX ISA,
+// "mma.m16n8k16" and "ldmatrix" (summarised in hostsim.h's emulation).
+#pragma once
+#include "portable.cuh"
+
+// D (16×8 f32) = A (16×16 bf16, row-major fragments) · B (16×8 bf16, "col") + C. d may alias c.
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                               const float c[4]) {
+#if defined(__CUDA_ARCH__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#elif !defined(__CUDACC__)
+    hostsim::mma_bf16_16816(d, a, b, c);
+#endif
+}
+
+// Four 8×8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j (16-byte aligned).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 4, false);
+#endif
+}
+
+// As ldmatrix_x4, each matrix transposed (for B stored [k][n]).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 4, true);
+#endif
+}
+
+// Two 8×8 matrices: lanes 0..15 give the row addresses (the others are ignored but must be
+// aligned, valid shared addresses).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 2, false);
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 2, true);
+#endif
+}
+
+// 16 bytes global → shared, asynchronously (L2 only). With valid == false the destination is
+// zero-filled and the source is not read (it must still be a valid address).
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+#if defined(__CUDA_ARCH__)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(valid ? 16 : 0)
+                 : "memory");
+#elif !defined(__CUDACC__)
+    hostsim::cp_async(smem_dst, gmem_src, valid);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+    cp_async_16_zfill(smem_dst, gmem_src, true);
+}
+
+// Closes this thread's issued copies into one group.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+    hostsim::cp_async_commit();
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are pending. Other threads see the
+// data only after a __syncthreads().
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDACC__)
+    hostsim::cp_async_wait(N);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}

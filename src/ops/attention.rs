@@ -1,0 +1,497 @@
+//! Multi-head softmax attention on packed projections: Stable Cascade's AttnBlock (image
+//! tokens attending to themselves and the mapped CLIP tokens), the INR transformer, and CLIP's
+//! causal, padding-masked self-attention. The projections are GEMMs before this op; the
+//! output projection (where there is one) is a GEMM after it.
+//!
+//! Per head h (channels [h·d, (h+1)·d), d = C/heads): softmax(q·kᵀ/√d + masks)·v, the heads
+//! concatenated. The kernels will run it flash-style (online softmax, no N² buffer).
+
+use super::{no_kernel, require_f32, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
+use crate::runtime::graph::TensorDesc;
+use crate::runtime::launch::Launch;
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+use rayon::prelude::*;
+
+/// Inputs, in order:
+/// - `qkv [B, N, 3C]`: each token row is q (C) | k (C) | v (C);
+/// - if `extra_kv`: `kv [B, M, 2C]`, rows k | v: M more keys/values after the N own tokens
+///   (Stable Cascade's mapped CLIP tokens);
+/// - if `key_mask`: f32 `mask [B, N + M]`, 0 = key masked, anything else = allowed (CLIP's
+///   padding mask).
+///
+/// Output `[B, N, C]`. A query whose keys are all masked gets zeros (the models never do
+/// this: CLIP's BOS is always visible).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    pub heads: usize,
+    /// Key j > query i is masked. Only without `extra_kv`.
+    pub causal: bool,
+    pub extra_kv: bool,
+    pub key_mask: bool,
+    pub out: DType,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    batch: usize,
+    /// N: own tokens, each a query and a key.
+    queries: usize,
+    /// M: extra keys.
+    extra: usize,
+    channels: usize,
+    head_dim: usize,
+}
+
+impl AttnDims {
+    fn keys(&self) -> usize {
+        self.queries + self.extra
+    }
+}
+
+impl Attention {
+    /// Plain self-attention without masks.
+    pub fn new(heads: usize, out: DType) -> Self {
+        Attention {
+            heads,
+            causal: false,
+            extra_kv: false,
+            key_mask: false,
+            out,
+        }
+    }
+
+    fn n_inputs(&self) -> usize {
+        1 + self.extra_kv as usize + self.key_mask as usize
+    }
+
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<AttnDims> {
+        let op = self.name();
+        let fail = |msg: String| Err(Error::shape(op, msg));
+        if ins.len() != self.n_inputs() {
+            return fail(format!(
+                "expected {} inputs, got {}",
+                self.n_inputs(),
+                ins.len()
+            ));
+        }
+        if self.causal && self.extra_kv {
+            return fail("a causal mask is only defined without extra keys".into());
+        }
+        let (batch, queries, channels) = match *ins[0].shape() {
+            [b, n, c3]
+                if b > 0 && n > 0 && self.heads > 0 && c3 > 0 && c3 % (3 * self.heads) == 0 =>
+            {
+                (b, n, c3 / 3)
+            }
+            ref s => {
+                return fail(format!(
+                    "qkv must be [B, N, 3C] with C a multiple of {} heads, got {s:?}",
+                    self.heads
+                ))
+            }
+        };
+        let extra = if self.extra_kv {
+            match *ins[1].shape() {
+                [b, m, c2] if b == batch && m > 0 && c2 == 2 * channels => m,
+                ref s => {
+                    return fail(format!(
+                        "kv must be [{batch}, M, {}] with M > 0, got {s:?}",
+                        2 * channels
+                    ))
+                }
+            }
+        } else {
+            0
+        };
+        if self.key_mask {
+            let m = ins[ins.len() - 1].shape();
+            if m != [batch, queries + extra] {
+                return fail(format!(
+                    "mask must be [{batch}, {}], got {m:?}",
+                    queries + extra
+                ));
+            }
+        }
+        Ok(AttnDims {
+            batch,
+            queries,
+            extra,
+            channels,
+            head_dim: channels / self.heads,
+        })
+    }
+}
+
+/// Σ_j softmax(scores)_j · values_j[t] for each t, in f64; zeros when there are no keys.
+fn softmax_mix<'a>(scores: &[f64], values: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = vec![0f64; out.len()];
+    for (w, v) in weights.iter().zip(values) {
+        for (a, &x) in acc.iter_mut().zip(v) {
+            *a += w * x as f64;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = if total > 0.0 { (a / total) as f32 } else { 0.0 };
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+impl OpImpl for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let d = self.dims(inputs)?;
+        if self.key_mask {
+            require_f32(self.name(), "mask", inputs[inputs.len() - 1])?;
+        }
+        Ok(vec![(vec![d.batch, d.queries, d.channels], self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let dims = self.dims(inputs)?;
+        let AttnDims {
+            queries: n,
+            extra: m,
+            channels: c,
+            head_dim: d,
+            ..
+        } = dims;
+        let keys = dims.keys();
+        let qkv = &inputs[0].data;
+        let kv: &[f32] = if self.extra_kv { &inputs[1].data } else { &[] };
+        let mask = self.key_mask.then(|| &inputs[inputs.len() - 1].data);
+        let scale = 1.0 / (d as f64).sqrt();
+        outputs[0]
+            .data
+            .par_chunks_mut(c)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let (b, i) = (row / n, row % n);
+                // Sample b's key j as (k, v) rows: own tokens first, then the extra ones.
+                let key_value = |j: usize| -> (&[f32], &[f32]) {
+                    if j < n {
+                        let r = &qkv[(b * n + j) * 3 * c..][..3 * c];
+                        (&r[c..2 * c], &r[2 * c..])
+                    } else {
+                        kv[(b * m + j - n) * 2 * c..][..2 * c].split_at(c)
+                    }
+                };
+                let visible: Vec<usize> = (0..keys)
+                    .filter(|&j| !(self.causal && j > i))
+                    .filter(|&j| mask.is_none_or(|mk| mk[b * keys + j] != 0.0))
+                    .collect();
+                let q = &qkv[row * 3 * c..][..c];
+                for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                    let head = h * d..(h + 1) * d;
+                    let scores: Vec<f64> = visible
+                        .iter()
+                        .map(|&j| dot(&q[head.clone()], &key_value(j).0[head.clone()]) * scale)
+                        .collect();
+                    let values = visible.iter().map(|&j| &key_value(j).1[head.clone()]);
+                    softmax_mix(&scores, values, o);
+                }
+            });
+        Ok(())
+    }
+
+    /// Dense count (a causal mask is not subtracted): q·kᵀ and p·v, 2 FLOPs per MAC.
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        let bytes = inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum();
+        let flops = self.dims(inputs).map_or(0.0, |d| {
+            4.0 * d.batch as f64 * d.queries as f64 * d.keys() as f64 * d.channels as f64
+        });
+        Cost { flops, bytes }
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::embed::test_data::random;
+    use crate::ops::test_support::{desc, run};
+
+    const B: usize = 2;
+    const N: usize = 7;
+    const M: usize = 5;
+    const HEADS: usize = 3;
+    const D: usize = 5;
+    const C: usize = HEADS * D;
+
+    fn op(causal: bool, extra_kv: bool, key_mask: bool) -> Attention {
+        Attention {
+            heads: HEADS,
+            causal,
+            extra_kv,
+            key_mask,
+            out: DType::F32,
+        }
+    }
+
+    /// A mask over N + extra keys with a few zeros, never all of a query's keys.
+    fn some_mask(extra: usize) -> HostTensor {
+        let l = N + extra;
+        let data = (0..B * l)
+            .map(|i| if i % l != 0 && i % 3 == 1 { 0.0 } else { 1.0 })
+            .collect();
+        HostTensor::new(vec![B, l], data)
+    }
+
+    /// The same attention via materialized score matrices: S = Q·Kᵀ/√d per (sample, head),
+    /// masked entries −∞, row softmax, then P·V.
+    fn materialized(
+        a: &Attention,
+        qkv: &HostTensor,
+        kv: Option<&HostTensor>,
+        mask: Option<&HostTensor>,
+    ) -> Vec<f32> {
+        let extra = kv.map_or(0, |t| t.shape[1]);
+        let l = N + extra;
+        let mut out = vec![0f32; B * N * C];
+        for b in 0..B {
+            for h in 0..HEADS {
+                let col = |row: &[f32], part: usize| -> Vec<f64> {
+                    row[part * C + h * D..][..D]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect()
+                };
+                let own = |j: usize| &qkv.data[(b * N + j) * 3 * C..][..3 * C];
+                let q: Vec<Vec<f64>> = (0..N).map(|i| col(own(i), 0)).collect();
+                let mut k: Vec<Vec<f64>> = (0..N).map(|j| col(own(j), 1)).collect();
+                let mut v: Vec<Vec<f64>> = (0..N).map(|j| col(own(j), 2)).collect();
+                if let Some(kv) = kv {
+                    for j in 0..extra {
+                        let r = &kv.data[(b * extra + j) * 2 * C..][..2 * C];
+                        k.push(col(r, 0));
+                        v.push(col(r, 1));
+                    }
+                }
+                let s: Vec<Vec<f64>> = (0..N)
+                    .map(|i| {
+                        (0..l)
+                            .map(|j| {
+                                let masked = (a.causal && j > i)
+                                    || mask.is_some_and(|m| m.data[b * l + j] == 0.0);
+                                if masked {
+                                    f64::NEG_INFINITY
+                                } else {
+                                    (0..D).map(|t| q[i][t] * k[j][t]).sum::<f64>()
+                                        / (D as f64).sqrt()
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                for (i, srow) in s.iter().enumerate() {
+                    let mx = srow.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = srow.iter().map(|&x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for t in 0..D {
+                        let o: f64 = (0..l).map(|j| e[j] * v[j][t]).sum::<f64>() / z;
+                        out[(b * N + i) * C + h * D + t] = o as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn attend(
+        a: &Attention,
+        qkv: &HostTensor,
+        kv: Option<&HostTensor>,
+        mask: Option<&HostTensor>,
+    ) -> HostTensor {
+        let ins: Vec<&HostTensor> = [Some(qkv), kv, mask].into_iter().flatten().collect();
+        run(a, &ins).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    #[test]
+    fn matches_materialized_scores_in_every_mode() {
+        let qkv = random(1, &[B, N, 3 * C], 2.0);
+        let kv = random(2, &[B, M, 2 * C], 2.0);
+        for (causal, extra, masked) in [
+            (false, false, false),
+            (true, false, false),
+            (true, false, true),
+            (false, true, false),
+            (false, true, true),
+        ] {
+            let a = op(causal, extra, masked);
+            let kv = extra.then_some(&kv);
+            let mask = masked.then(|| some_mask(if extra { M } else { 0 }));
+            let got = attend(&a, &qkv, kv, mask.as_ref());
+            assert_eq!(got.shape, [B, N, C]);
+            let want = materialized(&a, &qkv, kv, mask.as_ref());
+            assert!(max_diff(&got.data, &want) <= 1e-6, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn extra_keys_in_any_order_give_the_same_output() {
+        let qkv = random(3, &[B, N, 3 * C], 2.0);
+        let kv = random(4, &[B, M, 2 * C], 2.0);
+        let a = op(false, true, false);
+        let base = attend(&a, &qkv, Some(&kv), None);
+        let order = [3, 0, 4, 1, 2];
+        let permuted: Vec<f32> = (0..B)
+            .flat_map(|b| {
+                order
+                    .iter()
+                    .flat_map(move |&j| (0..2 * C).map(move |t| (b, j, t)))
+            })
+            .map(|(b, j, t)| kv.data[(b * M + j) * 2 * C + t])
+            .collect();
+        let kv2 = HostTensor::new(kv.shape.clone(), permuted);
+        assert!(max_diff(&attend(&a, &qkv, Some(&kv2), None).data, &base.data) <= 1e-6);
+    }
+
+    #[test]
+    fn permuting_tokens_permutes_the_outputs() {
+        let qkv = random(5, &[1, N, 3 * C], 2.0);
+        let a = Attention::new(HEADS, DType::F32);
+        let base = attend(&a, &qkv, None, None);
+        let order = [6, 2, 0, 5, 1, 3, 4];
+        let rows = |t: &HostTensor, w: usize| -> Vec<f32> {
+            order
+                .iter()
+                .flat_map(|&j| t.data[j * w..][..w].to_vec())
+                .collect()
+        };
+        let shuffled = HostTensor::new(qkv.shape.clone(), rows(&qkv, 3 * C));
+        let got = attend(&a, &shuffled, None, None);
+        assert!(max_diff(&got.data, &rows(&base, C)) <= 1e-6);
+    }
+
+    #[test]
+    fn causal_first_token_sees_only_itself() {
+        let qkv = random(6, &[B, N, 3 * C], 2.0);
+        let got = attend(&op(true, false, false), &qkv, None, None);
+        for b in 0..B {
+            let v0 = &qkv.data[b * N * 3 * C + 2 * C..][..C];
+            assert!(max_diff(&got.data[b * N * C..][..C], v0) <= 1e-6);
+        }
+    }
+
+    #[test]
+    fn masked_keys_have_no_influence() {
+        let qkv = random(7, &[B, N, 3 * C], 2.0);
+        let kv = random(8, &[B, M, 2 * C], 2.0);
+        let mask = some_mask(M);
+        let a = op(false, true, true);
+        let base = attend(&a, &qkv, Some(&kv), Some(&mask));
+        // Overwrite the k and v of every masked key.
+        let (mut qkv2, mut kv2) = (qkv.clone(), kv.clone());
+        for b in 0..B {
+            for j in (0..N + M).filter(|&j| mask.data[b * (N + M) + j] == 0.0) {
+                let kv_part = if j < N {
+                    &mut qkv2.data[(b * N + j) * 3 * C + C..][..2 * C]
+                } else {
+                    &mut kv2.data[(b * M + j - N) * 2 * C..][..2 * C]
+                };
+                kv_part.iter_mut().for_each(|x| *x = 1e3 - *x);
+            }
+        }
+        assert_eq!(attend(&a, &qkv2, Some(&kv2), Some(&mask)).data, base.data);
+    }
+
+    #[test]
+    fn extra_kv_equals_self_attention_over_the_concatenation() {
+        let qkv = random(9, &[B, N, 3 * C], 2.0);
+        let kv = random(10, &[B, M, 2 * C], 2.0);
+        let with_extra = attend(&op(false, true, false), &qkv, Some(&kv), None);
+        // The extra tokens become own tokens with some query; keep the first N outputs.
+        let q_filler = random(11, &[C], 1.0).data;
+        let joined: Vec<f32> = (0..B)
+            .flat_map(|b| {
+                let own = qkv.data[b * N * 3 * C..][..N * 3 * C].to_vec();
+                let extra = (0..M).flat_map(|j| {
+                    let r = &kv.data[(b * M + j) * 2 * C..][..2 * C];
+                    q_filler.iter().chain(r).copied().collect::<Vec<_>>()
+                });
+                own.into_iter().chain(extra).collect::<Vec<_>>()
+            })
+            .collect();
+        let joined = HostTensor::new(vec![B, N + M, 3 * C], joined);
+        let all = attend(&Attention::new(HEADS, DType::F32), &joined, None, None);
+        let first_n: Vec<f32> = (0..B)
+            .flat_map(|b| all.data[b * (N + M) * C..][..N * C].to_vec())
+            .collect();
+        assert!(max_diff(&with_extra.data, &first_n) <= 1e-6);
+    }
+
+    #[test]
+    fn a_query_without_visible_keys_gets_zeros() {
+        let qkv = random(12, &[1, 3, 3 * C], 1.0);
+        let mask = HostTensor::new(vec![1, 3], vec![0.0, 1.0, 1.0]);
+        let a = Attention {
+            key_mask: true,
+            causal: true,
+            ..Attention::new(HEADS, DType::F32)
+        };
+        let got = attend(&a, &qkv, None, Some(&mask));
+        assert!(got.data[..C].iter().all(|&x| x == 0.0));
+        assert!(got.data[C..].iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let f = |s: &[usize]| desc(s, DType::F32);
+        let infer = |a: &Attention, ins: &[&TensorDesc]| a.infer(ins);
+        let (qkv, kv, mask) = (f(&[B, N, 3 * C]), f(&[B, M, 2 * C]), f(&[B, N + M]));
+        let plain = op(false, false, false);
+        let extra = op(false, true, false);
+        let extra_masked = op(false, true, true);
+        assert!(infer(&extra_masked, &[&qkv, &kv, &mask]).is_ok());
+        let cases = [
+            (op(true, true, false), vec![&qkv, &kv], "causal + extra"),
+            (extra.clone(), vec![&qkv], "arity"),
+            (plain.clone(), vec![&qkv, &kv], "arity"),
+            (Attention::new(0, DType::F32), vec![&qkv], "0 heads"),
+        ];
+        for (a, ins, what) in &cases {
+            assert!(infer(a, ins).is_err(), "{what}");
+        }
+        let bad_qkv = [
+            ([B, N, 3 * C + 3], "C % heads"),
+            ([B, N, 3 * C + 1], "3C"),
+            ([B, 0, 3 * C], "empty"),
+        ];
+        for (shape, what) in bad_qkv {
+            assert!(infer(&plain, &[&f(&shape)]).is_err(), "{what}");
+        }
+        assert!(infer(&plain, &[&f(&[N, 3 * C])]).is_err(), "rank");
+        for (shape, what) in [
+            ([B, M, C], "kv width"),
+            ([1, M, 2 * C], "kv batch"),
+            ([B, 0, 2 * C], "no extra"),
+        ] {
+            assert!(infer(&extra, &[&qkv, &f(&shape)]).is_err(), "{what}");
+        }
+        let short_mask = f(&[B, N]);
+        assert!(infer(&extra_masked, &[&qkv, &kv, &short_mask]).is_err());
+        let bf16_mask = desc(&[B, N + M], DType::BF16);
+        assert!(infer(&extra_masked, &[&qkv, &kv, &bf16_mask]).is_err());
+        let host = HostTensor::zeros(&[B, N, 3 * C]);
+        let mut outs = [HostTensor::zeros(&[1])];
+        assert!(extra.reference(&[&host], &mut outs).is_err());
+    }
+}

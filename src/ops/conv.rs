@@ -1,0 +1,670 @@
+//! Spatial convolutions on channels-last images (`kernels/conv.cu`): the depthwise k×k conv
+//! (zero or edge-replicated border), its fusion with the channel LayerNorm that opens every
+//! Stage B/C ResBlock, and Stage A's transposed conv. 1×1 convs are GEMMs ([`super::gemm`]).
+//!
+//! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
+
+use super::norm::layernorm_ref;
+use super::{inputs_n, nhwc, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use crate::runtime::graph::TensorDesc;
+use crate::runtime::launch::Launch;
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+use rayon::prelude::*;
+
+/// How a depthwise conv reads outside the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pad {
+    /// Zeros (Stage B/C: `padding = k // 2`).
+    Zero,
+    /// The nearest edge pixel (Stage A: `ReplicationPad2d(1)` before an unpadded conv).
+    Replicate,
+}
+
+impl Pad {
+    /// The source index of position `at + offset` on an axis of length `n`, or `None` where
+    /// the tap reads a zero.
+    fn source(self, at: usize, offset: isize, n: usize) -> Option<usize> {
+        let p = at as isize + offset;
+        match self {
+            _ if (0..n as isize).contains(&p) => Some(p as usize),
+            Pad::Zero => None,
+            Pad::Replicate => Some(p.clamp(0, n as isize - 1) as usize),
+        }
+    }
+}
+
+/// Validates depthwise conv inputs `(x [B, H, W, C], w [C, k·k], bias [C])`; returns x's dims.
+fn depthwise_dims<T: Shaped>(op: &str, k: usize, ins: &[&T]) -> Result<[usize; 4]> {
+    let [x, w, bias] = inputs_n(op, ins)?;
+    if k % 2 == 0 {
+        return Err(Error::shape(
+            op,
+            format!("k = {k} must be odd to keep the size"),
+        ));
+    }
+    let dims = nhwc(op, "x", x.shape())?;
+    let c = dims[3];
+    if w.shape() != [c, k * k] {
+        return Err(Error::shape(
+            op,
+            format!(
+                "w must be [{c}, {}] (PyTorch [C, 1, k, k] flattened), got {:?}",
+                k * k,
+                w.shape()
+            ),
+        ));
+    }
+    if bias.shape() != [c] {
+        return Err(Error::shape(
+            op,
+            format!("bias must be [{c}], got {:?}", bias.shape()),
+        ));
+    }
+    Ok(dims)
+}
+
+/// `infer` of both depthwise ops: taps and bias are f32, the output has x's shape.
+fn depthwise_infer(op: &str, k: usize, out: DType, ins: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+    depthwise_dims(op, k, ins)?;
+    require_f32(op, "w", ins[1])?;
+    require_f32(op, "bias", ins[2])?;
+    Ok(vec![(ins[0].shape.clone(), out)])
+}
+
+/// The depthwise conv reference: `y[b,i,j,c] = bias[c] + Σ w[c, dy·k+dx]·x̃[b, i+dy−k/2,
+/// j+dx−k/2, c]`, with x̃ read through `pad`.
+pub fn depthwise_ref(
+    x: &[f32],
+    [_, h, wd, c]: [usize; 4],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+    pad: Pad,
+    y: &mut [f32],
+) {
+    let half = (k / 2) as isize;
+    y.par_chunks_mut(wd * c).enumerate().for_each(|(row, out)| {
+        let (b, i) = (row / h, row % h);
+        let mut acc = vec![0f64; c];
+        for (j, px) in out.chunks_exact_mut(c).enumerate() {
+            for (a, &bv) in acc.iter_mut().zip(bias) {
+                *a = bv as f64;
+            }
+            for dy in 0..k {
+                let Some(sy) = pad.source(i, dy as isize - half, h) else {
+                    continue;
+                };
+                for dx in 0..k {
+                    let Some(sx) = pad.source(j, dx as isize - half, wd) else {
+                        continue;
+                    };
+                    let src = &x[((b * h + sy) * wd + sx) * c..][..c];
+                    let tap = dy * k + dx;
+                    for (ch, (a, &v)) in acc.iter_mut().zip(src).enumerate() {
+                        *a += w[ch * k * k + tap] as f64 * v as f64;
+                    }
+                }
+            }
+            for (o, &a) in px.iter_mut().zip(&acc) {
+                *o = a as f32;
+            }
+        }
+    });
+}
+
+/// Depthwise k×k conv (odd k), stride 1, same size. Inputs: `x [B, H, W, C]`, `w` f32
+/// `[C, k·k]` (PyTorch's `[C, 1, k, k]` flattened row-major), `bias` f32 `[C]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DwConv {
+    pub k: usize,
+    pub pad: Pad,
+    pub out: DType,
+}
+
+impl OpImpl for DwConv {
+    fn name(&self) -> &'static str {
+        "dwconv"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        depthwise_infer(self.name(), self.k, self.out, inputs)
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let dims = depthwise_dims(self.name(), self.k, inputs)?;
+        let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
+        depthwise_ref(x, dims, w, bias, self.k, self.pad, &mut outputs[0].data);
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// The front of every Stage B/C ResBlock: the zero-padded [`DwConv`] followed by LayerNorm2d
+/// over channels (no affine, biased variance, f32 statistics). Inputs as [`DwConv`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct DwConvLn {
+    pub k: usize,
+    pub eps: f32,
+    pub out: DType,
+}
+
+impl OpImpl for DwConvLn {
+    fn name(&self) -> &'static str {
+        "dwconv_ln"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        depthwise_infer(self.name(), self.k, self.out, inputs)
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let dims = depthwise_dims(self.name(), self.k, inputs)?;
+        let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
+        let mut conv = vec![0f32; x.len()];
+        depthwise_ref(x, dims, w, bias, self.k, Pad::Zero, &mut conv);
+        layernorm_ref(&conv, dims[3], self.eps, None, None, &mut outputs[0].data);
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// Output extent of a transposed conv along one axis: `(n − 1)·s − 2p + k`, if positive.
+fn transposed_extent(n: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
+    (n.checked_sub(1)?.checked_mul(stride)?.checked_add(k)?)
+        .checked_sub(pad.checked_mul(2)?)
+        .filter(|&v| v > 0)
+}
+
+/// The input index a transposed-conv tap reads for output position `o` and kernel offset
+/// `kk`: `i` with `o = i·s − p + kk`, if it exists in `[0, n)`.
+fn transposed_source(o: usize, kk: usize, stride: usize, pad: usize, n: usize) -> Option<usize> {
+    let t = (o + pad).checked_sub(kk)?;
+    (t % stride == 0 && t / stride < n).then_some(t / stride)
+}
+
+/// PyTorch `ConvTranspose2d(Cin, Cout, k, stride, padding)` with bias. Inputs: `x [B, H, W,
+/// Cin]`, `w [Cin, Cout, k, k]` (PyTorch's layout), `bias` f32 `[Cout]` → `[B, (H−1)·s − 2p + k,
+/// (W−1)·s − 2p + k, Cout]`, where `out[oy, ox] = bias + Σ x[iy, ix, ci]·w[ci, co, ky, kx]` over
+/// `oy = iy·s − p + ky`, `ox = ix·s − p + kx`. Stage A uses k 4, s 2, p 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvTranspose2d {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub out: DType,
+}
+
+/// Validated dimensions of a [`ConvTranspose2d`].
+struct TransposedDims {
+    x: [usize; 4],
+    cout: usize,
+    out_hw: (usize, usize),
+}
+
+impl ConvTranspose2d {
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<TransposedDims> {
+        let op = self.name();
+        let [x, w, bias] = inputs_n(op, ins)?;
+        let xd @ [_, h, wd, cin] = nhwc(op, "x", x.shape())?;
+        let k = self.k;
+        if k == 0 || self.stride == 0 {
+            return Err(Error::shape(
+                op,
+                format!("k = {k} and stride = {} must be ≥ 1", self.stride),
+            ));
+        }
+        let cout = match w.shape() {
+            &[ci, co, kh, kw] if ci == cin && co > 0 && kh == k && kw == k => co,
+            s => {
+                return Err(Error::shape(
+                    op,
+                    format!("w must be [{cin}, Cout, {k}, {k}] (PyTorch layout), got {s:?}"),
+                ))
+            }
+        };
+        if bias.shape() != [cout] {
+            return Err(Error::shape(
+                op,
+                format!("bias must be [{cout}], got {:?}", bias.shape()),
+            ));
+        }
+        let extent = |n| transposed_extent(n, k, self.stride, self.pad);
+        let (Some(oh), Some(ow)) = (extent(h), extent(wd)) else {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "padding {} leaves no output for {h}×{wd} (k {k}, stride {})",
+                    self.pad, self.stride
+                ),
+            ));
+        };
+        Ok(TransposedDims {
+            x: xd,
+            cout,
+            out_hw: (oh, ow),
+        })
+    }
+}
+
+impl OpImpl for ConvTranspose2d {
+    fn name(&self) -> &'static str {
+        "conv_transpose2d"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let d = self.dims(inputs)?;
+        require_f32(self.name(), "bias", inputs[2])?;
+        Ok(vec![(
+            vec![d.x[0], d.out_hw.0, d.out_hw.1, d.cout],
+            self.out,
+        )])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let TransposedDims {
+            x: [_, h, wd, cin],
+            cout,
+            out_hw: (oh, ow),
+        } = self.dims(inputs)?;
+        let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        outputs[0]
+            .data
+            .par_chunks_mut(ow * cout)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let (b, oy) = (row / oh, row % oh);
+                let mut acc = vec![0f64; cout];
+                for (ox, px) in out.chunks_exact_mut(cout).enumerate() {
+                    for (a, &bv) in acc.iter_mut().zip(bias) {
+                        *a = bv as f64;
+                    }
+                    for ky in 0..k {
+                        let Some(iy) = transposed_source(oy, ky, s, p, h) else {
+                            continue;
+                        };
+                        for kx in 0..k {
+                            let Some(ix) = transposed_source(ox, kx, s, p, wd) else {
+                                continue;
+                            };
+                            let src = &x[((b * h + iy) * wd + ix) * cin..][..cin];
+                            for (ci, &v) in src.iter().enumerate() {
+                                for (co, a) in acc.iter_mut().enumerate() {
+                                    let wv = w[((ci * cout + co) * k + ky) * k + kx];
+                                    *a += v as f64 * wv as f64;
+                                }
+                            }
+                        }
+                    }
+                    for (o, &a) in px.iter_mut().zip(&acc) {
+                        *o = a as f32;
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_support::{assert_no_kernel, assert_rejected, random, run, Rejected};
+    use crate::runtime::graph::Graph;
+    use crate::runtime::session::SessionOptions;
+    use crate::runtime::Backend;
+    use std::collections::HashMap;
+
+    fn dwconv(k: usize, pad: Pad) -> DwConv {
+        DwConv {
+            k,
+            pad,
+            out: DType::F32,
+        }
+    }
+
+    /// Depthwise taps that are 1 at `tap` and 0 elsewhere, for every channel.
+    fn one_tap(c: usize, k: usize, tap: usize) -> HostTensor {
+        let data = (0..c * k * k)
+            .map(|i| if i % (k * k) == tap { 1.0 } else { 0.0 })
+            .collect();
+        HostTensor::new(vec![c, k * k], data)
+    }
+
+    /// x shifted by (dy, dx), read as zero (or clamped, with `replicate`) outside.
+    fn shifted(x: &HostTensor, dy: isize, dx: isize, replicate: bool) -> Vec<f32> {
+        let [b, h, w, c] = x.shape[..] else { panic!() };
+        let mut out = Vec::with_capacity(x.numel());
+        for bi in 0..b {
+            for i in 0..h as isize {
+                for j in 0..w as isize {
+                    let (mut y, mut z) = (i + dy, j + dx);
+                    if replicate {
+                        (y, z) = (y.clamp(0, h as isize - 1), z.clamp(0, w as isize - 1));
+                    }
+                    let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&z);
+                    for ch in 0..c {
+                        out.push(if inside {
+                            x.data[((bi * h + y as usize) * w + z as usize) * c + ch]
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_single_unit_tap_shifts_the_input() {
+        let x = random(&[2, 5, 7, 3], 1);
+        let zero_bias = HostTensor::zeros(&[3]);
+        for k in [1, 3, 5] {
+            for tap in 0..k * k {
+                let (dy, dx) = (
+                    (tap / k) as isize - k as isize / 2,
+                    (tap % k) as isize - k as isize / 2,
+                );
+                for (pad, replicate) in [(Pad::Zero, false), (Pad::Replicate, true)] {
+                    let y = run(&dwconv(k, pad), &[&x, &one_tap(3, k, tap), &zero_bias]).unwrap();
+                    assert_eq!(
+                        y.data,
+                        shifted(&x, dy, dx, replicate),
+                        "k {k} tap {tap} {pad:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dwconv_is_bias_plus_weighted_shifts() {
+        let (c, k) = (4, 3);
+        let x = random(&[1, 6, 5, c], 2);
+        let w = random(&[c, k * k], 3);
+        let bias = random(&[c], 4);
+        for (pad, replicate) in [(Pad::Zero, false), (Pad::Replicate, true)] {
+            let y = run(&dwconv(k, pad), &[&x, &w, &bias]).unwrap();
+            let mut expect: Vec<f64> = (0..x.numel()).map(|i| bias.data[i % c] as f64).collect();
+            for tap in 0..k * k {
+                let s = shifted(
+                    &x,
+                    (tap / k) as isize - 1,
+                    (tap % k) as isize - 1,
+                    replicate,
+                );
+                for (i, (e, v)) in expect.iter_mut().zip(s).enumerate() {
+                    *e += w.data[(i % c) * k * k + tap] as f64 * v as f64;
+                }
+            }
+            for (got, e) in y.data.iter().zip(&expect) {
+                assert!((*got as f64 - e).abs() < 1e-6, "{got} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn replicate_padding_extends_the_border_and_zero_padding_does_not() {
+        let x = HostTensor::full(&[1, 4, 5, 2], 3.0);
+        let mean = HostTensor::full(&[2, 9], 1.0 / 9.0);
+        let bias = HostTensor::zeros(&[2]);
+        let rep = run(&dwconv(3, Pad::Replicate), &[&x, &mean, &bias]).unwrap();
+        assert!(
+            rep.data.iter().all(|v| (v - 3.0).abs() < 1e-6),
+            "{:?}",
+            rep.data
+        );
+        let zero = run(&dwconv(3, Pad::Zero), &[&x, &mean, &bias]).unwrap();
+        // Corner: 4 of 9 taps inside; edge: 6; interior: 9.
+        let at = |i: usize, j: usize| zero.data[(i * 5 + j) * 2];
+        for (v, inside) in [
+            (at(0, 0), 4.0),
+            (at(3, 4), 4.0),
+            (at(0, 2), 6.0),
+            (at(2, 0), 6.0),
+            (at(1, 2), 9.0),
+        ] {
+            assert!(
+                (v - 3.0 * inside / 9.0).abs() < 1e-6,
+                "{v} vs {inside} taps"
+            );
+        }
+    }
+
+    #[test]
+    fn dwconv_ln_rows_are_normalized() {
+        let c = 33;
+        let x = random(&[2, 5, 7, c], 5);
+        let w = random(&[c, 9], 6);
+        let bias = random(&[c], 7);
+        let op = DwConvLn {
+            k: 3,
+            eps: 1e-6,
+            out: DType::F32,
+        };
+        let y = run(&op, &[&x, &w, &bias]).unwrap();
+        for row in y.data.chunks_exact(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3,
+                "mean {mean} var {var}"
+            );
+        }
+    }
+
+    fn conv_t(k: usize, stride: usize, pad: usize) -> ConvTranspose2d {
+        ConvTranspose2d {
+            k,
+            stride,
+            pad,
+            out: DType::F32,
+        }
+    }
+
+    #[test]
+    fn conv_transpose_one_pixel_and_two_pixel_examples() {
+        let w = HostTensor::new(vec![1, 1, 4, 4], (0..16).map(|v| v as f32).collect());
+        let x = HostTensor::new(vec![1, 1, 1, 1], vec![2.0]);
+        let y = run(&conv_t(4, 2, 1), &[&x, &w, &HostTensor::full(&[1], 0.5)]).unwrap();
+        // out[oy, ox] = 0.5 + 2·w[oy + 1, ox + 1].
+        assert_eq!(y.shape, [1, 2, 2, 1]);
+        assert_eq!(y.data, [10.5, 12.5, 18.5, 20.5]);
+
+        // Two input pixels whose 4×4 footprints overlap on the middle output columns.
+        let x = HostTensor::new(vec![1, 1, 2, 1], vec![1.0, 10.0]);
+        let y = run(&conv_t(4, 2, 1), &[&x, &w, &HostTensor::zeros(&[1])]).unwrap();
+        assert_eq!(y.shape, [1, 2, 4, 1]);
+        assert_eq!(y.data, [5.0, 46.0, 57.0, 60.0, 9.0, 90.0, 101.0, 100.0]);
+    }
+
+    /// The direct conv with ConvTranspose2d's weights: `out[iy, ix, ci] = Σ y[iy·s − p + ky,
+    /// ix·s − p + kx, co]·w[ci, co, ky, kx]`, zero outside.
+    fn direct_conv(
+        y: &HostTensor,
+        w: &HostTensor,
+        (s, p): (usize, usize),
+        (h, wd): (usize, usize),
+    ) -> Vec<f64> {
+        let [b, oh, ow, cout] = y.shape[..] else {
+            panic!()
+        };
+        let [cin, _, k, _] = w.shape[..] else {
+            panic!()
+        };
+        let mut out = vec![0f64; b * h * wd * cin];
+        for bi in 0..b {
+            for iy in 0..h {
+                for ix in 0..wd {
+                    for ci in 0..cin {
+                        let o = &mut out[((bi * h + iy) * wd + ix) * cin + ci];
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (oy, ox) = (
+                                    (iy * s + ky) as isize - p as isize,
+                                    (ix * s + kx) as isize - p as isize,
+                                );
+                                if !(0..oh as isize).contains(&oy)
+                                    || !(0..ow as isize).contains(&ox)
+                                {
+                                    continue;
+                                }
+                                for co in 0..cout {
+                                    let yv = y.data
+                                        [((bi * oh + oy as usize) * ow + ox as usize) * cout + co];
+                                    *o += yv as f64
+                                        * w.data[((ci * cout + co) * k + ky) * k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn conv_transpose_is_the_adjoint_of_the_direct_conv() {
+        let (h, wd, cin, cout) = (4, 5, 3, 4);
+        for (i, &(k, s, p)) in [
+            (4, 2, 1),
+            (3, 1, 1),
+            (2, 2, 0),
+            (3, 2, 0),
+            (5, 3, 2),
+            (1, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 10 * i as u64;
+            let x = random(&[2, h, wd, cin], seed);
+            let w = random(&[cin, cout, k, k], seed + 1);
+            let t = run(&conv_t(k, s, p), &[&x, &w, &HostTensor::zeros(&[cout])]).unwrap();
+            assert_eq!(
+                t.shape,
+                [2, (h - 1) * s + k - 2 * p, (wd - 1) * s + k - 2 * p, cout]
+            );
+            let y = random(&t.shape, seed + 2);
+            let lhs: f64 = t
+                .data
+                .iter()
+                .zip(&y.data)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            let cy = direct_conv(&y, &w, (s, p), (h, wd));
+            let rhs: f64 = x.data.iter().zip(&cy).map(|(&a, b)| a as f64 * b).sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-4,
+                "k {k} s {s} p {p}: {lhs} vs {rhs}"
+            );
+        }
+    }
+
+    #[test]
+    fn conv_transpose_adds_the_bias() {
+        let x = HostTensor::zeros(&[1, 3, 2, 2]);
+        let bias = HostTensor::new(vec![3], vec![0.5, -1.0, 2.0]);
+        let y = run(&conv_t(4, 2, 1), &[&x, &random(&[2, 3, 4, 4], 1), &bias]).unwrap();
+        assert!(y.data.chunks_exact(3).all(|px| px == bias.data.as_slice()));
+    }
+
+    #[test]
+    fn invalid_shapes_and_dtypes_are_errors() {
+        let (f, b) = (DType::F32, DType::BF16);
+        let dw = |k| Box::new(dwconv(k, Pad::Zero)) as Box<dyn OpImpl>;
+        let ln = Box::new(DwConvLn {
+            k: 3,
+            eps: 1e-6,
+            out: f,
+        }) as Box<dyn OpImpl>;
+        let ct = |k, s, p| Box::new(conv_t(k, s, p)) as Box<dyn OpImpl>;
+        let cases: Vec<Rejected> = vec![
+            (dw(2), vec![(&[1, 4, 4, 3], f), (&[3, 4], f), (&[3], f)]),
+            (
+                dw(3),
+                vec![(&[1, 4, 4, 3], f), (&[3, 1, 3, 3], f), (&[3], f)],
+            ),
+            (dw(3), vec![(&[1, 4, 4, 3], f), (&[3, 9], f), (&[4], f)]),
+            (dw(3), vec![(&[1, 4, 4, 3], f), (&[3, 9], b), (&[3], f)]),
+            (dw(3), vec![(&[1, 4, 4, 3], f), (&[3, 9], f), (&[3], b)]),
+            (dw(3), vec![(&[4, 4, 3], f), (&[3, 9], f), (&[3], f)]),
+            (dw(3), vec![(&[1, 4, 4, 3], f), (&[3, 9], f)]),
+            (ln, vec![(&[1, 4, 4, 3], f), (&[3, 25], f), (&[3], f)]),
+            (
+                ct(4, 2, 1),
+                vec![(&[1, 4, 4, 3], f), (&[3, 2, 3, 3], f), (&[2], f)],
+            ),
+            (
+                ct(4, 2, 1),
+                vec![(&[1, 4, 4, 3], f), (&[2, 2, 4, 4], f), (&[2], f)],
+            ),
+            (
+                ct(4, 2, 1),
+                vec![(&[1, 4, 4, 3], f), (&[3, 2, 4, 4], f), (&[3], f)],
+            ),
+            (
+                ct(4, 2, 1),
+                vec![(&[1, 4, 4, 3], b), (&[3, 2, 4, 4], b), (&[2], b)],
+            ),
+            (
+                ct(4, 0, 1),
+                vec![(&[1, 4, 4, 3], f), (&[3, 2, 4, 4], f), (&[2], f)],
+            ),
+            (
+                ct(2, 1, 1),
+                vec![(&[1, 1, 4, 3], f), (&[3, 2, 2, 2], f), (&[2], f)],
+            ),
+            (
+                ct(0, 1, 0),
+                vec![(&[1, 1, 4, 3], f), (&[3, 2, 0, 0], f), (&[2], f)],
+            ),
+        ];
+        assert_rejected(&cases);
+        assert_no_kernel(&dwconv(3, Pad::Zero));
+        assert_no_kernel(&DwConvLn {
+            k: 3,
+            eps: 1e-6,
+            out: f,
+        });
+        assert_no_kernel(&conv_t(4, 2, 1));
+    }
+
+    #[test]
+    fn dwconv_runs_on_the_cpu_executor() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 5, 3, 8], DType::BF16).unwrap();
+        let w = g.weight("dw.weight", &[8, 9], DType::F32).unwrap();
+        let bias = g.weight("dw.bias", &[8], DType::F32).unwrap();
+        let y = g.op1(dwconv(3, Pad::Replicate), &[x, w, bias]).unwrap();
+        g.output(y, "y").unwrap();
+        let (xv, wv, bv) = (
+            random(&[2, 5, 3, 8], 1),
+            random(&[8, 9], 2),
+            random(&[8], 3),
+        );
+        let weights = HashMap::from([
+            ("dw.weight".to_string(), wv.clone()),
+            ("dw.bias".to_string(), bv.clone()),
+        ]);
+        let mut s = Backend::Cpu
+            .session(g, &weights, SessionOptions::default())
+            .unwrap();
+        s.set_input(x, &xv.data).unwrap();
+        s.run().unwrap();
+        let direct = run(&dwconv(3, Pad::Replicate), &[&xv, &wv, &bv]).unwrap();
+        assert_eq!(s.read(y).unwrap(), direct.data);
+    }
+}

@@ -1,0 +1,851 @@
+//! Data movement without arithmetic (`kernels/layout.cu`): pixel (un)shuffle, concat, slice,
+//! batch broadcast, dtype cast, and two gathers (token embedding, one row per sample).
+//!
+//! Index inputs are f32 tensors holding integers (exact below 2²⁴). The references reject an
+//! index that is not an integer in range, naming it; the kernels will clamp it into range
+//! instead, since a device kernel cannot report an error per element.
+
+use super::{inputs_n, nhwc, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use crate::runtime::graph::TensorDesc;
+use crate::runtime::launch::Launch;
+use crate::tensor::{numel, DType, HostTensor};
+use crate::{Error, Result};
+
+/// r ≥ 1; returns r².
+fn shuffle_factor(op: &str, r: usize) -> Result<usize> {
+    if r == 0 {
+        return Err(Error::shape(op, "the factor r must be at least 1"));
+    }
+    Ok(r * r)
+}
+
+/// The two sides of a pixel shuffle by `r`: the coarse image `[B, hc, wc, C·r²]` and the fine
+/// image `[B, hf, wf, C]`. The fine image may extend past `r·hc × r·wc` (a cropped unshuffle);
+/// its extra rows and columns belong to no pair.
+struct ShuffleGeometry {
+    batch: usize,
+    coarse: (usize, usize),
+    fine: (usize, usize),
+    channels: usize,
+    r: usize,
+}
+
+impl ShuffleGeometry {
+    /// Calls `f(coarse_index, fine_index)` for every element pair: coarse channel
+    /// `c·r² + dy·r + dx` at `(h, w)` is fine channel `c` at `(r·h + dy, r·w + dx)`.
+    fn for_each_pair(&self, mut f: impl FnMut(usize, usize)) {
+        let (hc, wc) = self.coarse;
+        let (hf, wf) = self.fine;
+        let (r, c) = (self.r, self.channels);
+        let mut coarse = 0;
+        for b in 0..self.batch {
+            for h in 0..hc {
+                for w in 0..wc {
+                    for ch in 0..c {
+                        for dy in 0..r {
+                            for dx in 0..r {
+                                let (y, x) = (r * h + dy, r * w + dx);
+                                f(coarse, ((b * hf + y) * wf + x) * c + ch);
+                                coarse += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[B, H, W, C·r²] → [B, H·r, W·r, C]`, PyTorch's `PixelShuffle(r)` channel order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PixelShuffle {
+    pub r: usize,
+    pub out: DType,
+}
+
+impl PixelShuffle {
+    fn geometry<T: Shaped>(&self, ins: &[&T]) -> Result<ShuffleGeometry> {
+        let op = self.name();
+        let [x] = inputs_n(op, ins)?;
+        let [b, h, w, c] = nhwc(op, "x", x.shape())?;
+        let rr = shuffle_factor(op, self.r)?;
+        if c % rr != 0 {
+            return Err(Error::shape(
+                op,
+                format!("{c} channels are not a multiple of r² = {rr}"),
+            ));
+        }
+        Ok(ShuffleGeometry {
+            batch: b,
+            coarse: (h, w),
+            fine: (h * self.r, w * self.r),
+            channels: c / rr,
+            r: self.r,
+        })
+    }
+}
+
+impl OpImpl for PixelShuffle {
+    fn name(&self) -> &'static str {
+        "pixel_shuffle"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let g = self.geometry(inputs)?;
+        Ok(vec![(
+            vec![g.batch, g.fine.0, g.fine.1, g.channels],
+            self.out,
+        )])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (x, y) = (&inputs[0].data, &mut outputs[0].data);
+        self.geometry(inputs)?
+            .for_each_pair(|coarse, fine| y[fine] = x[coarse]);
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// `[B, H, W, C] → [B, H/r, W/r, C·r²]`, the inverse of [`PixelShuffle`]. H and W must be
+/// multiples of r unless `crop`, which floors them and drops the trailing rows and columns.
+///
+/// With crop, this followed by a GEMM with the weight `[Cout, Cin, r, r]` flattened to
+/// `[Cout, Cin·r²]` is a k = r, stride r convolution that floors odd sizes (Stage B's 2×2
+/// stride-2 downscaler): the flattened weight has exactly the unshuffled channel order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PixelUnshuffle {
+    pub r: usize,
+    pub crop: bool,
+    pub out: DType,
+}
+
+impl PixelUnshuffle {
+    fn geometry<T: Shaped>(&self, ins: &[&T]) -> Result<ShuffleGeometry> {
+        let op = self.name();
+        let [x] = inputs_n(op, ins)?;
+        let [b, h, w, c] = nhwc(op, "x", x.shape())?;
+        let r = self.r;
+        shuffle_factor(op, r)?;
+        if !self.crop && (h % r != 0 || w % r != 0) {
+            return Err(Error::shape(
+                op,
+                format!("{h}×{w} is not a multiple of r = {r}; set crop to drop the remainder"),
+            ));
+        }
+        if h < r || w < r {
+            return Err(Error::shape(op, format!("{h}×{w} is smaller than r = {r}")));
+        }
+        Ok(ShuffleGeometry {
+            batch: b,
+            coarse: (h / r, w / r),
+            fine: (h, w),
+            channels: c,
+            r,
+        })
+    }
+}
+
+impl OpImpl for PixelUnshuffle {
+    fn name(&self) -> &'static str {
+        "pixel_unshuffle"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let g = self.geometry(inputs)?;
+        Ok(vec![(
+            vec![g.batch, g.coarse.0, g.coarse.1, g.channels * g.r * g.r],
+            self.out,
+        )])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (x, y) = (&inputs[0].data, &mut outputs[0].data);
+        self.geometry(inputs)?
+            .for_each_pair(|coarse, fine| y[coarse] = x[fine]);
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// (elements before `axis`, elements after it) of a row-major shape.
+fn outer_inner(shape: &[usize], axis: usize) -> (usize, usize) {
+    (numel(&shape[..axis]), numel(&shape[axis + 1..]))
+}
+
+/// Refuses an axis past the rank or an empty tensor.
+fn check_axis(op: &str, shape: &[usize], axis: usize) -> Result<()> {
+    if axis >= shape.len() {
+        return Err(Error::shape(
+            op,
+            format!("axis {axis} is out of range for shape {shape:?}"),
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(Error::shape(op, format!("empty input {shape:?}")));
+    }
+    Ok(())
+}
+
+/// Two or more inputs, equal except along `axis` (an index into the shape), joined in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Concat {
+    pub axis: usize,
+    pub out: DType,
+}
+
+impl Concat {
+    fn out_shape<T: Shaped>(&self, ins: &[&T]) -> Result<Vec<usize>> {
+        let op = self.name();
+        if ins.len() < 2 {
+            return Err(Error::shape(
+                op,
+                format!("needs at least 2 inputs, got {}", ins.len()),
+            ));
+        }
+        let first = ins[0].shape();
+        let mut out = first.to_vec();
+        let mut total = 0;
+        for (i, t) in ins.iter().enumerate() {
+            let s = t.shape();
+            check_axis(op, s, self.axis)?;
+            let same_elsewhere = s.len() == first.len()
+                && s.iter()
+                    .zip(first)
+                    .enumerate()
+                    .all(|(d, (a, b))| d == self.axis || a == b);
+            if !same_elsewhere {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "input {i} {s:?} differs from input 0 {first:?} outside axis {}",
+                        self.axis
+                    ),
+                ));
+            }
+            total += s[self.axis];
+        }
+        out[self.axis] = total;
+        Ok(out)
+    }
+}
+
+impl OpImpl for Concat {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        Ok(vec![(self.out_shape(inputs)?, self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let shape = self.out_shape(inputs)?;
+        let (outer, inner) = outer_inner(&shape, self.axis);
+        let y = &mut outputs[0].data;
+        let mut at = 0;
+        for o in 0..outer {
+            for x in inputs {
+                let chunk = x.shape[self.axis] * inner;
+                y[at..at + chunk].copy_from_slice(&x.data[o * chunk..][..chunk]);
+                at += chunk;
+            }
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// `len` entries of `axis` from `start` on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    pub axis: usize,
+    pub start: usize,
+    pub len: usize,
+    pub out: DType,
+}
+
+impl Slice {
+    fn out_shape<T: Shaped>(&self, ins: &[&T]) -> Result<Vec<usize>> {
+        let op = self.name();
+        let [x] = inputs_n(op, ins)?;
+        let s = x.shape();
+        check_axis(op, s, self.axis)?;
+        let end = self.start.checked_add(self.len);
+        if self.len == 0 || end.is_none_or(|e| e > s[self.axis]) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "[{}, {}+{}) is not a non-empty range of axis {} of {s:?}",
+                    self.start, self.start, self.len, self.axis
+                ),
+            ));
+        }
+        let mut out = s.to_vec();
+        out[self.axis] = self.len;
+        Ok(out)
+    }
+}
+
+impl OpImpl for Slice {
+    fn name(&self) -> &'static str {
+        "slice"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        Ok(vec![(self.out_shape(inputs)?, self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        self.out_shape(inputs)?;
+        let x = inputs[0];
+        let (_, inner) = outer_inner(&x.shape, self.axis);
+        let (src, dst) = (x.shape[self.axis] * inner, self.len * inner);
+        for (y, row) in outputs[0]
+            .data
+            .chunks_exact_mut(dst)
+            .zip(x.data.chunks_exact(src))
+        {
+            y.copy_from_slice(&row[self.start * inner..][..dst]);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// `[N, C] → [batch, N, C]`: a weight shared by every sample (e.g. the INR's wtokens).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Broadcast {
+    pub batch: usize,
+    pub out: DType,
+}
+
+impl Broadcast {
+    fn out_shape<T: Shaped>(&self, ins: &[&T]) -> Result<Vec<usize>> {
+        let op = self.name();
+        let [x] = inputs_n(op, ins)?;
+        match x.shape() {
+            &[n, c] if n > 0 && c > 0 && self.batch > 0 => Ok(vec![self.batch, n, c]),
+            s => Err(Error::shape(
+                op,
+                format!(
+                    "needs a non-empty [N, C] and batch ≥ 1, got {s:?} and {}",
+                    self.batch
+                ),
+            )),
+        }
+    }
+}
+
+impl OpImpl for Broadcast {
+    fn name(&self) -> &'static str {
+        "broadcast"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        Ok(vec![(self.out_shape(inputs)?, self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        self.out_shape(inputs)?;
+        let x = &inputs[0].data;
+        for y in outputs[0].data.chunks_exact_mut(x.len()) {
+            y.copy_from_slice(x);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// Stores the input in another dtype; the values are unchanged in the f32 reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cast {
+    pub out: DType,
+}
+
+impl OpImpl for Cast {
+    fn name(&self) -> &'static str {
+        "cast"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [x] = inputs_n(self.name(), inputs)?;
+        Ok(vec![(x.shape.clone(), self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let [x] = inputs_n(self.name(), inputs)?;
+        if x.shape != outputs[0].shape {
+            return Err(Error::shape(
+                self.name(),
+                format!("output {:?} for input {:?}", outputs[0].shape, x.shape),
+            ));
+        }
+        outputs[0].data.copy_from_slice(&x.data);
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// Reads an index stored as f32: an integer in `[0, n)`, or an error naming `what`.
+fn row_index(op: &str, what: impl FnOnce() -> String, v: f32, n: usize) -> Result<usize> {
+    if v >= 0.0 && v < n as f32 && v.fract() == 0.0 {
+        Ok(v as usize)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{op}: {} = {v} is not an integer index in [0, {n})",
+            what()
+        )))
+    }
+}
+
+/// Token embedding: `ids` f32 `[B, T]` (integer values) and `table [V, C]` → `[B, T, C]`.
+/// The reference refuses an id outside `[0, V)`, naming it; the kernel will clamp it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    pub out: DType,
+}
+
+impl Embedding {
+    /// (B, T, V, C).
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<[usize; 4]> {
+        let op = self.name();
+        let [ids, table] = inputs_n(op, ins)?;
+        match (ids.shape(), table.shape()) {
+            (&[b, t], &[v, c]) if b * t * v * c > 0 => Ok([b, t, v, c]),
+            (i, t) => Err(Error::shape(
+                op,
+                format!("needs ids [B, T] and table [V, C], non-empty; got {i:?} and {t:?}"),
+            )),
+        }
+    }
+}
+
+impl OpImpl for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [b, t, _, c] = self.dims(inputs)?;
+        require_f32(self.name(), "ids", inputs[0])?;
+        Ok(vec![(vec![b, t, c], self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let [_, t, v, c] = self.dims(inputs)?;
+        let (ids, table) = (&inputs[0].data, &inputs[1].data);
+        for (i, (y, &id)) in outputs[0].data.chunks_exact_mut(c).zip(ids).enumerate() {
+            let row = row_index(self.name(), || format!("ids[{}, {}]", i / t, i % t), id, v)?;
+            y.copy_from_slice(&table[row * c..][..c]);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// One row per sample: `x [B, T, C]`, `idx` f32 `[B]` → `[B, C]` holding `x[b, idx[b]]`
+/// (CLIP's pooled token at the first EOS). Out-of-range indices as in [`Embedding`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatherRows {
+    pub out: DType,
+}
+
+impl GatherRows {
+    /// (B, T, C).
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<[usize; 3]> {
+        let op = self.name();
+        let [x, idx] = inputs_n(op, ins)?;
+        match (x.shape(), idx.shape()) {
+            (&[b, t, c], &[bi]) if b == bi && b * t * c > 0 => Ok([b, t, c]),
+            (s, i) => Err(Error::shape(
+                op,
+                format!("needs non-empty x [B, T, C] and idx [B]; got {s:?} and {i:?}"),
+            )),
+        }
+    }
+}
+
+impl OpImpl for GatherRows {
+    fn name(&self) -> &'static str {
+        "gather_rows"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [b, _, c] = self.dims(inputs)?;
+        require_f32(self.name(), "idx", inputs[1])?;
+        Ok(vec![(vec![b, c], self.out)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let [_, t, c] = self.dims(inputs)?;
+        let (x, idx) = (&inputs[0].data, &inputs[1].data);
+        for (b, (y, &i)) in outputs[0].data.chunks_exact_mut(c).zip(idx).enumerate() {
+            let row = row_index(self.name(), || format!("idx[{b}]"), i, t)?;
+            y.copy_from_slice(&x[(b * t + row) * c..][..c]);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gemm::gemm_ref;
+    use crate::ops::test_support::{assert_no_kernel, assert_rejected, random, run, Rejected};
+    use crate::runtime::graph::Graph;
+    use crate::runtime::session::SessionOptions;
+    use crate::runtime::Backend;
+    use std::collections::HashMap;
+
+    fn shuffle(r: usize) -> PixelShuffle {
+        PixelShuffle { r, out: DType::F32 }
+    }
+
+    fn unshuffle(r: usize, crop: bool) -> PixelUnshuffle {
+        PixelUnshuffle {
+            r,
+            crop,
+            out: DType::F32,
+        }
+    }
+
+    #[test]
+    fn pixel_shuffle_and_unshuffle_invert_each_other() {
+        for (shape, r) in [([2, 5, 7, 12], 2), ([1, 3, 4, 45], 3), ([3, 1, 1, 4], 2)] {
+            let coarse = random(&shape, 1);
+            let fine = run(&shuffle(r), &[&coarse]).unwrap();
+            assert_eq!(
+                fine.shape,
+                [shape[0], shape[1] * r, shape[2] * r, shape[3] / (r * r)]
+            );
+            assert_eq!(run(&unshuffle(r, false), &[&fine]).unwrap(), coarse);
+            let back = run(
+                &unshuffle(r, false),
+                &[&coarse.clone().reshaped(&fine.shape)],
+            );
+            assert_eq!(
+                run(&shuffle(r), &[&back.unwrap()]).unwrap(),
+                coarse.reshaped(&fine.shape)
+            );
+        }
+    }
+
+    #[test]
+    fn pixel_shuffle_uses_pytorch_channel_order() {
+        let (b, h, w, c, r) = (2, 3, 5, 2, 3);
+        let x = random(&[b, h, w, c * r * r], 2);
+        let y = run(&shuffle(r), &[&x]).unwrap();
+        for (bi, hi, wi, ci, dy, dx) in shuffle_coords(b, h, w, c, r) {
+            let src = x.data[((bi * h + hi) * w + wi) * c * r * r + ci * r * r + dy * r + dx];
+            let dst = y.data[((bi * h * r + r * hi + dy) * w * r + r * wi + dx) * c + ci];
+            assert_eq!(src, dst);
+        }
+    }
+
+    /// Every (b, h, w, c, dy, dx) of a shuffle.
+    fn shuffle_coords(
+        b: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        r: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize, usize, usize)> {
+        (0..b * h * w * c * r * r).map(move |i| {
+            let (dx, i) = (i % r, i / r);
+            let (dy, i) = (i % r, i / r);
+            let (ci, i) = (i % c, i / c);
+            let (wi, i) = (i % w, i / w);
+            (i / h, i % h, wi, ci, dy, dx)
+        })
+    }
+
+    #[test]
+    fn cropped_unshuffle_then_gemm_is_a_stride_2_conv_that_floors() {
+        let (b, h, w, cin, cout) = (2, 7, 9, 5, 6);
+        let x = random(&[b, h, w, cin], 3);
+        let wt = random(&[cout, cin, 2, 2], 4);
+        let u = run(&unshuffle(2, true), &[&x]).unwrap();
+        assert_eq!(u.shape, [b, 3, 4, cin * 4]);
+        let mut y = vec![0f32; b * 3 * 4 * cout];
+        gemm_ref(
+            &u.data,
+            &wt.data,
+            None,
+            false,
+            None,
+            (cout, cin * 4),
+            &mut y,
+        );
+        let mut i = 0;
+        for bi in 0..b {
+            for oy in 0..3 {
+                for ox in 0..4 {
+                    for co in 0..cout {
+                        let mut acc = 0f64;
+                        for ci in 0..cin {
+                            for ky in 0..2 {
+                                for kx in 0..2 {
+                                    let xv = x.data
+                                        [((bi * h + 2 * oy + ky) * w + 2 * ox + kx) * cin + ci];
+                                    let wv = wt.data[((co * cin + ci) * 2 + ky) * 2 + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        assert!((y[i] as f64 - acc).abs() < 1e-5, "{} vs {acc}", y[i]);
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concat_then_slice_round_trips_on_every_axis() {
+        for axis in 0..4 {
+            let mut shapes = [[2, 3, 5, 4]; 3];
+            for (i, s) in shapes.iter_mut().enumerate() {
+                s[axis] += i;
+            }
+            let parts: Vec<HostTensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| random(s, 10 + i as u64))
+                .collect();
+            let refs: Vec<&HostTensor> = parts.iter().collect();
+            let cat = Concat {
+                axis,
+                out: DType::F32,
+            };
+            let joined = run(&cat, &refs).unwrap();
+            let mut start = 0;
+            for p in &parts {
+                let len = p.shape[axis];
+                let op = Slice {
+                    axis,
+                    start,
+                    len,
+                    out: DType::BF16,
+                };
+                assert_eq!(&run(&op, &[&joined]).unwrap(), p);
+                start += len;
+            }
+            assert_eq!(start, joined.shape[axis]);
+        }
+    }
+
+    #[test]
+    fn broadcast_repeats_and_cast_keeps_values() {
+        let x = random(&[7, 3], 5);
+        let op = Broadcast {
+            batch: 3,
+            out: DType::F32,
+        };
+        let y = run(&op, &[&x]).unwrap();
+        assert_eq!(y.shape, [3, 7, 3]);
+        assert!(y.data.chunks_exact(21).all(|s| s == x.data.as_slice()));
+        assert_eq!(run(&Cast { out: DType::BF16 }, &[&x]).unwrap(), x);
+    }
+
+    #[test]
+    fn embedding_and_gather_rows_pick_rows() {
+        let table = random(&[11, 6], 6);
+        let ids = HostTensor::new(vec![2, 3], vec![0.0, 10.0, 4.0, 4.0, 7.0, 1.0]);
+        let y = run(&Embedding { out: DType::F32 }, &[&ids, &table]).unwrap();
+        assert_eq!(y.shape, [2, 3, 6]);
+        for (row, &id) in y.data.chunks_exact(6).zip(&ids.data) {
+            assert_eq!(row, &table.data[id as usize * 6..][..6]);
+        }
+
+        let x = random(&[3, 5, 4], 7);
+        let idx = HostTensor::new(vec![3], vec![4.0, 0.0, 2.0]);
+        let y = run(&GatherRows { out: DType::F32 }, &[&x, &idx]).unwrap();
+        assert_eq!(y.shape, [3, 4]);
+        for (b, row) in y.data.chunks_exact(4).enumerate() {
+            let t = idx.data[b] as usize;
+            assert_eq!(row, &x.data[(b * 5 + t) * 4..][..4]);
+        }
+    }
+
+    #[test]
+    fn bad_indices_are_errors_naming_them() {
+        let table = random(&[11, 6], 8);
+        for (bad, pos) in [(11.0, "ids[1, 0]"), (-1.0, "ids[1, 0]"), (2.5, "ids[1, 0]")] {
+            let ids = HostTensor::new(vec![2, 2], vec![0.0, 1.0, bad, 3.0]);
+            let err = run(&Embedding { out: DType::F32 }, &[&ids, &table]).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(pos) && msg.contains(&bad.to_string()), "{msg}");
+        }
+        let x = random(&[2, 5, 4], 9);
+        let idx = HostTensor::new(vec![2], vec![1.0, 5.0]);
+        let err = run(&GatherRows { out: DType::F32 }, &[&x, &idx]).unwrap_err();
+        assert!(err.to_string().contains("idx[1] = 5"), "{err}");
+    }
+
+    #[test]
+    fn invalid_shapes_and_dtypes_are_errors() {
+        let f = DType::F32;
+        let cases: Vec<Rejected> = vec![
+            (Box::new(shuffle(2)), vec![(&[1, 2, 2, 6], f)]),
+            (Box::new(shuffle(0)), vec![(&[1, 2, 2, 4], f)]),
+            (Box::new(shuffle(2)), vec![(&[2, 2, 4], f)]),
+            (
+                Box::new(shuffle(2)),
+                vec![(&[1, 2, 2, 4], f), (&[1, 2, 2, 4], f)],
+            ),
+            (Box::new(unshuffle(2, false)), vec![(&[1, 5, 4, 3], f)]),
+            (Box::new(unshuffle(2, true)), vec![(&[1, 1, 4, 3], f)]),
+            (Box::new(unshuffle(2, true)), vec![(&[1, 0, 4, 3], f)]),
+            (Box::new(Concat { axis: 1, out: f }), vec![(&[1, 2, 3], f)]),
+            (
+                Box::new(Concat { axis: 3, out: f }),
+                vec![(&[1, 2, 3], f), (&[1, 2, 3], f)],
+            ),
+            (
+                Box::new(Concat { axis: 1, out: f }),
+                vec![(&[1, 2, 3], f), (&[1, 2, 4], f)],
+            ),
+            (
+                Box::new(Concat { axis: 0, out: f }),
+                vec![(&[1, 2, 3], f), (&[1, 2], f)],
+            ),
+            (
+                Box::new(Slice {
+                    axis: 1,
+                    start: 2,
+                    len: 2,
+                    out: f,
+                }),
+                vec![(&[1, 3, 3], f)],
+            ),
+            (
+                Box::new(Slice {
+                    axis: 1,
+                    start: 0,
+                    len: 0,
+                    out: f,
+                }),
+                vec![(&[1, 3, 3], f)],
+            ),
+            (
+                Box::new(Slice {
+                    axis: 1,
+                    start: usize::MAX,
+                    len: 2,
+                    out: f,
+                }),
+                vec![(&[1, 3, 3], f)],
+            ),
+            (
+                Box::new(Slice {
+                    axis: 3,
+                    start: 0,
+                    len: 1,
+                    out: f,
+                }),
+                vec![(&[1, 3, 3], f)],
+            ),
+            (Box::new(Broadcast { batch: 0, out: f }), vec![(&[3, 4], f)]),
+            (Box::new(Broadcast { batch: 2, out: f }), vec![(&[3], f)]),
+            (Box::new(Cast { out: f }), vec![]),
+            (
+                Box::new(Embedding { out: f }),
+                vec![(&[2, 3], DType::BF16), (&[9, 4], f)],
+            ),
+            (
+                Box::new(Embedding { out: f }),
+                vec![(&[2, 3, 1], f), (&[9, 4], f)],
+            ),
+            (
+                Box::new(Embedding { out: f }),
+                vec![(&[2, 3], f), (&[9], f)],
+            ),
+            (
+                Box::new(GatherRows { out: f }),
+                vec![(&[2, 3, 4], f), (&[3], f)],
+            ),
+            (
+                Box::new(GatherRows { out: f }),
+                vec![(&[2, 3, 4], f), (&[2], DType::BF16)],
+            ),
+            (Box::new(GatherRows { out: f }), vec![(&[2, 3, 4], f)]),
+        ];
+        assert_rejected(&cases);
+    }
+
+    #[test]
+    fn launches_report_the_missing_kernel() {
+        let f = DType::F32;
+        let ops: [&dyn OpImpl; 8] = [
+            &shuffle(2),
+            &unshuffle(2, true),
+            &Concat { axis: 0, out: f },
+            &Slice {
+                axis: 0,
+                start: 0,
+                len: 1,
+                out: f,
+            },
+            &Broadcast { batch: 2, out: f },
+            &Cast { out: f },
+            &Embedding { out: f },
+            &GatherRows { out: f },
+        ];
+        for op in ops {
+            assert_no_kernel(op);
+        }
+    }
+
+    #[test]
+    fn embedding_and_shuffles_run_on_the_cpu_executor() {
+        let mut g = Graph::new();
+        let ids = g.input("ids", &[2, 9], DType::F32).unwrap();
+        let table = g.weight("table", &[50, 12], DType::BF16).unwrap();
+        let emb = g.op1(Embedding { out: DType::F32 }, &[ids, table]).unwrap();
+        let img = g.input("img", &[1, 6, 10, 3], DType::BF16).unwrap();
+        let coarse = g.op1(unshuffle(2, false), &[img]).unwrap();
+        let fine = g.op1(shuffle(2), &[coarse]).unwrap();
+        g.output(emb, "emb").unwrap();
+        g.output(fine, "fine").unwrap();
+
+        let table_v = random(&[50, 12], 11);
+        let ids_v = HostTensor::new(vec![2, 9], (0..18).map(|i| (i * 7 % 50) as f32).collect());
+        let img_v = random(&[1, 6, 10, 3], 12);
+        let weights = HashMap::from([("table".to_string(), table_v.clone())]);
+        let mut s = Backend::Cpu
+            .session(g, &weights, SessionOptions::default())
+            .unwrap();
+        s.set_input(ids, &ids_v.data).unwrap();
+        s.set_input(img, &img_v.data).unwrap();
+        s.run().unwrap();
+        let direct = run(&Embedding { out: DType::F32 }, &[&ids_v, &table_v]).unwrap();
+        assert_eq!(s.read(emb).unwrap(), direct.data);
+        assert_eq!(s.read(fine).unwrap(), img_v.data);
+    }
+}

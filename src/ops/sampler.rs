@@ -1,0 +1,563 @@
+//! The GDF sampler both stages use (Stable Cascade's `gdf`): cosine schedule t → logSNR,
+//! cosine-t noise condition (the `r` the models see), VP scalers, epsilon target, the DDPM
+//! (= DDIM with η = 1) step, and classifier-free guidance with std rescaling.
+//!
+//! Every scalar is computed in f32 in the official order (transcendentals accurate), so the
+//! host-side schedule matches the reference to a few ulps. The ops run on device in f32 in
+//! every build: `CfgCombine` then `DdpmStep`, with the per-row coefficients of
+//! [`StepCoefficients`] computed on the host.
+
+use super::embed::{accurate, linspace};
+use super::{inputs_n, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use crate::runtime::graph::TensorDesc;
+use crate::runtime::launch::Launch;
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+use std::f32::consts::{FRAC_PI_2, PI};
+
+/// The cosine schedule's offset s.
+pub const COSINE_S: f32 = 0.008;
+/// The schedule clamps ᾱ(t) to this range before taking the logit.
+const VAR_RANGE: (f32, f32) = (1e-4, 0.9999);
+/// Guards the rescale's division (`std(p) + 1e-9`).
+const STD_EPS: f32 = 1e-9;
+
+/// v₀ = cos(s/(1+s)·π/2)², which normalizes ᾱ(0) to 1.
+fn min_var() -> f32 {
+    let s = COSINE_S;
+    let c = accurate(f64::cos, s / (1.0 + s) * PI * 0.5);
+    c * c
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + accurate(f64::exp, -x))
+}
+
+/// logSNR(t) before the clamp to the limits.
+fn unclamped_logsnr(t: f32) -> f32 {
+    let s = COSINE_S;
+    let c = accurate(f64::cos, (s + t) / (1.0 + s) * PI * 0.5).clamp(0.0, 1.0);
+    let var = (c * c / min_var()).clamp(VAR_RANGE.0, VAR_RANGE.1);
+    accurate(f64::ln, var / (1.0 - var))
+}
+
+/// The schedule's limits [logSNR(1), logSNR(0)] ≈ [−9.210240, 9.210074]: every logSNR is
+/// clamped to them.
+pub fn logsnr_limits() -> (f32, f32) {
+    (unclamped_logsnr(1.0), unclamped_logsnr(0.0))
+}
+
+/// The cosine schedule: t (clamped to [0, 1]) → logSNR (clamped to [`logsnr_limits`]).
+pub fn logsnr(t: f32) -> f32 {
+    let (lo, hi) = logsnr_limits();
+    unclamped_logsnr(t.clamp(0.0, 1.0)).clamp(lo, hi)
+}
+
+/// The cosine-t noise condition: the `r` fed to the models for a logSNR. It inverts the
+/// schedule where ᾱ was not clamped (so r(logSNR(1)) = 0.993583, not 1). Clamped to [0, 1]
+/// like the official `BaseNoiseCond` (the cases README omits this clamp; it only catches
+/// rounding).
+pub fn noise_cond(logsnr: f32) -> f32 {
+    let s = COSINE_S;
+    let var = sigmoid(logsnr).clamp(0.0, 1.0);
+    let t = accurate(f64::acos, (var * min_var()).sqrt()) / FRAC_PI_2 * (1.0 + s) - s;
+    t.clamp(0.0, 1.0)
+}
+
+/// The VP scalers (a, b) = (√σ(logSNR), √(1 − σ(logSNR))): x_t = a·x0 + b·ε.
+pub fn scalers(logsnr: f32) -> (f32, f32) {
+    let a2 = sigmoid(logsnr);
+    (a2.sqrt(), (1.0 - a2).sqrt())
+}
+
+/// The DDPM noise level σ = √(b′²/b²)·√(1 − a²/a′²) of a step from (a, b) to (a′, b′). NaN
+/// when the step goes towards more noise (a > a′).
+pub fn ddpm_sigma(a: f32, b: f32, a_prev: f32, b_prev: f32) -> f32 {
+    (b_prev * b_prev / (b * b)).sqrt() * (1.0 - a * a / (a_prev * a_prev)).sqrt()
+}
+
+/// The sampler's time grid: `torch.linspace(1, 0, n + 1)` in f32 (t_start 1, t_end 0, no
+/// shift). Step k evaluates the model at t_k and moves to t_{k+1}.
+pub fn timesteps(n: usize) -> Vec<f32> {
+    linspace(1.0, 0.0, n + 1)
+}
+
+/// The per-row coefficients of one sampler step from t to t_prev: the scalers at both ends
+/// and the noise level σ. One row of [`DdpmStep`]'s `coef` input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepCoefficients {
+    pub a: f32,
+    pub b: f32,
+    pub a_prev: f32,
+    pub b_prev: f32,
+    pub sigma: f32,
+}
+
+impl StepCoefficients {
+    fn deterministic(t: f32, t_prev: f32) -> Self {
+        let (a, b) = scalers(logsnr(t));
+        let (a_prev, b_prev) = scalers(logsnr(t_prev));
+        StepCoefficients {
+            a,
+            b,
+            a_prev,
+            b_prev,
+            sigma: 0.0,
+        }
+    }
+
+    /// The DDPM step (DDIM with η = 1) the pipelines use. t_prev must not exceed t.
+    pub fn ddpm(t: f32, t_prev: f32) -> Result<Self> {
+        let c = Self::deterministic(t, t_prev);
+        let sigma = ddpm_sigma(c.a, c.b, c.a_prev, c.b_prev);
+        if !sigma.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "DDPM step from t = {t} to t_prev = {t_prev}: t_prev must not be later than t"
+            )));
+        }
+        Ok(StepCoefficients { sigma, ..c })
+    }
+
+    /// The deterministic DDIM step (η = 0, σ = 0).
+    pub fn ddim(t: f32, t_prev: f32) -> Self {
+        Self::deterministic(t, t_prev)
+    }
+
+    /// (a, b, a′, b′, σ): the layout of a `coef` row.
+    pub fn row(&self) -> [f32; 5] {
+        [self.a, self.b, self.a_prev, self.b_prev, self.sigma]
+    }
+}
+
+/// `torch.lerp(start, end, w)` on the CPU: fused multiply-add, from the nearer end.
+fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    let diff = end - start;
+    if w.abs() < 0.5 {
+        w.mul_add(diff, start)
+    } else {
+        (w - 1.0).mul_add(diff, end)
+    }
+}
+
+/// Unbiased (N − 1) standard deviation, two-pass in f64.
+fn std_unbiased(v: &[f32]) -> f32 {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let ss = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
+    (ss / (n - 1.0)).sqrt() as f32
+}
+
+/// Classifier-free guidance with std rescaling. Input `pred [2B, …]`: the conditional rows,
+/// then the unconditional ones. Output f32 `[B, …]`:
+/// p = lerp(u, c, cfg) = u + cfg·(c − u), then if rho > 0:
+/// rho·(p·std(c)/(std(p) + 1e-9)) + (1 − rho)·p, with the unbiased std over the whole
+/// half-batch (`per_sample = false`: the official semantics, which couples the samples) or
+/// over each sample's elements (`per_sample = true`: B = 1 semantics for every sample).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CfgCombine {
+    pub cfg: f32,
+    pub rho: f32,
+    pub per_sample: bool,
+}
+
+impl CfgCombine {
+    /// (B, elements per sample).
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<(usize, usize)> {
+        let op = self.name();
+        let [pred] = inputs_n(op, ins)?;
+        let shape = pred.shape();
+        if !self.cfg.is_finite() || !self.rho.is_finite() || self.rho < 0.0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "cfg must be finite and rho finite and ≥ 0, got cfg {} rho {}",
+                    self.cfg, self.rho
+                ),
+            ));
+        }
+        let per: usize = shape.iter().skip(1).product();
+        let rows = shape.first().copied().unwrap_or(0);
+        if rows == 0 || rows % 2 != 0 || per == 0 {
+            return Err(Error::shape(
+                op,
+                format!("pred must be a non-empty [2B, …] (cond rows, then uncond), got {shape:?}"),
+            ));
+        }
+        let b = rows / 2;
+        let group = if self.per_sample { per } else { b * per };
+        if self.rho > 0.0 && group < 2 {
+            return Err(Error::shape(
+                op,
+                format!("the rescale's unbiased std needs at least 2 elements, got {group}"),
+            ));
+        }
+        Ok((b, per))
+    }
+}
+
+impl OpImpl for CfgCombine {
+    fn name(&self) -> &'static str {
+        "cfg_combine"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let (b, _) = self.dims(inputs)?;
+        let mut shape = inputs[0].shape.clone();
+        shape[0] = b;
+        Ok(vec![(shape, DType::F32)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (b, per) = self.dims(inputs)?;
+        let (cond, uncond) = inputs[0].data.split_at(b * per);
+        let out = &mut outputs[0].data;
+        for ((o, &c), &u) in out.iter_mut().zip(cond).zip(uncond) {
+            *o = lerp(u, c, self.cfg);
+        }
+        if self.rho > 0.0 {
+            let group = if self.per_sample { per } else { b * per };
+            // (1 − rho) is a Python double in the official code, rounded to f32 by torch.
+            let keep = (1.0 - self.rho as f64) as f32;
+            for (p, c) in out.chunks_mut(group).zip(cond.chunks(group)) {
+                let (std_c, std_p) = (std_unbiased(c), std_unbiased(p) + STD_EPS);
+                for v in p {
+                    *v = self.rho * (*v * std_c / std_p) + *v * keep;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+/// One sampler step per batch row. Inputs `x`, `eps` (the guided prediction), `noise`, all
+/// `[B, …]`, and f32 `coef [B, 5]` = (a, b, a′, b′, σ) per row ([`StepCoefficients::row`]).
+/// Outputs f32: `x0 = (x − b·eps)/a` and `x_next = a′·x0 + √(b′² − σ²)·eps + σ·noise`
+/// (σ = 0 makes it the DDIM step).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DdpmStep;
+
+impl DdpmStep {
+    /// (B, elements per sample).
+    fn dims<T: Shaped>(&self, ins: &[&T]) -> Result<(usize, usize)> {
+        let op = self.name();
+        let [x, eps, noise, coef] = inputs_n(op, ins)?;
+        let shape = x.shape();
+        let b = shape.first().copied().unwrap_or(0);
+        let per: usize = shape.iter().skip(1).product();
+        if b == 0 || per == 0 {
+            return Err(Error::shape(
+                op,
+                format!("x must be a non-empty [B, …], got {shape:?}"),
+            ));
+        }
+        for (what, t) in [("eps", eps), ("noise", noise)] {
+            if t.shape() != shape {
+                return Err(Error::shape(
+                    op,
+                    format!("{what} must have x's shape {shape:?}, got {:?}", t.shape()),
+                ));
+            }
+        }
+        if coef.shape() != [b, 5] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "coef must be [{b}, 5] (a, b, a′, b′, σ per row), got {:?}",
+                    coef.shape()
+                ),
+            ));
+        }
+        Ok((b, per))
+    }
+}
+
+impl OpImpl for DdpmStep {
+    fn name(&self) -> &'static str {
+        "ddpm_step"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        self.dims(inputs)?;
+        require_f32(self.name(), "coef", inputs[3])?;
+        let shape = inputs[0].shape.clone();
+        Ok(vec![(shape.clone(), DType::F32), (shape, DType::F32)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (_, per) = self.dims(inputs)?;
+        let [x, eps, noise, coef] = [0, 1, 2, 3].map(|i| inputs[i].data.as_slice());
+        let [x0_out, next_out] = outputs else {
+            return Err(Error::shape(self.name(), "expects two output buffers"));
+        };
+        let rows = x0_out
+            .data
+            .chunks_exact_mut(per)
+            .zip(next_out.data.chunks_exact_mut(per))
+            .zip(coef.chunks_exact(5));
+        for (row, ((x0r, nextr), c)) in rows.enumerate() {
+            let (a, b, a_prev, b_prev, sigma) = (c[0], c[1], c[2], c[3], c[4]);
+            let eps_scale = (b_prev * b_prev - sigma * sigma).sqrt();
+            let at = |t: &[f32], i: usize| t[row * per + i];
+            for (i, (x0, next)) in x0r.iter_mut().zip(nextr.iter_mut()).enumerate() {
+                let e = at(eps, i);
+                *x0 = (at(x, i) - e * b) / a;
+                *next = a_prev * *x0 + eps_scale * e + sigma * at(noise, i);
+            }
+        }
+        Ok(())
+    }
+
+    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
+        Err(no_kernel(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::embed::test_data;
+    use crate::ops::test_support::{desc, run};
+
+    fn close(got: f32, want: f64, tol: f64) -> bool {
+        (got as f64 - want).abs() <= tol
+    }
+
+    /// Runs [`DdpmStep`]'s reference; returns (x0, x_next).
+    fn step(
+        x: &HostTensor,
+        eps: &HostTensor,
+        noise: &HostTensor,
+        coef: &HostTensor,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let ins = [x, eps, noise, coef];
+        let descs: Vec<_> = ins.iter().map(|t| desc(&t.shape, DType::F32)).collect();
+        let specs = DdpmStep.infer(&descs.iter().collect::<Vec<_>>()).unwrap();
+        let mut outs: Vec<_> = specs
+            .iter()
+            .map(|(s, _)| HostTensor::full(s, f32::NAN))
+            .collect();
+        DdpmStep.reference(&ins, &mut outs).unwrap();
+        let next = outs.pop().unwrap().data;
+        (outs.pop().unwrap().data, next)
+    }
+
+    fn coef_rows(r: &[f32], r_prev: &[f32], ddpm: bool) -> HostTensor {
+        let data = r
+            .iter()
+            .zip(r_prev)
+            .flat_map(|(&t, &tp)| {
+                let c = if ddpm {
+                    StepCoefficients::ddpm(t, tp).unwrap()
+                } else {
+                    StepCoefficients::ddim(t, tp)
+                };
+                c.row()
+            })
+            .collect();
+        HostTensor::new(vec![r.len(), 5], data)
+    }
+
+    #[test]
+    fn matches_the_sampler_step_case() {
+        let Some((t, meta)) = test_data::load("sampler_step") else {
+            return;
+        };
+        let (lo, hi) = logsnr_limits();
+        let limits: Vec<f32> = serde_json::from_str(&meta["schedule_limits"]).unwrap();
+        assert_eq!(vec![lo, hi], limits, "schedule limits");
+
+        let (r, r_prev) = (&t["input.r"].data, &t["input.r_prev"].data);
+        let range = &t["input.r_range_20"].data;
+        assert_eq!(
+            &timesteps(20),
+            range,
+            "the time grid is torch.linspace bit for bit"
+        );
+        let map = |v: &[f32], f: fn(f32) -> f32| v.iter().map(|&x| f(x)).collect::<Vec<f32>>();
+        let nc = |t: f32| noise_cond(logsnr(t));
+        let (x, pred, noise) = (&t["input.x"], &t["input.pred"], &t["input.noise"]);
+        let (x0, x_next) = step(x, pred, noise, &coef_rows(r, r_prev, true));
+        let (_, x_ddim) = step(x, pred, noise, &coef_rows(r, r_prev, false));
+        let computed: Vec<(&str, Vec<f32>)> = vec![
+            ("logSNR", map(r, logsnr)),
+            ("logSNR_prev", map(r_prev, logsnr)),
+            ("noise_cond", map(r, nc)),
+            ("a", map(r, |t| scalers(logsnr(t)).0)),
+            ("b", map(r, |t| scalers(logsnr(t)).1)),
+            ("logSNR_range_20", map(range, logsnr)),
+            ("noise_cond_range_20", map(range, nc)),
+            ("x0", x0),
+            ("epsilon", pred.data.clone()),
+            ("x_next", x_next),
+            ("x_next_ddim", x_ddim),
+        ];
+        for (name, got) in computed {
+            let (err, limit) =
+                test_data::error(&got, &t[&format!("output.{name}")].data, 1e-4, 1e-4);
+            eprintln!("sampler_step {name}: max err {err:.3e} (limit {limit:.3e})");
+            assert!(err <= limit, "{name}");
+        }
+    }
+
+    #[test]
+    fn matches_the_spec_table() {
+        // Spec §4.6, T = 20: (row, logSNR, a, b, r fed to the model).
+        let rows: [(usize, f64, f64, f64, f64); 5] = [
+            (0, -9.210240, 0.010000, 0.999950, 0.993583),
+            (1, -5.100027, 0.077844, 0.996966, 0.95),
+            (10, -0.024627, 0.702740, 0.711447, 0.50),
+            (19, 4.821204, 0.995996, 0.089402, 0.05),
+            (20, 9.210074, 0.999950, 0.010001, 0.002257),
+        ];
+        let t = timesteps(20);
+        for (i, l, a, b, r) in rows {
+            let ls = logsnr(t[i]);
+            let (ga, gb) = scalers(ls);
+            assert!(close(ls, l, 2e-6), "row {i}: logSNR {ls} vs {l}");
+            assert!(close(ga, a, 2e-6) && close(gb, b, 2e-6), "row {i}: a, b");
+            assert!(close(noise_cond(ls), r, 2e-6), "row {i}: r");
+        }
+    }
+
+    #[test]
+    fn ddpm_step_refuses_to_go_backwards() {
+        assert!(StepCoefficients::ddpm(0.5, 0.6).is_err());
+        let c = StepCoefficients::ddpm(0.5, 0.5).unwrap();
+        assert_eq!(c.sigma, 0.0);
+        assert_eq!(StepCoefficients::ddim(1.0, 0.95).sigma, 0.0);
+    }
+
+    #[test]
+    fn matches_the_cfg_combine_case() {
+        let Some((t, _)) = test_data::load("cfg_combine") else {
+            return;
+        };
+        let (c, u) = (&t["input.pred_cond"], &t["input.pred_uncond"]);
+        let mut shape = c.shape.clone();
+        shape[0] *= 2;
+        let pred = HostTensor::new(shape, [c.data.as_slice(), &u.data].concat());
+        let mut n = 0;
+        for (name, want) in &t {
+            // Outputs are named pred_cfg{cfg}_rho{rho}.
+            let Some(params) = name.strip_prefix("output.pred_cfg") else {
+                continue;
+            };
+            let (cfg, rho) = params.split_once("_rho").unwrap();
+            let op = CfgCombine {
+                cfg: cfg.parse().unwrap(),
+                rho: rho.parse().unwrap(),
+                per_sample: false,
+            };
+            let got = run(&op, &[&pred]).unwrap();
+            assert_eq!(got.shape, want.shape);
+            let (err, limit) = test_data::error(&got.data, &want.data, 1e-5, 1e-5);
+            eprintln!("cfg_combine {name}: max err {err:.3e} (limit {limit:.3e})");
+            assert!(err <= limit, "{name}");
+            n += 1;
+        }
+        assert!(n > 0, "no pred_cfg outputs in the case file");
+    }
+
+    #[test]
+    fn per_sample_rescale_treats_each_sample_alone() {
+        let mut b = crate::verify::CheckBuilder::new(7);
+        let (per, bs) = (3 * 5 * 2, 2);
+        let cond = b.values(bs * per, 2.0, DType::F32);
+        let uncond = b.values(bs * per, 1.0, DType::F32);
+        let op = CfgCombine {
+            cfg: 4.0,
+            rho: 0.7,
+            per_sample: true,
+        };
+        let both = HostTensor::new(vec![2 * bs, 3, 5, 2], [cond.as_slice(), &uncond].concat());
+        let joint = run(&op, &[&both]).unwrap();
+        for s in 0..bs {
+            let rows = |v: &[f32]| v[s * per..][..per].to_vec();
+            let one = HostTensor::new(vec![2, 3, 5, 2], [rows(&cond), rows(&uncond)].concat());
+            let whole = CfgCombine {
+                per_sample: false,
+                ..op.clone()
+            };
+            assert_eq!(run(&whole, &[&one]).unwrap().data, rows(&joint.data));
+        }
+        // Batch-wide statistics differ from per-sample ones.
+        let coupled = CfgCombine {
+            per_sample: false,
+            ..op.clone()
+        };
+        assert_ne!(run(&coupled, &[&both]).unwrap().data, joint.data);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let p = |s: &[usize]| HostTensor::zeros(s);
+        let cfg = |rho: f32, per_sample| CfgCombine {
+            cfg: 4.0,
+            rho,
+            per_sample,
+        };
+        assert!(run(&cfg(0.7, false), &[&p(&[3, 4])]).is_err(), "odd batch");
+        assert!(run(&cfg(0.7, false), &[&p(&[0, 4])]).is_err(), "empty");
+        assert!(
+            run(&cfg(0.7, false), &[&p(&[2])]).is_err(),
+            "one element per half"
+        );
+        assert!(
+            run(&cfg(0.7, true), &[&p(&[4, 1])]).is_err(),
+            "one element per sample"
+        );
+        assert!(
+            run(&cfg(0.0, true), &[&p(&[4, 1])]).is_ok(),
+            "no rescale, no std"
+        );
+        assert!(
+            run(&cfg(-0.1, false), &[&p(&[2, 4])]).is_err(),
+            "negative rho"
+        );
+        assert!(
+            run(&cfg(f32::NAN, false), &[&p(&[2, 4])]).is_err(),
+            "NaN rho"
+        );
+        assert!(
+            run(&cfg(0.7, false), &[&p(&[2, 4]), &p(&[2, 4])]).is_err(),
+            "arity"
+        );
+
+        let x = p(&[2, 3]);
+        let infer = |ins: &[&HostTensor], coef_dtype: DType| {
+            let mut d: Vec<_> = ins.iter().map(|t| desc(&t.shape, DType::F32)).collect();
+            if let Some(last) = d.last_mut() {
+                last.dtype = coef_dtype;
+            }
+            DdpmStep.infer(&d.iter().collect::<Vec<_>>())
+        };
+        assert!(infer(&[&x, &x, &x, &p(&[2, 5])], DType::F32).is_ok());
+        assert!(
+            infer(&[&x, &x, &x, &p(&[2, 5])], DType::BF16).is_err(),
+            "bf16 coef"
+        );
+        assert!(
+            infer(&[&x, &x, &x, &p(&[2, 4])], DType::F32).is_err(),
+            "coef width"
+        );
+        assert!(
+            infer(&[&x, &p(&[2, 4]), &x, &p(&[2, 5])], DType::F32).is_err(),
+            "eps shape"
+        );
+        assert!(
+            infer(&[&x, &x, &p(&[1, 3]), &p(&[2, 5])], DType::F32).is_err(),
+            "noise shape"
+        );
+        assert!(infer(&[&x, &x, &x], DType::F32).is_err(), "arity");
+        let mut outs = vec![HostTensor::zeros(&[2, 3])];
+        let c = p(&[2, 5]);
+        assert!(
+            DdpmStep.reference(&[&x, &x, &x, &c], &mut outs).is_err(),
+            "one output buffer"
+        );
+    }
+}

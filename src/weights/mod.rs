@@ -1,0 +1,1 @@
+//! Weight files: safetensors through mmap, the torch-zip converter, name maps.

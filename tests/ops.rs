@@ -1,0 +1,111 @@
+//! Every op's kernels on the host emulator against the op's f32 CPU reference, on fresh
+//! random inputs (odd shapes included) with outputs poisoned beforehand. Run in both
+//! emulator thread orders (`HOSTSIM_REVERSE=1`). Plus: every kernel is exercised by some
+//! check, and ptxas reports no spills.
+
+use std::collections::BTreeSet;
+use ultrapixel::runtime::device::dry_launches;
+use ultrapixel::runtime::kernels::{KernelId, CUDA_ARCHS, KERNELS_COMPILED, PTXAS};
+use ultrapixel::runtime::{Backend, BackendKind};
+use ultrapixel::verify::{self, OpCheck, Scale};
+
+fn seed() -> u64 {
+    let s = std::env::var("UPX_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {s} (rerun with UPX_TEST_SEED={s})");
+    s
+}
+
+fn run_all(checks: Vec<OpCheck>) {
+    let backend = Backend::open(BackendKind::Hostsim).unwrap();
+    let mut failures = Vec::new();
+    for c in &checks {
+        match verify::run_check(c, &backend) {
+            Ok(results) => failures.extend(results.iter().filter(|r| !r.passed()).map(|r| {
+                format!(
+                    "{} {}: max_err {:.3e} > limit {:.3e} (non-finite {})",
+                    r.check, r.output, r.max_err, r.limit, r.non_finite
+                )
+            })),
+            Err(e) => failures.push(format!("{}: {e}", c.name)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} checks failed:\n{}",
+        failures.len(),
+        checks.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn layernorm_matches_reference() {
+    run_all(ultrapixel::ops::norm::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    run_all(ultrapixel::ops::elementwise::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
+fn gemm_matches_reference() {
+    run_all(ultrapixel::ops::gemm::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
+fn every_kernel_is_exercised_by_a_check() {
+    let mut used = BTreeSet::new();
+    for scale in [Scale::Emulator, Scale::Gpu] {
+        for c in verify::all_checks(1, scale).unwrap() {
+            used.extend(
+                dry_launches(&c.graph)
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| l.kernel),
+            );
+        }
+    }
+    let unused: Vec<&str> = KernelId::ALL
+        .iter()
+        .filter(|k| !used.contains(k) && !k.name().starts_with("selftest_"))
+        .map(|k| k.name())
+        .collect();
+    assert!(unused.is_empty(), "kernels no check launches: {unused:?}");
+}
+
+#[test]
+fn ptxas_reports_every_kernel_without_spills() {
+    if !KERNELS_COMPILED {
+        assert!(
+            std::env::var("UPX_REQUIRE_NVCC").as_deref() != Ok("1"),
+            "UPX_REQUIRE_NVCC=1 but the kernels were not compiled"
+        );
+        eprintln!("skipped: built without nvcc, no ptxas report");
+        return;
+    }
+    for k in KernelId::ALL {
+        for arch in CUDA_ARCHS {
+            let e = PTXAS
+                .iter()
+                .find(|e| e.kernel == k.name() && e.arch == *arch)
+                .unwrap_or_else(|| panic!("no ptxas entry for {} on {arch}", k.name()));
+            assert_eq!(
+                e.spill_stores + e.spill_loads,
+                0,
+                "{} spills on {arch}",
+                k.name()
+            );
+            assert_eq!(e.stack_bytes, 0, "{} uses local memory on {arch}", k.name());
+            assert!(
+                e.registers <= 255,
+                "{} uses {} registers on {arch}",
+                k.name(),
+                e.registers
+            );
+        }
+    }
+}

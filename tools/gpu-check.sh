@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine. Runs, from a release binary built elsewhere and carried
+# over: `info`, `verify` with UPX_REQUIRE_GPU=1 (GPU checks fail instead of skipping), the
+# golden cases on the cuda backend (when the binary has `validate`), and `bench`; logs go to
+# $OUT (or ./gpu-check-out) and a short table is printed last.
+#
+#   tools/gpu-check.sh [BINARY]     (default: target/release/ultrapixel)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/release/ultrapixel}
+out=${OUT:-gpu-check-out}
+mkdir -p "$out"
+export UPX_REQUIRE_GPU=1
+[ -x "$bin" ] || { echo "error: $bin not found or not executable; build with cargo build --release" >&2; exit 2; }
+
+summary=()
+run() {
+    local name=$1
+    shift
+    printf '\n== %s: %s\n' "$name" "$*"
+    local start=$SECONDS
+    "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    summary+=("$(printf '%-10s exit %-3s %5ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(grep -E 'passed|failed' "$out/$name.log" | tail -n 1)")")
+}
+
+run info "$bin" info
+run verify "$bin" verify
+if "$bin" validate --help >/dev/null 2>&1; then
+    mapfile -t cases < <(ls tests/cases/*.safetensors 2>/dev/null)
+    if [ ${#cases[@]} -gt 0 ]; then
+        run cases "$bin" validate --backend cuda "${cases[@]}"
+    fi
+fi
+run bench "$bin" bench
+
+printf '\n== summary (%s, %s)\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command (README, CI): installs the pinned nvcc if needed, compiles every kernel for
+# every architecture with strict ptxas (no spills, no local memory), checks formatting and
+# lints, and runs the whole test suite, the emulator tests in both thread orders.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NVCC=$(tools/install-cuda-toolchain.sh)
+export NVCC UPX_REQUIRE_NVCC=1 UPX_STRICT_PTXAS=1
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "build (every kernel, strict ptxas)"
+cargo build --all-targets --locked
+
+step "clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "tests (emulator threads in forward order)"
+cargo test --locked
+
+step "emulator tests in reverse thread order"
+HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim
+
+step "all tests passed"
