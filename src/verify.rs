@@ -82,6 +82,19 @@ impl CheckBuilder {
         Ok(id)
     }
 
+    /// An f32 key mask: 0 (masked) with probability `p_masked`, 1 otherwise; the first entry
+    /// along the last axis always 1, as CLIP's BOS token is always visible.
+    pub fn mask(&mut self, shape: &[usize], p_masked: f32) -> Result<TensorId> {
+        let name = format!("in{}", self.inputs.len());
+        let id = self.graph.input(&name, shape, DType::F32)?;
+        let last = *shape.last().unwrap_or(&1);
+        let v = (0..id_numel(shape))
+            .map(|i| (i % last == 0 || self.rng.random::<f32>() >= p_masked) as u8 as f32)
+            .collect();
+        self.inputs.push((id, v));
+        Ok(id)
+    }
+
     pub fn weight(&mut self, shape: &[usize], dtype: DType, scale: f32) -> Result<TensorId> {
         let name = format!("w{}", self.weights.len());
         let id = self.graph.weight(&name, shape, dtype)?;
@@ -188,5 +201,6 @@ pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     let mut v = crate::ops::norm::checks(seed, scale)?;
     v.extend(crate::ops::elementwise::checks(seed ^ 0x1, scale)?);
     v.extend(crate::ops::gemm::checks(seed ^ 0x2, scale)?);
+    v.extend(crate::ops::attention::checks(seed ^ 0x3, scale)?);
     Ok(v)
 }

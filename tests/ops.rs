@@ -57,6 +57,11 @@ fn gemm_matches_reference() {
 }
 
 #[test]
+fn attention_matches_reference() {
+    run_all(ultrapixel::ops::attention::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     for scale in [Scale::Emulator, Scale::Gpu] {

@@ -4,12 +4,15 @@
 //! output projection (where there is one) is a GEMM after it.
 //!
 //! Per head h (channels [h·d, (h+1)·d), d = C/heads): softmax(q·kᵀ/√d + masks)·v, the heads
-//! concatenated. The kernels will run it flash-style (online softmax, no N² buffer).
+//! concatenated. `kernels/attention.cu` runs it flash-style (online softmax, no N² buffer).
 
-use super::{no_kernel, require_f32, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::{require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
+use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::Launch;
+use crate::runtime::launch::{ceil_div, Args};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -212,9 +215,109 @@ impl OpImpl for Attention {
         Cost { flops, bytes }
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let d = self.dims(&descs)?;
+        let op = self.name();
+        if !matches!(d.head_dim, 32 | 64) {
+            return Err(Error::shape(
+                op,
+                format!("no kernel for head dim {} (32 and 64 exist)", d.head_dim),
+            ));
+        }
+        let operands = &descs[..1 + self.extra_kv as usize];
+        if let Some(t) = operands.iter().find(|t| t.dtype != DType::BF16) {
+            return Err(Error::shape(
+                op,
+                format!("the kernel reads bf16 q/k/v, {} is {:?}", t.name, t.dtype),
+            ));
+        }
+        let ptr_of = |present: bool, i: usize| if present { io.inputs[i].ptr } else { 0 };
+        let args = Args::new()
+            .ptr(io.inputs[0].ptr)
+            .ptr(ptr_of(self.extra_kv, 1))
+            .ptr(ptr_of(self.key_mask, io.inputs.len() - 1))
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "N", d.queries)?)
+            .i32(to_i32(op, "M", d.extra)?)
+            .i32(to_i32(op, "C", d.channels)?)
+            .i32(self.causal as i32)
+            .f32(1.0 / (d.head_dim as f32).sqrt());
+        let name = format!("attention_d{}_{}", d.head_dim, self.out.suffix());
+        let grid_y = to_i32(op, "heads", self.heads)?;
+        let grid_z = to_i32(op, "batch", d.batch)?;
+        if grid_y > 65535 || grid_z > 65535 {
+            return Err(Error::shape(op, "heads and batch must each be below 65536"));
+        }
+        Ok(vec![Launch {
+            kernel: KernelId::lookup(&name)?,
+            grid: [
+                to_i32(op, "query tiles", ceil_div(d.queries, QUERY_TILE))? as u32,
+                grid_y as u32,
+                grid_z as u32,
+            ],
+            block: [128, 1, 1],
+            smem: smem_bytes(d.head_dim),
+            args,
+        }])
     }
+}
+
+/// Queries per block (`attn::BQ`); keys per tile are the same.
+const QUERY_TILE: usize = 64;
+
+/// The Q tile plus double-buffered K and V tiles, rows padded by 8 elements.
+fn smem_bytes(head_dim: usize) -> u32 {
+    (5 * QUERY_TILE * (head_dim + 8) * 2) as u32
+}
+
+/// Hostsim/GPU checks: both head dims, both outputs, masks and extra keys, sequence lengths
+/// that are not multiples of the tile.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    // (batch, queries, extra keys, heads, head dim, causal, key mask)
+    let mut cases = vec![
+        (1, 1, 0, 1, 64, false, false),
+        (2, 37, 5, 2, 64, false, false),
+        (1, 70, 0, 3, 32, true, true),
+        (2, 65, 13, 1, 32, false, true),
+        (1, 130, 85, 2, 64, false, false),
+        (2, 77, 0, 2, 64, true, true),
+    ];
+    if scale == Scale::Gpu {
+        cases.extend([
+            (2, 2304, 85, 32, 64, false, false),
+            (1, 4096, 0, 8, 32, false, false),
+        ]);
+    }
+    let mut v = Vec::new();
+    for (i, &(batch, n, m, heads, d, causal, key_mask)) in cases.iter().enumerate() {
+        for out in [DType::BF16, DType::F32] {
+            let mut b =
+                CheckBuilder::new(seed.wrapping_add(i as u64 * 2 + (out == DType::F32) as u64));
+            let c = heads * d;
+            let mut ins = vec![b.input(&[batch, n, 3 * c], DType::BF16, 2.0)?];
+            if m > 0 {
+                ins.push(b.input(&[batch, m, 2 * c], DType::BF16, 2.0)?);
+            }
+            if key_mask {
+                ins.push(b.mask(&[batch, n + m], 0.3)?);
+            }
+            let op = Attention {
+                heads,
+                causal,
+                extra_kv: m > 0,
+                key_mask,
+                out,
+            };
+            let y = b.graph.op1(op, &ins)?;
+            v.push(b.finish(
+                format!("attention b{batch} n{n} m{m} h{heads}x{d} causal={causal} mask={key_mask} ->{out:?}"),
+                &[y],
+                Tolerance::BF16_OUT,
+            )?);
+        }
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

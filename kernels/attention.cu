@@ -1,0 +1,207 @@
+// Flash attention over packed projections (ops/attention.rs).
+//
+// Math: per sample b, head h, query i: O[i] = Σ_j softmax_j(q_i·k_j·scale + mask)·v_j over the
+//   keys j ∈ [0, N + M): the N own tokens, then the M extra tokens (Stable Cascade's mapped
+//   CLIP tokens) — two sources, no concatenated copy. Masks: causal (j > i) and a per-key f32
+//   mask (0 = masked). Online softmax in f32 (running max and sum per row, base-2 exponent);
+//   P is rounded to bf16 for the P·V product (f32 accumulation). A query with every key masked
+//   gets zeros.
+// Layout: qkv bf16 [B, N, 3C] (rows q | k | v, head h at channels [h·D, (h+1)·D) of each part),
+//   kv bf16 [B, M, 2C] (rows k | v) or null, mask f32 [B, N + M] or null, O [B, N, C] in the
+//   output type. C = heads·D.
+// Launch: grid (ceil(N / 64), heads, B), 128 threads = 4 warps, each warp 16 query rows; K/V
+//   tiles of 64 keys double-buffered through cp.async; dynamic shared memory
+//   (64 + 4·64)·(D + 8)·2 bytes (46,080 for D = 64). Q·Kᵀ and P·V on mma.sync m16n8k16 with
+//   ldmatrix (.trans for V).
+// Limits: D ∈ {32, 64} (one kernel each); C % 8 == 0 (16-byte rows); N, M < 2^31 / 3C.
+// Names: attention_d<D>_<out>.
+#include "common/portable.cuh"
+#include "common/convert.cuh"
+#include "common/mma.cuh"
+
+namespace attn {
+constexpr int BQ = 64, BKV = 64, THREADS = 128;
+constexpr float LOG2E = 1.4426950408889634f;
+
+template <int D, typename TO>
+__device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ kv,
+                                     const float* __restrict__ mask, TO* __restrict__ out, int N, int M, int C,
+                                     int causal, float scale) {
+    constexpr int LD = D + 8;       // padded row pitch: ldmatrix rows land on distinct banks
+    constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
+    constexpr int KSTEPS = D / 16;  // k-steps of Q·Kᵀ
+    constexpr int DTILES = D / 8;   // n-tiles of the output
+    __nv_bfloat16* Qs = dynamic_smem<__nv_bfloat16>();  // [BQ][LD]
+    __nv_bfloat16* Ks = Qs + BQ * LD;                   // [2][BKV][LD]
+    __nv_bfloat16* Vs = Ks + 2 * BKV * LD;              // [2][BKV][LD]
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * BQ;
+    const int keys = N + M;
+    const long long C3 = 3LL * C, C2 = 2LL * C;
+    const __nv_bfloat16* qkv_b = qkv + (long long)b * N * C3;
+    const __nv_bfloat16* kv_b = kv ? kv + (long long)b * M * C2 : nullptr;
+
+    // Q tile: rows past N are zero-filled.
+    for (int c = tid; c < BQ * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS, ch = (c % CHUNKS) * 8;
+        const bool ok = q0 + r < N;
+        cp_async_16_zfill(Qs + r * LD + ch, ok ? qkv_b + (q0 + r) * C3 + h * D + ch : qkv, ok);
+    }
+    // One K/V tile: key j from the own tokens (j < N) or the extra ones; past the end: zeros.
+    auto load_kv = [&](int stage, int tile) {
+        for (int c = tid; c < BKV * CHUNKS; c += THREADS) {
+            const int r = c / CHUNKS, ch = (c % CHUNKS) * 8, j = tile * BKV + r;
+            const __nv_bfloat16* k_src = qkv;
+            long long v_off = 0;
+            const bool ok = j < keys;
+            if (j < N) {
+                k_src = qkv_b + j * C3 + C + h * D + ch;
+                v_off = C;
+            } else if (ok) {
+                k_src = kv_b + (long long)(j - N) * C2 + h * D + ch;
+                v_off = C;
+            }
+            cp_async_16_zfill(Ks + (stage * BKV + r) * LD + ch, k_src, ok);
+            cp_async_16_zfill(Vs + (stage * BKV + r) * LD + ch, ok ? k_src + v_off : qkv, ok);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    // Causal: keys past the block's last query are never visible.
+    const int last_key = causal ? min(keys, q0 + BQ) : keys;
+    const int tiles = (last_key + BKV - 1) / BKV;
+    const float sl2 = scale * LOG2E;
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // this lane's two query rows
+
+    uint32_t qf[KSTEPS][4];
+    float o[DTILES][4];
+    for (int i = 0; i < DTILES; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        if (tile + 1 < tiles) load_kv((tile + 1) & 1, tile + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (tile == 0) {
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks)
+                ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+        }
+        const __nv_bfloat16* k_s = Ks + (tile & 1) * BKV * LD;
+        const __nv_bfloat16* v_s = Vs + (tile & 1) * BKV * LD;
+
+        // S = Q·Kᵀ for 16 rows × 64 keys: 8 n-tiles.
+        float s[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks)
+#pragma unroll
+            for (int nt = 0; nt < 8; nt += 2) {
+                uint32_t r[4];
+                ldmatrix_x4(r, k_s + (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_bf16_16816(s[nt], qf[ks], b0, s[nt]);
+                mma_bf16_16816(s[nt + 1], qf[ks], b1, s[nt + 1]);
+            }
+
+        // Scale, mask, online softmax. Lane holds rows row0 (e = 0, 1) and row1 (e = 2, 3);
+        // a row's 64 scores are spread over the 4 lanes of a quad.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = tile * BKV + nt * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? row0 : row1;
+                bool visible = j < keys && !(causal && j > row);
+                if (visible && mask) visible = mask[(long long)b * keys + j] != 0.f;
+                s[nt][e] = visible ? s[nt][e] * sl2 : -INFINITY;
+                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+            const float m_new = fmaxf(m_run[r], tile_max[r]);
+            // All keys so far masked: keep the base finite so exp2 gives 0, not NaN.
+            const float base = m_new == -INFINITY ? 0.f : m_new;
+            alpha[r] = exp2f(m_run[r] - base);
+            m_run[r] = m_new;
+            tile_max[r] = base;
+        }
+        float row_sum[2] = {0.f, 0.f};
+        uint32_t pf[4][4];  // P as the A operand of P·V: 4 k-steps of 16 keys
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                p[e] = exp2f(s[nt][e] - tile_max[e >> 1]);
+                row_sum[e >> 1] += p[e];
+            }
+            // C layout of n-tiles 2k, 2k+1 = A layout of k-step k: regs {0,1} from 2k, {2,3} from 2k+1.
+            pf[nt >> 1][(nt & 1) * 2 + 0] = pack_bf16x2(p[0], p[1]);
+            pf[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16x2(p[2], p[3]);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + row_sum[r];
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+        // O += P·V: V tile [key][d] is B stored [k][n]: ldmatrix .trans.
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+            for (int dt = 0; dt < DTILES; dt += 2) {
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, v_s + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dt * 8 + (lane >> 4) * 8);
+                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_bf16_16816(o[dt], pf[ks], b0, o[dt]);
+                mma_bf16_16816(o[dt + 1], pf[ks], b1, o[dt + 1]);
+            }
+        __syncthreads();  // everyone is done with this stage before it is refilled
+    }
+    cp_async_wait_all();
+
+    // Row sums are spread over the quad, like the maxima.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 1);
+        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 2);
+        l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    }
+    TO* out_b = out + (long long)b * N * C + h * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r ? row1 : row0;
+        if (row >= N) continue;
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) out_b[(long long)row * C + dt * 8 + 2 * t + e] = from_f32<TO>(o[dt][2 * r + e] * l_run[r]);
+    }
+}
+}  // namespace attn
+
+extern "C" __global__ void __launch_bounds__(128) attention_d64_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
+    attn::body<64>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d64_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
+    attn::body<64>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d32_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
+    attn::body<32>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d32_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
+    attn::body<32>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
