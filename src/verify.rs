@@ -202,5 +202,6 @@ pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     v.extend(crate::ops::elementwise::checks(seed ^ 0x1, scale)?);
     v.extend(crate::ops::gemm::checks(seed ^ 0x2, scale)?);
     v.extend(crate::ops::attention::checks(seed ^ 0x3, scale)?);
+    v.extend(crate::ops::conv::checks(seed ^ 0x4, scale)?);
     Ok(v)
 }

@@ -62,6 +62,11 @@ fn attention_matches_reference() {
 }
 
 #[test]
+fn convolutions_match_reference() {
+    run_all(ultrapixel::ops::conv::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     for scale in [Scale::Emulator, Scale::Gpu] {

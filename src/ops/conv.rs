@@ -5,10 +5,12 @@
 //! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
 
 use super::norm::layernorm_ref;
-use super::{inputs_n, nhwc, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::{inputs_n, nhwc, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -138,8 +140,8 @@ impl OpImpl for DwConv {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        depthwise_launch(self.name(), io, self.k, self.pad, None, self.out)
     }
 }
 
@@ -170,8 +172,8 @@ impl OpImpl for DwConvLn {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        depthwise_launch(self.name(), io, self.k, Pad::Zero, Some(self.eps), self.out)
     }
 }
 
@@ -311,8 +313,220 @@ impl OpImpl for ConvTranspose2d {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let d = self.dims(&descs)?;
+        let (x, w) = (descs[0], descs[1]);
+        if x.dtype != w.dtype {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "the kernel needs x and w of one dtype, got {:?} and {:?}",
+                    x.dtype, w.dtype
+                ),
+            ));
+        }
+        let [b, h, wd, cin] = d.x;
+        let (oh, ow) = d.out_hw;
+        let pixels = to_i32(op, "output pixels", b * oh * ow)?;
+        let args = Args::new()
+            .ptr(io.inputs[0].ptr)
+            .ptr(io.inputs[1].ptr)
+            .ptr(io.inputs[2].ptr)
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "B", b)?)
+            .i32(to_i32(op, "H", h)?)
+            .i32(to_i32(op, "W", wd)?)
+            .i32(to_i32(op, "Cin", cin)?)
+            .i32(to_i32(op, "Cout", d.cout)?)
+            .i32(to_i32(op, "OH", oh)?)
+            .i32(to_i32(op, "OW", ow)?)
+            .i32(to_i32(op, "k", self.k)?)
+            .i32(to_i32(op, "stride", self.stride)?)
+            .i32(to_i32(op, "padding", self.pad)?);
+        let name = format!(
+            "conv_transpose2d_{}_{}",
+            x.dtype.suffix(),
+            self.out.suffix()
+        );
+        Ok(vec![Launch::linear(
+            KernelId::lookup(&name)?,
+            pixels.min(MAX_PIXEL_BLOCKS) as u32,
+            128,
+            args,
+        )])
+    }
+}
+
+/// Pixels per block of the depthwise kernel (one warp each).
+const DW_WARPS: usize = 4;
+/// The transposed conv's grid-stride loop needs no more blocks than this.
+const MAX_PIXEL_BLOCKS: i32 = 1 << 20;
+
+/// The launch of `dwconv_<in>_<out>`: `ln` = Some(eps) adds the LayerNorm over channels.
+fn depthwise_launch(
+    op: &str,
+    io: &LaunchIo,
+    k: usize,
+    pad: Pad,
+    ln: Option<f32>,
+    out: DType,
+) -> Result<Vec<Launch>> {
+    let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+    let [b, h, w, c] = depthwise_dims(op, k, &descs)?;
+    // The LayerNorm stages each warp's conv row in shared memory.
+    let smem = if ln.is_some() { DW_WARPS * c * 4 } else { 0 };
+    if smem > 128 << 10 {
+        return Err(Error::shape(
+            op,
+            format!("C = {c} exceeds the kernel's 8192 channels"),
+        ));
+    }
+    let args = Args::new()
+        .ptr(io.inputs[0].ptr)
+        .ptr(io.inputs[1].ptr)
+        .ptr(io.inputs[2].ptr)
+        .ptr(io.outputs[0].ptr)
+        .i32(to_i32(op, "B", b)?)
+        .i32(to_i32(op, "H", h)?)
+        .i32(to_i32(op, "W", w)?)
+        .i32(to_i32(op, "C", c)?)
+        .i32(to_i32(op, "k", k)?)
+        .i32((pad == Pad::Replicate) as i32)
+        .i32(ln.is_some() as i32)
+        .f32(ln.unwrap_or(0.0));
+    let name = format!("dwconv_{}_{}", descs[0].dtype.suffix(), out.suffix());
+    let mut launch = Launch::linear(
+        KernelId::lookup(&name)?,
+        to_i32(op, "pixel blocks", ceil_div(b * h * w, DW_WARPS))? as u32,
+        (32 * DW_WARPS) as u32,
+        args,
+    );
+    launch.smem = smem as u32;
+    Ok(vec![launch])
+}
+
+/// Hostsim/GPU checks of the three conv ops on odd sizes, every dtype pair.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut v = Vec::new();
+    let dtypes = [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::F32, DType::BF16),
+        (DType::BF16, DType::F32),
+    ];
+    // Depthwise: (B, H, W, C, k), with and without LayerNorm, zero and replicate padding.
+    let mut dw = vec![
+        (1, 1, 1, 1, 3),
+        (2, 7, 9, 37, 3),
+        (1, 5, 3, 64, 5),
+        (1, 13, 11, 320, 3),
+    ];
+    if scale == Scale::Gpu {
+        dw.extend([(2, 64, 64, 2048, 3), (1, 256, 256, 640, 3)]);
+    }
+    for (i, &(b, h, w, c, k)) in dw.iter().enumerate() {
+        for (j, &(din, dout)) in dtypes.iter().enumerate() {
+            for variant in 0..3 {
+                let mut cb =
+                    CheckBuilder::new(seed.wrapping_add((i * 16 + j * 4 + variant) as u64));
+                let ins = vec![
+                    cb.input(&[b, h, w, c], din, 2.0)?,
+                    cb.input(&[c, k * k], DType::F32, 0.5)?,
+                    cb.input(&[c], DType::F32, 0.5)?,
+                ];
+                let (label, y) = match variant {
+                    0 => (
+                        "dwconv_ln",
+                        cb.graph.op1(
+                            DwConvLn {
+                                k,
+                                eps: 1e-6,
+                                out: dout,
+                            },
+                            &ins,
+                        )?,
+                    ),
+                    1 => (
+                        "dwconv zero",
+                        cb.graph.op1(
+                            DwConv {
+                                k,
+                                pad: Pad::Zero,
+                                out: dout,
+                            },
+                            &ins,
+                        )?,
+                    ),
+                    _ => (
+                        "dwconv replicate",
+                        cb.graph.op1(
+                            DwConv {
+                                k,
+                                pad: Pad::Replicate,
+                                out: dout,
+                            },
+                            &ins,
+                        )?,
+                    ),
+                };
+                v.push(cb.finish(
+                    format!("{label} {din:?}->{dout:?} [{b},{h},{w},{c}] k{k}"),
+                    &[y],
+                    out_tolerance(dout),
+                )?);
+            }
+        }
+    }
+    // Transposed: (B, H, W, Cin, Cout, k, stride, pad): Stage A's 4/2/1, Stage B's 2/2/0.
+    let mut tr = vec![
+        (1, 1, 1, 3, 5, 4, 2, 1),
+        (2, 5, 7, 16, 9, 4, 2, 1),
+        (1, 6, 5, 24, 40, 2, 2, 0),
+        (1, 3, 4, 8, 130, 3, 1, 1),
+    ];
+    if scale == Scale::Gpu {
+        tr.extend([
+            (1, 128, 128, 384, 384, 4, 2, 1),
+            (2, 64, 64, 1280, 640, 2, 2, 0),
+        ]);
+    }
+    for (i, &(b, h, w, cin, cout, k, stride, pad)) in tr.iter().enumerate() {
+        for (j, &(dx, dout)) in dtypes.iter().enumerate() {
+            let mut cb = CheckBuilder::new(seed.wrapping_add(1000 + (i * 4 + j) as u64));
+            let ins = vec![
+                cb.input(&[b, h, w, cin], dx, 1.0)?,
+                cb.input(&[cin, cout, k, k], dx, 0.5)?,
+                cb.input(&[cout], DType::F32, 0.5)?,
+            ];
+            let y = cb.graph.op1(
+                ConvTranspose2d {
+                    k,
+                    stride,
+                    pad,
+                    out: dout,
+                },
+                &ins,
+            )?;
+            v.push(cb.finish(
+                format!("conv_transpose2d {dx:?}->{dout:?} [{b},{h},{w},{cin}]->{cout} k{k} s{stride} p{pad}"),
+                &[y],
+                out_tolerance(dout),
+            )?);
+        }
+    }
+    Ok(v)
+}
+
+/// f32 outputs: f32 sums in another order than the f64 reference; bf16 outputs: one rounding.
+fn out_tolerance(out: DType) -> Tolerance {
+    match out {
+        DType::F32 => Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+        DType::BF16 => Tolerance::BF16_OUT,
     }
 }
 

@@ -1,27 +1,12 @@
 //! Elementwise ops (`kernels/elementwise.cu`): exact GELU, SiLU, `a + α·b`, and FiLM
 //! `x·(k + a) + b` with per-sample, per-channel a and b.
 
-use super::{arity, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
+use super::{arity, linear_launch, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::kernels::KernelId;
-use crate::runtime::launch::{ceil_div, Args, Launch};
+use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
-
-const THREADS: usize = 256;
-/// Grid-stride kernels never need more blocks than this.
-const MAX_BLOCKS: usize = 1 << 20;
-
-fn linear_launch(kernel: &str, n: usize, args: Args) -> Result<Vec<Launch>> {
-    let blocks = ceil_div(n, THREADS).clamp(1, MAX_BLOCKS) as u32;
-    Ok(vec![Launch::linear(
-        KernelId::lookup(kernel)?,
-        blocks,
-        THREADS as u32,
-        args,
-    )])
-}
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`, evaluated in f64.
 pub fn gelu_ref(x: f32) -> f32 {

@@ -23,7 +23,8 @@ pub mod resample;
 pub mod sampler;
 
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 
@@ -87,6 +88,21 @@ pub struct LaunchIo<'a> {
     pub inputs: Vec<DevTensor<'a>>,
     pub outputs: Vec<DevTensor<'a>>,
     pub workspace: u64,
+}
+
+const GRID_STRIDE_THREADS: usize = 256;
+/// Grid-stride kernels never need more blocks than this.
+const MAX_BLOCKS: usize = 1 << 20;
+
+/// One launch of a grid-stride kernel over `n` elements (256 threads per block).
+pub(crate) fn linear_launch(kernel: &str, n: usize, args: Args) -> Result<Vec<Launch>> {
+    let blocks = ceil_div(n, GRID_STRIDE_THREADS).clamp(1, MAX_BLOCKS) as u32;
+    Ok(vec![Launch::linear(
+        KernelId::lookup(kernel)?,
+        blocks,
+        GRID_STRIDE_THREADS as u32,
+        args,
+    )])
 }
 
 /// Checks the input count.

@@ -1,0 +1,129 @@
+// Convolutions that are not GEMMs (ops/conv.rs).
+//
+// dwconv_<in>_<out>: depthwise k×k conv (odd k, stride 1, same size), optionally followed by
+//   LayerNorm over channels (the front of every Stage B/C ResBlock):
+//     z[b,i,j,c] = bias[c] + Σ_{dy,dx} w[c, dy·k + dx]·x̃[b, i + dy − k/2, j + dx − k/2, c]
+//     y = ln ? (z − μ)·rsqrt(σ² + eps) : z, μ and σ² (biased, two passes) over c, in f32.
+//   x̃ reads zeros outside the image, or the nearest edge pixel with `replicate` (Stage A).
+//   Layout: x, y NHWC [B, H, W, C]; w f32 [C, k·k]; bias f32 [C].
+//   Launch: one warp per pixel, 4 warps (128 threads) per block, grid = ceil(B·H·W / 4);
+//   with ln, dynamic shared memory 4·C·4 bytes holds each warp's conv row between the
+//   passes (every lane reads back only the channels it wrote: no barrier needed).
+//   Limits: B·H·W < 2^31·4 pixels; C ≤ 8192 with ln (128 KiB of shared memory).
+//
+// conv_transpose2d_<xw>_<out>: PyTorch ConvTranspose2d(k, stride s, padding p) with bias:
+//     y[b,oy,ox,co] = bias[co] + Σ x[b,iy,ix,ci]·w[ci,co,ky,kx] over oy = iy·s − p + ky,
+//     ox = ix·s − p + kx.
+//   Layout: x NHWC [B, H, W, Cin]; w [Cin, Cout, k, k] (PyTorch), x and w the same dtype;
+//   bias f32 [Cout]; y NHWC [B, OH, OW, Cout].
+//   Launch: a block per output pixel (grid-stride over pixels), its 128 threads over Cout.
+//   Limits: B·OH·OW < 2^31. A direct gather: Stage A's convs are small; the tuned path is an
+//   implicit GEMM.
+#include "common/portable.cuh"
+#include "common/convert.cuh"
+#include "common/reduce.cuh"
+
+namespace conv {
+constexpr int DW_WARPS = 4;
+
+__device__ __forceinline__ int source(int at, int off, int n, bool replicate) {
+    const int p = at + off;
+    if (p >= 0 && p < n) return p;
+    return replicate ? min(max(p, 0), n - 1) : -1;
+}
+
+template <typename TI, typename TO>
+__device__ __forceinline__ void depthwise(const TI* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ bias, TO* __restrict__ y, int B, int H, int W,
+                                          int C, int k, int replicate, int ln, float eps) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long pixel = (long long)blockIdx.x * DW_WARPS + warp;
+    if (pixel >= (long long)B * H * W) return;  // whole warps leave together
+    const int j = (int)(pixel % W), i = (int)(pixel / W % H);
+    const long long b = pixel / ((long long)W * H);
+    const int r = k / 2;
+    float* row = dynamic_smem<float>() + warp * C;
+    float sum = 0.f;
+    for (int c = lane; c < C; c += 32) {
+        float acc = bias[c];
+        const float* wc = w + (long long)c * k * k;
+        for (int dy = 0; dy < k; ++dy) {
+            const int si = source(i, dy - r, H, replicate);
+            if (si < 0) continue;
+            for (int dx = 0; dx < k; ++dx) {
+                const int sj = source(j, dx - r, W, replicate);
+                if (sj < 0) continue;
+                acc += wc[dy * k + dx] * to_f32(x[((b * H + si) * W + sj) * C + c]);
+            }
+        }
+        if (ln) {
+            row[c] = acc;
+            sum += acc;
+        } else {
+            y[pixel * C + c] = from_f32<TO>(acc);
+        }
+    }
+    if (!ln) return;
+    const float mean = warp_sum(sum) / (float)C;
+    float var = 0.f;
+    for (int c = lane; c < C; c += 32) {
+        const float d = row[c] - mean;
+        var += d * d;
+    }
+    const float inv = rsqrtf(warp_sum(var) / (float)C + eps);
+    for (int c = lane; c < C; c += 32) y[pixel * C + c] = from_f32<TO>((row[c] - mean) * inv);
+}
+
+template <typename TX, typename TO>
+__device__ __forceinline__ void transposed(const TX* __restrict__ x, const TX* __restrict__ w,
+                                           const float* __restrict__ bias, TO* __restrict__ y, int B, int H, int W,
+                                           int Cin, int Cout, int OH, int OW, int k, int s, int p) {
+    const int pixels = B * OH * OW;  // < 2^31, checked by the launcher
+    const long long wstride = (long long)Cout * k * k;
+    for (int px = blockIdx.x; px < pixels; px += gridDim.x) {
+        const int ox = px % OW, oy = px / OW % OH, b = px / (OW * OH);
+        for (int co = threadIdx.x; co < Cout; co += blockDim.x) {
+            float acc = bias[co];
+            for (int ky = 0; ky < k; ++ky) {
+                const int ty = oy + p - ky;  // = iy·s
+                if (ty < 0 || ty % s || ty / s >= H) continue;
+                for (int kx = 0; kx < k; ++kx) {
+                    const int tx = ox + p - kx;
+                    if (tx < 0 || tx % s || tx / s >= W) continue;
+                    const TX* xp = x + (((long long)b * H + ty / s) * W + tx / s) * Cin;
+                    const TX* wp = w + ((long long)co * k + ky) * k + kx;
+#pragma unroll 4
+                    for (int ci = 0; ci < Cin; ++ci) acc += to_f32(xp[ci]) * to_f32(wp[ci * wstride]);
+                }
+            }
+            y[(long long)px * Cout + co] = from_f32<TO>(acc);
+        }
+    }
+}
+}  // namespace conv
+
+extern "C" __global__ void __launch_bounds__(128) dwconv_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+}
+extern "C" __global__ void __launch_bounds__(128) dwconv_f32_bf16(const float* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+}
+extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_f32(const __nv_bfloat16* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+}
+extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_bf16(const __nv_bfloat16* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
+    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
+}
+extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_f32_bf16(const float* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
+    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
+}
+extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_bf16_f32(const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, float* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
+    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
+}
+extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_bf16_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
+    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
+}
