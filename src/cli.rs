@@ -26,6 +26,17 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Time every kernel on the GPU against the device's copy bandwidth.
     Bench(BenchArgs),
+    /// Convert a PyTorch zip checkpoint (e.g. the released ultrapixel_t2i.safetensors, a
+    /// pickle despite its name) to safetensors, without executing any pickled code.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The PyTorch checkpoint (a torch.save zip).
+    pub input: std::path::PathBuf,
+    /// The safetensors file to write (replaced atomically; nothing is written on error).
+    pub output: std::path::PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +64,11 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info => info(),
         Command::Verify(a) => verify_cmd(a),
+        Command::Convert(a) => {
+            let report = crate::weights::convert(&a.input, &a.output)?;
+            println!("{}: {report}", a.output.display());
+            Ok(0)
+        }
         Command::Bench(a) => {
             let dev = CudaDevice::new(0)?;
             crate::bench::print(&dev, a.iters, a.filter.as_deref())?;

@@ -203,5 +203,7 @@ pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     v.extend(crate::ops::gemm::checks(seed ^ 0x2, scale)?);
     v.extend(crate::ops::attention::checks(seed ^ 0x3, scale)?);
     v.extend(crate::ops::conv::checks(seed ^ 0x4, scale)?);
+    v.extend(crate::ops::grn::checks(seed ^ 0x6, scale)?);
+    v.extend(crate::ops::inr::checks(seed ^ 0x7, scale)?);
     Ok(v)
 }

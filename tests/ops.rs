@@ -67,6 +67,16 @@ fn convolutions_match_reference() {
 }
 
 #[test]
+fn grn_matches_reference() {
+    run_all(ultrapixel::ops::grn::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
+fn inr_ops_match_reference() {
+    run_all(ultrapixel::ops::inr::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     for scale in [Scale::Emulator, Scale::Gpu] {

@@ -118,6 +118,9 @@ inline float __high2float(__nv_bfloat162 b) { return (float)b.y; }
 // Math: fast intrinsics map to the precise libm functions (tolerances must cover the GPU).
 // ---------------------------------------------------------------------------------------------
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// cos(πx), sin(πx) with the exact reduction of x modulo 2 that CUDA's versions do.
+inline double cospi(double x) { return cos(M_PI * remainder(x, 2.0)); }
+inline double sinpi(double x) { return sin(M_PI * remainder(x, 2.0)); }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __sinf(float x) { return sinf(x); }

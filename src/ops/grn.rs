@@ -7,10 +7,12 @@
 //! all pixels is a barrier between the MLP's two GEMMs; the kernels may fuse the sum of
 //! squares into the first GEMM's epilogue and fold the factor into the second GEMM.
 
-use super::{inputs_n, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::{inputs_n, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 
 /// Inputs `h [B, …, D]` (the pixels in between), f32 `gamma [D]`, f32 `beta [D]`. Output f32
@@ -84,9 +86,76 @@ impl OpImpl for GrnModulation {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    /// The per-(sample, channel) sums of squares between the two launches.
+    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+        self.dims(inputs).map_or(0, |(b, _, d)| b * d * 4)
     }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (b, pixels, d) = self.dims(&descs)?;
+        let batch = to_i32(op, "B", b)?;
+        if batch > 65535 {
+            return Err(Error::shape(op, format!("batch {b} exceeds 65535")));
+        }
+        let ss = io.workspace;
+        let sumsq = Launch {
+            kernel: KernelId::lookup(&format!("grn_sumsq_{}", descs[0].dtype.suffix()))?,
+            grid: [ceil_div(d, 32) as u32, batch as u32, 1],
+            block: [256, 1, 1],
+            smem: 0,
+            args: Args::new()
+                .ptr(io.inputs[0].ptr)
+                .ptr(ss)
+                .u64(pixels as u64)
+                .i32(to_i32(op, "D", d)?),
+        };
+        let finish = Launch::linear(
+            KernelId::lookup("grn_finish")?,
+            batch as u32,
+            256,
+            Args::new()
+                .ptr(ss)
+                .ptr(io.inputs[1].ptr)
+                .ptr(io.inputs[2].ptr)
+                .ptr(io.outputs[0].ptr)
+                .i32(to_i32(op, "D", d)?)
+                .f32(self.eps),
+        );
+        Ok(vec![sumsq, finish])
+    }
+}
+
+/// Hostsim/GPU checks: odd pixel counts and channel counts (not multiples of 32), both dtypes.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut shapes = vec![(1, 1, 1), (2, 63, 37), (3, 7, 130), (1, 1000, 64)];
+    if scale == Scale::Gpu {
+        shapes.push((2, 128 * 128, 2560));
+    }
+    let mut v = Vec::new();
+    for (i, &(b, p, d)) in shapes.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            let mut cb =
+                CheckBuilder::new(seed.wrapping_add(i as u64 * 2 + (dtype == DType::BF16) as u64));
+            let h = cb.input(&[b, p, d], dtype, 2.0)?;
+            let gamma = cb.input(&[d], DType::F32, 1.0)?;
+            let beta = cb.input(&[d], DType::F32, 1.0)?;
+            let y = cb
+                .graph
+                .op1(GrnModulation { eps: 1e-6 }, &[h, gamma, beta])?;
+            // f32 sums of many squares against the f64 reference.
+            v.push(cb.finish(
+                format!("grn_modulation {dtype:?} [{b},{p},{d}]"),
+                &[y],
+                Tolerance {
+                    atol: 1e-6,
+                    rtol: 2e-5,
+                },
+            )?);
+        }
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

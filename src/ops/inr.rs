@@ -7,10 +7,14 @@
 //! rel-L2 there). Its outputs lie in [−1, 1] and may be rounded for the first GEMM.
 
 use super::embed::{accurate, linspace};
-use super::{inputs_n, no_kernel, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::{
+    inputs_n, linear_launch, require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped,
+};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::f32::consts::PI;
@@ -94,8 +98,14 @@ impl OpImpl for CoordPosEnc {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let args = Args::new()
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "h", self.h)?)
+            .i32(to_i32(op, "w", self.w)?)
+            .f32(PE_SIGMA.ln() as f32);
+        linear_launch("coord_posenc_f32", self.h * self.w * POSENC_WIDTH, args)
     }
 }
 
@@ -175,8 +185,34 @@ impl OpImpl for ModulatedWeights {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (b, din, dout) = self.dims(&descs)?;
+        if descs[0].dtype != descs[1].dtype || self.out != DType::F32 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "the kernel needs base and m of one dtype and an f32 output (the hyper-MLP stays f32), got {:?}, {:?} -> {:?}",
+                    descs[0].dtype, descs[1].dtype, self.out
+                ),
+            ));
+        }
+        let args = Args::new()
+            .ptr(io.inputs[0].ptr)
+            .ptr(io.inputs[1].ptr)
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "B", b)?)
+            .i32(to_i32(op, "Din", din)?)
+            .i32(to_i32(op, "Dout", dout)?)
+            .i32(to_i32(op, "groups", self.groups)?);
+        let name = format!("modulated_weights_{}_f32", descs[0].dtype.suffix());
+        Ok(vec![Launch::linear(
+            KernelId::lookup(&name)?,
+            to_i32(op, "column blocks", ceil_div(b * dout, 4))? as u32,
+            128,
+            args,
+        )])
     }
 }
 
@@ -280,9 +316,118 @@ impl OpImpl for HyperMlp {
         Cost { flops, bytes }
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (b, p, din, dh, dout) = self.dims(&descs)?;
+        for t in &descs {
+            require_f32(op, &t.name, t)?;
+        }
+        if b > 65535 {
+            return Err(Error::shape(op, format!("batch {b} exceeds 65535")));
+        }
+        let args = Args::new()
+            .ptr(io.inputs[0].ptr)
+            .ptr(io.inputs[1].ptr)
+            .ptr(io.inputs[2].ptr)
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "P", p)?)
+            .i32(to_i32(op, "Din", din)?)
+            .i32(to_i32(op, "Dh", dh)?)
+            .i32(to_i32(op, "Dout", dout)?);
+        let smem = (din + dh) * 4;
+        if smem > 96 << 10 {
+            return Err(Error::shape(
+                op,
+                format!("Din + Dh = {} exceeds the kernel's shared memory", din + dh),
+            ));
+        }
+        Ok(vec![Launch {
+            kernel: KernelId::lookup(&format!("hyper_mlp_f32_{}", self.out.suffix()))?,
+            grid: [p as u32, b as u32, 1],
+            block: [128, 1, 1],
+            smem: smem as u32,
+            args,
+        }])
     }
+}
+
+/// Hostsim/GPU checks: the encoding on odd grids, the modulation and the MLP with odd widths.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut v = Vec::new();
+    let mut grids = vec![(1, 1), (3, 5), (24, 17)];
+    if scale == Scale::Gpu {
+        grids.push((256, 192));
+    }
+    for &(h, w) in &grids {
+        let mut cb = CheckBuilder::new(seed);
+        let y = cb.graph.op1(CoordPosEnc { h, w }, &[])?;
+        // Arguments up to π·1024: double-precision cos/sin on both sides, the f32 products
+        // identical; what remains is exp/cos rounding differences of a few f32 ulps.
+        v.push(cb.finish(
+            format!("coord_posenc {h}x{w}"),
+            &[y],
+            Tolerance {
+                atol: 2e-6,
+                rtol: 0.0,
+            },
+        )?);
+    }
+    // (B, Din, Dout, groups, P, Dh)
+    let mut mlps = vec![
+        (1, 1, 1, 1, 1, 1),
+        (2, 37, 12, 4, 7, 5),
+        (3, 64, 96, 32, 33, 20),
+    ];
+    if scale == Scale::Gpu {
+        mlps.push((2, 256, 2048, 64, 4096, 64));
+    }
+    for (i, &(b, din, dout, groups, p, dh)) in mlps.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            let mut cb = CheckBuilder::new(
+                seed.wrapping_add(10 + i as u64 * 2 + (dtype == DType::BF16) as u64),
+            );
+            let base = cb.input(&[din + 1, dout], dtype, 1.0)?;
+            let m = cb.input(&[b, groups, din], dtype, 1.0)?;
+            let y = cb.graph.op1(
+                ModulatedWeights {
+                    groups,
+                    out: DType::F32,
+                },
+                &[base, m],
+            )?;
+            v.push(cb.finish(
+                format!("modulated_weights {dtype:?} b{b} {din}x{dout} g{groups}"),
+                &[y],
+                Tolerance {
+                    atol: 1e-6,
+                    rtol: 1e-5,
+                },
+            )?);
+        }
+        for out in [DType::F32, DType::BF16] {
+            let mut cb = CheckBuilder::new(
+                seed.wrapping_add(100 + i as u64 * 2 + (out == DType::BF16) as u64),
+            );
+            let pe = cb.input(&[p, din], DType::F32, 1.0)?;
+            let w0 = cb.input(&[b, din + 1, dh], DType::F32, 0.5)?;
+            let w1 = cb.input(&[b, dh + 1, dout], DType::F32, 0.5)?;
+            let y = cb.graph.op1(HyperMlp { out }, &[pe, w0, w1])?;
+            let tol = match out {
+                DType::F32 => Tolerance {
+                    atol: 1e-5,
+                    rtol: 1e-5,
+                },
+                DType::BF16 => Tolerance::BF16_OUT,
+            };
+            v.push(cb.finish(
+                format!("hyper_mlp ->{out:?} b{b} p{p} {din}->{dh}->{dout}"),
+                &[y],
+                tol,
+            )?);
+        }
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
