@@ -95,6 +95,14 @@ impl CheckBuilder {
         Ok(id)
     }
 
+    /// An input with the given values (e.g. a noise key).
+    pub fn input_values(&mut self, shape: &[usize], values: &[f32]) -> Result<TensorId> {
+        let name = format!("in{}", self.inputs.len());
+        let id = self.graph.input(&name, shape, DType::F32)?;
+        self.inputs.push((id, values.to_vec()));
+        Ok(id)
+    }
+
     pub fn weight(&mut self, shape: &[usize], dtype: DType, scale: f32) -> Result<TensorId> {
         let name = format!("w{}", self.weights.len());
         let id = self.graph.weight(&name, shape, dtype)?;
@@ -205,5 +213,6 @@ pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     v.extend(crate::ops::conv::checks(seed ^ 0x4, scale)?);
     v.extend(crate::ops::grn::checks(seed ^ 0x6, scale)?);
     v.extend(crate::ops::inr::checks(seed ^ 0x7, scale)?);
+    v.extend(crate::ops::noise::checks(seed ^ 0x8, scale)?);
     Ok(v)
 }

@@ -77,6 +77,11 @@ fn inr_ops_match_reference() {
 }
 
 #[test]
+fn noise_matches_reference() {
+    run_all(ultrapixel::ops::noise::checks(seed(), Scale::Emulator).unwrap());
+}
+
+#[test]
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     for scale in [Scale::Emulator, Scale::Gpu] {

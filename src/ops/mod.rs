@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod grn;
 pub mod inr;
 pub mod layout;
+pub mod noise;
 pub mod norm;
 pub mod resample;
 pub mod sampler;
