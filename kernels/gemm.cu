@@ -1,10 +1,12 @@
 // bf16 GEMM on tensor cores with fused epilogues (ops/gemm.rs).
 //
 // Math: C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]), f32 accumulation, where the epilogue is, in
-//   order: + bias[n] (if bias), GELU-erf (if gelu), + R[m, n] (if residual). This is a
-//   PyTorch Linear (W is [out, in]) applied to every row of A, i.e. a 1×1 conv on NHWC.
+//   order: + bias[n] (if bias), GELU-erf (if gelu), + R[m, n] (if residual), then FiLM
+//   v·(k + a[s, n]) + β[s, n] for sample s = m / rows_per_sample (if ab: a TimestepBlock or
+//   the scale-aware norm fused onto the GEMM before it). This is a PyTorch Linear (W is
+//   [out, in]) applied to every row of A, i.e. a 1×1 conv on NHWC.
 // Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major, bias f32 [N], R and C [M, N]
-//   row-major in the output type (f32 or bf16).
+//   row-major in the output type (f32 or bf16), ab f32 [M / rows_per_sample, 2N] (a | β).
 // Launch: grid (ceil(M/128), ceil(N/128)), 256 threads = 8 warps as 2 (m) × 4 (n), each warp a
 //   64×32 tile; dynamic shared memory STAGES·(128 + 128)·40·2 = 61,440 bytes (opt-in > 48 KiB).
 // Pipeline: cp.async 16-byte copies into a 3-stage ring of padded tiles (row pitch 40
@@ -23,7 +25,8 @@ constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 8, THREADS = 2
 template <typename TO>
 __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ W,
                                      const float* __restrict__ bias, const TO* __restrict__ R, TO* __restrict__ C,
-                                     int M, int N, int K, int gelu) {
+                                     int M, int N, int K, int gelu, const float* __restrict__ ab,
+                                     int rows_per_sample, float film_k) {
     __nv_bfloat16* As = dynamic_smem<__nv_bfloat16>();  // [STAGES][BM][LDS]
     __nv_bfloat16* Bs = As + STAGES * BM * LDS;                 // [STAGES][BN][LDS]
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -111,15 +114,19 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
                     if (bias) v += bias[col];
                     if (gelu) v = gelu_erf(v);
                     if (R) v += to_f32(R[row * N + col]);
+                    if (ab) {
+                        const float* mod = ab + (row / rows_per_sample) * 2 * N;
+                        v = v * (film_k + mod[col]) + mod[N + col];
+                    }
                     C[row * N + col] = from_f32<TO>(v);
                 }
         }
 }
 }  // namespace gemm
 
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k);
 }

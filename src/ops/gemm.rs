@@ -4,9 +4,9 @@
 //! i.e. also a 1×1 conv on channels-last maps. The epilogue adds a bias, applies exact GELU
 //! and adds a residual, in that order, each optional.
 
-use super::elementwise::gelu_ref;
+use super::elementwise::{gelu_ref, Film};
 use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use crate::runtime::graph::{Role, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -163,6 +163,20 @@ impl OpImpl for Gemm {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        self.launch(io, None)
+    }
+}
+
+/// The FiLM part of a [`GemmFilm`] launch: the modulation's device pointer, the rows of A per
+/// sample and k.
+struct FilmEpilogue {
+    ab: u64,
+    rows_per_sample: usize,
+    k: f32,
+}
+
+impl Gemm {
+    fn launch(&self, io: &LaunchIo, film: Option<FilmEpilogue>) -> Result<Vec<Launch>> {
         let (a, w) = (io.inputs[0], io.inputs[1]);
         let (m, n, k) = self.dims(&a.desc.shape, &w.desc.shape)?;
         let bias = if self.bias { io.inputs[2].ptr } else { 0 };
@@ -183,6 +197,13 @@ impl OpImpl for Gemm {
             .i32(to_i32(op, "N", n)?)
             .i32(to_i32(op, "K", k)?)
             .i32(self.gelu as i32);
+        let args = match film {
+            Some(f) => args
+                .ptr(f.ab)
+                .i32(to_i32(op, "rows per sample", f.rows_per_sample)?)
+                .f32(f.k),
+            None => args.ptr(0).i32(1).f32(0.0),
+        };
         let grid_n = ceil_div(n, TILE_N);
         if grid_n > 65535 {
             return Err(Error::shape(
@@ -201,6 +222,87 @@ impl OpImpl for Gemm {
             smem: SMEM_BYTES,
             args,
         }])
+    }
+}
+
+/// A [`Gemm`] followed by [`Film`] `{ k }` in its epilogue: `y·(k + a[s]) + β[s]` per sample s
+/// (a TimestepBlock after the ResBlock's last GEMM). Inputs: the GEMM's, then f32
+/// `ab [B, 2N]`; A's rows split evenly into the B samples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmFilm {
+    pub gemm: Gemm,
+    pub k: f32,
+}
+
+impl GemmFilm {
+    fn film(&self) -> Film {
+        Film {
+            k: self.k,
+            out: self.gemm.out,
+        }
+    }
+
+    fn split<'a, T>(&self, inputs: &'a [T]) -> Result<(&'a [T], &'a T)> {
+        match inputs.split_last() {
+            Some((ab, gemm)) if gemm.len() == self.gemm.n_inputs() => Ok((gemm, ab)),
+            _ => Err(Error::shape(
+                self.name(),
+                format!(
+                    "expected {} inputs, got {}",
+                    self.gemm.n_inputs() + 1,
+                    inputs.len()
+                ),
+            )),
+        }
+    }
+}
+
+impl OpImpl for GemmFilm {
+    fn name(&self) -> &'static str {
+        "gemm_film"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let (gemm_in, ab) = self.split(inputs)?;
+        let (shape, dtype) = self.gemm.infer(gemm_in)?.remove(0);
+        let y = TensorDesc {
+            name: "gemm output".into(),
+            shape,
+            dtype,
+            role: Role::Activation,
+        };
+        self.film().infer(&[&y, ab])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (gemm_in, ab) = self.split(inputs)?;
+        let mut y = vec![outputs[0].clone()];
+        self.gemm.reference(gemm_in, &mut y)?;
+        self.film().reference(&[&y[0], ab], outputs)
+    }
+
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        let mut c = self.gemm.cost(&inputs[..inputs.len() - 1], outputs);
+        c.bytes += inputs[inputs.len() - 1].bytes() as f64;
+        c
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        self.infer(&descs)?;
+        let (m, _) = rows_channels(self.name(), &descs[0].shape)?;
+        let samples = descs[descs.len() - 1].shape[0];
+        let film = FilmEpilogue {
+            ab: io.inputs[io.inputs.len() - 1].ptr,
+            rows_per_sample: m / samples,
+            k: self.k,
+        };
+        let gemm_io = LaunchIo {
+            inputs: io.inputs[..io.inputs.len() - 1].to_vec(),
+            outputs: io.outputs.clone(),
+            workspace: io.workspace,
+        };
+        self.gemm.launch(&gemm_io, Some(film))
     }
 }
 
@@ -259,6 +361,43 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 &[y],
                 tol,
             )?);
+            // The same GEMM with a FiLM epilogue, over samples that split the rows unevenly
+            // across the 128-row tiles.
+            if let Some(samples) = [37, 7, 5, 1]
+                .into_iter()
+                .find(|s| m % s == 0 && (j + i) % 2 == 0)
+            {
+                let mut b = CheckBuilder::new(seed.wrapping_add(1000 + (i * 4 + j) as u64));
+                let mut ins = vec![
+                    b.input(&[samples, m / samples, k], DType::BF16, 1.0)?,
+                    b.weight(&[n, k], DType::BF16, 1.0)?,
+                ];
+                if bias {
+                    ins.push(b.weight(&[n], DType::F32, 1.0)?);
+                }
+                if residual {
+                    ins.push(b.input(&[samples, m / samples, n], out, 2.0)?);
+                }
+                ins.push(b.input(&[samples, 2 * n], DType::F32, 0.5)?);
+                let gemm = Gemm {
+                    bias,
+                    gelu,
+                    residual,
+                    out,
+                };
+                let y = b.graph.op1(
+                    GemmFilm {
+                        gemm,
+                        k: 1.0 + j as f32 % 2.0,
+                    },
+                    &ins,
+                )?;
+                v.push(b.finish(
+                    format!("gemm_film [{m},{k}]x[{n},{k}] samples={samples} bias={bias} gelu={gelu} residual={residual} ->{out:?}"),
+                    &[y],
+                    tol,
+                )?);
+            }
         }
     }
     Ok(v)
