@@ -12,6 +12,7 @@ pub mod error;
 pub mod models;
 pub mod ops;
 pub mod runtime;
+pub mod sampling;
 pub mod tensor;
 pub mod verify;
 pub mod weights;
