@@ -5,8 +5,8 @@
 //   f = 64·part + k, part 0..3 = cos(π·y·ω_k), cos(π·x·ω_k), sin(π·y·ω_k), sin(π·x·ω_k);
 //   y = −1 + 2·((0.5 + i)/h), x likewise; ω = exp(linspace(0, ln σ, 64)) in f32 (PyTorch's
 //   linspace: fused multiply-add halves). Products in f32 exactly as the reference; exp,
-//   cos and sin in double rounded once (arguments reach 3.2·10³ rad, where the f32 fast
-//   paths lose 1e-4). Launch: grid-stride over h·w·256, 256 threads.
+//   cos and sin in double rounded once (common/accurate_math.cuh; arguments reach 3.2·10³
+//   rad, where the f32 fast paths lose 1e-4). Launch: grid-stride over h·w·256, 256 threads.
 //
 // modulated_weights_<in>_<out>: W′[b,i,o] = base[i,o]·m[b, o mod g, i] / max(‖W′[b,:,o]‖₂,
 //   1e-12) for i < Din, bias row W′[b,Din,o] = base[Din,o]. base [Din+1, Dout], m [B, g, Din],
@@ -22,6 +22,7 @@
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/reduce.cuh"
+#include "common/accurate_math.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) coord_posenc_f32(float* out, int h, int w, float log_sigma) {
     constexpr int FREQS = 64, WIDTH = 4 * FREQS;
@@ -38,11 +39,9 @@ extern "C" __global__ void __launch_bounds__(256) coord_posenc_f32(float* out, i
         const float omega = (float)exp((double)lin);
         const float u = coord * omega;
         const float arg = pi * u;
-        // cos/sin of the f32 argument in double, through cospi/sinpi: their reduction is exact,
-        // so no slow Payne-Hanek path (and no local memory); dividing by π in double costs
-        // ~1e-13, far below the final f32 rounding.
-        const double turns = (double)arg * 0.31830988618379067154;
-        out[e] = (float)(part < 2 ? cospi(turns) : sinpi(turns));
+        float s, c;
+        accurate::sincosf_double(arg, &s, &c);
+        out[e] = part < 2 ? c : s;
     }
 }
 

@@ -7,10 +7,12 @@
 //! evaluated accurately (f64 of the f32 argument, rounded once): the f32 rounding of the
 //! argument alone is worth about 2e-4 absolute, any other order adds up to 1e-3.
 
-use super::{inputs_n, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec};
+use super::layout::{input_values, rows_launch};
+use super::{inputs_n, require_f32, to_i32, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 
 /// `max_positions` of `gen_r_embedding`: r is scaled by it, and it sets the frequency range.
@@ -42,12 +44,15 @@ pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The frequencies f_i = exp(i·(−ln 10000/(c/2 − 1))) of a c-wide embedding: the constant is
-/// a double rounded to f32, i an f32, the product and exp in f32.
+/// The exponent step k = −ln 10000/(c/2 − 1) of a c-wide embedding: a double rounded to f32.
+fn frequency_step(c: usize) -> f32 {
+    (-(MAX_POSITIONS as f64).ln() / (c / 2 - 1) as f64) as f32
+}
+
+/// The frequencies f_i = exp(i·k) of a c-wide embedding: i an f32, the product in f32.
 fn frequencies(c: usize) -> Vec<f32> {
-    let half = c / 2;
-    let k = (-(MAX_POSITIONS as f64).ln() / (half - 1) as f64) as f32;
-    (0..half)
+    let k = frequency_step(c);
+    (0..c / 2)
         .map(|i| accurate(f64::exp, i as f32 * k))
         .collect()
 }
@@ -117,9 +122,44 @@ impl OpImpl for SinEmbedding {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let r = io.inputs[0];
+        require_f32(self.name(), "r", r.desc)?;
+        let b = self.batch(&r.desc.shape)?;
+        let args = Args::new()
+            .ptr(r.ptr)
+            .ptr(io.outputs[0].ptr)
+            .u64(b as u64)
+            .i32(to_i32(self.name(), "width", self.c)?)
+            .f32(frequency_step(self.c));
+        Ok(vec![rows_launch("sin_embedding_f32", b, self.c / 2, args)?])
     }
+}
+
+/// Checks for `verify` and the emulator tests: 1 to 1000 values of r (±1.5, the ends 0 and
+/// 1 included) at the model width 64 and at small and wide odd half-widths.
+pub fn checks(seed: u64, _scale: Scale) -> Result<Vec<OpCheck>> {
+    // Both sides evaluate in double and round once to f32; they can differ by one f32 ulp
+    // (≤ 6e-8 for |y| ≤ 1) where the double value sits at a rounding tie.
+    let tol = Tolerance {
+        atol: 1.2e-7,
+        rtol: 0.0,
+    };
+    let mut v = Vec::new();
+    for (i, (batch, c)) in [(1, 64), (7, 64), (37, 6), (1000, 64), (5, 202)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut b = CheckBuilder::new(seed.wrapping_add(i as u64));
+        let r = b.input(&[batch], DType::F32, 1.5)?;
+        let y = b.graph.op1(SinEmbedding { c }, &[r])?;
+        let mut check = b.finish(format!("sin_embedding b{batch} c{c}"), &[y], tol)?;
+        for (value, end) in input_values(&mut check, r).iter_mut().zip([1.0, 0.0]) {
+            *value = end;
+        }
+        v.push(check);
+    }
+    Ok(v)
 }
 
 /// Test data for the op modules: golden case files (read with the `safetensors` crate

@@ -138,11 +138,6 @@ pub(crate) fn to_i32(op: &str, what: &str, v: usize) -> Result<i32> {
         .map_err(|_| Error::shape(op, format!("{what} = {v} exceeds the kernel's i32 range")))
 }
 
-/// What `launches` returns for an op whose CUDA kernel does not exist yet.
-pub(crate) fn no_kernel(op: &str) -> Error {
-    Error::KernelsMissing(vec![format!("{op} (CUDA kernel not written yet)")])
-}
-
 /// Anything with a shape: graph tensors in `infer`, host tensors in `reference`, so one shape
 /// check serves both.
 pub(crate) trait Shaped {
@@ -235,19 +230,6 @@ pub(crate) mod test_support {
             let result = op.infer(&descs.iter().collect::<Vec<_>>());
             assert!(result.is_err(), "{op:?} accepted {inputs:?}");
         }
-    }
-
-    pub fn assert_no_kernel(op: &dyn OpImpl) {
-        let io = super::LaunchIo {
-            inputs: vec![],
-            outputs: vec![],
-            workspace: 0,
-        };
-        let err = op.launches(&io).unwrap_err();
-        assert!(
-            matches!(&err, crate::Error::KernelsMissing(v) if v[0].starts_with(op.name())),
-            "{err}"
-        );
     }
 
     /// Uniform random values in [-1, 1).

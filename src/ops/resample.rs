@@ -3,10 +3,12 @@
 //! bilinear with `align_corners=True` (Stage B's effnet and size-mismatch resizes) and the
 //! legacy `nearest` mode (the INR's LR→HR skip).
 
-use super::{inputs_n, nhwc, no_kernel, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::layout::{copy_tolerance, rows_launch, unary_check, DTYPE_PAIRS};
+use super::{inputs_n, nhwc, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 
 /// Validates `[B, H, W, C] → [B, h, w, C]`; returns the input dims.
@@ -32,6 +34,45 @@ fn resize_infer(
     Ok(vec![(vec![b, size.0, size.1, c], out)])
 }
 
+/// The f32 scale of an `align_corners=True` axis: (in − 1)/(out − 1), 0 when out = 1.
+fn align_corners_scale(n_in: usize, n_out: usize) -> f32 {
+    if n_out > 1 {
+        (n_in - 1) as f32 / (n_out - 1) as f32
+    } else {
+        0.0
+    }
+}
+
+/// The f32 scale of a legacy `nearest` axis: in/out.
+fn nearest_scale(n_in: usize, n_out: usize) -> f32 {
+    n_in as f32 / n_out as f32
+}
+
+/// The arguments both resize kernels start with: (x, y, output rows B·h, row length w·C, C,
+/// H, W, h), and the (rows, row length) of the launch.
+fn resize_args(op: &str, io: &LaunchIo, (h, w): (usize, usize)) -> Result<(Args, usize, usize)> {
+    let x = io.inputs[0];
+    let [b, hi, wi, c] = resize_dims(op, (h, w), &[x.desc])?;
+    let (rows, cols) = (b * h, w * c);
+    let i = |what: &str, v: usize| to_i32(op, what, v);
+    i("input row length", wi * c)?;
+    let args = Args::new()
+        .ptr(x.ptr)
+        .ptr(io.outputs[0].ptr)
+        .i32(i("output rows", rows)?)
+        .i32(i("output row length", cols)?)
+        .i32(i("channels", c)?)
+        .i32(i("input height", hi)?)
+        .i32(i("input width", wi)?)
+        .i32(i("output height", h)?);
+    Ok((args, rows, cols))
+}
+
+/// `<op>_<in>_<out>`.
+fn resize_kernel(op: &str, io: &LaunchIo, out: DType) -> String {
+    format!("{op}_{}_{}", io.inputs[0].desc.dtype.suffix(), out.suffix())
+}
+
 /// One output coordinate of a linear resize: two source indices and their weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct LinearTap {
@@ -46,11 +87,7 @@ struct LinearTap {
 /// i0 = min(trunc(src), in−1), i1 = i0 + (i0 < in−1), λ1 = clamp(src − i0, 0, 1), λ0 = 1 − λ1.
 /// Equal sizes copy (λ = (1, 0) on the same index), as PyTorch special-cases them.
 fn linear_taps(n_in: usize, n_out: usize) -> Vec<LinearTap> {
-    let scale = if n_out > 1 {
-        (n_in - 1) as f32 / (n_out - 1) as f32
-    } else {
-        0.0
-    };
+    let scale = align_corners_scale(n_in, n_out);
     (0..n_out)
         .map(|d| {
             if n_in == n_out {
@@ -119,15 +156,24 @@ impl OpImpl for ResizeBilinear {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let (args, rows, cols) = resize_args(self.name(), io, (self.h, self.w))?;
+        let [_, hi, wi, _] = io.inputs[0].desc.shape[..] else {
+            unreachable!("resize_args checked the rank")
+        };
+        let args = args
+            .i32(self.w as i32) // w ≤ w·C, which resize_args checked
+            .f32(align_corners_scale(hi, self.h))
+            .f32(align_corners_scale(wi, self.w));
+        let name = resize_kernel(self.name(), io, self.out);
+        Ok(vec![rows_launch(&name, rows, cols, args)?])
     }
 }
 
 /// PyTorch's legacy `nearest` source index along one axis: scale = in/out in f32,
 /// src = min(floor(dst·scale), in−1).
 fn nearest_index(n_in: usize, n_out: usize) -> Vec<usize> {
-    let scale = n_in as f32 / n_out as f32;
+    let scale = nearest_scale(n_in, n_out);
     (0..n_out)
         .map(|d| ((d as f32 * scale).floor() as usize).min(n_in - 1))
         .collect()
@@ -162,15 +208,108 @@ impl OpImpl for ResizeNearest {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let (args, rows, cols) = resize_args(self.name(), io, (self.h, self.w))?;
+        let [_, hi, wi, _] = io.inputs[0].desc.shape[..] else {
+            unreachable!("resize_args checked the rank")
+        };
+        let args = args
+            .f32(nearest_scale(hi, self.h))
+            .f32(nearest_scale(wi, self.w));
+        let name = resize_kernel(self.name(), io, self.out);
+        Ok(vec![rows_launch(&name, rows, cols, args)?])
+    }
+}
+
+/// Checks for `verify` and the emulator tests: up, down and identity resizes, 1-pixel inputs
+/// and outputs, odd channel counts, PyTorch's f32 rounding cases, every dtype pair; on a GPU
+/// also model-sized resizes.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut v = Vec::new();
+    let mut k = 0u64;
+    let mut next = || {
+        k += 1;
+        seed.wrapping_add(k)
+    };
+    for &(din, dout) in &DTYPE_PAIRS {
+        for (shape, (h, w)) in [
+            (&[2, 5, 7, 3][..], (11, 13)),
+            (&[1, 37, 23, 16], (7, 5)),
+            (&[2, 5, 7, 3], (5, 7)),
+            (&[1, 1, 1, 4], (3, 4)),
+            (&[1, 6, 9, 1], (1, 1)),
+            (&[1, 2, 2, 5], (42, 3)),
+        ] {
+            let op = ResizeBilinear { h, w, out: dout };
+            v.push(unary_check(
+                next(),
+                op,
+                shape,
+                din,
+                bilinear_tolerance(dout),
+            )?);
+        }
+        for (shape, (h, w)) in [
+            (&[1, 23, 11, 2][..], (11, 23)),
+            (&[2, 5, 4, 3], (15, 8)),
+            (&[1, 37, 7, 5], (50, 3)),
+            (&[1, 1, 1, 3], (2, 5)),
+        ] {
+            let op = ResizeNearest { h, w, out: dout };
+            v.push(unary_check(
+                next(),
+                op,
+                shape,
+                din,
+                copy_tolerance(&[din], dout),
+            )?);
+        }
+    }
+    if scale == Scale::Gpu {
+        let (f, h) = (DType::F32, DType::BF16);
+        for (shape, (oh, ow), din) in [
+            (&[2, 24, 24, 16][..], (256, 256), f),
+            (&[1, 64, 64, 1280], (128, 128), h),
+        ] {
+            let op = ResizeBilinear {
+                h: oh,
+                w: ow,
+                out: h,
+            };
+            v.push(unary_check(next(), op, shape, din, bilinear_tolerance(h))?);
+        }
+        let op = ResizeNearest {
+            h: 96,
+            w: 96,
+            out: h,
+        };
+        v.push(unary_check(
+            next(),
+            op,
+            &[1, 48, 48, 2048],
+            h,
+            copy_tolerance(&[h], h),
+        )?);
+    }
+    Ok(v)
+}
+
+/// f32 outputs: the reference's f32 arithmetic, except that nvcc may fuse the weighted sums
+/// into FMAs (≤ 1 ulp per step, three steps); bf16 outputs round once more.
+fn bilinear_tolerance(out: DType) -> Tolerance {
+    match out {
+        DType::BF16 => Tolerance::BF16_OUT,
+        DType::F32 => Tolerance {
+            atol: 0.0,
+            rtol: 1e-6,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_support::{assert_no_kernel, assert_rejected, random, run, Rejected};
+    use crate::ops::test_support::{assert_rejected, random, run, Rejected};
 
     fn bilinear(h: usize, w: usize) -> ResizeBilinear {
         ResizeBilinear {
@@ -344,8 +483,5 @@ mod tests {
             cases.extend(ops().map(|op| (op, inputs.clone())));
         }
         assert_rejected(&cases);
-        for op in ops() {
-            assert_no_kernel(op.as_ref());
-        }
     }
 }

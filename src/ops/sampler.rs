@@ -8,10 +8,13 @@
 //! [`StepCoefficients`] computed on the host.
 
 use super::embed::{accurate, linspace};
-use super::{inputs_n, no_kernel, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
+use super::layout::{input_values, rows_launch};
+use super::{inputs_n, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
-use crate::runtime::launch::Launch;
+use crate::runtime::kernels::KernelId;
+use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use std::f32::consts::{FRAC_PI_2, PI};
 
@@ -21,6 +24,16 @@ pub const COSINE_S: f32 = 0.008;
 const VAR_RANGE: (f32, f32) = (1e-4, 0.9999);
 /// Guards the rescale's division (`std(p) + 1e-9`).
 const STD_EPS: f32 = 1e-9;
+/// Threads per block of the CFG kernels.
+const CFG_THREADS: usize = 256;
+/// Group elements per `cfg_stats` block: each thread sums at least 16.
+const CFG_STAT_ELEMS_PER_BLOCK: usize = CFG_THREADS * 16;
+/// At most one statistics record per thread of a `cfg_apply` block, which merges them all.
+const CFG_MAX_STAT_BLOCKS: usize = CFG_THREADS;
+/// Group elements per `cfg_apply` block, and the most blocks per group: every block re-merges
+/// the group's records, so blocks should not be tiny or too many.
+const CFG_APPLY_ELEMS_PER_BLOCK: usize = CFG_THREADS * 4;
+const CFG_MAX_APPLY_BLOCKS: usize = 1024;
 
 /// v₀ = cos(s/(1+s)·π/2)², which normalizes ᾱ(0) to 1.
 fn min_var() -> f32 {
@@ -193,11 +206,42 @@ impl CfgCombine {
         }
         Ok((b, per))
     }
+
+    /// Elements per rescale group: one sample, or the whole half-batch.
+    fn group_len(&self, b: usize, per: usize) -> usize {
+        if self.per_sample {
+            per
+        } else {
+            b * per
+        }
+    }
+
+    /// (1 − rho) is a Python double in the official code, rounded to f32 by torch.
+    fn keep(&self) -> f32 {
+        (1.0 - self.rho as f64) as f32
+    }
+
+    /// Blocks per group of `cfg_stats` (0 without rescale: no statistics).
+    fn stat_blocks(&self, group_len: usize) -> usize {
+        if self.rho > 0.0 {
+            ceil_div(group_len, CFG_STAT_ELEMS_PER_BLOCK).clamp(1, CFG_MAX_STAT_BLOCKS)
+        } else {
+            0
+        }
+    }
 }
 
 impl OpImpl for CfgCombine {
     fn name(&self) -> &'static str {
         "cfg_combine"
+    }
+
+    /// The statistics records of `cfg_stats`: 5 f32 per block and group.
+    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+        self.dims(inputs).map_or(0, |(b, per)| {
+            let len = self.group_len(b, per);
+            b * per / len * self.stat_blocks(len) * 5 * 4
+        })
     }
 
     fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
@@ -215,9 +259,7 @@ impl OpImpl for CfgCombine {
             *o = lerp(u, c, self.cfg);
         }
         if self.rho > 0.0 {
-            let group = if self.per_sample { per } else { b * per };
-            // (1 − rho) is a Python double in the official code, rounded to f32 by torch.
-            let keep = (1.0 - self.rho as f64) as f32;
+            let (group, keep) = (self.group_len(b, per), self.keep());
             for (p, c) in out.chunks_mut(group).zip(cond.chunks(group)) {
                 let (std_c, std_p) = (std_unbiased(c), std_unbiased(p) + STD_EPS);
                 for v in p {
@@ -228,8 +270,53 @@ impl OpImpl for CfgCombine {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let pred = io.inputs[0];
+        let (b, per) = self.dims(&[pred.desc])?;
+        let len = self.group_len(b, per);
+        let groups = b * per / len;
+        if groups > 65535 {
+            return Err(Error::shape(
+                self.name(),
+                format!("{groups} rescale groups exceed the kernel's 65535 (grid y)"),
+            ));
+        }
+        let dt = pred.desc.dtype.suffix();
+        let (parts, half) = (self.stat_blocks(len), (b * per) as u64);
+        let block = [CFG_THREADS as u32, 1, 1];
+        let mut launches = Vec::new();
+        if parts > 0 {
+            launches.push(Launch {
+                kernel: KernelId::lookup(&format!("cfg_stats_{dt}"))?,
+                grid: [parts as u32, groups as u32, 1],
+                block,
+                smem: 0,
+                args: Args::new()
+                    .ptr(pred.ptr)
+                    .ptr(io.workspace)
+                    .u64(len as u64)
+                    .u64(half)
+                    .f32(self.cfg),
+            });
+        }
+        let apply_blocks = ceil_div(len, CFG_APPLY_ELEMS_PER_BLOCK).clamp(1, CFG_MAX_APPLY_BLOCKS);
+        launches.push(Launch {
+            kernel: KernelId::lookup(&format!("cfg_apply_{dt}"))?,
+            grid: [apply_blocks as u32, groups as u32, 1],
+            block,
+            smem: 0,
+            args: Args::new()
+                .ptr(pred.ptr)
+                .ptr(if parts > 0 { io.workspace } else { 0 })
+                .i32(parts as i32)
+                .ptr(io.outputs[0].ptr)
+                .u64(len as u64)
+                .u64(half)
+                .f32(self.cfg)
+                .f32(self.rho)
+                .f32(self.keep()),
+        });
+        Ok(launches)
     }
 }
 
@@ -311,9 +398,108 @@ impl OpImpl for DdpmStep {
         Ok(())
     }
 
-    fn launches(&self, _io: &LaunchIo) -> Result<Vec<Launch>> {
-        Err(no_kernel(self.name()))
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (b, per) = self.dims(&descs)?;
+        for (what, t) in [("x", descs[0]), ("noise", descs[2]), ("coef", descs[3])] {
+            require_f32(self.name(), what, t)?;
+        }
+        // The kernel's pointers in order: x, eps, noise, coef, x0, x_next.
+        let args = io
+            .inputs
+            .iter()
+            .chain(&io.outputs)
+            .fold(Args::new(), |a, t| a.ptr(t.ptr))
+            .u64(b as u64)
+            .u64(per as u64);
+        let name = format!("ddpm_step_{}", descs[1].dtype.suffix());
+        Ok(vec![rows_launch(&name, b, per, args)?])
     }
+}
+
+/// Checks for `verify` and the emulator tests: CFG with and without rescale, batch-wide and
+/// per-sample statistics over groups from 3 elements to several statistics blocks; DDPM and
+/// DDIM steps with per-row coefficients of real schedule steps; f32 and bf16 predictions.
+pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let (f, h) = (DType::F32, DType::BF16);
+    // (pred shape [2B, …], dtype, cfg, rho, per_sample)
+    let mut cfgs: Vec<(&[usize], DType, f32, f32, bool)> = vec![
+        (&[2, 7, 5, 3], f, 4.0, 0.7, false),
+        (&[6, 37, 3], h, 1.1, 0.7, true),
+        (&[6, 37, 3], f, 4.0, 0.0, false),
+        (&[2, 3], h, 4.0, 0.7, false),
+        (&[4, 16, 24, 24], h, 4.0, 0.7, false),
+        (&[4, 16, 24, 24], f, 7.5, 0.7, true),
+        (&[2, 1000], h, 0.3, 0.0, true),
+    ];
+    // (x shape [B, …], eps dtype, DDPM rather than DDIM)
+    let mut steps: Vec<(&[usize], DType, bool)> = vec![
+        (&[5, 16, 3, 5], f, true),
+        (&[3, 4, 7, 9], h, false),
+        (&[1, 1], f, true),
+        (&[2, 1000], h, true),
+    ];
+    if scale == Scale::Gpu {
+        cfgs.extend([
+            (&[4, 16, 128, 128][..], f, 4.0, 0.7, false),
+            (&[4, 4, 256, 256], h, 1.1, 0.7, true),
+        ]);
+        steps.push((&[2, 16, 128, 128], f, true));
+    }
+    let mut v = Vec::new();
+    let mut k = 0u64;
+    let mut next = || {
+        k += 1;
+        seed.wrapping_add(k)
+    };
+    // f32 statistics (shifted sums, Chan merges) against the reference's f64 two-pass std:
+    // ~1e-6 relative on σ_c/σ_p, inside the cfg_combine case's own limits.
+    let cfg_tol = Tolerance {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    for (shape, dt, cfg, rho, per_sample) in cfgs {
+        let mut b = CheckBuilder::new(next());
+        let pred = b.input(shape, dt, 2.0)?;
+        let op = CfgCombine {
+            cfg,
+            rho,
+            per_sample,
+        };
+        let y = b.graph.op1(op, &[pred])?;
+        let name =
+            format!("cfg_combine {shape:?} {dt:?} cfg {cfg} rho {rho} per_sample {per_sample}");
+        v.push(b.finish(name, &[y], cfg_tol)?);
+    }
+    // The same f32 operations as the reference; nvcc may fuse multiply-adds (a few ulp of the
+    // largest term, x0 up to |x|/a = 100·|x| at t = 1).
+    let step_tol = Tolerance {
+        atol: 1e-6,
+        rtol: 1e-6,
+    };
+    let (t, t_prev) = ([1.0, 0.9, 0.55, 0.1, 0.05], [0.95, 0.8, 0.5, 0.05, 0.0]);
+    for (shape, dt, ddpm) in steps {
+        let mut b = CheckBuilder::new(next());
+        let x = b.input(shape, f, 1.0)?;
+        let eps = b.input(shape, dt, 1.0)?;
+        let noise = b.input(shape, f, 1.0)?;
+        let coef = b.input(&[shape[0], 5], f, 1.0)?;
+        let outs = b.graph.op(DdpmStep, &[x, eps, noise, coef])?;
+        let name = format!("ddpm_step {shape:?} eps {dt:?} ddpm {ddpm}");
+        let mut check = b.finish(name, &outs, step_tol)?;
+        let rows = (0..shape[0]).map(|r| {
+            let (tr, tp) = (t[r % t.len()], t_prev[r % t.len()]);
+            let c = if ddpm {
+                StepCoefficients::ddpm(tr, tp)
+            } else {
+                Ok(StepCoefficients::ddim(tr, tp))
+            };
+            c.map(|c| c.row())
+        });
+        *input_values(&mut check, coef) = rows.collect::<Result<Vec<_>>>()?.concat();
+        v.push(check);
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
