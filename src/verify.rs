@@ -213,7 +213,7 @@ pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     v.extend(crate::ops::conv::checks(seed ^ 0x4, scale)?);
     v.extend(crate::ops::grn::checks(seed ^ 0x6, scale)?);
     v.extend(crate::ops::inr::checks(seed ^ 0x7, scale)?);
-    v.extend(crate::ops::noise::checks(seed ^ 0x8, scale)?);
+    v.extend(crate::ops::noise::checks(seed ^ 0xb, scale)?);
     v.extend(crate::ops::layout::checks(seed ^ 0x5, scale)?);
     v.extend(crate::ops::resample::checks(seed ^ 0x8, scale)?);
     v.extend(crate::ops::embed::checks(seed ^ 0x9, scale)?);

@@ -8,7 +8,7 @@ use super::norm::layernorm_ref;
 use super::{inputs_n, nhwc, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
-use crate::runtime::launch::{ceil_div, Args, Launch};
+use crate::runtime::launch::{ceil_div, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
@@ -330,11 +330,8 @@ impl OpImpl for ConvTranspose2d {
         let [b, h, wd, cin] = d.x;
         let (oh, ow) = d.out_hw;
         let pixels = to_i32(op, "output pixels", b * oh * ow)?;
-        let args = Args::new()
-            .ptr(io.inputs[0].ptr)
-            .ptr(io.inputs[1].ptr)
-            .ptr(io.inputs[2].ptr)
-            .ptr(io.outputs[0].ptr)
+        let args = io
+            .tensor_args()
             .i32(to_i32(op, "B", b)?)
             .i32(to_i32(op, "H", h)?)
             .i32(to_i32(op, "W", wd)?)
@@ -383,11 +380,8 @@ fn depthwise_launch(
             format!("C = {c} exceeds the kernel's 8192 channels"),
         ));
     }
-    let args = Args::new()
-        .ptr(io.inputs[0].ptr)
-        .ptr(io.inputs[1].ptr)
-        .ptr(io.inputs[2].ptr)
-        .ptr(io.outputs[0].ptr)
+    let args = io
+        .tensor_args()
         .i32(to_i32(op, "B", b)?)
         .i32(to_i32(op, "H", h)?)
         .i32(to_i32(op, "W", w)?)

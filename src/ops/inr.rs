@@ -198,10 +198,8 @@ impl OpImpl for ModulatedWeights {
                 ),
             ));
         }
-        let args = Args::new()
-            .ptr(io.inputs[0].ptr)
-            .ptr(io.inputs[1].ptr)
-            .ptr(io.outputs[0].ptr)
+        let args = io
+            .tensor_args()
             .i32(to_i32(op, "B", b)?)
             .i32(to_i32(op, "Din", din)?)
             .i32(to_i32(op, "Dout", dout)?)
@@ -326,11 +324,8 @@ impl OpImpl for HyperMlp {
         if b > 65535 {
             return Err(Error::shape(op, format!("batch {b} exceeds 65535")));
         }
-        let args = Args::new()
-            .ptr(io.inputs[0].ptr)
-            .ptr(io.inputs[1].ptr)
-            .ptr(io.inputs[2].ptr)
-            .ptr(io.outputs[0].ptr)
+        let args = io
+            .tensor_args()
             .i32(to_i32(op, "P", p)?)
             .i32(to_i32(op, "Din", din)?)
             .i32(to_i32(op, "Dh", dh)?)

@@ -91,6 +91,17 @@ pub struct LaunchIo<'a> {
     pub workspace: u64,
 }
 
+impl LaunchIo<'_> {
+    /// Arguments starting with every input pointer, then every output pointer: the
+    /// parameter order of most kernels.
+    pub fn tensor_args(&self) -> Args {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .fold(Args::new(), |a, t| a.ptr(t.ptr))
+    }
+}
+
 const GRID_STRIDE_THREADS: usize = 256;
 /// Grid-stride kernels never need more blocks than this.
 const MAX_BLOCKS: usize = 1 << 20;
