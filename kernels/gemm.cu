@@ -5,6 +5,10 @@
 //   v·(k + a[s, n]) + β[s, n] for sample s = m / rows_per_sample (if ab: a TimestepBlock or
 //   the scale-aware norm fused onto the GEMM before it). This is a PyTorch Linear (W is
 //   [out, in]) applied to every row of A, i.e. a 1×1 conv on NHWC.
+// GRN across a GEMM pair (ResBlock MLP): with `sumsq`, the epilogue also accumulates
+//   Σ_m C[m, n]² per sample into sumsq [samples, N] (zeroed beforehand; atomics); with
+//   `a_mod`, each A tile is scaled in shared memory by (a_k + a[sample, k]) before the MMAs,
+//   a the first half of a [samples, 2K] modulation.
 // Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major, bias f32 [N], R and C [M, N]
 //   row-major in the output type (f32 or bf16), ab f32 [M / rows_per_sample, 2N] (a | β).
 // Launch: grid (ceil(M/128), ceil(N/128)), 256 threads = 8 warps as 2 (m) × 4 (n), each warp a
@@ -26,7 +30,8 @@ template <typename TO>
 __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ W,
                                      const float* __restrict__ bias, const TO* __restrict__ R, TO* __restrict__ C,
                                      int M, int N, int K, int gelu, const float* __restrict__ ab,
-                                     int rows_per_sample, float film_k) {
+                                     int rows_per_sample, float film_k, float* __restrict__ sumsq,
+                                     const float* __restrict__ a_mod, float a_k) {
     __nv_bfloat16* As = dynamic_smem<__nv_bfloat16>();  // [STAGES][BM][LDS]
     __nv_bfloat16* Bs = As + STAGES * BM * LDS;                 // [STAGES][BN][LDS]
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -72,7 +77,19 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
         if (next < ktiles) load_tile(next % STAGES, next);
         cp_async_commit();
 
-        const __nv_bfloat16* a_s = As + (kt % STAGES) * BM * LDS;
+        __nv_bfloat16* a_s = As + (kt % STAGES) * BM * LDS;
+        if (a_mod) {
+            // GRN folded into this GEMM's operand: A[m, k] ·= a_k + a[sample(m), k].
+            for (int i = tid; i < BM * BK; i += THREADS) {
+                const int r = i / BK, kk = i % BK, gk = kt * BK + kk;
+                const long long gm = m0 + r;
+                if (gm < M && gk < K) {
+                    const float f = a_k + a_mod[(gm / rows_per_sample) * 2 * K + gk];
+                    a_s[r * LDS + kk] = from_f32<__nv_bfloat16>(to_f32(a_s[r * LDS + kk]) * f);
+                }
+            }
+            __syncthreads();
+        }
         const __nv_bfloat16* b_s = Bs + (kt % STAGES) * BN * LDS;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
@@ -98,11 +115,18 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
     cp_async_wait_all();
 
     const int g = lane >> 2, t = lane & 3;
+    // GRN statistics: Σ over this sample's rows of the stored value squared, per column. When
+    // the warp's 64 rows belong to one sample (the common case), each thread sums its rows,
+    // the 8 lanes of a column combine by shuffles and one atomic per column lands; otherwise
+    // every element adds its own atomic.
+    const long long slab = m0 + wm * 64;
+    const bool one_sample = slab >= M || slab / rows_per_sample == (min(slab + 63, (long long)M - 1)) / rows_per_sample;
+    float colsum[4][2] = {};
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const long long row = m0 + wm * 64 + mi * 16 + g + h * 8;
+            const long long row = slab + mi * 16 + g + h * 8;
             if (row >= M) continue;
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
@@ -118,15 +142,36 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
                         const float* mod = ab + (row / rows_per_sample) * 2 * N;
                         v = v * (film_k + mod[col]) + mod[N + col];
                     }
-                    C[row * N + col] = from_f32<TO>(v);
+                    const TO stored = from_f32<TO>(v);
+                    C[row * N + col] = stored;
+                    if (sumsq) {
+                        const float q = to_f32(stored) * to_f32(stored);
+                        if (one_sample)
+                            colsum[ni][e] += q;
+                        else
+                            atomicAdd(sumsq + (row / rows_per_sample) * N + col, q);
+                    }
                 }
         }
+    if (sumsq && one_sample && slab < M) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float v = colsum[ni][e];
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 4);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 8);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 16);
+                const int col = n0 + wn * 32 + ni * 8 + 2 * t + e;
+                if (g == 0 && col < N) atomicAdd(sumsq + (slab / rows_per_sample) * N + col, v);
+            }
+    }
 }
 }  // namespace gemm
 
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* sumsq, const float* a_mod, float a_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, sumsq, a_mod, a_k);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* sumsq, const float* a_mod, float a_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, sumsq, a_mod, a_k);
 }

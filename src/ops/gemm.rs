@@ -5,7 +5,7 @@
 //! and adds a residual, in that order, each optional.
 
 use super::elementwise::{gelu_ref, Film};
-use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
+use super::{arity, linear_launch, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::{Role, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
@@ -163,20 +163,60 @@ impl OpImpl for Gemm {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        self.launch(io, None)
+        self.launch(io, &Extras::default())
     }
 }
 
-/// The FiLM part of a [`GemmFilm`] launch: the modulation's device pointer, the rows of A per
-/// sample and k.
-struct FilmEpilogue {
-    ab: u64,
+/// The per-sample features of a launch beyond the plain epilogue (device pointers; 0 = off).
+struct Extras {
     rows_per_sample: usize,
-    k: f32,
+    /// FiLM modulation `[samples, 2N]` and its k.
+    film: u64,
+    film_k: f32,
+    /// GRN statistics output `[samples, N]` (zeroed by an earlier launch).
+    sumsq: u64,
+    /// A-operand modulation `[samples, 2K]` (its first half) and its k.
+    a_mod: u64,
+    a_k: f32,
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        Extras {
+            rows_per_sample: 1,
+            film: 0,
+            film_k: 0.0,
+            sumsq: 0,
+            a_mod: 0,
+            a_k: 0.0,
+        }
+    }
+}
+
+/// The GEMM's own inputs and output of a composite op's launch: the composite's first
+/// `n_inputs` inputs and first output.
+fn gemm_io<'a>(io: &LaunchIo<'a>, n_inputs: usize) -> LaunchIo<'a> {
+    LaunchIo {
+        inputs: io.inputs[..n_inputs].to_vec(),
+        outputs: io.outputs[..1].to_vec(),
+        workspace: io.workspace,
+    }
+}
+
+/// Samples of a composite op: the first axis of A, which must split A's rows evenly.
+fn samples_of(op: &str, a: &[usize]) -> Result<(usize, usize)> {
+    let (m, _) = rows_channels(op, a)?;
+    match a.first() {
+        Some(&b) if a.len() >= 3 && b > 0 => Ok((b, m / b)),
+        _ => Err(Error::shape(
+            op,
+            format!("A must be [samples, rows, K] to tell the samples apart, got {a:?}"),
+        )),
+    }
 }
 
 impl Gemm {
-    fn launch(&self, io: &LaunchIo, film: Option<FilmEpilogue>) -> Result<Vec<Launch>> {
+    fn launch(&self, io: &LaunchIo, x: &Extras) -> Result<Vec<Launch>> {
         let (a, w) = (io.inputs[0], io.inputs[1]);
         let (m, n, k) = self.dims(&a.desc.shape, &w.desc.shape)?;
         let bias = if self.bias { io.inputs[2].ptr } else { 0 };
@@ -197,13 +237,13 @@ impl Gemm {
             .i32(to_i32(op, "N", n)?)
             .i32(to_i32(op, "K", k)?)
             .i32(self.gelu as i32);
-        let args = match film {
-            Some(f) => args
-                .ptr(f.ab)
-                .i32(to_i32(op, "rows per sample", f.rows_per_sample)?)
-                .f32(f.k),
-            None => args.ptr(0).i32(1).f32(0.0),
-        };
+        let args = args
+            .ptr(x.film)
+            .i32(to_i32(op, "rows per sample", x.rows_per_sample)?)
+            .f32(x.film_k)
+            .ptr(x.sumsq)
+            .ptr(x.a_mod)
+            .f32(x.a_k);
         let grid_n = ceil_div(n, TILE_N);
         if grid_n > 65535 {
             return Err(Error::shape(
@@ -292,17 +332,166 @@ impl OpImpl for GemmFilm {
         self.infer(&descs)?;
         let (m, _) = rows_channels(self.name(), &descs[0].shape)?;
         let samples = descs[descs.len() - 1].shape[0];
-        let film = FilmEpilogue {
-            ab: io.inputs[io.inputs.len() - 1].ptr,
+        let extras = Extras {
             rows_per_sample: m / samples,
-            k: self.k,
+            film: io.inputs[io.inputs.len() - 1].ptr,
+            film_k: self.k,
+            ..Extras::default()
         };
-        let gemm_io = LaunchIo {
-            inputs: io.inputs[..io.inputs.len() - 1].to_vec(),
-            outputs: io.outputs.clone(),
-            workspace: io.workspace,
+        self.gemm
+            .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)
+    }
+}
+
+/// GlobalResponseNorm's statistics fused into the GEMM that makes its input (a ResBlock's
+/// first MLP GEMM): outputs the GEMM result `y` and f32 `sumsq [B, N]`, Σ over each sample's
+/// rows of y² (of the stored values). A is `[B, rows, K]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmGrnStats {
+    pub gemm: Gemm,
+}
+
+impl OpImpl for GemmGrnStats {
+    fn name(&self) -> &'static str {
+        "gemm_grn_stats"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let y = self.gemm.infer(inputs)?.remove(0);
+        let (b, _) = samples_of(self.name(), &inputs[0].shape)?;
+        let n = y.0[y.0.len() - 1];
+        Ok(vec![y, (vec![b, n], DType::F32)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        self.gemm.reference(inputs, &mut outputs[..1])?;
+        let (y, ss) = outputs.split_at_mut(1);
+        let n = ss[0].shape[1];
+        let (b, _) = samples_of(self.name(), &inputs[0].shape)?;
+        for (sample, acc_row) in y[0]
+            .data
+            .chunks_exact(y[0].data.len() / b)
+            .zip(ss[0].data.chunks_exact_mut(n))
+        {
+            let mut acc = vec![0f64; n];
+            for row in sample.chunks_exact(n) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as f64 * v as f64;
+                }
+            }
+            for (o, a) in acc_row.iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        self.gemm.cost(inputs, outputs)
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        self.infer(&descs)?;
+        let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
+        let ss = io.outputs[1];
+        let n = ss.desc.numel();
+        let mut launches = linear_launch(
+            "fill_f32",
+            n,
+            Args::new().ptr(ss.ptr).u64(n as u64).f32(0.0),
+        )?;
+        let extras = Extras {
+            rows_per_sample,
+            sumsq: ss.ptr,
+            ..Extras::default()
         };
-        self.gemm.launch(&gemm_io, Some(film))
+        launches.extend(
+            self.gemm
+                .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)?,
+        );
+        Ok(launches)
+    }
+}
+
+/// A GEMM whose A operand is modulated per sample and input channel:
+/// `y = ((k + a[s, :])·A[s]) · Wᵀ + …` with `a` the first half of f32 `ab [B, 2K]` (the
+/// [`GrnFromSumsq`](super::grn::GrnFromSumsq) output; its β half is not applied here — a
+/// model folds W·β into the bias). Inputs: the GEMM's, then `ab`. A is `[B, rows, K]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmScaledA {
+    pub gemm: Gemm,
+    pub k: f32,
+}
+
+impl OpImpl for GemmScaledA {
+    fn name(&self) -> &'static str {
+        "gemm_scaled_a"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let n = self.gemm.n_inputs();
+        if inputs.len() != n + 1 {
+            return Err(Error::shape(
+                self.name(),
+                format!("expected {} inputs, got {}", n + 1, inputs.len()),
+            ));
+        }
+        let (b, _) = samples_of(self.name(), &inputs[0].shape)?;
+        let k = inputs[0].shape[inputs[0].shape.len() - 1];
+        let ab = inputs[n];
+        if ab.shape != [b, 2 * k] || ab.dtype != DType::F32 {
+            return Err(Error::shape(
+                self.name(),
+                format!(
+                    "ab must be f32 [{b}, {}], got {:?} {:?}",
+                    2 * k,
+                    ab.dtype,
+                    ab.shape
+                ),
+            ));
+        }
+        self.gemm.infer(&inputs[..n])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let n = self.gemm.n_inputs();
+        let (a, ab) = (inputs[0], inputs[n]);
+        let (b, _) = samples_of(self.name(), &a.shape)?;
+        let k = a.shape[a.shape.len() - 1];
+        let mut scaled = a.clone();
+        for (sample, m) in scaled
+            .data
+            .chunks_exact_mut(a.data.len() / b)
+            .zip(ab.data.chunks_exact(2 * k))
+        {
+            for row in sample.chunks_exact_mut(k) {
+                for (v, &f) in row.iter_mut().zip(&m[..k]) {
+                    *v *= self.k + f;
+                }
+            }
+        }
+        let mut gemm_in: Vec<&HostTensor> = inputs[..n].to_vec();
+        gemm_in[0] = &scaled;
+        self.gemm.reference(&gemm_in, outputs)
+    }
+
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        self.gemm.cost(&inputs[..inputs.len() - 1], outputs)
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        self.infer(&descs)?;
+        let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
+        let extras = Extras {
+            rows_per_sample,
+            a_mod: io.inputs[io.inputs.len() - 1].ptr,
+            a_k: self.k,
+            ..Extras::default()
+        };
+        self.gemm
+            .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)
     }
 }
 
@@ -400,5 +589,146 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             }
         }
     }
+    v.extend(grn_pair_checks(seed ^ 0x5eed, scale)?);
     Ok(v)
+}
+
+/// The ResBlock MLP with GRN across the GEMM pair: statistics from GEMM1's epilogue, the
+/// modulation, GEMM2 on the modulated operand (+ bias, residual). (B, rows, C, hidden).
+fn grn_pair_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut shapes = vec![(1, 1, 8, 16), (2, 63, 24, 40), (3, 50, 16, 136)];
+    if scale == Scale::Gpu {
+        shapes.push((2, 4096, 1280, 5120));
+    }
+    let mut v = Vec::new();
+    for (i, &(b, rows, c, hidden)) in shapes.iter().enumerate() {
+        for out in [DType::BF16, DType::F32] {
+            let mut cb =
+                CheckBuilder::new(seed.wrapping_add(i as u64 * 2 + (out == DType::F32) as u64));
+            let x = cb.input(&[b, rows, c], DType::BF16, 1.0)?;
+            let w1 = cb.weight(&[hidden, c], DType::BF16, 0.5)?;
+            let b1 = cb.weight(&[hidden], DType::F32, 0.5)?;
+            let gamma = cb.weight(&[hidden], DType::F32, 1.0)?;
+            let beta = cb.weight(&[hidden], DType::F32, 1.0)?;
+            let w2 = cb.weight(&[c, hidden], DType::BF16, 0.5)?;
+            let b2 = cb.weight(&[c], DType::F32, 0.5)?;
+            let residual = cb.input(&[b, rows, c], out, 1.0)?;
+            let first = Gemm {
+                bias: true,
+                gelu: true,
+                residual: false,
+                out: DType::BF16,
+            };
+            let hs = cb.graph.op(GemmGrnStats { gemm: first }, &[x, w1, b1])?;
+            let ab = cb.graph.op1(
+                super::grn::GrnFromSumsq { eps: 1e-6 },
+                &[hs[1], gamma, beta],
+            )?;
+            let second = Gemm {
+                bias: true,
+                gelu: false,
+                residual: true,
+                out,
+            };
+            let y = cb.graph.op1(
+                GemmScaledA {
+                    gemm: second,
+                    k: 1.0,
+                },
+                &[hs[0], w2, b2, residual, ab],
+            )?;
+            // The hidden and its statistics are bf16-rounded; so is the modulated operand.
+            v.push(cb.finish(
+                format!("gemm grn pair b{b} rows{rows} {c}->{hidden}->{c} ->{out:?}"),
+                &[hs[0], hs[1], ab, y],
+                Tolerance {
+                    atol: 1e-5,
+                    rtol: 1.6e-2,
+                },
+            )?);
+        }
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::embed::test_data::random;
+    use crate::ops::grn::{GrnFromSumsq, GrnModulation};
+
+    fn apply(op: &dyn OpImpl, inputs: &[&HostTensor], shapes: &[&[usize]]) -> Vec<HostTensor> {
+        let mut outs: Vec<HostTensor> = shapes
+            .iter()
+            .map(|s| HostTensor::full(s, f32::NAN))
+            .collect();
+        op.reference(inputs, &mut outs).unwrap();
+        outs
+    }
+
+    /// The fused pair is GRN rewritten: W2·(h·(1 + γN) + β) + b2 = (h·(1 + a))·W2ᵀ + (b2 + W2·β).
+    #[test]
+    fn the_fused_grn_pair_equals_grn_then_film_then_gemm() {
+        let (b, rows, c, hid) = (2, 5, 8, 16);
+        let x = random(1, &[b, rows, c], 1.0);
+        let (w1, b1) = (random(2, &[hid, c], 0.5), random(3, &[hid], 0.5));
+        let (gamma, beta) = (random(4, &[hid], 1.0), random(5, &[hid], 1.0));
+        let (w2, b2) = (random(6, &[c, hid], 0.5), random(7, &[c], 0.5));
+        let res = random(8, &[b, rows, c], 1.0);
+        let first = Gemm {
+            bias: true,
+            gelu: true,
+            residual: false,
+            out: DType::F32,
+        };
+        let second = Gemm {
+            bias: true,
+            gelu: false,
+            residual: true,
+            out: DType::F32,
+        };
+
+        let h = apply(&first, &[&x, &w1, &b1], &[&[b, rows, hid]]).remove(0);
+        let ab = apply(
+            &GrnModulation { eps: 1e-6 },
+            &[&h, &gamma, &beta],
+            &[&[b, 2 * hid]],
+        )
+        .remove(0);
+        let film = Film {
+            k: 1.0,
+            out: DType::F32,
+        };
+        let hm = apply(&film, &[&h, &ab], &[&[b, rows, hid]]).remove(0);
+        let want = apply(&second, &[&hm, &w2, &b2, &res], &[&[b, rows, c]]).remove(0);
+
+        let hs = apply(
+            &GemmGrnStats { gemm: first },
+            &[&x, &w1, &b1],
+            &[&[b, rows, hid], &[b, hid]],
+        );
+        let ab2 = apply(
+            &GrnFromSumsq { eps: 1e-6 },
+            &[&hs[1], &gamma, &beta],
+            &[&[b, 2 * hid]],
+        )
+        .remove(0);
+        let folded: Vec<f32> = (0..c)
+            .map(|o| {
+                b2.data[o]
+                    + (0..hid)
+                        .map(|j| w2.data[o * hid + j] * beta.data[j])
+                        .sum::<f32>()
+            })
+            .collect();
+        let b2f = HostTensor::new(vec![c], folded);
+        let op = GemmScaledA {
+            gemm: second,
+            k: 1.0,
+        };
+        let got = apply(&op, &[&hs[0], &w2, &b2f, &res, &ab2], &[&[b, rows, c]]).remove(0);
+        for (g, w) in got.data.iter().zip(&want.data) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
 }

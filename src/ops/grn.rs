@@ -69,19 +69,13 @@ impl OpImpl for GrnModulation {
             .chunks_exact(pixels * d)
             .zip(outputs[0].data.chunks_exact_mut(2 * d))
         {
-            let mut g = vec![0f64; d];
+            let mut ss = vec![0f64; d];
             for px in sample.chunks_exact(d) {
-                for (acc, &v) in g.iter_mut().zip(px) {
+                for (acc, &v) in ss.iter_mut().zip(px) {
                     *acc += v as f64 * v as f64;
                 }
             }
-            g.iter_mut().for_each(|v| *v = v.sqrt());
-            let denom = g.iter().sum::<f64>() / d as f64 + self.eps as f64;
-            let (a, b) = ab.split_at_mut(d);
-            for (ch, (a, gv)) in a.iter_mut().zip(&g).enumerate() {
-                *a = (gamma[ch] as f64 * gv / denom) as f32;
-            }
-            b.copy_from_slice(beta);
+            modulation_from_sumsq(&ss, gamma, beta, self.eps, ab);
         }
         Ok(())
     }
@@ -111,18 +105,7 @@ impl OpImpl for GrnModulation {
                 .u64(pixels as u64)
                 .i32(to_i32(op, "D", d)?),
         };
-        let finish = Launch::linear(
-            KernelId::lookup("grn_finish")?,
-            batch as u32,
-            256,
-            Args::new()
-                .ptr(ss)
-                .ptr(io.inputs[1].ptr)
-                .ptr(io.inputs[2].ptr)
-                .ptr(io.outputs[0].ptr)
-                .i32(to_i32(op, "D", d)?)
-                .f32(self.eps),
-        );
+        let finish = finish_launch(op, io, ss, b, d, self.eps)?;
         Ok(vec![sumsq, finish])
     }
 }
@@ -156,6 +139,99 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         }
     }
     Ok(v)
+}
+
+/// One sample's `ab` row from its per-channel sums of squares: a = γ·G/(mean G + eps), b = β.
+fn modulation_from_sumsq(ss: &[f64], gamma: &[f32], beta: &[f32], eps: f32, ab: &mut [f32]) {
+    let g: Vec<f64> = ss.iter().map(|v| v.sqrt()).collect();
+    let denom = g.iter().sum::<f64>() / g.len() as f64 + eps as f64;
+    let (a, b) = ab.split_at_mut(g.len());
+    for ((a, gv), &gm) in a.iter_mut().zip(&g).zip(gamma) {
+        *a = (gm as f64 * gv / denom) as f32;
+    }
+    b.copy_from_slice(beta);
+}
+
+/// The GRN modulation from sums of squares computed elsewhere (the epilogue of the GEMM that
+/// made the hidden, [`GemmGrnStats`](super::gemm::GemmGrnStats)). Inputs f32 `sumsq [B, D]`,
+/// `gamma [D]`, `beta [D]`; output f32 `ab [B, 2D]` as [`GrnModulation`]'s.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrnFromSumsq {
+    pub eps: f32,
+}
+
+impl OpImpl for GrnFromSumsq {
+    fn name(&self) -> &'static str {
+        "grn_from_sumsq"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [ss, gamma, beta] = inputs_n(self.name(), inputs)?;
+        let [b, d] = ss.shape[..] else {
+            return Err(Error::shape(
+                self.name(),
+                format!("sumsq must be [B, D], got {:?}", ss.shape),
+            ));
+        };
+        for t in [ss, gamma, beta] {
+            require_f32(self.name(), &t.name, t)?;
+        }
+        if gamma.shape != [d] || beta.shape != [d] {
+            return Err(Error::shape(
+                self.name(),
+                format!("gamma and beta must be [{d}]"),
+            ));
+        }
+        Ok(vec![(vec![b, 2 * d], DType::F32)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let d = inputs[1].data.len();
+        for (ss, ab) in inputs[0]
+            .data
+            .chunks_exact(d)
+            .zip(outputs[0].data.chunks_exact_mut(2 * d))
+        {
+            let ss: Vec<f64> = ss.iter().map(|&v| v as f64).collect();
+            modulation_from_sumsq(&ss, &inputs[1].data, &inputs[2].data, self.eps, ab);
+        }
+        Ok(())
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let op = self.name();
+        let [b, d] = io.inputs[0].desc.shape[..] else {
+            return Err(Error::shape(op, "sumsq must be [B, D]"));
+        };
+        Ok(vec![finish_launch(
+            op,
+            io,
+            io.inputs[0].ptr,
+            b,
+            d,
+            self.eps,
+        )?])
+    }
+}
+
+/// `grn_finish` over sums of squares at `ss`: one block per sample.
+fn finish_launch(op: &str, io: &LaunchIo, ss: u64, b: usize, d: usize, eps: f32) -> Result<Launch> {
+    let batch = to_i32(op, "B", b)?;
+    if batch > 65535 {
+        return Err(Error::shape(op, format!("batch {b} exceeds 65535")));
+    }
+    Ok(Launch::linear(
+        KernelId::lookup("grn_finish")?,
+        batch as u32,
+        256,
+        Args::new()
+            .ptr(ss)
+            .ptr(io.inputs[1].ptr)
+            .ptr(io.inputs[2].ptr)
+            .ptr(io.outputs[0].ptr)
+            .i32(to_i32(op, "D", d)?)
+            .f32(eps),
+    ))
 }
 
 #[cfg(test)]
