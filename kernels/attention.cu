@@ -13,7 +13,7 @@
 //   tiles of 64 keys double-buffered through cp.async; dynamic shared memory
 //   (64 + 4·64)·(D + 8)·2 bytes (46,080 for D = 64). Q·Kᵀ and P·V on mma.sync m16n8k16 with
 //   ldmatrix (.trans for V).
-// Limits: D ∈ {32, 64} (one kernel each); C % 8 == 0 (16-byte rows); N, M < 2^31 / 3C.
+// Limits: D ∈ {16, 32, 64} (one kernel each; 16 serves small test configurations); C % 8 == 0 (16-byte rows); N, M < 2^31 / 3C.
 // Names: attention_d<D>_<out>.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
@@ -204,4 +204,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_d32_bf16(const __nv_
 }
 extern "C" __global__ void __launch_bounds__(128) attention_d32_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
     attn::body<32>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d16_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
+    attn::body<16>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d16_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
+    attn::body<16>(qkv, kv, mask, out, n, m, c, causal, scale);
 }

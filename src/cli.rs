@@ -29,6 +29,19 @@ pub enum Command {
     /// Convert a PyTorch zip checkpoint (e.g. the released ultrapixel_t2i.safetensors, a
     /// pickle despite its name) to safetensors, without executing any pickled code.
     Convert(ConvertArgs),
+    /// Run golden case files (see tests/cases/README.md) and compare every output with its
+    /// tolerance: exit 0 when all pass, 1 when any fails, 2 on unreadable input.
+    Validate(ValidateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    /// Where to run: cpu uses the f32 tolerances, hostsim and cuda (bf16 kernels) the bf16 rule.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// Case files (safetensors).
+    #[arg(required = true)]
+    pub cases: Vec<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +77,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info => info(),
         Command::Verify(a) => verify_cmd(a),
+        Command::Validate(a) => validate_cmd(a),
         Command::Convert(a) => {
             let report = crate::weights::convert(&a.input, &a.output)?;
             println!("{}: {report}", a.output.display());
@@ -254,4 +268,58 @@ fn gpu_vs_hostsim(gpu: &Backend, seed: u64, filter: &Option<String>) -> Result<(
         }
     }
     Ok(counts)
+}
+
+/// `validate`: every case is read first, so a bad file stops the run before any work (exit 2);
+/// a case that fails to run counts as failed, with its error.
+fn validate_cmd(a: ValidateArgs) -> Result<i32> {
+    let cases = a
+        .cases
+        .iter()
+        .map(|p| crate::golden::Case::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(c) = cases
+        .iter()
+        .find(|c| !crate::golden::SUPPORTED_KINDS.contains(&c.module.as_str()))
+    {
+        return Err(crate::Error::Case {
+            case: c.path.display().to_string(),
+            message: format!(
+                "unknown or unsupported case kind `{}` (this build runs: {})",
+                c.module,
+                crate::golden::SUPPORTED_KINDS.join(", ")
+            ),
+        });
+    }
+    let backend = crate::runtime::Backend::open(a.backend)?;
+    let (mut passed, mut failed) = (0, 0);
+    for case in &cases {
+        match crate::golden::run_case(case, &backend) {
+            Ok(checks) => {
+                for c in checks {
+                    let ok = c.passed();
+                    println!(
+                        "{:<24} {:<24} {} {:.3e} <= {:.3e}  {}",
+                        c.case,
+                        c.output,
+                        c.rule,
+                        c.error,
+                        c.limit,
+                        if ok { "PASS" } else { "FAIL" }
+                    );
+                    if ok {
+                        passed += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                println!("{:<24} {:<24} FAIL ({e})", case.path.display(), "-");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { 0 } else { 1 })
 }

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod golden;
 pub mod models;
 pub mod ops;
 pub mod runtime;

@@ -219,10 +219,10 @@ impl OpImpl for Attention {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let d = self.dims(&descs)?;
         let op = self.name();
-        if !matches!(d.head_dim, 32 | 64) {
+        if !matches!(d.head_dim, 16 | 32 | 64) {
             return Err(Error::shape(
                 op,
-                format!("no kernel for head dim {} (32 and 64 exist)", d.head_dim),
+                format!("no kernel for head dim {} (16, 32 and 64 exist)", d.head_dim),
             ));
         }
         let operands = &descs[..1 + self.extra_kv as usize];
@@ -280,6 +280,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         (2, 37, 5, 2, 64, false, false),
         (1, 70, 0, 3, 32, true, true),
         (2, 65, 13, 1, 32, false, true),
+        (1, 63, 85, 2, 16, false, false),
         (1, 130, 85, 2, 64, false, false),
         (2, 77, 0, 2, 64, true, true),
     ];

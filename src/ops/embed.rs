@@ -179,21 +179,16 @@ pub(crate) mod test_data {
         )
     }
 
-    /// Where the case files live: `$UPX_CASES_DIR`, else the shared checkout.
+    /// The golden case files committed with the tests.
     fn dir() -> std::path::PathBuf {
-        std::env::var_os("UPX_CASES_DIR")
-            .map(Into::into)
-            .unwrap_or_else(|| "/work/shared/cases".into())
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
     }
 
-    /// The f32 tensors (`input.*`, `output.*`) and the metadata of `<name>.safetensors`, or
-    /// None (with a note) when the file is not on this machine.
-    pub fn load(name: &str) -> Option<(HashMap<String, HostTensor>, HashMap<String, String>)> {
+    /// The f32 tensors (`input.*`, `output.*`) and the metadata of `<name>.safetensors`; a
+    /// missing file fails the test.
+    pub fn load(name: &str) -> (HashMap<String, HostTensor>, HashMap<String, String>) {
         let path = dir().join(format!("{name}.safetensors"));
-        let Ok(bytes) = std::fs::read(&path) else {
-            eprintln!("skipping: {} not found (set UPX_CASES_DIR)", path.display());
-            return None;
-        };
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let tensors = st
             .iter()
@@ -204,7 +199,7 @@ pub(crate) mod test_data {
             })
             .collect();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        Some((tensors, meta.metadata().clone().unwrap_or_default()))
+        (tensors, meta.metadata().clone().unwrap_or_default())
     }
 
     /// max|out − ref| and the README's limit atol + rtol·max|ref|.
@@ -229,9 +224,7 @@ mod tests {
 
     #[test]
     fn matches_the_r_embedding_case() {
-        let Some((t, _)) = test_data::load("r_embedding") else {
-            return;
-        };
+        let (t, _) = test_data::load("r_embedding");
         let r = &t["input.r"];
         let c = t["output.emb"].shape[1];
         let mut emb = vec![f32::NAN; r.numel() * c];

@@ -549,9 +549,7 @@ mod tests {
 
     #[test]
     fn matches_the_sampler_step_case() {
-        let Some((t, meta)) = test_data::load("sampler_step") else {
-            return;
-        };
+        let (t, meta) = test_data::load("sampler_step");
         let (lo, hi) = logsnr_limits();
         let limits: Vec<f32> = serde_json::from_str(&meta["schedule_limits"]).unwrap();
         assert_eq!(vec![lo, hi], limits, "schedule limits");
@@ -619,9 +617,7 @@ mod tests {
 
     #[test]
     fn matches_the_cfg_combine_case() {
-        let Some((t, _)) = test_data::load("cfg_combine") else {
-            return;
-        };
+        let (t, _) = test_data::load("cfg_combine");
         let (c, u) = (&t["input.pred_cond"], &t["input.pred_uncond"]);
         let mut shape = c.shape.clone();
         shape[0] *= 2;

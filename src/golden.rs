@@ -1,0 +1,663 @@
+//! Golden case files (`tests/cases/`, format: the cases README): computations recorded from the
+//! official PyTorch code — weights, inputs, expected outputs — run here on any backend and
+//! compared with the README's rule. Behind `ultrapixel validate`.
+//!
+//! The kind comes from the `module` metadata, every size from the tensors and the `config`
+//! metadata. An unknown kind is an error, never a pass.
+
+use crate::models::ModelBuilder;
+use crate::ops::attention::Attention;
+use crate::ops::conv::DwConvLn;
+use crate::ops::elementwise::{Act, Activation, Film};
+use crate::ops::embed::SinEmbedding;
+use crate::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
+use crate::ops::grn::GrnFromSumsq;
+use crate::ops::layout::Concat;
+use crate::ops::norm::LayerNorm;
+use crate::ops::sampler::CfgCombine;
+use crate::runtime::graph::TensorId;
+use crate::runtime::session::SessionOptions;
+use crate::runtime::{Backend, BackendKind};
+use crate::tensor::{DType, HostTensor};
+use crate::weights::SafetensorsFile;
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// LayerNorm2d's eps in Stages B and C.
+const LN_EPS: f32 = 1e-6;
+
+/// One case file, loaded.
+pub struct Case {
+    pub path: PathBuf,
+    pub module: String,
+    pub config: serde_json::Value,
+    /// `weights.*` under their state-dict keys.
+    pub weights: HashMap<String, HostTensor>,
+    pub inputs: BTreeMap<String, HostTensor>,
+    pub outputs: BTreeMap<String, HostTensor>,
+}
+
+impl Case {
+    /// Reads and validates a case file; a malformed file is an error naming it.
+    pub fn load(path: &Path) -> Result<Case> {
+        let file = SafetensorsFile::open(path)?;
+        let fail = |message: String| Error::Case {
+            case: path.display().to_string(),
+            message,
+        };
+        let meta = file.metadata();
+        let module = meta
+            .get("module")
+            .cloned()
+            .ok_or_else(|| fail("no `module` metadata: not a case file".into()))?;
+        let config = match meta.get("config") {
+            Some(c) => {
+                serde_json::from_str(c).map_err(|e| fail(format!("bad config JSON: {e}")))?
+            }
+            None => serde_json::Value::Null,
+        };
+        let (mut weights, mut inputs, mut outputs) =
+            (HashMap::new(), BTreeMap::new(), BTreeMap::new());
+        for key in file.keys().map(str::to_string).collect::<Vec<_>>() {
+            let (group, name) = key.split_once('.').ok_or_else(|| {
+                fail(format!(
+                    "tensor {key}: expected weights.*, input.* or output.*"
+                ))
+            })?;
+            if name.ends_with("num_batches_tracked") {
+                continue; // an unused BatchNorm counter (int64)
+            }
+            let raw = file.bytes(&key)?;
+            let t = if raw.dtype == safetensors::Dtype::I64 {
+                // Token ids and masks: small integers, exact in f32.
+                let values = raw
+                    .data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+                    .collect();
+                HostTensor::new(raw.shape.to_vec(), values)
+            } else {
+                crate::models::Checkpoint::tensor(&file, &key)?
+            };
+            match group {
+                "weights" => weights.insert(name.to_string(), t),
+                "input" => inputs.insert(name.to_string(), t),
+                "output" => outputs.insert(name.to_string(), t),
+                _ => return Err(fail(format!("tensor {key}: unknown group {group}"))),
+            };
+        }
+        if outputs.is_empty() {
+            return Err(fail("no output.* tensors".into()));
+        }
+        Ok(Case {
+            path: path.to_path_buf(),
+            module,
+            config,
+            weights,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map_or_else(|| "case".into(), |s| s.to_string_lossy().into_owned())
+    }
+
+    fn input(&self, name: &str) -> Result<&HostTensor> {
+        self.inputs
+            .get(name)
+            .ok_or_else(|| self.error(format!("missing input.{name}")))
+    }
+
+    fn config_usize(&self, key: &str) -> Result<usize> {
+        self.config
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| self.error(format!("config has no integer `{key}`")))
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Case {
+            case: self.path.display().to_string(),
+            message,
+        }
+    }
+}
+
+/// Case kinds this build can run.
+pub const SUPPORTED_KINDS: &[&str] = &[
+    "resblock",
+    "feedforwardblock",
+    "timestepblock",
+    "attnblock",
+    "r_embedding",
+    "cfg_combine",
+];
+
+/// Kinds without weights use the f32 rule on every backend.
+fn weightless(kind: &str) -> bool {
+    matches!(kind, "r_embedding" | "sampler_step" | "cfg_combine")
+}
+
+/// The README's f32 (atol, rtol) of a kind.
+fn f32_tolerance(kind: &str) -> (f32, f32) {
+    match kind {
+        "sampler_step" => (1e-4, 1e-4),
+        "r_embedding"
+        | "scale_aware_norm"
+        | "inr_upsampler"
+        | "stage_c"
+        | "stage_c_ultrapixel_lr"
+        | "stage_c_ultrapixel_hr"
+        | "stage_b" => (1e-4, 1e-3),
+        "sample_ultrapixel" | "sample_stage_b" => (0.0, 2e-3),
+        _ => (1e-5, 1e-5),
+    }
+}
+
+/// One output compared.
+#[derive(Clone, Debug)]
+pub struct OutputCheck {
+    pub case: String,
+    pub output: String,
+    /// max |out − ref| (f32 rule) or ‖out − ref‖₂/‖ref‖₂ (bf16 rule).
+    pub error: f64,
+    pub limit: f64,
+    pub rule: &'static str,
+}
+
+impl OutputCheck {
+    pub fn passed(&self) -> bool {
+        self.error <= self.limit
+    }
+}
+
+/// Compares with the f32 rule on the cpu backend (and for weightless kinds), else with the
+/// bf16 rule (rel-L2 ≤ 3e-2). Non-finite values fail.
+fn compare(
+    case: &str,
+    kind: &str,
+    backend: BackendKind,
+    output: &str,
+    got: &[f32],
+    want: &[f32],
+) -> OutputCheck {
+    let finite = got.iter().all(|v| v.is_finite()) && got.len() == want.len();
+    let (error, limit, rule) = if backend == BackendKind::Cpu || weightless(kind) {
+        let (atol, rtol) = f32_tolerance(kind);
+        let max_ref = want.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+        (err, atol as f64 + rtol as f64 * max_ref, "max-abs")
+    } else {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+        ((num / den.max(f64::MIN_POSITIVE)).sqrt(), 3e-2, "rel-L2")
+    };
+    OutputCheck {
+        case: case.to_string(),
+        output: output.to_string(),
+        error: if finite { error } else { f64::INFINITY },
+        limit,
+        rule,
+    }
+}
+
+/// What a kind's graph needs: the recorded model, the inputs to set (in graph layout), and
+/// for each case output the graph tensor and how to bring it back to the file's layout.
+struct Built {
+    mb: ModelBuilder,
+    inputs: Vec<(TensorId, Vec<f32>)>,
+    outputs: Vec<(String, TensorId, Layout)>,
+}
+
+/// How a case tensor maps to a graph tensor.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// Same element order.
+    Same,
+    /// NCHW in the file, NHWC in the graph.
+    Image([usize; 4]),
+    /// NCHW in the file, tokens `[B, H·W, C]` in the graph.
+    Tokens([usize; 4]),
+}
+
+impl Layout {
+    fn of_image(t: &HostTensor) -> Result<([usize; 4], Vec<f32>)> {
+        let s: [usize; 4] = t.shape.as_slice().try_into().map_err(|_| {
+            Error::shape(
+                "case",
+                format!("expected an NCHW tensor, got {:?}", t.shape),
+            )
+        })?;
+        Ok((s, t.nchw_to_nhwc().data))
+    }
+
+    fn back(self, data: Vec<f32>) -> Vec<f32> {
+        match self {
+            Layout::Same => data,
+            Layout::Image([b, c, h, w]) | Layout::Tokens([b, c, h, w]) => {
+                HostTensor::new(vec![b, h, w, c], data).nhwc_to_nchw().data
+            }
+        }
+    }
+}
+
+/// Runs a case on `backend` and compares every expected output.
+pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
+    let built = match case.module.as_str() {
+        "resblock" => resblock(case)?,
+        "feedforwardblock" => feedforward(case)?,
+        "timestepblock" => timestep(case)?,
+        "attnblock" => attnblock(case)?,
+        "r_embedding" => r_embedding(case)?,
+        "cfg_combine" => cfg_combine(case)?,
+        other => {
+            return Err(case.error(format!(
+                "unknown or unsupported case kind `{other}` (this build runs: {})",
+                SUPPORTED_KINDS.join(", ")
+            )))
+        }
+    };
+    let Built {
+        mut mb,
+        inputs,
+        outputs,
+    } = built;
+    for (name, id, _) in &outputs {
+        mb.g.output(*id, name)?;
+    }
+    let (graph, plan) = mb.finish();
+    let weights = plan.bind(&case.weights);
+    let mut session = backend.session(graph, &weights, SessionOptions { poison: true })?;
+    for (id, values) in &inputs {
+        session.set_input(*id, values)?;
+    }
+    session.run()?;
+    let name = case.name();
+    let mut checks = Vec::new();
+    for (out, id, layout) in outputs {
+        let want = case
+            .outputs
+            .get(&out)
+            .ok_or_else(|| case.error(format!("missing output.{out}")))?;
+        let got = layout.back(session.read(id)?);
+        checks.push(compare(
+            &name,
+            &case.module,
+            backend.kind(),
+            &out,
+            &got,
+            &want.data,
+        ));
+    }
+    Ok(checks)
+}
+
+/// The ResBlock / FeedForwardBlock MLP with GRN across its two GEMMs, plus the residual:
+/// `channelwise.{0,2,4}` of `prefix`. `h` is bf16 `[B, H, W, Cin]`, `x` the f32 residual.
+fn grn_mlp(
+    mb: &mut ModelBuilder,
+    h: TensorId,
+    x: TensorId,
+    c: usize,
+    cin: usize,
+) -> Result<TensorId> {
+    let hidden = 4 * c;
+    let w1 = mb.weight("channelwise.0.weight", &[hidden, cin], DType::BF16)?;
+    let b1 = mb.weight("channelwise.0.bias", &[hidden], DType::F32)?;
+    let gamma = mb.weight_as(
+        "channelwise.2.gamma",
+        &[1, 1, 1, hidden],
+        &[hidden],
+        DType::F32,
+    )?;
+    let beta = mb.weight_as(
+        "channelwise.2.beta",
+        &[1, 1, 1, hidden],
+        &[hidden],
+        DType::F32,
+    )?;
+    let w2 = mb.weight("channelwise.4.weight", &[c, hidden], DType::BF16)?;
+    // GRN's β passes through the second Linear: fold W2·β into its bias.
+    let b2 = mb.derived(
+        "channelwise.4.bias+W·beta",
+        &[c],
+        DType::F32,
+        &[
+            ("channelwise.4.bias", &[c]),
+            ("channelwise.4.weight", &[c, hidden]),
+            ("channelwise.2.beta", &[1, 1, 1, hidden]),
+        ],
+        move |t| {
+            let (bias, w, beta) = (&t[0].data, &t[1].data, &t[2].data);
+            let folded = (0..bias.len())
+                .map(|o| {
+                    bias[o]
+                        + w[o * hidden..][..hidden]
+                            .iter()
+                            .zip(beta)
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                })
+                .collect();
+            Ok(HostTensor::new(vec![bias.len()], folded))
+        },
+    )?;
+    let first = Gemm {
+        bias: true,
+        gelu: true,
+        residual: false,
+        out: DType::BF16,
+    };
+    let hs = mb.g.op(GemmGrnStats { gemm: first }, &[h, w1, b1])?;
+    let ab =
+        mb.g.op1(GrnFromSumsq { eps: LN_EPS }, &[hs[1], gamma, beta])?;
+    let second = Gemm {
+        bias: true,
+        gelu: false,
+        residual: true,
+        out: DType::F32,
+    };
+    mb.g.op1(
+        GemmScaledA {
+            gemm: second,
+            k: 1.0,
+        },
+        &[hs[0], w2, b2, x, ab],
+    )
+}
+
+fn image_input(
+    mb: &mut ModelBuilder,
+    case: &Case,
+    name: &str,
+    dtype: DType,
+) -> Result<(TensorId, [usize; 4], Vec<f32>)> {
+    let (s @ [b, c, h, w], data) = Layout::of_image(case.input(name)?)?;
+    let id = mb.g.input(name, &[b, h, w, c], dtype)?;
+    Ok((id, s, data))
+}
+
+fn resblock(case: &Case) -> Result<Built> {
+    let (c, c_skip, k) = (
+        case.config_usize("c")?,
+        case.config_usize("c_skip")?,
+        case.config_usize("kernel_size")?,
+    );
+    let mut mb = ModelBuilder::new();
+    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
+    let mut inputs = vec![(x, xd)];
+    let dw_w = mb.weight_as("depthwise.weight", &[c, 1, k, k], &[c, k * k], DType::F32)?;
+    let dw_b = mb.weight("depthwise.bias", &[c], DType::F32)?;
+    let mut h = mb.g.op1(
+        DwConvLn {
+            k,
+            eps: LN_EPS,
+            out: DType::BF16,
+        },
+        &[x, dw_w, dw_b],
+    )?;
+    if c_skip > 0 {
+        let (skip, _, sd) = image_input(&mut mb, case, "x_skip", DType::BF16)?;
+        inputs.push((skip, sd));
+        h = mb.g.op1(
+            Concat {
+                axis: 3,
+                out: DType::BF16,
+            },
+            &[h, skip],
+        )?;
+    }
+    let out = grn_mlp(&mut mb, h, x, c, c + c_skip)?;
+    Ok(Built {
+        mb,
+        inputs,
+        outputs: vec![("out".into(), out, Layout::Image(shape))],
+    })
+}
+
+fn feedforward(case: &Case) -> Result<Built> {
+    let c = case.config_usize("c")?;
+    let mut mb = ModelBuilder::new();
+    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
+    let ln = LayerNorm {
+        eps: LN_EPS,
+        affine: false,
+        out: DType::BF16,
+    };
+    let h = mb.g.op1(ln, &[x])?;
+    let out = grn_mlp(&mut mb, h, x, c, c)?;
+    Ok(Built {
+        mb,
+        inputs: vec![(x, xd)],
+        outputs: vec![("out".into(), out, Layout::Image(shape))],
+    })
+}
+
+/// TimestepBlock: the mappers of t₀, t₁, … as one GEMM over the concatenated chunks.
+fn timestep(case: &Case) -> Result<Built> {
+    let (c, ct) = (case.config_usize("c")?, case.config_usize("c_timestep")?);
+    let conds: Vec<String> = case
+        .config
+        .get("conds")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let names: Vec<String> = std::iter::once("mapper".to_string())
+        .chain(conds.iter().map(|c| format!("mapper_{c}")))
+        .collect();
+    let width = ct * names.len();
+    let mut mb = ModelBuilder::new();
+    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
+    let t_in = case.input("t")?;
+    let b = shape[0];
+    let t = mb.g.input("t", &[b, width], DType::BF16)?;
+    let w_keys: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+    let b_keys: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
+    let (w_shape, b_shape) = ([2 * c, ct], [2 * c]);
+    let w_sources: Vec<(&str, &[usize])> =
+        w_keys.iter().map(|k| (k.as_str(), &w_shape[..])).collect();
+    let w = mb.derived(
+        "mappers.weight (concatenated)",
+        &[2 * c, width],
+        DType::BF16,
+        &w_sources,
+        move |ts| {
+            let mut out = Vec::with_capacity(2 * c * width);
+            for row in 0..2 * c {
+                for t in ts {
+                    out.extend_from_slice(&t.data[row * ct..][..ct]);
+                }
+            }
+            Ok(HostTensor::new(vec![2 * c, width], out))
+        },
+    )?;
+    let b_sources: Vec<(&str, &[usize])> =
+        b_keys.iter().map(|k| (k.as_str(), &b_shape[..])).collect();
+    let bias = mb.derived(
+        "mappers.bias (summed)",
+        &[2 * c],
+        DType::F32,
+        &b_sources,
+        move |ts| {
+            let sum = (0..2 * c)
+                .map(|i| ts.iter().map(|t| t.data[i]).sum())
+                .collect();
+            Ok(HostTensor::new(vec![2 * c], sum))
+        },
+    )?;
+    let ab = mb.g.op1(Gemm::linear(DType::F32), &[t, w, bias])?;
+    let out = mb.g.op1(
+        Film {
+            k: 1.0,
+            out: DType::F32,
+        },
+        &[x, ab],
+    )?;
+    Ok(Built {
+        mb,
+        inputs: vec![(x, xd), (t, t_in.data.clone())],
+        outputs: vec![("out".into(), out, Layout::Image(shape))],
+    })
+}
+
+/// AttnBlock on tokens `[B, H·W, C]` (LayerNorm2d is per pixel, so the token view is exact).
+fn attnblock(case: &Case) -> Result<Built> {
+    let (c, c_cond, heads) = (
+        case.config_usize("c")?,
+        case.config_usize("c_cond")?,
+        case.config_usize("nhead")?,
+    );
+    let mut mb = ModelBuilder::new();
+    let (shape @ [b, _, h, w], xd) = Layout::of_image(case.input("x")?)?;
+    let x = mb.g.input("x", &[b, h * w, c], DType::F32)?;
+    let kv_in = case.input("kv")?;
+    let s = kv_in.shape.get(1).copied().unwrap_or(0);
+    let kv = mb.g.input("kv", &[b, s, c_cond], DType::BF16)?;
+    let silu = mb.g.op1(
+        Activation {
+            act: Act::Silu,
+            out: DType::BF16,
+        },
+        &[kv],
+    )?;
+    let kv_w = mb.weight("kv_mapper.1.weight", &[c, c_cond], DType::BF16)?;
+    let kv_b = mb.weight("kv_mapper.1.bias", &[c], DType::F32)?;
+    let mapped = mb.g.op1(Gemm::linear(DType::BF16), &[silu, kv_w, kv_b])?;
+    let in_w = mb.weight("attention.attn.in_proj_weight", &[3 * c, c], DType::BF16)?;
+    let in_b = mb.weight("attention.attn.in_proj_bias", &[3 * c], DType::F32)?;
+    // K and V of the text tokens: rows C..3C of the packed projection.
+    let kv_rows = mb.derived(
+        "attention.attn.in_proj_weight[k,v]",
+        &[2 * c, c],
+        DType::BF16,
+        &[("attention.attn.in_proj_weight", &[3 * c, c])],
+        move |t| Ok(HostTensor::new(vec![2 * c, c], t[0].data[c * c..].to_vec())),
+    )?;
+    let kv_bias = mb.derived(
+        "attention.attn.in_proj_bias[k,v]",
+        &[2 * c],
+        DType::F32,
+        &[("attention.attn.in_proj_bias", &[3 * c])],
+        move |t| Ok(HostTensor::new(vec![2 * c], t[0].data[c..].to_vec())),
+    )?;
+    let extra =
+        mb.g.op1(Gemm::linear(DType::BF16), &[mapped, kv_rows, kv_bias])?;
+    let ln = LayerNorm {
+        eps: LN_EPS,
+        affine: false,
+        out: DType::BF16,
+    };
+    let t = mb.g.op1(ln, &[x])?;
+    let qkv = mb.g.op1(Gemm::linear(DType::BF16), &[t, in_w, in_b])?;
+    let attn = Attention {
+        heads,
+        causal: false,
+        extra_kv: true,
+        key_mask: false,
+        out: DType::BF16,
+    };
+    let a = mb.g.op1(attn, &[qkv, extra])?;
+    let out_w = mb.weight("attention.attn.out_proj.weight", &[c, c], DType::BF16)?;
+    let out_b = mb.weight("attention.attn.out_proj.bias", &[c], DType::F32)?;
+    let proj = Gemm {
+        bias: true,
+        gelu: false,
+        residual: true,
+        out: DType::F32,
+    };
+    let out = mb.g.op1(proj, &[a, out_w, out_b, x])?;
+    Ok(Built {
+        mb,
+        inputs: vec![(x, xd), (kv, kv_in.data.clone())],
+        outputs: vec![("out".into(), out, Layout::Tokens(shape))],
+    })
+}
+
+/// emb(r) and the Stage C conditioning row [emb(r), emb(0), emb(0)].
+fn r_embedding(case: &Case) -> Result<Built> {
+    let c = case.config_usize("c_r")?;
+    let conds = case
+        .config
+        .get("t_conds")
+        .and_then(|v| v.as_array())
+        .map_or(0, |a| a.len());
+    let r_in = case.input("r")?;
+    let n = r_in.data.len();
+    let mut mb = ModelBuilder::new();
+    let r = mb.g.input("r", &[n], DType::F32)?;
+    let zero = mb.g.input("zero", &[n], DType::F32)?;
+    let emb = mb.g.op1(SinEmbedding { c }, &[r])?;
+    let emb0 = mb.g.op1(SinEmbedding { c }, &[zero])?;
+    let mut parts = vec![emb];
+    parts.extend(std::iter::repeat_n(emb0, conds));
+    let full = mb.g.op1(
+        Concat {
+            axis: 1,
+            out: DType::F32,
+        },
+        &parts,
+    )?;
+    Ok(Built {
+        mb,
+        inputs: vec![(r, r_in.data.clone()), (zero, vec![0.0; n])],
+        outputs: vec![
+            ("emb".into(), emb, Layout::Same),
+            ("r_embed_full".into(), full, Layout::Same),
+        ],
+    })
+}
+
+/// Every (cfg, rho) pair of the config on [cond; uncond].
+fn cfg_combine(case: &Case) -> Result<Built> {
+    let pairs = case
+        .config
+        .get("pairs")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| case.error("config has no `pairs`".into()))?;
+    let (cond, uncond) = (case.input("pred_cond")?, case.input("pred_uncond")?);
+    let mut mb = ModelBuilder::new();
+    let c = mb.g.input("pred_cond", &cond.shape, DType::F32)?;
+    let u = mb.g.input("pred_uncond", &uncond.shape, DType::F32)?;
+    let both = mb.g.op1(
+        Concat {
+            axis: 0,
+            out: DType::F32,
+        },
+        &[c, u],
+    )?;
+    let mut outputs = Vec::new();
+    for p in pairs {
+        let (cfg, rho) = match p.as_array().map(|a| (a[0].as_f64(), a[1].as_f64())) {
+            Some((Some(cfg), Some(rho))) => (cfg, rho),
+            _ => return Err(case.error(format!("bad pair {p}"))),
+        };
+        let op = CfgCombine {
+            cfg: cfg as f32,
+            rho: rho as f32,
+            per_sample: false,
+        };
+        let y = mb.g.op1(op, &[both])?;
+        outputs.push((format!("pred_cfg{cfg:?}_rho{rho:?}"), y, Layout::Same));
+    }
+    Ok(Built {
+        mb,
+        inputs: vec![(c, cond.data.clone()), (u, uncond.data.clone())],
+        outputs,
+    })
+}

@@ -1,0 +1,159 @@
+//! Golden cases (tests/cases, from the official PyTorch code) through `ultrapixel validate`
+//! and the library: every supported kind passes on the cpu executor with the f32 tolerances
+//! and on the emulator with the bf16 rule; failures, unknown kinds and broken files are
+//! reported with the documented exit codes, never as a pass.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use ultrapixel::golden::{run_case, Case, SUPPORTED_KINDS};
+use ultrapixel::runtime::{Backend, BackendKind};
+
+fn cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
+}
+
+/// Every case file whose kind this build runs (there must be some of each kind).
+fn supported_cases() -> Vec<Case> {
+    let mut cases: Vec<Case> = std::fs::read_dir(cases_dir())
+        .expect("tests/cases")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| Case::load(&p).unwrap())
+        .filter(|c| SUPPORTED_KINDS.contains(&c.module.as_str()))
+        .collect();
+    cases.sort_by(|a, b| a.path.cmp(&b.path));
+    for kind in SUPPORTED_KINDS {
+        assert!(
+            cases.iter().any(|c| c.module == *kind),
+            "no case file of kind {kind}"
+        );
+    }
+    cases
+}
+
+fn assert_all_pass(kind: BackendKind) {
+    let backend = Backend::open(kind).unwrap();
+    for case in supported_cases() {
+        for c in run_case(&case, &backend).unwrap() {
+            eprintln!(
+                "{} {}: {} {:.3e} (limit {:.3e})",
+                c.case, c.output, c.rule, c.error, c.limit
+            );
+            assert!(
+                c.passed(),
+                "{} {} on {kind:?}: {:.3e} > {:.3e}",
+                c.case,
+                c.output,
+                c.error,
+                c.limit
+            );
+        }
+    }
+}
+
+#[test]
+fn every_supported_case_passes_on_the_cpu_executor() {
+    assert_all_pass(BackendKind::Cpu);
+}
+
+#[cfg(feature = "hostsim")]
+#[test]
+fn every_supported_case_passes_on_the_emulator() {
+    assert_all_pass(BackendKind::Hostsim);
+}
+
+fn validate(args: &[&Path]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .arg("validate")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("upx-validate-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn validate_passes_prints_a_line_per_output_and_a_summary() {
+    let files = [
+        cases_dir().join("resblock.safetensors"),
+        cases_dir().join("cfg_combine.safetensors"),
+    ];
+    let (code, out, err) = validate(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with("PASS")).count(),
+        4,
+        "{out}"
+    );
+    assert!(out.contains("4 passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn a_perturbed_expected_output_fails_with_exit_1() {
+    let src = cases_dir().join("timestepblock.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.data().to_vec(),
+                v.shape().to_vec(),
+                v.dtype(),
+            )
+        })
+        .collect();
+    let out = tensors.iter_mut().find(|t| t.0 == "output.out").unwrap();
+    let mut first = f32::from_le_bytes(out.1[..4].try_into().unwrap());
+    first += 0.5;
+    out.1[..4].copy_from_slice(&first.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, d, s, t)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    let dir = scratch("perturbed");
+    let path = dir.join("timestepblock.safetensors");
+    safetensors::serialize_to_file(views, meta.metadata().clone(), &path).unwrap();
+    let (code, out, _) = validate(&[&path]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains("0 passed, 1 failed"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_kinds_broken_files_and_no_files_exit_2() {
+    // A kind this build does not run yet: an error, not a pass.
+    let (code, out, err) = validate(&[&cases_dir().join("stage_a_decode.safetensors")]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("unsupported case kind"), "{err}");
+
+    let dir = scratch("broken");
+    let truncated = dir.join("truncated.safetensors");
+    let bytes = std::fs::read(cases_dir().join("resblock.safetensors")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, err) = validate(&[&truncated]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("truncated.safetensors"), "{err}");
+
+    let (code, _, _) = validate(&[]);
+    assert_eq!(code, 2);
+}
