@@ -136,6 +136,8 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "attnblock",
     "r_embedding",
     "cfg_combine",
+    "sampler_step",
+    "stage_c_clip_embed",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -219,6 +221,23 @@ struct Built {
     mb: ModelBuilder,
     inputs: Vec<(TensorId, Vec<f32>)>,
     outputs: Vec<(String, TensorId, Layout)>,
+    /// Outputs computed on the host (the sampler's scalar tables).
+    host_outputs: Vec<(String, Vec<f32>)>,
+}
+
+impl Built {
+    fn graph(
+        mb: ModelBuilder,
+        inputs: Vec<(TensorId, Vec<f32>)>,
+        outputs: Vec<(String, TensorId, Layout)>,
+    ) -> Built {
+        Built {
+            mb,
+            inputs,
+            outputs,
+            host_outputs: Vec::new(),
+        }
+    }
 }
 
 /// How a case tensor maps to a graph tensor.
@@ -262,6 +281,8 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
         "attnblock" => attnblock(case)?,
         "r_embedding" => r_embedding(case)?,
         "cfg_combine" => cfg_combine(case)?,
+        "sampler_step" => sampler_step(case)?,
+        "stage_c_clip_embed" => clip_embed(case)?,
         other => {
             return Err(case.error(format!(
                 "unknown or unsupported case kind `{other}` (this build runs: {})",
@@ -273,6 +294,7 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
         mut mb,
         inputs,
         outputs,
+        host_outputs,
     } = built;
     for (name, id, _) in &outputs {
         mb.g.output(*id, name)?;
@@ -285,13 +307,17 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
     }
     session.run()?;
     let name = case.name();
-    let mut checks = Vec::new();
+    let mut results = Vec::new();
     for (out, id, layout) in outputs {
+        results.push((out, layout.back(session.read(id)?)));
+    }
+    results.extend(host_outputs);
+    let mut checks = Vec::new();
+    for (out, got) in results {
         let want = case
             .outputs
             .get(&out)
             .ok_or_else(|| case.error(format!("missing output.{out}")))?;
-        let got = layout.back(session.read(id)?);
         checks.push(compare(
             &name,
             &case.module,
@@ -300,6 +326,13 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
             &got,
             &want.data,
         ));
+    }
+    if checks.len() != case.outputs.len() {
+        return Err(case.error(format!(
+            "{} outputs in the file, {} computed",
+            case.outputs.len(),
+            checks.len()
+        )));
     }
     Ok(checks)
 }
@@ -420,11 +453,11 @@ fn resblock(case: &Case) -> Result<Built> {
         )?;
     }
     let out = grn_mlp(&mut mb, h, x, c, c + c_skip)?;
-    Ok(Built {
+    Ok(Built::graph(
         mb,
         inputs,
-        outputs: vec![("out".into(), out, Layout::Image(shape))],
-    })
+        vec![("out".into(), out, Layout::Image(shape))],
+    ))
 }
 
 fn feedforward(case: &Case) -> Result<Built> {
@@ -438,11 +471,11 @@ fn feedforward(case: &Case) -> Result<Built> {
     };
     let h = mb.g.op1(ln, &[x])?;
     let out = grn_mlp(&mut mb, h, x, c, c)?;
-    Ok(Built {
+    Ok(Built::graph(
         mb,
-        inputs: vec![(x, xd)],
-        outputs: vec![("out".into(), out, Layout::Image(shape))],
-    })
+        vec![(x, xd)],
+        vec![("out".into(), out, Layout::Image(shape))],
+    ))
 }
 
 /// TimestepBlock: the mappers of t₀, t₁, … as one GEMM over the concatenated chunks.
@@ -509,11 +542,11 @@ fn timestep(case: &Case) -> Result<Built> {
         },
         &[x, ab],
     )?;
-    Ok(Built {
+    Ok(Built::graph(
         mb,
-        inputs: vec![(x, xd), (t, t_in.data.clone())],
-        outputs: vec![("out".into(), out, Layout::Image(shape))],
-    })
+        vec![(x, xd), (t, t_in.data.clone())],
+        vec![("out".into(), out, Layout::Image(shape))],
+    ))
 }
 
 /// AttnBlock on tokens `[B, H·W, C]` (LayerNorm2d is per pixel, so the token view is exact).
@@ -582,11 +615,11 @@ fn attnblock(case: &Case) -> Result<Built> {
         out: DType::F32,
     };
     let out = mb.g.op1(proj, &[a, out_w, out_b, x])?;
-    Ok(Built {
+    Ok(Built::graph(
         mb,
-        inputs: vec![(x, xd), (kv, kv_in.data.clone())],
-        outputs: vec![("out".into(), out, Layout::Tokens(shape))],
-    })
+        vec![(x, xd), (kv, kv_in.data.clone())],
+        vec![("out".into(), out, Layout::Tokens(shape))],
+    ))
 }
 
 /// emb(r) and the Stage C conditioning row [emb(r), emb(0), emb(0)].
@@ -613,14 +646,14 @@ fn r_embedding(case: &Case) -> Result<Built> {
         },
         &parts,
     )?;
-    Ok(Built {
+    Ok(Built::graph(
         mb,
-        inputs: vec![(r, r_in.data.clone()), (zero, vec![0.0; n])],
-        outputs: vec![
+        vec![(r, r_in.data.clone()), (zero, vec![0.0; n])],
+        vec![
             ("emb".into(), emb, Layout::Same),
             ("r_embed_full".into(), full, Layout::Same),
         ],
-    })
+    ))
 }
 
 /// Every (cfg, rho) pair of the config on [cond; uncond].
@@ -655,9 +688,148 @@ fn cfg_combine(case: &Case) -> Result<Built> {
         let y = mb.g.op1(op, &[both])?;
         outputs.push((format!("pred_cfg{cfg:?}_rho{rho:?}"), y, Layout::Same));
     }
+    Ok(Built::graph(
+        mb,
+        vec![(c, cond.data.clone()), (u, uncond.data.clone())],
+        outputs,
+    ))
+}
+
+/// The GDF scalars on the host (they are what the sampler computes per step) and the DDPM /
+/// DDIM update as the graph op.
+fn sampler_step(case: &Case) -> Result<Built> {
+    use crate::ops::sampler::{logsnr, noise_cond, scalers, DdpmStep, StepCoefficients};
+    let (x, pred, noise) = (case.input("x")?, case.input("pred")?, case.input("noise")?);
+    let (r, r_prev, range) = (
+        case.input("r")?,
+        case.input("r_prev")?,
+        case.input("r_range_20")?,
+    );
+    let b = r.data.len();
+    let mut mb = ModelBuilder::new();
+    let ids: Vec<TensorId> = ["x", "pred", "noise"]
+        .iter()
+        .map(|n| mb.g.input(n, &x.shape, DType::F32))
+        .collect::<Result<_>>()?;
+    let coef_ddpm = mb.g.input("coef_ddpm", &[b, 5], DType::F32)?;
+    let coef_ddim = mb.g.input("coef_ddim", &[b, 5], DType::F32)?;
+    let ddpm = mb.g.op(DdpmStep, &[ids[0], ids[1], ids[2], coef_ddpm])?;
+    let ddim = mb.g.op(DdpmStep, &[ids[0], ids[1], ids[2], coef_ddim])?;
+    let (mut rows_ddpm, mut rows_ddim) = (Vec::new(), Vec::new());
+    for (&t, &tp) in r.data.iter().zip(&r_prev.data) {
+        rows_ddpm.extend(StepCoefficients::ddpm(t, tp)?.row());
+        rows_ddim.extend(StepCoefficients::ddim(t, tp).row());
+    }
+    let ls: Vec<f32> = r.data.iter().map(|&t| logsnr(t)).collect();
+    let host_outputs = vec![
+        ("logSNR".into(), ls.clone()),
+        (
+            "logSNR_prev".into(),
+            r_prev.data.iter().map(|&t| logsnr(t)).collect(),
+        ),
+        (
+            "noise_cond".into(),
+            ls.iter().map(|&l| noise_cond(l)).collect(),
+        ),
+        ("a".into(), ls.iter().map(|&l| scalers(l).0).collect()),
+        ("b".into(), ls.iter().map(|&l| scalers(l).1).collect()),
+        ("epsilon".into(), pred.data.clone()),
+        (
+            "logSNR_range_20".into(),
+            range.data.iter().map(|&t| logsnr(t)).collect(),
+        ),
+        (
+            "noise_cond_range_20".into(),
+            range.data.iter().map(|&t| noise_cond(logsnr(t))).collect(),
+        ),
+    ];
     Ok(Built {
         mb,
-        inputs: vec![(c, cond.data.clone()), (u, uncond.data.clone())],
-        outputs,
+        inputs: vec![
+            (ids[0], x.data.clone()),
+            (ids[1], pred.data.clone()),
+            (ids[2], noise.data.clone()),
+            (coef_ddpm, rows_ddpm),
+            (coef_ddim, rows_ddim),
+        ],
+        outputs: vec![
+            ("x0".into(), ddpm[0], Layout::Same),
+            ("x_next".into(), ddpm[1], Layout::Same),
+            ("x_next_ddim".into(), ddim[1], Layout::Same),
+        ],
+        host_outputs,
     })
+}
+
+/// Stage C's conditioning tokens: the text mapper per token, the pooled and image mappers as
+/// `c_clip_seq` row blocks each (their outputs are consecutive tokens), then LayerNorm.
+fn clip_embed(case: &Case) -> Result<Built> {
+    let (cc, seq) = (
+        case.config_usize("c_cond")?,
+        case.config_usize("c_clip_seq")?,
+    );
+    let mut mb = ModelBuilder::new();
+    let mut inputs = Vec::new();
+    let mut tokens = Vec::new();
+    for (input, mapper, width_key, blocks) in [
+        ("clip_text", "clip_txt_mapper", "c_clip_text", 1),
+        (
+            "clip_text_pooled",
+            "clip_txt_pooled_mapper",
+            "c_clip_text_pooled",
+            seq,
+        ),
+        ("clip_img", "clip_img_mapper", "c_clip_img", seq),
+    ] {
+        let t = case.input(input)?;
+        let width = case.config_usize(width_key)?;
+        let id = mb.g.input(input, &t.shape, DType::BF16)?;
+        inputs.push((id, t.data.clone()));
+        let (wkey, bkey) = (format!("{mapper}.weight"), format!("{mapper}.bias"));
+        for j in 0..blocks {
+            let w = mb.derived(
+                &format!("{wkey}[{j}]"),
+                &[cc, width],
+                DType::BF16,
+                &[(&wkey, &[blocks * cc, width])],
+                move |t| {
+                    Ok(HostTensor::new(
+                        vec![cc, width],
+                        t[0].data[j * cc * width..][..cc * width].to_vec(),
+                    ))
+                },
+            )?;
+            let b = mb.derived(
+                &format!("{bkey}[{j}]"),
+                &[cc],
+                DType::F32,
+                &[(&bkey, &[blocks * cc])],
+                move |t| {
+                    Ok(HostTensor::new(
+                        vec![cc],
+                        t[0].data[j * cc..][..cc].to_vec(),
+                    ))
+                },
+            )?;
+            tokens.push(mb.g.op1(Gemm::linear(DType::F32), &[id, w, b])?);
+        }
+    }
+    let all = mb.g.op1(
+        Concat {
+            axis: 1,
+            out: DType::F32,
+        },
+        &tokens,
+    )?;
+    let ln = LayerNorm {
+        eps: LN_EPS,
+        affine: false,
+        out: DType::F32,
+    };
+    let clip = mb.g.op1(ln, &[all])?;
+    Ok(Built::graph(
+        mb,
+        inputs,
+        vec![("clip".into(), clip, Layout::Same)],
+    ))
 }

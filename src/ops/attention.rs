@@ -222,7 +222,10 @@ impl OpImpl for Attention {
         if !matches!(d.head_dim, 16 | 32 | 64) {
             return Err(Error::shape(
                 op,
-                format!("no kernel for head dim {} (16, 32 and 64 exist)", d.head_dim),
+                format!(
+                    "no kernel for head dim {} (16, 32 and 64 exist)",
+                    d.head_dim
+                ),
             ));
         }
         let operands = &descs[..1 + self.extra_kv as usize];
