@@ -138,6 +138,7 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "cfg_combine",
     "sampler_step",
     "stage_c_clip_embed",
+    "scale_aware_norm",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -283,6 +284,7 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
         "cfg_combine" => cfg_combine(case)?,
         "sampler_step" => sampler_step(case)?,
         "stage_c_clip_embed" => clip_embed(case)?,
+        "scale_aware_norm" => scale_aware_norm(case)?,
         other => {
             return Err(case.error(format!(
                 "unknown or unsupported case kind `{other}` (this build runs: {})",
@@ -832,4 +834,41 @@ fn clip_embed(case: &Case) -> Result<Built> {
         inputs,
         vec![("clip".into(), clip, Layout::Same)],
     ))
+}
+
+/// UltraPixel's scale-aware norm on every `x_*` input: [a | b] = mapper(emb₆₄(s(H·W))), then
+/// out = x + (x·(1 + a) + b) = x·(2 + a) + b.
+fn scale_aware_norm(case: &Case) -> Result<Built> {
+    use crate::ops::embed::scale_signal;
+    use crate::ops::layout::Cast;
+    let c = case.config_usize("c")?;
+    let sc = case.config_usize("scale_c")?;
+    let mut mb = ModelBuilder::new();
+    let w = mb.weight("mapping.mapper.weight", &[2 * c, sc], DType::BF16)?;
+    let bias = mb.weight("mapping.mapper.bias", &[2 * c], DType::F32)?;
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    let names: Vec<String> = case
+        .inputs
+        .keys()
+        .filter(|k| k.starts_with("x_"))
+        .cloned()
+        .collect();
+    for name in names {
+        let (x, shape @ [b, _, h, wd], xd) = image_input(&mut mb, case, &name, DType::F32)?;
+        let s = mb.g.input(&format!("s_{name}"), &[b], DType::F32)?;
+        inputs.push((x, xd));
+        inputs.push((s, vec![scale_signal(h, wd); b]));
+        let e = mb.g.op1(SinEmbedding { c: sc }, &[s])?;
+        let e = mb.g.op1(Cast { out: DType::BF16 }, &[e])?;
+        let ab = mb.g.op1(Gemm::linear(DType::F32), &[e, w, bias])?;
+        let out = mb.g.op1(
+            Film {
+                k: 2.0,
+                out: DType::F32,
+            },
+            &[x, ab],
+        )?;
+        outputs.push((format!("out{}", &name[1..]), out, Layout::Image(shape)));
+    }
+    Ok(Built::graph(mb, inputs, outputs))
 }
