@@ -933,6 +933,42 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     Ok(v)
 }
 
+/// The same elements under another shape (row-major order kept): e.g. NHWC maps as token
+/// sequences. A copy, through [`Cast`]'s kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reshape {
+    pub shape: Vec<usize>,
+}
+
+impl OpImpl for Reshape {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [x] = inputs_n(self.name(), inputs)?;
+        if x.numel() != self.shape.iter().product::<usize>() || x.numel() == 0 {
+            return Err(Error::shape(
+                self.name(),
+                format!("cannot view {:?} as {:?}", x.shape, self.shape),
+            ));
+        }
+        Ok(vec![(self.shape.clone(), x.dtype)])
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        outputs[0].data.copy_from_slice(&inputs[0].data);
+        Ok(())
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        Cast {
+            out: io.inputs[0].desc.dtype,
+        }
+        .launches(io)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
