@@ -930,6 +930,18 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         v.push(concat_check(next(), 3, &[part, part], &[h, h], h)?);
         v.push(gather_check(next(), (2, 77, 4096, 1280), h, h)?);
     }
+    for dtype in [DType::F32, DType::BF16] {
+        let op = Reshape {
+            shape: vec![3, 35, 7],
+        };
+        v.push(unary_check(
+            next(),
+            op,
+            &[3, 5, 7, 7],
+            dtype,
+            copy_tolerance(&[dtype], dtype),
+        )?);
+    }
     Ok(v)
 }
 
