@@ -59,19 +59,24 @@ fn every_supported_case_passes_on_the_cpu_executor() {
     assert_all_pass(BackendKind::Cpu, &[]);
 }
 
-/// The INR case's tiny transformer has head dim 8 (the real model: 32), which has no kernel;
-/// it must fail loudly rather than be skipped silently (next test).
+/// The tiny INR and CLIP cases have head dims 8 and 4 (the real models: 32 and 64), which have
+/// no kernel; they must fail loudly rather than be skipped silently (next test).
 #[cfg(feature = "hostsim")]
 #[test]
 fn every_supported_case_passes_on_the_emulator() {
-    assert_all_pass(BackendKind::Hostsim, &["inr_upsampler"]);
+    assert_all_pass(BackendKind::Hostsim, &["inr_upsampler", "clip_text"]);
 }
 
 #[cfg(feature = "hostsim")]
 #[test]
 fn a_head_dim_without_kernel_is_a_clear_error_on_the_emulator() {
-    let case = Case::load(&cases_dir().join("inr_upsampler.safetensors")).unwrap();
     let backend = Backend::open(BackendKind::Hostsim).unwrap();
+    let case = Case::load(&cases_dir().join("clip_text.safetensors")).unwrap();
+    let err = run_case(&case, &backend)
+        .expect_err("head dim 4 has no kernel")
+        .to_string();
+    assert!(err.contains("head dim 4"), "{err}");
+    let case = Case::load(&cases_dir().join("inr_upsampler.safetensors")).unwrap();
     let err = run_case(&case, &backend)
         .expect_err("head dim 8 has no kernel")
         .to_string();
