@@ -1,0 +1,382 @@
+//! Golden case files (`tests/cases/`, format: the cases README): computations recorded from the
+//! official PyTorch code — weights, inputs, expected outputs — run here on any backend and
+//! compared with the README's rule. Behind `ultrapixel validate`.
+//!
+//! The kind comes from the `module` metadata, every size from the tensors and the `config`
+//! metadata. An unknown kind is an error, never a pass.
+
+mod blocks;
+mod clip;
+mod inr;
+mod sampler;
+mod stage_a;
+
+use crate::models::ModelBuilder;
+use crate::ops::attention::Attention;
+use crate::ops::conv::DwConvLn;
+use crate::ops::elementwise::{Act, Activation, Film};
+use crate::ops::embed::SinEmbedding;
+use crate::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
+use crate::ops::grn::GrnFromSumsq;
+use crate::ops::layout::Concat;
+use crate::ops::norm::LayerNorm;
+use crate::ops::sampler::CfgCombine;
+use crate::runtime::graph::TensorId;
+use crate::runtime::session::SessionOptions;
+use crate::runtime::{Backend, BackendKind};
+use crate::tensor::{DType, HostTensor};
+use crate::weights::SafetensorsFile;
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// LayerNorm2d's eps in Stages B and C.
+const LN_EPS: f32 = 1e-6;
+
+/// One case file, loaded.
+pub struct Case {
+    pub path: PathBuf,
+    pub module: String,
+    pub config: serde_json::Value,
+    /// `weights.*` under their state-dict keys.
+    pub weights: HashMap<String, HostTensor>,
+    pub inputs: BTreeMap<String, HostTensor>,
+    pub outputs: BTreeMap<String, HostTensor>,
+}
+
+impl Case {
+    /// Reads and validates a case file; a malformed file is an error naming it.
+    pub fn load(path: &Path) -> Result<Case> {
+        let file = SafetensorsFile::open(path)?;
+        let fail = |message: String| Error::Case {
+            case: path.display().to_string(),
+            message,
+        };
+        let meta = file.metadata();
+        let module = meta
+            .get("module")
+            .cloned()
+            .ok_or_else(|| fail("no `module` metadata: not a case file".into()))?;
+        let config = match meta.get("config") {
+            Some(c) => {
+                serde_json::from_str(c).map_err(|e| fail(format!("bad config JSON: {e}")))?
+            }
+            None => serde_json::Value::Null,
+        };
+        let (mut weights, mut inputs, mut outputs) =
+            (HashMap::new(), BTreeMap::new(), BTreeMap::new());
+        for key in file.keys().map(str::to_string).collect::<Vec<_>>() {
+            let (group, name) = key.split_once('.').ok_or_else(|| {
+                fail(format!(
+                    "tensor {key}: expected weights.*, input.* or output.*"
+                ))
+            })?;
+            if name.ends_with("num_batches_tracked") {
+                continue; // an unused BatchNorm counter (int64)
+            }
+            let raw = file.bytes(&key)?;
+            let t = if raw.dtype == safetensors::Dtype::I64 {
+                // Token ids and masks: small integers, exact in f32.
+                let values = raw
+                    .data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+                    .collect();
+                HostTensor::new(raw.shape.to_vec(), values)
+            } else {
+                crate::models::Checkpoint::tensor(&file, &key)?
+            };
+            match group {
+                "weights" => weights.insert(name.to_string(), t),
+                "input" => inputs.insert(name.to_string(), t),
+                "output" => outputs.insert(name.to_string(), t),
+                _ => return Err(fail(format!("tensor {key}: unknown group {group}"))),
+            };
+        }
+        if outputs.is_empty() {
+            return Err(fail("no output.* tensors".into()));
+        }
+        Ok(Case {
+            path: path.to_path_buf(),
+            module,
+            config,
+            weights,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map_or_else(|| "case".into(), |s| s.to_string_lossy().into_owned())
+    }
+
+    fn input(&self, name: &str) -> Result<&HostTensor> {
+        self.inputs
+            .get(name)
+            .ok_or_else(|| self.error(format!("missing input.{name}")))
+    }
+
+    fn config_usize(&self, key: &str) -> Result<usize> {
+        self.config
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| self.error(format!("config has no integer `{key}`")))
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Case {
+            case: self.path.display().to_string(),
+            message,
+        }
+    }
+}
+
+/// Case kinds this build can run.
+pub const SUPPORTED_KINDS: &[&str] = &[
+    "resblock",
+    "feedforwardblock",
+    "timestepblock",
+    "attnblock",
+    "r_embedding",
+    "cfg_combine",
+    "sampler_step",
+    "stage_c_clip_embed",
+    "scale_aware_norm",
+    "inr_upsampler",
+    "stage_a_resblock",
+    "stage_a_decode",
+    "clip_text",
+];
+
+/// Kinds without weights use the f32 rule on every backend.
+fn weightless(kind: &str) -> bool {
+    matches!(kind, "r_embedding" | "sampler_step" | "cfg_combine")
+}
+
+/// The README's f32 (atol, rtol) of a kind.
+fn f32_tolerance(kind: &str) -> (f32, f32) {
+    match kind {
+        "sampler_step" => (1e-4, 1e-4),
+        "r_embedding"
+        | "scale_aware_norm"
+        | "inr_upsampler"
+        | "stage_c"
+        | "stage_c_ultrapixel_lr"
+        | "stage_c_ultrapixel_hr"
+        | "stage_b" => (1e-4, 1e-3),
+        "sample_ultrapixel" | "sample_stage_b" => (0.0, 2e-3),
+        _ => (1e-5, 1e-5),
+    }
+}
+
+/// One output compared.
+#[derive(Clone, Debug)]
+pub struct OutputCheck {
+    pub case: String,
+    pub output: String,
+    /// max |out − ref| (f32 rule) or ‖out − ref‖₂/‖ref‖₂ (bf16 rule).
+    pub error: f64,
+    pub limit: f64,
+    pub rule: &'static str,
+}
+
+impl OutputCheck {
+    pub fn passed(&self) -> bool {
+        self.error <= self.limit
+    }
+}
+
+/// Compares with the f32 rule on the cpu backend (and for weightless kinds), else with the
+/// bf16 rule (rel-L2 ≤ 3e-2). Non-finite values fail.
+fn compare(
+    case: &str,
+    kind: &str,
+    backend: BackendKind,
+    output: &str,
+    got: &[f32],
+    want: &[f32],
+) -> OutputCheck {
+    let finite = got.iter().all(|v| v.is_finite()) && got.len() == want.len();
+    let (error, limit, rule) = if backend == BackendKind::Cpu || weightless(kind) {
+        let (atol, rtol) = f32_tolerance(kind);
+        let max_ref = want.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+        (err, atol as f64 + rtol as f64 * max_ref, "max-abs")
+    } else {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+        ((num / den.max(f64::MIN_POSITIVE)).sqrt(), 3e-2, "rel-L2")
+    };
+    OutputCheck {
+        case: case.to_string(),
+        output: output.to_string(),
+        error: if finite { error } else { f64::INFINITY },
+        limit,
+        rule,
+    }
+}
+
+/// What a kind's graph needs: the recorded model, the inputs to set (in graph layout), and
+/// for each case output the graph tensor and how to bring it back to the file's layout.
+struct Built {
+    mb: ModelBuilder,
+    inputs: Vec<(TensorId, Vec<f32>)>,
+    outputs: Vec<(String, TensorId, Layout)>,
+    /// Outputs computed on the host (the sampler's scalar tables).
+    host_outputs: Vec<(String, Vec<f32>)>,
+}
+
+impl Built {
+    fn graph(
+        mb: ModelBuilder,
+        inputs: Vec<(TensorId, Vec<f32>)>,
+        outputs: Vec<(String, TensorId, Layout)>,
+    ) -> Built {
+        Built {
+            mb,
+            inputs,
+            outputs,
+            host_outputs: Vec::new(),
+        }
+    }
+}
+
+/// How a case tensor maps to a graph tensor.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// Same element order.
+    Same,
+    /// NCHW in the file, NHWC in the graph.
+    Image([usize; 4]),
+    /// NCHW in the file, tokens `[B, H·W, C]` in the graph.
+    Tokens([usize; 4]),
+}
+
+impl Layout {
+    fn of_image(t: &HostTensor) -> Result<([usize; 4], Vec<f32>)> {
+        let s: [usize; 4] = t.shape.as_slice().try_into().map_err(|_| {
+            Error::shape(
+                "case",
+                format!("expected an NCHW tensor, got {:?}", t.shape),
+            )
+        })?;
+        Ok((s, t.nchw_to_nhwc().data))
+    }
+
+    fn back(self, data: Vec<f32>) -> Vec<f32> {
+        match self {
+            Layout::Same => data,
+            Layout::Image([b, c, h, w]) | Layout::Tokens([b, c, h, w]) => {
+                HostTensor::new(vec![b, h, w, c], data).nhwc_to_nchw().data
+            }
+        }
+    }
+}
+
+/// Runs a case on `backend` and compares every expected output.
+pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
+    let built = match case.module.as_str() {
+        "resblock" => blocks::resblock(case)?,
+        "feedforwardblock" => blocks::feedforward(case)?,
+        "timestepblock" => blocks::timestep(case)?,
+        "attnblock" => blocks::attnblock(case)?,
+        "r_embedding" => blocks::r_embedding(case)?,
+        "cfg_combine" => sampler::cfg_combine(case)?,
+        "sampler_step" => sampler::sampler_step(case)?,
+        "stage_c_clip_embed" => blocks::clip_embed(case)?,
+        "scale_aware_norm" => blocks::scale_aware_norm(case)?,
+        "inr_upsampler" => inr::inr_upsampler(case)?,
+        "stage_a_resblock" => stage_a::stage_a_resblock(case)?,
+        "stage_a_decode" => stage_a::stage_a_decode(case)?,
+        "clip_text" => clip::clip_text(case)?,
+        other => {
+            return Err(case.error(format!(
+                "unknown or unsupported case kind `{other}` (this build runs: {})",
+                SUPPORTED_KINDS.join(", ")
+            )))
+        }
+    };
+    let Built {
+        mut mb,
+        inputs,
+        outputs,
+        host_outputs,
+    } = built;
+    for (name, id, _) in &outputs {
+        mb.g.output(*id, name)?;
+    }
+    let (graph, plan) = mb.finish();
+    let weights = plan.bind(&case.weights);
+    let mut session = backend.session(graph, &weights, SessionOptions { poison: true })?;
+    for (id, values) in &inputs {
+        session.set_input(*id, values)?;
+    }
+    session.run()?;
+    let name = case.name();
+    let mut results = Vec::new();
+    for (out, id, layout) in outputs {
+        results.push((out, layout.back(session.read(id)?)));
+    }
+    results.extend(host_outputs);
+    let mut checks = Vec::new();
+    for (out, got) in results {
+        let want = case
+            .outputs
+            .get(&out)
+            .ok_or_else(|| case.error(format!("missing output.{out}")))?;
+        checks.push(compare(
+            &name,
+            &case.module,
+            backend.kind(),
+            &out,
+            &got,
+            &want.data,
+        ));
+    }
+    if checks.len() != case.outputs.len() {
+        return Err(case.error(format!(
+            "{} outputs in the file, {} computed",
+            case.outputs.len(),
+            checks.len()
+        )));
+    }
+    Ok(checks)
+}
+
+fn image_input(
+    mb: &mut ModelBuilder,
+    case: &Case,
+    name: &str,
+    dtype: DType,
+) -> Result<(TensorId, [usize; 4], Vec<f32>)> {
+    let (s @ [b, c, h, w], data) = Layout::of_image(case.input(name)?)?;
+    let id = mb.g.input(name, &[b, h, w, c], dtype)?;
+    Ok((id, s, data))
+}
+
+/// `[out, in, 1, 1]` conv weights as a GEMM's `[out, in]`.
+fn conv1x1(mb: &mut ModelBuilder, key: &str, out: usize, inp: usize) -> Result<TensorId> {
+    mb.weight_as(key, &[out, inp, 1, 1], &[out, inp], DType::BF16)
+}
+
+/// An affine LayerNorm (eps 1e-5, `nn.LayerNorm` defaults) with weights under `prefix`.
+fn layer_norm(mb: &mut ModelBuilder, prefix: &str, x: TensorId, c: usize) -> Result<TensorId> {
+    let g = mb.weight(&format!("{prefix}.weight"), &[c], DType::F32)?;
+    let b = mb.weight(&format!("{prefix}.bias"), &[c], DType::F32)?;
+    let ln = LayerNorm {
+        eps: 1e-5,
+        affine: true,
+        out: DType::BF16,
+    };
+    mb.g.op1(ln, &[x, g, b])
+}
