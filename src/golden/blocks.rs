@@ -1,7 +1,7 @@
 use super::*;
 
 /// The ResBlock / FeedForwardBlock MLP with GRN across its two GEMMs, plus the residual:
-/// `channelwise.{0,2,4}` of `prefix`. `h` is bf16 `[B, H, W, Cin]`, `x` the f32 residual.
+/// weights `channelwise.{0,2,4}`; `h` is bf16 `[B, H, W, Cin]`, `x` the f32 residual.
 pub(super) fn grn_mlp(
     mb: &mut ModelBuilder,
     h: TensorId,
