@@ -4,36 +4,29 @@ use super::*;
 /// weights `channelwise.{0,2,4}`; `h` is bf16 `[B, H, W, Cin]`, `x` the f32 residual.
 pub(super) fn grn_mlp(
     mb: &mut ModelBuilder,
+    p: &str,
     h: TensorId,
     x: TensorId,
     c: usize,
     cin: usize,
 ) -> Result<TensorId> {
     let hidden = 4 * c;
-    let w1 = mb.weight("channelwise.0.weight", &[hidden, cin], DType::BF16)?;
-    let b1 = mb.weight("channelwise.0.bias", &[hidden], DType::F32)?;
-    let gamma = mb.weight_as(
-        "channelwise.2.gamma",
-        &[1, 1, 1, hidden],
-        &[hidden],
-        DType::F32,
-    )?;
-    let beta = mb.weight_as(
-        "channelwise.2.beta",
-        &[1, 1, 1, hidden],
-        &[hidden],
-        DType::F32,
-    )?;
-    let w2 = mb.weight("channelwise.4.weight", &[c, hidden], DType::BF16)?;
+    let key = |k: &str| format!("{p}channelwise.{k}");
+    let w1 = mb.weight(&key("0.weight"), &[hidden, cin], DType::BF16)?;
+    let b1 = mb.weight(&key("0.bias"), &[hidden], DType::F32)?;
+    let gamma = mb.weight_as(&key("2.gamma"), &[1, 1, 1, hidden], &[hidden], DType::F32)?;
+    let beta = mb.weight_as(&key("2.beta"), &[1, 1, 1, hidden], &[hidden], DType::F32)?;
+    let w2 = mb.weight(&key("4.weight"), &[c, hidden], DType::BF16)?;
     // GRN's β passes through the second Linear: fold W2·β into its bias.
+    let (b2k, w2k, betak) = (key("4.bias"), key("4.weight"), key("2.beta"));
     let b2 = mb.derived(
-        "channelwise.4.bias+W·beta",
+        &key("4.bias+W·beta"),
         &[c],
         DType::F32,
         &[
-            ("channelwise.4.bias", &[c]),
-            ("channelwise.4.weight", &[c, hidden]),
-            ("channelwise.2.beta", &[1, 1, 1, hidden]),
+            (&b2k, &[c]),
+            (&w2k, &[c, hidden]),
+            (&betak, &[1, 1, 1, hidden]),
         ],
         move |t| {
             let (bias, w, beta) = (&t[0].data, &t[1].data, &t[2].data);
@@ -74,6 +67,43 @@ pub(super) fn grn_mlp(
     )
 }
 
+/// Stage B/C ResBlock (`{p}depthwise`, `{p}channelwise`): depthwise conv + LayerNorm2d, the
+/// skip concatenated after them, the GRN MLP, the residual. `x` f32 NHWC.
+pub(super) fn res_block(
+    mb: &mut ModelBuilder,
+    p: &str,
+    x: TensorId,
+    skip: Option<TensorId>,
+    c: usize,
+    k: usize,
+) -> Result<TensorId> {
+    let dw_w = mb.weight_as(
+        &format!("{p}depthwise.weight"),
+        &[c, 1, k, k],
+        &[c, k * k],
+        DType::F32,
+    )?;
+    let dw_b = mb.weight(&format!("{p}depthwise.bias"), &[c], DType::F32)?;
+    let ln = DwConvLn {
+        k,
+        eps: LN_EPS,
+        out: DType::BF16,
+    };
+    let mut h = mb.g.op1(ln, &[x, dw_w, dw_b])?;
+    let mut cin = c;
+    if let Some(skip) = skip {
+        cin += mb.g.shape(skip)[3];
+        h = mb.g.op1(
+            Concat {
+                axis: 3,
+                out: DType::BF16,
+            },
+            &[h, skip],
+        )?;
+    }
+    grn_mlp(mb, p, h, x, c, cin)
+}
+
 pub(super) fn resblock(case: &Case) -> Result<Built> {
     let (c, c_skip, k) = (
         case.config_usize("c")?,
@@ -83,28 +113,14 @@ pub(super) fn resblock(case: &Case) -> Result<Built> {
     let mut mb = ModelBuilder::new();
     let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
     let mut inputs = vec![(x, xd)];
-    let dw_w = mb.weight_as("depthwise.weight", &[c, 1, k, k], &[c, k * k], DType::F32)?;
-    let dw_b = mb.weight("depthwise.bias", &[c], DType::F32)?;
-    let mut h = mb.g.op1(
-        DwConvLn {
-            k,
-            eps: LN_EPS,
-            out: DType::BF16,
-        },
-        &[x, dw_w, dw_b],
-    )?;
-    if c_skip > 0 {
+    let skip = if c_skip > 0 {
         let (skip, _, sd) = image_input(&mut mb, case, "x_skip", DType::BF16)?;
         inputs.push((skip, sd));
-        h = mb.g.op1(
-            Concat {
-                axis: 3,
-                out: DType::BF16,
-            },
-            &[h, skip],
-        )?;
-    }
-    let out = grn_mlp(&mut mb, h, x, c, c + c_skip)?;
+        Some(skip)
+    } else {
+        None
+    };
+    let out = res_block(&mut mb, "", x, skip, c, k)?;
     Ok(Built::graph(
         mb,
         inputs,
@@ -122,7 +138,7 @@ pub(super) fn feedforward(case: &Case) -> Result<Built> {
         out: DType::BF16,
     };
     let h = mb.g.op1(ln, &[x])?;
-    let out = grn_mlp(&mut mb, h, x, c, c)?;
+    let out = grn_mlp(&mut mb, "", h, x, c, c)?;
     Ok(Built::graph(
         mb,
         vec![(x, xd)],
@@ -130,35 +146,28 @@ pub(super) fn feedforward(case: &Case) -> Result<Built> {
     ))
 }
 
-/// TimestepBlock: the mappers of t₀, t₁, … as one GEMM over the concatenated chunks.
-pub(super) fn timestep(case: &Case) -> Result<Built> {
-    let (c, ct) = (case.config_usize("c")?, case.config_usize("c_timestep")?);
-    let conds: Vec<String> = case
-        .config
-        .get("conds")
-        .and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let names: Vec<String> = std::iter::once("mapper".to_string())
-        .chain(conds.iter().map(|c| format!("mapper_{c}")))
+/// TimestepBlock (`{p}mapper`, `{p}mapper_<cond>`): the mappers of t₀, t₁, … as one GEMM
+/// over the concatenated chunks of `t` (bf16 `[B, ct·(1 + conds)]`), then FiLM on `x`.
+pub(super) fn timestep_block(
+    mb: &mut ModelBuilder,
+    p: &str,
+    x: TensorId,
+    t: TensorId,
+    c: usize,
+    ct: usize,
+    conds: &[String],
+) -> Result<TensorId> {
+    let names: Vec<String> = std::iter::once(format!("{p}mapper"))
+        .chain(conds.iter().map(|c| format!("{p}mapper_{c}")))
         .collect();
     let width = ct * names.len();
-    let mut mb = ModelBuilder::new();
-    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
-    let t_in = case.input("t")?;
-    let b = shape[0];
-    let t = mb.g.input("t", &[b, width], DType::BF16)?;
     let w_keys: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
     let b_keys: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
     let (w_shape, b_shape) = ([2 * c, ct], [2 * c]);
     let w_sources: Vec<(&str, &[usize])> =
         w_keys.iter().map(|k| (k.as_str(), &w_shape[..])).collect();
     let w = mb.derived(
-        "mappers.weight (concatenated)",
+        &format!("{p}mappers.weight (concatenated)"),
         &[2 * c, width],
         DType::BF16,
         &w_sources,
@@ -175,7 +184,7 @@ pub(super) fn timestep(case: &Case) -> Result<Built> {
     let b_sources: Vec<(&str, &[usize])> =
         b_keys.iter().map(|k| (k.as_str(), &b_shape[..])).collect();
     let bias = mb.derived(
-        "mappers.bias (summed)",
+        &format!("{p}mappers.bias (summed)"),
         &[2 * c],
         DType::F32,
         &b_sources,
@@ -187,13 +196,37 @@ pub(super) fn timestep(case: &Case) -> Result<Built> {
         },
     )?;
     let ab = mb.g.op1(Gemm::linear(DType::F32), &[t, w, bias])?;
-    let out = mb.g.op1(
+    mb.g.op1(
         Film {
             k: 1.0,
             out: DType::F32,
         },
         &[x, ab],
-    )?;
+    )
+}
+
+/// The `conds` list of a config.
+pub(super) fn string_list(case: &Case, key: &str) -> Vec<String> {
+    case.config
+        .get(key)
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(super) fn timestep(case: &Case) -> Result<Built> {
+    let (c, ct) = (case.config_usize("c")?, case.config_usize("c_timestep")?);
+    let conds = string_list(case, "conds");
+    let mut mb = ModelBuilder::new();
+    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
+    let t_in = case.input("t")?;
+    let t =
+        mb.g.input("t", &[shape[0], ct * (1 + conds.len())], DType::BF16)?;
+    let out = timestep_block(&mut mb, "", x, t, c, ct, &conds)?;
     Ok(Built::graph(
         mb,
         vec![(x, xd), (t, t_in.data.clone())],
@@ -201,19 +234,24 @@ pub(super) fn timestep(case: &Case) -> Result<Built> {
     ))
 }
 
-/// AttnBlock on tokens `[B, H·W, C]` (LayerNorm2d is per pixel, so the token view is exact).
-pub(super) fn attnblock(case: &Case) -> Result<Built> {
-    let (c, c_cond, heads) = (
-        case.config_usize("c")?,
-        case.config_usize("c_cond")?,
-        case.config_usize("nhead")?,
+/// Stage B/C AttnBlock (`{p}kv_mapper`, `{p}attention.attn`): K/V are the normalized image
+/// tokens followed by the mapped condition tokens `kv` (bf16 `[B, S, c_cond]`). `x` is f32,
+/// NHWC `[B, H, W, C]` or tokens `[B, N, C]` (LayerNorm2d is per pixel either way).
+pub(super) fn attn_block(
+    mb: &mut ModelBuilder,
+    p: &str,
+    x: TensorId,
+    kv: TensorId,
+    c_cond: usize,
+    heads: usize,
+) -> Result<TensorId> {
+    let shape = mb.g.shape(x).to_vec();
+    let c = shape[shape.len() - 1];
+    let (b, n) = (
+        shape[0],
+        shape[1..shape.len() - 1].iter().product::<usize>(),
     );
-    let mut mb = ModelBuilder::new();
-    let (shape @ [b, _, h, w], xd) = Layout::of_image(case.input("x")?)?;
-    let x = mb.g.input("x", &[b, h * w, c], DType::F32)?;
-    let kv_in = case.input("kv")?;
-    let s = kv_in.shape.get(1).copied().unwrap_or(0);
-    let kv = mb.g.input("kv", &[b, s, c_cond], DType::BF16)?;
+    let key = |k: &str| format!("{p}{k}");
     let silu = mb.g.op1(
         Activation {
             act: Act::Silu,
@@ -221,24 +259,28 @@ pub(super) fn attnblock(case: &Case) -> Result<Built> {
         },
         &[kv],
     )?;
-    let kv_w = mb.weight("kv_mapper.1.weight", &[c, c_cond], DType::BF16)?;
-    let kv_b = mb.weight("kv_mapper.1.bias", &[c], DType::F32)?;
+    let kv_w = mb.weight(&key("kv_mapper.1.weight"), &[c, c_cond], DType::BF16)?;
+    let kv_b = mb.weight(&key("kv_mapper.1.bias"), &[c], DType::F32)?;
     let mapped = mb.g.op1(Gemm::linear(DType::BF16), &[silu, kv_w, kv_b])?;
-    let in_w = mb.weight("attention.attn.in_proj_weight", &[3 * c, c], DType::BF16)?;
-    let in_b = mb.weight("attention.attn.in_proj_bias", &[3 * c], DType::F32)?;
-    // K and V of the text tokens: rows C..3C of the packed projection.
+    let (wk, bk) = (
+        key("attention.attn.in_proj_weight"),
+        key("attention.attn.in_proj_bias"),
+    );
+    let in_w = mb.weight(&wk, &[3 * c, c], DType::BF16)?;
+    let in_b = mb.weight(&bk, &[3 * c], DType::F32)?;
+    // K and V of the condition tokens: rows C..3C of the packed projection.
     let kv_rows = mb.derived(
-        "attention.attn.in_proj_weight[k,v]",
+        &format!("{wk}[k,v]"),
         &[2 * c, c],
         DType::BF16,
-        &[("attention.attn.in_proj_weight", &[3 * c, c])],
+        &[(&wk, &[3 * c, c])],
         move |t| Ok(HostTensor::new(vec![2 * c, c], t[0].data[c * c..].to_vec())),
     )?;
     let kv_bias = mb.derived(
-        "attention.attn.in_proj_bias[k,v]",
+        &format!("{bk}[k,v]"),
         &[2 * c],
         DType::F32,
-        &[("attention.attn.in_proj_bias", &[3 * c])],
+        &[(&bk, &[3 * c])],
         move |t| Ok(HostTensor::new(vec![2 * c], t[0].data[c..].to_vec())),
     )?;
     let extra =
@@ -250,6 +292,12 @@ pub(super) fn attnblock(case: &Case) -> Result<Built> {
     };
     let t = mb.g.op1(ln, &[x])?;
     let qkv = mb.g.op1(Gemm::linear(DType::BF16), &[t, in_w, in_b])?;
+    let qkv = mb.g.op1(
+        crate::ops::layout::Reshape {
+            shape: vec![b, n, 3 * c],
+        },
+        &[qkv],
+    )?;
     let attn = Attention {
         heads,
         causal: false,
@@ -258,19 +306,34 @@ pub(super) fn attnblock(case: &Case) -> Result<Built> {
         out: DType::BF16,
     };
     let a = mb.g.op1(attn, &[qkv, extra])?;
-    let out_w = mb.weight("attention.attn.out_proj.weight", &[c, c], DType::BF16)?;
-    let out_b = mb.weight("attention.attn.out_proj.bias", &[c], DType::F32)?;
+    let a = mb.g.op1(
+        crate::ops::layout::Reshape {
+            shape: shape.clone(),
+        },
+        &[a],
+    )?;
+    let out_w = mb.weight(&key("attention.attn.out_proj.weight"), &[c, c], DType::BF16)?;
+    let out_b = mb.weight(&key("attention.attn.out_proj.bias"), &[c], DType::F32)?;
     let proj = Gemm {
         bias: true,
         gelu: false,
         residual: true,
         out: DType::F32,
     };
-    let out = mb.g.op1(proj, &[a, out_w, out_b, x])?;
+    mb.g.op1(proj, &[a, out_w, out_b, x])
+}
+
+pub(super) fn attnblock(case: &Case) -> Result<Built> {
+    let (c_cond, heads) = (case.config_usize("c_cond")?, case.config_usize("nhead")?);
+    let mut mb = ModelBuilder::new();
+    let (x, shape, xd) = image_input(&mut mb, case, "x", DType::F32)?;
+    let kv_in = case.input("kv")?;
+    let kv = mb.g.input("kv", &kv_in.shape, DType::BF16)?;
+    let out = attn_block(&mut mb, "", x, kv, c_cond, heads)?;
     Ok(Built::graph(
         mb,
         vec![(x, xd), (kv, kv_in.data.clone())],
-        vec![("out".into(), out, Layout::Tokens(shape))],
+        vec![("out".into(), out, Layout::Image(shape))],
     ))
 }
 
@@ -308,14 +371,19 @@ pub(super) fn r_embedding(case: &Case) -> Result<Built> {
     ))
 }
 
-/// Stage C's conditioning tokens: the text mapper per token, the pooled and image mappers as
-/// `c_clip_seq` row blocks each (their outputs are consecutive tokens), then LayerNorm.
-pub(super) fn clip_embed(case: &Case) -> Result<Built> {
+/// Stage C's conditioning tokens from the case inputs `clip_text`, `clip_text_pooled`,
+/// `clip_img`: the text mapper per token, the pooled and image mappers as `c_clip_seq` row
+/// blocks each (their outputs are consecutive tokens), then LayerNorm. Returns the tokens
+/// `[B, 77 + 2·seq, c_cond]` in `out` and the inputs to set.
+pub(super) fn clip_tokens(
+    mb: &mut ModelBuilder,
+    case: &Case,
+    out: DType,
+) -> Result<(TensorId, Vec<(TensorId, Vec<f32>)>)> {
     let (cc, seq) = (
         case.config_usize("c_cond")?,
         case.config_usize("c_clip_seq")?,
     );
-    let mut mb = ModelBuilder::new();
     let mut inputs = Vec::new();
     let mut tokens = Vec::new();
     for (input, mapper, width_key, blocks) in [
@@ -371,9 +439,14 @@ pub(super) fn clip_embed(case: &Case) -> Result<Built> {
     let ln = LayerNorm {
         eps: LN_EPS,
         affine: false,
-        out: DType::F32,
+        out,
     };
-    let clip = mb.g.op1(ln, &[all])?;
+    Ok((mb.g.op1(ln, &[all])?, inputs))
+}
+
+pub(super) fn clip_embed(case: &Case) -> Result<Built> {
+    let mut mb = ModelBuilder::new();
+    let (clip, inputs) = clip_tokens(&mut mb, case, DType::F32)?;
     Ok(Built::graph(
         mb,
         inputs,

@@ -10,6 +10,7 @@ mod clip;
 mod inr;
 mod sampler;
 mod stage_a;
+mod stage_c;
 
 use crate::models::ModelBuilder;
 use crate::ops::attention::Attention;
@@ -149,6 +150,7 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "stage_a_resblock",
     "stage_a_decode",
     "clip_text",
+    "stage_c",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -258,8 +260,6 @@ enum Layout {
     Same,
     /// NCHW in the file, NHWC in the graph.
     Image([usize; 4]),
-    /// NCHW in the file, tokens `[B, H·W, C]` in the graph.
-    Tokens([usize; 4]),
 }
 
 impl Layout {
@@ -276,7 +276,7 @@ impl Layout {
     fn back(self, data: Vec<f32>) -> Vec<f32> {
         match self {
             Layout::Same => data,
-            Layout::Image([b, c, h, w]) | Layout::Tokens([b, c, h, w]) => {
+            Layout::Image([b, c, h, w]) => {
                 HostTensor::new(vec![b, h, w, c], data).nhwc_to_nchw().data
             }
         }
@@ -299,6 +299,7 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
         "stage_a_resblock" => stage_a::stage_a_resblock(case)?,
         "stage_a_decode" => stage_a::stage_a_decode(case)?,
         "clip_text" => clip::clip_text(case)?,
+        "stage_c" => stage_c::stage_c(case)?,
         other => {
             return Err(case.error(format!(
                 "unknown or unsupported case kind `{other}` (this build runs: {})",
