@@ -379,7 +379,7 @@ pub(super) fn clip_tokens(
     mb: &mut ModelBuilder,
     case: &Case,
     out: DType,
-) -> Result<(TensorId, Vec<(TensorId, Vec<f32>)>)> {
+) -> Result<(TensorId, Inputs)> {
     let (cc, seq) = (
         case.config_usize("c_cond")?,
         case.config_usize("c_clip_seq")?,

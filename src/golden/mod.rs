@@ -230,6 +230,9 @@ fn compare(
 
 /// What a kind's graph needs: the recorded model, the inputs to set (in graph layout), and
 /// for each case output the graph tensor and how to bring it back to the file's layout.
+/// Graph inputs and the values to set them to.
+type Inputs = Vec<(TensorId, Vec<f32>)>;
+
 struct Built {
     mb: ModelBuilder,
     inputs: Vec<(TensorId, Vec<f32>)>,
