@@ -163,7 +163,7 @@ fn a_perturbed_expected_output_fails_with_exit_1() {
 #[test]
 fn unknown_kinds_broken_files_and_no_files_exit_2() {
     // A kind this build does not run yet: an error, not a pass.
-    let (code, out, err) = validate(&[&cases_dir().join("stage_b.safetensors")]);
+    let (code, out, err) = validate(&[&cases_dir().join("sample_stage_b_3step.safetensors")]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("unsupported case kind"), "{err}");
 

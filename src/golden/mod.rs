@@ -10,6 +10,7 @@ mod clip;
 mod inr;
 mod sampler;
 mod stage_a;
+mod stage_b;
 mod stage_c;
 
 use crate::models::ModelBuilder;
@@ -151,6 +152,7 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "stage_a_decode",
     "clip_text",
     "stage_c",
+    "stage_b",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -303,6 +305,7 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
         "stage_a_decode" => stage_a::stage_a_decode(case)?,
         "clip_text" => clip::clip_text(case)?,
         "stage_c" => stage_c::stage_c(case)?,
+        "stage_b" => stage_b::stage_b(case)?,
         other => {
             return Err(case.error(format!(
                 "unknown or unsupported case kind `{other}` (this build runs: {})",

@@ -3,7 +3,7 @@ use super::*;
 use crate::ops::layout::Cast;
 
 /// A `[[usize]]` config entry such as `blocks`.
-fn nested(case: &Case, key: &str) -> Result<Vec<Vec<usize>>> {
+pub(super) fn nested(case: &Case, key: &str) -> Result<Vec<Vec<usize>>> {
     let fail = || case.error(format!("config `{key}` must be a list of integer lists"));
     let rows = case
         .config
@@ -21,7 +21,7 @@ fn nested(case: &Case, key: &str) -> Result<Vec<Vec<usize>>> {
         .collect()
 }
 
-fn usize_list(case: &Case, key: &str) -> Result<Vec<usize>> {
+pub(super) fn usize_list(case: &Case, key: &str) -> Result<Vec<usize>> {
     let fail = || case.error(format!("config `{key}` must be a list of integers"));
     let v = case
         .config
@@ -34,7 +34,7 @@ fn usize_list(case: &Case, key: &str) -> Result<Vec<usize>> {
 }
 
 /// A 1×1 conv after LayerNorm2d (the scalers and `clf`): `[out, in, 1, 1]` weights at `key`.
-fn ln_conv(
+pub(super) fn ln_conv(
     mb: &mut ModelBuilder,
     key: &str,
     x: TensorId,
