@@ -15,6 +15,11 @@
 //   ldmatrix (.trans for V).
 // Limits: D ∈ {16, 32, 64} (one kernel each; 16 serves small test configurations); C % 8 == 0 (16-byte rows); N, M < 2^31 / 3C.
 // Names: attention_d<D>_<out>.
+//
+// Small heads (D ∈ {4, 8}: the tiny test configurations of CLIP and the INR transformer,
+// narrower than one mma k-step): the same math in scalar f32 — one thread per query row, keys
+// streamed from global memory with the online softmax, P·V in f32. Launch: grid
+// (ceil(N / 128), heads, B), 128 threads, no shared memory. Names: attention_d<D>_<out>.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/mma.cuh"
@@ -191,6 +196,44 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
             for (int e = 0; e < 2; ++e) out_b[(long long)row * C + dt * 8 + 2 * t + e] = from_f32<TO>(o[dt][2 * r + e] * l_run[r]);
     }
 }
+
+// Scalar path for heads narrower than an mma k-step (see the header).
+template <int D, typename TO>
+__device__ __forceinline__ void small_body(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ kv,
+                                           const float* __restrict__ mask, TO* __restrict__ out, int N, int M, int C,
+                                           int causal, float scale) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    if (i >= N) return;
+    const int keys = N + M;
+    const long long C3 = 3LL * C, C2 = 2LL * C;
+    const __nv_bfloat16* qkv_b = qkv + (long long)b * N * C3;
+    float q[D], acc[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        q[d] = to_f32(qkv_b[i * C3 + h * D + d]) * scale * LOG2E;
+        acc[d] = 0.f;
+    }
+    float m_run = -INFINITY, l_run = 0.f;
+    const int last_key = causal ? min(keys, i + 1) : keys;
+    for (int j = 0; j < last_key; ++j) {
+        if (mask && mask[(long long)b * keys + j] == 0.f) continue;
+        const __nv_bfloat16* k = j < N ? qkv_b + j * C3 + C + h * D : kv + ((long long)b * M + j - N) * C2 + h * D;
+        const __nv_bfloat16* v = k + C;
+        float s = 0.f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) s += q[d] * to_f32(k[d]);
+        const float m_new = fmaxf(m_run, s);
+        const float alpha = exp2f(m_run - m_new), p = exp2f(s - m_new);
+        l_run = l_run * alpha + p;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * alpha + p * to_f32(v[d]);
+        m_run = m_new;
+    }
+    const float inv = l_run > 0.f ? 1.f / l_run : 0.f;
+    TO* o = out + ((long long)b * N + i) * C + h * D;
+#pragma unroll
+    for (int d = 0; d < D; ++d) o[d] = from_f32<TO>(acc[d] * inv);
+}
 }  // namespace attn
 
 extern "C" __global__ void __launch_bounds__(128) attention_d64_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
@@ -210,4 +253,16 @@ extern "C" __global__ void __launch_bounds__(128) attention_d16_bf16(const __nv_
 }
 extern "C" __global__ void __launch_bounds__(128) attention_d16_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
     attn::body<16>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d8_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
+    attn::small_body<8>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d8_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
+    attn::small_body<8>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d4_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
+    attn::small_body<4>(qkv, kv, mask, out, n, m, c, causal, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_d4_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
+    attn::small_body<4>(qkv, kv, mask, out, n, m, c, causal, scale);
 }

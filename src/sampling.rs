@@ -6,10 +6,11 @@
 //! Noise comes from the device generator ([`GaussianNoise`], keyed by seed, stream and step)
 //! in generation, or from given tensors when a golden case prescribes it.
 
+use crate::models::ModelBuilder;
 use crate::ops::layout::Concat;
 use crate::ops::noise::{noise_key, GaussianNoise};
 use crate::ops::sampler::{logsnr, noise_cond, timesteps, CfgCombine, DdpmStep, StepCoefficients};
-use crate::runtime::graph::{Graph, TensorId};
+use crate::runtime::graph::TensorId;
 use crate::runtime::session::Session;
 use crate::tensor::DType;
 use crate::Result;
@@ -58,13 +59,14 @@ pub struct StepGraph {
 /// Records one step around `model`, which receives the doubled latent `[2B, …]` (cond rows
 /// first) and `r [2B]` and returns the prediction ε̂ `[2B, …]`.
 pub fn record_step(
-    g: &mut Graph,
+    mb: &mut ModelBuilder,
     x_shape: &[usize],
     guidance: Guidance,
     noise: NoiseSource,
-    model: impl FnOnce(&mut Graph, TensorId, TensorId) -> Result<TensorId>,
+    model: impl FnOnce(&mut ModelBuilder, TensorId, TensorId) -> Result<TensorId>,
 ) -> Result<StepGraph> {
     let batch = x_shape[0];
+    let g = &mut mb.g;
     let x = g.input("x", x_shape, DType::F32)?;
     let r = g.input("r", &[2 * batch], DType::F32)?;
     let coef = g.input("coef", &[batch, 5], DType::F32)?;
@@ -91,7 +93,8 @@ pub fn record_step(
         },
         &[x, x],
     )?;
-    let eps = model(g, doubled, r)?;
+    let eps = model(mb, doubled, r)?;
+    let g = &mut mb.g;
     let pred = g.op1(
         CfgCombine {
             cfg: guidance.cfg,
@@ -132,9 +135,28 @@ pub enum StepNoise<'a> {
     Given(&'a dyn Fn(usize) -> Vec<f32>),
 }
 
-/// Runs `steps` DDPM steps from `x_init` on a session of a [`record_step`] graph. `inspect`
-/// sees every step's outputs when `record` is true (it costs reads). Returns x0̂ of the last
-/// step: the value the next stage consumes (spec §4.4).
+impl StepNoise<'_> {
+    /// The graph input this noise needs.
+    pub fn source(&self) -> NoiseSource {
+        match self {
+            StepNoise::Seeded { .. } => NoiseSource::Device,
+            StepNoise::Given(_) => NoiseSource::Given,
+        }
+    }
+}
+
+/// What a sampling run ends with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The latent after the last step.
+    pub x: Vec<f32>,
+    /// x0̂ of the last step: the value the next stage consumes (spec §4.4).
+    pub x0: Vec<f32>,
+}
+
+/// Runs `steps` DDPM steps from `x_init` on a session of a [`record_step`] graph. `inspect` is
+/// called after every step, with its outputs when `record` is true (it costs reads). The session keeps the
+/// last step's outputs: other graph outputs can be read from it afterwards.
 pub fn sample(
     session: &mut dyn Session,
     sg: &StepGraph,
@@ -142,8 +164,8 @@ pub fn sample(
     steps: usize,
     noise: &StepNoise,
     record: bool,
-    mut inspect: impl FnMut(usize, &StepRecord) -> Result<()>,
-) -> Result<Vec<f32>> {
+    mut inspect: impl FnMut(usize, Option<&StepRecord>) -> Result<()>,
+) -> Result<Sampled> {
     let ts = timesteps(steps);
     let mut x = x_init;
     let mut x0 = Vec::new();
@@ -175,10 +197,12 @@ pub fn sample(
                 x_next: x.clone(),
                 pred: session.read(sg.pred)?,
             };
-            inspect(k, &rec)?;
+            inspect(k, Some(&rec))?;
+        } else {
+            inspect(k, None)?;
         }
     }
-    Ok(x0)
+    Ok(Sampled { x, x0 })
 }
 
 #[cfg(test)]
@@ -192,8 +216,8 @@ mod tests {
 
     /// A stand-in model: ε̂ = SiLU of the doubled latent. Its halves are equal, so guidance
     /// leaves ε̂ unchanged (std ratio 1): enough to test the loop's wiring.
-    fn silu_model(g: &mut Graph, x2: TensorId, _r: TensorId) -> Result<TensorId> {
-        g.op1(
+    fn silu_model(mb: &mut ModelBuilder, x2: TensorId, _r: TensorId) -> Result<TensorId> {
+        mb.g.op1(
             Activation {
                 act: Act::Silu,
                 out: DType::F32,
@@ -207,8 +231,9 @@ mod tests {
         let shape = [2, 3, 5, 4];
         let n: usize = shape.iter().product();
         let guidance = Guidance { cfg: 4.0, rho: 0.7 };
-        let mut g = Graph::new();
-        let sg = record_step(&mut g, &shape, guidance, NoiseSource::Given, silu_model).unwrap();
+        let mut mb = ModelBuilder::new();
+        let sg = record_step(&mut mb, &shape, guidance, NoiseSource::Given, silu_model).unwrap();
+        let g = mb.g;
         let weights: HashMap<String, crate::tensor::HostTensor> = HashMap::new();
         let mut s = Backend::Cpu
             .session(g, &weights, SessionOptions::default())
@@ -217,7 +242,7 @@ mod tests {
         let noise_of = |k: usize| random(100 + k as u64, &shape, 1.0).data;
         let steps = 3;
         let mut seen = Vec::new();
-        let x0 = sample(
+        let done = sample(
             &mut *s,
             &sg,
             init.clone(),
@@ -225,7 +250,7 @@ mod tests {
             &StepNoise::Given(&noise_of),
             true,
             |k, rec| {
-                seen.push((k, rec.x_next.clone()));
+                seen.push((k, rec.expect("recorded").x_next.clone()));
                 Ok(())
             },
         )
@@ -256,7 +281,8 @@ mod tests {
             x = want_next;
             last_x0 = want_x0;
         }
-        for (a, b) in x0.iter().zip(&last_x0) {
+        assert_eq!(&done.x, &seen[steps - 1].1);
+        for (a, b) in done.x0.iter().zip(&last_x0) {
             assert!(
                 (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
                 "final x0: {a} vs {b}"
@@ -266,9 +292,10 @@ mod tests {
 
     /// The loop on a backend: the latents after every step, with device noise from `seed`.
     fn trajectory(backend: &Backend, shape: &[usize], seed: u64) -> Vec<Vec<f32>> {
-        let mut g = Graph::new();
+        let mut mb = ModelBuilder::new();
         let guidance = Guidance { cfg: 4.0, rho: 0.7 };
-        let sg = record_step(&mut g, shape, guidance, NoiseSource::Device, silu_model).unwrap();
+        let sg = record_step(&mut mb, shape, guidance, NoiseSource::Device, silu_model).unwrap();
+        let g = mb.g;
         let weights: HashMap<String, crate::tensor::HostTensor> = HashMap::new();
         let options = SessionOptions { poison: true };
         let mut s = backend.session(g, &weights, options).unwrap();
@@ -276,7 +303,7 @@ mod tests {
         let noise = StepNoise::Seeded { seed, stream: 1 };
         let init = random(seed, shape, 1.0).data;
         sample(&mut *s, &sg, init, 4, &noise, true, |_, rec| {
-            out.push(rec.x_next.clone());
+            out.push(rec.expect("recorded").x_next.clone());
             Ok(())
         })
         .unwrap();

@@ -9,19 +9,13 @@ mod blocks;
 mod clip;
 mod inr;
 mod sampler;
+mod sampling;
 mod stage_a;
 mod stage_b;
 mod stage_c;
 
 use crate::models::ModelBuilder;
-use crate::ops::attention::Attention;
-use crate::ops::conv::DwConvLn;
-use crate::ops::elementwise::{Act, Activation, Film};
-use crate::ops::embed::SinEmbedding;
-use crate::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
-use crate::ops::grn::GrnFromSumsq;
 use crate::ops::layout::Concat;
-use crate::ops::norm::LayerNorm;
 use crate::ops::sampler::CfgCombine;
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::SessionOptions;
@@ -32,14 +26,13 @@ use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// LayerNorm2d's eps in Stages B and C.
-const LN_EPS: f32 = 1e-6;
-
 /// One case file, loaded.
 pub struct Case {
     pub path: PathBuf,
     pub module: String,
     pub config: serde_json::Value,
+    /// Every metadata field (informational ones included).
+    pub metadata: BTreeMap<String, String>,
     /// `weights.*` under their state-dict keys.
     pub weights: HashMap<String, HostTensor>,
     pub inputs: BTreeMap<String, HostTensor>,
@@ -102,6 +95,7 @@ impl Case {
             path: path.to_path_buf(),
             module,
             config,
+            metadata: meta.clone().into_iter().collect(),
             weights,
             inputs,
             outputs,
@@ -128,6 +122,17 @@ impl Case {
             .ok_or_else(|| self.error(format!("config has no integer `{key}`")))
     }
 
+    fn config_usize_list(&self, key: &str) -> Result<Vec<usize>> {
+        let fail = || self.error(format!("config `{key}` must be a list of integers"));
+        self.config
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(fail)?
+            .iter()
+            .map(|v| v.as_u64().map(|v| v as usize).ok_or_else(fail))
+            .collect()
+    }
+
     fn error(&self, message: String) -> Error {
         Error::Case {
             case: self.path.display().to_string(),
@@ -152,7 +157,11 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "stage_a_decode",
     "clip_text",
     "stage_c",
+    "stage_c_ultrapixel_lr",
+    "stage_c_ultrapixel_hr",
     "stage_b",
+    "sample_ultrapixel",
+    "sample_stage_b",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -290,51 +299,12 @@ impl Layout {
 
 /// Runs a case on `backend` and compares every expected output.
 pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
-    let built = match case.module.as_str() {
-        "resblock" => blocks::resblock(case)?,
-        "feedforwardblock" => blocks::feedforward(case)?,
-        "timestepblock" => blocks::timestep(case)?,
-        "attnblock" => blocks::attnblock(case)?,
-        "r_embedding" => blocks::r_embedding(case)?,
-        "cfg_combine" => sampler::cfg_combine(case)?,
-        "sampler_step" => sampler::sampler_step(case)?,
-        "stage_c_clip_embed" => blocks::clip_embed(case)?,
-        "scale_aware_norm" => blocks::scale_aware_norm(case)?,
-        "inr_upsampler" => inr::inr_upsampler(case)?,
-        "stage_a_resblock" => stage_a::stage_a_resblock(case)?,
-        "stage_a_decode" => stage_a::stage_a_decode(case)?,
-        "clip_text" => clip::clip_text(case)?,
-        "stage_c" => stage_c::stage_c(case)?,
-        "stage_b" => stage_b::stage_b(case)?,
-        other => {
-            return Err(case.error(format!(
-                "unknown or unsupported case kind `{other}` (this build runs: {})",
-                SUPPORTED_KINDS.join(", ")
-            )))
-        }
+    let results = match case.module.as_str() {
+        "sample_ultrapixel" => sampling::sample_ultrapixel(case, backend)?,
+        "sample_stage_b" => sampling::sample_stage_b(case, backend)?,
+        _ => run_graph_case(case, backend)?,
     };
-    let Built {
-        mut mb,
-        inputs,
-        outputs,
-        host_outputs,
-    } = built;
-    for (name, id, _) in &outputs {
-        mb.g.output(*id, name)?;
-    }
-    let (graph, plan) = mb.finish();
-    let weights = plan.bind(&case.weights);
-    let mut session = backend.session(graph, &weights, SessionOptions { poison: true })?;
-    for (id, values) in &inputs {
-        session.set_input(*id, values)?;
-    }
-    session.run()?;
     let name = case.name();
-    let mut results = Vec::new();
-    for (out, id, layout) in outputs {
-        results.push((out, layout.back(session.read(id)?)));
-    }
-    results.extend(host_outputs);
     let mut checks = Vec::new();
     for (out, got) in results {
         let want = case
@@ -360,6 +330,57 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
     Ok(checks)
 }
 
+/// A kind computed by one graph run: its outputs in the file's layout.
+fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32>)>> {
+    let built = match case.module.as_str() {
+        "resblock" => blocks::resblock(case)?,
+        "feedforwardblock" => blocks::feedforward(case)?,
+        "timestepblock" => blocks::timestep(case)?,
+        "attnblock" => blocks::attnblock(case)?,
+        "r_embedding" => blocks::r_embedding(case)?,
+        "cfg_combine" => sampler::cfg_combine(case)?,
+        "sampler_step" => sampler::sampler_step(case)?,
+        "stage_c_clip_embed" => blocks::clip_embed(case)?,
+        "scale_aware_norm" => blocks::scale_aware_norm(case)?,
+        "inr_upsampler" => inr::inr_upsampler(case)?,
+        "stage_a_resblock" => stage_a::stage_a_resblock(case)?,
+        "stage_a_decode" => stage_a::stage_a_decode(case)?,
+        "clip_text" => clip::clip_text(case)?,
+        "stage_c" => stage_c::stage_c(case, stage_c::Pass::Plain)?,
+        "stage_c_ultrapixel_lr" => stage_c::stage_c(case, stage_c::Pass::LowRes)?,
+        "stage_c_ultrapixel_hr" => stage_c::stage_c(case, stage_c::Pass::HighRes)?,
+        "stage_b" => stage_b::stage_b(case)?,
+        other => {
+            return Err(case.error(format!(
+                "unknown or unsupported case kind `{other}` (this build runs: {})",
+                SUPPORTED_KINDS.join(", ")
+            )))
+        }
+    };
+    let Built {
+        mut mb,
+        inputs,
+        outputs,
+        host_outputs,
+    } = built;
+    for (name, id, _) in &outputs {
+        mb.g.output(*id, name)?;
+    }
+    let (graph, plan) = mb.finish();
+    let weights = plan.bind(&case.weights);
+    let mut session = backend.session(graph, &weights, SessionOptions { poison: true })?;
+    for (id, values) in &inputs {
+        session.set_input(*id, values)?;
+    }
+    session.run()?;
+    let mut results = Vec::new();
+    for (out, id, layout) in outputs {
+        results.push((out, layout.back(session.read(id)?)));
+    }
+    results.extend(host_outputs);
+    Ok(results)
+}
+
 fn image_input(
     mb: &mut ModelBuilder,
     case: &Case,
@@ -369,21 +390,4 @@ fn image_input(
     let (s @ [b, c, h, w], data) = Layout::of_image(case.input(name)?)?;
     let id = mb.g.input(name, &[b, h, w, c], dtype)?;
     Ok((id, s, data))
-}
-
-/// `[out, in, 1, 1]` conv weights as a GEMM's `[out, in]`.
-fn conv1x1(mb: &mut ModelBuilder, key: &str, out: usize, inp: usize) -> Result<TensorId> {
-    mb.weight_as(key, &[out, inp, 1, 1], &[out, inp], DType::BF16)
-}
-
-/// An affine LayerNorm (eps 1e-5, `nn.LayerNorm` defaults) with weights under `prefix`.
-fn layer_norm(mb: &mut ModelBuilder, prefix: &str, x: TensorId, c: usize) -> Result<TensorId> {
-    let g = mb.weight(&format!("{prefix}.weight"), &[c], DType::F32)?;
-    let b = mb.weight(&format!("{prefix}.bias"), &[c], DType::F32)?;
-    let ln = LayerNorm {
-        eps: 1e-5,
-        affine: true,
-        out: DType::BF16,
-    };
-    mb.g.op1(ln, &[x, g, b])
 }

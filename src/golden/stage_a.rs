@@ -1,135 +1,9 @@
-use super::*;
+//! Stage A kinds: one MixResBlock, and the whole decoder.
 
-/// Stage A's ResBlock on an f32 NHWC stream, its six gammas folded into the weights (spec
-/// §2.4): the affine after each LayerNorm moves into the next linear map (replication padding
-/// makes every depthwise tap valid, so the shift becomes a bias), the output scales g₂, g₅
-/// into the last weights.
-pub(super) fn stage_a_block(
-    mb: &mut ModelBuilder,
-    prefix: &str,
-    x: TensorId,
-    c: usize,
-    hidden: usize,
-) -> Result<TensorId> {
-    use crate::ops::conv::{DwConv, Pad};
-    use crate::ops::elementwise::Add;
-    let key = |k: &str| format!("{prefix}{k}");
-    let gammas = key("gammas");
-    let (dw_w, dw_b) = (key("depthwise.1.weight"), key("depthwise.1.bias"));
-    let w = mb.derived(
-        &format!("{dw_w}*gammas"),
-        &[c, 9],
-        DType::F32,
-        &[(&dw_w, &[c, 1, 3, 3]), (&gammas, &[6])],
-        |t| {
-            let g = &t[1].data;
-            let data = t[0].data.iter().map(|&v| v * (1.0 + g[0]) * g[2]).collect();
-            Ok(HostTensor::new(vec![t[0].shape[0], 9], data))
-        },
-    )?;
-    let b = mb.derived(
-        &format!("{dw_b}*gammas"),
-        &[c],
-        DType::F32,
-        &[(&dw_b, &[c]), (&dw_w, &[c, 1, 3, 3]), (&gammas, &[6])],
-        |t| {
-            let g = &t[2].data;
-            let data = t[0]
-                .data
-                .iter()
-                .zip(t[1].data.chunks_exact(9))
-                .map(|(&bias, taps)| (bias + g[1] * taps.iter().sum::<f32>()) * g[2])
-                .collect();
-            Ok(HostTensor::new(t[0].shape.clone(), data))
-        },
-    )?;
-    let norm = |out| LayerNorm {
-        eps: LN_EPS,
-        affine: false,
-        out,
-    };
-    let t = mb.g.op1(norm(DType::F32), &[x])?;
-    let d = mb.g.op1(
-        DwConv {
-            k: 3,
-            pad: Pad::Replicate,
-            out: DType::F32,
-        },
-        &[t, w, b],
-    )?;
-    let x = mb.g.op1(Add::plain(DType::F32), &[x, d])?;
-    let (w1, b1) = (key("channelwise.0.weight"), key("channelwise.0.bias"));
-    let (w2, b2) = (key("channelwise.2.weight"), key("channelwise.2.bias"));
-    let w1f = mb.derived(
-        &format!("{w1}*gammas"),
-        &[hidden, c],
-        DType::BF16,
-        &[(&w1, &[hidden, c]), (&gammas, &[6])],
-        |t| {
-            let g = &t[1].data;
-            Ok(HostTensor::new(
-                t[0].shape.clone(),
-                t[0].data.iter().map(|&v| v * (1.0 + g[3])).collect(),
-            ))
-        },
-    )?;
-    let b1f = mb.derived(
-        &format!("{b1}*gammas"),
-        &[hidden],
-        DType::F32,
-        &[(&b1, &[hidden]), (&w1, &[hidden, c]), (&gammas, &[6])],
-        move |t| {
-            let g = &t[2].data;
-            let data = t[0]
-                .data
-                .iter()
-                .zip(t[1].data.chunks_exact(c))
-                .map(|(&bias, row)| bias + g[4] * row.iter().sum::<f32>())
-                .collect();
-            Ok(HostTensor::new(t[0].shape.clone(), data))
-        },
-    )?;
-    let scaled = |t: &[HostTensor]| {
-        let g5 = t[1].data[5];
-        Ok(HostTensor::new(
-            t[0].shape.clone(),
-            t[0].data.iter().map(|&v| v * g5).collect(),
-        ))
-    };
-    let w2f = mb.derived(
-        &format!("{w2}*gammas"),
-        &[c, hidden],
-        DType::BF16,
-        &[(&w2, &[c, hidden]), (&gammas, &[6])],
-        scaled,
-    )?;
-    let b2f = mb.derived(
-        &format!("{b2}*gammas"),
-        &[c],
-        DType::F32,
-        &[(&b2, &[c]), (&gammas, &[6])],
-        scaled,
-    )?;
-    let v = mb.g.op1(norm(DType::BF16), &[x])?;
-    let h = mb.g.op1(
-        Gemm {
-            bias: true,
-            gelu: true,
-            residual: false,
-            out: DType::BF16,
-        },
-        &[v, w1f, b1f],
-    )?;
-    mb.g.op1(
-        Gemm {
-            bias: true,
-            gelu: false,
-            residual: true,
-            out: DType::F32,
-        },
-        &[h, w2f, b2f, x],
-    )
-}
+use super::*;
+use crate::models::config::{parse, StageAConfig};
+use crate::models::stage_a::{padded_latent, stage_a_block, stage_a_decode as record};
+use crate::pipeline::stages::pad_channels;
 
 pub(super) fn stage_a_resblock(case: &Case) -> Result<Built> {
     let (c, hidden) = (case.config_usize("c")?, case.config_usize("c_hidden")?);
@@ -143,96 +17,19 @@ pub(super) fn stage_a_resblock(case: &Case) -> Result<Built> {
     ))
 }
 
-/// Stage A's decoder (spec §2.4): scale, 1×1 conv, bottleneck blocks, the 4/2/1 transposed
-/// conv, one block at half width, the output conv and PixelShuffle(2).
 pub(super) fn stage_a_decode(case: &Case) -> Result<Built> {
-    use crate::ops::conv::ConvTranspose2d;
-    use crate::ops::layout::PixelShuffle;
-    if case.config_usize("levels")? != 2 {
-        return Err(case.error("only the released 2-level Stage A is supported".into()));
-    }
-    let (blocks, c, latent) = (
-        case.config_usize("bottleneck_blocks")?,
-        case.config_usize("c_hidden")?,
-        case.config_usize("c_latent")?,
-    );
-    let scale = case
-        .config
-        .get("scale_factor")
-        .and_then(|v| v.as_f64())
-        .ok_or_else(|| case.error("config has no scale_factor".into()))? as f32;
-    let half = c / 2;
+    let cfg: StageAConfig = parse(&case.config, "Stage A")?;
     let mut mb = ModelBuilder::new();
-    // The GEMM reads 16-byte rows: the 4 latent channels are zero-padded to 8.
-    let kp = latent.next_multiple_of(8);
-    let ([b, _, h, w], xd) = Layout::of_image(case.input("x")?)?;
-    let padded: Vec<f32> = xd
-        .chunks_exact(latent)
-        .flat_map(|px| {
-            px.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0.0, kp - latent))
-        })
-        .collect();
-    let x = mb.g.input("x", &[b, h, w, kp], DType::BF16)?;
-    // The latent scale folds into the first conv.
-    let w0 = mb.derived(
-        "up_blocks.0.0.weight*scale (padded)",
-        &[c, kp],
-        DType::BF16,
-        &[("up_blocks.0.0.weight", &[c, latent, 1, 1])],
-        move |t| {
-            let data = t[0]
-                .data
-                .chunks_exact(latent)
-                .flat_map(|row| {
-                    row.iter()
-                        .map(|&v| v * scale)
-                        .chain(std::iter::repeat_n(0.0, kp - latent))
-                })
-                .collect();
-            Ok(HostTensor::new(vec![c, kp], data))
-        },
-    )?;
-    let b0 = mb.weight("up_blocks.0.0.bias", &[c], DType::F32)?;
-    let mut y = mb.g.op1(Gemm::linear(DType::F32), &[x, w0, b0])?;
-    for i in 1..=blocks {
-        y = stage_a_block(&mut mb, &format!("up_blocks.{i}."), y, c, 4 * c)?;
+    let ([b, c, h, w], xd) = Layout::of_image(case.input("x")?)?;
+    if c != cfg.c_latent {
+        return Err(case.error(format!("x has {c} channels, the config {}", cfg.c_latent)));
     }
-    let up = format!("up_blocks.{}", blocks + 1);
-    let wt = mb.weight(&format!("{up}.weight"), &[c, half, 4, 4], DType::F32)?;
-    let bt = mb.weight(&format!("{up}.bias"), &[half], DType::F32)?;
-    y = mb.g.op1(
-        ConvTranspose2d {
-            k: 4,
-            stride: 2,
-            pad: 1,
-            out: DType::F32,
-        },
-        &[y, wt, bt],
-    )?;
-    y = stage_a_block(
-        &mut mb,
-        &format!("up_blocks.{}.", blocks + 2),
-        y,
-        half,
-        4 * half,
-    )?;
-    let yb =
-        mb.g.op1(crate::ops::layout::Cast { out: DType::BF16 }, &[y])?;
-    let wo = conv1x1(&mut mb, "out_block.0.weight", 12, half)?;
-    let bo = mb.weight("out_block.0.bias", &[12], DType::F32)?;
-    let o = mb.g.op1(Gemm::linear(DType::F32), &[yb, wo, bo])?;
-    let out = mb.g.op1(
-        PixelShuffle {
-            r: 2,
-            out: DType::F32,
-        },
-        &[o],
-    )?;
+    let kp = padded_latent(&cfg);
+    let x = mb.g.input("x", &[b, h, w, kp], DType::BF16)?;
+    let out = record(&mut mb, &cfg, x)?;
     Ok(Built::graph(
         mb,
-        vec![(x, padded)],
+        vec![(x, pad_channels(&xd, c, kp))],
         vec![("out".into(), out, Layout::Image([b, 3, 4 * h, 4 * w]))],
     ))
 }

@@ -7,12 +7,29 @@
 //! knows every checkpoint key and shape the graph needs (its manifest) and, bound to a
 //! [`Checkpoint`], serves the graph's weights to any executor.
 
+pub mod blocks;
+pub mod clip_text;
+pub mod config;
+pub mod inr;
+pub mod stage_a;
+pub mod stage_b;
+pub mod stage_c;
+
 use crate::runtime::graph::{Graph, TensorId};
 use crate::runtime::session::WeightSource;
 use crate::tensor::{numel, DType, HostTensor};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+/// Checkpoint tensors stacked along their first axis (q, k, v projections into one packed
+/// weight): a [`ModelBuilder::derived`] transform.
+pub fn stack_rows(t: &[HostTensor]) -> Result<HostTensor> {
+    let mut shape = t[0].shape.clone();
+    shape[0] = t.iter().map(|x| x.shape[0]).sum();
+    let data = t.iter().flat_map(|x| x.data.iter().copied()).collect();
+    Ok(HostTensor::new(shape, data))
+}
 
 /// Read access to checkpoint tensors by their original (Stable Cascade / HF) names.
 pub trait Checkpoint {

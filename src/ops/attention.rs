@@ -219,11 +219,12 @@ impl OpImpl for Attention {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let d = self.dims(&descs)?;
         let op = self.name();
-        if !matches!(d.head_dim, 16 | 32 | 64) {
+        let small = matches!(d.head_dim, 4 | 8);
+        if !small && !matches!(d.head_dim, 16 | 32 | 64) {
             return Err(Error::shape(
                 op,
                 format!(
-                    "no kernel for head dim {} (16, 32 and 64 exist)",
+                    "no kernel for head dim {} (4, 8, 16, 32 and 64 exist)",
                     d.head_dim
                 ),
             ));
@@ -252,15 +253,21 @@ impl OpImpl for Attention {
         if grid_y > 65535 || grid_z > 65535 {
             return Err(Error::shape(op, "heads and batch must each be below 65536"));
         }
+        // Small heads: one thread per query row, no shared memory.
+        let (rows_per_block, smem) = if small {
+            (SMALL_HEAD_THREADS, 0)
+        } else {
+            (QUERY_TILE, smem_bytes(d.head_dim))
+        };
         Ok(vec![Launch {
             kernel: KernelId::lookup(&name)?,
             grid: [
-                to_i32(op, "query tiles", ceil_div(d.queries, QUERY_TILE))? as u32,
+                to_i32(op, "query tiles", ceil_div(d.queries, rows_per_block))? as u32,
                 grid_y as u32,
                 grid_z as u32,
             ],
             block: [128, 1, 1],
-            smem: smem_bytes(d.head_dim),
+            smem,
             args,
         }])
     }
@@ -268,6 +275,8 @@ impl OpImpl for Attention {
 
 /// Queries per block (`attn::BQ`); keys per tile are the same.
 const QUERY_TILE: usize = 64;
+/// Threads (= query rows) per block of the small-head kernels.
+const SMALL_HEAD_THREADS: usize = 128;
 
 /// The Q tile plus double-buffered K and V tiles, rows padded by 8 elements.
 fn smem_bytes(head_dim: usize) -> u32 {
@@ -286,6 +295,9 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         (1, 63, 85, 2, 16, false, false),
         (1, 130, 85, 2, 64, false, false),
         (2, 77, 0, 2, 64, true, true),
+        (3, 77, 0, 2, 4, true, true),
+        (1, 130, 0, 2, 8, false, false),
+        (2, 99, 7, 3, 8, false, true),
     ];
     if scale == Scale::Gpu {
         cases.extend([
@@ -486,6 +498,18 @@ mod tests {
         let shuffled = HostTensor::new(qkv.shape.clone(), rows(&qkv, 3 * C));
         let got = attend(&a, &shuffled, None, None);
         assert!(max_diff(&got.data, &rows(&base, C)) <= 1e-6);
+    }
+
+    #[test]
+    fn a_head_dim_without_kernel_is_a_clear_error() {
+        // D = 5 (the reference tests' size) has no kernel: launching says so.
+        let mut g = crate::runtime::graph::Graph::new();
+        let qkv = g.input("qkv", &[B, N, 3 * C], DType::BF16).unwrap();
+        g.op1(Attention::new(HEADS, DType::BF16), &[qkv]).unwrap();
+        let err = crate::runtime::device::dry_launches(&g)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no kernel for head dim 5"), "{err}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Tensors the caller reads after a run; they stay live until the end of the graph.
     pub outputs: Vec<TensorId>,
+    /// Inputs written once and read by every run (conditioning, cached guidance): their
+    /// memory is never reused, so they keep their values between runs.
+    pub constants: Vec<TensorId>,
     by_name: HashMap<String, TensorId>,
     scope: Vec<String>,
 }
@@ -106,6 +109,18 @@ impl Graph {
             dtype,
             role: Role::Input,
         })
+    }
+
+    /// An input that keeps its value across runs (see [`Graph::constants`]).
+    pub fn constant_input(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<TensorId> {
+        let id = self.input(name, shape, dtype)?;
+        self.constants.push(id);
+        Ok(id)
     }
 
     /// A parameter bound by `name` to the weight source. Asking twice for the same name

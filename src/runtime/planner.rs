@@ -51,7 +51,7 @@ fn lifetimes(graph: &Graph) -> Vec<Option<Life>> {
             }
         }
     }
-    for &o in &graph.outputs {
+    for &o in graph.outputs.iter().chain(&graph.constants) {
         if let Some(l) = life[o.index()].as_mut() {
             l.last = end;
         }
@@ -334,6 +334,49 @@ mod tests {
         let p = plan(&g);
         assert_eq!(p.peak, 2 << 20);
         check(&g, &p).unwrap();
+    }
+
+    #[test]
+    fn constant_inputs_are_never_overwritten() {
+        // c is read first, then a chain of 1 MiB tensors follows: c's memory stays reserved.
+        let mut g = Graph::new();
+        let c = g.constant_input("c", &[1 << 18], DType::F32).unwrap();
+        let mut t = g.input("x", &[1 << 18], DType::F32).unwrap();
+        t = g
+            .op1(
+                Shaped {
+                    outs: 1,
+                    len: 1 << 18,
+                    ws: 0,
+                },
+                &[t, c],
+            )
+            .unwrap();
+        for _ in 0..3 {
+            t = g
+                .op1(
+                    Shaped {
+                        outs: 1,
+                        len: 1 << 18,
+                        ws: 0,
+                    },
+                    &[t],
+                )
+                .unwrap();
+        }
+        g.output(t, "y").unwrap();
+        let p = plan(&g);
+        check(&g, &p).unwrap();
+        let c_span = p.offsets[c.index()].unwrap()..p.offsets[c.index()].unwrap() + (1 << 20);
+        for (i, off) in p.offsets.iter().enumerate() {
+            if let (Some(o), true) = (off, i != c.index()) {
+                assert!(
+                    !c_span.contains(o),
+                    "tensor {i} reuses the constant's memory"
+                );
+            }
+        }
+        assert_eq!(p.peak, 3 << 20);
     }
 
     #[test]

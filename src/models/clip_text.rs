@@ -1,0 +1,171 @@
+//! The CLIP ViT-bigG/14 text tower (`CLIPTextModelWithProjection`, spec §5): token and
+//! position embeddings, pre-norm layers of causal (and padding-masked) attention and a GELU
+//! MLP, the final LayerNorm, and the projection of the first EOS position.
+
+use super::blocks::{affine_norm, linear, linear_gelu, linear_residual};
+use super::config::ClipTextConfig;
+use super::{stack_rows, ModelBuilder};
+use crate::ops::attention::Attention;
+use crate::ops::elementwise::Add;
+use crate::ops::gemm::Gemm;
+use crate::ops::layout::{Broadcast, Embedding, GatherRows};
+use crate::runtime::graph::TensorId;
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+
+/// The tower's inputs (f32 values: token ids are exact in f32).
+#[derive(Clone, Copy, Debug)]
+pub struct ClipTextInputs {
+    /// `[B, T]` token ids.
+    pub ids: TensorId,
+    /// `[B, T]`: 1 for BOS, text and the first EOS, 0 for padding; `None`: no padding mask.
+    pub mask: Option<TensorId>,
+    /// `[B]`: the position of each row's first EOS.
+    pub eos: TensorId,
+}
+
+pub struct ClipTextOutputs {
+    /// f32 `[B, T, width]`: the last layer's output before the final LayerNorm — the
+    /// `clip_text` Stage C reads.
+    pub hidden: TensorId,
+    /// f32 `[B, T, width]`: after the final LayerNorm.
+    pub last: TensorId,
+    /// f32 `[B, projection_dim]`: the projected state at the first EOS (`clip_text_pooled`).
+    pub pooled: TensorId,
+}
+
+pub fn clip_text(
+    mb: &mut ModelBuilder,
+    cfg: &ClipTextConfig,
+    inputs: &ClipTextInputs,
+) -> Result<ClipTextOutputs> {
+    cfg.validate()?;
+    let (c, heads, inter) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+    );
+    let (vocab, ctx, proj, eps) = (
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+        cfg.projection_dim,
+        cfg.layer_norm_eps,
+    );
+    let [b, t] = mb.g.shape(inputs.ids)[..] else {
+        return Err(Error::shape("clip_text", "input ids must be [B, T]"));
+    };
+    if t > ctx {
+        return Err(Error::shape(
+            "clip_text",
+            format!("{t} tokens exceed the {ctx} positions"),
+        ));
+    }
+    let (f32t, bf) = (DType::F32, DType::BF16);
+    let m = "text_model";
+    let table = mb.weight(
+        &format!("{m}.embeddings.token_embedding.weight"),
+        &[vocab, c],
+        f32t,
+    )?;
+    let pos_key = format!("{m}.embeddings.position_embedding.weight");
+    let pos = mb.derived(
+        &format!("{pos_key}[..{t}]"),
+        &[t, c],
+        f32t,
+        &[(&pos_key, &[ctx, c])],
+        move |x| Ok(HostTensor::new(vec![t, c], x[0].data[..t * c].to_vec())),
+    )?;
+    let tok = mb.g.op1(Embedding { out: f32t }, &[inputs.ids, table])?;
+    let pos = mb.g.op1(
+        Broadcast {
+            batch: b,
+            out: f32t,
+        },
+        &[pos],
+    )?;
+    let mut h = mb.g.op1(Add::plain(f32t), &[tok, pos])?;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("{m}.encoder.layers.{l}");
+        let z = affine_norm(mb, &format!("{p}.layer_norm1"), h, c, eps, bf)?;
+        let keys: Vec<String> = ["q", "k", "v"]
+            .iter()
+            .map(|x| format!("{p}.self_attn.{x}_proj"))
+            .collect();
+        let (ws, bs): (Vec<String>, Vec<String>) = keys
+            .iter()
+            .map(|k| (format!("{k}.weight"), format!("{k}.bias")))
+            .unzip();
+        let (wshape, bshape) = ([c, c], [c]);
+        let wsrc: Vec<(&str, &[usize])> = ws.iter().map(|k| (k.as_str(), &wshape[..])).collect();
+        let bsrc: Vec<(&str, &[usize])> = bs.iter().map(|k| (k.as_str(), &bshape[..])).collect();
+        let wqkv = mb.derived(
+            &format!("{p}.self_attn.qkv.weight"),
+            &[3 * c, c],
+            bf,
+            &wsrc,
+            stack_rows,
+        )?;
+        let bqkv = mb.derived(
+            &format!("{p}.self_attn.qkv.bias"),
+            &[3 * c],
+            f32t,
+            &bsrc,
+            stack_rows,
+        )?;
+        let qkv = mb.g.op1(Gemm::linear(bf), &[z, wqkv, bqkv])?;
+        let attn = Attention {
+            heads,
+            causal: true,
+            extra_kv: false,
+            key_mask: inputs.mask.is_some(),
+            out: bf,
+        };
+        let a = match inputs.mask {
+            Some(mask) => mb.g.op1(attn, &[qkv, mask])?,
+            None => mb.g.op1(attn, &[qkv])?,
+        };
+        h = linear(
+            mb,
+            &format!("{p}.self_attn.out_proj"),
+            a,
+            (c, c),
+            false,
+            linear_residual(f32t),
+            Some(h),
+        )?;
+        let z = affine_norm(mb, &format!("{p}.layer_norm2"), h, c, eps, bf)?;
+        let u = linear(
+            mb,
+            &format!("{p}.mlp.fc1"),
+            z,
+            (inter, c),
+            false,
+            linear_gelu(bf),
+            None,
+        )?;
+        h = linear(
+            mb,
+            &format!("{p}.mlp.fc2"),
+            u,
+            (c, inter),
+            false,
+            linear_residual(f32t),
+            Some(h),
+        )?;
+    }
+    let last = affine_norm(mb, &format!("{m}.final_layer_norm"), h, c, eps, f32t)?;
+    let eos_state = mb.g.op1(GatherRows { out: bf }, &[last, inputs.eos])?;
+    let w_proj = mb.weight("text_projection.weight", &[proj, c], bf)?;
+    let no_bias = Gemm {
+        bias: false,
+        gelu: false,
+        residual: false,
+        out: f32t,
+    };
+    let pooled = mb.g.op1(no_bias, &[eos_state, w_proj])?;
+    Ok(ClipTextOutputs {
+        hidden: h,
+        last,
+        pooled,
+    })
+}
