@@ -10,11 +10,14 @@ pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod golden;
+pub mod hub;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
 pub mod runtime;
 pub mod sampling;
 pub mod tensor;
+pub mod text;
 pub mod verify;
 pub mod weights;
 

@@ -1,0 +1,12 @@
+//! The text-to-image product around the models: the validated [`request::Request`], the model
+//! files ([`model_dir`]), and PNG output with metadata ([`png_out`]).
+
+pub mod atomic;
+pub mod model_dir;
+pub mod png_out;
+pub mod request;
+pub mod stages;
+
+pub use model_dir::ModelDir;
+pub use png_out::{read_metadata, write_png, ImageMetadata, Rgb8Image};
+pub use request::{OutputPattern, Request, Size, StageSettings};

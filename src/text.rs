@@ -1,0 +1,129 @@
+//! Prompts to CLIP token ids: the embedded ViT-bigG/14 tokenizer (`data/`, spec §5) with the
+//! reference's framing — BOS, at most 75 text tokens, EOS, padding with EOS to 77 — and the
+//! attention mask (1 for BOS, the text and the first EOS).
+
+use crate::{Error, Result};
+
+/// `<|startoftext|>`.
+pub const BOS: u32 = 49406;
+/// `<|endoftext|>`: ends the text and pads the rest (the Stable Cascade export's pad token).
+pub const EOS: u32 = 49407;
+/// CLIP's context length.
+pub const CONTEXT: usize = 77;
+/// Text tokens that fit between BOS and EOS.
+pub const MAX_TEXT_TOKENS: usize = CONTEXT - 2;
+
+const TOKENIZER_JSON: &[u8] = include_bytes!("../data/clip-vit-bigg-14-tokenizer.json");
+
+/// A prompt as the text encoder reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// `CONTEXT` ids.
+    pub ids: Vec<u32>,
+    /// `CONTEXT` values: 1 up to and including the first EOS, then 0.
+    pub mask: Vec<u32>,
+    /// The end of the prompt that did not fit, when it was truncated.
+    pub dropped: Option<String>,
+}
+
+impl Tokens {
+    /// Position of the first EOS: where the pooled embedding is taken.
+    pub fn eos_position(&self) -> usize {
+        self.ids
+            .iter()
+            .position(|&t| t == EOS)
+            .expect("framed ids end in EOS")
+    }
+
+    /// The warning to show for a truncated prompt.
+    pub fn warning(&self) -> Option<String> {
+        self.dropped.as_ref().map(|d| {
+            format!(
+                "the prompt is longer than CLIP's {MAX_TEXT_TOKENS} tokens; this end of it is \
+                 ignored: \"{d}\""
+            )
+        })
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// The embedded CLIP tokenizer.
+    pub fn clip() -> Result<Tokenizer> {
+        let mut inner = tokenizers::Tokenizer::from_bytes(TOKENIZER_JSON)
+            .map_err(|e| Error::InvalidArgument(format!("embedded CLIP tokenizer: {e}")))?;
+        // Framing is done here, so the dropped text can be named.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::InvalidArgument(format!("CLIP tokenizer: {e}")))?;
+        inner.with_padding(None);
+        Ok(Tokenizer { inner })
+    }
+
+    /// Tokenizes and frames `prompt` (any text, the empty string included).
+    pub fn encode(&self, prompt: &str) -> Result<Tokens> {
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| Error::InvalidArgument(format!("tokenizing the prompt: {e}")))?;
+        let text = enc.get_ids();
+        let kept = text.len().min(MAX_TEXT_TOKENS);
+        let dropped = (text.len() > kept).then(|| {
+            let start = enc.get_offsets()[kept].0;
+            prompt.get(start..).unwrap_or_default().trim().to_string()
+        });
+        let mut ids = Vec::with_capacity(CONTEXT);
+        ids.push(BOS);
+        ids.extend_from_slice(&text[..kept]);
+        ids.push(EOS);
+        let mut mask = vec![1; ids.len()];
+        mask.resize(CONTEXT, 0);
+        ids.resize(CONTEXT, EOS);
+        Ok(Tokens { ids, mask, dropped })
+    }
+}
+
+/// Position of the first EOS in a row of f32 ids (CLIP's legacy pooling rule: the argmax of
+/// the ids); the last position when there is none.
+pub fn first_eos(row: &[f32]) -> usize {
+    row.iter()
+        .position(|&v| v == EOS as f32)
+        .unwrap_or(row.len().saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_pads_with_eos_and_masks_the_padding() {
+        let t = Tokenizer::clip().unwrap();
+        let e = t.encode("").unwrap();
+        assert_eq!(&e.ids[..3], &[BOS, EOS, EOS]);
+        assert_eq!(e.ids.len(), CONTEXT);
+        assert_eq!(&e.mask[..3], &[1, 1, 0]);
+        assert_eq!(e.eos_position(), 1);
+        assert!(e.dropped.is_none() && e.warning().is_none());
+        let e = t.encode("a photo of a dog").unwrap();
+        let n = e.mask.iter().filter(|&&m| m == 1).count();
+        assert_eq!(n, 2 + 5, "{:?}", &e.ids[..10]);
+        assert_eq!(e.eos_position(), n - 1);
+    }
+
+    #[test]
+    fn a_long_prompt_is_truncated_and_the_dropped_words_are_named() {
+        let t = Tokenizer::clip().unwrap();
+        let words: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+        let e = t.encode(&words.join(" ")).unwrap();
+        assert_eq!(e.ids.len(), CONTEXT);
+        assert_eq!(e.ids[CONTEXT - 1], EOS);
+        assert!(e.mask.iter().all(|&m| m == 1));
+        let dropped = e.dropped.clone().unwrap();
+        assert!(dropped.ends_with("w299"), "{dropped}");
+        assert!(!dropped.contains("w0 "), "{dropped}");
+        assert!(e.warning().unwrap().contains("w299"));
+    }
+}
