@@ -49,6 +49,7 @@ pub fn session(dev: &Arc<CudaDevice>, check: &OpCheck) -> Result<KernelSession> 
         check.graph.clone(),
         &check.weights,
         SessionOptions::default(),
+        None,
     )?;
     for (id, v) in &check.inputs {
         s.set_input(*id, v)?;

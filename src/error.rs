@@ -47,6 +47,12 @@ pub enum Error {
     },
     #[error("interrupted")]
     Interrupted,
+    #[error("{stage} produced {count} NaN/Inf values of {total}: the numbers overflowed or the weights are corrupt (re-download them; if they were converted to float16, use bf16 or f32 files)")]
+    NonFinite {
+        stage: String,
+        count: usize,
+        total: usize,
+    },
 }
 
 impl Error {

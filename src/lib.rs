@@ -6,6 +6,7 @@
 //! family: shape checks, CPU reference, launch plan), [`weights`] (safetensors, safe pickle
 //! conversion, name maps), [`verify`] (every kernel against its reference).
 
+pub mod atomic_file;
 pub mod bench;
 pub mod cli;
 pub mod error;

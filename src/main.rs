@@ -7,7 +7,7 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            2
+            ultrapixel::cli::exit_code(&e)
         }
     };
     std::process::exit(code);

@@ -13,7 +13,7 @@ pub const CONTEXT: usize = 77;
 /// Text tokens that fit between BOS and EOS.
 pub const MAX_TEXT_TOKENS: usize = CONTEXT - 2;
 
-const TOKENIZER_JSON: &[u8] = include_bytes!("../data/clip-vit-bigg-14-tokenizer.json");
+pub(crate) const TOKENIZER_JSON: &[u8] = include_bytes!("../data/clip-vit-bigg-14-tokenizer.json");
 
 /// A prompt as the text encoder reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +39,7 @@ impl Tokens {
     pub fn warning(&self) -> Option<String> {
         self.dropped.as_ref().map(|d| {
             format!(
-                "the prompt is longer than CLIP's {MAX_TEXT_TOKENS} tokens; this end of it is \
+                "longer than CLIP's {MAX_TEXT_TOKENS} tokens; this end of it is \
                  ignored: \"{d}\""
             )
         })

@@ -350,7 +350,7 @@ inline void block_barrier(const std::source_location& loc) {
     if (b.arrived == 0) {
         b.file = loc.file_name();
         b.line = loc.line();
-    } else if (b.line != loc.line() || strcmp(b.file, loc.file_name()) != 0) {
+    } else if (b.line != loc.line() || (b.file != loc.file_name() && strcmp(b.file, loc.file_name()) != 0)) {
         fail(format("__syncthreads: divergent barrier: %s:%u and %s:%u arrive in the same phase", b.file, b.line,
                     loc.file_name(), loc.line()));
     }
@@ -377,7 +377,7 @@ inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8
         fail(format("%s: lanes 0x%08x of warp %u have exited but are in the mask", what, w.lanes & ~w.live, f.warp));
     if (w.arrived == 0) {
         w.what = what;
-    } else if (strcmp(w.what, what) != 0) {
+    } else if (w.what != what && strcmp(w.what, what) != 0) {  // literals usually share an address
         fail(format("warp %u: divergent collectives: %s and %s in the same phase", f.warp, w.what, what));
     }
     uint64_t(*buf)[8] = w.slots[f.collectives & 1];

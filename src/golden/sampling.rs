@@ -4,7 +4,7 @@
 use super::*;
 use crate::models::config::{parse, StageBConfig, StageCConfig};
 use crate::pipeline::stages::{
-    RunContext, StageBRun, StageCConditions, StageCNoise, StageCRun, StageCShapes, StepEvent,
+    Progress, RunContext, StageBRun, StageCConditions, StageCNoise, StageCRun, StageCShapes,
 };
 use crate::sampling::{Guidance, StepNoise};
 
@@ -76,10 +76,13 @@ fn collect_steps<'a>(
     prefix: &'a str,
     shape: [usize; 4],
     phase: crate::pipeline::stages::Phase,
-) -> impl FnMut(&StepEvent) -> Result<()> + 'a {
+) -> impl FnMut(&Progress) -> Result<()> + 'a {
     let [b, h, w, c] = shape;
     let layout = Layout::Image([b, c, h, w]);
-    move |e: &StepEvent| {
+    move |p: &Progress| {
+        let Progress::Step(e) = p else {
+            return Ok(());
+        };
         if let (true, Some(r)) = (e.phase == phase, e.record) {
             let k = e.step;
             out.push((format!("{prefix}{k}.x0"), layout.back(r.x0.clone())));
@@ -95,6 +98,7 @@ fn context(backend: &Backend) -> RunContext<'_> {
         backend,
         options: SessionOptions { poison: true },
         record: true,
+        weights: None,
     }
 }
 

@@ -169,3 +169,25 @@ pub fn clip_text(
         pooled,
     })
 }
+
+/// The checkpoint keys the text tower reads.
+pub fn manifest(cfg: &ClipTextConfig) -> Result<super::Manifest> {
+    super::manifest_of(|mb| {
+        let t = cfg.max_position_embeddings;
+        let inputs = ClipTextInputs {
+            ids: mb.g.input("ids", &[1, t], DType::F32)?,
+            mask: Some(mb.g.input("mask", &[1, t], DType::F32)?),
+            eos: mb.g.input("eos", &[1], DType::F32)?,
+        };
+        clip_text(mb, cfg, &inputs).map(|_| ())
+    })
+}
+
+/// Prefixes of stored keys the text tower never reads: the position-id buffer of older
+/// exports, and the vision half of a full CLIP checkpoint.
+pub const UNUSED_PREFIXES: &[&str] = &[
+    "text_model.embeddings.position_ids",
+    "vision_model.",
+    "visual_projection.",
+    "logit_scale",
+];

@@ -31,6 +31,16 @@ pub fn stack_rows(t: &[HostTensor]) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data))
 }
 
+/// Checkpoint keys with their shapes.
+pub type Manifest = Vec<(String, Vec<usize>)>;
+
+/// The checkpoint keys (with shapes) that `record` reads.
+pub fn manifest_of(record: impl FnOnce(&mut ModelBuilder) -> Result<()>) -> Result<Manifest> {
+    let mut mb = ModelBuilder::new();
+    record(&mut mb)?;
+    Ok(mb.finish().1.manifest())
+}
+
 /// Read access to checkpoint tensors by their original (Stable Cascade / HF) names.
 pub trait Checkpoint {
     fn tensor(&self, key: &str) -> Result<HostTensor>;
@@ -154,7 +164,7 @@ pub struct WeightPlan {
 
 impl WeightPlan {
     /// Every checkpoint key the graph reads, with its expected shape (sorted, unique).
-    pub fn manifest(&self) -> Vec<(String, Vec<usize>)> {
+    pub fn manifest(&self) -> Manifest {
         let mut m: BTreeMap<&str, &[usize]> = BTreeMap::new();
         for r in self.recipes.values() {
             for (k, s) in &r.sources {

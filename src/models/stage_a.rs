@@ -188,3 +188,15 @@ pub fn stage_a_decode(mb: &mut ModelBuilder, cfg: &StageAConfig, x: TensorId) ->
         &[o],
     )
 }
+
+/// The checkpoint keys the decoder reads.
+pub fn manifest(cfg: &StageAConfig) -> Result<super::Manifest> {
+    super::manifest_of(|mb| {
+        let x =
+            mb.g.input("x", &[1, 1, 1, padded_latent(cfg)], DType::BF16)?;
+        stage_a_decode(mb, cfg, x).map(|_| ())
+    })
+}
+
+/// Prefixes of the stored keys decoding never reads: the encoder and the quantizer.
+pub const UNUSED_PREFIXES: &[&str] = &["in_block.", "down_blocks.", "vquantizer."];

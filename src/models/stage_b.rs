@@ -252,3 +252,24 @@ fn pixels_constant(mb: &mut ModelBuilder, cfg: &StageBConfig, b: usize) -> Resul
         },
     )
 }
+
+/// The checkpoint keys Stage B reads (recorded on the smallest latent its levels allow).
+pub fn manifest(cfg: &StageBConfig) -> Result<super::Manifest> {
+    super::manifest_of(|mb| {
+        let side = 2 << cfg.c_hidden.len();
+        let x = mb.g.input("x", &[1, side, side, cfg.c_in], DType::BF16)?;
+        let r = mb.g.input("r", &[1], DType::F32)?;
+        let effnet = mb.g.input("effnet", &[1, 2, 2, cfg.c_effnet], DType::F32)?;
+        let clip = mb.g.input("clip", &[1, 1, cfg.c_clip], DType::BF16)?;
+        stage_b(mb, cfg, &StageBInputs { x, r, effnet, clip }).map(|_| ())
+    })
+}
+
+/// Keys of the released file that are never read: `pixels_mapper`'s first weight, which
+/// only ever multiplies the absent (zero) pixel input.
+pub fn unused_keys(cfg: &StageBConfig) -> super::Manifest {
+    vec![(
+        "pixels_mapper.0.weight".into(),
+        vec![4 * cfg.c_hidden[0], cfg.c_pixels, 1, 1],
+    )]
+}

@@ -264,3 +264,56 @@ fn guide_site(
         &[x, guide],
     )
 }
+
+/// The checkpoint keys Stage C reads: the base network, or with `guided` also the four INR
+/// modules (recorded on a 2×2 latent; no key depends on the size).
+pub fn manifest(cfg: &StageCConfig, guided: bool) -> Result<super::Manifest> {
+    super::manifest_of(|mb| {
+        let (bf, f32t) = (DType::BF16, DType::F32);
+        let x = mb.g.input("x", &[1, 2, 2, cfg.c_in], bf)?;
+        let r = mb.g.input("r", &[1], f32t)?;
+        let clip = ClipInputs {
+            clip_text: mb.g.input("clip_text", &[1, 77, cfg.c_clip_text], bf)?,
+            clip_text_pooled: mb.g.input(
+                "clip_text_pooled",
+                &[1, 1, cfg.c_clip_text_pooled],
+                bf,
+            )?,
+            clip_img: mb.g.input("clip_img", &[1, 1, cfg.c_clip_img], bf)?,
+        };
+        let guidance = if guided {
+            let mut sources = Vec::new();
+            for (site, level) in GUIDE_SITES.iter().zip([0, 1, 1, 0]) {
+                let f = mb.g.input(site, &[1, 2, 2, cfg.c_hidden[level]], bf)?;
+                sources.push(GuideSource::Features(f));
+            }
+            Guidance::Guided {
+                sources: sources.try_into().expect("four sites"),
+                kappa: 1.0,
+            }
+        } else {
+            Guidance::None
+        };
+        stage_c(mb, cfg, &StageCInputs { x, r, clip }, guidance).map(|_| ())
+    })
+}
+
+/// Keys of the released UltraPixel file that the forward pass never reads (spec §3.3: the
+/// scale-aware norm's `alpha` and `gamma` convolutions), with their shapes.
+pub fn unused_guidance_keys(cfg: &StageCConfig) -> super::Manifest {
+    let Some(inr) = &cfg.inr else {
+        return Vec::new();
+    };
+    let ind = inr.ind;
+    GUIDE_MODULES
+        .iter()
+        .flat_map(|m| {
+            ["alpha", "gamma"].into_iter().flat_map(move |conv| {
+                [
+                    (format!("{m}hr_norm.{conv}.weight"), vec![ind, ind, 1, 1]),
+                    (format!("{m}hr_norm.{conv}.bias"), vec![ind]),
+                ]
+            })
+        })
+        .collect()
+}

@@ -1,12 +1,15 @@
 //! The text-to-image product around the models: the validated [`request::Request`], the model
 //! files ([`model_dir`]), and PNG output with metadata ([`png_out`]).
 
-pub mod atomic;
+pub mod generate;
 pub mod model_dir;
+pub mod models;
 pub mod png_out;
 pub mod request;
 pub mod stages;
+pub mod tiny;
 
+pub use generate::{Event, Image, MemoryPlan, Pipeline, PipelineOptions};
 pub use model_dir::ModelDir;
 pub use png_out::{read_metadata, write_png, ImageMetadata, Rgb8Image};
 pub use request::{OutputPattern, Request, Size, StageSettings};

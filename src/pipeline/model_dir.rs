@@ -2,7 +2,7 @@
 //! where this machine keeps them: the Hugging Face hub cache by default, or a plain directory
 //! given with `--model-dir`.
 
-use super::atomic::write_atomic;
+use crate::atomic_file::write_atomic;
 use crate::hub::{verify_file, Hub, HubOptions, RemoteFile, RepoFile};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};

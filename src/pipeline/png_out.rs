@@ -1,8 +1,8 @@
 //! PNG output: 8-bit RGB from the decoder's [0, 1] floats, with the generation settings as
 //! text chunks other tools read (A1111's `parameters`, and our JSON under `ultrapixel`).
 
-use super::atomic::write_atomic;
 use super::request::{Request, Size, StageSettings};
+use crate::atomic_file::write_atomic;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -240,4 +240,87 @@ pub fn read_metadata(path: &Path) -> Result<PngMetadata> {
         })?);
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(w: u32, h: u32) -> Rgb8Image {
+        let pixels = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+        Rgb8Image {
+            width: w,
+            height: h,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_and_a1111_text_lists_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let mut req = Request::new("ein Hund im Garten, 写真");
+        req.negative_prompt = "blurry".into();
+        req.size = Size::new(640, 512).unwrap();
+        let models = BTreeMap::from([(STAGE_C_FILE.to_string(), "ab".repeat(32))]);
+        let meta = ImageMetadata::new(&req, 99, models);
+        write_png(&path, &image(7, 5), Some(&meta)).unwrap();
+        let read = read_metadata(&path).unwrap();
+        assert_eq!((read.width, read.height), (7, 5));
+        assert_eq!(read.ultrapixel.as_ref(), Some(&meta));
+        let text = read.get(PARAMETERS_KEY).unwrap();
+        assert!(
+            text.starts_with("ein Hund im Garten, 写真\nNegative prompt: blurry\n"),
+            "{text}"
+        );
+        for want in [
+            "Steps: 20",
+            "Seed: 99",
+            "Size: 640x512",
+            "Model hash: abababab",
+            "Stage B steps: 10",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        // The pixels are the ones written.
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(buf, image(7, 5).pixels);
+    }
+
+    #[test]
+    fn no_metadata_means_no_text_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.png");
+        write_png(&path, &image(3, 3), None).unwrap();
+        let read = read_metadata(&path).unwrap();
+        assert!(read.text.is_empty() && read.ultrapixel.is_none());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keep.png");
+        std::fs::write(&path, b"old").unwrap();
+        let bad = Rgb8Image {
+            width: 4,
+            height: 4,
+            pixels: vec![0; 5],
+        };
+        assert!(write_png(&path, &bad, None).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn quantization_clamps_and_truncates_like_the_reference() {
+        let data = [0.0, 1.0, 0.999, 0.5, -3.0, 7.0, f32::NAN, 0.00392, 0.0040];
+        let img = Rgb8Image::from_hwc(&data, 1, 3).unwrap();
+        assert_eq!(img.pixels, [0, 255, 254, 127, 0, 255, 0, 0, 1]);
+        assert!(Rgb8Image::from_hwc(&data, 2, 3).is_err());
+    }
 }

@@ -287,3 +287,122 @@ impl Request {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_sizes_parse_in_any_aspect() {
+        for (text, w, h) in [
+            ("3840x2160", 3840, 2160),
+            ("512X6144", 512, 6144),
+            ("2048 × 2048", 2048, 2048),
+            ("5120x2560", 5120, 2560),
+        ] {
+            let s = Size::parse(text).unwrap();
+            assert_eq!((s.width, s.height), (w, h), "{text}");
+            assert_eq!(Size::parse(&s.to_string()).unwrap(), s);
+        }
+        assert!(Size::parse("512x512").unwrap().warning().is_some());
+        assert!(Size::parse("1024x4096").unwrap().warning().is_none());
+    }
+
+    #[test]
+    fn each_rejected_size_names_the_nearest_valid_ones() {
+        for (text, nearest) in [
+            ("1001x1000", "1000x1000"),
+            ("100x100", "512x512"),
+            ("7000x512", "6144x512"),
+            ("1020x2048", "1016x2048 or 1024x2048"),
+            ("0x0", "512x512"),
+        ] {
+            let err = Size::parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("multiple of 8 from 512 to 6144"),
+                "{text}: {err}"
+            );
+            assert!(
+                err.contains(&format!("nearest valid: {nearest}")),
+                "{text}: {err}"
+            );
+        }
+        for text in ["2048", "axb", "2048x", "-8x512", "2048x2048x3"] {
+            let err = Size::parse(text).unwrap_err().to_string();
+            assert!(err.contains("expected WIDTHxHEIGHT"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn batch_seeds_are_consecutive_and_drawn_once() {
+        let mut r = Request::new("a cat");
+        r.seed = Some(41);
+        r.batch = 3;
+        assert_eq!(r.seeds(), [41, 42, 43]);
+        r.seed = None;
+        let s = r.seeds();
+        assert_eq!(s[1], s[0] + 1);
+        r.seed = Some(u64::MAX - 1);
+        assert!(r.validate().unwrap_err().to_string().contains("overflows"));
+    }
+
+    #[test]
+    fn settings_out_of_range_and_colliding_names_are_refused() {
+        let ok = Request::new("a cat");
+        assert!(ok.validate().unwrap().is_empty());
+        let cases: Vec<(Request, &str)> = vec![
+            (Request::new("   "), "the prompt is empty"),
+            (
+                Request {
+                    stage_c: StageSettings { steps: 0, cfg: 4.0 },
+                    ..ok.clone()
+                },
+                "--steps-c 0",
+            ),
+            (
+                Request {
+                    stage_b: StageSettings {
+                        steps: 10,
+                        cfg: f32::NAN,
+                    },
+                    ..ok.clone()
+                },
+                "--cfg-b NaN",
+            ),
+            (
+                Request {
+                    batch: 2,
+                    output: OutputPattern::parse("same.png").unwrap(),
+                    ..ok.clone()
+                },
+                "same name",
+            ),
+            (
+                Request {
+                    batch: 0,
+                    ..ok.clone()
+                },
+                "--batch 0",
+            ),
+        ];
+        for (r, want) in cases {
+            let err = r.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn output_patterns_fill_seed_and_index() {
+        let p = OutputPattern::parse("out/{n}-{seed}.PNG").unwrap();
+        assert_eq!(p.path(7, 2), PathBuf::from("out/2-7.PNG"));
+        for (bad, why) in [
+            ("x.jpg", "must end in .png"),
+            ("{prompt}.png", "unknown placeholder `{prompt}`"),
+            ("{seed.png", "without a closing"),
+            ("seed}.png", "without an opening"),
+        ] {
+            let err = OutputPattern::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}

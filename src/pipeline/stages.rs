@@ -15,33 +15,40 @@ use crate::models::stage_c::{
 };
 use crate::models::{inr, Checkpoint, ModelBuilder};
 use crate::ops::layout::Cast;
+use crate::runtime::device::WeightCache;
+use crate::runtime::graph::Graph;
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::{Session, SessionOptions};
 use crate::runtime::Backend;
-use crate::sampling::{self, record_step, Sampled, StepGraph, StepNoise, StepRecord};
+use crate::sampling::{self, record_step, NoiseSource, Sampled, StepGraph, StepNoise, StepRecord};
 use crate::tensor::{DType, HostTensor};
 use crate::text::Tokens;
 use crate::{Error, Result};
 
-/// Which sampling loop a step belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The parts of a generation, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
+    Text,
     StageCLowRes,
     StageCHighRes,
     StageB,
+    StageA,
 }
 
 impl Phase {
     pub fn label(self) -> &'static str {
         match self {
-            Phase::StageCLowRes => "stage C (low-res guide)",
+            Phase::Text => "text encoder",
+            Phase::StageCLowRes => "stage C low-res",
             Phase::StageCHighRes => "stage C",
             Phase::StageB => "stage B",
+            Phase::StageA => "stage A",
         }
     }
 }
 
-/// One finished sampler step, as observers see it.
+/// One finished sampler step.
 pub struct StepEvent<'a> {
     pub phase: Phase,
     /// 0-based.
@@ -51,8 +58,18 @@ pub struct StepEvent<'a> {
     pub record: Option<&'a StepRecord>,
 }
 
-/// Called after every step; an error (e.g. [`Error::Interrupted`]) stops the run.
-pub type Observer<'a> = dyn FnMut(&StepEvent) -> Result<()> + 'a;
+/// What a running stage reports.
+pub enum Progress<'a> {
+    /// A phase begins: `steps` sampler steps (0 for a single pass).
+    Started {
+        phase: Phase,
+        steps: usize,
+    },
+    Step(StepEvent<'a>),
+}
+
+/// Called as a run progresses; an error (e.g. [`Error::Interrupted`]) stops it.
+pub type Observer<'a> = dyn FnMut(&Progress) -> Result<()> + 'a;
 
 /// What every stage run needs.
 #[derive(Clone, Copy)]
@@ -61,13 +78,15 @@ pub struct RunContext<'a> {
     pub options: SessionOptions,
     /// Read every step's outputs into [`StepEvent::record`] (costs device reads).
     pub record: bool,
+    /// Device weights shared by the sessions of the run (None: each session its own).
+    pub weights: Option<&'a WeightCache>,
 }
 
 impl RunContext<'_> {
     fn session(&self, mb: ModelBuilder, weights: &dyn Checkpoint) -> Result<Box<dyn Session>> {
         let (graph, plan) = mb.finish();
         self.backend
-            .session(graph, &plan.bind(weights), self.options)
+            .session_sharing(graph, &plan.bind(weights), self.options, self.weights)
     }
 }
 
@@ -89,6 +108,7 @@ impl StepLoop {
         phase: Phase,
         observe: &mut Observer,
     ) -> Result<Sampled> {
+        observe(&Progress::Started { phase, steps })?;
         let graph = &self.graph;
         sampling::sample(
             &mut *self.session,
@@ -98,12 +118,12 @@ impl StepLoop {
             noise,
             ctx.record,
             |step, record| {
-                observe(&StepEvent {
+                observe(&Progress::Step(StepEvent {
                     phase,
                     step,
                     steps,
                     record,
-                })
+                }))
             },
         )
     }
@@ -122,6 +142,15 @@ pub struct StageCConditions {
 }
 
 impl StageCConditions {
+    /// Zero conditions of `rows` rows (for planning: only the shapes matter).
+    pub fn zeros(cfg: &StageCConfig, rows: usize) -> Self {
+        StageCConditions {
+            clip_text: HostTensor::zeros(&[rows, crate::text::CONTEXT, cfg.c_clip_text]),
+            clip_text_pooled: HostTensor::zeros(&[rows, 1, cfg.c_clip_text_pooled]),
+            clip_img: HostTensor::zeros(&[rows, 1, cfg.c_clip_img]),
+        }
+    }
+
     /// Records them as constant bf16 inputs; returns the ids and the values to set.
     fn record(&self, mb: &mut ModelBuilder) -> Result<(ClipInputs, InputValues<'_>)> {
         let mut ids = Vec::new();
@@ -177,6 +206,32 @@ pub struct StageCShapes {
     pub hr: [usize; 4],
 }
 
+/// A recorded step graph and the values of its constant inputs.
+struct StepRecording {
+    mb: ModelBuilder,
+    graph: StepGraph,
+    /// The captured guidance maps (low-resolution pass).
+    features: Option<[TensorId; 4]>,
+    /// The reconstructed-guidance inputs, set by the caller (high-resolution pass).
+    guide_inputs: Option<[TensorId; 4]>,
+    constants: Vec<(TensorId, Vec<f32>)>,
+}
+
+impl StepRecording {
+    /// Places it on a session with its constants set.
+    fn into_loop(self, ctx: &RunContext, weights: &dyn Checkpoint) -> Result<StepLoop> {
+        let mut session = ctx.session(self.mb, weights)?;
+        for (id, v) in &self.constants {
+            session.set_input(*id, v)?;
+        }
+        Ok(StepLoop {
+            session,
+            graph: self.graph,
+            features: self.features,
+        })
+    }
+}
+
 impl StageCRun<'_> {
     pub fn sample(
         &self,
@@ -185,8 +240,9 @@ impl StageCRun<'_> {
         noise: &StageCNoise,
         observe: &mut Observer,
     ) -> Result<StageCResult> {
-        let b = shapes.hr[0];
-        let mut lr_loop = self.step_loop(ctx, shapes.lr, &noise.lr, |_| Ok(Guidance::Capture))?;
+        let mut lr_loop = self
+            .lr_recording(shapes, noise.lr.source())?
+            .into_loop(ctx, self.weights)?;
         let features = lr_loop.features.ok_or_else(|| {
             Error::InvalidArgument("the low-resolution pass captured no features".into())
         })?;
@@ -205,29 +261,24 @@ impl StageCRun<'_> {
             maps.push(v[..v.len() / 2].to_vec());
         }
         drop(lr_loop);
-        let reconstructed = self.reconstruct(ctx, shapes, &maps)?;
 
-        let kappa = guide_scale(shapes.hr[1] * shapes.hr[2]);
-        let mut recs = Vec::new();
-        let mut hr_loop = self.step_loop(ctx, shapes.hr, &noise.hr, |mb| {
-            let mut sources = Vec::new();
-            for (site, rec) in GUIDE_SITES.iter().zip(&reconstructed) {
-                let mut shape = rec.shape.clone();
-                shape[0] = 2 * b;
-                let id =
-                    mb.g.constant_input(&format!("hr_rec {site}"), &shape, DType::BF16)?;
-                recs.push((id, rec.data.repeat(2)));
-                sources.push(GuideSource::Reconstructed(id));
-            }
-            Ok(Guidance::Guided {
-                sources: sources.try_into().expect("four sites"),
-                kappa,
-            })
-        })?;
-        for (id, values) in &recs {
-            hr_loop.session.set_input(*id, values)?;
+        let (mb, inputs, outputs) = self.reconstruct_recording(shapes)?;
+        let mut session = ctx.session(mb, self.weights)?;
+        for (id, v) in inputs.iter().zip(&maps) {
+            session.set_input(*id, v)?;
         }
-        let hr = hr_loop.run(
+        session.run()?;
+        let mut recs = Vec::new();
+        for id in outputs {
+            // The cond half's reconstruction serves both halves of the CFG batch.
+            recs.push(session.read(id)?.repeat(2));
+        }
+        drop(session);
+
+        let mut hr = self.hr_recording(shapes, noise.hr.source())?;
+        let ids = hr.guide_inputs.expect("the HR recording has guide inputs");
+        hr.constants.extend(ids.into_iter().zip(recs));
+        let hr = hr.into_loop(ctx, self.weights)?.run(
             ctx,
             noise.init_hr.clone(),
             self.steps,
@@ -238,79 +289,100 @@ impl StageCRun<'_> {
         Ok(StageCResult { lr, hr })
     }
 
-    /// A step graph at `shape` with the guidance `guide` records, on a session with the
-    /// conditions set.
-    fn step_loop(
+    /// Every graph the run places on the device, in order (for memory planning).
+    pub fn graphs(&self, shapes: StageCShapes, source: NoiseSource) -> Result<Vec<Graph>> {
+        Ok(vec![
+            self.lr_recording(shapes, source)?.mb.finish().0,
+            self.reconstruct_recording(shapes)?.0.finish().0,
+            self.hr_recording(shapes, source)?.mb.finish().0,
+        ])
+    }
+
+    /// The low-resolution step, capturing the four guidance maps.
+    fn lr_recording(&self, shapes: StageCShapes, source: NoiseSource) -> Result<StepRecording> {
+        self.step_recording(shapes.lr, source, |_| Ok(Guidance::Capture))
+    }
+
+    /// The guided high-resolution step; its `guide_inputs` are the four constant inputs of
+    /// the reconstructed guidance (bf16 `[2B, H, W, C]`), to be set by the caller.
+    fn hr_recording(&self, shapes: StageCShapes, source: NoiseSource) -> Result<StepRecording> {
+        let [b, hh, ww, _] = shapes.hr;
+        let kappa = guide_scale(hh * ww);
+        let mut ids = Vec::new();
+        let mut rec = self.step_recording(shapes.hr, source, |mb| {
+            for (site, level) in GUIDE_SITES.iter().zip([0, 1, 1, 0]) {
+                let shape = [2 * b, hh, ww, self.cfg.c_hidden[level]];
+                ids.push(mb.g.constant_input(&format!("hr_rec {site}"), &shape, DType::BF16)?);
+            }
+            let sources: Vec<GuideSource> = ids
+                .iter()
+                .map(|&id| GuideSource::Reconstructed(id))
+                .collect();
+            Ok(Guidance::Guided {
+                sources: sources.try_into().expect("four sites"),
+                kappa,
+            })
+        })?;
+        rec.guide_inputs = Some(ids.try_into().expect("four sites"));
+        Ok(rec)
+    }
+
+    /// A step graph at `shape` with the guidance `guide` records, the conditions as
+    /// constant inputs.
+    fn step_recording(
         &self,
-        ctx: &RunContext,
         shape: [usize; 4],
-        noise: &StepNoise,
+        source: NoiseSource,
         guide: impl FnOnce(&mut ModelBuilder) -> Result<Guidance>,
-    ) -> Result<StepLoop> {
+    ) -> Result<StepRecording> {
         let mut mb = ModelBuilder::new();
         let (clip, values) = self.conditions.record(&mut mb)?;
+        let constants = values.into_iter().map(|(id, v)| (id, v.to_vec())).collect();
         let guidance = guide(&mut mb)?;
         let mut features = None;
-        let sg = record_step(
-            &mut mb,
-            &shape,
-            self.guidance,
-            noise.source(),
-            |mb, x2, r| {
-                let x = mb.g.op1(Cast { out: DType::BF16 }, &[x2])?;
-                let out = stage_c(mb, self.cfg, &StageCInputs { x, r, clip }, guidance)?;
-                features = out.features;
-                Ok(out.out)
-            },
-        )?;
+        let graph = record_step(&mut mb, &shape, self.guidance, source, |mb, x2, r| {
+            let x = mb.g.op1(Cast { out: DType::BF16 }, &[x2])?;
+            let out = stage_c(mb, self.cfg, &StageCInputs { x, r, clip }, guidance)?;
+            features = out.features;
+            Ok(out.out)
+        })?;
         if let Some(f) = features {
             for (site, id) in GUIDE_SITES.iter().zip(f) {
                 mb.g.output(id, site)?;
             }
         }
-        let mut session = ctx.session(mb, self.weights)?;
-        for (id, v) in values {
-            session.set_input(id, v)?;
-        }
-        Ok(StepLoop {
-            session,
-            graph: sg,
+        Ok(StepRecording {
+            mb,
+            graph,
             features,
+            guide_inputs: None,
+            constants,
         })
     }
 
-    /// The INR modules' step-invariant part (spec §3.2 A–E.2) for the four LR maps (cond
-    /// half, f32 `[B, h, w, C]` each), at the HR size: run once per generation.
-    fn reconstruct(
+    /// The INR modules' step-invariant part (spec §3.2 A–E.2) of the four LR maps (cond
+    /// half, bf16 `[B, h, w, C]` inputs) at the HR size: run once per generation. Returns the
+    /// recording, its inputs and its outputs (f32 `[B, H, W, C]`), in site order.
+    fn reconstruct_recording(
         &self,
-        ctx: &RunContext,
         shapes: StageCShapes,
-        maps: &[Vec<f32>],
-    ) -> Result<Vec<HostTensor>> {
+    ) -> Result<(ModelBuilder, Vec<TensorId>, Vec<TensorId>)> {
         let inr_cfg = self.cfg.inr.as_ref().ok_or_else(|| {
             Error::InvalidArgument("this Stage C has no INR guidance modules".into())
         })?;
         let [b, h, w, _] = shapes.lr;
         let (hh, ww) = (shapes.hr[1], shapes.hr[2]);
         let mut mb = ModelBuilder::new();
-        let mut inputs = Vec::new();
-        let mut outs = Vec::new();
-        for (site, (prefix, map)) in GUIDE_SITES.iter().zip(GUIDE_MODULES.iter().zip(maps)) {
-            let c = map.len() / (b * h * w);
-            let id = mb.g.input(site, &[b, h, w, c], DType::BF16)?;
-            inputs.push((id, map));
+        let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+        for ((site, prefix), level) in GUIDE_SITES.iter().zip(GUIDE_MODULES).zip([0, 1, 1, 0]) {
+            let id =
+                mb.g.input(site, &[b, h, w, self.cfg.c_hidden[level]], DType::BF16)?;
             let rec = inr::reconstruct(&mut mb, prefix, inr_cfg, id, (hh, ww))?;
             mb.g.output(rec, &format!("hr_rec {site}"))?;
-            outs.push((rec, [b, hh, ww, c]));
+            inputs.push(id);
+            outputs.push(rec);
         }
-        let mut session = ctx.session(mb, self.weights)?;
-        for (id, v) in inputs {
-            session.set_input(id, v)?;
-        }
-        session.run()?;
-        outs.into_iter()
-            .map(|(id, shape)| Ok(HostTensor::new(shape.to_vec(), session.read(id)?)))
-            .collect()
+        Ok((mb, inputs, outputs))
     }
 }
 
@@ -337,64 +409,129 @@ impl StageBRun<'_> {
         noise: &StepNoise,
         observe: &mut Observer,
     ) -> Result<Sampled> {
+        self.recording(shape, noise.source())?
+            .into_loop(ctx, self.weights)?
+            .run(ctx, init, self.steps, noise, Phase::StageB, observe)
+    }
+
+    /// The step graph (for memory planning).
+    pub fn graph(&self, shape: [usize; 4], source: NoiseSource) -> Result<Graph> {
+        Ok(self.recording(shape, source)?.mb.finish().0)
+    }
+
+    fn recording(&self, shape: [usize; 4], source: NoiseSource) -> Result<StepRecording> {
         let mut mb = ModelBuilder::new();
         let effnet =
             mb.g.constant_input("effnet", &self.effnet.shape, DType::F32)?;
         let clip = mb.g.constant_input("clip", &self.clip.shape, DType::BF16)?;
-        let sg = record_step(
-            &mut mb,
-            &shape,
-            self.guidance,
-            noise.source(),
-            |mb, x2, r| {
-                let x = mb.g.op1(Cast { out: DType::BF16 }, &[x2])?;
-                stage_b(mb, self.cfg, &StageBInputs { x, r, effnet, clip })
-            },
-        )?;
-        let mut session = ctx.session(mb, self.weights)?;
-        session.set_input(effnet, &self.effnet.data)?;
-        session.set_input(clip, &self.clip.data)?;
-        let mut step_loop = StepLoop {
-            session,
-            graph: sg,
+        let graph = record_step(&mut mb, &shape, self.guidance, source, |mb, x2, r| {
+            let x = mb.g.op1(Cast { out: DType::BF16 }, &[x2])?;
+            stage_b(mb, self.cfg, &StageBInputs { x, r, effnet, clip })
+        })?;
+        Ok(StepRecording {
+            mb,
+            graph,
             features: None,
-        };
-        step_loop.run(ctx, init, self.steps, noise, Phase::StageB, observe)
+            guide_inputs: None,
+            constants: vec![
+                (effnet, self.effnet.data.clone()),
+                (clip, self.clip.data.clone()),
+            ],
+        })
     }
 }
 
-/// Stage A: a Stage B latent (f32 `[B, h, w, c_latent]`) to RGB, f32 `[B, 4h, 4w, 3]`,
-/// not clamped.
-pub fn decode(
-    ctx: &RunContext,
-    weights: &dyn Checkpoint,
-    cfg: &StageAConfig,
-    latent: &HostTensor,
-) -> Result<HostTensor> {
-    let [b, h, w, c] = latent.shape[..] else {
-        return Err(Error::shape("stage A", "the latent must be [B, H, W, C]"));
-    };
-    if c != cfg.c_latent {
-        return Err(Error::shape(
-            "stage A",
-            format!(
-                "the latent has {c} channels, the decoder reads {}",
-                cfg.c_latent
-            ),
-        ));
+/// Stage A decoding, in overlapping tiles so that the full-size maps of a 4K+ image (and
+/// their 4×-wide hidden layers) never exist at once. The decoder has no global operation:
+/// each output pixel depends on the latent within its receptive field, so a tile whose
+/// margin covers that field decodes its core exactly as the whole image would.
+pub struct StageADecode<'a> {
+    pub weights: &'a dyn Checkpoint,
+    pub cfg: &'a StageAConfig,
+    /// Latent pixels of a tile's core, per side.
+    pub tile: usize,
+}
+
+/// Default tile core: 256 latent pixels (1024 output pixels) per side.
+pub const STAGE_A_TILE: usize = 256;
+
+impl StageADecode<'_> {
+    /// Latent pixels of margin a tile needs: the receptive field of the bottleneck's 3×3
+    /// depthwise convs (one latent pixel each), the transposed conv and the last block.
+    pub fn margin(&self) -> usize {
+        self.cfg.bottleneck_blocks + 4
     }
-    let kp = padded_latent(cfg);
-    let mut mb = ModelBuilder::new();
-    let x = mb.g.input("latent", &[b, h, w, kp], DType::BF16)?;
-    let out = stage_a_decode(&mut mb, cfg, x)?;
-    mb.g.output(out, "rgb")?;
-    let mut session = ctx.session(mb, weights)?;
-    session.set_input(x, &pad_channels(&latent.data, c, kp))?;
-    session.run()?;
-    Ok(HostTensor::new(
-        vec![b, 4 * h, 4 * w, 3],
-        session.read(out)?,
-    ))
+
+    /// The window (start, length) along a side of `n` for the core starting at `start`.
+    fn window(&self, n: usize, start: usize) -> (usize, usize) {
+        let len = n.min(self.tile + 2 * self.margin());
+        (start.saturating_sub(self.margin()).min(n - len), len)
+    }
+
+    /// The decoder graph for a window of `shape` = `[B, h, w]` latent pixels.
+    fn recording(&self, [b, h, w]: [usize; 3]) -> Result<(ModelBuilder, TensorId, TensorId)> {
+        let mut mb = ModelBuilder::new();
+        let x =
+            mb.g.input("latent", &[b, h, w, padded_latent(self.cfg)], DType::BF16)?;
+        let out = stage_a_decode(&mut mb, self.cfg, x)?;
+        mb.g.output(out, "rgb")?;
+        Ok((mb, x, out))
+    }
+
+    /// The graph that decodes a `[B, h, w]` latent (one tile's, for memory planning).
+    pub fn graph(&self, [b, h, w]: [usize; 3]) -> Result<Graph> {
+        let (hw, ww) = (self.window(h, 0).1, self.window(w, 0).1);
+        Ok(self.recording([b, hw, ww])?.0.finish().0)
+    }
+
+    /// A latent (f32 `[B, h, w, c_latent]`) to RGB, f32 `[B, 4h, 4w, 3]`, not clamped.
+    pub fn decode(&self, ctx: &RunContext, latent: &HostTensor) -> Result<HostTensor> {
+        let [b, h, w, c] = latent.shape[..] else {
+            return Err(Error::shape("stage A", "the latent must be [B, H, W, C]"));
+        };
+        if c != self.cfg.c_latent || self.tile == 0 {
+            return Err(Error::shape(
+                "stage A",
+                format!(
+                    "the latent has {c} channels, the decoder reads {} (tile {})",
+                    self.cfg.c_latent, self.tile
+                ),
+            ));
+        }
+        let kp = padded_latent(self.cfg);
+        let padded = pad_channels(&latent.data, c, kp);
+        let (wh, ww) = (self.window(h, 0).1, self.window(w, 0).1);
+        let (mb, x, out) = self.recording([b, wh, ww])?;
+        let mut session = ctx.session(mb, self.weights)?;
+        let mut rgb = vec![0f32; b * 16 * h * w * 3];
+        for y0 in (0..h).step_by(self.tile) {
+            for x0 in (0..w).step_by(self.tile) {
+                let (sy, _) = self.window(h, y0);
+                let (sx, _) = self.window(w, x0);
+                let mut tile = Vec::with_capacity(b * wh * ww * kp);
+                for bi in 0..b {
+                    for y in sy..sy + wh {
+                        let row = ((bi * h + y) * w + sx) * kp;
+                        tile.extend_from_slice(&padded[row..row + ww * kp]);
+                    }
+                }
+                session.set_input(x, &tile)?;
+                session.run()?;
+                let got = session.read(out)?;
+                // Keep the core: output rows 4·y0 … 4·min(y0 + tile, h), likewise columns.
+                let (ye, xe) = ((y0 + self.tile).min(h), (x0 + self.tile).min(w));
+                let row_len = 4 * (xe - x0) * 3;
+                for bi in 0..b {
+                    for oy in 4 * y0..4 * ye {
+                        let src = ((bi * 4 * wh + oy - 4 * sy) * 4 * ww + 4 * (x0 - sx)) * 3;
+                        let dst = ((bi * 4 * h + oy) * 4 * w + 4 * x0) * 3;
+                        rgb[dst..dst + row_len].copy_from_slice(&got[src..src + row_len]);
+                    }
+                }
+            }
+        }
+        Ok(HostTensor::new(vec![b, 4 * h, 4 * w, 3], rgb))
+    }
 }
 
 /// Channels-last rows of `c` values zero-padded to `to`.
@@ -413,6 +550,30 @@ pub struct TextEmbedding {
     pub pooled: HostTensor,
 }
 
+/// The text encoder for `n` prompts: its graph with the ids, mask and EOS-position inputs
+/// and the two outputs.
+fn text_recording(
+    cfg: &ClipTextConfig,
+    n: usize,
+) -> Result<(ModelBuilder, ClipTextInputs, [TensorId; 2])> {
+    let t = crate::text::CONTEXT;
+    let mut mb = ModelBuilder::new();
+    let inputs = ClipTextInputs {
+        ids: mb.g.input("input_ids", &[n, t], DType::F32)?,
+        mask: Some(mb.g.input("attention_mask", &[n, t], DType::F32)?),
+        eos: mb.g.input("eos_position", &[n], DType::F32)?,
+    };
+    let out = clip_text(&mut mb, cfg, &inputs)?;
+    mb.g.output(out.hidden, "clip_text")?;
+    mb.g.output(out.pooled, "clip_text_pooled")?;
+    Ok((mb, inputs, [out.hidden, out.pooled]))
+}
+
+/// The text encoder's graph for `n` prompts (for memory planning).
+pub fn text_graph(cfg: &ClipTextConfig, n: usize) -> Result<Graph> {
+    Ok(text_recording(cfg, n)?.0.finish().0)
+}
+
 /// Encodes framed prompts (with the padding mask, as the reference passes it).
 pub fn encode_text(
     ctx: &RunContext,
@@ -420,28 +581,20 @@ pub fn encode_text(
     cfg: &ClipTextConfig,
     prompts: &[Tokens],
 ) -> Result<TextEmbedding> {
-    let n = prompts.len();
-    let t = crate::text::CONTEXT;
-    let mut mb = ModelBuilder::new();
-    let ids = mb.g.input("input_ids", &[n, t], DType::F32)?;
-    let mask = mb.g.input("attention_mask", &[n, t], DType::F32)?;
-    let eos = mb.g.input("eos_position", &[n], DType::F32)?;
-    let inputs = ClipTextInputs {
-        ids,
-        mask: Some(mask),
-        eos,
-    };
-    let out = clip_text(&mut mb, cfg, &inputs)?;
-    mb.g.output(out.hidden, "clip_text")?;
-    mb.g.output(out.pooled, "clip_text_pooled")?;
+    let (n, t) = (prompts.len(), crate::text::CONTEXT);
+    let (mb, inputs, [hidden, pooled]) = text_recording(cfg, n)?;
     let mut session = ctx.session(mb, weights)?;
     let flat = |f: &dyn Fn(&Tokens) -> Vec<f32>| prompts.iter().flat_map(f).collect::<Vec<_>>();
-    session.set_input(ids, &flat(&|p| p.ids.iter().map(|&v| v as f32).collect()))?;
+    let mask = inputs.mask.expect("recorded with the mask");
+    session.set_input(
+        inputs.ids,
+        &flat(&|p| p.ids.iter().map(|&v| v as f32).collect()),
+    )?;
     session.set_input(mask, &flat(&|p| p.mask.iter().map(|&v| v as f32).collect()))?;
-    session.set_input(eos, &flat(&|p| vec![p.eos_position() as f32]))?;
+    session.set_input(inputs.eos, &flat(&|p| vec![p.eos_position() as f32]))?;
     session.run()?;
     Ok(TextEmbedding {
-        hidden: HostTensor::new(vec![n, t, cfg.hidden_size], session.read(out.hidden)?),
-        pooled: HostTensor::new(vec![n, 1, cfg.projection_dim], session.read(out.pooled)?),
+        hidden: HostTensor::new(vec![n, t, cfg.hidden_size], session.read(hidden)?),
+        pooled: HostTensor::new(vec![n, 1, cfg.projection_dim], session.read(pooled)?),
     })
 }

@@ -6,10 +6,12 @@ use super::launch::Launch;
 use super::planner::{self, ArenaPlan, ALIGN};
 use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
 use crate::ops::{DevTensor, LaunchIo};
+use crate::tensor::DType;
 use crate::tensor::{decode, encode};
 use crate::{Error, Result};
 use std::any::Any;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// An owned device allocation; freed when dropped.
 pub struct DeviceBuffer {
@@ -58,22 +60,63 @@ pub trait Device: Send + Sync {
     }
 }
 
+/// Weights already on the device, shared by the sessions of one stage (its low- and
+/// high-resolution step graphs read the same Stage C weights): keyed by graph weight name,
+/// shape and dtype. Dropping the cache (and its sessions) frees them.
+#[derive(Default)]
+pub struct WeightCache {
+    entries: Mutex<HashMap<WeightKey, (Arc<DeviceBuffer>, u64)>>,
+}
+
+type WeightKey = (String, Vec<usize>, DType);
+
+impl WeightCache {
+    pub fn new() -> Self {
+        WeightCache::default()
+    }
+
+    /// Forgets every weight; the memory is freed once no session holds it.
+    pub fn clear(&self) {
+        self.entries.lock().expect("weight cache lock").clear();
+    }
+
+    /// Device bytes the cached weights occupy.
+    pub fn bytes(&self) -> usize {
+        let entries = self.entries.lock().expect("weight cache lock");
+        let mut seen = std::collections::HashSet::new();
+        entries
+            .values()
+            .filter(|(b, _)| seen.insert(b.ptr))
+            .map(|(b, _)| b.bytes)
+            .sum()
+    }
+}
+
+fn weight_key(d: &super::graph::TensorDesc) -> WeightKey {
+    (d.name.clone(), d.shape.clone(), d.dtype)
+}
+
 pub struct KernelSession {
     device: Arc<dyn Device>,
     graph: Graph,
     plan: ArenaPlan,
     _arena: DeviceBuffer,
-    _weights: Option<DeviceBuffer>,
+    /// The weight buffers this session reads (its own, or shared through a cache).
+    _weights: Vec<Arc<DeviceBuffer>>,
     ptrs: Vec<u64>,
     list: LaunchList,
 }
 
 impl KernelSession {
+    /// Places `graph` on `device`: one arena for its activations; its weights from `cache`
+    /// where they are already uploaded, the others uploaded (in one allocation) and added to
+    /// it.
     pub fn new(
         device: Arc<dyn Device>,
         graph: Graph,
         weights: &dyn WeightSource,
         opts: SessionOptions,
+        cache: Option<&WeightCache>,
     ) -> Result<Self> {
         let plan = planner::plan(&graph);
         let arena = device.alloc(plan.peak.max(ALIGN))?;
@@ -86,26 +129,43 @@ impl KernelSession {
             .map(|o| o.map_or(0, |o| arena.ptr + o as u64))
             .collect();
 
-        // All weights of the graph in one allocation.
-        let wids: Vec<TensorId> = graph.weights().map(|(id, _)| id).collect();
-        let mut woffs = Vec::with_capacity(wids.len());
+        let mut held = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let entries = cache.map(|c| c.entries.lock().expect("weight cache lock"));
+            for (id, d) in graph.weights() {
+                match entries.as_ref().and_then(|e| e.get(&weight_key(d))) {
+                    Some((buf, off)) => {
+                        ptrs[id.index()] = buf.ptr + off;
+                        held.push(buf.clone());
+                    }
+                    None => missing.push(id),
+                }
+            }
+        }
+        // The weights not cached yet, in one allocation.
+        let mut woffs = Vec::with_capacity(missing.len());
         let mut total = 0usize;
-        for &id in &wids {
+        for &id in &missing {
             woffs.push(total);
             total += graph.desc(id).bytes().div_ceil(ALIGN) * ALIGN;
         }
-        let wbuf = if total > 0 {
-            let buf = device.alloc(total)?;
-            for (&id, &off) in wids.iter().zip(&woffs) {
+        if total > 0 {
+            let buf = Arc::new(device.alloc(total)?);
+            for (&id, &off) in missing.iter().zip(&woffs) {
                 let t = load_weight(&graph, id, weights)?;
                 let ptr = buf.ptr + off as u64;
                 device.write(ptr, &encode(&t.data, graph.desc(id).dtype))?;
                 ptrs[id.index()] = ptr;
             }
-            Some(buf)
-        } else {
-            None
-        };
+            if let Some(cache) = cache {
+                let mut entries = cache.entries.lock().expect("weight cache lock");
+                for (&id, &off) in missing.iter().zip(&woffs) {
+                    entries.insert(weight_key(graph.desc(id)), (buf.clone(), off as u64));
+                }
+            }
+            held.push(buf);
+        }
 
         let list = build_launches(&graph, &plan, &ptrs, arena.ptr)?;
         Ok(KernelSession {
@@ -113,7 +173,7 @@ impl KernelSession {
             graph,
             plan,
             _arena: arena,
-            _weights: wbuf,
+            _weights: held,
             ptrs,
             list,
         })

@@ -65,15 +65,35 @@ impl Backend {
         weights: &dyn WeightSource,
         opts: SessionOptions,
     ) -> Result<Box<dyn Session>> {
+        self.session_sharing(graph, weights, opts, None)
+    }
+
+    /// As [`Backend::session`], taking the weights already in `cache` from there and adding
+    /// the others to it (kernel backends; the cpu backend keeps its own copies).
+    pub fn session_sharing(
+        &self,
+        graph: Graph,
+        weights: &dyn WeightSource,
+        opts: SessionOptions,
+        cache: Option<&device::WeightCache>,
+    ) -> Result<Box<dyn Session>> {
         Ok(match self {
             Backend::Cpu => Box::new(cpu::CpuSession::new(graph, weights)?),
             #[cfg(feature = "hostsim")]
-            Backend::Hostsim(d) => {
-                Box::new(device::KernelSession::new(d.clone(), graph, weights, opts)?)
-            }
-            Backend::Cuda(d) => {
-                Box::new(device::KernelSession::new(d.clone(), graph, weights, opts)?)
-            }
+            Backend::Hostsim(d) => Box::new(device::KernelSession::new(
+                d.clone(),
+                graph,
+                weights,
+                opts,
+                cache,
+            )?),
+            Backend::Cuda(d) => Box::new(device::KernelSession::new(
+                d.clone(),
+                graph,
+                weights,
+                opts,
+                cache,
+            )?),
         })
     }
 }

@@ -347,43 +347,12 @@ pub fn write_safetensors(
             )));
         }
     }
-    let pending = PendingFile::new(path);
     let info: HashMap<String, String> = metadata.clone().into_iter().collect();
-    safetensors::serialize_to_file(tensors, (!info.is_empty()).then_some(info), &pending.path)
+    let bytes = safetensors::serialize(tensors, (!info.is_empty()).then_some(info))
         .map_err(|e| Error::format(path, format!("writing safetensors: {e}")))?;
-    pending.commit(path)
-}
-
-/// A temporary output file, removed when dropped unless committed.
-struct PendingFile {
-    path: PathBuf,
-}
-
-impl PendingFile {
-    fn new(target: &Path) -> Self {
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        PendingFile {
-            path: target.with_file_name(format!(".{name}.{}.partial", std::process::id())),
-        }
-    }
-
-    /// Flushes the file to disk and renames it to `target`.
-    fn commit(self, target: &Path) -> Result<()> {
-        File::open(&self.path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&self.path, e))?;
-        std::fs::rename(&self.path, target).map_err(|e| Error::io(target, e))
-    }
-}
-
-impl Drop for PendingFile {
-    fn drop(&mut self) {
-        // After a successful commit the file is gone and this fails harmlessly.
-        let _ = std::fs::remove_file(&self.path);
-    }
+    crate::atomic_file::write_atomic(path, |out| {
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
 }
 
 #[cfg(test)]

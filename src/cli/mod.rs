@@ -1,5 +1,8 @@
 //! Command-line interface (`ultrapixel <command>`).
 
+mod generate;
+mod models;
+
 use crate::runtime::cuda::{probe, CudaDevice};
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::runtime::{Backend, BackendKind};
@@ -20,6 +23,14 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Generate images from a prompt (PNG with the settings as metadata).
+    Generate(generate::GenerateArgs),
+    /// Fetch the model files from the Hugging Face hub (checksums verified, resumable).
+    Download(models::DownloadArgs),
+    /// Print the generation settings stored in a PNG.
+    Meta(models::MetaArgs),
+    /// Write a complete tiny model with random weights (for tests and trying the CLI).
+    MakeTinyModel(models::TinyModelArgs),
     /// Show the GPU, the embedded kernel architectures and the ptxas resource table.
     Info,
     /// Run every kernel on this device against its CPU reference (and the host emulator).
@@ -72,9 +83,29 @@ pub struct VerifyArgs {
     pub filter: Option<String>,
 }
 
+/// The exit code of a failed command: 2 for bad input (arguments, files, case kinds), 130 for
+/// Ctrl-C, 1 for a failure while running.
+pub fn exit_code(e: &crate::Error) -> i32 {
+    use crate::Error as E;
+    match e {
+        E::Interrupted => 130,
+        E::InvalidArgument(_)
+        | E::Format { .. }
+        | E::Io { .. }
+        | E::Case { .. }
+        | E::Weights(_) => 2,
+        E::OutOfMemory { .. } => 2,
+        _ => 1,
+    }
+}
+
 /// Runs a parsed command; the return value is the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Generate(a) => generate::generate(a),
+        Command::Download(a) => models::download(a),
+        Command::Meta(a) => models::meta(a),
+        Command::MakeTinyModel(a) => models::make_tiny_model(a),
         Command::Info => info(),
         Command::Verify(a) => verify_cmd(a),
         Command::Validate(a) => validate_cmd(a),

@@ -1,0 +1,325 @@
+//! `ultrapixel generate`: a prompt to PNG files, with progress, Ctrl-C between steps, and a
+//! JSON summary on request.
+
+use crate::hub::{Hub, HubOptions};
+use crate::pipeline::generate::{Event, Image, Pipeline, PipelineOptions};
+use crate::pipeline::png_out::write_png;
+use crate::pipeline::request::{OutputPattern, Request, Size, StageSettings};
+use crate::pipeline::stages::{Phase, Progress};
+use crate::pipeline::{model_dir, ModelDir};
+use crate::runtime::BackendKind;
+use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// What the image shows.
+    pub prompt: String,
+    /// What it should not show (the reference's default is empty).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Output size in pixels, WIDTHxHEIGHT: multiples of 8 from 512 to 6144, any aspect.
+    #[arg(long, default_value_t = Request::DEFAULT_SIZE)]
+    pub size: Size,
+    /// Stage C steps (each of its low-res and high-res passes).
+    #[arg(long, default_value_t = Request::DEFAULT_STAGE_C.steps)]
+    pub steps_c: u32,
+    /// Stage B steps.
+    #[arg(long, default_value_t = Request::DEFAULT_STAGE_B.steps)]
+    pub steps_b: u32,
+    /// Stage C classifier-free guidance scale.
+    #[arg(long, default_value_t = Request::DEFAULT_STAGE_C.cfg)]
+    pub cfg_c: f32,
+    /// Stage B classifier-free guidance scale.
+    #[arg(long, default_value_t = Request::DEFAULT_STAGE_B.cfg)]
+    pub cfg_b: f32,
+    /// Seed of the first image (default: random, printed); image k uses seed + k.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images to make, one after the other.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u32,
+    /// Output file pattern: {seed} and {n} (index in the batch) are replaced.
+    #[arg(long, default_value = OutputPattern::DEFAULT)]
+    pub out: String,
+    /// A directory with the model files (default: the Hugging Face cache, downloading what
+    /// is missing).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Where to run: cuda (NVIDIA GPU), or on the CPU: hostsim (our kernels under the
+    /// emulator, about a minute for the tiny test model at 512x512) or cpu (reference code,
+    /// seconds for the tiny model); both are far too slow for the real model.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
+    pub backend: BackendKind,
+    /// Write PNGs without the generation settings.
+    #[arg(long)]
+    pub no_metadata: bool,
+    /// Free each stage's weights after it ran (less GPU memory, slower batches).
+    #[arg(long)]
+    pub low_vram: bool,
+    /// Check every step's latent for NaN/Inf (each stage's result is always checked).
+    #[arg(long)]
+    pub check_every_step: bool,
+    /// Plan as if the GPU had this many MiB free (to stay below a budget).
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit: Option<u64>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print a JSON summary (images, seeds, timings per stage, memory plan) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GenerateArgs {
+    fn request(&self) -> Result<Request> {
+        Ok(Request {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            size: self.size,
+            stage_c: StageSettings {
+                steps: self.steps_c,
+                cfg: self.cfg_c,
+            },
+            stage_b: StageSettings {
+                steps: self.steps_b,
+                cfg: self.cfg_b,
+            },
+            seed: self.seed,
+            batch: self.batch,
+            output: OutputPattern::parse(&self.out)?,
+        })
+    }
+}
+
+/// Runs `generate`; the exit code.
+pub fn generate(args: GenerateArgs) -> Result<i32> {
+    let mut request = args.request()?;
+    for w in request.validate()? {
+        eprintln!("warning: {w}");
+    }
+    // Fix the seeds now: they name the files and are printed before the long work.
+    let seeds = request.seeds();
+    request.seed = Some(seeds[0]);
+    let paths: Vec<PathBuf> = seeds
+        .iter()
+        .enumerate()
+        .map(|(n, &s)| request.output.path(s, n as u32))
+        .collect();
+    for p in &paths {
+        check_output_dir(p)?;
+    }
+    if !args.quiet {
+        eprintln!(
+            "seed {} ({} image{}, {})",
+            seeds[0],
+            seeds.len(),
+            if seeds.len() == 1 { "" } else { "s" },
+            request.size
+        );
+    }
+    let hub = HubOptions {
+        progress: !args.quiet,
+        ..HubOptions::from_env()
+    };
+    let dir = resolve_models(args.model_dir.as_deref(), &hub, args.quiet)?;
+    let mut options = PipelineOptions::new(args.backend);
+    options.low_vram = args.low_vram;
+    options.check_every_step = args.check_every_step;
+    options.memory_limit = args.memory_limit.map(|m| m << 20);
+    let pipeline = Pipeline::load(&dir, options).map_err(|e| backend_advice(e, args.backend))?;
+    for w in pipeline.prompt_warnings(&request)? {
+        eprintln!("warning: {w}");
+    }
+    let plan = pipeline.plan(request.size)?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler (a library user's) may already exist: then Ctrl-C just exits.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let mut progress = ProgressReport::new(args.quiet);
+    let mut written = Vec::new();
+    let result = pipeline.generate_with(&request, &mut |event| {
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted);
+        }
+        match event {
+            Event::Progress { image, progress: p } => progress.update(image, p),
+            Event::ImageDone(img) => {
+                progress.finish_phase();
+                let path = &paths[written.len()];
+                let meta = (!args.no_metadata).then_some(&img.metadata);
+                write_png(path, &img.rgb, meta)?;
+                if !args.quiet {
+                    eprintln!("wrote {} (seed {})", path.display(), img.seed);
+                }
+                written.push(summary(path, img));
+            }
+        }
+        Ok(())
+    });
+    progress.finish_phase();
+    if args.json {
+        let json = serde_json::json!({
+            "backend": args.backend,
+            "size": request.size.to_string(),
+            "images": written,
+            "memory_plan": {
+                "stages": plan.stages,
+                "sequential_peak_bytes": plan.sequential_peak(),
+                "resident_peak_bytes": plan.resident_peak(),
+            },
+            "completed": result.is_ok(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).expect("JSON serializes")
+        );
+    }
+    match result {
+        Ok(_) => Ok(0),
+        Err(Error::Interrupted) => {
+            eprintln!(
+                "interrupted: {} of {} images written, nothing partial left behind",
+                written.len(),
+                paths.len()
+            );
+            Ok(130)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn summary(path: &Path, img: &Image) -> serde_json::Value {
+    let timings: serde_json::Map<String, serde_json::Value> = img
+        .timings
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    serde_json::json!({
+        "path": path.display().to_string(),
+        "seed": img.seed,
+        "width": img.rgb.width,
+        "height": img.rgb.height,
+        "seconds": timings,
+    })
+}
+
+/// Fails before any work when an output's directory is missing or not writable.
+fn check_output_dir(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "output directory {} cannot be used ({e}): create it or choose another --out",
+            dir.display()
+        ))
+    })?;
+    if !meta.is_dir() || meta.permissions().readonly() {
+        return Err(Error::InvalidArgument(format!(
+            "output directory {} is not a writable directory: choose another --out",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The model files: `dir` as given, or the hub cache, fetching what is missing.
+pub fn resolve_models(dir: Option<&Path>, hub: &HubOptions, quiet: bool) -> Result<ModelDir> {
+    match ModelDir::resolve(dir, hub) {
+        Ok(d) => Ok(d),
+        Err(e) if dir.is_some() || hub.offline => Err(e),
+        Err(_) => {
+            if !quiet {
+                eprintln!("model files missing from the Hugging Face cache: downloading them");
+            }
+            model_dir::download(&Hub::new(hub.clone()), None, |d| {
+                if !quiet && d.fetched {
+                    eprintln!("downloaded {}", d.name);
+                }
+            })
+        }
+    }
+}
+
+/// Adds the CPU backends to a "no GPU" error.
+fn backend_advice(e: Error, backend: BackendKind) -> Error {
+    match (e, backend) {
+        (
+            e @ (Error::NoDriver | Error::NoDevice(_) | Error::KernelsNotCompiled),
+            BackendKind::Cuda,
+        ) => Error::InvalidArgument(format!(
+            "{e}. Without a usable GPU, --backend hostsim (our kernels under the CPU \
+                 emulator) or --backend cpu (reference code) run anywhere, but only the tiny \
+                 test model (`ultrapixel make-tiny-model DIR`) finishes in reasonable time \
+                 (hostsim about a minute at 512x512, cpu seconds)"
+        )),
+        (e, _) => e,
+    }
+}
+
+/// Progress on stderr: a bar per sampling loop on a terminal, one line per finished phase.
+struct ProgressReport {
+    quiet: bool,
+    current: Option<(usize, Phase, Instant, ProgressBar)>,
+}
+
+impl ProgressReport {
+    fn new(quiet: bool) -> Self {
+        ProgressReport {
+            quiet,
+            current: None,
+        }
+    }
+
+    fn update(&mut self, image: usize, p: &Progress) {
+        if self.quiet {
+            return;
+        }
+        match p {
+            Progress::Started { phase, steps } => {
+                self.finish_phase();
+                let bar = if *steps > 0 {
+                    let style = ProgressStyle::with_template(
+                        "{msg:26} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> ");
+                    ProgressBar::new(*steps as u64)
+                        .with_style(style)
+                        .with_message(format!("image {} {}", image + 1, phase.label()))
+                } else {
+                    ProgressBar::hidden()
+                };
+                self.current = Some((image, *phase, Instant::now(), bar));
+            }
+            Progress::Step(e) => {
+                if let Some((_, _, _, bar)) = &self.current {
+                    bar.set_position(e.step as u64 + 1);
+                }
+            }
+        }
+    }
+
+    fn finish_phase(&mut self) {
+        if let Some((image, phase, started, bar)) = self.current.take() {
+            bar.finish_and_clear();
+            let steps = bar.length().unwrap_or(0);
+            let secs = started.elapsed().as_secs_f64();
+            let rate = if steps > 0 {
+                format!(", {:.2} it/s", steps as f64 / secs.max(1e-9))
+            } else {
+                String::new()
+            };
+            eprintln!("image {} {}: {secs:.1} s{rate}", image + 1, phase.label());
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! A model directory opened for generation: every network's configuration (the optional
+//! `<file stem>.json` beside each weight file, `text_encoder/config.json`; absent means the
+//! released configuration) and its checkpoint, memory-mapped and checked key by key against
+//! what the network reads before anything runs. UltraPixel's file, a PyTorch pickle as
+//! released, is converted once (restricted unpickler) into the conversion cache.
+
+use super::model_dir::ModelDir;
+use crate::models::config::{parse, ClipTextConfig, StageAConfig, StageBConfig, StageCConfig};
+use crate::models::{clip_text, stage_a, stage_b, stage_c, Checkpoint, Manifest};
+use crate::tensor::HostTensor;
+use crate::weights::{
+    check_manifest_allowing, convert, CheckpointSet, OriginalNames, SafetensorsFile,
+};
+use crate::{Error, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// A checkpoint served under the original names (from any of the supported namings).
+pub struct Weights(OriginalNames<CheckpointSet>);
+
+impl Checkpoint for Weights {
+    fn tensor(&self, key: &str) -> Result<HostTensor> {
+        self.0.tensor(key)
+    }
+}
+
+/// One network: its configuration and weights.
+pub struct Stage<C> {
+    pub config: C,
+    pub weights: Weights,
+}
+
+/// Every network text-to-image runs.
+pub struct Models {
+    pub text: Stage<ClipTextConfig>,
+    pub stage_c: Stage<StageCConfig>,
+    pub stage_b: Stage<StageBConfig>,
+    pub stage_a: Stage<StageAConfig>,
+}
+
+pub const STAGE_C_FILE: &str = "stage_c_bf16.safetensors";
+pub const ULTRAPIXEL_FILE: &str = "ultrapixel_t2i.safetensors";
+pub const STAGE_B_FILE: &str = "stage_b_lite_bf16.safetensors";
+pub const STAGE_A_FILE: &str = "stage_a.safetensors";
+pub const TEXT_ENCODER_FILE: &str = "text_encoder/model.safetensors";
+pub const TEXT_CONFIG_FILE: &str = "text_encoder/config.json";
+
+impl Models {
+    /// Opens and checks every network of `dir`; pickles are converted into `conversions`.
+    pub fn open(dir: &ModelDir, conversions: &Path) -> Result<Models> {
+        let stage_c_path = dir.path(STAGE_C_FILE)?;
+        let stage_c_cfg: StageCConfig = read_config(&beside(stage_c_path), "Stage C")?;
+        stage_c_cfg.validate()?;
+        let stage_b_path = dir.path(STAGE_B_FILE)?;
+        let stage_b_cfg: StageBConfig = read_config(&beside(stage_b_path), "Stage B")?;
+        stage_b_cfg.validate()?;
+        let stage_a_path = dir.path(STAGE_A_FILE)?;
+        let stage_a_cfg: StageAConfig = read_config(&beside(stage_a_path), "Stage A")?;
+        stage_a_cfg.validate()?;
+        let text_cfg: ClipTextConfig = read_config(dir.path(TEXT_CONFIG_FILE)?, "CLIP text")?;
+        text_cfg.validate()?;
+
+        // Stage C: the base network plus UltraPixel's modules, each file checked alone.
+        let base_manifest = stage_c::manifest(&stage_c_cfg, false)?;
+        let base = open_checked(stage_c_path, &base_manifest, &[])?;
+        let guided = stage_c::manifest(&stage_c_cfg, true)?;
+        let inr_manifest: Manifest = guided
+            .into_iter()
+            .filter(|k| !base_manifest.contains(k))
+            .collect();
+        let unused: Vec<String> = stage_c::unused_guidance_keys(&stage_c_cfg)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let unused: Vec<&str> = unused.iter().map(String::as_str).collect();
+        let ultrapixel = safetensors_of(dir.path(ULTRAPIXEL_FILE)?, conversions)?;
+        let ultrapixel = open_checked(&ultrapixel, &inr_manifest, &unused)?;
+        let stage_c_weights = Weights(OriginalNames::new(CheckpointSet::new(vec![
+            Box::new(base),
+            Box::new(ultrapixel),
+        ])?));
+
+        let b_unused: Vec<String> = stage_b::unused_keys(&stage_b_cfg)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let b_unused: Vec<&str> = b_unused.iter().map(String::as_str).collect();
+        let stage_b = open_checked(stage_b_path, &stage_b::manifest(&stage_b_cfg)?, &b_unused)?;
+        let stage_a = open_checked(
+            stage_a_path,
+            &stage_a::manifest(&stage_a_cfg)?,
+            stage_a::UNUSED_PREFIXES,
+        )?;
+        let text = open_checked(
+            dir.path(TEXT_ENCODER_FILE)?,
+            &clip_text::manifest(&text_cfg)?,
+            clip_text::UNUSED_PREFIXES,
+        )?;
+        Ok(Models {
+            text: Stage {
+                config: text_cfg,
+                weights: single(text)?,
+            },
+            stage_c: Stage {
+                config: stage_c_cfg,
+                weights: stage_c_weights,
+            },
+            stage_b: Stage {
+                config: stage_b_cfg,
+                weights: single(stage_b)?,
+            },
+            stage_a: Stage {
+                config: stage_a_cfg,
+                weights: single(stage_a)?,
+            },
+        })
+    }
+}
+
+fn single(file: OriginalNames<SafetensorsFile>) -> Result<Weights> {
+    Ok(Weights(OriginalNames::new(CheckpointSet::new(vec![
+        Box::new(file),
+    ])?)))
+}
+
+/// `<stem>.json` next to a weight file.
+fn beside(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+/// A JSON config; an absent file means the released configuration.
+fn read_config<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+            parse(&value, what).map_err(|e| Error::format(path, e.to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Opens a safetensors file and checks it serves exactly what the network reads.
+fn open_checked(
+    path: &Path,
+    manifest: &Manifest,
+    unused_prefixes: &[&str],
+) -> Result<OriginalNames<SafetensorsFile>> {
+    let file = OriginalNames::new(SafetensorsFile::open(path)?);
+    check_manifest_allowing(&file, manifest, unused_prefixes)?;
+    Ok(file)
+}
+
+/// The first bytes of a PyTorch zip checkpoint.
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+/// `path` itself when it is safetensors; for a PyTorch pickle (UltraPixel's release) its
+/// conversion in `cache`, made on first use. The cache name carries the source's size and
+/// modification time, so a replaced source is converted again.
+pub fn safetensors_of(path: &Path, cache: &Path) -> Result<PathBuf> {
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    if magic[..n] != *ZIP_MAGIC {
+        return Ok(path.to_path_buf());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "checkpoint".into(), |s| s.to_string_lossy().into_owned());
+    let target = cache.join(format!("{stem}-{}-{mtime}.safetensors", meta.len()));
+    if target.is_file() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    eprintln!(
+        "{} is a PyTorch pickle: converting it once to {} (no pickled code is run)",
+        path.display(),
+        target.display()
+    );
+    convert(path, &target)?;
+    Ok(target)
+}
+
+/// Where converted checkpoints are kept: `UPX_CACHE`, else `$XDG_CACHE_HOME/ultrapixel`,
+/// else `~/.cache/ultrapixel`.
+pub fn default_conversion_cache() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("UPX_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("ultrapixel")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/ultrapixel")))
+        .unwrap_or_else(|| PathBuf::from(".ultrapixel-cache"))
+        .join("converted")
+}

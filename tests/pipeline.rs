@@ -1,0 +1,408 @@
+//! The product end to end on the tiny random model (`make-tiny-model`): `generate` on the
+//! emulator and the reference backend, PNG metadata, batches, failures that must leave no
+//! partial file, memory refusal, offline mode, bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use ultrapixel::hub::HubOptions;
+use ultrapixel::pipeline::png_out::read_metadata;
+use ultrapixel::pipeline::{ModelDir, Pipeline, PipelineOptions, Request, Size};
+use ultrapixel::runtime::BackendKind;
+
+/// One tiny model for every test of this file.
+fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = upx(&["make-tiny-model", dir.path().to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        dir
+    })
+    .path()
+}
+
+fn upx(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ultrapixel"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `generate` on the tiny model with `extra` arguments, writing into `out_dir`.
+fn generate(out_dir: &Path, extra: &[&str]) -> Output {
+    let pattern = out_dir.join("img-{seed}.png");
+    let mut args = vec![
+        "generate",
+        "--model-dir",
+        tiny_model().to_str().unwrap(),
+        "--out",
+        pattern.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    upx(&args, &[])
+}
+
+/// The RGB bytes of a PNG.
+fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    (info.width, info.height, buf)
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn library_request(prompt: &str, seed: u64) -> Request {
+    let mut r = Request::new(prompt);
+    r.size = Size::new(512, 512).unwrap();
+    r.seed = Some(seed);
+    r
+}
+
+#[cfg(feature = "hostsim")]
+#[test]
+fn the_emulator_makes_a_512_png_with_metadata_and_the_library_makes_it_again_bit_for_bit() {
+    let out = tempfile::tempdir().unwrap();
+    let o = generate(
+        out.path(),
+        &[
+            "--backend",
+            "hostsim",
+            "--size",
+            "512x512",
+            "--seed",
+            "42",
+            "a lighthouse on a cliff",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = out.path().join("img-42.png");
+    assert_eq!(
+        files_in(out.path()),
+        std::slice::from_ref(&path),
+        "only the image, no temporaries"
+    );
+    let (w, h, first) = pixels(&path);
+    assert_eq!((w, h), (512, 512));
+    let distinct: std::collections::HashSet<u8> = first.iter().copied().collect();
+    assert!(distinct.len() > 16, "a real picture, not a constant");
+    let meta = read_metadata(&path).unwrap();
+    let ours = meta.ultrapixel.clone().expect("our metadata");
+    assert_eq!(ours.prompt, "a lighthouse on a cliff");
+    assert_eq!(ours.seed, 42);
+    assert_eq!((ours.stage_c.steps, ours.stage_b.steps), (20, 10));
+    assert!(meta.get("parameters").unwrap().contains("Seed: 42"));
+
+    // The same request through the library: the same pixels.
+    let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
+    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Hostsim)).unwrap();
+    let images = p
+        .generate(&library_request("a lighthouse on a cliff", 42))
+        .unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].rgb.pixels, first, "two runs differ");
+}
+
+#[test]
+fn batch_image_k_uses_seed_plus_k_and_can_be_made_again_alone() {
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--backend",
+        "cpu",
+        "--size",
+        "512x520",
+        "--steps-c",
+        "3",
+        "--steps-b",
+        "2",
+    ];
+    let mut batch = args.to_vec();
+    batch.extend(["--seed", "7", "--batch", "2", "a red boat"]);
+    let o = generate(out.path(), &batch);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = files_in(out.path());
+    assert_eq!(
+        names,
+        [out.path().join("img-7.png"), out.path().join("img-8.png")]
+    );
+    let second = pixels(&names[1]);
+    assert_eq!((second.0, second.1), (512, 520));
+    assert_ne!(
+        pixels(&names[0]).2,
+        second.2,
+        "different seeds, different images"
+    );
+
+    let alone = tempfile::tempdir().unwrap();
+    let mut one = args.to_vec();
+    one.extend(["--seed", "8", "a red boat"]);
+    let o = generate(alone.path(), &one);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(pixels(&alone.path().join("img-8.png")), second);
+    assert_eq!(
+        read_metadata(&names[1]).unwrap().ultrapixel.unwrap().seed,
+        8
+    );
+}
+
+/// A copy of the tiny model whose Stage A output conv is NaN.
+fn broken_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(tiny_model(), dir.path());
+    let path = dir.path().join("stage_a.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
+        .collect();
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == "out_block.0.bias")
+        .unwrap();
+    t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_failing_stage_names_itself_and_leaves_the_existing_file_untouched() {
+    let model = broken_model();
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("x.png");
+    std::fs::write(&target, b"an older image").unwrap();
+    let o = upx(
+        &[
+            "generate",
+            "--model-dir",
+            model.path().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--size",
+            "512x512",
+            "--steps-c",
+            "1",
+            "--steps-b",
+            "1",
+            "--out",
+            target.to_str().unwrap(),
+            "-q",
+            "a test",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("stage A produced") && err.contains("NaN/Inf"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"an older image");
+    assert_eq!(files_in(out.path()), [target]);
+}
+
+#[test]
+fn too_little_gpu_memory_is_refused_before_any_work_with_both_numbers() {
+    let out = tempfile::tempdir().unwrap();
+    let o = generate(
+        out.path(),
+        &[
+            "--backend",
+            "cpu",
+            "--memory-limit",
+            "1",
+            "--size",
+            "4096x4096",
+            "a test",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("not enough GPU memory"), "{err}");
+    assert!(err.contains("MiB needed, 1 MiB free"), "{err}");
+    assert!(err.contains("smaller --size"), "{err}");
+    assert!(files_in(out.path()).is_empty());
+}
+
+#[test]
+fn offline_mode_names_the_missing_files_and_the_command_that_fetches_them() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = upx(
+        &[
+            "generate",
+            "--backend",
+            "cpu",
+            "--out",
+            out.path().join("x.png").to_str().unwrap(),
+            "a test",
+        ],
+        &[
+            ("HF_HUB_CACHE", cache.path().to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("stage_c_bf16.safetensors"), "{err}");
+    assert!(err.contains("ultrapixel download"), "{err}");
+}
+
+#[test]
+fn bad_requests_are_refused_before_loading_anything() {
+    let out = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (vec!["--size", "1001x1000", "x"], "nearest valid: 1000x1000"),
+        (vec!["--size", "300x300", "x"], "nearest valid: 512x512"),
+        (vec!["--steps-c", "0", "x"], "--steps-c 0"),
+        (vec!["--batch", "2", "--out", "same.png", "x"], "same name"),
+        (vec![""], "the prompt is empty"),
+    ] {
+        let mut a = vec!["generate", "--model-dir", "/nonexistent"];
+        let pattern = out.path().join("y-{seed}.png");
+        if !args.contains(&"--out") {
+            a.extend(["--out", pattern.to_str().unwrap()]);
+        }
+        a.extend(args.iter().copied());
+        let o = upx(&a, &[]);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    let model = tiny_model().to_str().unwrap();
+    let o = upx(
+        &[
+            "generate",
+            "--model-dir",
+            model,
+            "--out",
+            "/nonexistent-dir/x.png",
+            "x",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("output directory /nonexistent-dir"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn without_a_gpu_the_cuda_backend_says_which_backends_work() {
+    if ultrapixel::runtime::Backend::open(BackendKind::Cuda).is_ok() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let o = generate(out.path(), &["a test"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--backend hostsim") && err.contains("--backend cpu"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_overlong_prompt_warns_with_the_dropped_words_and_json_reports_the_run() {
+    let out = tempfile::tempdir().unwrap();
+    let words: Vec<String> = (0..120).map(|i| format!("word{i}")).collect();
+    let prompt = words.join(" ");
+    let pattern = out.path().join("j-{seed}.png");
+    let o = upx(
+        &[
+            "generate",
+            "--model-dir",
+            tiny_model().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--size",
+            "512x512",
+            "--steps-c",
+            "1",
+            "--steps-b",
+            "1",
+            "--seed",
+            "3",
+            "--json",
+            "--out",
+            pattern.to_str().unwrap(),
+            &prompt,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("longer than CLIP's 75 tokens") && err.contains("word119"),
+        "{err}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["completed"], true);
+    assert_eq!(json["images"][0]["seed"], 3);
+    let secs = &json["images"][0]["seconds"];
+    for stage in ["text encoder", "stage C", "stage B", "stage A"] {
+        assert!(secs[stage].as_f64().is_some(), "{stage}: {json}");
+    }
+    assert!(
+        json["memory_plan"]["sequential_peak_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // `meta` prints the settings back.
+    let o = upx(&["meta", out.path().join("j-3.png").to_str().unwrap()], &[]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("word0 word1") && text.contains("\"seed\": 3"),
+        "{text}"
+    );
+}
