@@ -217,7 +217,12 @@ fn download_into(hub: &Hub, dir: &Path, f: &ModelFile) -> Result<Downloaded> {
     let repo_file = f.repo_file();
     let remote = hub.remote(&repo_file)?;
     let mut records = read_records(dir);
-    let recorded = records.get(f.name).is_some_and(|r| r.etag == remote.etag);
+    // A file recorded at the hub's version is trusted when its size still matches (hashing
+    // gigabytes on every run would be slow); any other file is verified.
+    let size_ok = remote
+        .size
+        .is_none_or(|s| std::fs::metadata(&path).is_ok_and(|m| m.len() == s));
+    let recorded = records.get(f.name).is_some_and(|r| r.etag == remote.etag) && size_ok;
     let current =
         path.is_file() && (recorded || verify_file(&path, &remote.etag, remote.size) == Ok(true));
     if !current {
