@@ -132,7 +132,12 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
     options.check_every_step = args.check_every_step;
     options.memory_limit = args.memory_limit.map(|m| m << 20);
     let pipeline = Pipeline::load(&dir, options).map_err(|e| backend_advice(e, args.backend))?;
-    for w in pipeline.prompt_warnings(&request)? {
+    for w in pipeline
+        .warnings()
+        .iter()
+        .cloned()
+        .chain(pipeline.prompt_warnings(&request)?)
+    {
         eprintln!("warning: {w}");
     }
     let plan = pipeline.plan(request.size)?;

@@ -31,8 +31,9 @@ pub enum Command {
     Meta(models::MetaArgs),
     /// Write a complete tiny model with random weights (for tests and trying the CLI).
     MakeTinyModel(models::TinyModelArgs),
-    /// Show the GPU, the embedded kernel architectures and the ptxas resource table.
-    Info,
+    /// Show the GPU, the embedded kernel architectures and the ptxas resource table; with
+    /// --size, the device memory a generation of that size needs.
+    Info(InfoArgs),
     /// Run every kernel on this device against its CPU reference (and the host emulator).
     Verify(VerifyArgs),
     /// Time every kernel on the GPU against the device's copy bandwidth.
@@ -43,6 +44,16 @@ pub enum Command {
     /// Run golden case files (see tests/cases/README.md) and compare every output with its
     /// tolerance: exit 0 when all pass, 1 when any fails, 2 on unreadable input.
     Validate(ValidateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// Also plan the GPU memory of a generation at this size (WIDTHxHEIGHT).
+    #[arg(long)]
+    pub size: Option<crate::pipeline::Size>,
+    /// Plan with this model directory's configurations (default: the released model).
+    #[arg(long)]
+    pub model_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,7 +117,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Download(a) => models::download(a),
         Command::Meta(a) => models::meta(a),
         Command::MakeTinyModel(a) => models::make_tiny_model(a),
-        Command::Info => info(),
+        Command::Info(a) => info(a),
         Command::Verify(a) => verify_cmd(a),
         Command::Validate(a) => validate_cmd(a),
         Command::Convert(a) => {
@@ -122,7 +133,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn info() -> Result<i32> {
+fn info(a: InfoArgs) -> Result<i32> {
     println!("ultrapixel {}", env!("CARGO_PKG_VERSION"));
     if KERNELS_COMPILED {
         println!(
@@ -173,7 +184,46 @@ fn info() -> Result<i32> {
             );
         }
     }
+    if let Some(size) = a.size {
+        print_plan(size, a.model_dir.as_deref())?;
+    }
     Ok(0)
+}
+
+/// The memory plan of a generation at `size`, stage by stage.
+fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Result<()> {
+    use crate::pipeline::generate::memory_plan;
+    use crate::pipeline::models::Configs;
+    let (configs, which) = match dir {
+        Some(d) => {
+            let md =
+                crate::pipeline::ModelDir::resolve(Some(d), &crate::hub::HubOptions::from_env())?;
+            (Configs::read(&md)?, d.display().to_string())
+        }
+        None => (Configs::default(), "the released model".to_string()),
+    };
+    let plan = memory_plan(&configs, size)?;
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    println!("\nGPU memory plan for {size} ({which}), MiB:");
+    println!(
+        "{:<14} {:>9} {:>12} {:>9}",
+        "stage", "weights", "activations", "total"
+    );
+    for s in &plan.stages {
+        println!(
+            "{:<14} {:>9} {:>12} {:>9}",
+            s.stage,
+            mib(s.weight_bytes),
+            mib(s.arena_bytes),
+            mib(s.weight_bytes + s.arena_bytes)
+        );
+    }
+    println!(
+        "peak: {} MiB with each stage's weights freed after it (--low-vram), {} MiB with them kept",
+        mib(plan.sequential_peak()),
+        mib(plan.resident_peak())
+    );
+    Ok(())
 }
 
 fn print_result(backend: &str, r: &CheckResult) {

@@ -11,7 +11,7 @@ use crate::ops::elementwise::{Act, Activation, Film};
 use crate::ops::embed::{sin_embedding_ref, SinEmbedding};
 use crate::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
 use crate::ops::grn::GrnFromSumsq;
-use crate::ops::layout::{Cast, Concat, Reshape};
+use crate::ops::layout::{Cast, Concat, Reshape, Slice};
 use crate::ops::norm::LayerNorm;
 use crate::runtime::graph::TensorId;
 use crate::tensor::{DType, HostTensor};
@@ -437,23 +437,18 @@ pub fn attn_block(
     );
     let in_w = mb.weight(&wk, &[3 * c, c], DType::BF16)?;
     let in_b = mb.weight(&bk, &[3 * c], DType::F32)?;
-    // K and V of the condition tokens: rows C..3C of the packed projection.
-    let kv_rows = mb.derived(
-        &format!("{wk}[k,v]"),
-        &[2 * c, c],
-        DType::BF16,
-        &[(&wk, &[3 * c, c])],
-        move |t| Ok(HostTensor::new(vec![2 * c, c], t[0].data[c * c..].to_vec())),
+    // K and V of the condition tokens: the packed projection of the few mapped tokens
+    // (their q is computed and dropped: cheaper than a second copy of its K/V rows).
+    let cond_qkv = mb.g.op1(Gemm::linear(DType::BF16), &[mapped, in_w, in_b])?;
+    let extra = mb.g.op1(
+        Slice {
+            axis: 2,
+            start: c,
+            len: 2 * c,
+            out: DType::BF16,
+        },
+        &[cond_qkv],
     )?;
-    let kv_bias = mb.derived(
-        &format!("{bk}[k,v]"),
-        &[2 * c],
-        DType::F32,
-        &[(&bk, &[3 * c])],
-        move |t| Ok(HostTensor::new(vec![2 * c], t[0].data[c..].to_vec())),
-    )?;
-    let extra =
-        mb.g.op1(Gemm::linear(DType::BF16), &[mapped, kv_rows, kv_bias])?;
     let t = mb.g.op1(norm(DType::BF16), &[x])?;
     let qkv = mb.g.op1(Gemm::linear(DType::BF16), &[t, in_w, in_b])?;
     let qkv = mb.g.op1(

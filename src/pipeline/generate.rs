@@ -8,7 +8,7 @@
 //! when only that fits (or with `low_vram`), and the request is refused otherwise.
 
 use super::model_dir::ModelDir;
-use super::models::Models;
+use super::models::{Configs, Models};
 use super::png_out::{ImageMetadata, Rgb8Image};
 use super::request::{Request, Size};
 use super::stages::{
@@ -25,7 +25,7 @@ use crate::sampling::{Guidance, NoiseSource, StepNoise};
 use crate::tensor::HostTensor;
 use crate::text::{Tokenizer, Tokens};
 use crate::{Error, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -136,6 +136,52 @@ impl MemoryPlan {
     }
 }
 
+/// The device memory of a generation at `size` with these networks, stage by stage: every
+/// graph recorded at its real shapes and planned, no weights read.
+pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
+    let sizes = LatentSizes::of(size);
+    let none: HashMap<String, HostTensor> = HashMap::new();
+    let shapes = stage_c_shapes(cfg, &sizes);
+    let conditions = StageCConditions::zeros(&cfg.stage_c, 2);
+    let unguided = Guidance { cfg: 1.0, rho: 0.0 };
+    let stage_c = StageCRun {
+        weights: &none,
+        cfg: &cfg.stage_c,
+        conditions: &conditions,
+        steps: 1,
+        guidance: unguided,
+    };
+    let (hc, wc) = sizes.stage_c;
+    let effnet = HostTensor::zeros(&[2, hc, wc, cfg.stage_c.c_out]);
+    let clip = HostTensor::zeros(&[2, 1, cfg.stage_b.c_clip]);
+    let stage_b = StageBRun {
+        weights: &none,
+        cfg: &cfg.stage_b,
+        effnet: &effnet,
+        clip: &clip,
+        steps: 1,
+        guidance: unguided,
+    };
+    let decode = StageADecode {
+        weights: &none,
+        cfg: &cfg.stage_a,
+        tile: STAGE_A_TILE,
+    };
+    let (hb, wb) = sizes.stage_b;
+    let source = NoiseSource::Device;
+    Ok(MemoryPlan {
+        stages: vec![
+            stage_plan("text encoder", &[super::stages::text_graph(&cfg.text, 2)?]),
+            stage_plan("stage C", &stage_c.graphs(shapes, source)?),
+            stage_plan(
+                "stage B",
+                &[stage_b.graph(stage_b_shape(cfg, &sizes), source)?],
+            ),
+            stage_plan("stage A", &[decode.graph([1, hb, wb])?]),
+        ],
+    })
+}
+
 /// Where the weights live between stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Residency {
@@ -215,6 +261,11 @@ impl Pipeline {
         &self.backend
     }
 
+    /// What loading found worth telling (e.g. a tokenizer that pads differently).
+    pub fn warnings(&self) -> &[String] {
+        &self.models.warnings
+    }
+
     /// Warnings about the prompts of `request` (the end of a prompt past CLIP's 75 tokens is
     /// ignored; the warning names it).
     pub fn prompt_warnings(&self, request: &Request) -> Result<Vec<String>> {
@@ -230,44 +281,10 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// The device memory `request` needs, stage by stage (nothing is allocated).
+    /// The device memory a generation at `size` needs, stage by stage (nothing is
+    /// allocated).
     pub fn plan(&self, size: Size) -> Result<MemoryPlan> {
-        let sizes = LatentSizes::of(size);
-        let m = &self.models;
-        let shapes = stage_c_shapes(m, &sizes);
-        let conditions = StageCConditions::zeros(&m.stage_c.config, 2);
-        let stage_c = StageCRun {
-            weights: &m.stage_c.weights,
-            cfg: &m.stage_c.config,
-            conditions: &conditions,
-            steps: 1,
-            guidance: Guidance { cfg: 1.0, rho: 0.0 },
-        };
-        let (effnet, clip) = stage_b_inputs_zeros(m, &sizes);
-        let stage_b = StageBRun {
-            weights: &m.stage_b.weights,
-            cfg: &m.stage_b.config,
-            effnet: &effnet,
-            clip: &clip,
-            steps: 1,
-            guidance: Guidance { cfg: 1.0, rho: 0.0 },
-        };
-        let decode = self.decoder();
-        let (hb, wb) = sizes.stage_b;
-        Ok(MemoryPlan {
-            stages: vec![
-                stage_plan(
-                    "text encoder",
-                    &[super::stages::text_graph(&m.text.config, 2)?],
-                ),
-                stage_plan("stage C", &stage_c.graphs(shapes, NoiseSource::Device)?),
-                stage_plan(
-                    "stage B",
-                    &[stage_b.graph(stage_b_shape(m, &sizes), NoiseSource::Device)?],
-                ),
-                stage_plan("stage A", &[decode.graph([1, hb, wb])?]),
-            ],
-        })
+        memory_plan(&self.models.configs(), size)
     }
 
     /// Generates every image of `request` (see [`Pipeline::generate_with`]).
@@ -439,7 +456,8 @@ impl Pipeline {
         let sizes = LatentSizes::of(request.size);
 
         // Stage C.
-        let shapes = stage_c_shapes(m, &sizes);
+        let cfg = m.configs();
+        let shapes = stage_c_shapes(&cfg, &sizes);
         let conditions = StageCConditions {
             clip_text: text.hidden.clone(),
             clip_text_pooled: text.pooled.clone(),
@@ -490,7 +508,7 @@ impl Pipeline {
                 rho: CFG_RHO,
             },
         };
-        let shape = stage_b_shape(m, &sizes);
+        let shape = stage_b_shape(&cfg, &sizes);
         let noise = StepNoise::Seeded {
             seed,
             stream: STREAM_STAGE_B,
@@ -531,8 +549,8 @@ impl Pipeline {
 }
 
 /// Stage C's latent shapes (channels-last, batch 1).
-fn stage_c_shapes(m: &Models, sizes: &LatentSizes) -> StageCShapes {
-    let c = m.stage_c.config.c_in;
+fn stage_c_shapes(cfg: &Configs, sizes: &LatentSizes) -> StageCShapes {
+    let c = cfg.stage_c.c_in;
     let (h, w) = sizes.stage_c;
     let (lh, lw) = sizes.stage_c_lr;
     StageCShapes {
@@ -542,18 +560,9 @@ fn stage_c_shapes(m: &Models, sizes: &LatentSizes) -> StageCShapes {
 }
 
 /// Stage B's latent shape (channels-last, batch 1).
-fn stage_b_shape(m: &Models, sizes: &LatentSizes) -> [usize; 4] {
+fn stage_b_shape(cfg: &Configs, sizes: &LatentSizes) -> [usize; 4] {
     let (h, w) = sizes.stage_b;
-    [1, h, w, m.stage_b.config.c_in]
-}
-
-/// The shapes of Stage B's conditions, as zeros (for planning).
-fn stage_b_inputs_zeros(m: &Models, sizes: &LatentSizes) -> (HostTensor, HostTensor) {
-    let (hc, wc) = sizes.stage_c;
-    (
-        HostTensor::zeros(&[2, hc, wc, m.stage_c.config.c_out]),
-        HostTensor::zeros(&[2, 1, m.stage_b.config.c_clip]),
-    )
+    [1, h, w, cfg.stage_b.c_in]
 }
 
 /// The memory of one stage: its distinct weights (as uploaded) and its largest arena.

@@ -30,12 +30,23 @@ pub struct Stage<C> {
     pub weights: Weights,
 }
 
+/// The configurations of every network; `Default` is the released model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Configs {
+    pub text: ClipTextConfig,
+    pub stage_c: StageCConfig,
+    pub stage_b: StageBConfig,
+    pub stage_a: StageAConfig,
+}
+
 /// Every network text-to-image runs.
 pub struct Models {
     pub text: Stage<ClipTextConfig>,
     pub stage_c: Stage<StageCConfig>,
     pub stage_b: Stage<StageBConfig>,
     pub stage_a: Stage<StageAConfig>,
+    /// Things about the files worth telling the user.
+    pub warnings: Vec<String>,
 }
 
 pub const STAGE_C_FILE: &str = "stage_c_bf16.safetensors";
@@ -44,21 +55,48 @@ pub const STAGE_B_FILE: &str = "stage_b_lite_bf16.safetensors";
 pub const STAGE_A_FILE: &str = "stage_a.safetensors";
 pub const TEXT_ENCODER_FILE: &str = "text_encoder/model.safetensors";
 pub const TEXT_CONFIG_FILE: &str = "text_encoder/config.json";
+pub const SPECIAL_TOKENS_FILE: &str = "tokenizer/special_tokens_map.json";
+
+impl Configs {
+    /// The configurations of `dir`'s networks (validated); absent files mean released.
+    pub fn read(dir: &ModelDir) -> Result<Configs> {
+        let cfg = Configs {
+            text: read_config(dir.path(TEXT_CONFIG_FILE)?, "CLIP text")?,
+            stage_c: read_config(&beside(dir.path(STAGE_C_FILE)?), "Stage C")?,
+            stage_b: read_config(&beside(dir.path(STAGE_B_FILE)?), "Stage B")?,
+            stage_a: read_config(&beside(dir.path(STAGE_A_FILE)?), "Stage A")?,
+        };
+        cfg.text.validate()?;
+        cfg.stage_c.validate()?;
+        cfg.stage_b.validate()?;
+        cfg.stage_a.validate()?;
+        Ok(cfg)
+    }
+}
 
 impl Models {
+    pub fn configs(&self) -> Configs {
+        Configs {
+            text: self.text.config.clone(),
+            stage_c: self.stage_c.config.clone(),
+            stage_b: self.stage_b.config.clone(),
+            stage_a: self.stage_a.config.clone(),
+        }
+    }
+
     /// Opens and checks every network of `dir`; pickles are converted into `conversions`.
     pub fn open(dir: &ModelDir, conversions: &Path) -> Result<Models> {
-        let stage_c_path = dir.path(STAGE_C_FILE)?;
-        let stage_c_cfg: StageCConfig = read_config(&beside(stage_c_path), "Stage C")?;
-        stage_c_cfg.validate()?;
-        let stage_b_path = dir.path(STAGE_B_FILE)?;
-        let stage_b_cfg: StageBConfig = read_config(&beside(stage_b_path), "Stage B")?;
-        stage_b_cfg.validate()?;
-        let stage_a_path = dir.path(STAGE_A_FILE)?;
-        let stage_a_cfg: StageAConfig = read_config(&beside(stage_a_path), "Stage A")?;
-        stage_a_cfg.validate()?;
-        let text_cfg: ClipTextConfig = read_config(dir.path(TEXT_CONFIG_FILE)?, "CLIP text")?;
-        text_cfg.validate()?;
+        let Configs {
+            text: text_cfg,
+            stage_c: stage_c_cfg,
+            stage_b: stage_b_cfg,
+            stage_a: stage_a_cfg,
+        } = Configs::read(dir)?;
+        let (stage_c_path, stage_b_path, stage_a_path) = (
+            dir.path(STAGE_C_FILE)?,
+            dir.path(STAGE_B_FILE)?,
+            dir.path(STAGE_A_FILE)?,
+        );
 
         // Stage C: the base network plus UltraPixel's modules, each file checked alone.
         let base_manifest = stage_c::manifest(&stage_c_cfg, false)?;
@@ -113,8 +151,32 @@ impl Models {
                 config: stage_a_cfg,
                 weights: single(stage_a)?,
             },
+            warnings: pad_token_warning(dir)?.into_iter().collect(),
         })
     }
+}
+
+/// The embedded tokenizer pads with `<|endoftext|>` as the Stable Cascade export does
+/// (spec §5); a model directory whose tokenizer says otherwise gets a warning.
+fn pad_token_warning(dir: &ModelDir) -> Result<Option<String>> {
+    let Ok(path) = dir.path(SPECIAL_TOKENS_FILE) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let pad = &json["pad_token"];
+    let pad = pad
+        .as_str()
+        .or_else(|| pad["content"].as_str())
+        .unwrap_or("");
+    Ok((pad != "<|endoftext|>").then(|| {
+        format!(
+            "{} pads with {pad:?}; ultrapixel pads with \"<|endoftext|>\" like the Stable \
+             Cascade export (only Stage C's text tokens at padding positions depend on it)",
+            path.display()
+        )
+    }))
 }
 
 fn single(file: OriginalNames<SafetensorsFile>) -> Result<Weights> {
@@ -201,4 +263,95 @@ pub fn default_conversion_cache() -> PathBuf {
         .or_else(|| var("HOME").map(|h| h.join(".cache/ultrapixel")))
         .unwrap_or_else(|| PathBuf::from(".ultrapixel-cache"))
         .join("converted")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/weights")
+            .join(name)
+    }
+
+    #[test]
+    fn a_pickle_is_converted_once_into_the_cache_and_safetensors_pass_through() {
+        let cache = tempfile::tempdir().unwrap();
+        let pickle = fixture("tiny_t2i.safetensors");
+        let converted = safetensors_of(&pickle, cache.path()).unwrap();
+        assert!(converted.starts_with(cache.path()));
+        let file = SafetensorsFile::open(&converted).unwrap();
+        assert!(
+            file.keys().any(|k| k.starts_with("agg_net.0.")),
+            "renamed keys"
+        );
+        assert!(file.keys().all(|k| !k.starts_with("module.")));
+        let stamp = std::fs::metadata(&converted).unwrap().modified().unwrap();
+        assert_eq!(safetensors_of(&pickle, cache.path()).unwrap(), converted);
+        assert_eq!(
+            std::fs::metadata(&converted).unwrap().modified().unwrap(),
+            stamp
+        );
+        assert_eq!(safetensors_of(&converted, cache.path()).unwrap(), converted);
+    }
+
+    #[test]
+    fn a_malicious_pickle_is_refused_and_nothing_is_cached() {
+        let cache = tempfile::tempdir().unwrap();
+        let err = safetensors_of(&fixture("malicious.pt"), cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("os") && err.contains("system"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_model_file_with_a_wrong_shape_is_refused_naming_the_key_and_both_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pipeline::tiny::make_tiny_model(dir.path(), 1).unwrap();
+        let md = ModelDir::resolve(Some(dir.path()), &crate::hub::HubOptions::from_env()).unwrap();
+        Models::open(&md, &dir.path().join("cache")).unwrap();
+        // A Stage A config that disagrees with its file.
+        std::fs::write(dir.path().join("stage_a.json"), r#"{"c_hidden": 32}"#).unwrap();
+        let err = match Models::open(&md, &dir.path().join("cache")) {
+            Ok(_) => panic!("a mismatched file was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("stage_a.safetensors does not match the model"),
+            "{err}"
+        );
+        assert!(
+            err.contains("up_blocks.0.0.weight: expected [32, 4, 1, 1], found [16, 4, 1, 1]"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("stage_a.json"), "{not json").unwrap();
+        let err = match Models::open(&md, &dir.path().join("cache")) {
+            Ok(_) => panic!("bad JSON was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("stage_a.json") && err.contains("not valid JSON"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tokenizer_padding_with_another_token_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pipeline::tiny::make_tiny_model(dir.path(), 2).unwrap();
+        let md = ModelDir::resolve(Some(dir.path()), &crate::hub::HubOptions::from_env()).unwrap();
+        let cache = dir.path().join("cache");
+        assert!(Models::open(&md, &cache).unwrap().warnings.is_empty());
+        std::fs::write(
+            dir.path().join(SPECIAL_TOKENS_FILE),
+            r#"{"pad_token": {"content": "!", "lstrip": false}}"#,
+        )
+        .unwrap();
+        let w = Models::open(&md, &cache).unwrap().warnings;
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("pads with \"!\""), "{w:?}");
+    }
 }

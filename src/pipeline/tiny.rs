@@ -4,7 +4,8 @@
 //! keys the released files store without using, so loading checks behave as with real files.
 
 use super::models::{
-    STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE, TEXT_ENCODER_FILE, ULTRAPIXEL_FILE,
+    Configs, STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE, TEXT_ENCODER_FILE,
+    ULTRAPIXEL_FILE,
 };
 use crate::models::config::{ClipTextConfig, InrConfig, StageAConfig, StageBConfig, StageCConfig};
 use crate::models::{clip_text, stage_a, stage_b, stage_c, Manifest};
@@ -16,63 +17,54 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The tiny configurations (the shapes of the golden cases: width 32, head size 16 or 8).
-pub struct TinyConfigs {
-    pub text: ClipTextConfig,
-    pub stage_c: StageCConfig,
-    pub stage_b: StageBConfig,
-    pub stage_a: StageAConfig,
-}
-
-impl Default for TinyConfigs {
-    fn default() -> Self {
-        let text = ClipTextConfig {
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_attention_heads: 2,
-            num_hidden_layers: 2,
-            projection_dim: 32,
-            ..ClipTextConfig::default()
-        };
-        let stage_c = StageCConfig {
-            c_cond: 32,
-            c_hidden: vec![32, 32],
-            nhead: vec![2, 2],
-            blocks: vec![vec![1, 1], vec![1, 1]],
-            c_clip_text: text.hidden_size,
-            c_clip_text_pooled: text.projection_dim,
-            c_clip_img: 16,
-            inr: Some(InrConfig {
-                ind: 32,
-                ch: 16,
-                n_head: 2,
-                head_dim: 8,
-                n_groups: 4,
-                f_dim: 16,
-                time_dim: 64,
-                t_conds: Vec::new(),
-            }),
-            ..StageCConfig::default()
-        };
-        let stage_b = StageBConfig {
-            c_cond: 32,
-            c_hidden: vec![16, 32, 32, 32],
-            nhead: vec![-1, -1, 2, 2],
-            blocks: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 1]],
-            c_clip: text.projection_dim,
-            ..StageBConfig::default()
-        };
-        let stage_a = StageAConfig {
-            bottleneck_blocks: 1,
-            c_hidden: 16,
-            codebook_size: 16,
-            ..StageAConfig::default()
-        };
-        TinyConfigs {
-            text,
-            stage_c,
-            stage_b,
-            stage_a,
-        }
+pub fn tiny_configs() -> Configs {
+    let text = ClipTextConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_attention_heads: 2,
+        num_hidden_layers: 2,
+        projection_dim: 32,
+        ..ClipTextConfig::default()
+    };
+    let stage_c = StageCConfig {
+        c_cond: 32,
+        c_hidden: vec![32, 32],
+        nhead: vec![2, 2],
+        blocks: vec![vec![1, 1], vec![1, 1]],
+        c_clip_text: text.hidden_size,
+        c_clip_text_pooled: text.projection_dim,
+        c_clip_img: 16,
+        inr: Some(InrConfig {
+            ind: 32,
+            ch: 16,
+            n_head: 2,
+            head_dim: 8,
+            n_groups: 4,
+            f_dim: 16,
+            time_dim: 64,
+            t_conds: Vec::new(),
+        }),
+        ..StageCConfig::default()
+    };
+    let stage_b = StageBConfig {
+        c_cond: 32,
+        c_hidden: vec![16, 32, 32, 32],
+        nhead: vec![-1, -1, 2, 2],
+        blocks: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 1]],
+        c_clip: text.projection_dim,
+        ..StageBConfig::default()
+    };
+    let stage_a = StageAConfig {
+        bottleneck_blocks: 1,
+        c_hidden: 16,
+        codebook_size: 16,
+        ..StageAConfig::default()
+    };
+    Configs {
+        text,
+        stage_c,
+        stage_b,
+        stage_a,
     }
 }
 
@@ -84,7 +76,7 @@ pub struct TinyModel {
 
 /// Writes the tiny model into `dir` (created if needed); `seed` picks the weights.
 pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
-    let cfg = TinyConfigs::default();
+    let cfg = tiny_configs();
     std::fs::create_dir_all(dir.join("text_encoder")).map_err(|e| Error::io(dir, e))?;
     std::fs::create_dir_all(dir.join("tokenizer")).map_err(|e| Error::io(dir, e))?;
     let mut written = TinyModel {
