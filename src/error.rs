@@ -7,9 +7,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no CUDA driver found (libcuda.so could not be loaded); use --backend hostsim or cpu on machines without an NVIDIA GPU")]
+    #[error("no CUDA driver found (libcuda.so could not be loaded); on machines without an NVIDIA GPU use --backend hostsim or --backend cpu")]
     NoDriver,
-    #[error("no CUDA device: {0}; use --backend hostsim or cpu on machines without an NVIDIA GPU")]
+    #[error("no CUDA device: {0}; on machines without an NVIDIA GPU use --backend hostsim or --backend cpu")]
     NoDevice(String),
     #[error("kernels not compiled: this binary was built without nvcc; run tools/install-cuda-toolchain.sh and rebuild")]
     KernelsNotCompiled,

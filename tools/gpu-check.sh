@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine. Runs, from a release binary built elsewhere and carried
-# over: `info`, `verify` with UPX_REQUIRE_GPU=1 (GPU checks fail instead of skipping), the
-# golden cases on the cuda backend (when the binary has `validate`), and `bench`; logs go to
-# $OUT (or ./gpu-check-out) and a short table is printed last.
+# over: `info` (with the 4096² memory plan), `verify` with UPX_REQUIRE_GPU=1 (GPU checks fail
+# instead of skipping), every golden case on the cuda backend, `generate` on the tiny random
+# model twice with one seed (the PNGs must be bit-identical), and `bench`; logs go to $OUT
+# (or ./gpu-check-out) and a short table is printed last.
 #
 #   tools/gpu-check.sh [BINARY]     (default: target/release/ultrapixel)
 set -uo pipefail
@@ -24,11 +25,19 @@ run() {
     summary+=("$(printf '%-10s exit %-3s %5ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(grep -E 'passed|failed' "$out/$name.log" | tail -n 1)")")
 }
 
-run info "$bin" info
+run info "$bin" info --size 4096x4096
 run verify "$bin" verify
-# Every golden case on the GPU, one file at a time (kinds this build does not run yet exit 2
-# and are listed as such; they never count as passes).
-run cases bash -c 'rc=0; for f in tests/cases/*.safetensors; do "$0" validate --backend cuda "$f" || rc=1; done; exit $rc' "$bin"
+# Every golden case on the GPU (bf16 rule); an unknown kind would exit 2, never pass.
+run cases "$bin" validate --backend cuda tests/cases/*.safetensors
+# The product on the tiny random model: a 512x512 PNG, twice with one seed (bit-identical).
+tiny="$out/tiny"
+run tinymodel "$bin" make-tiny-model "$tiny"
+run generate "$bin" generate --model-dir "$tiny" --backend cuda --size 512x512 --seed 11 \
+    --out "$out/gpu-a-{seed}.png" --json "a gpu check"
+run determinism bash -c '"$0" generate --model-dir "$1" --backend cuda --size 512x512 --seed 11 \
+    --out "$2/gpu-b-{seed}.png" -q "a gpu check" && cmp "$2/gpu-a-11.png" "$2/gpu-b-11.png" \
+    && echo "1 passed, 0 failed (bit-identical)" || { echo "0 passed, 1 failed (images differ)"; exit 1; }' \
+    "$bin" "$tiny" "$out"
 run bench "$bin" bench
 
 printf '\n== summary (%s, %s)\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -122,6 +122,8 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
             request.size
         );
     }
+    // The device first: no download for a machine that cannot run it.
+    crate::runtime::Backend::open(args.backend).map_err(|e| backend_advice(e, args.backend))?;
     let hub = HubOptions {
         progress: !args.quiet,
         ..HubOptions::from_env()
@@ -262,10 +264,9 @@ fn backend_advice(e: Error, backend: BackendKind) -> Error {
             e @ (Error::NoDriver | Error::NoDevice(_) | Error::KernelsNotCompiled),
             BackendKind::Cuda,
         ) => Error::InvalidArgument(format!(
-            "{e}. Without a usable GPU, --backend hostsim (our kernels under the CPU \
-                 emulator) or --backend cpu (reference code) run anywhere, but only the tiny \
-                 test model (`ultrapixel make-tiny-model DIR`) finishes in reasonable time \
-                 (hostsim about a minute at 512x512, cpu seconds)"
+            "{e} (hostsim runs our kernels under the CPU emulator, cpu the reference \
+             code; only the tiny test model of `ultrapixel make-tiny-model DIR` finishes in \
+             reasonable time on them: hostsim about a minute at 512x512, cpu seconds)"
         )),
         (e, _) => e,
     }

@@ -244,8 +244,8 @@ impl Pipeline {
     /// # Ok::<(), ultrapixel::Error>(())
     /// ```
     pub fn load(dir: &ModelDir, options: PipelineOptions) -> Result<Pipeline> {
-        let models = Models::open(dir, &options.conversion_cache)?;
         let backend = Backend::open(options.backend)?;
+        let models = Models::open(dir, &options.conversion_cache)?;
         Ok(Pipeline {
             models,
             backend,
