@@ -3,7 +3,6 @@
 // gelu_<in>_<out>:      y = 0.5·x·(1 + erf(x/√2))                      (exact erf form)
 // silu_<in>_<out>:      y = x / (1 + exp(−x))
 // add_<a>_<b>_<out>:    y = a + α·b                                     (same shape)
-// fill_f32:            y = v
 // film_<x>_<out>:       y = x·(k + a[b, c]) + β[b, c], with ab = [B, 2C] holding a in columns
 //                       [0, C) and β in [C, 2C); x is [B, P, C] (P = pixels per sample). k = 1
 //                       is a TimestepBlock, k = 2 the scale-aware norm's extra residual.
@@ -57,5 +56,3 @@ extern "C" __global__ void __launch_bounds__(256) film_f32_f32(const float* x, c
 extern "C" __global__ void __launch_bounds__(256) film_f32_bf16(const float* x, const float* ab, __nv_bfloat16* y, long long n, int c, long long per_sample, float k) { film_body(x, ab, y, n, c, per_sample, k); }
 extern "C" __global__ void __launch_bounds__(256) film_bf16_bf16(const __nv_bfloat16* x, const float* ab, __nv_bfloat16* y, long long n, int c, long long per_sample, float k) { film_body(x, ab, y, n, c, per_sample, k); }
 
-// fill_f32: y[i] = v (zeroes GRN statistics before a GEMM accumulates them).
-extern "C" __global__ void __launch_bounds__(256) fill_f32(float* y, long long n, float v) { GRID_STRIDE(i, n) y[i] = v; }

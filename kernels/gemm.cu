@@ -5,8 +5,12 @@
 //   v·(k + a[s, n]) + β[s, n] for sample s = m / rows_per_sample (if ab: a TimestepBlock or
 //   the scale-aware norm fused onto the GEMM before it). This is a PyTorch Linear (W is
 //   [out, in]) applied to every row of A, i.e. a 1×1 conv on NHWC.
-// GRN across a GEMM pair (ResBlock MLP): with `sumsq`, the epilogue also accumulates
-//   Σ_m C[m, n]² per sample into sumsq [samples, N] (zeroed beforehand; atomics); with
+// GRN across a GEMM pair (ResBlock MLP): with `partials`, the epilogue also writes, for every
+//   64-row slab q of C (rows [64q, 64q + 64)), Σ C[m, n]² over its rows of sample
+//   s0 = 64q / rows_per_sample into partials[q][0][n] and over its rows of sample s0 + 1 into
+//   partials[q][1][n] (rows_per_sample ≥ 64, so a slab meets at most two samples). Every
+//   element has one writer and a fixed summation order: no atomics, results are bit-identical
+//   run to run (grn_reduce_partials then sums the slabs of each sample in order). With
 //   `a_mod`, each A tile is scaled in shared memory by (a_k + a[sample, k]) before the MMAs,
 //   a the first half of a [samples, 2K] modulation.
 // Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major, bias f32 [N], R and C [M, N]
@@ -30,7 +34,7 @@ template <typename TO>
 __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ W,
                                      const float* __restrict__ bias, const TO* __restrict__ R, TO* __restrict__ C,
                                      int M, int N, int K, int gelu, const float* __restrict__ ab,
-                                     int rows_per_sample, float film_k, float* __restrict__ sumsq,
+                                     int rows_per_sample, float film_k, float* __restrict__ partials,
                                      const float* __restrict__ a_mod, float a_k) {
     __nv_bfloat16* As = dynamic_smem<__nv_bfloat16>();  // [STAGES][BM][LDS]
     __nv_bfloat16* Bs = As + STAGES * BM * LDS;                 // [STAGES][BN][LDS]
@@ -115,19 +119,18 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
     cp_async_wait_all();
 
     const int g = lane >> 2, t = lane & 3;
-    // GRN statistics: Σ over this sample's rows of the stored value squared, per column. When
-    // the warp's 64 rows belong to one sample (the common case), each thread sums its rows,
-    // the 8 lanes of a column combine by shuffles and one atomic per column lands; otherwise
-    // every element adds its own atomic.
+    // GRN statistics: this warp's 64-row slab, split at the (at most one) sample boundary in
+    // it; each thread sums its rows per column, the 8 lanes of a column combine by shuffles.
     const long long slab = m0 + wm * 64;
-    const bool one_sample = slab >= M || slab / rows_per_sample == (min(slab + 63, (long long)M - 1)) / rows_per_sample;
-    float colsum[4][2] = {};
+    const long long first_sample = slab / rows_per_sample;
+    float sum0[4][2] = {}, sum1[4][2] = {};  // the slab's first sample, the next one
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const long long row = slab + mi * 16 + g + h * 8;
             if (row >= M) continue;
+            const bool next = row / rows_per_sample != first_sample;
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -144,34 +147,35 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
                     }
                     const TO stored = from_f32<TO>(v);
                     C[row * N + col] = stored;
-                    if (sumsq) {
+                    if (partials) {
                         const float q = to_f32(stored) * to_f32(stored);
-                        if (one_sample)
-                            colsum[ni][e] += q;
-                        else
-                            atomicAdd(sumsq + (row / rows_per_sample) * N + col, q);
+                        sum0[ni][e] += next ? 0.f : q;
+                        sum1[ni][e] += next ? q : 0.f;
                     }
                 }
         }
-    if (sumsq && one_sample && slab < M) {
+    if (partials && slab < M) {
+        float* out = partials + (slab / 64) * 2LL * N;
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int part = 0; part < 2; ++part)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float v = colsum[ni][e];
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 4);
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 8);
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 16);
-                const int col = n0 + wn * 32 + ni * 8 + 2 * t + e;
-                if (g == 0 && col < N) atomicAdd(sumsq + (slab / rows_per_sample) * N + col, v);
-            }
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float v = part ? sum1[ni][e] : sum0[ni][e];
+                    v += __shfl_xor_sync(0xFFFFFFFFu, v, 4);
+                    v += __shfl_xor_sync(0xFFFFFFFFu, v, 8);
+                    v += __shfl_xor_sync(0xFFFFFFFFu, v, 16);
+                    const int col = n0 + wn * 32 + ni * 8 + 2 * t + e;
+                    if (g == 0 && col < N) out[part * N + col] = v;
+                }
     }
 }
 }  // namespace gemm
 
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* sumsq, const float* a_mod, float a_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, sumsq, a_mod, a_k);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* partials, const float* a_mod, float a_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, partials, a_mod, a_k);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* sumsq, const float* a_mod, float a_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, sumsq, a_mod, a_k);
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* partials, const float* a_mod, float a_k) {
+    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, partials, a_mod, a_k);
 }

@@ -5,6 +5,10 @@
 //   rows), warps split the pixels, partial sums combined in shared memory.
 // grn_finish: G = √ss, N = G / (mean_d G + eps); ab[b, d] = γ_d·N[b, d], ab[b, D + d] = β_d.
 //   Launch: one block of 256 threads per sample.
+// grn_reduce_partials: ss[b, d] = Σ over the 64-row slabs q meeting sample b, in order, of
+//   partials[q][b − 64q/P][d] (the per-slab sums GEMM1's epilogue wrote, kernels/gemm.cu):
+//   a fixed order, so bit-identical run to run. partials f32 [ceil(B·P / 64)][2][D], P ≥ 64.
+//   Launch: grid (ceil(D / 256), B), 256 threads, thread ↔ channel.
 // Layout: h [B, P, D] (channels last); ss f32 [B, D] (the op's workspace); γ, β f32 [D];
 //   ab f32 [B, 2D]. Limits: B ≤ 65535, P·D < 2^63.
 #include "common/portable.cuh"
@@ -47,4 +51,16 @@ extern "C" __global__ void __launch_bounds__(256) grn_finish(const float* ss, co
         out[d] = gamma[d] * (sqrtf(s[d]) / denom);
         out[D + d] = beta[d];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) grn_reduce_partials(const float* partials, float* ss, long long P, int D) {
+    const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+    if (d >= D) return;
+    const long long first = (long long)b * P / 64, last = ((long long)b * P + P - 1) / 64;
+    float acc = 0.f;
+    for (long long q = first; q <= last; ++q) {
+        const long long part = b - q * 64 / P;  // 0 or 1: which of the slab's samples b is
+        acc += partials[(q * 2 + part) * D + d];
+    }
+    ss[(long long)b * D + d] = acc;
 }

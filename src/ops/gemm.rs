@@ -5,7 +5,7 @@
 //! and adds a residual, in that order, each optional.
 
 use super::elementwise::{gelu_ref, Film};
-use super::{arity, linear_launch, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
+use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::{Role, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
@@ -173,8 +173,8 @@ struct Extras {
     /// FiLM modulation `[samples, 2N]` and its k.
     film: u64,
     film_k: f32,
-    /// GRN statistics output `[samples, N]` (zeroed by an earlier launch).
-    sumsq: u64,
+    /// Per-slab GRN statistics `[ceil(M / 64)][2][N]` (rows per sample ≥ 64).
+    partials: u64,
     /// A-operand modulation `[samples, 2K]` (its first half) and its k.
     a_mod: u64,
     a_k: f32,
@@ -186,7 +186,7 @@ impl Default for Extras {
             rows_per_sample: 1,
             film: 0,
             film_k: 0.0,
-            sumsq: 0,
+            partials: 0,
             a_mod: 0,
             a_k: 0.0,
         }
@@ -202,6 +202,17 @@ fn gemm_io<'a>(io: &LaunchIo<'a>, n_inputs: usize) -> LaunchIo<'a> {
         workspace: io.workspace,
     }
 }
+
+/// The fused GRN statistics' slab count and N, when the samples are at least one 64-row slab
+/// (the epilogue's precondition); None for the fallback.
+fn grn_slabs(op: &str, inputs: &[&TensorDesc]) -> Result<Option<(usize, usize)>> {
+    let (b, rows_per_sample) = samples_of(op, &inputs[0].shape)?;
+    let n = inputs[1].shape[0];
+    Ok((rows_per_sample >= GRN_SLAB).then(|| ((b * rows_per_sample).div_ceil(GRN_SLAB), n)))
+}
+
+/// Rows per slab of the fused GRN statistics (one warp's rows of a tile, kernels/gemm.cu).
+const GRN_SLAB: usize = 64;
 
 /// Samples of a composite op: the first axis of A, which must split A's rows evenly.
 fn samples_of(op: &str, a: &[usize]) -> Result<(usize, usize)> {
@@ -241,7 +252,7 @@ impl Gemm {
             .ptr(x.film)
             .i32(to_i32(op, "rows per sample", x.rows_per_sample)?)
             .f32(x.film_k)
-            .ptr(x.sumsq)
+            .ptr(x.partials)
             .ptr(x.a_mod)
             .f32(x.a_k);
         let grid_n = ceil_div(n, TILE_N);
@@ -390,27 +401,61 @@ impl OpImpl for GemmGrnStats {
         self.gemm.cost(inputs, outputs)
     }
 
+    /// The per-slab partial sums live in the workspace (the fused path).
+    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+        match grn_slabs(self.name(), inputs) {
+            Ok(Some((slabs, n))) => slabs * 2 * n * 4,
+            _ => 0,
+        }
+    }
+
+    /// Samples of at least one 64-row slab: GEMM1's epilogue writes per-slab sums, one small
+    /// kernel adds each sample's slabs in order. Smaller samples (test shapes only): the plain
+    /// GEMM, then the statistics from its stored output. Both are deterministic.
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         self.infer(&descs)?;
-        let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
-        let ss = io.outputs[1];
-        let n = ss.desc.numel();
-        let mut launches = linear_launch(
-            "fill_f32",
-            n,
-            Args::new().ptr(ss.ptr).u64(n as u64).f32(0.0),
-        )?;
-        let extras = Extras {
-            rows_per_sample,
-            sumsq: ss.ptr,
-            ..Extras::default()
+        let op = self.name();
+        let (b, rows_per_sample) = samples_of(op, &descs[0].shape)?;
+        let (y, ss) = (io.outputs[0], io.outputs[1]);
+        let n = ss.desc.shape[1];
+        let gemm_io = gemm_io(io, self.gemm.n_inputs());
+        let batch = to_i32(op, "samples", b)?;
+        if batch > 65535 {
+            return Err(Error::shape(op, format!("{b} samples exceed 65535")));
+        }
+        // (kernel, source, channels per block): both kernels have 256 threads.
+        let tail = |kernel: &str, src: u64, per_block: usize| -> Result<Launch> {
+            Ok(Launch {
+                kernel: KernelId::lookup(kernel)?,
+                grid: [ceil_div(n, per_block) as u32, batch as u32, 1],
+                block: [256, 1, 1],
+                smem: 0,
+                args: Args::new()
+                    .ptr(src)
+                    .ptr(ss.ptr)
+                    .u64(rows_per_sample as u64)
+                    .i32(to_i32(op, "N", n)?),
+            })
         };
-        launches.extend(
-            self.gemm
-                .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)?,
-        );
-        Ok(launches)
+        match grn_slabs(op, &descs)? {
+            Some(_) => {
+                let extras = Extras {
+                    rows_per_sample,
+                    partials: io.workspace,
+                    ..Extras::default()
+                };
+                let mut launches = self.gemm.launch(&gemm_io, &extras)?;
+                launches.push(tail("grn_reduce_partials", io.workspace, 256)?);
+                Ok(launches)
+            }
+            None => {
+                let mut launches = self.gemm.launch(&gemm_io, &Extras::default())?;
+                let kernel = format!("grn_sumsq_{}", y.desc.dtype.suffix());
+                launches.push(tail(&kernel, y.ptr, 32)?);
+                Ok(launches)
+            }
+        }
     }
 }
 
@@ -596,7 +641,16 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
 /// The ResBlock MLP with GRN across the GEMM pair: statistics from GEMM1's epilogue, the
 /// modulation, GEMM2 on the modulated operand (+ bias, residual). (B, rows, C, hidden).
 fn grn_pair_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
-    let mut shapes = vec![(1, 1, 8, 16), (2, 63, 24, 40), (3, 50, 16, 136)];
+    // Samples below one 64-row slab take the unfused statistics; at or above it the fused
+    // per-slab sums, with slabs inside one sample, across two, and a partial last tile.
+    let mut shapes = vec![
+        (1, 1, 8, 16),
+        (2, 63, 24, 40),
+        (3, 50, 16, 136),
+        (2, 64, 16, 40),
+        (3, 97, 24, 136),
+        (1, 200, 8, 264),
+    ];
     if scale == Scale::Gpu {
         shapes.push((2, 4096, 1280, 5120));
     }
