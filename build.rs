@@ -60,7 +60,10 @@ fn main() {
     let require = env::var("UPX_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let strict = env::var("UPX_STRICT_PTXAS").is_ok_and(|v| v == "1");
 
-    let (compiled, nvcc_version, ptxas) = match find_nvcc() {
+    // UPX_NO_NVCC=1: a CPU-only build on purpose (the fuzz targets), quietly.
+    let skip = env::var("UPX_NO_NVCC").is_ok_and(|v| v == "1");
+    println!("cargo:rerun-if-env-changed=UPX_NO_NVCC");
+    let (compiled, nvcc_version, ptxas) = match find_nvcc().filter(|_| !skip) {
         Some(nvcc) => {
             let version = nvcc_version(&nvcc);
             if !version.contains("release 13.0") {
@@ -78,9 +81,11 @@ fn main() {
                     "UPX_REQUIRE_NVCC=1 but nvcc was not found (looked at $NVCC, $CUDA_HOME, $CUDA_PATH, PATH and the venv of tools/install-cuda-toolchain.sh); run tools/install-cuda-toolchain.sh"
                 );
             }
-            println!(
-                "cargo:warning=nvcc not found: GPU kernels are NOT embedded (set NVCC or run tools/install-cuda-toolchain.sh)"
-            );
+            if !skip {
+                println!(
+                    "cargo:warning=nvcc not found: GPU kernels are NOT embedded (set NVCC or run tools/install-cuda-toolchain.sh)"
+                );
+            }
             for f in &files {
                 fs::write(out.join(format!("{}.fatbin", f.stem)), []).unwrap();
             }

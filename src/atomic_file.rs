@@ -65,3 +65,66 @@ fn sync_parent(path: &Path) {
         let _ = dir.sync_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_complete_write_replaces_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        std::fs::write(&path, b"old").unwrap();
+        write_atomic(&path, |w| {
+            w.write_all(b"new").map_err(|e| Error::io("f", e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(entries(dir.path()), [path]);
+    }
+
+    /// A writer that fails after some bytes, as a full disk does.
+    struct FullDisk(usize);
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        std::fs::write(&path, b"old").unwrap();
+        let err = write_atomic(&path, |w| {
+            w.write_all(b"partial").map_err(|e| Error::io("f", e))?;
+            let mut disk = FullDisk(3);
+            disk.write_all(&[0; 16]).map_err(|e| Error::io(&path, e))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(entries(dir.path()), [path.clone()]);
+        // A missing directory is an error naming it.
+        let err = write_atomic(&dir.path().join("no/such/f.txt"), |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("no/such"), "{err}");
+    }
+}

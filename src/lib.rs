@@ -10,6 +10,8 @@ pub mod atomic_file;
 pub mod bench;
 pub mod cli;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod golden;
 pub mod hub;
 pub mod models;

@@ -406,3 +406,25 @@ fn an_overlong_prompt_warns_with_the_dropped_words_and_json_reports_the_run() {
         "{text}"
     );
 }
+
+#[test]
+fn one_pipeline_serves_several_threads_one_generation_at_a_time() {
+    let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
+    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
+    let request = |seed| {
+        let mut r = library_request("two threads", seed);
+        r.stage_c.steps = 2;
+        r.stage_b.steps = 1;
+        r
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let ta = s.spawn(|| p.generate(&request(1)).unwrap());
+        let tb = s.spawn(|| p.generate(&request(2)).unwrap());
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    assert_eq!(a[0].seed, 1);
+    assert_eq!(b[0].seed, 2);
+    // The same as one after the other on this thread.
+    assert_eq!(p.generate(&request(1)).unwrap()[0].rgb, a[0].rgb);
+    assert_eq!(p.generate(&request(2)).unwrap()[0].rgb, b[0].rgb);
+}

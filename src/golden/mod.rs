@@ -42,7 +42,11 @@ pub struct Case {
 impl Case {
     /// Reads and validates a case file; a malformed file is an error naming it.
     pub fn load(path: &Path) -> Result<Case> {
-        let file = SafetensorsFile::open(path)?;
+        Self::from_file(path, SafetensorsFile::open(path)?)
+    }
+
+    /// A case from an opened file (`path` names it).
+    pub fn from_file(path: &Path, file: SafetensorsFile) -> Result<Case> {
         let fail = |message: String| Error::Case {
             case: path.display().to_string(),
             message,

@@ -63,8 +63,22 @@ impl Drop for HostAlloc {
     }
 }
 
+/// The emulator as a device. `UPX_HOSTSIM_FAIL_KERNEL=<text>` makes every launch of a kernel
+/// whose name contains the text fail, as a faulting GPU launch would (for fault tests).
 #[derive(Default)]
-pub struct HostsimDevice;
+pub struct HostsimDevice {
+    fail_kernel: Option<String>,
+}
+
+impl HostsimDevice {
+    pub fn new() -> Self {
+        HostsimDevice {
+            fail_kernel: std::env::var("UPX_HOSTSIM_FAIL_KERNEL")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        }
+    }
+}
 
 impl Device for HostsimDevice {
     fn describe(&self) -> String {
@@ -111,6 +125,16 @@ impl Device for HostsimDevice {
 
     fn execute(&self, list: &mut LaunchList) -> Result<()> {
         for (l, label) in list.launches.iter_mut().zip(&list.labels) {
+            if let Some(f) = self
+                .fail_kernel
+                .as_deref()
+                .filter(|f| l.kernel.name().contains(f))
+            {
+                return Err(Error::Hostsim {
+                    kernel: format!("{} ({label})", l.kernel.name()),
+                    message: format!("launch failed (injected by UPX_HOSTSIM_FAIL_KERNEL={f})"),
+                });
+            }
             launch(l).map_err(|e| match e {
                 Error::Hostsim { kernel, message } => Error::Hostsim {
                     kernel: format!("{kernel} ({label})"),

@@ -42,7 +42,7 @@ impl Backend {
         match kind {
             BackendKind::Cpu => Ok(Backend::Cpu),
             #[cfg(feature = "hostsim")]
-            BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice))),
+            BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice::new()))),
             #[cfg(not(feature = "hostsim"))]
             BackendKind::Hostsim => Err(crate::Error::HostsimUnavailable),
             BackendKind::Cuda => Ok(Backend::Cuda(cuda::CudaDevice::new(0)?)),

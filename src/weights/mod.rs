@@ -23,8 +23,10 @@ pub use convert::{convert, original_name, ConvertReport};
 pub use dtype::WeightDtype;
 pub use manifest::{check_manifest, check_manifest_allowing};
 pub use names::{diffusers_parts, OriginalNames};
+pub(crate) use pickle::unpickle;
 pub use safetensors_file::{write_safetensors, RawTensor, SafetensorsFile, TensorBytes};
 pub use set::{CheckpointSet, Member};
+pub(crate) use torch_zip::read_torch_zip_from;
 
 use crate::models::Checkpoint;
 use crate::tensor::HostTensor;

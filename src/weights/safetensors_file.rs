@@ -18,6 +18,22 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+/// A file's bytes: mapped, or in memory.
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
 /// The length prefix of the JSON header.
 const LEN_BYTES: usize = 8;
 /// The same bound the `safetensors` crate puts on headers.
@@ -27,7 +43,11 @@ const METADATA_KEY: &str = "__metadata__";
 /// A validated, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    /// Kept open to notice the file shrinking under the mapping (reading a mapped page past
+    /// the end of a truncated file would kill the process with SIGBUS); None for bytes in
+    /// memory.
+    file: Option<File>,
+    map: Storage,
     entries: BTreeMap<String, Entry>,
     metadata: BTreeMap<String, String>,
 }
@@ -63,12 +83,22 @@ impl SafetensorsFile {
         // SAFETY: the mapping is only read. Like every safetensors loader we rely on the file
         // not being truncated while it is open; all offsets were checked against its length.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(path, Some(file), Storage::Mapped(map))
+    }
+
+    /// A safetensors file held in memory (`name` stands for its path in messages).
+    pub fn from_bytes(name: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(name.as_ref(), None, Storage::Owned(bytes))
+    }
+
+    fn parse(path: &Path, file: Option<File>, map: Storage) -> Result<Self> {
         if map.starts_with(ZIP_MAGIC) {
             return Err(pickle_checkpoint_error(path));
         }
         let (entries, metadata) = parse_header(&map).map_err(|m| Error::format(path, m))?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
+            file,
             map,
             entries,
             metadata,
@@ -94,6 +124,24 @@ impl SafetensorsFile {
         let e = self.entries.get(key).ok_or_else(|| {
             Error::Weights(format!("missing tensor {key} in {}", self.path.display()))
         })?;
+        let now = match &self.file {
+            Some(f) => f
+                .metadata()
+                .map_err(|err| Error::io(&self.path, err))?
+                .len(),
+            None => self.map.len() as u64,
+        };
+        if now < e.bytes.end as u64 {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "the file shrank from {} to {now} bytes while in use (replaced or being \
+                     re-downloaded?); nothing past its new end was read: run again once it is \
+                     complete",
+                    self.map.len()
+                ),
+            ));
+        }
         Ok(TensorBytes {
             dtype: e.dtype,
             shape: &e.shape,
@@ -378,6 +426,35 @@ mod tests {
         assert_eq!(entries.keys().collect::<Vec<_>>(), ["a", "b"]);
         let start = 8 + h.len();
         assert_eq!(entries["b"].bytes, start + 8..start + 12);
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_mapped_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = HostTensor::new(vec![4096], (0..4096).map(|i| i as f32).collect());
+        let tensors = BTreeMap::from([
+            ("a".to_string(), RawTensor::from_host(&t, WeightDtype::F32)),
+            ("b".to_string(), RawTensor::from_host(&t, WeightDtype::F32)),
+        ]);
+        write_safetensors(&path, &tensors, &BTreeMap::new()).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(f.tensor("b").unwrap(), t);
+        // Truncated to the header plus half of `a`: both tensors now lie (partly) past the end.
+        let keep = std::fs::metadata(&path).unwrap().len() - 3 * 4096 * 2;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        for key in ["a", "b"] {
+            let err = f.tensor(key).unwrap_err().to_string();
+            assert!(
+                err.contains("shrank") && err.contains("w.safetensors"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

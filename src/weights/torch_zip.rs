@@ -8,7 +8,7 @@ use super::safetensors_file::RawTensor;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use zip::result::ZipError;
 use zip::ZipArchive;
@@ -27,21 +27,31 @@ pub(crate) struct TorchCheckpoint {
     pub skipped: Vec<String>,
 }
 
-type Archive = ZipArchive<BufReader<File>>;
-
 pub(crate) fn read_torch_zip(path: &Path) -> Result<TorchCheckpoint> {
-    let bad = |m: String| Error::format(path, m);
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    read_torch_zip_from(path, BufReader::new(file), file_len)
+}
+
+/// A checkpoint of `len` bytes read from `source`; `path` names it in messages.
+pub(crate) fn read_torch_zip_from<R: Read + Seek>(
+    path: &Path,
+    mut source: R,
+    file_len: u64,
+) -> Result<TorchCheckpoint> {
+    let bad = |m: String| Error::format(path, m);
     let mut magic = [0u8; 4];
-    let starts_like_zip = file.read_exact(&mut magic).is_ok() && magic == ZIP_MAGIC;
+    let starts_like_zip = source.read_exact(&mut magic).is_ok() && magic == ZIP_MAGIC;
     if !starts_like_zip {
         return Err(bad(
             "not a PyTorch zip checkpoint (no zip signature); legacy pre-1.6 torch.save files are not supported".into(),
         ));
     }
-    let mut zip = ZipArchive::new(BufReader::new(file))
-        .map_err(|e| bad(format!("not a readable zip archive: {e}")))?;
+    source
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    let mut zip =
+        ZipArchive::new(source).map_err(|e| bad(format!("not a readable zip archive: {e}")))?;
     let root = archive_root(&zip).map_err(bad)?;
     if let Some(order) = read_optional(&mut zip, &format!("{root}/byteorder"), 16).map_err(bad)? {
         if order != b"little" {
@@ -104,7 +114,7 @@ pub(crate) fn read_torch_zip(path: &Path) -> Result<TorchCheckpoint> {
 }
 
 /// The top-level directory holding `data.pkl` (torch names it after the file).
-fn archive_root(zip: &Archive) -> std::result::Result<String, String> {
+fn archive_root<R: Read + Seek>(zip: &ZipArchive<R>) -> std::result::Result<String, String> {
     let roots: Vec<&str> = zip
         .file_names()
         .filter_map(|n| n.strip_suffix("/data.pkl"))
@@ -118,12 +128,16 @@ fn archive_root(zip: &Archive) -> std::result::Result<String, String> {
 }
 
 /// The bytes of entry `name`, refusing entries larger than `limit`.
-fn read_entry(zip: &mut Archive, name: &str, limit: u64) -> std::result::Result<Vec<u8>, String> {
+fn read_entry<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    name: &str,
+    limit: u64,
+) -> std::result::Result<Vec<u8>, String> {
     read_optional(zip, name, limit)?.ok_or_else(|| format!("the archive has no entry {name}"))
 }
 
-fn read_optional(
-    zip: &mut Archive,
+fn read_optional<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
     name: &str,
     limit: u64,
 ) -> std::result::Result<Option<Vec<u8>>, String> {

@@ -1,0 +1,5 @@
+#![no_main]
+//! Fuzz target: `ultrapixel::fuzzing::cli_values` (see src/fuzzing.rs).
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| ultrapixel::fuzzing::cli_values(data));
