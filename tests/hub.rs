@@ -207,6 +207,15 @@ fn serve(stream: TcpStream, faults: Faults, log: &Mutex<Log>) {
     respond(&mut out, status, &hdrs, body)
 }
 
+/// A file of the Stable Cascade repository at `main`.
+fn cascade_file(path: &str) -> RepoFile<'_> {
+    RepoFile {
+        repo: "stabilityai/stable-cascade",
+        revision: "main",
+        path,
+    }
+}
+
 fn read(path: &Path) -> Vec<u8> {
     let mut v = Vec::new();
     std::fs::File::open(path)
@@ -268,11 +277,7 @@ fn a_corrupt_download_is_discarded_with_a_checksum_error() {
     });
     let cache = tempfile::tempdir().unwrap();
     let client = Hub::new(hub.options(cache.path()));
-    let file = RepoFile {
-        repo: "stabilityai/stable-cascade",
-        revision: "main",
-        path: "stage_a.safetensors",
-    };
+    let file = cascade_file("stage_a.safetensors");
     let err = client.fetch(&file).unwrap_err().to_string();
     assert!(
         err.contains("checksum mismatch") && err.contains("sha256"),
@@ -295,11 +300,7 @@ fn a_cut_transfer_resumes_with_a_range_request() {
     });
     let cache = tempfile::tempdir().unwrap();
     let client = Hub::new(hub.options(cache.path()));
-    let file = RepoFile {
-        repo: "stabilityai/stable-cascade",
-        revision: "main",
-        path: "stage_b_lite_bf16.safetensors",
-    };
+    let file = cascade_file("stage_b_lite_bf16.safetensors");
     let got = client.fetch(&file).unwrap();
     assert_eq!(read(&got.path), content(file.path).0);
     let ranges = &hub.log.lock().unwrap().ranges;
@@ -314,11 +315,7 @@ fn a_gated_repository_asks_for_a_token_and_the_token_is_sent() {
         ..Faults::default()
     });
     let cache = tempfile::tempdir().unwrap();
-    let file = RepoFile {
-        repo: "stabilityai/stable-cascade",
-        revision: "main",
-        path: "text_encoder/config.json",
-    };
+    let file = cascade_file("text_encoder/config.json");
     let err = Hub::new(hub.options(cache.path()))
         .fetch(&file)
         .unwrap_err()
@@ -353,13 +350,7 @@ fn offline_mode_serves_the_cache_and_names_what_is_missing() {
     let dir = ModelDir::resolve(None, &opts).unwrap();
     assert!(dir.path("stage_a.safetensors").unwrap().is_file());
     let client = Hub::new(opts);
-    client
-        .fetch(&RepoFile {
-            repo: "stabilityai/stable-cascade",
-            revision: "main",
-            path: "stage_a.safetensors",
-        })
-        .unwrap();
+    client.fetch(&cascade_file("stage_a.safetensors")).unwrap();
     assert_eq!(
         hub.log.lock().unwrap().gets.len(),
         gets,

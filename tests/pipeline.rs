@@ -2,6 +2,9 @@
 //! emulator and the reference backend, PNG metadata, batches, failures that must leave no
 //! partial file, memory refusal, offline mode, bad input.
 
+mod common;
+
+use common::rewrite_safetensors;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -167,34 +170,13 @@ fn broken_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(tiny_model(), dir.path());
     let path = dir.path().join("stage_a.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                v.dtype(),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
-    let t = tensors
-        .iter_mut()
-        .find(|t| t.0 == "out_block.0.bias")
-        .unwrap();
-    t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    rewrite_safetensors(&path, &path, |tensors, _| {
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.0 == "out_block.0.bias")
+            .unwrap();
+        t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
     dir
 }
 

@@ -3,6 +3,9 @@
 //! and on the emulator with the bf16 rule; failures, unknown kinds and broken files are
 //! reported with the documented exit codes, never as a pass.
 
+mod common;
+
+use common::rewrite_safetensors;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use ultrapixel::golden::{run_case, Case, SUPPORTED_KINDS};
@@ -101,49 +104,11 @@ fn validate_passes_prints_a_line_per_output_and_a_summary() {
     assert!(out.contains("4 passed, 0 failed"), "{out}");
 }
 
-/// Copies a case file to `dst` after `edit` changed its tensors (name → (dtype, shape,
-/// bytes)) or metadata.
-fn rewrite_case(
-    src: &Path,
-    dst: &Path,
-    edit: impl FnOnce(
-        &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-        &mut std::collections::HashMap<String, String>,
-    ),
-) {
-    let bytes = std::fs::read(src).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let mut meta = meta.metadata().clone().unwrap_or_default();
-    let mut tensors: Vec<_> = st
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                v.dtype(),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
-    edit(&mut tensors, &mut meta);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, t, s, d)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, Some(meta), dst).unwrap();
-}
-
 #[test]
 fn a_perturbed_expected_output_fails_with_exit_1() {
     let dir = scratch("perturbed");
     let path = dir.join("timestepblock.safetensors");
-    rewrite_case(
+    rewrite_safetensors(
         &cases_dir().join("timestepblock.safetensors"),
         &path,
         |tensors, _| {
@@ -165,7 +130,7 @@ fn unknown_kinds_broken_files_and_no_files_exit_2() {
     // A kind this build does not know: an error, not a pass.
     let dir = scratch("broken");
     let unknown = dir.join("unknown.safetensors");
-    rewrite_case(
+    rewrite_safetensors(
         &cases_dir().join("cfg_combine.safetensors"),
         &unknown,
         |_, meta| {

@@ -11,7 +11,7 @@ use crate::ops::elementwise::{Act, Activation, Film};
 use crate::ops::embed::{sin_embedding_ref, SinEmbedding};
 use crate::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
 use crate::ops::grn::GrnFromSumsq;
-use crate::ops::layout::{Cast, Concat, Reshape, Slice};
+use crate::ops::layout::{Broadcast, Cast, Concat, Reshape, Slice};
 use crate::ops::norm::LayerNorm;
 use crate::runtime::graph::TensorId;
 use crate::tensor::{DType, HostTensor};
@@ -163,6 +163,36 @@ pub fn ln_conv(
         true,
         Gemm::linear(DType::F32),
         None,
+    )
+}
+
+/// The first `n` rows of a learned `[rows, width]` table at `key` (a positional
+/// embedding), the same for each of `batch` samples: f32 `[batch, n, width]`.
+pub fn table_rows(
+    mb: &mut ModelBuilder,
+    key: &str,
+    (rows, width): (usize, usize),
+    n: usize,
+    batch: usize,
+) -> Result<TensorId> {
+    let first = mb.derived(
+        &format!("{key}[..{n}]"),
+        &[n, width],
+        DType::F32,
+        &[(key, &[rows, width])],
+        move |t| {
+            Ok(HostTensor::new(
+                vec![n, width],
+                t[0].data[..n * width].to_vec(),
+            ))
+        },
+    )?;
+    mb.g.op1(
+        Broadcast {
+            batch,
+            out: DType::F32,
+        },
+        &[first],
     )
 }
 

@@ -2,15 +2,15 @@
 //! position embeddings, pre-norm layers of causal (and padding-masked) attention and a GELU
 //! MLP, the final LayerNorm, and the projection of the first EOS position.
 
-use super::blocks::{affine_norm, linear, linear_gelu, linear_residual};
+use super::blocks::{affine_norm, linear, linear_gelu, linear_residual, table_rows};
 use super::config::ClipTextConfig;
 use super::{stack_rows, ModelBuilder};
 use crate::ops::attention::Attention;
 use crate::ops::elementwise::Add;
 use crate::ops::gemm::Gemm;
-use crate::ops::layout::{Broadcast, Embedding, GatherRows};
+use crate::ops::layout::{Embedding, GatherRows};
 use crate::runtime::graph::TensorId;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::DType;
 use crate::{Error, Result};
 
 /// The tower's inputs (f32 values: token ids are exact in f32).
@@ -67,21 +67,13 @@ pub fn clip_text(
         &[vocab, c],
         f32t,
     )?;
-    let pos_key = format!("{m}.embeddings.position_embedding.weight");
-    let pos = mb.derived(
-        &format!("{pos_key}[..{t}]"),
-        &[t, c],
-        f32t,
-        &[(&pos_key, &[ctx, c])],
-        move |x| Ok(HostTensor::new(vec![t, c], x[0].data[..t * c].to_vec())),
-    )?;
     let tok = mb.g.op1(Embedding { out: f32t }, &[inputs.ids, table])?;
-    let pos = mb.g.op1(
-        Broadcast {
-            batch: b,
-            out: f32t,
-        },
-        &[pos],
+    let pos = table_rows(
+        mb,
+        &format!("{m}.embeddings.position_embedding.weight"),
+        (ctx, c),
+        t,
+        b,
     )?;
     let mut h = mb.g.op1(Add::plain(f32t), &[tok, pos])?;
     for l in 0..cfg.num_hidden_layers {

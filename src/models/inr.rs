@@ -8,7 +8,7 @@
 //!   scale-aware norm, every step.
 
 use super::blocks::{
-    affine_norm, linear, linear_gelu, linear_residual, norm, scale_norm, TORCH_LN_EPS,
+    affine_norm, linear, linear_gelu, linear_residual, norm, scale_norm, table_rows, TORCH_LN_EPS,
 };
 use super::config::InrConfig;
 use super::{stack_rows, ModelBuilder};
@@ -67,21 +67,7 @@ pub fn reconstruct(
         },
         &[u],
     )?;
-    let pos_key = key("tokenizer.posemb");
-    let pos = mb.derived(
-        &format!("{pos_key}[..{n}]"),
-        &[n, f],
-        f32t,
-        &[(&pos_key, &[POSEMB_ROWS, f])],
-        move |t| Ok(HostTensor::new(vec![n, f], t[0].data[..n * f].to_vec())),
-    )?;
-    let pos = mb.g.op1(
-        Broadcast {
-            batch: b,
-            out: f32t,
-        },
-        &[pos],
-    )?;
+    let pos = table_rows(mb, &key("tokenizer.posemb"), (POSEMB_ROWS, f), n, b)?;
     let tok = linear(
         mb,
         &key("tokenizer.prefc"),

@@ -77,23 +77,13 @@ impl Backend {
         opts: SessionOptions,
         cache: Option<&device::WeightCache>,
     ) -> Result<Box<dyn Session>> {
-        Ok(match self {
-            Backend::Cpu => Box::new(cpu::CpuSession::new(graph, weights)?),
+        let device: Arc<dyn device::Device> = match self {
+            Backend::Cpu => return Ok(Box::new(cpu::CpuSession::new(graph, weights)?)),
             #[cfg(feature = "hostsim")]
-            Backend::Hostsim(d) => Box::new(device::KernelSession::new(
-                d.clone(),
-                graph,
-                weights,
-                opts,
-                cache,
-            )?),
-            Backend::Cuda(d) => Box::new(device::KernelSession::new(
-                d.clone(),
-                graph,
-                weights,
-                opts,
-                cache,
-            )?),
-        })
+            Backend::Hostsim(d) => d.clone(),
+            Backend::Cuda(d) => d.clone(),
+        };
+        let session = device::KernelSession::new(device, graph, weights, opts, cache)?;
+        Ok(Box::new(session))
     }
 }
