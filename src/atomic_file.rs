@@ -122,7 +122,7 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("No space left"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        assert_eq!(entries(dir.path()), [path.clone()]);
+        assert_eq!(entries(dir.path()), std::slice::from_ref(&path));
         // A missing directory is an error naming it.
         let err = write_atomic(&dir.path().join("no/such/f.txt"), |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("no/such"), "{err}");
