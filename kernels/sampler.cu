@@ -14,6 +14,9 @@
 // cfg_apply_<pred>: grid (Q, G). With rho > 0 every block first merges the P ≤ 256 records of
 //   its group (one per thread, in the same order in every block, so all blocks agree), then
 //   writes y over a grid-stride share of the group. With rho = 0 it writes p (parts unused).
+//   With `x` non-null it also takes the sampler step on the guided y as eps, element e of
+//   sample r = e / per with (a, b, a′, b′, σ) = coef[r], exactly as ddpm_step does: CFG,
+//   rescale and the step of one sampler iteration in two launches.
 // ddpm_step_<eps>: x0 = (x − b·eps)/a, x_next = a′·x0 + √(b′² − σ²)·eps + σ·noise with (a, b, a′,
 //   b′, σ) = coef[row]; x, noise, coef and both outputs f32. 2-d grid-stride loops: rows over
 //   grid/block y, a row's elements over grid/block x (blocks (tx, 256/tx)).
@@ -121,28 +124,43 @@ __device__ __forceinline__ void stats(const T* __restrict__ pred, float* __restr
     }
 }
 
+// The sampler step of element e with prediction `e_val`; k = its sample's (a, b, a′, b′, σ).
+__device__ __forceinline__ void step_element(long long e, float e_val, const float* __restrict__ x,
+                                             const float* __restrict__ noise, const float* __restrict__ k,
+                                             float* __restrict__ x0, float* __restrict__ next) {
+    const float a = k[0], b = k[1], a_prev = k[2], b_prev = k[3], sigma = k[4];
+    const float eps_scale = sqrtf(b_prev * b_prev - sigma * sigma);
+    const float x0v = (x[e] - e_val * b) / a;
+    x0[e] = x0v;
+    next[e] = a_prev * x0v + eps_scale * e_val + sigma * noise[e];
+}
+
 template <typename T>
 __device__ __forceinline__ void apply(const T* __restrict__ pred, const float* __restrict__ parts, int n_parts,
                                       float* __restrict__ y, long long group_len, long long half, float cfg, float rho,
-                                      float keep) {
+                                      float keep, const float* __restrict__ x, const float* __restrict__ noise,
+                                      const float* __restrict__ coef, float* __restrict__ x0, float* __restrict__ next,
+                                      long long per) {
     const Group<T> g = group_of(pred, group_len, half);
-    float* out = y + (long long)blockIdx.y * group_len;
+    const long long base = (long long)blockIdx.y * group_len;
     const long long first = (long long)blockIdx.x * THREADS + threadIdx.x, stride = (long long)gridDim.x * THREADS;
-    if (rho == 0.f) {
-        for (long long i = first; i < group_len; i += stride) out[i] = lerp(to_f32(g.u[i]), to_f32(g.c[i]), cfg);
-        return;
+    float std_c = 1.f, std_p = 1.f;
+    if (rho != 0.f) {
+        Moments m{0.f, 0.f, 0.f, 0.f, 0.f};
+        if ((int)threadIdx.x < n_parts) {
+            const float* p = parts + ((long long)blockIdx.y * n_parts + threadIdx.x) * 5;
+            m = {p[0], p[1], p[2], p[3], p[4]};
+        }
+        m = block_merge(m);
+        const float dof = (float)(group_len - 1);
+        std_c = sqrtf(m.m2_c / dof);
+        std_p = sqrtf(m.m2_p / dof) + STD_EPS;
     }
-    Moments m{0.f, 0.f, 0.f, 0.f, 0.f};
-    if ((int)threadIdx.x < n_parts) {
-        const float* p = parts + ((long long)blockIdx.y * n_parts + threadIdx.x) * 5;
-        m = {p[0], p[1], p[2], p[3], p[4]};
-    }
-    m = block_merge(m);
-    const float dof = (float)(group_len - 1);
-    const float std_c = sqrtf(m.m2_c / dof), std_p = sqrtf(m.m2_p / dof) + STD_EPS;
     for (long long i = first; i < group_len; i += stride) {
         const float p = lerp(to_f32(g.u[i]), to_f32(g.c[i]), cfg);
-        out[i] = rho * (p * std_c / std_p) + p * keep;
+        const float v = rho == 0.f ? p : rho * (p * std_c / std_p) + p * keep;
+        y[base + i] = v;
+        if (x) step_element(base + i, v, x, noise, coef + (base + i) / per * 5, x0, next);
     }
 }
 
@@ -152,15 +170,9 @@ __device__ __forceinline__ void ddpm_step(const float* __restrict__ x, const T* 
                                           float* __restrict__ x0, float* __restrict__ next, long long rows,
                                           long long per) {
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += (long long)gridDim.y * blockDim.y) {
-        const float* k = coef + r * 5;
-        const float a = k[0], b = k[1], a_prev = k[2], b_prev = k[3], sigma = k[4];
-        const float eps_scale = sqrtf(b_prev * b_prev - sigma * sigma);
         for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < per; j += (long long)gridDim.x * blockDim.x) {
             const long long i = r * per + j;
-            const float e = to_f32(eps[i]);
-            const float x0v = (x[i] - e * b) / a;
-            x0[i] = x0v;
-            next[i] = a_prev * x0v + eps_scale * e + sigma * noise[i];
+            step_element(i, to_f32(eps[i]), x, noise, coef + r * 5, x0, next);
         }
     }
 }
@@ -168,7 +180,7 @@ __device__ __forceinline__ void ddpm_step(const float* __restrict__ x, const T* 
 
 extern "C" __global__ void __launch_bounds__(256) cfg_stats_f32(const float* pred, float* parts, long long group_len, long long half, float cfg) { sampler::stats(pred, parts, group_len, half, cfg); }
 extern "C" __global__ void __launch_bounds__(256) cfg_stats_bf16(const __nv_bfloat16* pred, float* parts, long long group_len, long long half, float cfg) { sampler::stats(pred, parts, group_len, half, cfg); }
-extern "C" __global__ void __launch_bounds__(256) cfg_apply_f32(const float* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep); }
-extern "C" __global__ void __launch_bounds__(256) cfg_apply_bf16(const __nv_bfloat16* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep); }
+extern "C" __global__ void __launch_bounds__(256) cfg_apply_f32(const float* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep, const float* x, const float* noise, const float* coef, float* x0, float* next, long long per) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep, x, noise, coef, x0, next, per); }
+extern "C" __global__ void __launch_bounds__(256) cfg_apply_bf16(const __nv_bfloat16* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep, const float* x, const float* noise, const float* coef, float* x0, float* next, long long per) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep, x, noise, coef, x0, next, per); }
 extern "C" __global__ void __launch_bounds__(256) ddpm_step_f32(const float* x, const float* eps, const float* noise, const float* coef, float* x0, float* next, long long rows, long long per) { sampler::ddpm_step(x, eps, noise, coef, x0, next, rows, per); }
 extern "C" __global__ void __launch_bounds__(256) ddpm_step_bf16(const float* x, const __nv_bfloat16* eps, const float* noise, const float* coef, float* x0, float* next, long long rows, long long per) { sampler::ddpm_step(x, eps, noise, coef, x0, next, rows, per); }

@@ -9,7 +9,9 @@
 use crate::models::ModelBuilder;
 use crate::ops::layout::Concat;
 use crate::ops::noise::{noise_key, GaussianNoise};
-use crate::ops::sampler::{logsnr, noise_cond, timesteps, CfgCombine, DdpmStep, StepCoefficients};
+use crate::ops::sampler::{
+    logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients,
+};
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::Session;
 use crate::tensor::DType;
@@ -95,16 +97,15 @@ pub fn record_step(
     )?;
     let eps = model(mb, doubled, r)?;
     let g = &mut mb.g;
-    let pred = g.op1(
-        CfgCombine {
+    let step = GuidedStep {
+        guidance: CfgCombine {
             cfg: guidance.cfg,
             rho: guidance.rho,
             per_sample: false,
         },
-        &[eps],
-    )?;
-    let outs = g.op(DdpmStep, &[x, pred, noise_t, coef])?;
-    let (x0, x_next) = (outs[0], outs[1]);
+    };
+    let outs = g.op(step, &[eps, x, noise_t, coef])?;
+    let (x0, x_next, pred) = (outs[0], outs[1], outs[2]);
     g.output(x0, "x0")?;
     g.output(x_next, "x_next")?;
     g.output(pred, "pred")?;

@@ -271,6 +271,17 @@ impl OpImpl for CfgCombine {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        self.launch(io, io.outputs[0].ptr, None)
+    }
+}
+
+/// The device pointers of a step fused onto CFG's apply pass: x, noise, coef, x0, x_next.
+type StepPtrs = [u64; 5];
+
+impl CfgCombine {
+    /// The statistics (when rescaling) and apply launches, writing the guided prediction to
+    /// `y` and, with `step`, taking the sampler step on it.
+    fn launch(&self, io: &LaunchIo, y: u64, step: Option<StepPtrs>) -> Result<Vec<Launch>> {
         let pred = io.inputs[0];
         let (b, per) = self.dims(&[pred.desc])?;
         let len = self.group_len(b, per);
@@ -309,14 +320,75 @@ impl OpImpl for CfgCombine {
                 .ptr(pred.ptr)
                 .ptr(if parts > 0 { io.workspace } else { 0 })
                 .i32(parts as i32)
-                .ptr(io.outputs[0].ptr)
+                .ptr(y)
                 .u64(len as u64)
                 .u64(half)
                 .f32(self.cfg)
                 .f32(self.rho)
-                .f32(self.keep()),
+                .f32(self.keep())
+                .ptrs(&step.unwrap_or_default())
+                .u64(per as u64),
         });
         Ok(launches)
+    }
+}
+
+/// One whole sampler iteration after the model: [`CfgCombine`] on `pred [2B, …]`, then
+/// [`DdpmStep`] with the guided prediction as eps, in two launches (the step rides on CFG's
+/// apply pass). Inputs `pred`, f32 `x`, `noise` `[B, …]`, `coef [B, 5]`; outputs f32 `x0`,
+/// `x_next`, and the guided prediction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuidedStep {
+    pub guidance: CfgCombine,
+}
+
+impl OpImpl for GuidedStep {
+    fn name(&self) -> &'static str {
+        "guided_step"
+    }
+
+    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+        self.guidance.workspace_bytes(&inputs[..1])
+    }
+
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+        let [pred, x, noise, coef] = inputs_n(self.name(), inputs)?;
+        let (y_shape, _) = self.guidance.infer(&[pred])?.remove(0);
+        let y = TensorDesc {
+            name: "guided prediction".into(),
+            shape: y_shape.clone(),
+            dtype: DType::F32,
+            role: pred.role,
+        };
+        let mut outs = DdpmStep.infer(&[x, &y, noise, coef])?;
+        for (what, t) in [("x", x), ("noise", noise)] {
+            require_f32(self.name(), what, t)?;
+        }
+        outs.push((y_shape, DType::F32));
+        Ok(outs)
+    }
+
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
+        let (steps, guided) = outputs.split_at_mut(2);
+        self.guidance.reference(&inputs[..1], guided)?;
+        DdpmStep.reference(&[inputs[1], &guided[0], inputs[2], inputs[3]], steps)
+    }
+
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let ptr = |t: &super::DevTensor| t.ptr;
+        let step = [
+            ptr(&io.inputs[1]),
+            ptr(&io.inputs[2]),
+            ptr(&io.inputs[3]),
+            ptr(&io.outputs[0]),
+            ptr(&io.outputs[1]),
+        ];
+        let cfg_io = LaunchIo {
+            inputs: io.inputs[..1].to_vec(),
+            outputs: Vec::new(),
+            workspace: io.workspace,
+        };
+        self.guidance.launch(&cfg_io, io.outputs[2].ptr, Some(step))
     }
 }
 
@@ -496,6 +568,38 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             };
             c.map(|c| c.row())
         });
+        *input_values(&mut check, coef) = rows.collect::<Result<Vec<_>>>()?.concat();
+        v.push(check);
+    }
+    // The fused iteration (CFG, rescale, step in the apply pass): groups across and within
+    // samples, without rescale, bf16 and f32 predictions.
+    let fused: [(&[usize], DType, f32, bool); 4] = [
+        (&[2, 7, 5, 3], f, 0.7, false),
+        (&[6, 37, 3], h, 0.7, true),
+        (&[4, 16, 9, 11], h, 0.7, false),
+        (&[2, 1000], f, 0.0, false),
+    ];
+    for (shape, dt, rho, per_sample) in fused {
+        let mut b = CheckBuilder::new(next());
+        let pred = b.input(shape, dt, 2.0)?;
+        let half: Vec<usize> = std::iter::once(shape[0] / 2)
+            .chain(shape[1..].iter().copied())
+            .collect();
+        let x = b.input(&half, f, 1.0)?;
+        let noise = b.input(&half, f, 1.0)?;
+        let coef = b.input(&[half[0], 5], f, 1.0)?;
+        let op = GuidedStep {
+            guidance: CfgCombine {
+                cfg: 4.0,
+                rho,
+                per_sample,
+            },
+        };
+        let outs = b.graph.op(op, &[pred, x, noise, coef])?;
+        let name = format!("guided_step {shape:?} {dt:?} rho {rho} per_sample {per_sample}");
+        let mut check = b.finish(name, &outs, cfg_tol)?;
+        let rows =
+            (0..half[0]).map(|r| StepCoefficients::ddpm(t[r % 5], t_prev[r % 5]).map(|c| c.row()));
         *input_values(&mut check, coef) = rows.collect::<Result<Vec<_>>>()?.concat();
         v.push(check);
     }

@@ -23,6 +23,11 @@ impl Args {
         self
     }
 
+    /// Several device pointers in order.
+    pub fn ptrs(self, ps: &[u64]) -> Self {
+        ps.iter().fold(self, |a, &p| a.ptr(p))
+    }
+
     pub fn i32(mut self, v: i32) -> Self {
         self.slots.push(v as u32 as u64);
         self
