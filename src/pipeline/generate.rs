@@ -27,7 +27,6 @@ use crate::text::{Tokenizer, Tokens};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -221,8 +220,6 @@ pub struct Pipeline {
     /// The device weights of the three sampling stages (C, B, A); the lock is held while a
     /// generation runs, so one runs at a time.
     caches: Mutex<[WeightCache; 3]>,
-    /// Whether the current generation keeps every stage's weights on the device.
-    resident_now: AtomicBool,
 }
 
 impl Pipeline {
@@ -253,7 +250,6 @@ impl Pipeline {
             options,
             tokenizer: Tokenizer::clip()?,
             caches: Mutex::new(Default::default()),
-            resident_now: AtomicBool::new(false),
         })
     }
 
@@ -305,9 +301,8 @@ impl Pipeline {
         let residency = self.residency(&plan)?;
         // One generation at a time: the device caches belong to it.
         let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        self.resident_now
-            .store(residency == Residency::Resident, Ordering::Relaxed);
-        if residency == Residency::PerStage {
+        let resident = residency == Residency::Resident;
+        if !resident {
             caches.iter().for_each(WeightCache::clear);
         }
         let seeds = request.seeds();
@@ -341,7 +336,7 @@ impl Pipeline {
                         progress: p,
                     })
                 };
-                self.generate_one(request, seed, &text, &caches, &mut observe)?
+                self.generate_one(request, seed, &text, (&caches, resident), &mut observe)?
             };
             if let Some((done, t)) = phase_start.take() {
                 timings.push((stage_name(done), t.elapsed().as_secs_f64()));
@@ -443,15 +438,21 @@ impl Pipeline {
         }
     }
 
-    /// One image: Stage C, Stage B, Stage A on the text embeddings, noise from `seed`.
+    /// One image: Stage C, Stage B, Stage A on the text embeddings, noise from `seed`; each
+    /// stage's weights in its cache, freed after it unless `resident`.
     fn generate_one(
         &self,
         request: &Request,
         seed: u64,
         text: &TextEmbedding,
-        caches: &[WeightCache; 3],
+        (caches, resident): (&[WeightCache; 3], bool),
         observe: &mut Observer,
     ) -> Result<Rgb8Image> {
+        let release = |cache: &WeightCache| {
+            if !resident {
+                cache.clear();
+            }
+        };
         let m = &self.models;
         let sizes = LatentSizes::of(request.size);
 
@@ -490,7 +491,7 @@ impl Pipeline {
             .hr
             .x0;
         check_finite(Phase::StageCHighRes, None, &x0)?;
-        self.release(&caches[0]);
+        release(&caches[0]);
 
         // Stage B: effnet = Stage C's x0 for the cond rows, zeros for the uncond rows.
         let (hc, wc) = sizes.stage_c;
@@ -524,7 +525,7 @@ impl Pipeline {
             )?
             .x0;
         check_finite(Phase::StageB, None, &latent)?;
-        self.release(&caches[1]);
+        release(&caches[1]);
 
         // Stage A.
         observe(&Progress::Started {
@@ -536,16 +537,10 @@ impl Pipeline {
             .decoder()
             .decode(&self.context(Some(&caches[2])), &latent)?;
         check_finite(Phase::StageA, None, &rgb.data)?;
-        self.release(&caches[2]);
+        release(&caches[2]);
         Rgb8Image::from_hwc(&rgb.data, rgb.shape[1], rgb.shape[2])
     }
 
-    /// Frees a stage's weights unless they stay resident.
-    fn release(&self, cache: &WeightCache) {
-        if !self.resident_now.load(Ordering::Relaxed) {
-            cache.clear();
-        }
-    }
 }
 
 /// Stage C's latent shapes (channels-last, batch 1).
