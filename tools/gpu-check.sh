@@ -2,7 +2,8 @@
 # The one command for a GPU machine. Runs, from a release binary built elsewhere and carried
 # over: `info` (with the 4096² memory plan), `verify` with UPX_REQUIRE_GPU=1 (GPU checks fail
 # instead of skipping), every golden case on the cuda backend, `generate` on the tiny random
-# model twice with one seed (the PNGs must be bit-identical), and `bench`; logs go to $OUT
+# model twice with one seed (the PNGs must be bit-identical), `bench` (kernels) and
+# `bench --stages` (every part of a generation at 1K–4K); logs go to $OUT
 # (or ./gpu-check-out) and a short table is printed last.
 #
 #   tools/gpu-check.sh [BINARY]     (default: target/release/ultrapixel)
@@ -39,6 +40,9 @@ run determinism bash -c '"$0" generate --model-dir "$1" --backend cuda --size 51
     && echo "1 passed, 0 failed (bit-identical)" || { echo "0 passed, 1 failed (images differ)"; exit 1; }' \
     "$bin" "$tiny" "$out"
 run bench "$bin" bench
+# Every part of a generation with random full-size weights (the released model's work).
+run stages "$bin" bench --stages --size 1024x1024 --size 2048x2048 --size 4096x4096 \
+    --size 5120x2560 --iters 5
 
 printf '\n== summary (%s, %s)\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 printf '%s\n' "${summary[@]}"

@@ -4,11 +4,13 @@ mod generate;
 mod models;
 
 use crate::runtime::cuda::{probe, CudaDevice};
+use crate::runtime::device::Device;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::runtime::{Backend, BackendKind};
 use crate::verify::{self, CheckResult, Scale};
 use crate::Result;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,12 +78,29 @@ pub struct ConvertArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Timed runs per kernel.
+    /// Timed runs per kernel (per part with --stages).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
     /// Only benchmarks whose name contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Time every part of a generation (text encoder, both Stage C passes, the INR
+    /// reconstruction, Stage B, Stage A tiles) with random full-size weights, per --size.
+    #[arg(long)]
+    pub stages: bool,
+    /// Output sizes for --stages (repeatable).
+    #[arg(long = "size", default_values_t = [
+        crate::pipeline::Size { width: 1024, height: 1024 },
+        crate::pipeline::Size { width: 2048, height: 2048 },
+        crate::pipeline::Size { width: 4096, height: 4096 },
+    ])]
+    pub sizes: Vec<crate::pipeline::Size>,
+    /// With --stages: the tiny test configuration instead of the released one.
+    #[arg(long)]
+    pub tiny: bool,
+    /// With --stages: where to run (hostsim for a check of the harness without a GPU).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
+    pub backend: BackendKind,
 }
 
 #[derive(clap::Args, Debug)]
@@ -123,6 +142,25 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Convert(a) => {
             let report = crate::weights::convert(&a.input, &a.output)?;
             println!("{}: {report}", a.output.display());
+            Ok(0)
+        }
+        Command::Bench(a) if a.stages => {
+            let device: Arc<dyn Device> = match Backend::open(a.backend)? {
+                Backend::Cuda(d) => d,
+                #[cfg(feature = "hostsim")]
+                Backend::Hostsim(d) => d,
+                Backend::Cpu => {
+                    return Err(crate::Error::InvalidArgument(
+                        "bench --stages times the kernels: use --backend cuda or hostsim".into(),
+                    ))
+                }
+            };
+            let cfg = if a.tiny {
+                crate::pipeline::tiny::tiny_configs()
+            } else {
+                crate::pipeline::models::Configs::default()
+            };
+            crate::bench::stages::print(&device, &cfg, &a.sizes, a.iters)?;
             Ok(0)
         }
         Command::Bench(a) => {

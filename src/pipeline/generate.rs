@@ -135,9 +135,17 @@ impl MemoryPlan {
     }
 }
 
-/// The device memory of a generation at `size` with these networks, stage by stage: every
-/// graph recorded at its real shapes and planned, no weights read.
-pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
+/// One graph a generation places on the device, and how often it runs per image.
+pub struct StageGraph {
+    pub stage: &'static str,
+    pub part: &'static str,
+    pub graph: Graph,
+    pub runs: usize,
+}
+
+/// Every graph of a generation at `size` with these networks, at its real shapes (no
+/// weights read), with its runs per image for `steps` = (Stage C, Stage B) steps.
+pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Vec<StageGraph>> {
     let sizes = LatentSizes::of(size);
     let none: HashMap<String, HostTensor> = HashMap::new();
     let shapes = stage_c_shapes(cfg, &sizes);
@@ -147,7 +155,7 @@ pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
         weights: &none,
         cfg: &cfg.stage_c,
         conditions: &conditions,
-        steps: 1,
+        steps: steps.0,
         guidance: unguided,
     };
     let (hc, wc) = sizes.stage_c;
@@ -158,7 +166,7 @@ pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
         cfg: &cfg.stage_b,
         effnet: &effnet,
         clip: &clip,
-        steps: 1,
+        steps: steps.1,
         guidance: unguided,
     };
     let decode = StageADecode {
@@ -168,17 +176,56 @@ pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
     };
     let (hb, wb) = sizes.stage_b;
     let source = NoiseSource::Device;
-    Ok(MemoryPlan {
-        stages: vec![
-            stage_plan("text encoder", &[super::stages::text_graph(&cfg.text, 2)?]),
-            stage_plan("stage C", &stage_c.graphs(shapes, source)?),
-            stage_plan(
-                "stage B",
-                &[stage_b.graph(stage_b_shape(cfg, &sizes), source)?],
-            ),
-            stage_plan("stage A", &[decode.graph([1, hb, wb])?]),
-        ],
-    })
+    let [lr, reconstruct, hr]: [Graph; 3] = stage_c
+        .graphs(shapes, source)?
+        .try_into()
+        .map_err(|_| Error::InvalidArgument("Stage C records three graphs".into()))?;
+    let graph = |stage, part, graph, runs| StageGraph {
+        stage,
+        part,
+        graph,
+        runs,
+    };
+    Ok(vec![
+        graph(
+            "text encoder",
+            "prompt + negative",
+            super::stages::text_graph(&cfg.text, 2)?,
+            1,
+        ),
+        graph("stage C", "low-res step", lr, steps.0),
+        graph("stage C", "INR reconstruction", reconstruct, 1),
+        graph("stage C", "high-res step", hr, steps.0),
+        graph(
+            "stage B",
+            "step",
+            stage_b.graph(stage_b_shape(cfg, &sizes), source)?,
+            steps.1,
+        ),
+        graph(
+            "stage A",
+            "tile",
+            decode.graph([1, hb, wb])?,
+            decode.tiles(hb, wb),
+        ),
+    ])
+}
+
+/// The device memory of a generation at `size` with these networks, stage by stage: every
+/// graph recorded at its real shapes and planned, no weights read.
+pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
+    let graphs = stage_graphs(cfg, size, (1, 1))?;
+    let mut names: Vec<&'static str> = graphs.iter().map(|g| g.stage).collect();
+    names.dedup();
+    // A stage's graphs share their weights (one cache) and run one at a time.
+    let stages = names
+        .into_iter()
+        .map(|stage| {
+            let of_stage = graphs.iter().filter(|g| g.stage == stage).map(|g| &g.graph);
+            stage_plan(stage, of_stage)
+        })
+        .collect();
+    Ok(MemoryPlan { stages })
 }
 
 /// Where the weights live between stages.
@@ -540,7 +587,6 @@ impl Pipeline {
         release(&caches[2]);
         Rgb8Image::from_hwc(&rgb.data, rgb.shape[1], rgb.shape[2])
     }
-
 }
 
 /// Stage C's latent shapes (channels-last, batch 1).
@@ -561,7 +607,7 @@ fn stage_b_shape(cfg: &Configs, sizes: &LatentSizes) -> [usize; 4] {
 }
 
 /// The memory of one stage: its distinct weights (as uploaded) and its largest arena.
-fn stage_plan(stage: &'static str, graphs: &[Graph]) -> StagePlan {
+fn stage_plan<'a>(stage: &'static str, graphs: impl Iterator<Item = &'a Graph>) -> StagePlan {
     let mut seen = HashSet::new();
     let mut weight_bytes = 0u64;
     let mut arena_bytes = 0u64;

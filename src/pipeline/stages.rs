@@ -478,6 +478,11 @@ impl StageADecode<'_> {
         Ok((mb, x, out))
     }
 
+    /// Tiles of an `h`×`w` latent.
+    pub fn tiles(&self, h: usize, w: usize) -> usize {
+        h.div_ceil(self.tile) * w.div_ceil(self.tile)
+    }
+
     /// The graph that decodes a `[B, h, w]` latent (one tile's, for memory planning).
     pub fn graph(&self, [b, h, w]: [usize; 3]) -> Result<Graph> {
         let (hw, ww) = (self.window(h, 0).1, self.window(w, 0).1);

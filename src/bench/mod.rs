@@ -3,6 +3,8 @@
 //! copy bandwidth measured in the same run. Shared by `ultrapixel bench` and the criterion
 //! benches.
 
+pub mod stages;
+
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::{Device, KernelSession};
 use crate::runtime::session::{Session, SessionOptions};
