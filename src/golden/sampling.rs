@@ -65,9 +65,13 @@ fn cfg_batch(case: &Case, name: &str, image: bool) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data))
 }
 
-/// The given noise of step k: `<prefix>.k`, channels-last.
-fn given_noise<'a>(case: &'a Case, prefix: &'a str) -> impl Fn(usize) -> Vec<f32> + 'a {
-    move |k| nhwc(case, &format!("{prefix}.{k}")).unwrap_or_default()
+/// The given noise of every step, `<prefix>.0 … <prefix>.{steps − 1}`, channels-last: an
+/// error now, naming the input, rather than mid-run.
+fn given_noise(case: &Case, prefix: &str, steps: usize) -> Result<impl Fn(usize) -> Vec<f32>> {
+    let all = (0..steps)
+        .map(|k| nhwc(case, &format!("{prefix}.{k}")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(move |k: usize| all[k].clone())
 }
 
 /// Collects every recorded step as `<prefix>{k}.{x0,x,pred}` in NCHW.
@@ -117,8 +121,8 @@ pub(super) fn sample_ultrapixel(case: &Case, backend: &Backend) -> Result<Vec<(S
         clip_img: cfg_batch(case, "clip_img", false)?,
     };
     let (lr_noise, hr_noise) = (
-        given_noise(case, "step_noise_lr"),
-        given_noise(case, "step_noise_hr"),
+        given_noise(case, "step_noise_lr", steps)?,
+        given_noise(case, "step_noise_hr", steps)?,
     );
     let noise = StageCNoise {
         init_lr: nhwc(case, "init_lr")?,
@@ -152,7 +156,7 @@ pub(super) fn sample_stage_b(case: &Case, backend: &Backend) -> Result<Vec<(Stri
     let shape = nhwc_shape(case, "shape")?;
     let effnet = cfg_batch(case, "effnet", true)?;
     let clip = cfg_batch(case, "clip", false)?;
-    let step_noise = given_noise(case, "step_noise");
+    let step_noise = given_noise(case, "step_noise", steps)?;
     let run = StageBRun {
         weights: &case.weights,
         cfg: &cfg,
