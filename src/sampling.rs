@@ -146,6 +146,24 @@ impl StepNoise<'_> {
     }
 }
 
+/// The steps of a `total`-step schedule that one loop runs (a schedule may be split between
+/// two step graphs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steps {
+    pub total: usize,
+    pub run: std::ops::Range<usize>,
+}
+
+impl Steps {
+    /// Every step of a `total`-step schedule.
+    pub fn all(total: usize) -> Steps {
+        Steps {
+            total,
+            run: 0..total,
+        }
+    }
+}
+
 /// What a sampling run ends with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
@@ -162,15 +180,15 @@ pub fn sample(
     session: &mut dyn Session,
     sg: &StepGraph,
     x_init: Vec<f32>,
-    steps: usize,
+    steps: &Steps,
     noise: &StepNoise,
     record: bool,
     mut inspect: impl FnMut(usize, Option<&StepRecord>) -> Result<()>,
 ) -> Result<Sampled> {
-    let ts = timesteps(steps);
+    let ts = timesteps(steps.total);
     let mut x = x_init;
     let mut x0 = Vec::new();
-    for k in 0..steps {
+    for k in steps.run.clone() {
         let coef = StepCoefficients::ddpm(ts[k], ts[k + 1])?.row();
         let r = noise_cond(logsnr(ts[k]));
         session.set_input(sg.x, &x)?;
@@ -189,7 +207,7 @@ pub fn sample(
         }
         session.run()?;
         x = session.read(sg.x_next)?;
-        if record || k + 1 == steps {
+        if record || k + 1 == steps.run.end {
             x0 = session.read(sg.x0)?;
         }
         if record {
@@ -247,7 +265,7 @@ mod tests {
             &mut *s,
             &sg,
             init.clone(),
-            steps,
+            &Steps::all(steps),
             &StepNoise::Given(&noise_of),
             true,
             |k, rec| {
@@ -303,10 +321,18 @@ mod tests {
         let mut out = Vec::new();
         let noise = StepNoise::Seeded { seed, stream: 1 };
         let init = random(seed, shape, 1.0).data;
-        sample(&mut *s, &sg, init, 4, &noise, true, |_, rec| {
-            out.push(rec.expect("recorded").x_next.clone());
-            Ok(())
-        })
+        sample(
+            &mut *s,
+            &sg,
+            init,
+            &Steps::all(4),
+            &noise,
+            true,
+            |_, rec| {
+                out.push(rec.expect("recorded").x_next.clone());
+                Ok(())
+            },
+        )
         .unwrap();
         out
     }

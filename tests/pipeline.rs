@@ -410,3 +410,36 @@ fn one_pipeline_serves_several_threads_one_generation_at_a_time() {
     assert_eq!(p.generate(&request(1)).unwrap()[0].rgb, a[0].rgb);
     assert_eq!(p.generate(&request(2)).unwrap()[0].rgb, b[0].rgb);
 }
+
+#[test]
+fn past_twenty_stage_c_steps_the_high_res_pass_continues_unguided_as_one_phase() {
+    use ultrapixel::pipeline::stages::{Phase, Progress};
+    use ultrapixel::pipeline::Event;
+    let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
+    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
+    let mut r = library_request("a long schedule", 4);
+    r.stage_c.steps = 22;
+    r.stage_b.steps = 1;
+    let (mut started, mut steps) = (0, Vec::new());
+    let images = p
+        .generate_with(&r, &mut |e| {
+            if let Event::Progress { progress, .. } = e {
+                match progress {
+                    Progress::Started {
+                        phase: Phase::StageCHighRes,
+                        steps: n,
+                    } => {
+                        started += 1;
+                        assert_eq!(*n, 22);
+                    }
+                    Progress::Step(s) if s.phase == Phase::StageCHighRes => steps.push(s.step),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(started, 1);
+    assert_eq!(steps, (0..22).collect::<Vec<_>>());
+}

@@ -20,7 +20,9 @@ use crate::runtime::graph::Graph;
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::{Session, SessionOptions};
 use crate::runtime::Backend;
-use crate::sampling::{self, record_step, NoiseSource, Sampled, StepGraph, StepNoise, StepRecord};
+use crate::sampling::{
+    self, record_step, NoiseSource, Sampled, StepGraph, StepNoise, StepRecord, Steps,
+};
 use crate::tensor::{DType, HostTensor};
 use crate::text::Tokens;
 use crate::{Error, Result};
@@ -98,17 +100,24 @@ struct StepLoop {
 }
 
 impl StepLoop {
-    /// Runs the sampling loop from `init`, reporting every step to `observe` as `phase`.
+    /// Runs the sampling loop over `steps` from `init`, reporting every step to `observe`
+    /// as `phase` (the phase starts with the schedule's first step).
     fn run(
         &mut self,
         ctx: &RunContext,
         init: Vec<f32>,
-        steps: usize,
+        steps: &Steps,
         noise: &StepNoise,
         phase: Phase,
         observe: &mut Observer,
     ) -> Result<Sampled> {
-        observe(&Progress::Started { phase, steps })?;
+        let total = steps.total;
+        if steps.run.start == 0 {
+            observe(&Progress::Started {
+                phase,
+                steps: total,
+            })?;
+        }
         let graph = &self.graph;
         sampling::sample(
             &mut *self.session,
@@ -121,7 +130,7 @@ impl StepLoop {
                 observe(&Progress::Step(StepEvent {
                     phase,
                     step,
-                    steps,
+                    steps: total,
                     record,
                 }))
             },
@@ -182,6 +191,9 @@ pub struct StageCNoise<'a> {
     pub lr: StepNoise<'a>,
     pub hr: StepNoise<'a>,
 }
+
+/// High-resolution steps that get UltraPixel's guidance (the reference's `if i <= 19`).
+pub const GUIDED_STEPS: usize = 20;
 
 /// Stage C's dual sampling (spec §4.7).
 pub struct StageCRun<'a> {
@@ -249,7 +261,7 @@ impl StageCRun<'_> {
         let lr = lr_loop.run(
             ctx,
             noise.init_lr.clone(),
-            self.steps,
+            &Steps::all(self.steps),
             &noise.lr,
             Phase::StageCLowRes,
             observe,
@@ -275,18 +287,41 @@ impl StageCRun<'_> {
         }
         drop(session);
 
+        // The reference guides the first GUIDED_STEPS steps only (`if i <= 19`): a longer
+        // schedule finishes on the plain network.
+        let guided = Steps {
+            total: self.steps,
+            run: 0..self.steps.min(GUIDED_STEPS),
+        };
         let mut hr = self.hr_recording(shapes, noise.hr.source())?;
         let ids = hr.guide_inputs.expect("the HR recording has guide inputs");
         hr.constants.extend(ids.into_iter().zip(recs));
-        let hr = hr.into_loop(ctx, self.weights)?.run(
+        let mut sampled = hr.into_loop(ctx, self.weights)?.run(
             ctx,
             noise.init_hr.clone(),
-            self.steps,
+            &guided,
             &noise.hr,
             Phase::StageCHighRes,
             observe,
         )?;
-        Ok(StageCResult { lr, hr })
+        if guided.run.end < self.steps {
+            let rest = Steps {
+                total: self.steps,
+                run: guided.run.end..self.steps,
+            };
+            sampled = self
+                .step_recording(shapes.hr, noise.hr.source(), |_| Ok(Guidance::None))?
+                .into_loop(ctx, self.weights)?
+                .run(
+                    ctx,
+                    sampled.x,
+                    &rest,
+                    &noise.hr,
+                    Phase::StageCHighRes,
+                    observe,
+                )?;
+        }
+        Ok(StageCResult { lr, hr: sampled })
     }
 
     /// Every graph the run places on the device, in order (for memory planning).
@@ -411,7 +446,14 @@ impl StageBRun<'_> {
     ) -> Result<Sampled> {
         self.recording(shape, noise.source())?
             .into_loop(ctx, self.weights)?
-            .run(ctx, init, self.steps, noise, Phase::StageB, observe)
+            .run(
+                ctx,
+                init,
+                &Steps::all(self.steps),
+                noise,
+                Phase::StageB,
+                observe,
+            )
     }
 
     /// The step graph (for memory planning).
