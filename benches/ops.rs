@@ -15,9 +15,10 @@ fn ops(c: &mut Criterion) {
             return;
         }
     };
-    let (copy, timings) = ultrapixel::bench::run(&dev, 20, None).expect("bench");
+    let (ceilings, timings) = ultrapixel::bench::run(&dev, 20, None).expect("bench");
+    println!("{}", ceilings.describe());
     for t in &timings {
-        println!("{}", t.line(copy));
+        println!("{}", t.line(&ceilings));
     }
     let mut group = c.benchmark_group("ops");
     group

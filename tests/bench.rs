@@ -54,3 +54,81 @@ fn the_stage_benchmark_refuses_the_reference_backend() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda or hostsim"));
 }
+
+fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+/// `bench --shapes` on the emulator: one timed row per distinct GEMM and attention shape
+/// (as many as the header announces), the per-image sums, and no vendor column.
+#[cfg(feature = "hostsim")]
+#[test]
+fn the_shape_benchmark_times_every_gemm_and_attention_shape() {
+    let (out, text) = ultrapixel(&[
+        "bench",
+        "--shapes",
+        "--tiny",
+        "--backend",
+        "hostsim",
+        "--size",
+        "512x520",
+        "--iters",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("cuBLASLt: skipped"), "{text}");
+    let count = |marker: &str| -> usize {
+        let line = text.lines().find(|l| l.contains(marker)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let gemm_rows = text
+        .lines()
+        .filter(|l| l.contains("TFLOP/s") && l.contains(": gemm"))
+        .count();
+    let attn_rows = text
+        .lines()
+        .filter(|l| l.starts_with('b') && l.contains(": attention#"))
+        .count();
+    assert_eq!(gemm_rows, count("GEMM shapes"), "{text}");
+    assert_eq!(attn_rows, count("attention shapes"), "{text}");
+    assert!(gemm_rows > 10 && attn_rows > 3, "{text}");
+    assert!(text.contains("GEMMs of one image:") && text.contains("attention of one image:"));
+}
+
+/// `--shapes --list` prints the same shapes as JSON for the PyTorch peer, with no device.
+#[test]
+fn the_shape_list_is_json_for_the_pytorch_peer() {
+    let (out, text) = ultrapixel(&["bench", "--shapes", "--list", "--tiny", "--size", "512x520"]);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let size = &v["512x520"];
+    let gemms = size["gemms"].as_array().unwrap();
+    let attention = size["attention"].as_array().unwrap();
+    assert!(gemms.len() > 10 && attention.len() > 3, "{text}");
+    for g in gemms {
+        for key in ["m", "n", "k", "per_image"] {
+            assert!(g[key].as_u64().unwrap() > 0, "{g}");
+        }
+    }
+    for a in attention {
+        for key in ["batch", "queries", "heads", "head_dim", "per_image"] {
+            assert!(a[key].as_u64().unwrap() > 0, "{a}");
+        }
+        assert!(
+            a["causal"].is_boolean() && a["key_mask"].is_boolean(),
+            "{a}"
+        );
+    }
+    // --list belongs to --shapes.
+    let (out, _) = ultrapixel(&["bench", "--list"]);
+    assert_eq!(out.status.code(), Some(2));
+}

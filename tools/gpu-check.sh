@@ -2,9 +2,11 @@
 # The one command for a GPU machine. Runs, from a release binary built elsewhere and carried
 # over: `info` (with the 4096² memory plan), `verify` with UPX_REQUIRE_GPU=1 (GPU checks fail
 # instead of skipping), every golden case on the cuda backend, `generate` on the tiny random
-# model twice with one seed (the PNGs must be bit-identical), `bench` (kernels) and
-# `bench --stages` (every part of a generation at 1K–4K); logs go to $OUT
-# (or ./gpu-check-out) and a short table is printed last.
+# model twice with one seed (the PNGs must be bit-identical), `bench` (kernels, against the
+# copy and cuBLASLt ceilings), `bench --stages` (every part of a generation at 1K–4K),
+# `bench --shapes` (every GEMM shape of the model against cuBLASLt, every attention shape)
+# and, where PyTorch is installed, its peer on the same shapes (`tools/torch-peer.py`); logs
+# go to $OUT (or ./gpu-check-out) and a short table is printed last.
 #
 #   tools/gpu-check.sh [BINARY]     (default: target/release/ultrapixel)
 set -uo pipefail
@@ -14,6 +16,15 @@ out=${OUT:-gpu-check-out}
 mkdir -p "$out"
 export UPX_REQUIRE_GPU=1
 [ -x "$bin" ] || { echo "error: $bin not found or not executable; build with cargo build --release" >&2; exit 2; }
+
+# cuBLASLt (the matmul ceiling and the GEMM peer), loaded at run time: the system's, or the
+# one in a pip-installed CUDA wheel.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
+    lib=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu \
+        $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+        -name 'libcublasLt.so*' 2>/dev/null | head -n 1)
+    [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 summary=()
 run() {
@@ -43,6 +54,10 @@ run bench "$bin" bench
 # Every part of a generation with random full-size weights (the released model's work).
 run stages "$bin" bench --stages --size 1024x1024 --size 2048x2048 --size 4096x4096 \
     --size 5120x2560 --iters 5
+shape_sizes=(--size 1024x1024 --size 2048x2048 --size 4096x4096)
+run shapes "$bin" bench --shapes "${shape_sizes[@]}" --iters 5
+"$bin" bench --shapes --list "${shape_sizes[@]}" >"$out/shapes.json"
+run torchpeer python3 tools/torch-peer.py "$out/shapes.json" --iters 5
 
 printf '\n== summary (%s, %s)\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 printf '%s\n' "${summary[@]}"

@@ -1,16 +1,21 @@
 //! Kernel benchmarks on the GPU: every op check at GPU size, timed with CUDA events over
-//! replayed CUDA graphs, reported as achieved TFLOP/s or GB/s and as a ratio to the device
-//! copy bandwidth measured in the same run. Shared by `ultrapixel bench` and the criterion
-//! benches.
+//! replayed CUDA graphs, reported as achieved TFLOP/s or GB/s and as a ratio to the ceilings
+//! measured in the same run (device copy bandwidth; a large bf16 matmul through cuBLASLt).
+//! Shared by `ultrapixel bench` and the criterion benches; `stages` and `shapes` time whole
+//! parts of a generation and the model's own GEMM and attention shapes.
 
+pub mod shapes;
 pub mod stages;
+pub mod vendor;
 
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::{Device, KernelSession};
 use crate::runtime::session::{Session, SessionOptions};
 use crate::verify::{all_checks, OpCheck, Scale};
 use crate::Result;
+use rayon::prelude::*;
 use std::sync::Arc;
+use vendor::VendorGemm;
 
 /// Bytes copied to measure the memory-bound ceiling.
 const COPY_BYTES: usize = 1 << 30;
@@ -22,15 +27,52 @@ pub struct OpTiming {
     pub bytes: f64,
 }
 
+/// The ceilings of one run: device copy bandwidth (bytes/s) and, where cuBLASLt is
+/// installed, a large bf16 matmul's rate (FLOP/s).
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    pub copy: f64,
+    pub matmul: Option<f64>,
+}
+
+impl Ceilings {
+    /// Measures both on `dev`; the matmul ceiling only with `vendor`.
+    pub fn measure(dev: &Arc<CudaDevice>, vendor: Option<&VendorGemm>) -> Result<Self> {
+        Ok(Ceilings {
+            copy: dev.copy_bandwidth(COPY_BYTES, 20)?,
+            matmul: vendor.map(|v| v.ceiling(10)).transpose()?,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let matmul = match self.matmul {
+            Some(m) => format!(
+                "{:.0} TFLOP/s (cuBLASLt bf16 {d}x{d}x{d})",
+                m / 1e12,
+                d = vendor::CEILING_DIM
+            ),
+            None => format!("skipped: {}", vendor::MISSING),
+        };
+        format!(
+            "copy bandwidth: {:.0} GB/s (device-to-device, read + write); matmul ceiling: {matmul}",
+            self.copy / 1e9
+        )
+    }
+}
+
 impl OpTiming {
-    /// One report line; `copy` is the measured copy bandwidth in bytes/s.
-    pub fn line(&self, copy: f64) -> String {
+    /// One report line, with the rate as a share of its ceiling.
+    pub fn line(&self, ceilings: &Ceilings) -> String {
         let us = self.seconds * 1e6;
         if self.flops > 0.0 {
+            let rate = self.flops / self.seconds;
+            let share = ceilings.matmul.map_or(String::new(), |m| {
+                format!(" ({:.0} % of matmul)", 100.0 * rate / m)
+            });
             format!(
-                "{:<80} {us:>10.1} us {:>8.1} TFLOP/s",
+                "{:<80} {us:>10.1} us {:>8.1} TFLOP/s{share}",
                 self.name,
-                self.flops / self.seconds / 1e12
+                rate / 1e12
             )
         } else {
             let bw = self.bytes / self.seconds;
@@ -38,7 +80,7 @@ impl OpTiming {
                 "{:<80} {us:>10.1} us {:>8.0} GB/s ({:.0} % of copy)",
                 self.name,
                 bw / 1e9,
-                100.0 * bw / copy
+                100.0 * bw / ceilings.copy
             )
         }
     }
@@ -59,13 +101,14 @@ pub fn session(dev: &Arc<CudaDevice>, check: &OpCheck) -> Result<KernelSession> 
     Ok(s)
 }
 
-/// Times every op check; returns the copy bandwidth (bytes/s) and the timings.
+/// Times every op check; returns the ceilings measured in the same run and the timings.
 pub fn run(
     dev: &Arc<CudaDevice>,
     iters: usize,
     filter: Option<&str>,
-) -> Result<(f64, Vec<OpTiming>)> {
-    let copy = dev.copy_bandwidth(COPY_BYTES, 20)?;
+) -> Result<(Ceilings, Vec<OpTiming>)> {
+    let vendor = VendorGemm::open(dev)?;
+    let ceilings = Ceilings::measure(dev, vendor.as_ref())?;
     let mut out = Vec::new();
     for check in all_checks(7, Scale::Gpu)? {
         if filter.is_some_and(|f| !check.name.contains(f)) {
@@ -80,19 +123,40 @@ pub fn run(
             bytes: cost.bytes,
         });
     }
-    Ok((copy, out))
+    Ok((ceilings, out))
 }
 
 /// `ultrapixel bench`: prints the table; exit code 0.
 pub fn print(dev: &Arc<CudaDevice>, iters: usize, filter: Option<&str>) -> Result<()> {
     println!("device: {}", dev.describe());
-    let (copy, timings) = run(dev, iters, filter)?;
-    println!(
-        "copy bandwidth: {:.0} GB/s (device-to-device, read + write)",
-        copy / 1e9
-    );
+    let (ceilings, timings) = run(dev, iters, filter)?;
+    println!("{}", ceilings.describe());
     for t in &timings {
-        println!("{}", t.line(copy));
+        println!("{}", t.line(&ceilings));
     }
     Ok(())
+}
+
+/// `n` values uniform in [−scale, scale), from SplitMix64 streams (parallel, reproducible).
+pub(crate) fn uniform(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for x in out {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            *x = ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+        }
+    });
+    v
+}
+
+pub(crate) fn hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -3,8 +3,10 @@
 //! timed on the device; per part the time per run, the achieved tensor-core rate, and the
 //! end-to-end estimate (time × runs per image, summed). Memory is the plan's, printed beside.
 
+use super::{hash, uniform};
 use crate::ops::noise::noise_key;
 use crate::ops::sampler::{timesteps, StepCoefficients};
+use crate::ops::Cost;
 use crate::pipeline::generate::{memory_plan, stage_graphs, StageGraph};
 use crate::pipeline::models::Configs;
 use crate::pipeline::Size;
@@ -13,7 +15,6 @@ use crate::runtime::graph::Graph;
 use crate::runtime::session::{Session, SessionOptions, WeightSource};
 use crate::tensor::{numel, HostTensor};
 use crate::{Error, Result};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -62,28 +63,40 @@ pub fn time_stages(
         runs,
     } in stage_graphs(cfg, size, steps)?
     {
-        let weights = RandomWeights::of(&graph);
-        let inputs = inputs_of(&graph);
-        let mut s = KernelSession::new(
-            device.clone(),
-            graph,
-            &weights,
-            SessionOptions::default(),
-            Some(cache),
-        )?;
-        for (id, v) in &inputs {
-            s.set_input(*id, v)?;
-        }
-        let flops = s.cost().flops;
+        let (seconds, cost) = time_graph(device, graph, iters, cache)?;
         out.push(PartTiming {
             stage,
             part,
             runs,
-            seconds: s.time(iters)?,
-            flops,
+            seconds,
+            flops: cost.flops,
         });
     }
     Ok(out)
+}
+
+/// Device seconds per run of `graph` with random weights of its shapes and valid inputs,
+/// and its work.
+pub fn time_graph(
+    device: &Arc<dyn Device>,
+    graph: Graph,
+    iters: usize,
+    cache: &WeightCache,
+) -> Result<(f64, Cost)> {
+    let weights = RandomWeights::of(&graph);
+    let inputs = inputs_of(&graph);
+    let mut s = KernelSession::new(
+        device.clone(),
+        graph,
+        &weights,
+        SessionOptions::default(),
+        Some(cache),
+    )?;
+    for (id, v) in &inputs {
+        s.set_input(*id, v)?;
+    }
+    let cost = s.cost();
+    Ok((s.time(iters)?, cost))
 }
 
 /// Prints the stage benchmark of each size.
@@ -144,30 +157,6 @@ impl WeightSource for RandomWeights {
             uniform(hash(name), numel(shape), scale),
         ))
     }
-}
-
-/// `n` values uniform in [−scale, scale), from SplitMix64 streams (parallel, reproducible).
-fn uniform(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    const CHUNK: usize = 1 << 16;
-    let mut v = vec![0f32; n];
-    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for x in out {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            *x = ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-        }
-    });
-    v
-}
-
-fn hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// Values for every input of a graph, valid where the kernels need them to be (token ids,

@@ -88,17 +88,24 @@ pub struct BenchArgs {
     /// reconstruction, Stage B, Stage A tiles) with random full-size weights, per --size.
     #[arg(long)]
     pub stages: bool,
-    /// Output sizes for --stages (repeatable).
+    /// Time every distinct GEMM shape of a generation (ours and cuBLASLt's) and every
+    /// attention shape, per --size.
+    #[arg(long, conflicts_with = "stages")]
+    pub shapes: bool,
+    /// With --shapes: print the shapes as JSON (the PyTorch peer's input) and time nothing.
+    #[arg(long, requires = "shapes")]
+    pub list: bool,
+    /// Output sizes for --stages and --shapes (repeatable).
     #[arg(long = "size", default_values_t = [
         crate::pipeline::Size { width: 1024, height: 1024 },
         crate::pipeline::Size { width: 2048, height: 2048 },
         crate::pipeline::Size { width: 4096, height: 4096 },
     ])]
     pub sizes: Vec<crate::pipeline::Size>,
-    /// With --stages: the tiny test configuration instead of the released one.
+    /// With --stages or --shapes: the tiny test configuration instead of the released one.
     #[arg(long)]
     pub tiny: bool,
-    /// With --stages: where to run (hostsim for a check of the harness without a GPU).
+    /// With --stages or --shapes: where to run (hostsim checks the harness without a GPU).
     #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
     pub backend: BackendKind,
 }
@@ -144,31 +151,57 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!("{}: {report}", a.output.display());
             Ok(0)
         }
-        Command::Bench(a) if a.stages => {
-            let device: Arc<dyn Device> = match Backend::open(a.backend)? {
-                Backend::Cuda(d) => d,
-                #[cfg(feature = "hostsim")]
-                Backend::Hostsim(d) => d,
-                Backend::Cpu => {
-                    return Err(crate::Error::InvalidArgument(
-                        "bench --stages times the kernels: use --backend cuda or hostsim".into(),
-                    ))
-                }
-            };
-            let cfg = if a.tiny {
-                crate::pipeline::tiny::tiny_configs()
-            } else {
-                crate::pipeline::models::Configs::default()
-            };
-            crate::bench::stages::print(&device, &cfg, &a.sizes, a.iters)?;
-            Ok(0)
-        }
+        Command::Bench(a) if a.stages || a.shapes => bench_model(a),
         Command::Bench(a) => {
             let dev = CudaDevice::new(0)?;
             crate::bench::print(&dev, a.iters, a.filter.as_deref())?;
             Ok(0)
         }
     }
+}
+
+/// `bench --stages` and `bench --shapes`: the released (or tiny) networks at real shapes.
+fn bench_model(a: BenchArgs) -> Result<i32> {
+    let cfg = if a.tiny {
+        crate::pipeline::tiny::tiny_configs()
+    } else {
+        crate::pipeline::models::Configs::default()
+    };
+    if a.list {
+        let list = crate::bench::shapes::list_json(&cfg, &a.sizes)?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).expect("JSON of plain values")
+        );
+        return Ok(0);
+    }
+    let (device, cuda): (Arc<dyn Device>, _) = match Backend::open(a.backend)? {
+        Backend::Cuda(d) => (d.clone(), Some(d)),
+        #[cfg(feature = "hostsim")]
+        Backend::Hostsim(d) => (d, None),
+        Backend::Cpu => {
+            return Err(crate::Error::InvalidArgument(
+                "bench --stages and --shapes time the kernels: use --backend cuda or hostsim"
+                    .into(),
+            ))
+        }
+    };
+    if a.stages {
+        crate::bench::stages::print(&device, &cfg, &a.sizes, a.iters)?;
+        return Ok(0);
+    }
+    let vendor = cuda
+        .as_ref()
+        .map(crate::bench::vendor::VendorGemm::open)
+        .transpose()?
+        .flatten();
+    let missing = if cuda.is_some() {
+        crate::bench::vendor::MISSING
+    } else {
+        "the emulator has no vendor library"
+    };
+    crate::bench::shapes::print(&device, vendor.as_ref(), missing, &cfg, &a.sizes, a.iters)?;
+    Ok(0)
 }
 
 fn info(a: InfoArgs) -> Result<i32> {

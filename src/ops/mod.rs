@@ -34,7 +34,7 @@ pub type OutSpec = (Vec<usize>, DType);
 
 /// A fused op. Layout convention: activations are channels-last (`[B, H, W, C]` or
 /// `[B, N, C]`); "rows" are everything but the last axis.
-pub trait OpImpl: std::fmt::Debug + Send + Sync {
+pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Validates the inputs and returns the outputs' shapes and dtypes.
@@ -58,6 +58,17 @@ pub trait OpImpl: std::fmt::Debug + Send + Sync {
             flops: 0.0,
             bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
         }
+    }
+}
+
+/// The concrete op behind a `dyn OpImpl` (benchmarks read an attention node's heads).
+pub trait AsAny {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -171,30 +171,60 @@ impl CudaDevice {
     pub fn copy_bandwidth(&self, bytes: usize, iters: usize) -> Result<f64> {
         let src = self.alloc(bytes)?;
         let dst = self.alloc(bytes)?;
+        let mut copy = || {
+            // SAFETY: both buffers are live allocations of `bytes` bytes.
+            unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
+                .map_err(|e| driver_error("device copy", e))
+        };
+        copy()?;
+        let seconds = self.event_seconds(iters, &mut copy)?;
+        Ok(2.0 * bytes as f64 / seconds)
+    }
+
+    /// The stream every launch of this device goes to (for vendor libraries in benchmarks).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device seconds of one call of `work` (which enqueues on [`Self::stream`]): run once
+    /// eagerly (module loading, validation), then captured into a CUDA graph whose replays
+    /// are timed, so host overhead between calls is not counted.
+    pub fn time_work(&self, iters: usize, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.bind()?;
+        work()?;
+        self.synchronize("warm-up of timed work")?;
+        let graph = self.capture_with(work)?;
+        let mut replay = || self.replay(&graph);
+        replay()?;
+        self.event_seconds(iters, &mut replay)
+    }
+
+    /// Seconds per call of `f`, averaged over `iters` calls between two events.
+    fn event_seconds(&self, iters: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         let event = || {
             self.ctx
                 .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| driver_error("creating a timing event", e))
         };
         let (start, end) = (event()?, event()?);
-        let copy = || {
-            // SAFETY: both buffers are live allocations of `bytes` bytes.
-            unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }
-                .map_err(|e| driver_error("device copy", e))
-        };
-        copy()?;
         start
             .record(&self.stream)
             .map_err(|e| driver_error("recording an event", e))?;
         for _ in 0..iters {
-            copy()?;
+            f()?;
         }
         end.record(&self.stream)
             .map_err(|e| driver_error("recording an event", e))?;
         let ms = start
             .elapsed_ms(&end)
             .map_err(|e| driver_error("timing", e))?;
-        Ok(2.0 * bytes as f64 * iters as f64 / (ms as f64 / 1e3))
+        Ok(ms as f64 / 1e3 / iters.max(1) as f64)
+    }
+
+    fn replay(&self, c: &Captured) -> Result<()> {
+        // SAFETY: launching an instantiated graph on our stream.
+        unsafe { result::graph::launch(c.exec, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("launching the CUDA graph", e))
     }
 
     fn bind(&self) -> Result<()> {
@@ -260,6 +290,11 @@ impl CudaDevice {
     }
 
     fn capture(&self, list: &mut LaunchList) -> Result<Captured> {
+        self.capture_with(&mut || list.launches.iter_mut().try_for_each(|l| self.launch(l)))
+    }
+
+    /// Captures what `work` enqueues on our stream into one instantiated CUDA graph.
+    fn capture_with(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Captured> {
         let s = self.stream.cu_stream();
         // SAFETY: capturing our own stream; no allocation or synchronous copy happens inside.
         unsafe {
@@ -269,13 +304,7 @@ impl CudaDevice {
             )
         }
         .map_err(|e| driver_error("begin graph capture", e))?;
-        let mut launched = Ok(());
-        for l in list.launches.iter_mut() {
-            launched = self.launch(l);
-            if launched.is_err() {
-                break;
-            }
-        }
+        let launched = work();
         // SAFETY: ends the capture begun above, whatever happened in between.
         let graph = unsafe { result::stream::end_capture(s) }
             .map_err(|e| driver_error("end graph capture", e))?;
@@ -393,9 +422,7 @@ impl Device for CudaDevice {
             .as_ref()
             .and_then(|r| r.downcast_ref::<Captured>())
         {
-            // SAFETY: launching an instantiated graph on our stream.
-            unsafe { result::graph::launch(c.exec, self.stream.cu_stream()) }
-                .map_err(|e| driver_error("launching the CUDA graph", e))?;
+            self.replay(c)?;
             return self.synchronize("CUDA graph replay");
         }
         // The first run is eager (it validates every launch and sets shared-memory opt-ins);
@@ -408,36 +435,14 @@ impl Device for CudaDevice {
     fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {
         // Warm up (and capture the graph outside the timed region).
         self.execute(list)?;
-        let event = || {
-            self.ctx
-                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| driver_error("creating a timing event", e))
+        let mut run = || match list
+            .replay
+            .as_ref()
+            .and_then(|r| r.downcast_ref::<Captured>())
+        {
+            Some(c) => self.replay(c),
+            None => list.launches.iter_mut().try_for_each(|l| self.launch(l)),
         };
-        let (start, end) = (event()?, event()?);
-        start
-            .record(&self.stream)
-            .map_err(|e| driver_error("recording an event", e))?;
-        for _ in 0..iters {
-            match list
-                .replay
-                .as_ref()
-                .and_then(|r| r.downcast_ref::<Captured>())
-            {
-                // SAFETY: launching an instantiated graph on our stream.
-                Some(c) => unsafe { result::graph::launch(c.exec, self.stream.cu_stream()) }
-                    .map_err(|e| driver_error("launching the CUDA graph", e))?,
-                None => {
-                    for l in list.launches.iter_mut() {
-                        self.launch(l)?;
-                    }
-                }
-            }
-        }
-        end.record(&self.stream)
-            .map_err(|e| driver_error("recording an event", e))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(|e| driver_error("timing", e))?;
-        Ok(ms as f64 / 1e3 / iters.max(1) as f64)
+        self.event_seconds(iters, &mut run)
     }
 }

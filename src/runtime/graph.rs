@@ -146,7 +146,11 @@ impl Graph {
 
     /// Records `op` applied to `inputs`; returns its outputs.
     pub fn op(&mut self, op: impl OpImpl + 'static, inputs: &[TensorId]) -> Result<Vec<TensorId>> {
-        let op: Arc<dyn OpImpl> = Arc::new(op);
+        self.op_shared(Arc::new(op), inputs)
+    }
+
+    /// [`Self::op`] for an op another graph already holds.
+    pub fn op_shared(&mut self, op: Arc<dyn OpImpl>, inputs: &[TensorId]) -> Result<Vec<TensorId>> {
         let descs: Vec<&TensorDesc> = inputs.iter().map(|&i| self.desc(i)).collect();
         let specs = op.infer(&descs)?;
         let workspace = op.workspace_bytes(&descs);

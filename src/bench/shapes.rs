@@ -1,0 +1,409 @@
+//! Model-shape benchmarks (`ultrapixel bench --shapes`): every distinct GEMM and attention
+//! shape of a generation, read off the stage graphs at their real shapes and weighted by how
+//! often one image runs it. GEMMs are timed with our kernel and with cuBLASLt in the same
+//! run, both as the plain product (bf16 in and out, f32 accumulation, no epilogue: the main
+//! loops, where the time goes); attention with our kernel, against the matmul ceiling. The
+//! same list, as JSON (`--list`), drives the PyTorch peer (`tools/torch-peer.py`).
+
+use super::stages::time_graph;
+use super::vendor::VendorGemm;
+use crate::ops::attention::Attention;
+use crate::ops::gemm::Gemm;
+use crate::pipeline::generate::{stage_graphs, StageGraph};
+use crate::pipeline::models::Configs;
+use crate::pipeline::Size;
+use crate::runtime::device::{Device, WeightCache};
+use crate::runtime::graph::{Graph, Node};
+use crate::tensor::{numel, DType};
+use crate::Result;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// One distinct GEMM `[M, K] · [N, K]ᵀ` of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Executions per image (over every step of every stage).
+    pub per_image: usize,
+    /// Where it first occurs: stage, part and node label.
+    pub example: String,
+}
+
+impl GemmShape {
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n) as f64 * self.k as f64
+    }
+}
+
+/// One distinct attention of a generation: `batch × heads` problems of `queries` queries
+/// against `queries + extra` keys, `head_dim` wide.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub op: Attention,
+    pub batch: usize,
+    pub queries: usize,
+    pub extra: usize,
+    pub head_dim: usize,
+    pub per_image: usize,
+    pub example: String,
+}
+
+impl AttentionShape {
+    /// Q·Kᵀ and P·V.
+    pub fn flops(&self) -> f64 {
+        4.0 * (self.batch * self.queries * (self.queries + self.extra)) as f64
+            * (self.op.heads * self.head_dim) as f64
+    }
+}
+
+/// Every op whose kernel is our tensor-core GEMM (with any epilogue).
+pub fn is_gemm(op_name: &str) -> bool {
+    matches!(
+        op_name,
+        "gemm" | "gemm_film" | "gemm_grn_stats" | "gemm_scaled_a"
+    )
+}
+
+#[derive(Default)]
+pub struct ModelShapes {
+    /// Most work per image first.
+    pub gemms: Vec<GemmShape>,
+    pub attention: Vec<AttentionShape>,
+}
+
+fn where_used(sg: &StageGraph, node: &Node) -> String {
+    format!("{} {}: {}", sg.stage, sg.part, node.label)
+}
+
+/// The distinct GEMM and attention shapes of a generation at `size`.
+pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<ModelShapes> {
+    let mut gemms: BTreeMap<(usize, usize, usize), GemmShape> = BTreeMap::new();
+    let mut attention: Vec<AttentionShape> = Vec::new();
+    for sg in stage_graphs(cfg, size, steps)? {
+        for node in &sg.graph.nodes {
+            // Every GEMM op takes A `[…, K]` then W `[N, K]`; attention takes qkv `[B, N, 3C]`,
+            // then (with extra keys) kv `[B, M, 2C]`.
+            if is_gemm(node.op.name()) {
+                let a = sg.graph.shape(node.inputs[0]);
+                let k = a[a.len() - 1];
+                let (m, n) = (numel(a) / k, sg.graph.shape(node.inputs[1])[0]);
+                gemms
+                    .entry((m, n, k))
+                    .or_insert_with(|| GemmShape {
+                        m,
+                        n,
+                        k,
+                        per_image: 0,
+                        example: where_used(&sg, node),
+                    })
+                    .per_image += sg.runs;
+            } else if let Some(op) = node.op.as_any().downcast_ref::<Attention>() {
+                let a = sg.graph.shape(node.inputs[0]);
+                let extra = if op.extra_kv {
+                    sg.graph.shape(node.inputs[1])[1]
+                } else {
+                    0
+                };
+                let shape = AttentionShape {
+                    op: op.clone(),
+                    batch: a[0],
+                    queries: a[1],
+                    extra,
+                    head_dim: a[2] / 3 / op.heads,
+                    per_image: 0,
+                    example: where_used(&sg, node),
+                };
+                let same = |s: &&mut AttentionShape| {
+                    (&s.op, s.batch, s.queries, s.extra)
+                        == (&shape.op, shape.batch, shape.queries, shape.extra)
+                };
+                match attention.iter_mut().find(same) {
+                    Some(s) => s.per_image += sg.runs,
+                    None => attention.push(AttentionShape {
+                        per_image: sg.runs,
+                        ..shape
+                    }),
+                }
+            }
+        }
+    }
+    let mut gemms: Vec<GemmShape> = gemms.into_values().collect();
+    gemms.sort_by(|a, b| {
+        (b.flops() * b.per_image as f64).total_cmp(&(a.flops() * a.per_image as f64))
+    });
+    attention.sort_by(|a, b| {
+        (b.flops() * b.per_image as f64).total_cmp(&(a.flops() * a.per_image as f64))
+    });
+    Ok(ModelShapes { gemms, attention })
+}
+
+/// Our plain GEMM of one shape, as a one-node graph.
+fn gemm_graph(s: &GemmShape) -> Result<Graph> {
+    let mut g = Graph::new();
+    let a = g.input("a", &[s.m, s.k], DType::BF16)?;
+    let w = g.weight("w", &[s.n, s.k], DType::BF16)?;
+    let op = Gemm {
+        bias: false,
+        gelu: false,
+        residual: false,
+        out: DType::BF16,
+    };
+    let y = g.op1(op, &[a, w])?;
+    g.output(y, "y")?;
+    Ok(g)
+}
+
+/// One attention node alone (its mask input named so the benchmark leaves every key visible).
+fn attention_graph(s: &AttentionShape) -> Result<Graph> {
+    let mut g = Graph::new();
+    let c = s.op.heads * s.head_dim;
+    let mut ins = vec![g.input("qkv", &[s.batch, s.queries, 3 * c], DType::BF16)?];
+    if s.op.extra_kv {
+        ins.push(g.input("kv", &[s.batch, s.extra, 2 * c], DType::BF16)?);
+    }
+    if s.op.key_mask {
+        ins.push(g.input(
+            "attention_mask",
+            &[s.batch, s.queries + s.extra],
+            DType::F32,
+        )?);
+    }
+    let y = g.op1(s.op.clone(), &ins)?;
+    g.output(y, "y")?;
+    Ok(g)
+}
+
+fn rate(flops: f64, seconds: f64) -> String {
+    format!("{:>6.1} TFLOP/s", flops / seconds / 1e12)
+}
+
+/// The shapes of each size as JSON, for the PyTorch peer.
+pub fn list_json(cfg: &Configs, sizes: &[Size]) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for &size in sizes {
+        let s = model_shapes(cfg, size, (20, 10))?;
+        let gemms: Vec<_> = s
+            .gemms
+            .iter()
+            .map(|g| json!({"m": g.m, "n": g.n, "k": g.k, "per_image": g.per_image, "example": g.example}))
+            .collect();
+        let attention: Vec<_> = s
+            .attention
+            .iter()
+            .map(|a| {
+                json!({
+                    "batch": a.batch, "queries": a.queries, "extra": a.extra,
+                    "heads": a.op.heads, "head_dim": a.head_dim, "causal": a.op.causal,
+                    "key_mask": a.op.key_mask, "per_image": a.per_image, "example": a.example,
+                })
+            })
+            .collect();
+        out.insert(
+            size.to_string(),
+            json!({"gemms": gemms, "attention": attention}),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Prints the GEMM and attention tables of each size; `missing` says why there is no
+/// cuBLASLt column.
+pub fn print(
+    device: &Arc<dyn Device>,
+    vendor: Option<&VendorGemm>,
+    missing: &str,
+    cfg: &Configs,
+    sizes: &[Size],
+    iters: usize,
+) -> Result<()> {
+    println!("device: {}", device.describe());
+    let ceiling = match vendor {
+        Some(v) => {
+            let c = v.ceiling(iters)?;
+            println!(
+                "matmul ceiling: {} (cuBLASLt bf16 {d}x{d}x{d})",
+                rate(c, 1.0).trim(),
+                d = super::vendor::CEILING_DIM
+            );
+            Some(c)
+        }
+        None => {
+            println!("cuBLASLt: skipped: {missing}");
+            None
+        }
+    };
+    let cache = WeightCache::new();
+    for &size in sizes {
+        let shapes = model_shapes(cfg, size, (20, 10))?;
+        println!(
+            "\n{size}: {} GEMM shapes (20 Stage C steps per pass, 10 Stage B steps, CFG batch 2)",
+            shapes.gemms.len()
+        );
+        println!(
+            "{:>8} {:>6} {:>6} {:>5}  {:>10} {:>14}  {:>11} {:>14}  {:>5}  first use",
+            "M", "N", "K", "runs", "ours ms", "", "cuBLASLt ms", "", "ratio"
+        );
+        let (mut ours, mut theirs, mut flops) = (0.0, 0.0, 0.0);
+        for s in &shapes.gemms {
+            let (t, _) = time_graph(device, gemm_graph(s)?, iters, &cache)?;
+            let runs = s.per_image as f64;
+            ours += t * runs;
+            flops += s.flops() * runs;
+            let peer = match vendor {
+                Some(v) => {
+                    let tv = v.time(s.m, s.n, s.k, iters)?;
+                    theirs += tv * runs;
+                    format!(
+                        "{:>11.3} {}  {:>4.0}%",
+                        tv * 1e3,
+                        rate(s.flops(), tv),
+                        100.0 * tv / t
+                    )
+                }
+                None => format!("{:>11} {:>14}  {:>5}", "-", "", "-"),
+            };
+            println!(
+                "{:>8} {:>6} {:>6} {:>5}  {:>10.3} {}  {peer}  {}",
+                s.m,
+                s.n,
+                s.k,
+                s.per_image,
+                t * 1e3,
+                rate(s.flops(), t),
+                s.example
+            );
+        }
+        print!(
+            "GEMMs of one image: {:.1} TFLOP in {ours:.3} s ({})",
+            flops / 1e12,
+            rate(flops, ours).trim()
+        );
+        if vendor.is_some() {
+            print!(
+                "; cuBLASLt {theirs:.3} s: ours at {:.0} % of its speed (target ≥ 90 %)",
+                100.0 * theirs / ours
+            );
+        }
+        println!("\n\n{size}: {} attention shapes", shapes.attention.len());
+        let mut attn_time = 0.0;
+        for s in &shapes.attention {
+            let (t, _) = time_graph(device, attention_graph(s)?, iters, &cache)?;
+            attn_time += t * s.per_image as f64;
+            let share = ceiling.map_or(String::new(), |c| {
+                format!(
+                    " ({:.0} % of the matmul ceiling)",
+                    100.0 * s.flops() / t / c
+                )
+            });
+            println!(
+                "b{} n{} m{} h{}x{} causal={} mask={} × {:>3}: {:>9.3} ms {}{share}  {}",
+                s.batch,
+                s.queries,
+                s.extra,
+                s.op.heads,
+                s.head_dim,
+                s.op.causal,
+                s.op.key_mask,
+                s.per_image,
+                t * 1e3,
+                rate(s.flops(), t),
+                s.example
+            );
+        }
+        println!("attention of one image: {attn_time:.3} s");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::tiny::tiny_configs;
+
+    /// The shape tables account for every GEMM and attention node of every graph, with its
+    /// runs: the per-image FLOPs they imply equal the ops' own cost counts.
+    #[test]
+    fn model_shapes_cover_every_gemm_and_attention_of_a_generation() {
+        let cfg = tiny_configs();
+        let size = Size {
+            width: 512,
+            height: 520,
+        };
+        let steps = (3, 2);
+        let shapes = model_shapes(&cfg, size, steps).unwrap();
+        let (mut gemm_flops, mut gemm_nodes) = (0.0, 0);
+        let (mut attn_flops, mut attn_nodes) = (0.0, 0);
+        for sg in stage_graphs(&cfg, size, steps).unwrap() {
+            for node in &sg.graph.nodes {
+                let ins: Vec<_> = node.inputs.iter().map(|&i| sg.graph.desc(i)).collect();
+                let outs: Vec<_> = node.outputs.iter().map(|&o| sg.graph.desc(o)).collect();
+                let flops = node.op.cost(&ins, &outs).flops * sg.runs as f64;
+                if is_gemm(node.op.name()) {
+                    gemm_flops += flops;
+                    gemm_nodes += sg.runs;
+                } else if node.op.name() == "attention" {
+                    attn_flops += flops;
+                    attn_nodes += sg.runs;
+                }
+            }
+        }
+        assert!(gemm_nodes > 0 && attn_nodes > 0);
+        let runs = |v: &[usize]| v.iter().sum::<usize>();
+        let g: Vec<usize> = shapes.gemms.iter().map(|s| s.per_image).collect();
+        let a: Vec<usize> = shapes.attention.iter().map(|s| s.per_image).collect();
+        assert_eq!(runs(&g), gemm_nodes);
+        assert_eq!(runs(&a), attn_nodes);
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y;
+        let table: f64 = shapes
+            .gemms
+            .iter()
+            .map(|s| s.flops() * s.per_image as f64)
+            .sum();
+        assert!(close(table, gemm_flops), "{table} vs {gemm_flops}");
+        let table: f64 = shapes
+            .attention
+            .iter()
+            .map(|s| s.flops() * s.per_image as f64)
+            .sum();
+        assert!(close(table, attn_flops), "{table} vs {attn_flops}");
+        // Distinct, and sorted by work per image.
+        for w in shapes.gemms.windows(2) {
+            assert!(w[0].flops() * w[0].per_image as f64 >= w[1].flops() * w[1].per_image as f64);
+        }
+        let mut keys: Vec<_> = shapes.gemms.iter().map(|s| (s.m, s.n, s.k)).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), shapes.gemms.len());
+        // Each one-node graph rebuilds its shape's op with the same work.
+        for s in &shapes.attention {
+            let g = attention_graph(s).unwrap();
+            let node = &g.nodes[0];
+            let ins: Vec<_> = node.inputs.iter().map(|&i| g.desc(i)).collect();
+            let outs: Vec<_> = node.outputs.iter().map(|&o| g.desc(o)).collect();
+            assert!(close(node.op.cost(&ins, &outs).flops, s.flops()), "{s:?}");
+        }
+    }
+
+    /// The peer shapes are among the released model's at 4096²: Stage C's high-res
+    /// attention (9216 image + 85 text tokens, 32 heads × 64, CFG batch 2) and Stage B's
+    /// level 2 (16 384 tokens, 18 heads).
+    #[test]
+    fn the_released_model_at_4096_has_the_peer_attention_shapes() {
+        let size = Size {
+            width: 4096,
+            height: 4096,
+        };
+        let s = model_shapes(&Configs::default(), size, (20, 10)).unwrap();
+        let has = |q, m, h| {
+            s.attention
+                .iter()
+                .any(|a| (a.batch, a.queries, a.extra, a.op.heads, a.head_dim) == (2, q, m, h, 64))
+        };
+        assert!(has(9216, 85, 32), "{:#?}", s.attention);
+        assert!(has(576, 85, 32), "{:#?}", s.attention);
+        assert!(has(16384, 4, 18), "{:#?}", s.attention);
+    }
+}
