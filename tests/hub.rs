@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use ultrapixel::hub::{Hub, HubOptions, RepoFile};
-use ultrapixel::pipeline::model_dir::{download, ModelDir, MODEL_FILES};
+use ultrapixel::pipeline::model_dir::{download, ModelDir, MODEL_FILES, OPTIONAL_FILES};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -22,6 +22,8 @@ struct Faults {
     cut_once: bool,
     /// Answer 401 unless the request carries this token.
     token: Option<&'static str>,
+    /// Answer 404 for this file.
+    absent: Option<&'static str>,
 }
 
 /// What the mock saw.
@@ -129,6 +131,9 @@ fn serve(stream: TcpStream, faults: Faults, log: &Mutex<Log>) {
             return respond(&mut out, "401 Unauthorized", &[], b"");
         }
     }
+    if faults.absent.is_some_and(|a| target.ends_with(a)) {
+        return respond(&mut out, "404 Not Found", &[], b"");
+    }
     // /{owner}/{name}/resolve/main/{path}: HEAD gives the metadata (LFS files as the real
     // hub does: a redirect to the storage host carrying the headers); GET of an LFS file
     // redirects to /cdn/{path}, GET of a small file serves it.
@@ -232,7 +237,10 @@ fn download_fills_the_hub_cache_verified_and_a_second_run_fetches_nothing() {
     let client = Hub::new(hub.options(cache.path()));
     let mut fetched = 0;
     let dir = download(&client, None, |d| fetched += d.fetched as usize).unwrap();
-    assert_eq!(fetched, MODEL_FILES.len());
+    assert_eq!(fetched, MODEL_FILES.len() + OPTIONAL_FILES.len());
+    for f in OPTIONAL_FILES {
+        assert!(dir.optional(f.name).unwrap().starts_with(cache.path()));
+    }
     for f in MODEL_FILES {
         let p = dir.path(f.name).unwrap();
         assert!(p.starts_with(cache.path()), "{}", p.display());
@@ -407,8 +415,27 @@ fn the_download_command_uses_hf_endpoint_and_reports_each_file() {
     );
     assert_eq!(
         out.matches("downloaded").count(),
-        MODEL_FILES.len(),
+        MODEL_FILES.len() + OPTIONAL_FILES.len(),
         "{out}"
     );
     assert!(out.contains("model files complete"), "{out}");
+}
+
+/// An optional file the hub lacks is left out of a download; the required ones complete it.
+#[test]
+fn a_missing_optional_file_does_not_fail_the_download() {
+    let hub = MockHub::start(Faults {
+        absent: Some("previewer.safetensors"),
+        ..Faults::default()
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let client = Hub::new(hub.options(cache.path()));
+    let mut names = Vec::new();
+    let dir = download(&client, None, |d| names.push(d.name)).unwrap();
+    assert_eq!(names.len(), MODEL_FILES.len());
+    assert!(!names.contains(&"previewer.safetensors"));
+    assert!(dir.optional("previewer.safetensors").is_none());
+    for f in MODEL_FILES {
+        assert!(dir.path(f.name).is_ok(), "{}", f.name);
+    }
 }

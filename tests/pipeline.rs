@@ -443,3 +443,169 @@ fn past_twenty_stage_c_steps_the_high_res_pass_continues_unguided_as_one_phase()
     assert_eq!(started, 1);
     assert_eq!(steps, (0..22).collect::<Vec<_>>());
 }
+
+/// Previews: every n-th Stage C step and each pass's last, at 8× the pass's latent, not all
+/// alike; the image is the one made without previews, bit for bit.
+#[test]
+fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
+    use ultrapixel::pipeline::generate::LatentSizes;
+    use ultrapixel::pipeline::stages::Phase;
+    use ultrapixel::pipeline::Event;
+    let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
+    let mut r = library_request("a preview", 9);
+    r.size = Size::new(512, 640).unwrap();
+    r.stage_c.steps = 5;
+    r.stage_b.steps = 2;
+    let plain = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu))
+        .unwrap()
+        .generate(&r)
+        .unwrap();
+    let mut options = PipelineOptions::new(BackendKind::Cpu);
+    options.preview_every = Some(2);
+    let p = Pipeline::load(&dir, options).unwrap();
+    let mut seen = Vec::new();
+    let images = p
+        .generate_with(&r, &mut |e| {
+            if let Event::Preview { image, preview } = e {
+                assert_eq!(image, 0);
+                assert_eq!(preview.steps, 5);
+                seen.push((preview.phase, preview.step, preview.rgb.clone()));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        images[0].rgb.pixels, plain[0].rgb.pixels,
+        "previews changed the image"
+    );
+    let steps: Vec<(Phase, usize)> = seen.iter().map(|(p, s, _)| (*p, *s)).collect();
+    use Phase::{StageCHighRes as Hr, StageCLowRes as Lr};
+    assert_eq!(
+        steps,
+        [(Lr, 1), (Lr, 3), (Lr, 4), (Hr, 1), (Hr, 3), (Hr, 4)]
+    );
+    let sizes = LatentSizes::of(r.size);
+    for (phase, _, rgb) in &seen {
+        let (h, w) = if *phase == Lr {
+            sizes.stage_c_lr
+        } else {
+            sizes.stage_c
+        };
+        assert_eq!((rgb.height, rgb.width), (8 * h as u32, 8 * w as u32));
+    }
+    assert_ne!(
+        seen[0].2.pixels, seen[2].2.pixels,
+        "previews of different steps differ"
+    );
+    // Previews count in the memory plan: Stage C needs more with them.
+    let c = |p: &Pipeline| p.plan(r.size).unwrap().stages[1].clone();
+    let without = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
+    assert_eq!(c(&p).stage, "stage C");
+    assert!(c(&p).arena_bytes > c(&without).arena_bytes);
+    assert!(c(&p).weight_bytes > c(&without).weight_bytes);
+}
+
+/// `--preview DIR` writes one PNG per preview there (created if needed), the image as usual.
+#[test]
+fn generate_with_preview_writes_the_previews_into_their_directory() {
+    let out = tempfile::tempdir().unwrap();
+    let previews = out.path().join("previews/run");
+    let o = generate(
+        out.path(),
+        &[
+            "--backend",
+            "cpu",
+            "--size",
+            "512x512",
+            "--seed",
+            "5",
+            "--steps-c",
+            "3",
+            "--steps-b",
+            "1",
+            "--preview",
+            previews.to_str().unwrap(),
+            "--preview-every",
+            "2",
+            "a preview",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.path().join("img-5.png").is_file());
+    let names: Vec<String> = files_in(&previews)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "5-c-highres-02.png",
+            "5-c-highres-03.png",
+            "5-c-lowres-02.png",
+            "5-c-lowres-03.png"
+        ]
+    );
+    let (w, h, _) = pixels(&previews.join("5-c-lowres-02.png"));
+    assert!(w >= 8 && h >= 8 && w % 8 == 0 && h % 8 == 0, "{w}x{h}");
+}
+
+/// Without previewer weights `--preview` is refused before any work, naming the file and the
+/// command that fetches it; `--preview-every` needs `--preview`.
+#[test]
+fn preview_without_previewer_weights_is_refused_with_the_fix() {
+    let model = tempfile::tempdir().unwrap();
+    copy_dir(tiny_model(), model.path());
+    std::fs::remove_file(model.path().join("previewer.safetensors")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let pattern = out.path().join("img.png");
+    let previews = out.path().join("previews");
+    let o = upx(
+        &[
+            "generate",
+            "--model-dir",
+            model.path().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--size",
+            "512x512",
+            "--out",
+            pattern.to_str().unwrap(),
+            "--preview",
+            previews.to_str().unwrap(),
+            "-q",
+            "x",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("previewer.safetensors") && err.contains("ultrapixel download"),
+        "{err}"
+    );
+    assert!(!pattern.exists());
+    // The rest of the model still generates without previews.
+    let o = upx(
+        &[
+            "generate",
+            "--model-dir",
+            model.path().to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--size",
+            "512x512",
+            "--steps-c",
+            "1",
+            "--steps-b",
+            "1",
+            "--out",
+            pattern.to_str().unwrap(),
+            "-q",
+            "x",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = upx(&["generate", "--preview-every", "2", "x"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -73,6 +73,15 @@ pub struct GenerateArgs {
     /// Print a JSON summary (images, seeds, timings per stage, memory plan) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Write previews of Stage C into this directory (created if needed) while it samples:
+    /// its estimate of the final latent through the previewer network, at 8x the latent
+    /// (needs previewer.safetensors, which `ultrapixel download` fetches).
+    #[arg(long, value_name = "DIR")]
+    pub preview: Option<PathBuf>,
+    /// With --preview: preview every this many steps (and at the end of each pass).
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "preview",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub preview_every: u32,
 }
 
 impl GenerateArgs {
@@ -113,6 +122,15 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
     for p in &paths {
         check_output_dir(p)?;
     }
+    if let Some(dir) = &args.preview {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "preview directory {} cannot be created ({e}): choose another --preview",
+                dir.display()
+            ))
+        })?;
+        check_output_dir(&dir.join("preview.png"))?;
+    }
     if !args.quiet {
         eprintln!(
             "seed {} ({} image{}, {})",
@@ -133,6 +151,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
     options.low_vram = args.low_vram;
     options.check_every_step = args.check_every_step;
     options.memory_limit = args.memory_limit.map(|m| m << 20);
+    options.preview_every = args.preview.as_ref().map(|_| args.preview_every as usize);
     let pipeline = Pipeline::load(&dir, options).map_err(|e| backend_advice(e, args.backend))?;
     for w in pipeline
         .warnings()
@@ -158,6 +177,18 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         }
         match event {
             Event::Progress { image, progress: p } => progress.update(image, p),
+            Event::Preview { image, preview } => {
+                let dir = args
+                    .preview
+                    .as_deref()
+                    .expect("previews only with --preview");
+                let pass = match preview.phase {
+                    Phase::StageCLowRes => "lowres",
+                    _ => "highres",
+                };
+                let name = format!("{}-c-{pass}-{:02}.png", seeds[image], preview.step + 1);
+                write_png(&dir.join(name), &preview.rgb, None)?;
+            }
             Event::ImageDone(img) => {
                 progress.finish_phase();
                 let path = &paths[written.len()];

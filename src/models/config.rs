@@ -260,6 +260,38 @@ impl StageAConfig {
     }
 }
 
+/// Stable Cascade's Previewer (spec §2.5, the official `modules/previewer.py`): Stage C
+/// latents to a rough RGB image at 8×.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreviewerConfig {
+    pub c_in: usize,
+    pub c_hidden: usize,
+    pub c_out: usize,
+}
+
+impl Default for PreviewerConfig {
+    fn default() -> Self {
+        PreviewerConfig {
+            c_in: 16,
+            c_hidden: 512,
+            c_out: 3,
+        }
+    }
+}
+
+impl PreviewerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.c_in == 0 || self.c_out != 3 || self.c_hidden == 0 || self.c_hidden % 4 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "previewer config: c_in must be ≥ 1, c_out 3 and c_hidden a positive multiple                  of 4 (got {}, {}, {})",
+                self.c_in, self.c_out, self.c_hidden
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The CLIP text tower (`transformers` `CLIPTextConfig`, as in `text_encoder/config.json`):
 /// spec §5, released ViT-bigG/14.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ pub mod blocks;
 pub mod clip_text;
 pub mod config;
 pub mod inr;
+pub mod previewer;
 pub mod stage_a;
 pub mod stage_b;
 pub mod stage_c;

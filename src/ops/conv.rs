@@ -473,7 +473,8 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             }
         }
     }
-    // Transposed: (B, H, W, Cin, Cout, k, stride, pad): Stage A's 4/2/1, Stage B's 2/2/0.
+    // Transposed: (B, H, W, Cin, Cout, k, stride, pad): Stage A's 4/2/1, Stage B's and the
+    // previewer's 2/2/0, the previewer's 3×3 convs as 3/1/1.
     let mut tr = vec![
         (1, 1, 1, 3, 5, 4, 2, 1),
         (2, 5, 7, 16, 9, 4, 2, 1),
@@ -484,6 +485,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         tr.extend([
             (1, 128, 128, 384, 384, 4, 2, 1),
             (2, 64, 64, 1280, 640, 2, 2, 0),
+            (1, 192, 192, 128, 128, 3, 1, 1),
         ]);
     }
     for (i, &(b, h, w, cin, cout, k, stride, pad)) in tr.iter().enumerate() {

@@ -8,13 +8,15 @@
 //! when only that fits (or with `low_vram`), and the request is refused otherwise.
 
 use super::model_dir::ModelDir;
-use super::models::{Configs, Models};
+use super::models::{open_previewer, Configs, Models, Stage};
 use super::png_out::{ImageMetadata, Rgb8Image};
+use super::preview::{preview_due, preview_recording, Preview, PreviewDecoder};
 use super::request::{Request, Size};
 use super::stages::{
     encode_text, Observer, Phase, Progress, RunContext, StageADecode, StageBRun, StageCConditions,
     StageCNoise, StageCRun, StageCShapes, TextEmbedding, STAGE_A_TILE,
 };
+use crate::models::config::PreviewerConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
 use crate::runtime::device::WeightCache;
 use crate::runtime::graph::{Graph, Role};
@@ -53,6 +55,9 @@ pub struct PipelineOptions {
     pub low_vram: bool,
     /// Check every step's latent for NaN/Inf (each stage's output is always checked).
     pub check_every_step: bool,
+    /// Preview Stage C every this many steps (and at the last step of each pass) as
+    /// [`Event::Preview`]; needs the previewer weights. None: no previews.
+    pub preview_every: Option<usize>,
 }
 
 impl PipelineOptions {
@@ -63,6 +68,7 @@ impl PipelineOptions {
             memory_limit: None,
             low_vram: false,
             check_every_step: false,
+            preview_every: None,
         }
     }
 }
@@ -253,6 +259,11 @@ pub enum Event<'a> {
         image: usize,
         progress: &'a Progress<'a>,
     },
+    /// A Stage C preview of image `image` (with [`PipelineOptions::preview_every`]).
+    Preview {
+        image: usize,
+        preview: &'a Preview,
+    },
     ImageDone(&'a Image),
 }
 
@@ -260,6 +271,8 @@ pub enum Event<'a> {
 /// generation runs at a time (the others wait).
 pub struct Pipeline {
     models: Models,
+    /// Loaded when previews are asked for.
+    previewer: Option<Stage<PreviewerConfig>>,
     backend: Backend,
     options: PipelineOptions,
     hashes: BTreeMap<String, String>,
@@ -290,8 +303,13 @@ impl Pipeline {
     pub fn load(dir: &ModelDir, options: PipelineOptions) -> Result<Pipeline> {
         let backend = Backend::open(options.backend)?;
         let models = Models::open(dir, &options.conversion_cache)?;
+        let previewer = match options.preview_every {
+            Some(_) => Some(open_previewer(dir)?),
+            None => None,
+        };
         Ok(Pipeline {
             models,
+            previewer,
             backend,
             hashes: dir.hashes(),
             options,
@@ -327,7 +345,22 @@ impl Pipeline {
     /// The device memory a generation at `size` needs, stage by stage (nothing is
     /// allocated).
     pub fn plan(&self, size: Size) -> Result<MemoryPlan> {
-        memory_plan(&self.models.configs(), size)
+        let cfg = self.models.configs();
+        let mut plan = memory_plan(&cfg, size)?;
+        if let Some(p) = &self.previewer {
+            // Its session lives beside Stage C's, at the high-res latent at most.
+            let shapes = stage_c_shapes(&cfg, &LatentSizes::of(size));
+            let graph = preview_recording(&p.config, shapes.hr)?.0.finish().0;
+            let extra = stage_plan("previewer", std::iter::once(&graph));
+            let c = plan
+                .stages
+                .iter_mut()
+                .find(|s| s.stage == "stage C")
+                .expect("a plan has Stage C");
+            c.weight_bytes += extra.weight_bytes;
+            c.arena_bytes += extra.arena_bytes;
+        }
+        Ok(plan)
     }
 
     /// Generates every image of `request` (see [`Pipeline::generate_with`]).
@@ -354,6 +387,9 @@ impl Pipeline {
         }
         let seeds = request.seeds();
         let (text, text_seconds) = self.encode_prompts(request, on_event)?;
+        let shapes = stage_c_shapes(&self.models.configs(), &LatentSizes::of(request.size));
+        let preview_cache = WeightCache::new();
+        let mut previews = self.previewer.as_ref().map(PreviewDecoder::new);
         let mut images = Vec::with_capacity(seeds.len());
         for (k, &seed) in seeds.iter().enumerate() {
             let mut timings = Vec::new();
@@ -375,6 +411,31 @@ impl Pipeline {
                         Progress::Step(e) => {
                             if let (true, Some(r)) = (self.options.check_every_step, e.record) {
                                 check_finite(e.phase, Some(e.step), &r.x_next)?;
+                            }
+                            let shape = match e.phase {
+                                Phase::StageCLowRes => Some(shapes.lr),
+                                Phase::StageCHighRes => Some(shapes.hr),
+                                _ => None,
+                            };
+                            if let (Some(dec), Some(r), Some(shape), Some(every)) = (
+                                previews.as_mut(),
+                                e.record,
+                                shape,
+                                self.options.preview_every,
+                            ) {
+                                if preview_due(e.step, e.steps, every) {
+                                    let ctx = self.context(Some(&preview_cache));
+                                    let preview = Preview {
+                                        phase: e.phase,
+                                        step: e.step,
+                                        steps: e.steps,
+                                        rgb: dec.decode(&ctx, &r.x0, shape)?,
+                                    };
+                                    on_event(Event::Preview {
+                                        image: k,
+                                        preview: &preview,
+                                    })?;
+                                }
                             }
                         }
                     }
@@ -472,7 +533,8 @@ impl Pipeline {
         RunContext {
             backend: &self.backend,
             options: SessionOptions::default(),
-            record: self.options.check_every_step,
+            // Previews read each step's x0̂.
+            record: self.options.check_every_step || self.previewer.is_some(),
             weights,
         }
     }

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod model_dir;
 pub mod models;
 pub mod png_out;
+pub mod preview;
 pub mod request;
 pub mod stages;
 pub mod tiny;

@@ -57,6 +57,10 @@ pub const MODEL_FILES: &[ModelFile] = &[
     sc("tokenizer/tokenizer_config.json"),
 ];
 
+/// Files used only on request (`generate --preview`): resolved when present, downloaded with
+/// the others where the hub has them, never required.
+pub const OPTIONAL_FILES: &[ModelFile] = &[sc("previewer.safetensors")];
+
 /// What `download --model-dir` records next to the files: their hub checksums, so a later
 /// download skips files already current and images can name the weights that made them.
 pub const RECORD_FILE: &str = "hub-files.json";
@@ -93,12 +97,12 @@ impl ModelDir {
         let records = read_records(dir);
         let mut files = BTreeMap::new();
         let mut missing = Vec::new();
-        for f in MODEL_FILES {
+        for f in MODEL_FILES.iter().chain(OPTIONAL_FILES) {
             let path = dir.join(f.name);
             if path.is_file() {
                 let sha = records.get(f.name).map(|r| r.etag.clone());
                 files.insert(f.name, (path, sha.filter(|e| e.len() == 64)));
-            } else {
+            } else if !OPTIONAL_FILES.contains(f) {
                 missing.push(f.name);
             }
         }
@@ -110,12 +114,13 @@ impl ModelDir {
     fn from_cache(hub: &Hub) -> Result<ModelDir> {
         let mut files = BTreeMap::new();
         let mut missing = Vec::new();
-        for f in MODEL_FILES {
+        for f in MODEL_FILES.iter().chain(OPTIONAL_FILES) {
             match hub.cached(&f.repo_file()) {
                 Some(c) => {
                     let sha = c.sha256().map(str::to_string);
                     files.insert(f.name, (c.path, sha));
                 }
+                None if OPTIONAL_FILES.contains(f) => {}
                 None => missing.push(f.name),
             }
         }
@@ -142,6 +147,11 @@ impl ModelDir {
         )))
     }
 
+    /// The path of an [`OPTIONAL_FILES`] file, if this directory has it.
+    pub fn optional(&self, name: &str) -> Option<&Path> {
+        self.files.get(name).map(|(p, _)| p.as_path())
+    }
+
     /// The path of a file of [`MODEL_FILES`], e.g. `"stage_c_bf16.safetensors"` or
     /// `"text_encoder/config.json"`.
     pub fn path(&self, name: &str) -> Result<&Path> {
@@ -151,10 +161,12 @@ impl ModelDir {
             .ok_or_else(|| Error::InvalidArgument(format!("`{name}` is not a model file")))
     }
 
-    /// File name → sha256 of the files whose checksum is known (for image metadata).
+    /// File name → sha256 of the files whose checksum is known, optional ones left out (for
+    /// image metadata: the weights that make an image).
     pub fn hashes(&self) -> BTreeMap<String, String> {
         self.files
             .iter()
+            .filter(|(name, _)| !OPTIONAL_FILES.iter().any(|f| f.name == **name))
             .filter_map(|(name, (_, sha))| Some((name.to_string(), sha.clone()?)))
             .collect()
     }
@@ -170,25 +182,29 @@ pub struct Downloaded {
 }
 
 /// Fetches every model file into the hub cache, or into `dir` as plain files, calling
-/// `report` after each; then checks the result resolves.
+/// `report` after each, then the optional files the hub has (one that cannot be fetched is
+/// left out: only `--preview` needs it, and it says how to get it); then checks the result
+/// resolves.
 pub fn download(
     hub: &Hub,
     dir: Option<&Path>,
     mut report: impl FnMut(&Downloaded),
 ) -> Result<ModelDir> {
+    let fetch = |f: &ModelFile| match dir {
+        Some(dir) => download_into(hub, dir, f),
+        None => hub.fetch(&f.repo_file()).map(|c| Downloaded {
+            name: f.name,
+            path: c.path,
+            fetched: c.downloaded,
+        }),
+    };
     for f in MODEL_FILES {
-        let done = match dir {
-            Some(dir) => download_into(hub, dir, f)?,
-            None => {
-                let c = hub.fetch(&f.repo_file())?;
-                Downloaded {
-                    name: f.name,
-                    path: c.path,
-                    fetched: c.downloaded,
-                }
-            }
-        };
-        report(&done);
+        report(&fetch(f)?);
+    }
+    for f in OPTIONAL_FILES {
+        if let Ok(done) = fetch(f) {
+            report(&done);
+        }
     }
     ModelDir::resolve(dir, hub.options())
 }

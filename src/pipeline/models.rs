@@ -5,8 +5,10 @@
 //! released, is converted once (restricted unpickler) into the conversion cache.
 
 use super::model_dir::ModelDir;
-use crate::models::config::{parse, ClipTextConfig, StageAConfig, StageBConfig, StageCConfig};
-use crate::models::{clip_text, stage_a, stage_b, stage_c, Checkpoint, Manifest};
+use crate::models::config::{
+    parse, ClipTextConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
+};
+use crate::models::{clip_text, previewer, stage_a, stage_b, stage_c, Checkpoint, Manifest};
 use crate::tensor::HostTensor;
 use crate::weights::{
     check_manifest_allowing, convert, CheckpointSet, OriginalNames, SafetensorsFile,
@@ -55,6 +57,7 @@ pub const STAGE_B_FILE: &str = "stage_b_lite_bf16.safetensors";
 pub const STAGE_A_FILE: &str = "stage_a.safetensors";
 pub const TEXT_ENCODER_FILE: &str = "text_encoder/model.safetensors";
 pub const TEXT_CONFIG_FILE: &str = "text_encoder/config.json";
+pub const PREVIEWER_FILE: &str = "previewer.safetensors";
 pub const SPECIAL_TOKENS_FILE: &str = "tokenizer/special_tokens_map.json";
 
 impl Configs {
@@ -154,6 +157,29 @@ impl Models {
             warnings: pad_token_warning(dir)?.into_iter().collect(),
         })
     }
+}
+
+/// The previewer of `dir` (`generate --preview`), checked against its manifest; a clear error
+/// naming the command that fetches it when the directory has none.
+pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
+    let path = dir.optional(PREVIEWER_FILE).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--preview needs {PREVIEWER_FILE}, which {} does not have: fetch it with              `ultrapixel download` (add --model-dir DIR for a plain directory), or leave out              --preview",
+            dir.location
+        ))
+    })?;
+    let config: PreviewerConfig = read_config(&beside(path), "previewer")?;
+    config.validate()?;
+    let unused: Vec<String> = previewer::unused_keys(&config)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let unused: Vec<&str> = unused.iter().map(String::as_str).collect();
+    let file = open_checked(path, &previewer::manifest(&config)?, &unused)?;
+    Ok(Stage {
+        config,
+        weights: single(file)?,
+    })
 }
 
 /// The embedded tokenizer pads with `<|endoftext|>` as the Stable Cascade export does

@@ -85,7 +85,11 @@ pub struct RunContext<'a> {
 }
 
 impl RunContext<'_> {
-    fn session(&self, mb: ModelBuilder, weights: &dyn Checkpoint) -> Result<Box<dyn Session>> {
+    pub(crate) fn session(
+        &self,
+        mb: ModelBuilder,
+        weights: &dyn Checkpoint,
+    ) -> Result<Box<dyn Session>> {
         let (graph, plan) = mb.finish();
         self.backend
             .session_sharing(graph, &plan.bind(weights), self.options, self.weights)

@@ -4,11 +4,13 @@
 //! keys the released files store without using, so loading checks behave as with real files.
 
 use super::models::{
-    Configs, STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE, TEXT_ENCODER_FILE,
-    ULTRAPIXEL_FILE,
+    Configs, PREVIEWER_FILE, STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE,
+    TEXT_ENCODER_FILE, ULTRAPIXEL_FILE,
 };
-use crate::models::config::{ClipTextConfig, InrConfig, StageAConfig, StageBConfig, StageCConfig};
-use crate::models::{clip_text, stage_a, stage_b, stage_c, Manifest};
+use crate::models::config::{
+    ClipTextConfig, InrConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
+};
+use crate::models::{clip_text, previewer, stage_a, stage_b, stage_c, Manifest};
 use crate::ops::noise::gaussian_noise_ref;
 use crate::tensor::{numel, HostTensor};
 use crate::weights::{write_safetensors, RawTensor, WeightDtype};
@@ -68,6 +70,14 @@ pub fn tiny_configs() -> Configs {
     }
 }
 
+/// The tiny previewer (its hidden width a quarter of the released one's eighth).
+pub fn tiny_previewer_config() -> PreviewerConfig {
+    PreviewerConfig {
+        c_hidden: 32,
+        ..PreviewerConfig::default()
+    }
+}
+
 /// What was written.
 pub struct TinyModel {
     pub files: Vec<String>,
@@ -77,6 +87,7 @@ pub struct TinyModel {
 /// Writes the tiny model into `dir` (created if needed); `seed` picks the weights.
 pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
     let cfg = tiny_configs();
+    let preview_cfg = tiny_previewer_config();
     std::fs::create_dir_all(dir.join("text_encoder")).map_err(|e| Error::io(dir, e))?;
     std::fs::create_dir_all(dir.join("tokenizer")).map_err(|e| Error::io(dir, e))?;
     let mut written = TinyModel {
@@ -105,6 +116,14 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
         (
             TEXT_ENCODER_FILE,
             clip_text::manifest(&cfg.text)?,
+            WeightDtype::F32,
+        ),
+        (
+            PREVIEWER_FILE,
+            previewer::manifest(&preview_cfg)?
+                .into_iter()
+                .chain(previewer::unused_keys(&preview_cfg))
+                .collect(),
             WeightDtype::F32,
         ),
     ];
@@ -139,6 +158,10 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
             serde_json::to_value(&cfg.stage_a),
         ),
         (TEXT_CONFIG_FILE.to_string(), Ok(text_config)),
+        (
+            PREVIEWER_FILE.replace(".safetensors", ".json"),
+            serde_json::to_value(&preview_cfg),
+        ),
     ];
     for (name, value) in json_files {
         let text = serde_json::to_string_pretty(&value.expect("config serializes"))
@@ -239,6 +262,10 @@ fn random_weight(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
     };
     for v in &mut values {
         *v = *v * scale + offset;
+    }
+    if last == "running_var" {
+        // BatchNorm variances are positive.
+        values.iter_mut().for_each(|v| *v = 0.5 + v.abs());
     }
     HostTensor::new(shape.to_vec(), values)
 }
