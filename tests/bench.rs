@@ -1,29 +1,42 @@
 //! The stage benchmark harness (`bench --stages`), exercised on the emulator with the tiny
 //! configuration: every part of a generation is built, run and reported.
 
+/// `bench MODE` on the emulator with the tiny configuration at 512x520, one run each: its
+/// stdout, after checking it succeeded.
 #[cfg(feature = "hostsim")]
-#[test]
-fn the_stage_benchmark_times_every_part_of_a_generation() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
-        .args([
-            "bench",
-            "--stages",
-            "--tiny",
-            "--backend",
-            "hostsim",
-            "--size",
-            "512x520",
-            "--iters",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+fn tiny_emulator_bench(mode: &str) -> String {
+    let (out, text) = ultrapixel(&[
+        "bench",
+        mode,
+        "--tiny",
+        "--backend",
+        "hostsim",
+        "--size",
+        "512x520",
+        "--iters",
+        "1",
+    ]);
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+#[cfg(feature = "hostsim")]
+#[test]
+fn the_stage_benchmark_times_every_part_of_a_generation() {
+    let text = tiny_emulator_bench("--stages");
     for (stage, part, runs) in [
         ("text encoder", "prompt + negative", 1),
         ("stage C", "low-res step", 20),
@@ -47,21 +60,9 @@ fn the_stage_benchmark_times_every_part_of_a_generation() {
 
 #[test]
 fn the_stage_benchmark_refuses_the_reference_backend() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
-        .args(["bench", "--stages", "--tiny", "--backend", "cpu"])
-        .output()
-        .unwrap();
+    let (out, _) = ultrapixel(&["bench", "--stages", "--tiny", "--backend", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda or hostsim"));
-}
-
-fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out, text)
 }
 
 /// `bench --shapes` on the emulator: one timed row per distinct GEMM and attention shape
@@ -69,22 +70,7 @@ fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
 #[cfg(feature = "hostsim")]
 #[test]
 fn the_shape_benchmark_times_every_gemm_and_attention_shape() {
-    let (out, text) = ultrapixel(&[
-        "bench",
-        "--shapes",
-        "--tiny",
-        "--backend",
-        "hostsim",
-        "--size",
-        "512x520",
-        "--iters",
-        "1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tiny_emulator_bench("--shapes");
     assert!(text.contains("cuBLASLt: skipped"), "{text}");
     let count = |marker: &str| -> usize {
         let line = text.lines().find(|l| l.contains(marker)).unwrap();

@@ -53,6 +53,28 @@ fn generate(out_dir: &Path, extra: &[&str]) -> Output {
     upx(&args, &[])
 }
 
+/// A one-step-per-stage `generate` of `model` on the cpu backend into `out`.
+fn quick_generate(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--size",
+        "512x512",
+        "--steps-c",
+        "1",
+        "--steps-b",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    upx(&args, &[])
+}
+
 /// The RGB bytes of a PNG.
 fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
@@ -199,26 +221,7 @@ fn a_failing_stage_names_itself_and_leaves_the_existing_file_untouched() {
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("x.png");
     std::fs::write(&target, b"an older image").unwrap();
-    let o = upx(
-        &[
-            "generate",
-            "--model-dir",
-            model.path().to_str().unwrap(),
-            "--backend",
-            "cpu",
-            "--size",
-            "512x512",
-            "--steps-c",
-            "1",
-            "--steps-b",
-            "1",
-            "--out",
-            target.to_str().unwrap(),
-            "-q",
-            "a test",
-        ],
-        &[],
-    );
+    let o = quick_generate(model.path(), &target, &["a test"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -338,28 +341,7 @@ fn an_overlong_prompt_warns_with_the_dropped_words_and_json_reports_the_run() {
     let words: Vec<String> = (0..120).map(|i| format!("word{i}")).collect();
     let prompt = words.join(" ");
     let pattern = out.path().join("j-{seed}.png");
-    let o = upx(
-        &[
-            "generate",
-            "--model-dir",
-            tiny_model().to_str().unwrap(),
-            "--backend",
-            "cpu",
-            "--size",
-            "512x512",
-            "--steps-c",
-            "1",
-            "--steps-b",
-            "1",
-            "--seed",
-            "3",
-            "--json",
-            "--out",
-            pattern.to_str().unwrap(),
-            &prompt,
-        ],
-        &[],
-    );
+    let o = quick_generate(tiny_model(), &pattern, &["--seed", "3", "--json", &prompt]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -559,24 +541,8 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
     let out = tempfile::tempdir().unwrap();
     let pattern = out.path().join("img.png");
     let previews = out.path().join("previews");
-    let o = upx(
-        &[
-            "generate",
-            "--model-dir",
-            model.path().to_str().unwrap(),
-            "--backend",
-            "cpu",
-            "--size",
-            "512x512",
-            "--out",
-            pattern.to_str().unwrap(),
-            "--preview",
-            previews.to_str().unwrap(),
-            "-q",
-            "x",
-        ],
-        &[],
-    );
+    let preview = ["--preview", previews.to_str().unwrap(), "x"];
+    let o = quick_generate(model.path(), &pattern, &preview);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -585,26 +551,7 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
     );
     assert!(!pattern.exists());
     // The rest of the model still generates without previews.
-    let o = upx(
-        &[
-            "generate",
-            "--model-dir",
-            model.path().to_str().unwrap(),
-            "--backend",
-            "cpu",
-            "--size",
-            "512x512",
-            "--steps-c",
-            "1",
-            "--steps-b",
-            "1",
-            "--out",
-            pattern.to_str().unwrap(),
-            "-q",
-            "x",
-        ],
-        &[],
-    );
+    let o = quick_generate(model.path(), &pattern, &["x"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = upx(&["generate", "--preview-every", "2", "x"], &[]);
     assert_eq!(o.status.code(), Some(2));

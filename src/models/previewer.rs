@@ -89,31 +89,25 @@ pub fn previewer(mb: &mut ModelBuilder, cfg: &PreviewerConfig, x: TensorId) -> R
                 };
                 linear(mb, &key, t, (cout, cin), true, gemm, None)?
             }
-            Layer::Conv3x3 => {
-                let w = mb.derived(
-                    &format!("{key}.weight (as a transposed conv)"),
-                    &[cin, cout, 3, 3],
-                    DType::BF16,
-                    &[(&format!("{key}.weight"), &[cout, cin, 3, 3])],
-                    move |s| Ok(conv_as_transposed(&s[0], cout, cin)),
-                )?;
-                let b = mb.weight(&bias(), &[cout], DType::F32)?;
-                let conv = ConvTranspose2d {
-                    k: 3,
-                    stride: 1,
-                    pad: 1,
-                    out: DType::BF16,
+            Layer::Conv3x3 | Layer::Up2 => {
+                let (w, k, stride, pad) = if layer == Layer::Conv3x3 {
+                    let w = mb.derived(
+                        &format!("{key}.weight (as a transposed conv)"),
+                        &[cin, cout, 3, 3],
+                        DType::BF16,
+                        &[(&format!("{key}.weight"), &[cout, cin, 3, 3])],
+                        move |s| Ok(conv_as_transposed(&s[0], cout, cin)),
+                    )?;
+                    (w, 3, 1, 1)
+                } else {
+                    let w = mb.weight(&format!("{key}.weight"), &[cin, cout, 2, 2], DType::BF16)?;
+                    (w, 2, 2, 0)
                 };
-                let y = mb.g.op1(conv, &[t, w, b])?;
-                mb.g.op1(gelu.clone(), &[y])?
-            }
-            Layer::Up2 => {
-                let w = mb.weight(&format!("{key}.weight"), &[cin, cout, 2, 2], DType::BF16)?;
                 let b = mb.weight(&bias(), &[cout], DType::F32)?;
                 let conv = ConvTranspose2d {
-                    k: 2,
-                    stride: 2,
-                    pad: 0,
+                    k,
+                    stride,
+                    pad,
                     out: DType::BF16,
                 };
                 let y = mb.g.op1(conv, &[t, w, b])?;

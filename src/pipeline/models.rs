@@ -109,11 +109,8 @@ impl Models {
             .into_iter()
             .filter(|k| !base_manifest.contains(k))
             .collect();
-        let unused: Vec<String> = stage_c::unused_guidance_keys(&stage_c_cfg)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        let unused: Vec<&str> = unused.iter().map(String::as_str).collect();
+        let unused = stage_c::unused_guidance_keys(&stage_c_cfg);
+        let unused = keys(&unused);
         let ultrapixel = safetensors_of(dir.path(ULTRAPIXEL_FILE)?, conversions)?;
         let ultrapixel = open_checked(&ultrapixel, &inr_manifest, &unused)?;
         let stage_c_weights = Weights(OriginalNames::new(CheckpointSet::new(vec![
@@ -121,11 +118,8 @@ impl Models {
             Box::new(ultrapixel),
         ])?));
 
-        let b_unused: Vec<String> = stage_b::unused_keys(&stage_b_cfg)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        let b_unused: Vec<&str> = b_unused.iter().map(String::as_str).collect();
+        let b_unused = stage_b::unused_keys(&stage_b_cfg);
+        let b_unused = keys(&b_unused);
         let stage_b = open_checked(stage_b_path, &stage_b::manifest(&stage_b_cfg)?, &b_unused)?;
         let stage_a = open_checked(
             stage_a_path,
@@ -170,11 +164,8 @@ pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     })?;
     let config: PreviewerConfig = read_config(&beside(path), "previewer")?;
     config.validate()?;
-    let unused: Vec<String> = previewer::unused_keys(&config)
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let unused: Vec<&str> = unused.iter().map(String::as_str).collect();
+    let unused = previewer::unused_keys(&config);
+    let unused = keys(&unused);
     let file = open_checked(path, &previewer::manifest(&config)?, &unused)?;
     Ok(Stage {
         config,
@@ -203,6 +194,11 @@ fn pad_token_warning(dir: &ModelDir) -> Result<Option<String>> {
             path.display()
         )
     }))
+}
+
+/// The keys of a manifest.
+fn keys(m: &Manifest) -> Vec<&str> {
+    m.iter().map(|(k, _)| k.as_str()).collect()
 }
 
 fn single(file: OriginalNames<SafetensorsFile>) -> Result<Weights> {
