@@ -93,3 +93,31 @@ fn verify_requiring_a_gpu_fails_cleanly_without_one() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("skipped: no GPU"), "{}", text(&o));
 }
+
+/// `info --size` plans a generation of the released model with no GPU: every stage's memory,
+/// the peaks, and every part's kernel launches with its runs per image, summed.
+#[test]
+fn info_with_a_size_prints_the_memory_plan_and_the_launches_per_part() {
+    let o = ultrapixel(&["info", "--size", "2048x1536"], None);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("GPU memory plan for 2048x1536 (the released model)"),
+        "{out}"
+    );
+    for stage in ["text encoder", "stage C", "stage B", "stage A"] {
+        assert!(out.lines().any(|l| l.starts_with(stage)), "{stage}: {out}");
+    }
+    let mut sum = 0;
+    let mut parts = 0;
+    for line in out.lines().filter(|l| l.contains(" × ")) {
+        let (left, runs) = line.rsplit_once(" × ").unwrap();
+        let launches: usize = left.split_whitespace().last().unwrap().parse().unwrap();
+        let runs: usize = runs.trim().parse().unwrap();
+        assert!(launches > 0, "{line}");
+        sum += launches * runs;
+        parts += 1;
+    }
+    assert_eq!(parts, 6, "{out}");
+    assert!(out.contains(&format!("per image: {sum} launches")), "{out}");
+}

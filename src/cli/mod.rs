@@ -294,6 +294,19 @@ fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Res
         mib(plan.sequential_peak()),
         mib(plan.resident_peak())
     );
+    // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
+    // a run pays for.
+    println!(
+        "
+kernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):"
+    );
+    let mut total = 0;
+    for g in crate::pipeline::generate::stage_graphs(&configs, size, (20, 10))? {
+        let n = crate::runtime::device::dry_launches(&g.graph)?.len();
+        total += n * g.runs;
+        println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
+    }
+    println!("per image: {total} launches");
     Ok(())
 }
 
