@@ -86,8 +86,16 @@ fn the_shape_benchmark_times_every_gemm_and_attention_shape() {
         .count();
     assert_eq!(gemm_rows, count("GEMM shapes"), "{text}");
     assert_eq!(attn_rows, count("attention shapes"), "{text}");
+    let dw_rows = text.lines().filter(|l| l.contains(": dwconv_ln#")).count();
+    assert_eq!(
+        dw_rows,
+        count("depthwise conv + LayerNorm shapes"),
+        "{text}"
+    );
+    assert!(dw_rows > 2, "{text}");
     assert!(gemm_rows > 10 && attn_rows > 3, "{text}");
     assert!(text.contains("GEMMs of one image:") && text.contains("attention of one image:"));
+    assert!(text.contains("depthwise conv + LayerNorm of one image:"));
 }
 
 /// `--shapes --list` prints the same shapes as JSON for the PyTorch peer, with no device.

@@ -4,7 +4,9 @@ generation, timed with what a PyTorch user would run (bf16 `F.linear` through cu
 `F.scaled_dot_product_attention`), captured in CUDA graphs and timed with CUDA events like
 ours. Prints the same rows, the ceilings of this run, and per size the time one image spends
 in those ops (GEMMs and attention are ~all of the cascade's FLOPs, so this is a lower bound of
-a PyTorch implementation's time).
+a PyTorch implementation's time). The ResBlocks' depthwise conv + LayerNorm2d, fused in one
+kernel of ours, runs here as the reference runs it: a grouped conv2d, then LayerNorm over
+channels between two permutes.
 
     ultrapixel bench --shapes --list --size 4096x4096 > shapes.json
     python3 tools/torch-peer.py shapes.json [--iters 5] [--device cuda]
@@ -87,7 +89,31 @@ def main() -> int:
                   f"{flops / t / 1e12:>6.1f} TFLOP/s  {s['example']}")
             del q, k, v
         print(f"attention of one image (torch): {attn:.3f} s")
-        print(f"{size}: GEMMs + attention of one image (torch): {total + attn:.3f} s")
+        dws = shapes.get("dwconv_ln", [])
+        print(f"\n{size}: {len(dws)} depthwise conv + LayerNorm shapes (torch, unfused)")
+        dw_total = 0.0
+        for s in dws:
+            b, h, w, c, k = s["batch"], s["h"], s["w"], s["c"], s["k"]
+            xtype = torch.float32 if s["x_f32"] else dtype
+            x = torch.randn(b, c, h, w, device=dev, dtype=xtype)
+            wt = torch.randn(c, 1, k, k, device=dev, dtype=xtype)
+            bias = torch.randn(c, device=dev, dtype=xtype)
+            eps = s["eps"]
+
+            def dwconv_ln():
+                y = F.conv2d(x, wt, bias, padding=k // 2, groups=c)
+                return F.layer_norm(y.permute(0, 2, 3, 1), (c,), eps=eps).permute(0, 3, 1, 2)
+
+            t = timer.time(dwconv_ln)
+            dw_total += t * s["per_image"]
+            # The bytes the fused op must move (ours: every input and the output once).
+            moved = s["bytes"]
+            print(f"b{b} {h}x{w} c{c} k{k} × {s['per_image']:>3}: {t * 1e3:>9.3f} ms "
+                  f"{moved / t / 1e9:>7.0f} GB/s  {s['example']}")
+            del x, wt, bias
+        print(f"depthwise conv + LayerNorm of one image (torch): {dw_total:.3f} s")
+        print(f"{size}: these ops of one image (torch): {total + attn + dw_total:.3f} s")
+
     return 0
 
 

@@ -2,18 +2,21 @@
 //! shape of a generation, read off the stage graphs at their real shapes and weighted by how
 //! often one image runs it. GEMMs are timed with our kernel and with cuBLASLt in the same
 //! run, both as the plain product (bf16 in and out, f32 accumulation, no epilogue: the main
-//! loops, where the time goes); attention with our kernel, against the matmul ceiling. The
-//! same list, as JSON (`--list`), drives the PyTorch peer (`tools/torch-peer.py`).
+//! loops, where the time goes); attention with our kernel, against the matmul ceiling; the
+//! fused depthwise conv + LayerNorm of every ResBlock with our kernel, as bandwidth. The same
+//! list, as JSON (`--list`), drives the PyTorch peer (`tools/torch-peer.py`), which runs the
+//! unfused sequence the reference runs for the last.
 
 use super::stages::time_graph;
 use super::vendor::VendorGemm;
 use crate::ops::attention::Attention;
+use crate::ops::conv::DwConvLn;
 use crate::ops::gemm::Gemm;
 use crate::pipeline::generate::{stage_graphs, StageGraph};
 use crate::pipeline::models::Configs;
 use crate::pipeline::Size;
 use crate::runtime::device::{Device, WeightCache};
-use crate::runtime::graph::{Graph, Node};
+use crate::runtime::graph::{Graph, Node, Role};
 use crate::tensor::{numel, DType};
 use crate::Result;
 use serde_json::json;
@@ -59,6 +62,44 @@ impl AttentionShape {
     }
 }
 
+/// One distinct depthwise conv + LayerNorm (a ResBlock's front) over `[batch, h, w, c]`.
+#[derive(Clone, Debug)]
+pub struct DwConvLnShape {
+    pub op: DwConvLn,
+    pub shape: [usize; 4],
+    pub per_image: usize,
+    pub example: String,
+    /// The node alone, with inputs of its shapes and dtypes.
+    pub graph: Graph,
+}
+
+/// The work of a one-node graph.
+fn node_cost(g: &Graph) -> crate::ops::Cost {
+    let node = &g.nodes[0];
+    let ins: Vec<_> = node.inputs.iter().map(|&i| g.desc(i)).collect();
+    let outs: Vec<_> = node.outputs.iter().map(|&o| g.desc(o)).collect();
+    node.op.cost(&ins, &outs)
+}
+
+/// `node` of `graph` as a graph of its own: its inputs (weights stay weights, under their
+/// names) and its outputs.
+fn isolate(graph: &Graph, node: &Node) -> Result<Graph> {
+    let mut g = Graph::new();
+    let mut ins = Vec::new();
+    for (i, &id) in node.inputs.iter().enumerate() {
+        let d = graph.desc(id);
+        ins.push(match d.role {
+            Role::Weight => g.weight(&d.name, &d.shape, d.dtype)?,
+            _ => g.input(&format!("in{i}"), &d.shape, d.dtype)?,
+        });
+    }
+    let outs = g.op_shared(node.op.clone(), &ins)?;
+    for (i, o) in outs.into_iter().enumerate() {
+        g.output(o, &format!("out{i}"))?;
+    }
+    Ok(g)
+}
+
 /// Every op whose kernel is our tensor-core GEMM (with any epilogue).
 pub fn is_gemm(op_name: &str) -> bool {
     matches!(
@@ -72,6 +113,7 @@ pub struct ModelShapes {
     /// Most work per image first.
     pub gemms: Vec<GemmShape>,
     pub attention: Vec<AttentionShape>,
+    pub dwconv_ln: Vec<DwConvLnShape>,
 }
 
 fn where_used(sg: &StageGraph, node: &Node) -> String {
@@ -82,6 +124,7 @@ fn where_used(sg: &StageGraph, node: &Node) -> String {
 pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<ModelShapes> {
     let mut gemms: BTreeMap<(usize, usize, usize), GemmShape> = BTreeMap::new();
     let mut attention: Vec<AttentionShape> = Vec::new();
+    let mut dwconv_ln: Vec<DwConvLnShape> = Vec::new();
     for sg in stage_graphs(cfg, size, steps)? {
         for node in &sg.graph.nodes {
             // Every GEMM op takes A `[…, K]` then W `[N, K]`; attention takes qkv `[B, N, 3C]`,
@@ -127,6 +170,22 @@ pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
                         ..shape
                     }),
                 }
+            } else if let Some(op) = node.op.as_any().downcast_ref::<DwConvLn>() {
+                let x = sg.graph.desc(node.inputs[0]);
+                let shape: [usize; 4] = x.shape[..].try_into().expect("NHWC");
+                let same = |s: &&mut DwConvLnShape| {
+                    (&s.op, s.shape, s.graph.tensors[0].dtype) == (op, shape, x.dtype)
+                };
+                match dwconv_ln.iter_mut().find(same) {
+                    Some(s) => s.per_image += sg.runs,
+                    None => dwconv_ln.push(DwConvLnShape {
+                        op: op.clone(),
+                        shape,
+                        per_image: sg.runs,
+                        example: where_used(&sg, node),
+                        graph: isolate(&sg.graph, node)?,
+                    }),
+                }
             }
         }
     }
@@ -137,7 +196,12 @@ pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
     attention.sort_by(|a, b| {
         (b.flops() * b.per_image as f64).total_cmp(&(a.flops() * a.per_image as f64))
     });
-    Ok(ModelShapes { gemms, attention })
+    dwconv_ln.sort_by_key(|s| std::cmp::Reverse(numel(&s.shape) * s.per_image));
+    Ok(ModelShapes {
+        gemms,
+        attention,
+        dwconv_ln,
+    })
 }
 
 /// Our plain GEMM of one shape, as a one-node graph.
@@ -201,9 +265,22 @@ pub fn list_json(cfg: &Configs, sizes: &[Size]) -> Result<serde_json::Value> {
                 })
             })
             .collect();
+        let dwconv_ln: Vec<_> = s
+            .dwconv_ln
+            .iter()
+            .map(|d| {
+                let [batch, h, w, c] = d.shape;
+                let x_dtype = d.graph.tensors[0].dtype;
+                json!({
+                    "batch": batch, "h": h, "w": w, "c": c, "k": d.op.k, "eps": d.op.eps,
+                    "x_f32": x_dtype == DType::F32, "bytes": node_cost(&d.graph).bytes,
+                    "per_image": d.per_image, "example": d.example,
+                })
+            })
+            .collect();
         out.insert(
             size.to_string(),
-            json!({"gemms": gemms, "attention": attention}),
+            json!({"gemms": gemms, "attention": attention, "dwconv_ln": dwconv_ln}),
         );
     }
     Ok(serde_json::Value::Object(out))
@@ -314,6 +391,25 @@ pub fn print(
             );
         }
         println!("attention of one image: {attn_time:.3} s");
+        println!(
+            "\n{size}: {} depthwise conv + LayerNorm shapes",
+            shapes.dwconv_ln.len()
+        );
+        let mut dw_time = 0.0;
+        for s in &shapes.dwconv_ln {
+            let (t, cost) = time_graph(device, s.graph.clone(), iters, &cache)?;
+            dw_time += t * s.per_image as f64;
+            let [b, h, w, c] = s.shape;
+            println!(
+                "b{b} {h}x{w} c{c} k{} × {:>3}: {:>9.3} ms {:>7.0} GB/s  {}",
+                s.op.k,
+                s.per_image,
+                t * 1e3,
+                cost.bytes / t / 1e9,
+                s.example
+            );
+        }
+        println!("depthwise conv + LayerNorm of one image: {dw_time:.3} s");
     }
     Ok(())
 }
@@ -336,6 +432,7 @@ mod tests {
         let shapes = model_shapes(&cfg, size, steps).unwrap();
         let (mut gemm_flops, mut gemm_nodes) = (0.0, 0);
         let (mut attn_flops, mut attn_nodes) = (0.0, 0);
+        let (mut dw_bytes, mut dw_nodes) = (0.0, 0);
         for sg in stage_graphs(&cfg, size, steps).unwrap() {
             for node in &sg.graph.nodes {
                 let ins: Vec<_> = node.inputs.iter().map(|&i| sg.graph.desc(i)).collect();
@@ -347,15 +444,28 @@ mod tests {
                 } else if node.op.name() == "attention" {
                     attn_flops += flops;
                     attn_nodes += sg.runs;
+                } else if node.op.name() == "dwconv_ln" {
+                    dw_bytes += node.op.cost(&ins, &outs).bytes * sg.runs as f64;
+                    dw_nodes += sg.runs;
                 }
             }
         }
-        assert!(gemm_nodes > 0 && attn_nodes > 0);
+        assert!(gemm_nodes > 0 && attn_nodes > 0 && dw_nodes > 0);
         let runs = |v: &[usize]| v.iter().sum::<usize>();
         let g: Vec<usize> = shapes.gemms.iter().map(|s| s.per_image).collect();
         let a: Vec<usize> = shapes.attention.iter().map(|s| s.per_image).collect();
         assert_eq!(runs(&g), gemm_nodes);
         assert_eq!(runs(&a), attn_nodes);
+        let d: Vec<usize> = shapes.dwconv_ln.iter().map(|s| s.per_image).collect();
+        assert_eq!(runs(&d), dw_nodes);
+        // Each isolated node does its original's work.
+        let table: f64 = shapes
+            .dwconv_ln
+            .iter()
+            .map(|s| node_cost(&s.graph).bytes * s.per_image as f64)
+            .sum();
+        let close_bytes = (table - dw_bytes).abs() <= 1e-9 * dw_bytes;
+        assert!(close_bytes, "{table} vs {dw_bytes}");
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y;
         let table: f64 = shapes
             .gemms
@@ -379,11 +489,8 @@ mod tests {
         assert_eq!(keys.len(), shapes.gemms.len());
         // Each one-node graph rebuilds its shape's op with the same work.
         for s in &shapes.attention {
-            let g = attention_graph(s).unwrap();
-            let node = &g.nodes[0];
-            let ins: Vec<_> = node.inputs.iter().map(|&i| g.desc(i)).collect();
-            let outs: Vec<_> = node.outputs.iter().map(|&o| g.desc(o)).collect();
-            assert!(close(node.op.cost(&ins, &outs).flops, s.flops()), "{s:?}");
+            let flops = node_cost(&attention_graph(s).unwrap()).flops;
+            assert!(close(flops, s.flops()), "{s:?}");
         }
     }
 
