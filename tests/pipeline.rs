@@ -426,8 +426,9 @@ fn past_twenty_stage_c_steps_the_high_res_pass_continues_unguided_as_one_phase()
     assert_eq!(steps, (0..22).collect::<Vec<_>>());
 }
 
-/// Previews: every n-th Stage C step and each pass's last, at 8× the pass's latent, not all
-/// alike; the image is the one made without previews, bit for bit.
+/// Previews: every n-th Stage C step and each pass's last, for every image of a batch, at 8×
+/// the pass's latent, not all alike; the images are the ones made without previews, bit for
+/// bit.
 #[test]
 fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
     use ultrapixel::pipeline::generate::LatentSizes;
@@ -438,6 +439,7 @@ fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
     r.size = Size::new(512, 640).unwrap();
     r.stage_c.steps = 5;
     r.stage_b.steps = 2;
+    r.batch = 2;
     let plain = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu))
         .unwrap()
         .generate(&r)
@@ -449,25 +451,25 @@ fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
     let images = p
         .generate_with(&r, &mut |e| {
             if let Event::Preview { image, preview } = e {
-                assert_eq!(image, 0);
                 assert_eq!(preview.steps, 5);
-                seen.push((preview.phase, preview.step, preview.rgb.clone()));
+                seen.push((image, preview.phase, preview.step, preview.rgb.clone()));
             }
             Ok(())
         })
         .unwrap();
-    assert_eq!(
-        images[0].rgb.pixels, plain[0].rgb.pixels,
-        "previews changed the image"
-    );
-    let steps: Vec<(Phase, usize)> = seen.iter().map(|(p, s, _)| (*p, *s)).collect();
+    assert_eq!(images.len(), 2);
+    for (a, b) in images.iter().zip(&plain) {
+        assert_eq!(a.rgb.pixels, b.rgb.pixels, "previews changed the image");
+    }
     use Phase::{StageCHighRes as Hr, StageCLowRes as Lr};
-    assert_eq!(
-        steps,
-        [(Lr, 1), (Lr, 3), (Lr, 4), (Hr, 1), (Hr, 3), (Hr, 4)]
-    );
+    let one = [(Lr, 1), (Lr, 3), (Lr, 4), (Hr, 1), (Hr, 3), (Hr, 4)];
+    let want: Vec<(usize, Phase, usize)> = (0..2)
+        .flat_map(|i| one.iter().map(move |&(p, s)| (i, p, s)))
+        .collect();
+    let steps: Vec<(usize, Phase, usize)> = seen.iter().map(|(i, p, s, _)| (*i, *p, *s)).collect();
+    assert_eq!(steps, want);
     let sizes = LatentSizes::of(r.size);
-    for (phase, _, rgb) in &seen {
+    for (_, phase, _, rgb) in &seen {
         let (h, w) = if *phase == Lr {
             sizes.stage_c_lr
         } else {
@@ -476,8 +478,12 @@ fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
         assert_eq!((rgb.height, rgb.width), (8 * h as u32, 8 * w as u32));
     }
     assert_ne!(
-        seen[0].2.pixels, seen[2].2.pixels,
+        seen[0].3.pixels, seen[2].3.pixels,
         "previews of different steps differ"
+    );
+    assert_ne!(
+        seen[0].3.pixels, seen[6].3.pixels,
+        "images of different seeds differ"
     );
     // Previews count in the memory plan: Stage C needs more with them.
     let c = |p: &Pipeline| p.plan(r.size).unwrap().stages[1].clone();

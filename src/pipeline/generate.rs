@@ -401,6 +401,13 @@ impl Pipeline {
                 let mut observe = |p: &Progress| -> Result<()> {
                     match p {
                         Progress::Started { phase, .. } => {
+                            if *phase == Phase::StageB {
+                                // The plan counts the previewer in Stage C only.
+                                if let Some(dec) = previews.as_mut() {
+                                    dec.release();
+                                }
+                                preview_cache.clear();
+                            }
                             if !matches!(phase, Phase::StageCHighRes) {
                                 if let Some((done, t)) = phase_start.take() {
                                     timings.push((stage_name(done), t.elapsed().as_secs_f64()));

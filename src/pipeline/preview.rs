@@ -50,7 +50,7 @@ struct PreviewSession {
 }
 
 /// The previewer on a backend: one session per latent shape (the two Stage C passes), made
-/// on first use and kept for the generation.
+/// on first use and kept until [`PreviewDecoder::release`].
 pub struct PreviewDecoder<'a> {
     stage: &'a Stage<PreviewerConfig>,
     sessions: Vec<PreviewSession>,
@@ -62,6 +62,11 @@ impl<'a> PreviewDecoder<'a> {
             stage,
             sessions: Vec::new(),
         }
+    }
+
+    /// Frees the sessions (their device memory); the next preview makes them again.
+    pub fn release(&mut self) {
+        self.sessions.clear();
     }
 
     /// The first sample of `latent` (`shape`, channels-last) as an image.
