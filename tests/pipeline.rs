@@ -515,6 +515,7 @@ fn generate_with_preview_writes_the_previews_into_their_directory() {
             previews.to_str().unwrap(),
             "--preview-every",
             "2",
+            "--json",
             "a preview",
         ],
     );
@@ -535,6 +536,18 @@ fn generate_with_preview_writes_the_previews_into_their_directory() {
     );
     let (w, h, _) = pixels(&previews.join("5-c-lowres-02.png"));
     assert!(w >= 8 && h >= 8 && w % 8 == 0 && h % 8 == 0, "{w}x{h}");
+    // --json lists them.
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed: Vec<String> = json["previews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed.len(), 4);
+    assert!(listed.iter().all(|p| Path::new(p).is_file()), "{listed:?}");
+    assert_eq!(json["previews"][0]["pass"], "lowres");
+    assert_eq!(json["previews"][0]["step"], 2);
 }
 
 /// Without previewer weights `--preview` is refused before any work, naming the file and the

@@ -171,6 +171,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
     }
     let mut progress = ProgressReport::new(args.quiet);
     let mut written = Vec::new();
+    let mut previews = Vec::new();
     let result = pipeline.generate_with(&request, &mut |event| {
         if interrupted.load(Ordering::SeqCst) {
             return Err(Error::Interrupted);
@@ -187,7 +188,14 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
                     _ => "highres",
                 };
                 let name = format!("{}-c-{pass}-{:02}.png", seeds[image], preview.step + 1);
-                write_png(&dir.join(name), &preview.rgb, None)?;
+                let path = dir.join(name);
+                write_png(&path, &preview.rgb, None)?;
+                previews.push(serde_json::json!({
+                    "path": path.display().to_string(),
+                    "image": image,
+                    "pass": pass,
+                    "step": preview.step + 1,
+                }));
             }
             Event::ImageDone(img) => {
                 progress.finish_phase();
@@ -208,6 +216,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
             "backend": args.backend,
             "size": request.size.to_string(),
             "images": written,
+            "previews": previews,
             "memory_plan": {
                 "stages": plan.stages,
                 "sequential_peak_bytes": plan.sequential_peak(),
