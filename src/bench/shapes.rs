@@ -464,19 +464,17 @@ mod tests {
             .iter()
             .map(|s| node_cost(&s.graph).bytes * s.per_image as f64)
             .sum();
-        let close_bytes = (table - dw_bytes).abs() <= 1e-9 * dw_bytes;
-        assert!(close_bytes, "{table} vs {dw_bytes}");
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y;
+        assert!(close(table, dw_bytes), "{table} vs {dw_bytes}");
+        let per_image = |flops: f64, runs: usize| flops * runs as f64;
         let table: f64 = shapes
             .gemms
             .iter()
-            .map(|s| s.flops() * s.per_image as f64)
+            .map(|s| per_image(s.flops(), s.per_image))
             .sum();
         assert!(close(table, gemm_flops), "{table} vs {gemm_flops}");
-        let table: f64 = shapes
-            .attention
-            .iter()
-            .map(|s| s.flops() * s.per_image as f64)
+        let table: f64 = (shapes.attention.iter())
+            .map(|s| per_image(s.flops(), s.per_image))
             .sum();
         assert!(close(table, attn_flops), "{table} vs {attn_flops}");
         // Distinct, and sorted by work per image.
