@@ -568,6 +568,7 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
         err.contains("previewer.safetensors") && err.contains("ultrapixel download"),
         "{err}"
     );
+    assert!(!err.contains("  "), "one message, evenly spaced: {err}");
     assert!(!pattern.exists());
     // The rest of the model still generates without previews.
     let o = quick_generate(model.path(), &pattern, &["x"]);

@@ -296,10 +296,7 @@ fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Res
     );
     // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
     // a run pays for.
-    println!(
-        "
-kernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):"
-    );
+    println!("\nkernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):");
     let mut total = 0;
     for g in crate::pipeline::generate::stage_graphs(&configs, size, (20, 10))? {
         let n = crate::runtime::device::dry_launches(&g.graph)?.len();

@@ -284,7 +284,8 @@ impl PreviewerConfig {
     pub fn validate(&self) -> Result<()> {
         if self.c_in == 0 || self.c_out != 3 || self.c_hidden == 0 || self.c_hidden % 4 != 0 {
             return Err(Error::InvalidArgument(format!(
-                "previewer config: c_in must be ≥ 1, c_out 3 and c_hidden a positive multiple                  of 4 (got {}, {}, {})",
+                "previewer config: c_in must be ≥ 1, c_out 3 and c_hidden a positive multiple \
+                 of 4 (got {}, {}, {})",
                 self.c_in, self.c_out, self.c_hidden
             )));
         }

@@ -158,7 +158,9 @@ impl Models {
 pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     let path = dir.optional(PREVIEWER_FILE).ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "--preview needs {PREVIEWER_FILE}, which {} does not have: fetch it with              `ultrapixel download` (add --model-dir DIR for a plain directory), or leave out              --preview",
+            "--preview needs {PREVIEWER_FILE}, which {} does not have: fetch it with \
+             `ultrapixel download` (add --model-dir DIR for a plain directory), or leave out \
+             --preview",
             dir.location
         ))
     })?;
