@@ -46,11 +46,7 @@ impl Ceilings {
 
     pub fn describe(&self) -> String {
         let matmul = match self.matmul {
-            Some(m) => format!(
-                "{:.0} TFLOP/s (cuBLASLt bf16 {d}x{d}x{d})",
-                m / 1e12,
-                d = vendor::CEILING_DIM
-            ),
+            Some(m) => vendor::describe_ceiling(m),
             None => format!("skipped: {}", vendor::MISSING),
         };
         format!(

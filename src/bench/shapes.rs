@@ -8,7 +8,7 @@
 //! unfused sequence the reference runs for the last.
 
 use super::stages::time_graph;
-use super::vendor::VendorGemm;
+use super::vendor::{describe_ceiling, VendorGemm};
 use crate::ops::attention::Attention;
 use crate::ops::conv::DwConvLn;
 use crate::ops::gemm::Gemm;
@@ -43,7 +43,7 @@ impl GemmShape {
 
 /// One distinct attention of a generation: `batch × heads` problems of `queries` queries
 /// against `queries + extra` keys, `head_dim` wide.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct AttentionShape {
     pub op: Attention,
     pub batch: usize,
@@ -52,6 +52,8 @@ pub struct AttentionShape {
     pub head_dim: usize,
     pub per_image: usize,
     pub example: String,
+    /// The node alone, with inputs of its shapes and dtypes.
+    pub graph: Graph,
 }
 
 impl AttentionShape {
@@ -73,16 +75,9 @@ pub struct DwConvLnShape {
     pub graph: Graph,
 }
 
-/// The work of a one-node graph.
-fn node_cost(g: &Graph) -> crate::ops::Cost {
-    let node = &g.nodes[0];
-    let ins: Vec<_> = node.inputs.iter().map(|&i| g.desc(i)).collect();
-    let outs: Vec<_> = node.outputs.iter().map(|&o| g.desc(o)).collect();
-    node.op.cost(&ins, &outs)
-}
-
-/// `node` of `graph` as a graph of its own: its inputs (weights stay weights, under their
-/// names) and its outputs.
+/// `node` of `graph` as a graph of its own: its inputs (weights and graph inputs keep their
+/// roles and names, so the benchmarks give them valid values; activations become inputs) and
+/// its outputs.
 fn isolate(graph: &Graph, node: &Node) -> Result<Graph> {
     let mut g = Graph::new();
     let mut ins = Vec::new();
@@ -90,7 +85,8 @@ fn isolate(graph: &Graph, node: &Node) -> Result<Graph> {
         let d = graph.desc(id);
         ins.push(match d.role {
             Role::Weight => g.weight(&d.name, &d.shape, d.dtype)?,
-            _ => g.input(&format!("in{i}"), &d.shape, d.dtype)?,
+            Role::Input => g.input(&d.name, &d.shape, d.dtype)?,
+            Role::Activation => g.input(&format!("in{i}"), &d.shape, d.dtype)?,
         });
     }
     let outs = g.op_shared(node.op.clone(), &ins)?;
@@ -150,24 +146,21 @@ pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
                 } else {
                     0
                 };
-                let shape = AttentionShape {
-                    op: op.clone(),
-                    batch: a[0],
-                    queries: a[1],
-                    extra,
-                    head_dim: a[2] / 3 / op.heads,
-                    per_image: 0,
-                    example: where_used(&sg, node),
-                };
+                let (batch, queries) = (a[0], a[1]);
                 let same = |s: &&mut AttentionShape| {
-                    (&s.op, s.batch, s.queries, s.extra)
-                        == (&shape.op, shape.batch, shape.queries, shape.extra)
+                    (&s.op, s.batch, s.queries, s.extra) == (op, batch, queries, extra)
                 };
                 match attention.iter_mut().find(same) {
                     Some(s) => s.per_image += sg.runs,
                     None => attention.push(AttentionShape {
+                        op: op.clone(),
+                        batch,
+                        queries,
+                        extra,
+                        head_dim: a[2] / 3 / op.heads,
                         per_image: sg.runs,
-                        ..shape
+                        example: where_used(&sg, node),
+                        graph: isolate(&sg.graph, node)?,
                     }),
                 }
             } else if let Some(op) = node.op.as_any().downcast_ref::<DwConvLn>() {
@@ -220,26 +213,6 @@ fn gemm_graph(s: &GemmShape) -> Result<Graph> {
     Ok(g)
 }
 
-/// One attention node alone (its mask input named so the benchmark leaves every key visible).
-fn attention_graph(s: &AttentionShape) -> Result<Graph> {
-    let mut g = Graph::new();
-    let c = s.op.heads * s.head_dim;
-    let mut ins = vec![g.input("qkv", &[s.batch, s.queries, 3 * c], DType::BF16)?];
-    if s.op.extra_kv {
-        ins.push(g.input("kv", &[s.batch, s.extra, 2 * c], DType::BF16)?);
-    }
-    if s.op.key_mask {
-        ins.push(g.input(
-            "attention_mask",
-            &[s.batch, s.queries + s.extra],
-            DType::F32,
-        )?);
-    }
-    let y = g.op1(s.op.clone(), &ins)?;
-    g.output(y, "y")?;
-    Ok(g)
-}
-
 fn rate(flops: f64, seconds: f64) -> String {
     format!("{:>6.1} TFLOP/s", flops / seconds / 1e12)
 }
@@ -273,7 +246,7 @@ pub fn list_json(cfg: &Configs, sizes: &[Size]) -> Result<serde_json::Value> {
                 let x_dtype = d.graph.tensors[0].dtype;
                 json!({
                     "batch": batch, "h": h, "w": w, "c": c, "k": d.op.k, "eps": d.op.eps,
-                    "x_f32": x_dtype == DType::F32, "bytes": node_cost(&d.graph).bytes,
+                    "x_f32": x_dtype == DType::F32, "bytes": d.graph.cost().bytes,
                     "per_image": d.per_image, "example": d.example,
                 })
             })
@@ -300,11 +273,7 @@ pub fn print(
     let ceiling = match vendor {
         Some(v) => {
             let c = v.ceiling(iters)?;
-            println!(
-                "matmul ceiling: {} (cuBLASLt bf16 {d}x{d}x{d})",
-                rate(c, 1.0).trim(),
-                d = super::vendor::CEILING_DIM
-            );
+            println!("matmul ceiling: {}", describe_ceiling(c));
             Some(c)
         }
         None => {
@@ -367,7 +336,7 @@ pub fn print(
         println!("\n\n{size}: {} attention shapes", shapes.attention.len());
         let mut attn_time = 0.0;
         for s in &shapes.attention {
-            let (t, _) = time_graph(device, attention_graph(s)?, iters, &cache)?;
+            let (t, _) = time_graph(device, s.graph.clone(), iters, &cache)?;
             attn_time += t * s.per_image as f64;
             let share = ceiling.map_or(String::new(), |c| {
                 format!(
@@ -435,9 +404,8 @@ mod tests {
         let (mut dw_bytes, mut dw_nodes) = (0.0, 0);
         for sg in stage_graphs(&cfg, size, steps).unwrap() {
             for node in &sg.graph.nodes {
-                let ins: Vec<_> = node.inputs.iter().map(|&i| sg.graph.desc(i)).collect();
-                let outs: Vec<_> = node.outputs.iter().map(|&o| sg.graph.desc(o)).collect();
-                let flops = node.op.cost(&ins, &outs).flops * sg.runs as f64;
+                let cost = sg.graph.node_cost(node);
+                let flops = cost.flops * sg.runs as f64;
                 if is_gemm(node.op.name()) {
                     gemm_flops += flops;
                     gemm_nodes += sg.runs;
@@ -445,7 +413,7 @@ mod tests {
                     attn_flops += flops;
                     attn_nodes += sg.runs;
                 } else if node.op.name() == "dwconv_ln" {
-                    dw_bytes += node.op.cost(&ins, &outs).bytes * sg.runs as f64;
+                    dw_bytes += cost.bytes * sg.runs as f64;
                     dw_nodes += sg.runs;
                 }
             }
@@ -462,7 +430,7 @@ mod tests {
         let table: f64 = shapes
             .dwconv_ln
             .iter()
-            .map(|s| node_cost(&s.graph).bytes * s.per_image as f64)
+            .map(|s| s.graph.cost().bytes * s.per_image as f64)
             .sum();
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y;
         assert!(close(table, dw_bytes), "{table} vs {dw_bytes}");
@@ -485,10 +453,9 @@ mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), shapes.gemms.len());
-        // Each one-node graph rebuilds its shape's op with the same work.
+        // Each isolated attention node does the work its shape's fields say.
         for s in &shapes.attention {
-            let flops = node_cost(&attention_graph(s).unwrap()).flops;
-            assert!(close(flops, s.flops()), "{s:?}");
+            assert!(close(s.graph.cost().flops, s.flops()), "{s:?}");
         }
     }
 

@@ -12,6 +12,15 @@ use std::sync::Arc;
 /// The square bf16 matmul whose rate is the tensor-core ceiling of a run.
 pub const CEILING_DIM: usize = 8192;
 
+/// The ceiling's report: its rate and what was measured.
+pub fn describe_ceiling(flops_per_second: f64) -> String {
+    format!(
+        "{:.0} TFLOP/s (cuBLASLt bf16 {d}x{d}x{d})",
+        flops_per_second / 1e12,
+        d = CEILING_DIM
+    )
+}
+
 /// Why the vendor peer is missing, for the report, when `libcublasLt` cannot be loaded.
 pub const MISSING: &str = "libcublasLt not found (put a CUDA 12 or 13 lib64 directory, or pip's \
                            nvidia/cublas/lib, on LD_LIBRARY_PATH)";
@@ -81,7 +90,7 @@ impl VendorGemm {
         })
     }
 
-    /// The ceiling: TFLOP/s of the large square matmul.
+    /// The ceiling: FLOP/s of the large square matmul.
     pub fn ceiling(&self, iters: usize) -> Result<f64> {
         let d = CEILING_DIM;
         let seconds = self.time(d, d, d, iters)?;

@@ -69,21 +69,20 @@ impl<'a> PreviewDecoder<'a> {
         self.sessions.clear();
     }
 
-    /// The first sample of `latent` (`shape`, channels-last) as an image.
+    /// A one-image latent of `shape` (`[1, h, w, c]`, channels-last) as an image.
     pub fn decode(
         &mut self,
         ctx: &RunContext,
         latent: &[f32],
         shape: [usize; 4],
     ) -> Result<Rgb8Image> {
-        let one = [1, shape[1], shape[2], shape[3]];
-        let i = match self.sessions.iter().position(|s| s.shape == one) {
+        let i = match self.sessions.iter().position(|s| s.shape == shape) {
             Some(i) => i,
             None => {
-                let (mb, latent, rgb) = preview_recording(&self.stage.config, one)?;
+                let (mb, latent, rgb) = preview_recording(&self.stage.config, shape)?;
                 let weights: &Weights = &self.stage.weights;
                 self.sessions.push(PreviewSession {
-                    shape: one,
+                    shape,
                     session: ctx.session(mb, weights)?,
                     latent,
                     rgb,
@@ -92,11 +91,10 @@ impl<'a> PreviewDecoder<'a> {
             }
         };
         let s = &mut self.sessions[i];
-        s.session
-            .set_input(s.latent, &latent[..one.iter().product()])?;
+        s.session.set_input(s.latent, latent)?;
         s.session.run()?;
         let rgb = s.session.read(s.rgb)?;
-        Rgb8Image::from_hwc(&rgb, 8 * one[1], 8 * one[2])
+        Rgb8Image::from_hwc(&rgb, 8 * shape[1], 8 * shape[2])
     }
 }
 

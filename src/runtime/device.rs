@@ -194,15 +194,7 @@ impl KernelSession {
 
     /// Total work of one run.
     pub fn cost(&self) -> crate::ops::Cost {
-        let g = &self.graph;
-        g.nodes
-            .iter()
-            .map(|n| {
-                let ins: Vec<_> = n.inputs.iter().map(|&t| g.desc(t)).collect();
-                let outs: Vec<_> = n.outputs.iter().map(|&t| g.desc(t)).collect();
-                n.op.cost(&ins, &outs)
-            })
-            .fold(crate::ops::Cost::default(), |a, b| a + b)
+        self.graph.cost()
     }
 }
 

@@ -1,7 +1,7 @@
 //! The typed op graph: tensors (shape, dtype, role) and nodes (one fused op each). Model code
 //! records its forward pass here; it never touches memory or launches.
 
-use crate::ops::OpImpl;
+use crate::ops::{Cost, OpImpl};
 use crate::tensor::{numel, DType};
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -224,6 +224,21 @@ impl Graph {
 
     pub fn inputs(&self) -> impl Iterator<Item = (TensorId, &TensorDesc)> {
         self.ids().filter(|(_, d)| d.role == Role::Input)
+    }
+
+    /// The work of one of this graph's nodes (for benchmarks).
+    pub fn node_cost(&self, node: &Node) -> Cost {
+        let ins: Vec<_> = node.inputs.iter().map(|&t| self.desc(t)).collect();
+        let outs: Vec<_> = node.outputs.iter().map(|&t| self.desc(t)).collect();
+        node.op.cost(&ins, &outs)
+    }
+
+    /// The work of one run: every node's.
+    pub fn cost(&self) -> Cost {
+        self.nodes
+            .iter()
+            .map(|n| self.node_cost(n))
+            .fold(Cost::default(), |a, b| a + b)
     }
 
     fn ids(&self) -> impl Iterator<Item = (TensorId, &TensorDesc)> {
