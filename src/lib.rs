@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod tensor;
 pub mod text;
+pub mod tune;
 pub mod verify;
 pub mod weights;
 
