@@ -205,7 +205,8 @@ fn a_matching_table_is_loaded_and_its_winners_picked_per_shape() {
 fn a_table_goes_stale_when_any_key_field_differs() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "nvidia-h200.json", &table(key()).to_json());
-    let edits: [(&str, fn(&mut TableKey)); 5] = [
+    type Edit = (&'static str, fn(&mut TableKey));
+    let edits: [Edit; 5] = [
         ("device_name", |k| k.device_name = "NVIDIA  H200".into()),
         ("compute_capability", |k| {
             k.compute_capability = "9.1".into()
