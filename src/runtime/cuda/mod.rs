@@ -27,11 +27,12 @@ pub struct DeviceInfo {
 }
 
 pub struct CudaDevice {
+    /// First, so it is dropped (waiting for its uploads) while the stream still exists.
+    exec: Executor,
     ctx: Arc<CudaContext>,
     /// The executor's stream as cudarc's type (events, vendor libraries).
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
-    exec: Executor,
     info: DeviceInfo,
 }
 
