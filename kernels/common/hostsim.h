@@ -169,7 +169,7 @@ constexpr uint32_t kMaxSmem = 227 * 1024;
 struct AsyncCopy {
     void* dst;
     const void* src;
-    bool valid;  // false: zero-fill (cp.async with src-size 0)
+    unsigned src_bytes;  // cp.async's src-size: bytes read from src; the rest of 16 are zeroed
 };
 
 enum class Wait : uint8_t { Running, Block, Warp, Done };
@@ -395,11 +395,13 @@ inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8
 inline unsigned lane_id() { return state().cur->lane; }
 
 // --- cp.async ------------------------------------------------------------------------------
-inline void cp_async(void* dst, const void* src, bool valid) {
+// A 16-byte cp.async (cp-size 16) reading `src_bytes` of them from src (PTX's src-size).
+inline void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     if (((uintptr_t)dst | (uintptr_t)src) & 15)
         fail(format("cp.async: 16-byte copy with misaligned address (dst %p, src %p)", dst, src));
+    if (src_bytes > 16) fail(format("cp.async: src-size %u exceeds the copy size 16", src_bytes));
     memset(dst, 0xFF, 16);  // poison: reading before the wait sees NaN, not stale data
-    state().cur->copies.push_back({dst, src, valid});
+    state().cur->copies.push_back({dst, src, src_bytes});
 }
 
 inline void cp_async_commit() {
@@ -415,10 +417,8 @@ inline void cp_async_wait(size_t pending) {
     const size_t n = f.groups[done_groups - 1];
     for (size_t i = 0; i < n; ++i) {
         const AsyncCopy& c = f.copies[i];
-        if (c.valid)
-            memcpy(c.dst, c.src, 16);
-        else
-            memset(c.dst, 0, 16);
+        memcpy(c.dst, c.src, c.src_bytes);
+        memset((unsigned char*)c.dst + c.src_bytes, 0, 16 - c.src_bytes);
     }
     f.copies.erase(f.copies.begin(), f.copies.begin() + n);
     f.groups.erase(f.groups.begin(), f.groups.begin() + done_groups);
