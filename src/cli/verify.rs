@@ -18,6 +18,11 @@ pub struct VerifyArgs {
     /// Only checks whose name contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Instead of the op checks: run the emulator self-test kernels on this GPU, write their
+    /// raw outputs to FILE (the hardware truth fixture, tests/fixtures/truth-sm90.safetensors)
+    /// and replay it on the emulator, which must agree bit for bit.
+    #[arg(long, value_name = "FILE")]
+    pub truth: Option<std::path::PathBuf>,
 }
 
 /// Passed and failed outputs.
@@ -38,6 +43,9 @@ impl Counts {
 }
 
 pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
+    if let Some(path) = &a.truth {
+        return truth_cmd(path);
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -101,6 +109,59 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     }
     println!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(if counts.failed == 0 { 0 } else { 1 })
+}
+
+/// `verify --truth FILE`: the fixture from this GPU, then the emulator against it.
+fn truth_cmd(path: &std::path::Path) -> Result<i32> {
+    let gpu = match Backend::open(BackendKind::Cuda) {
+        Ok(Backend::Cuda(d)) => d,
+        Ok(_) => unreachable!("the cuda backend opens a cuda device"),
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            return Ok(if require_gpu { 1 } else { 0 });
+        }
+    };
+    let info = gpu.info();
+    let description = format!(
+        "{} GiB, CUDA driver {}.{}",
+        info.total_bytes >> 30,
+        info.driver_version / 1000,
+        info.driver_version % 1000 / 10
+    );
+    let summary = crate::truth::capture_to_file(gpu.as_ref(), path, &description)?;
+    println!(
+        "truth: {} cases from {} written to {} ({} bytes)",
+        summary.cases,
+        crate::runtime::device::Device::describe(gpu.as_ref()),
+        path.display(),
+        summary.bytes
+    );
+    drop(gpu);
+    emulator_against(path)
+}
+
+/// Replays a truth file on the emulator: exit 0 when it agrees bit for bit.
+#[cfg(feature = "hostsim")]
+fn emulator_against(path: &std::path::Path) -> Result<i32> {
+    let hostsim = crate::runtime::hostsim::HostsimDevice::new();
+    let mismatches = crate::truth::check_file(&hostsim, path)?;
+    if mismatches.is_empty() {
+        println!("1 passed, 0 failed (the emulator agrees bit for bit)");
+        return Ok(0);
+    }
+    print!("{}", crate::truth::report(&mismatches, 8));
+    println!(
+        "0 passed, 1 failed (the emulator differs from this GPU in {} elements)",
+        mismatches.len()
+    );
+    Ok(1)
+}
+
+#[cfg(not(feature = "hostsim"))]
+fn emulator_against(_: &std::path::Path) -> Result<i32> {
+    println!("skipped: the emulator comparison (built without the hostsim feature)");
+    Ok(0)
 }
 
 pub fn print_result(backend: &str, r: &CheckResult) {
