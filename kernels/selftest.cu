@@ -1,7 +1,8 @@
-// Emulator self-tests (tests/hostsim.rs): kernels that pin down the semantics hostsim must
-// reproduce — warp collectives, block reductions, the mma.sync / ldmatrix fragment layouts,
-// cp.async — and deliberately broken kernels the emulator must reject. They compile for the
-// GPU too, where the fragment-layout kernels double as a hostsim ↔ hardware parity check.
+// Emulator self-tests (tests/hostsim.rs) and the hardware truth cases (src/truth.rs): kernels
+// that pin down the semantics hostsim must reproduce — warp collectives, block reductions, the
+// mma.sync / ldmatrix fragment layouts and accumulation, cp.async with zero-fill — and
+// deliberately broken kernels the emulator must reject. On a GPU their raw outputs become the
+// truth fixture (`verify --truth`) that the emulator is replayed against.
 #include "common/portable.cuh"
 #include "common/mma.cuh"
 #include "common/reduce.cuh"
@@ -36,22 +37,60 @@ extern "C" __global__ void selftest_block_reduce(const float* x, float* out) {
     }
 }
 
+// The m16n8k16 fragments of one lane (g = lane >> 2, t = lane & 3), read straight from global
+// memory by the PTX register layout (no ldmatrix): A row-major [16][16], Bt = Bᵀ row-major
+// [8][16]; accumulator element i of the lane is D[frag_d_index(g, t, i)] of a row-major [16][8].
+__device__ __forceinline__ uint32_t pack_bf16x2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | (uint32_t)__bfloat16_as_ushort(hi) << 16;
+}
+
+__device__ __forceinline__ void load_a_fragment(uint32_t a[4], const __nv_bfloat16* A, int g, int t) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+        a[r] = pack_bf16x2(A[row * 16 + col], A[row * 16 + col + 1]);
+    }
+}
+
+__device__ __forceinline__ void load_b_fragment(uint32_t b[2], const __nv_bfloat16* Bt, int g, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) b[r] = pack_bf16x2(Bt[g * 16 + 2 * t + 8 * r], Bt[g * 16 + 2 * t + 8 * r + 1]);
+}
+
+__device__ __forceinline__ int frag_d_index(int g, int t, int i) { return (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1); }
+
 // One warp: D[16×8] = A[16×16]·B[16×8] with fragments assembled straight from global memory by
 // the PTX register layout (no ldmatrix). A row-major [16][16], Bt = Bᵀ row-major [8][16].
 extern "C" __global__ void selftest_mma_fragments(const __nv_bfloat16* A, const __nv_bfloat16* Bt, float* D) {
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-    auto pack = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
-        return (uint32_t)__bfloat16_as_ushort(lo) | (uint32_t)__bfloat16_as_ushort(hi) << 16;
-    };
     uint32_t a[4], b[2];
-    for (int r = 0; r < 4; ++r) {
-        const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
-        a[r] = pack(A[row * 16 + col], A[row * 16 + col + 1]);
-    }
-    for (int r = 0; r < 2; ++r) b[r] = pack(Bt[g * 16 + 2 * t + 8 * r], Bt[g * 16 + 2 * t + 8 * r + 1]);
+    load_a_fragment(a, A, g, t);
+    load_b_fragment(b, Bt, g, t);
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     mma_bf16_16816(d, a, b, d);
-    for (int i = 0; i < 4; ++i) D[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) D[frag_d_index(g, t, i)] = d[i];
+}
+
+// One warp (1 block of 32 threads): a chain of `steps` mma.sync k-steps into one accumulator,
+// D_s = A_s·B_s + D_(s-1) with D_(-1) = C, and every D_s written raw. A [steps][16][16],
+// Bt [steps][8][16] (B_sᵀ), C [16][8], D [steps][16][8]. The hardware truth for the tensor
+// core's f32 accumulation order and rounding: src/truth.rs feeds it products near 2^24 mixed
+// with ±1 products, mixed exponents and signed zeros.
+extern "C" __global__ void selftest_mma_chain(const __nv_bfloat16* A, const __nv_bfloat16* Bt, const float* C, float* D,
+                                              int steps) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    float d[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = C[frag_d_index(g, t, i)];
+    for (int s = 0; s < steps; ++s) {
+        uint32_t a[4], b[2];
+        load_a_fragment(a, A + 256 * s, g, t);
+        load_b_fragment(b, Bt + 128 * s, g, t);
+        mma_bf16_16816(d, a, b, d);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) D[128 * s + frag_d_index(g, t, i)] = d[i];
+    }
 }
 
 // One warp: the same product with operands staged by cp.async and loaded by ldmatrix: A with
@@ -80,10 +119,49 @@ extern "C" __global__ void selftest_mma_ldmatrix(const __nv_bfloat16* A, const _
     mma_bf16_16816(d, a, b, d);
     mma_bf16_16816(e, a, bk, e);
     for (int i = 0; i < 4; ++i) {
-        const int idx = (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1);
+        const int idx = frag_d_index(g, t, i);
         D[idx] = d[i];
         D[128 + idx] = e[i];
     }
+}
+
+// One warp (1 block of 32 threads): every ldmatrix form, read back raw. M holds 32 rows of 8
+// b16 values (16 bytes each), copied to shared memory as they are; lane l gives the address of
+// row rows[l] (a permutation, so each matrix's rows come from scattered addresses).
+// out[32·r + l] = destination register r of lane l, registers in the order x1 (r = 0), x2 (1–2),
+// x4 (3–6), then x1.trans (7), x2.trans (8–9), x4.trans (10–13): 14 × 32 words.
+extern "C" __global__ void selftest_ldmatrix(const __nv_bfloat16* M, const int* rows, uint32_t* out) {
+    __shared__ __align__(16) __nv_bfloat16 S[32 * 8];
+    const int lane = threadIdx.x;
+    reinterpret_cast<uint4*>(S)[lane] = reinterpret_cast<const uint4*>(M)[lane];
+    __syncthreads();
+    const __nv_bfloat16* row = S + 8 * rows[lane];
+    uint32_t r[14];
+    ldmatrix_x1(r, row);
+    ldmatrix_x2(r + 1, row);
+    ldmatrix_x4(r + 3, row);
+    ldmatrix_x1_trans(r + 7, row);
+    ldmatrix_x2_trans(r + 8, row);
+    ldmatrix_x4_trans(r + 10, row);
+#pragma unroll
+    for (int i = 0; i < 14; ++i) out[32 * i + lane] = r[i];
+}
+
+// One warp (1 block of 32 threads): cp.async into shared memory pre-set to 0x5A5A5A5A, then
+// the 256 shared words read back to out. Chunk c (16 bytes, 4 words of src) is copied by lane
+// c mod 32: chunks 0..31 through cp_async_16_zfill (valid = src_bytes[c] != 0: whole copy or
+// zero-fill), chunks 32..63 through cp_async_16_partial with src-size src_bytes[c] (0..16:
+// that many source bytes, zeros after them).
+extern "C" __global__ void selftest_cp_async_zfill(const int* src, const int* src_bytes, int* out) {
+    __shared__ __align__(16) int s[256];
+    const int lane = threadIdx.x;
+    for (int i = lane; i < 256; i += 32) s[i] = 0x5A5A5A5A;
+    __syncthreads();
+    cp_async_16_zfill(s + 4 * lane, src + 4 * lane, src_bytes[lane] != 0);
+    cp_async_16_partial(s + 4 * (lane + 32), src + 4 * (lane + 32), (unsigned)src_bytes[lane + 32]);
+    cp_async_wait_all();
+    __syncthreads();
+    for (int i = lane; i < 256; i += 32) out[i] = s[i];
 }
 
 // Reads shared memory a cp.async is still filling: under the emulator it reads poison (NaN).

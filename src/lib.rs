@@ -4,7 +4,8 @@
 //! Layers, bottom up: [`tensor`] (host tensors, dtypes), [`runtime`] (op graph, arena
 //! planner, executors cpu / hostsim / cuda, kernel table), [`ops`] (one module per kernel
 //! family: shape checks, CPU reference, launch plan), [`weights`] (safetensors, safe pickle
-//! conversion, name maps), [`verify`] (every kernel against its reference).
+//! conversion, name maps), [`verify`] (every kernel against its reference), [`truth`] (hardware
+//! truth fixtures: the selftest kernels' raw outputs, replayed on the emulator).
 
 pub mod atomic_file;
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod tensor;
 pub mod text;
+pub mod truth;
 pub mod tune;
 pub mod verify;
 pub mod weights;

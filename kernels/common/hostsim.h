@@ -18,10 +18,14 @@
 // - cp.async: copies are queued per thread, their destination poisoned at issue; wait_group
 //   performs them. Reading before the wait sees poison; exiting with copies pending is an error.
 // - Dynamic shared memory is filled with 0xFF (NaN as f32 and bf16) at the start of every block.
+// - Numerics proven against an H200 (tests/fixtures/truth-sm90.safetensors, `verify --truth`):
+//   mma.sync accumulates with the tensor core's truncating alignment (tensor_core_sum), and
+//   fmaxf/fminf order -0 below +0.
 // - Errors (divergent barrier, deadlock, partial-warp collective, bad launch shape...) stop the
 //   launch: the launcher returns non-zero and hostsim_last_error() says what happened.
 #pragma once
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -29,6 +33,7 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <cmath>
 #include <cstdlib>
 #include <numeric>
 #include <source_location>
@@ -128,6 +133,18 @@ inline float __cosf(float x) { return cosf(x); }
 inline float __powf(float a, float b) { return powf(a, b); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
+// The GPU's fmaxf/fminf order -0 below +0 (libm may return either zero): measured on an H200
+// (tests/fixtures/truth-sm90.safetensors, block_reduce_w32_order).
+inline float device_fmaxf(float a, float b) {
+    if (a == 0.0f && b == 0.0f) return signbit(a) ? b : a;
+    return ::fmaxf(a, b);
+}
+inline float device_fminf(float a, float b) {
+    if (a == 0.0f && b == 0.0f) return signbit(a) ? a : b;
+    return ::fminf(a, b);
+}
+#define fmaxf device_fmaxf
+#define fminf device_fminf
 inline float __saturatef(float x) { return fminf(fmaxf(x, 0.0f), 1.0f); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -169,7 +186,7 @@ constexpr uint32_t kMaxSmem = 227 * 1024;
 struct AsyncCopy {
     void* dst;
     const void* src;
-    bool valid;  // false: zero-fill (cp.async with src-size 0)
+    unsigned src_bytes;  // cp.async's src-size: bytes read from src; the rest of 16 are zeroed
 };
 
 enum class Wait : uint8_t { Running, Block, Warp, Done };
@@ -395,11 +412,13 @@ inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8
 inline unsigned lane_id() { return state().cur->lane; }
 
 // --- cp.async ------------------------------------------------------------------------------
-inline void cp_async(void* dst, const void* src, bool valid) {
+// A 16-byte cp.async (cp-size 16) reading `src_bytes` of them from src (PTX's src-size).
+inline void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     if (((uintptr_t)dst | (uintptr_t)src) & 15)
         fail(format("cp.async: 16-byte copy with misaligned address (dst %p, src %p)", dst, src));
+    if (src_bytes > 16) fail(format("cp.async: src-size %u exceeds the copy size 16", src_bytes));
     memset(dst, 0xFF, 16);  // poison: reading before the wait sees NaN, not stale data
-    state().cur->copies.push_back({dst, src, valid});
+    state().cur->copies.push_back({dst, src, src_bytes});
 }
 
 inline void cp_async_commit() {
@@ -415,10 +434,8 @@ inline void cp_async_wait(size_t pending) {
     const size_t n = f.groups[done_groups - 1];
     for (size_t i = 0; i < n; ++i) {
         const AsyncCopy& c = f.copies[i];
-        if (c.valid)
-            memcpy(c.dst, c.src, 16);
-        else
-            memset(c.dst, 0, 16);
+        memcpy(c.dst, c.src, c.src_bytes);
+        memset((unsigned char*)c.dst + c.src_bytes, 0, 16 - c.src_bytes);
     }
     f.copies.erase(f.copies.begin(), f.copies.begin() + n);
     f.groups.erase(f.groups.begin(), f.groups.begin() + done_groups);
@@ -428,7 +445,44 @@ inline void cp_async_wait(size_t pending) {
 // --- tensor-core emulation (fragment layouts: PTX ISA, mma.m16n8k16 and ldmatrix) -----------
 inline float bf16_half(uint64_t reg, unsigned half) { return bf16_bits_to_f32((uint16_t)(reg >> (16 * half))); }
 
-// D = A·B + C for one m16n8k16 bf16 tile, accumulating sequentially in f32 over k.
+// The tensor core's f32 accumulation of c + Σ_k a_k·b_k (k < 16), as measured on an H200
+// (tests/fixtures/truth-sm90.safetensors, the mma_order_* and mma_chain cases): every term
+// goes in at once. E is the largest exponent among the non-zero terms, where c counts its own
+// and a product a·b counts e(a) + e(b) (its significand, in [1, 4), not normalised). Each term
+// is truncated toward zero to a multiple of 2^(E−25), the truncated terms are summed exactly
+// (in double: 17 terms below 2^(E+2) on a 2^(E−25) grid need at most 32 bits), and the sum is
+// rounded toward zero to f32; an exact zero is +0. Non-finite terms follow IEEE addition.
+inline float tensor_core_sum(float c, const float* a, const float* b, unsigned n) {
+    double terms[17];
+    int exps[17];
+    unsigned count = 0;
+    bool finite = std::isfinite(c);
+    auto add = [&](double t, int e) {
+        terms[count] = t;
+        exps[count++] = e;
+    };
+    if (c != 0.0f) add(c, ilogbf(c));
+    for (unsigned k = 0; k < n; ++k) {
+        finite = finite && std::isfinite(a[k]) && std::isfinite(b[k]);
+        if (a[k] != 0.0f && b[k] != 0.0f) add((double)a[k] * (double)b[k], ilogbf(a[k]) + ilogbf(b[k]));
+    }
+    if (!finite) {
+        double s = c;
+        for (unsigned k = 0; k < n; ++k) s += (double)a[k] * (double)b[k];
+        return (float)s;
+    }
+    if (count == 0) return 0.0f;
+    const int top = *std::max_element(exps, exps + count);
+    double sum = 0.0;
+    for (unsigned i = 0; i < count; ++i) sum += ldexp(trunc(ldexp(terms[i], 25 - top)), top - 25);
+    if (sum == 0.0) return 0.0f;
+    float r = (float)sum;
+    if (std::isinf(r)) return copysignf(FLT_MAX, (float)sum);
+    if (fabs((double)r) > fabs(sum)) r = nextafterf(r, 0.0f);
+    return r;
+}
+
+// D = A·B + C for one m16n8k16 bf16 tile, with the tensor core's accumulation.
 inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
     auto slots = warp_exchange(0xFFFFFFFFu, "mma.sync", [&](uint64_t* slot) {
         for (int i = 0; i < 4; ++i) slot[i] = a[i];
@@ -439,14 +493,13 @@ inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2],
     const float c_in[4] = {c[0], c[1], c[2], c[3]};
     for (unsigned i = 0; i < 4; ++i) {
         const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-        float acc = c_in[i];
+        float av[16], bv[16];
         for (unsigned k = 0; k < 16; ++k) {
             const unsigned kl = (k % 8) >> 1, hi = k >= 8, half = k & 1;
-            const float av = bf16_half(slots[4 * (row % 8) + kl][(row >= 8) + 2 * hi], half);
-            const float bv = bf16_half(slots[4 * col + kl][4 + hi], half);
-            acc = fmaf(av, bv, acc);
+            av[k] = bf16_half(slots[4 * (row % 8) + kl][(row >= 8) + 2 * hi], half);
+            bv[k] = bf16_half(slots[4 * col + kl][4 + hi], half);
         }
-        d[i] = acc;
+        d[i] = tensor_core_sum(c_in[i], av, bv, 16);
     }
 }
 

@@ -20,6 +20,26 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], 
 #endif
 }
 
+// One 8×8 b16 matrix: lanes 0..7 give the row addresses (16-byte aligned); the other lanes'
+// addresses are ignored but must be aligned, valid shared addresses.
+__device__ __forceinline__ void ldmatrix_x1(uint32_t r[1], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 1, false);
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t r[1], const void* smem_row) {
+#if defined(__CUDA_ARCH__)
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+#elif !defined(__CUDACC__)
+    hostsim::ldmatrix(r, smem_row, 1, true);
+#endif
+}
+
 // Four 8×8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j (16-byte aligned).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem_row) {
 #if defined(__CUDA_ARCH__)
@@ -64,16 +84,23 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* sme
 #endif
 }
 
-// 16 bytes global → shared, asynchronously (L2 only). With valid == false the destination is
-// zero-filled and the source is not read (it must still be a valid address).
-__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+// 16 bytes global → shared, asynchronously (L2 only): the first `src_bytes` (0..16) come
+// from the source, the rest of the 16 destination bytes are zero-filled. Both addresses
+// 16-byte aligned; with src_bytes == 0 the source is not read (it must still be valid).
+__device__ __forceinline__ void cp_async_16_partial(void* smem_dst, const void* gmem_src, unsigned src_bytes) {
 #if defined(__CUDA_ARCH__)
     const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(valid ? 16 : 0)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(src_bytes)
                  : "memory");
 #elif !defined(__CUDACC__)
-    hostsim::cp_async(smem_dst, gmem_src, valid);
+    hostsim::cp_async_16(smem_dst, gmem_src, src_bytes);
 #endif
+}
+
+// With valid == false the destination is zero-filled and the source is not read (it must
+// still be a valid address): the predicated tile-edge load.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+    cp_async_16_partial(smem_dst, gmem_src, valid ? 16u : 0u);
 }
 
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {

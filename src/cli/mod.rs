@@ -3,12 +3,12 @@
 mod generate;
 mod models;
 mod tune;
+mod verify;
 
 use crate::runtime::cuda::{probe, CudaDevice};
 use crate::runtime::device::Device;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::runtime::{Backend, BackendKind};
-use crate::verify::{self, CheckResult, Scale};
 use crate::Result;
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub enum Command {
     /// --size, the device memory a generation of that size needs.
     Info(InfoArgs),
     /// Run every kernel on this device against its CPU reference (and the host emulator).
-    Verify(VerifyArgs),
+    Verify(verify::VerifyArgs),
     /// Time every kernel on the GPU against the device's copy bandwidth.
     Bench(BenchArgs),
     /// Convert a PyTorch zip checkpoint (e.g. the released ultrapixel_t2i.safetensors, a
@@ -114,16 +114,6 @@ pub struct BenchArgs {
     pub backend: BackendKind,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct VerifyArgs {
-    /// Random seed of the inputs (default: fresh each run; printed).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Only checks whose name contains this text.
-    #[arg(long)]
-    pub filter: Option<String>,
-}
-
 /// The exit code of a failed command: 2 for bad input (arguments, files, case kinds), 130 for
 /// Ctrl-C, 1 for a failure while running.
 pub fn exit_code(e: &crate::Error) -> i32 {
@@ -148,7 +138,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Meta(a) => models::meta(a),
         Command::MakeTinyModel(a) => models::make_tiny_model(a),
         Command::Info(a) => info(a),
-        Command::Verify(a) => verify_cmd(a),
+        Command::Verify(a) => verify::verify_cmd(a),
         Command::Validate(a) => validate_cmd(a),
         Command::Convert(a) => {
             let report = crate::weights::convert(&a.input, &a.output)?;
@@ -313,131 +303,6 @@ fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Res
     }
     println!("per image: {total} launches");
     Ok(())
-}
-
-fn print_result(backend: &str, r: &CheckResult) {
-    let status = if r.passed() { "PASS" } else { "FAIL" };
-    println!(
-        "{status} {backend:<8} {:<72} {:<6} max_err {:.3e} limit {:.3e} (max|ref| {:.3e}){}",
-        r.check,
-        r.output,
-        r.max_err,
-        r.limit,
-        r.max_ref,
-        if r.non_finite > 0 {
-            format!(" {} non-finite", r.non_finite)
-        } else {
-            String::new()
-        }
-    );
-}
-
-/// Runs the checks on `backend`, printing one line per output; returns (passed, failed).
-fn run_checks(
-    backend: &Backend,
-    label: &str,
-    seed: u64,
-    scale: Scale,
-    filter: &Option<String>,
-) -> Result<(usize, usize)> {
-    let mut counts = (0, 0);
-    for check in verify::all_checks(seed, scale)? {
-        if filter
-            .as_ref()
-            .is_some_and(|f| !check.name.contains(f.as_str()))
-        {
-            continue;
-        }
-        let results = match verify::run_check(&check, backend) {
-            Ok(r) => r,
-            Err(e) => {
-                println!("FAIL {label:<8} {}: {e}", check.name);
-                counts.1 += 1;
-                continue;
-            }
-        };
-        for r in results {
-            print_result(label, &r);
-            if r.passed() {
-                counts.0 += 1;
-            } else {
-                counts.1 += 1;
-            }
-        }
-    }
-    Ok(counts)
-}
-
-fn verify_cmd(a: VerifyArgs) -> Result<i32> {
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
-    println!("verify: seed {seed} (rerun with --seed {seed})");
-    let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let mut passed = 0;
-    let mut failed = 0;
-    match Backend::open(BackendKind::Cuda) {
-        Ok(gpu) => {
-            let (p, f) = run_checks(&gpu, "cuda", seed, Scale::Gpu, &a.filter)?;
-            passed += p;
-            failed += f;
-            if cfg!(feature = "hostsim") {
-                let (p, f) = gpu_vs_hostsim(&gpu, seed, &a.filter)?;
-                passed += p;
-                failed += f;
-            }
-        }
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            if require_gpu {
-                println!("UPX_REQUIRE_GPU=1: a GPU is required");
-                return Ok(1);
-            }
-            if cfg!(feature = "hostsim") {
-                let (p, f) = run_checks(
-                    &Backend::open(BackendKind::Hostsim)?,
-                    "hostsim",
-                    seed,
-                    Scale::Emulator,
-                    &a.filter,
-                )?;
-                passed += p;
-                failed += f;
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 { 0 } else { 1 })
-}
-
-/// GPU ↔ emulator parity on the emulator-sized checks: the only test that catches
-/// compensating mistakes in the emulated fragment layouts.
-fn gpu_vs_hostsim(gpu: &Backend, seed: u64, filter: &Option<String>) -> Result<(usize, usize)> {
-    let hostsim = Backend::open(BackendKind::Hostsim)?;
-    let mut counts = (0, 0);
-    for check in verify::all_checks(seed, Scale::Emulator)? {
-        if filter
-            .as_ref()
-            .is_some_and(|f| !check.name.contains(f.as_str()))
-        {
-            continue;
-        }
-        let g = verify::run_on(&check, gpu)?;
-        let h = verify::run_on(&check, &hostsim)?;
-        for ((&o, gv), hv) in check.graph.outputs.iter().zip(&g).zip(&h) {
-            let r = verify::compare(&check.name, &check.graph.desc(o).name, gv, hv, check.tol);
-            print_result("cuda~emu", &r);
-            if r.passed() {
-                counts.0 += 1;
-            } else {
-                counts.1 += 1;
-            }
-        }
-    }
-    Ok(counts)
 }
 
 /// `validate`: every case is read first, so a bad file stops the run before any work (exit 2);

@@ -1,18 +1,20 @@
 //! The cuda executor: the embedded fatbins loaded through cudarc (dynamic loading: nothing
-//! CUDA is linked, so the binary runs on machines without a driver and says so), one stream,
-//! raw device pointers, launches with the `cuLaunchKernel` argument array. Debug mode
-//! synchronizes after every launch and names the failing op; otherwise the second and later
-//! runs of a session replay one captured CUDA graph.
+//! CUDA is linked, so the binary runs on machines without a driver and says so), one
+//! non-blocking stream that every copy, fill and launch goes to ([`executor`], through the
+//! [`driver`] seam), raw device pointers, launches with the `cuLaunchKernel` argument array.
+//! Debug mode synchronizes after every launch and names the failing op; otherwise the second
+//! and later runs of a session replay one captured CUDA graph.
+
+pub mod driver;
+pub mod executor;
 
 use super::device::{Device, DeviceBuffer, LaunchList};
 use super::kernels::{KernelId, KERNELS_COMPILED, MODULES};
-use super::launch::Launch;
 use crate::{Error, Result};
-use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream, DriverError};
-use std::sync::{Arc, Mutex};
-
-/// Kernels may use this much dynamic shared memory without opting in.
-const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
+use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
+use driver::{Function, RealDriver, Stream};
+use executor::{driver_error, Executor};
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -20,29 +22,18 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub free_bytes: usize,
     pub total_bytes: usize,
+    /// The driver's CUDA version, e.g. 13000 for 13.0.
+    pub driver_version: i32,
 }
-
-/// A CUfunction handle (owned by its module, which the device keeps alive).
-#[derive(Clone, Copy)]
-struct Function(sys::CUfunction);
-// SAFETY: CUfunction handles are valid on any thread once the context is current.
-unsafe impl Send for Function {}
-unsafe impl Sync for Function {}
 
 pub struct CudaDevice {
+    /// First, so it is dropped (waiting for its uploads) while the stream still exists.
+    exec: Executor,
     ctx: Arc<CudaContext>,
+    /// The executor's stream as cudarc's type (events, vendor libraries).
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
-    functions: Vec<Option<Function>>,
-    /// Dynamic shared memory each kernel has been opted in to.
-    smem_limits: Mutex<Vec<u32>>,
     info: DeviceInfo,
-    /// Synchronize after every launch and never capture graphs.
-    debug: bool,
-}
-
-fn driver_error(context: &str, e: DriverError) -> Error {
-    Error::cuda(context, format!("{e:?}"))
 }
 
 /// Whether a CUDA driver library can be loaded at all (never panics).
@@ -83,11 +74,17 @@ pub fn probe(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
     let (free, total) = ctx
         .mem_get_info()
         .map_err(|e| driver_error("memory info", e))?;
+    let mut driver_version = 0;
+    // SAFETY: writes one integer.
+    unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+        .result()
+        .map_err(|e| driver_error("driver version", e))?;
     let info = DeviceInfo {
         name,
         compute_capability: cc,
         free_bytes: free,
         total_bytes: total,
+        driver_version,
     };
     Ok((ctx, info))
 }
@@ -132,7 +129,7 @@ impl CudaDevice {
             match &loaded[k.module()] {
                 None => functions.push(None),
                 Some(m) => match m.load_function(k.name()) {
-                    Ok(f) => functions.push(Some(Function(f.cu_function()))),
+                    Ok(f) => functions.push(Some(Function(f.cu_function() as usize))),
                     Err(_) => {
                         missing.push(k.name().to_string());
                         functions.push(None);
@@ -143,15 +140,20 @@ impl CudaDevice {
         if !missing.is_empty() {
             return Err(Error::KernelsMissing(missing));
         }
+        let debug =
+            cfg!(debug_assertions) || std::env::var("UPX_CUDA_DEBUG").is_ok_and(|v| v == "1");
+        let exec = Executor::new(
+            Arc::new(RealDriver { ctx: ctx.clone() }),
+            Stream(stream.cu_stream() as usize),
+            functions,
+            debug,
+        );
         Ok(Arc::new(CudaDevice {
             ctx,
             stream,
             _modules: modules,
-            functions,
-            smem_limits: Mutex::new(vec![DEFAULT_SMEM_LIMIT; KernelId::ALL.len()]),
+            exec,
             info,
-            debug: cfg!(debug_assertions)
-                || std::env::var("UPX_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         }))
     }
 
@@ -181,9 +183,38 @@ impl CudaDevice {
         Ok(2.0 * bytes as f64 / seconds)
     }
 
-    /// The stream every launch of this device goes to (for vendor libraries in benchmarks).
+    /// The stream every copy and launch of this device goes to (for vendor libraries).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Synchronize after every launch (faults name their op) and never capture, or not.
+    pub fn set_debug(&self, on: bool) {
+        self.exec.set_debug(on);
+    }
+
+    /// Why graph captures failed so far (those graphs run eagerly).
+    pub fn capture_failures(&self) -> Vec<String> {
+        self.exec.capture_failures()
+    }
+
+    /// Whether the context still works: after a sticky fault (an illegal address, say) every
+    /// call fails and the device must be reopened with [`CudaDevice::reset`].
+    pub fn healthy(&self) -> bool {
+        self.bind().is_ok()
+            && self.exec.synchronize("health check").is_ok()
+            && self.ctx.synchronize().is_ok()
+    }
+
+    /// Destroys device `ordinal`'s primary context, clearing a sticky fault, so the next
+    /// [`CudaDevice::new`] starts fresh. Every handle of the old context must be dropped
+    /// first (devices, sessions, buffers).
+    pub fn reset(ordinal: usize) -> Result<()> {
+        let dev = result::device::get(ordinal as i32).map_err(|e| driver_error("device", e))?;
+        // SAFETY: a device handle returned by the driver.
+        unsafe { sys::cuDevicePrimaryCtxReset_v2(dev) }
+            .result()
+            .map_err(|e| driver_error("resetting the device's context", e))
     }
 
     /// Device seconds of one call of `work` (which enqueues on [`Self::stream`]): run once
@@ -192,9 +223,9 @@ impl CudaDevice {
     pub fn time_work(&self, iters: usize, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         self.bind()?;
         work()?;
-        self.synchronize("warm-up of timed work")?;
-        let graph = self.capture_with(work)?;
-        let mut replay = || self.replay(&graph);
+        self.exec.synchronize("warm-up of timed work")?;
+        let graph = self.exec.capture_with(work)?;
+        let mut replay = || self.exec.launch_captured(&graph);
         replay()?;
         self.event_seconds(iters, &mut replay)
     }
@@ -221,127 +252,10 @@ impl CudaDevice {
         Ok(ms as f64 / 1e3 / iters.max(1) as f64)
     }
 
-    fn replay(&self, c: &Captured) -> Result<()> {
-        // SAFETY: launching an instantiated graph on our stream.
-        unsafe { result::graph::launch(c.exec, self.stream.cu_stream()) }
-            .map_err(|e| driver_error("launching the CUDA graph", e))
-    }
-
     fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_error("binding the context", e))
-    }
-
-    fn synchronize(&self, context: &str) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error(context, e))
-    }
-
-    fn launch(&self, l: &mut Launch) -> Result<()> {
-        let f = self.functions[l.kernel as usize].ok_or_else(|| {
-            Error::cuda(
-                l.kernel.name(),
-                "kernel not loaded on this device (Hopper-only)",
-            )
-        })?;
-        if l.smem > DEFAULT_SMEM_LIMIT {
-            let mut limits = self.smem_limits.lock().unwrap();
-            if limits[l.kernel as usize] < l.smem {
-                // SAFETY: valid function handle and attribute.
-                unsafe {
-                    result::function::set_function_attribute(
-                        f.0,
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        l.smem as i32,
-                    )
-                }
-                .map_err(|e| {
-                    driver_error(&format!("{} shared memory opt-in", l.kernel.name()), e)
-                })?;
-                limits[l.kernel as usize] = l.smem;
-            }
-        }
-        let mut params = l.args.pointers();
-        // SAFETY: the op's launch plan packs exactly the kernel's parameters, with pointers
-        // into live device buffers of the session.
-        unsafe {
-            result::launch_kernel(
-                f.0,
-                (l.grid[0], l.grid[1], l.grid[2]),
-                (l.block[0], l.block[1], l.block[2]),
-                l.smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| driver_error(&format!("launching {}", l.kernel.name()), e))
-    }
-
-    fn run_eager(&self, list: &mut LaunchList) -> Result<()> {
-        for (l, label) in list.launches.iter_mut().zip(&list.labels) {
-            self.launch(l).map_err(|e| Error::cuda(label.clone(), e))?;
-            if self.debug {
-                self.synchronize(&format!("{label} ({})", l.kernel.name()))?;
-            }
-        }
-        self.synchronize("running the launch list")
-    }
-
-    fn capture(&self, list: &mut LaunchList) -> Result<Captured> {
-        self.capture_with(&mut || list.launches.iter_mut().try_for_each(|l| self.launch(l)))
-    }
-
-    /// Captures what `work` enqueues on our stream into one instantiated CUDA graph.
-    fn capture_with(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Captured> {
-        let s = self.stream.cu_stream();
-        // SAFETY: capturing our own stream; no allocation or synchronous copy happens inside.
-        unsafe {
-            result::stream::begin_capture(
-                s,
-                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-            )
-        }
-        .map_err(|e| driver_error("begin graph capture", e))?;
-        let launched = work();
-        // SAFETY: ends the capture begun above, whatever happened in between.
-        let graph = unsafe { result::stream::end_capture(s) }
-            .map_err(|e| driver_error("end graph capture", e))?;
-        launched?;
-        // SAFETY: `graph` was just captured.
-        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
-            .map_err(|e| {
-            // SAFETY: destroying the graph we own.
-            let _ = unsafe { result::graph::destroy(graph) };
-            driver_error("instantiating the CUDA graph", e)
-        })?;
-        Ok(Captured {
-            graph,
-            exec,
-            ctx: self.ctx.clone(),
-        })
-    }
-}
-
-/// An instantiated CUDA graph of one session's launch list.
-struct Captured {
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
-    ctx: Arc<CudaContext>,
-}
-
-// SAFETY: graph handles are plain driver handles; a session uses them from one thread at a time.
-unsafe impl Send for Captured {}
-
-impl Drop for Captured {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: destroying handles we own, once.
-        unsafe {
-            let _ = result::graph::exec_destroy(self.exec);
-            let _ = result::graph::destroy(self.graph);
-        }
     }
 }
 
@@ -392,57 +306,27 @@ impl Device for CudaDevice {
 
     fn write(&self, dst: u64, data: &[u8]) -> Result<()> {
         self.bind()?;
-        // Ordered after earlier work of our stream.
-        self.synchronize("before a host-to-device copy")?;
-        // SAFETY: `dst` addresses a live allocation with room for `data`.
-        unsafe { result::memcpy_htod_sync(dst, data) }
-            .map_err(|e| driver_error("copy to device", e))
+        self.exec.write(dst, data)
     }
 
     fn read(&self, src: u64, out: &mut [u8]) -> Result<()> {
         self.bind()?;
-        self.synchronize("before a device-to-host copy")?;
-        // SAFETY: `src` addresses a live allocation of at least `out.len()` bytes.
-        unsafe { result::memcpy_dtoh_sync(out, src) }.map_err(|e| driver_error("copy to host", e))
+        self.exec.read(src, out)
     }
 
     fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<()> {
         self.bind()?;
-        // SAFETY: `dst` addresses a live allocation of at least `len` bytes.
-        unsafe { result::memset_d8_sync(dst, byte, len) }.map_err(|e| driver_error("memset", e))
+        self.exec.fill(dst, byte, len)
     }
 
     fn execute(&self, list: &mut LaunchList) -> Result<()> {
         self.bind()?;
-        if self.debug || list.launches.is_empty() {
-            return self.run_eager(list);
-        }
-        if let Some(c) = list
-            .replay
-            .as_ref()
-            .and_then(|r| r.downcast_ref::<Captured>())
-        {
-            self.replay(c)?;
-            return self.synchronize("CUDA graph replay");
-        }
-        // The first run is eager (it validates every launch and sets shared-memory opt-ins);
-        // later runs replay one captured graph.
-        self.run_eager(list)?;
-        list.replay = Some(Box::new(self.capture(list)?));
-        Ok(())
+        self.exec.execute(list)
     }
 
     fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {
         // Warm up (and capture the graph outside the timed region).
         self.execute(list)?;
-        let mut run = || match list
-            .replay
-            .as_ref()
-            .and_then(|r| r.downcast_ref::<Captured>())
-        {
-            Some(c) => self.replay(c),
-            None => list.launches.iter_mut().try_for_each(|l| self.launch(l)),
-        };
-        self.event_seconds(iters, &mut run)
+        self.event_seconds(iters, &mut || self.exec.enqueue(list))
     }
 }

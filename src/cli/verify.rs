@@ -1,0 +1,315 @@
+//! `ultrapixel verify`: every kernel check against its CPU reference on the GPU (then GPU ↔
+//! emulator parity), or on the emulator where there is no GPU. On the GPU each check runs in
+//! isolation: a failure is reported with the op and kernel that failed (the check is rerun
+//! synchronized after every launch to find it), a sticky fault restarts the context, and the
+//! remaining checks still run.
+
+use crate::runtime::cuda::CudaDevice;
+use crate::runtime::{Backend, BackendKind};
+use crate::verify::{self, CheckResult, OpCheck, Scale};
+use crate::Result;
+use std::sync::mpsc;
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Random seed of the inputs (default: fresh each run; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only checks whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Instead of the op checks: run the emulator self-test kernels on this GPU, write their
+    /// raw outputs to FILE (the hardware truth fixture, tests/fixtures/truth-sm90.safetensors)
+    /// and replay it on the emulator, which must agree bit for bit.
+    #[arg(long, value_name = "FILE")]
+    pub truth: Option<std::path::PathBuf>,
+}
+
+/// Passed and failed outputs.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    passed: usize,
+    failed: usize,
+}
+
+impl Counts {
+    fn add(&mut self, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
+    if let Some(path) = &a.truth {
+        return truth_cmd(path);
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!("verify: seed {seed} (rerun with --seed {seed})");
+    let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let selected = |c: &OpCheck| {
+        a.filter
+            .as_ref()
+            .is_none_or(|f| c.name.contains(f.as_str()))
+    };
+    let mut counts = Counts::default();
+    match Backend::open(BackendKind::Cuda) {
+        Ok(gpu) => {
+            let mut gpu = IsolatedGpu::new(gpu);
+            let checks: Vec<_> = verify::all_checks(seed, Scale::Gpu)?
+                .into_iter()
+                .filter(|c| selected(c))
+                .collect();
+            gpu.against_references("cuda", &checks, &mut counts)?;
+            if cfg!(feature = "hostsim") {
+                let checks: Vec<_> = verify::all_checks(seed, Scale::Emulator)?
+                    .into_iter()
+                    .filter(|c| selected(c))
+                    .collect();
+                gpu.against_emulator(&checks, &mut counts)?;
+            }
+            if gpu.restarts > 0 {
+                println!("the GPU context was restarted {} times", gpu.restarts);
+            }
+        }
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            if require_gpu {
+                println!("UPX_REQUIRE_GPU=1: a GPU is required");
+                return Ok(1);
+            }
+            if cfg!(feature = "hostsim") {
+                let hostsim = Backend::open(BackendKind::Hostsim)?;
+                for check in verify::all_checks(seed, Scale::Emulator)? {
+                    if !selected(&check) {
+                        continue;
+                    }
+                    match verify::run_check(&check, &hostsim) {
+                        Ok(results) => {
+                            for r in results {
+                                print_result("hostsim", &r);
+                                counts.add(r.passed());
+                            }
+                        }
+                        Err(e) => {
+                            println!("FAIL {:<8} {}: {e}", "hostsim", check.name);
+                            counts.add(false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{} passed, {} failed", counts.passed, counts.failed);
+    Ok(if counts.failed == 0 { 0 } else { 1 })
+}
+
+/// `verify --truth FILE`: the fixture from this GPU, then the emulator against it.
+fn truth_cmd(path: &std::path::Path) -> Result<i32> {
+    let gpu = match Backend::open(BackendKind::Cuda) {
+        Ok(Backend::Cuda(d)) => d,
+        Ok(_) => unreachable!("the cuda backend opens a cuda device"),
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            return Ok(if require_gpu { 1 } else { 0 });
+        }
+    };
+    let info = gpu.info();
+    let description = format!(
+        "{} GiB, CUDA driver {}.{}",
+        info.total_bytes >> 30,
+        info.driver_version / 1000,
+        info.driver_version % 1000 / 10
+    );
+    let summary = crate::truth::capture_to_file(gpu.as_ref(), path, &description)?;
+    println!(
+        "truth: {} cases from {} written to {} ({} bytes)",
+        summary.cases,
+        crate::runtime::device::Device::describe(gpu.as_ref()),
+        path.display(),
+        summary.bytes
+    );
+    drop(gpu);
+    emulator_against(path)
+}
+
+/// Replays a truth file on the emulator: exit 0 when it agrees bit for bit.
+#[cfg(feature = "hostsim")]
+fn emulator_against(path: &std::path::Path) -> Result<i32> {
+    let hostsim = crate::runtime::hostsim::HostsimDevice::new();
+    let mismatches = crate::truth::check_file(&hostsim, path)?;
+    if mismatches.is_empty() {
+        println!("1 passed, 0 failed (the emulator agrees bit for bit)");
+        return Ok(0);
+    }
+    print!("{}", crate::truth::report(&mismatches, 8));
+    println!(
+        "0 passed, 1 failed (the emulator differs from this GPU in {} elements)",
+        mismatches.len()
+    );
+    Ok(1)
+}
+
+#[cfg(not(feature = "hostsim"))]
+fn emulator_against(_: &std::path::Path) -> Result<i32> {
+    println!("skipped: the emulator comparison (built without the hostsim feature)");
+    Ok(0)
+}
+
+pub fn print_result(backend: &str, r: &CheckResult) {
+    let status = if r.passed() { "PASS" } else { "FAIL" };
+    println!(
+        "{status} {backend:<8} {:<72} {:<6} max_err {:.3e} limit {:.3e} (max|ref| {:.3e}){}",
+        r.check,
+        r.output,
+        r.max_err,
+        r.limit,
+        r.max_ref,
+        if r.non_finite > 0 {
+            format!(" {} non-finite", r.non_finite)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// The GPU backend, reopened after a fault that left its context unusable.
+struct IsolatedGpu {
+    backend: Option<Backend>,
+    restarts: usize,
+}
+
+impl IsolatedGpu {
+    fn new(backend: Backend) -> Self {
+        IsolatedGpu {
+            backend: Some(backend),
+            restarts: 0,
+        }
+    }
+
+    fn device(&self) -> Option<&std::sync::Arc<CudaDevice>> {
+        match &self.backend {
+            Some(Backend::Cuda(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn backend(&mut self) -> std::result::Result<&Backend, String> {
+        if self.backend.is_none() {
+            let b = Backend::open(BackendKind::Cuda)
+                .map_err(|e| format!("the GPU could not be reopened: {e}"))?;
+            self.backend = Some(b);
+        }
+        Ok(self.backend.as_ref().expect("just opened"))
+    }
+
+    /// Restarts the context if a fault made it unusable (every handle is dropped first).
+    fn recover(&mut self) {
+        if self.device().is_some_and(|d| d.healthy()) {
+            return;
+        }
+        self.backend = None;
+        self.restarts += 1;
+        match CudaDevice::reset(0) {
+            Ok(()) => println!("note: the GPU context was lost; restarted it"),
+            Err(e) => println!("note: the GPU context was lost and could not be reset: {e}"),
+        }
+    }
+
+    /// Runs `check` on the GPU; on failure, recovers the context and reruns the check
+    /// synchronized after every launch, so the error names the op and kernel that failed.
+    fn run(&mut self, check: &OpCheck) -> std::result::Result<Vec<Vec<f32>>, String> {
+        let first = match verify::run_on(check, self.backend()?) {
+            Ok(out) => return Ok(out),
+            Err(e) => e.to_string(),
+        };
+        self.recover();
+        let _ = self.backend()?;
+        let Some(dev) = self.device().cloned() else {
+            return Err(first);
+        };
+        dev.set_debug(true);
+        let again = verify::run_on(check, self.backend()?);
+        dev.set_debug(false);
+        drop(dev);
+        match again {
+            Ok(_) => Err(format!(
+                "{first} (passes when synchronized after every launch: a graph replay or \
+                 ordering problem)"
+            )),
+            Err(e) => {
+                self.recover();
+                Err(format!("{e} (first run: {first})"))
+            }
+        }
+    }
+
+    /// Every check on the GPU against its CPU reference; the references are computed on
+    /// another thread ahead of the GPU so the two overlap.
+    fn against_references(
+        &mut self,
+        label: &str,
+        checks: &[OpCheck],
+        counts: &mut Counts,
+    ) -> Result<()> {
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::sync_channel(2);
+            scope.spawn(move || {
+                for check in checks {
+                    if tx.send(verify::run_on(check, &Backend::Cpu)).is_err() {
+                        break;
+                    }
+                }
+            });
+            for check in checks {
+                let reference = rx.recv().expect("the reference thread ended early")?;
+                self.report(label, check, &reference, counts);
+            }
+            Ok(())
+        })
+    }
+
+    /// GPU ↔ emulator parity on the emulator-sized checks: the only test that catches
+    /// compensating mistakes in the emulated fragment layouts.
+    fn against_emulator(&mut self, checks: &[OpCheck], counts: &mut Counts) -> Result<()> {
+        let hostsim = Backend::open(BackendKind::Hostsim)?;
+        for check in checks {
+            let emulated = match verify::run_on(check, &hostsim) {
+                Ok(out) => out,
+                Err(e) => {
+                    println!("FAIL {:<8} {}: {e}", "hostsim", check.name);
+                    counts.add(false);
+                    continue;
+                }
+            };
+            self.report("cuda~emu", check, &emulated, counts);
+        }
+        Ok(())
+    }
+
+    /// Runs `check` on the GPU and compares every output with `expected`.
+    fn report(&mut self, label: &str, check: &OpCheck, expected: &[Vec<f32>], counts: &mut Counts) {
+        match self.run(check) {
+            Ok(got) => {
+                for ((&o, g), e) in check.graph.outputs.iter().zip(&got).zip(expected) {
+                    let r =
+                        verify::compare(&check.name, &check.graph.desc(o).name, g, e, check.tol);
+                    print_result(label, &r);
+                    counts.add(r.passed());
+                }
+            }
+            Err(e) => {
+                println!("FAIL {label:<8} {}: {e}", check.name);
+                counts.add(false);
+            }
+        }
+    }
+}
