@@ -911,7 +911,7 @@ fn run_case(device: &dyn Device, def: &CaseDef, inputs: &[Raw], poison: u8) -> R
     }
     let launch = Launch::linear(KernelId::lookup(def.kernel)?, def.grid, def.block, args);
     let mut list = LaunchList {
-        launches: vec![launch],
+        launches: vec![launch.into()],
         labels: vec![format!("truth case {}", def.name)],
         replay: None,
     };

@@ -469,3 +469,143 @@ fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
     let s = Selection::load_from(Some(dir.path()), &[], &engine.key());
     assert!(s.table().is_some(), "{}", s.describe());
 }
+
+/// A GEMM node completed as the cuda backend completes a cuBLASLt winner
+/// (`dispatch::pair_entries`: operand scaling, vendor product, epilogue pass, scratch and
+/// in-place product), with our plain GEMM standing in for cuBLASLt on the emulator: every GEMM
+/// check still matches its reference, through the session's substitution path.
+#[cfg(feature = "hostsim")]
+mod substitution {
+    use std::sync::Arc;
+    use ultrapixel::ops::{DevTensor, LaunchIo};
+    use ultrapixel::runtime::device::{
+        dry_launches, Device, DeviceBuffer, KernelSession, LaunchList,
+    };
+    use ultrapixel::runtime::graph::{Node, TensorDesc};
+    use ultrapixel::runtime::hostsim::HostsimDevice;
+    use ultrapixel::runtime::launch::Entry;
+    use ultrapixel::runtime::session::{Session, SessionOptions};
+    use ultrapixel::runtime::Backend;
+    use ultrapixel::tensor::DType;
+    use ultrapixel::tune::dispatch::{pair_entries, plan_layout, PairPlan};
+    use ultrapixel::tune::{gemm_key, pair, Epilogue, GemmKey};
+    use ultrapixel::verify::{self, Scale};
+
+    struct PairDevice {
+        inner: HostsimDevice,
+        /// The product's dtype for an output dtype.
+        product: fn(DType) -> DType,
+    }
+
+    impl PairDevice {
+        fn plan(&self, node: &Node, inputs: &[&TensorDesc]) -> Option<(GemmKey, PairPlan)> {
+            let key = gemm_key(node.op.as_ref(), inputs)?;
+            (key.epilogue != Epilogue::default()).then(|| {
+                let plan = PairPlan {
+                    product: (self.product)(key.out),
+                    scale_a: key.epilogue.scaled_a,
+                    epilogue_pass: true,
+                };
+                (key, plan)
+            })
+        }
+    }
+
+    impl Device for PairDevice {
+        fn describe(&self) -> String {
+            "emulator with stand-in vendor GEMMs".into()
+        }
+        fn alloc(&self, bytes: usize) -> ultrapixel::Result<DeviceBuffer> {
+            self.inner.alloc(bytes)
+        }
+        fn write(&self, dst: u64, data: &[u8]) -> ultrapixel::Result<()> {
+            self.inner.write(dst, data)
+        }
+        fn read(&self, src: u64, out: &mut [u8]) -> ultrapixel::Result<()> {
+            self.inner.read(src, out)
+        }
+        fn fill(&self, dst: u64, byte: u8, len: usize) -> ultrapixel::Result<()> {
+            self.inner.fill(dst, byte, len)
+        }
+        fn execute(&self, list: &mut LaunchList) -> ultrapixel::Result<()> {
+            self.inner.execute(list)
+        }
+        fn substitute_scratch(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+            self.plan(node, inputs)
+                .map_or(0, |(key, plan)| plan_layout(&key, plan).bytes)
+        }
+        fn substitute(
+            &self,
+            node: &Node,
+            io: &LaunchIo,
+            scratch: u64,
+        ) -> ultrapixel::Result<Option<Vec<Entry>>> {
+            let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+            let Some((key, plan)) = self.plan(node, &descs) else {
+                return Ok(None);
+            };
+            let w: DevTensor = io.inputs[1];
+            pair_entries(
+                node.op.as_ref(),
+                &key,
+                node.workspace,
+                io,
+                scratch,
+                plan,
+                &mut |a, d| pair::plain_gemm(&key, a, w, d, plan.product),
+            )
+        }
+    }
+
+    fn run(product: fn(DType) -> DType) {
+        let device: Arc<dyn Device> = Arc::new(PairDevice {
+            inner: HostsimDevice::new(),
+            product,
+        });
+        let mut substituted = 0;
+        let mut failures = Vec::new();
+        for check in ultrapixel::ops::gemm::checks(11, Scale::Emulator).unwrap() {
+            let reference = verify::run_on(&check, &Backend::Cpu).unwrap();
+            let mut s = KernelSession::new(
+                device.clone(),
+                check.graph.clone(),
+                &check.weights,
+                SessionOptions { poison: true },
+                None,
+            )
+            .unwrap();
+            if s.launch_count() != dry_launches(&check.graph).unwrap().len() {
+                substituted += 1;
+            }
+            for (id, v) in &check.inputs {
+                s.set_input(*id, v).unwrap();
+            }
+            s.run().unwrap();
+            for (&o, r) in check.graph.outputs.iter().zip(&reference) {
+                let got = s.read(o).unwrap();
+                let name = &check.graph.desc(o).name;
+                let c = verify::compare(&check.name, name, &got, r, check.tol);
+                if !c.passed() {
+                    failures.push(format!(
+                        "{} {name}: {:.3e} > {:.3e}",
+                        check.name, c.max_err, c.limit
+                    ));
+                }
+            }
+        }
+        assert!(substituted > 20, "{substituted} checks substituted");
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// f32 products: through the scratch for bf16 outputs, in place for f32 outputs.
+    #[test]
+    fn f32_products_complete_every_gemm_check() {
+        run(|_| DType::F32);
+    }
+
+    /// Products in the output's dtype: written into the output, the pass in place.
+    #[test]
+    fn in_place_products_complete_every_gemm_check() {
+        run(|out| out);
+    }
+}

@@ -70,9 +70,11 @@ impl VendorGemm {
             .first()
             .ok_or_else(|| Error::cuda(&what, "the heuristic found no algorithm"))?
             .algo;
+        let stream = self.dev.stream().cu_stream() as usize;
         self.dev.time_work(iters, &mut || {
-            // SAFETY: the operands hold M·K, N·K and M·N elements, as the spec describes.
-            unsafe { mm.enqueue(&self.lt, &algo, a.ptr, w.ptr, 0, c.ptr) }
+            // SAFETY: the operands hold M·K, N·K and M·N elements, as the spec describes, on
+            // the device's stream.
+            unsafe { mm.enqueue(&self.lt, &algo, a.ptr, w.ptr, 0, c.ptr, stream) }
                 .map_err(|e| Error::cuda(&what, e))
         })
     }

@@ -1,8 +1,8 @@
 //! What the kernel executors (hostsim and cuda) share: device memory, launching, and the
 //! session that places a graph in one arena and replays its launch list.
 
-use super::graph::{Graph, Role, TensorId};
-use super::launch::Launch;
+use super::graph::{Graph, Node, Role, TensorDesc, TensorId};
+use super::launch::{Entry, Launch};
 use super::planner::{self, ArenaPlan, ALIGN};
 use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
 use crate::ops::{DevTensor, LaunchIo};
@@ -31,10 +31,11 @@ impl DeviceBuffer {
     }
 }
 
-/// The launches of one graph, in order, with the node label of each (for error messages),
+/// The launches of one graph, in order (our kernels, and on the cuda backend the vendor calls
+/// the tuning table chose for some GEMMs), with the node label of each (for error messages),
 /// and backend state kept between runs (a captured CUDA graph).
 pub struct LaunchList {
-    pub launches: Vec<Launch>,
+    pub launches: Vec<Entry>,
     pub labels: Vec<String>,
     pub replay: Option<Box<dyn Any + Send>>,
 }
@@ -48,6 +49,25 @@ pub trait Device: Send + Sync {
     fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<()>;
     /// Runs every launch of the list in order; returns when they are done.
     fn execute(&self, list: &mut LaunchList) -> Result<()>;
+
+    /// Scratch bytes [`Device::substitute`] needs to run `node` (0: it runs the op's own
+    /// launches).
+    fn substitute_scratch(&self, _node: &Node, _inputs: &[&TensorDesc]) -> usize {
+        0
+    }
+
+    /// Entries that replace a node's own launches (a vendor GEMM the tuning table chose, with
+    /// our epilogue pass), writing the node's outputs, with `scratch` bytes of
+    /// [`Device::substitute_scratch`] at that address; None: the op's own launches. Only the
+    /// cuda backend substitutes; the choice is fixed per device, so runs stay bit-identical.
+    fn substitute(
+        &self,
+        _node: &Node,
+        _io: &LaunchIo,
+        _scratch: u64,
+    ) -> Result<Option<Vec<Entry>>> {
+        Ok(None)
+    }
 
     /// Seconds per execution of the list, averaged over `iters` back-to-back runs (device
     /// time where the device can measure it, else wall time).
@@ -103,6 +123,8 @@ pub struct KernelSession {
     _arena: DeviceBuffer,
     /// The weight buffers this session reads (its own, or shared through a cache).
     _weights: Vec<Arc<DeviceBuffer>>,
+    /// Scratch of the nodes the device substitutes (one region: they run one after another).
+    _scratch: Option<DeviceBuffer>,
     ptrs: Vec<u64>,
     list: LaunchList,
 }
@@ -167,13 +189,43 @@ impl KernelSession {
             held.push(buf);
         }
 
-        let list = build_launches(&graph, &plan, &ptrs, arena.ptr)?;
+        // Nodes the device runs otherwise (a vendor GEMM) share one scratch region; without it
+        // (no memory) they run our kernels.
+        let scratch_bytes = graph
+            .nodes
+            .iter()
+            .map(|n| {
+                let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
+                device.substitute_scratch(n, &ins)
+            })
+            .max()
+            .unwrap_or(0);
+        let scratch = match scratch_bytes {
+            0 => None,
+            b => match device.alloc(b) {
+                Ok(buf) => Some(buf),
+                Err(e) => {
+                    eprintln!(
+                        "warning: no memory for the vendor GEMMs' {} MiB scratch ({e}); our GEMM kernels run instead",
+                        b >> 20
+                    );
+                    None
+                }
+            },
+        };
+        let substitute = match (&scratch, scratch_bytes) {
+            (Some(b), _) => Some((device.as_ref(), b.ptr)),
+            (None, 0) => Some((device.as_ref(), 0)),
+            (None, _) => None,
+        };
+        let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute)?;
         Ok(KernelSession {
             device,
             graph,
             plan,
             _arena: arena,
             _weights: held,
+            _scratch: scratch,
             ptrs,
             list,
         })
@@ -198,8 +250,15 @@ impl KernelSession {
     }
 }
 
-/// The launch list of a graph whose tensors live at `ptrs` (workspaces at `arena` + offset).
-fn build_launches(graph: &Graph, plan: &ArenaPlan, ptrs: &[u64], arena: u64) -> Result<LaunchList> {
+/// The launch list of a graph whose tensors live at `ptrs` (workspaces at `arena` + offset),
+/// with the nodes `substitute`'s device runs otherwise (scratch at its address).
+fn build_launches(
+    graph: &Graph,
+    plan: &ArenaPlan,
+    ptrs: &[u64],
+    arena: u64,
+    substitute: Option<(&dyn Device, u64)>,
+) -> Result<LaunchList> {
     let mut list = LaunchList {
         launches: Vec::new(),
         labels: Vec::new(),
@@ -219,8 +278,21 @@ fn build_launches(graph: &Graph, plan: &ArenaPlan, ptrs: &[u64], arena: u64) -> 
             outputs: dev(&node.outputs),
             workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
         };
-        for l in node.op.launches(&io)? {
-            list.launches.push(l);
+        let entries = match substitute {
+            Some((device, scratch)) => device.substitute(node, &io, scratch)?,
+            None => None,
+        };
+        let entries = match entries {
+            Some(e) => e,
+            None => node
+                .op
+                .launches(&io)?
+                .into_iter()
+                .map(Entry::Kernel)
+                .collect(),
+        };
+        for e in entries {
+            list.launches.push(e);
             list.labels.push(node.label.clone());
         }
     }
@@ -247,7 +319,14 @@ pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
             }
         })
         .collect();
-    Ok(build_launches(graph, &plan, &ptrs, ARENA)?.launches)
+    Ok(build_launches(graph, &plan, &ptrs, ARENA, None)?
+        .launches
+        .into_iter()
+        .filter_map(|e| match e {
+            Entry::Kernel(l) => Some(l),
+            Entry::Vendor(_) => None,
+        })
+        .collect())
 }
 
 impl Session for KernelSession {

@@ -4,7 +4,7 @@
 
 use super::device::{Device, DeviceBuffer, LaunchList};
 use super::kernels::{hostsim_entry, hostsim_last_error};
-use super::launch::Launch;
+use super::launch::{Entry, Launch};
 use crate::{Error, Result};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ffi::{c_void, CStr};
@@ -124,7 +124,16 @@ impl Device for HostsimDevice {
     }
 
     fn execute(&self, list: &mut LaunchList) -> Result<()> {
-        for (l, label) in list.launches.iter_mut().zip(&list.labels) {
+        for (entry, label) in list.launches.iter_mut().zip(&list.labels) {
+            let l = match entry {
+                Entry::Kernel(l) => l,
+                Entry::Vendor(v) => {
+                    return Err(Error::Hostsim {
+                        kernel: format!("{} ({label})", v.describe()),
+                        message: "vendor libraries do not run on the emulator".into(),
+                    })
+                }
+            };
             if let Some(f) = self
                 .fail_kernel
                 .as_deref()

@@ -1,9 +1,64 @@
 //! A kernel launch as data: which kernel, the launch shape and the packed arguments. The
 //! same record drives the CUDA driver and the host emulator (both take `void**` arguments,
-//! the `cuLaunchKernel` convention).
+//! the `cuLaunchKernel` convention). A launch list's [`Entry`] is such a launch or a vendor
+//! library's call (cuBLASLt, chosen per GEMM by the tuning table on the cuda backend).
 
 use super::kernels::KernelId;
 use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Work a library enqueues in place of our kernels (cuBLASLt on the cuda backend). It goes to
+/// the executor's stream, so it is ordered with our launches and captured in the same graph.
+pub trait VendorCall: Send + Sync {
+    /// Enqueues the call on `stream` (a `CUstream`, as an integer).
+    ///
+    /// # Safety
+    /// The device buffers the call was built with must be live, and `stream` a stream of the
+    /// context they belong to.
+    unsafe fn enqueue(&self, stream: usize) -> crate::Result<()>;
+    /// What it runs, for error messages and reports.
+    fn describe(&self) -> String;
+}
+
+/// One entry of a launch list: our kernel, or a vendor library's call.
+#[derive(Clone)]
+pub enum Entry {
+    Kernel(Launch),
+    Vendor(Arc<dyn VendorCall>),
+}
+
+impl Entry {
+    /// The kernel launch, if this entry is one.
+    pub fn kernel(&self) -> Option<&Launch> {
+        match self {
+            Entry::Kernel(l) => Some(l),
+            Entry::Vendor(_) => None,
+        }
+    }
+
+    /// The kernel's name or the vendor call's description.
+    pub fn name(&self) -> String {
+        match self {
+            Entry::Kernel(l) => l.kernel.name().to_string(),
+            Entry::Vendor(v) => v.describe(),
+        }
+    }
+}
+
+impl From<Launch> for Entry {
+    fn from(l: Launch) -> Entry {
+        Entry::Kernel(l)
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Kernel(l) => l.fmt(f),
+            Entry::Vendor(v) => write!(f, "Vendor({})", v.describe()),
+        }
+    }
+}
 
 /// Kernel arguments, one 8-byte slot each (every kernel parameter is a scalar or a pointer of
 /// at most 8 bytes; little endian, so a 4-byte value in the low half of its slot reads right).

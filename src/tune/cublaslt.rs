@@ -12,6 +12,7 @@
 use super::table::AlgoRecord;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::{Device, DeviceBuffer};
+use crate::runtime::launch::VendorCall;
 use crate::tensor::DType;
 use cudarc::cublaslt::result;
 use cudarc::cublaslt::sys;
@@ -33,26 +34,23 @@ pub fn library_version() -> Option<u64> {
     std::panic::catch_unwind(|| unsafe { sys::cublasLtGetVersion() } as u64).ok()
 }
 
-/// A cuBLASLt handle with its workspace, on one device's stream.
+/// A cuBLASLt handle with its workspace (which keeps the device's context alive).
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuffer,
-    stream: sys::cudaStream_t,
     version: u64,
-    _dev: Arc<CudaDevice>,
 }
 
-// SAFETY: the handle is used from one thread at a time (the tuner's or the executor's); the
-// raw stream belongs to the device this value keeps alive.
+// SAFETY: the handle is used from one thread at a time (the tuner's or the executor's).
 unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
 
 impl Lt {
-    /// Opens cuBLASLt on `dev`'s stream with a workspace of our own (32 MiB on compute
+    /// Opens cuBLASLt on `dev` with a workspace of our own (32 MiB on compute
     /// capability 9.x and later, 4 MiB before: NVIDIA's recommendation). `Err` says why
     /// cuBLASLt is unavailable (library missing, no memory for the workspace, no handle):
     /// callers report the vendor path as skipped.
-    pub fn open(dev: &Arc<CudaDevice>) -> Result<Lt, String> {
+    pub fn open(dev: &CudaDevice) -> Result<Lt, String> {
         let version = library_version().ok_or_else(|| MISSING.to_string())?;
         let bytes = if dev.info().compute_capability.0 >= 9 {
             32 << 20
@@ -71,9 +69,7 @@ impl Lt {
         Ok(Lt {
             handle,
             workspace,
-            stream: dev.stream().cu_stream() as sys::cudaStream_t,
             version,
-            _dev: dev.clone(),
         })
     }
 
@@ -316,11 +312,13 @@ impl LtMatmul {
         Ok(r.workspaceSize)
     }
 
-    /// Enqueues `D = A·Wᵀ (+ bias) (+ C)` on `lt`'s stream (capturable into a CUDA graph).
+    /// Enqueues `D = A·Wᵀ (+ bias) (+ C)` on `stream` (a `CUstream` of `lt`'s device, as an
+    /// integer; capturable into a CUDA graph).
     ///
     /// # Safety
     /// `a` (M·K bf16), `w` (N·K bf16), `c` and `d` (M·N of the product dtype) must be live
     /// device buffers of those sizes, and the bias given at construction N f32 values.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn enqueue(
         &self,
         lt: &Lt,
@@ -329,6 +327,7 @@ impl LtMatmul {
         w: u64,
         c: u64,
         d: u64,
+        stream: usize,
     ) -> Result<(), String> {
         let alpha = 1.0f32;
         let beta = if self.spec.residual_as_c { 1.0f32 } else { 0.0 };
@@ -349,9 +348,41 @@ impl LtMatmul {
             &algo.0,
             lt.workspace.ptr as *mut c_void,
             lt.workspace_bytes(),
-            lt.stream,
+            stream as sys::cudaStream_t,
         )
         .map_err(|e| lt_error("cublasLtMatmul", e))
+    }
+}
+
+/// One cuBLASLt GEMM with fixed buffers, as a launch-list entry.
+pub struct LtCall {
+    pub lt: Arc<Lt>,
+    pub mm: Arc<LtMatmul>,
+    pub algo: Algo,
+    pub a: u64,
+    pub w: u64,
+    pub c: u64,
+    pub d: u64,
+}
+
+impl VendorCall for LtCall {
+    unsafe fn enqueue(&self, stream: usize) -> crate::Result<()> {
+        self.mm
+            .enqueue(&self.lt, &self.algo, self.a, self.w, self.c, self.d, stream)
+            .map_err(|e| crate::Error::cuda(self.describe(), e))
+    }
+
+    fn describe(&self) -> String {
+        let s = self.mm.spec;
+        format!(
+            "cuBLASLt {}x{}x{} ->{}{}{}",
+            s.m,
+            s.n,
+            s.k,
+            s.product.suffix(),
+            if s.bias { " +bias" } else { "" },
+            if s.residual_as_c { " +C" } else { "" }
+        )
     }
 }
 

@@ -1,34 +1,19 @@
-//! Where the tuner runs its candidates: a list of [`Step`]s (our kernel launches and cuBLASLt
-//! calls), run eagerly to check them and captured into a CUDA graph to time them. The CUDA
+//! Where the tuner runs its candidates: a list of [`Entry`]s (our kernel launches and cuBLASLt
+//! calls, the entries of a session's launch list), run eagerly to check them and captured into a CUDA graph to time them. The CUDA
 //! engine launches our kernels from modules it loads itself onto the device's stream, so a
 //! cuBLASLt call and our epilogue pass share one stream and one graph; the emulator engine
 //! runs kernel steps on the host emulator (no vendor library there: the tuner pairs the
 //! epilogue pass with a stand-in, our plain GEMM, so the whole flow is tested without a GPU).
 
-use super::cublaslt::{library_version, Algo, Lt, LtMatmul};
+use super::cublaslt::{library_version, Lt};
 use super::table::{kernels_hash, TableKey};
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::Device;
 use crate::runtime::kernels::{KernelId, MODULES};
-use crate::runtime::launch::Launch;
+use crate::runtime::launch::Entry;
 use crate::{Error, Result};
 use cudarc::driver::{result as drv, sys as dsys, CudaModule};
 use std::sync::{Arc, Mutex};
-
-/// One unit of enqueued work.
-pub enum Step {
-    /// One of our kernels.
-    Kernel(Launch),
-    /// `D = A·Wᵀ (+ bias) (+ C)` through cuBLASLt (pointers as [`LtMatmul::enqueue`] takes).
-    Lt {
-        mm: Arc<LtMatmul>,
-        algo: Algo,
-        a: u64,
-        w: u64,
-        c: u64,
-        d: u64,
-    },
-}
 
 /// Runs and times step lists on one device.
 pub trait Engine {
@@ -37,33 +22,18 @@ pub trait Engine {
     fn key(&self) -> TableKey;
     fn describe(&self) -> String;
     /// cuBLASLt, or why it is unavailable.
-    fn vendor(&self) -> std::result::Result<&Lt, String>;
+    fn vendor(&self) -> std::result::Result<&Arc<Lt>, String>;
     /// Pair the epilogue pass with our plain GEMM where there is no vendor GEMM (the
     /// emulator: exercises the pairing without a GPU).
     fn stand_in(&self) -> bool;
     /// Whether iteration counts adapt to a time target (else one run per timing).
     fn adaptive(&self) -> bool;
     /// Enqueues the steps and waits for them.
-    fn run(&self, steps: &mut [Step]) -> Result<()>;
+    fn run(&self, steps: &mut [Entry]) -> Result<()>;
     /// Seconds per execution of the steps, over `iters` executions.
-    fn time(&self, steps: &mut [Step], iters: usize) -> Result<f64>;
+    fn time(&self, steps: &mut [Entry], iters: usize) -> Result<f64>;
     /// Copies `bytes` bytes between device buffers, after all earlier work.
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
-}
-
-/// `cuDriverGetVersion` (0 when it cannot be read).
-pub fn driver_version() -> i32 {
-    if !crate::runtime::cuda::driver_present() {
-        return 0;
-    }
-    let mut v = 0i32;
-    // SAFETY: writes one int.
-    let st = unsafe { dsys::cuDriverGetVersion(&mut v) };
-    if st == dsys::CUresult::CUDA_SUCCESS {
-        v
-    } else {
-        0
-    }
 }
 
 /// The key of tables measured on a CUDA device like `info`'s.
@@ -74,7 +44,7 @@ pub fn cuda_key(info: &crate::runtime::cuda::DeviceInfo) -> TableKey {
             "{}.{}",
             info.compute_capability.0, info.compute_capability.1
         ),
-        driver_version: driver_version(),
+        driver_version: info.driver_version,
         cublaslt_version: library_version(),
         kernels_hash: kernels_hash(),
     }
@@ -89,7 +59,7 @@ unsafe impl Send for Function {}
 /// The CUDA engine: our kernels from modules loaded here, cuBLASLt on the same stream.
 pub struct CudaEngine {
     dev: Arc<CudaDevice>,
-    lt: std::result::Result<Lt, String>,
+    lt: std::result::Result<Arc<Lt>, String>,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
     functions: Mutex<Vec<Option<Function>>>,
 }
@@ -103,7 +73,7 @@ const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
 
 impl CudaEngine {
     pub fn new(dev: Arc<CudaDevice>) -> Self {
-        let lt = Lt::open(&dev);
+        let lt = Lt::open(&dev).map(Arc::new);
         CudaEngine {
             dev,
             lt,
@@ -166,11 +136,11 @@ impl CudaEngine {
         Ok(f.0)
     }
 
-    fn enqueue(&self, steps: &mut [Step]) -> Result<()> {
+    fn enqueue(&self, steps: &mut [Entry]) -> Result<()> {
         let stream = self.dev.stream().cu_stream();
         for step in steps {
             match step {
-                Step::Kernel(l) => {
+                Entry::Kernel(l) => {
                     let f = self.function(l.kernel, l.smem)?;
                     let mut params = l.args.pointers();
                     // SAFETY: the op's launch plan packs exactly the kernel's parameters,
@@ -187,19 +157,9 @@ impl CudaEngine {
                     }
                     .map_err(|e| driver_error(&format!("launching {}", l.kernel.name()), e))?;
                 }
-                Step::Lt {
-                    mm,
-                    algo,
-                    a,
-                    w,
-                    c,
-                    d,
-                } => {
-                    let lt = self.lt.as_ref().map_err(|e| Error::cuda("cuBLASLt", e))?;
-                    // SAFETY: the tuner sized every buffer for the problem `mm` describes.
-                    unsafe { mm.enqueue(lt, algo, *a, *w, *c, *d) }
-                        .map_err(|e| Error::cuda("cuBLASLt GEMM", e))?;
-                }
+                // SAFETY: the tuner sized every buffer for the call; our stream is the
+                // device's.
+                Entry::Vendor(v) => unsafe { v.enqueue(stream as usize) }?,
             }
         }
         Ok(())
@@ -234,7 +194,7 @@ impl Engine for CudaEngine {
         format!("{}; {lt}", self.dev.describe())
     }
 
-    fn vendor(&self) -> std::result::Result<&Lt, String> {
+    fn vendor(&self) -> std::result::Result<&Arc<Lt>, String> {
         self.lt.as_ref().map_err(|e| e.clone())
     }
 
@@ -246,13 +206,13 @@ impl Engine for CudaEngine {
         true
     }
 
-    fn run(&self, steps: &mut [Step]) -> Result<()> {
+    fn run(&self, steps: &mut [Entry]) -> Result<()> {
         self.bind()?;
         self.enqueue(steps)?;
         self.synchronize("running tuner steps")
     }
 
-    fn time(&self, steps: &mut [Step], iters: usize) -> Result<f64> {
+    fn time(&self, steps: &mut [Entry], iters: usize) -> Result<f64> {
         self.dev.time_work(iters, &mut || self.enqueue(steps))
     }
 
@@ -301,7 +261,7 @@ impl Engine for HostsimEngine {
         )
     }
 
-    fn vendor(&self) -> std::result::Result<&Lt, String> {
+    fn vendor(&self) -> std::result::Result<&Arc<Lt>, String> {
         Err("the emulator has no vendor library".into())
     }
 
@@ -313,11 +273,11 @@ impl Engine for HostsimEngine {
         false
     }
 
-    fn run(&self, steps: &mut [Step]) -> Result<()> {
+    fn run(&self, steps: &mut [Entry]) -> Result<()> {
         for step in steps {
             match step {
-                Step::Kernel(l) => crate::runtime::hostsim::launch(l)?,
-                Step::Lt { .. } => {
+                Entry::Kernel(l) => crate::runtime::hostsim::launch(l)?,
+                Entry::Vendor(_) => {
                     return Err(Error::InvalidArgument(
                         "the emulator cannot run cuBLASLt".into(),
                     ))
@@ -327,7 +287,7 @@ impl Engine for HostsimEngine {
         Ok(())
     }
 
-    fn time(&self, steps: &mut [Step], iters: usize) -> Result<f64> {
+    fn time(&self, steps: &mut [Entry], iters: usize) -> Result<f64> {
         let start = std::time::Instant::now();
         for _ in 0..iters.max(1) {
             self.run(steps)?;

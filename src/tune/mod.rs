@@ -10,17 +10,26 @@
 //!   graph; an emulator engine tests the flow without a GPU.
 //! - [`tuner`]: checks and times the candidates, picks the winners.
 //! - [`table`]: the table format, keys, staleness and the [`Selection`] in use.
+//! - [`pair`]: a vendor GEMM completed by our passes (scaling, epilogue).
+//! - [`dispatch`]: at run time, a GEMM node whose winner is cuBLASLt runs it in the session's
+//!   CUDA graph.
 
 pub mod cublaslt;
+pub mod dispatch;
 pub mod engine;
+pub mod pair;
 pub mod problems;
 pub mod table;
 pub mod tuner;
 
 pub use problems::{gemm_key, Epilogue, GemmKey};
+pub use table::GemmChoice;
 pub use table::{Selection, Table, TableKey};
 
-/// The selection for the CUDA device `info` describes (this machine's driver and cuBLASLt).
+/// The selection for the CUDA device `info` describes (this machine's driver and cuBLASLt),
+/// as a GEMM node on that device uses it.
 pub fn selection_for(info: &crate::runtime::cuda::DeviceInfo) -> Selection {
-    Selection::load_for(&engine::cuda_key(info))
+    dispatch::Dispatch::new(&engine::cuda_key(info))
+        .selection()
+        .clone()
 }

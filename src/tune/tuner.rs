@@ -11,20 +11,22 @@
 //! and it cannot win. Times are device time over CUDA-graph replays, the iteration count
 //! chosen so each candidate replays for about `target` seconds.
 
-use super::cublaslt::{LtMatmul, LtSpec};
-use super::engine::{Engine, Step};
+use super::cublaslt::{LtCall, LtMatmul, LtSpec};
+use super::dispatch::{pair_entries, plan_layout, PairPlan};
+use super::engine::Engine;
+use super::pair;
 use super::problems::{problems, AttentionProblem, Epilogue, GemmProblem};
 use super::table::{
     dtype_name, now_utc, AttentionEntry, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT,
 };
 use crate::bench::{hash, uniform};
-use crate::ops::gemm::{Gemm, GemmFilm, GemmScaledA};
-use crate::ops::gemm_epilogue::{CompareSummary, GemmEpilogue, GemmScaleA, TuneCompare};
+use crate::ops::gemm_epilogue::{CompareSummary, TuneCompare};
 use crate::ops::{DevTensor, LaunchIo, OpImpl};
 use crate::pipeline::models::Configs;
 use crate::pipeline::Size;
 use crate::runtime::device::{Device, DeviceBuffer, WeightCache};
 use crate::runtime::graph::{Role, TensorDesc};
+use crate::runtime::launch::Entry;
 use crate::tensor::{encode, DType};
 use crate::verify::Tolerance;
 use crate::{Error, Result};
@@ -120,16 +122,16 @@ impl Pools {
 }
 
 /// The buffers of one problem: inputs in the pools, our outputs (the reference), the
-/// candidate's outputs and a copy of them (determinism), the workspace, the pair's product
-/// and scaled operand, the comparison rows.
+/// candidate's outputs and a copy of them (determinism), the workspace, the pairs' scratch,
+/// the comparison rows.
 struct Buffers {
     inputs: Vec<u64>,
     reference: Vec<DeviceBuffer>,
     candidate: Vec<DeviceBuffer>,
     previous: Vec<DeviceBuffer>,
     workspace: DeviceBuffer,
-    product: DeviceBuffer,
-    scaled_a: Option<DeviceBuffer>,
+    /// The pairs' f32 product and scaled operand (as a GEMM node's scratch).
+    scratch: DeviceBuffer,
     compare: DeviceBuffer,
 }
 
@@ -155,7 +157,7 @@ fn tflops(flops: f64, seconds: f64) -> f64 {
 /// A candidate before it is run: its record and its steps.
 struct Trial {
     record: Candidate,
-    steps: Vec<Step>,
+    steps: Vec<Entry>,
 }
 
 fn record(name: String, kind: &str) -> Candidate {
@@ -173,17 +175,6 @@ fn record(name: String, kind: &str) -> Candidate {
     }
 }
 
-/// The k of a FiLM epilogue and of the operand scaling.
-fn film_k(op: &dyn OpImpl) -> f32 {
-    op.as_any().downcast_ref::<GemmFilm>().map_or(1.0, |f| f.k)
-}
-
-fn scale_k(op: &dyn OpImpl) -> f32 {
-    op.as_any()
-        .downcast_ref::<GemmScaledA>()
-        .map_or(1.0, |s| s.k)
-}
-
 struct Problem<'a> {
     p: &'a GemmProblem,
     bufs: Buffers,
@@ -195,10 +186,32 @@ impl<'a> Problem<'a> {
             p.outputs.iter().map(|d| dev.alloc(d.bytes())).collect()
         };
         let refs: Vec<&TensorDesc> = p.inputs.iter().collect();
-        let pair_ws = self::epilogue_op(p)
-            .workspace_bytes(&pair_inputs_descs(p, DType::F32).iter().collect::<Vec<_>>());
-        let ws = p.op.workspace_bytes(&refs).max(pair_ws);
-        let (m, n, k) = (p.key.m, p.key.n, p.key.k);
+        // The epilogue pass needs what the fused GEMM needs (the GRN partials), at most.
+        let product = pair::product_desc(&p.outputs[0], DType::F32);
+        let ins: Vec<DevTensor> = p
+            .inputs
+            .iter()
+            .map(|desc| DevTensor { ptr: 0, desc })
+            .collect();
+        let pass_ins: Vec<&TensorDesc> = pair::epilogue_inputs(
+            &p.key,
+            &ins,
+            DevTensor {
+                ptr: 0,
+                desc: &product,
+            },
+        )
+        .iter()
+        .map(|t| t.desc)
+        .collect();
+        let pass_ws = pair::epilogue_op(p.op.as_ref(), &p.key).workspace_bytes(&pass_ins);
+        let ws = p.op.workspace_bytes(&refs).max(pass_ws);
+        let widest = PairPlan {
+            product: DType::F32,
+            scale_a: p.key.epilogue.scaled_a,
+            epilogue_pass: true,
+        };
+        let scratch = plan_layout(&p.key, widest).bytes;
         let largest = p.outputs.iter().map(|d| d.numel()).max().unwrap_or(1);
         Ok(Problem {
             p,
@@ -213,153 +226,63 @@ impl<'a> Problem<'a> {
                 candidate: outs()?,
                 previous: outs()?,
                 workspace: dev.alloc(ws.max(256))?,
-                product: dev.alloc(m * n * 4)?,
-                scaled_a: if p.key.epilogue.scaled_a {
-                    Some(dev.alloc(m * k * 2)?)
-                } else {
-                    None
-                },
+                scratch: dev.alloc(scratch.max(256))?,
                 compare: dev.alloc(crate::ops::gemm_epilogue::compare_blocks(largest) * 16)?,
             },
         })
     }
 
-    fn tensors<'d>(
-        descs: &'d [TensorDesc],
-        ptrs: impl IntoIterator<Item = u64>,
-    ) -> Vec<DevTensor<'d>> {
-        descs
-            .iter()
-            .zip(ptrs)
-            .map(|(desc, ptr)| DevTensor { ptr, desc })
-            .collect()
+    /// The op's inputs (in the pools) and outputs (`outs`), and the workspace.
+    fn io<'d>(&'d self, outs: &[DeviceBuffer]) -> LaunchIo<'d> {
+        let p = self.p;
+        LaunchIo {
+            inputs: p
+                .inputs
+                .iter()
+                .zip(&self.bufs.inputs)
+                .map(|(desc, &ptr)| DevTensor { ptr, desc })
+                .collect(),
+            outputs: p
+                .outputs
+                .iter()
+                .zip(outs)
+                .map(|(desc, b)| DevTensor { ptr: b.ptr, desc })
+                .collect(),
+            workspace: self.bufs.workspace.ptr,
+        }
     }
 
     /// Our op's launches, writing into `outs`.
-    fn ours(&self, outs: &[DeviceBuffer]) -> Result<Vec<Step>> {
-        let io = LaunchIo {
-            inputs: Self::tensors(&self.p.inputs, self.bufs.inputs.iter().copied()),
-            outputs: Self::tensors(&self.p.outputs, outs.iter().map(|b| b.ptr)),
-            workspace: self.bufs.workspace.ptr,
-        };
-        Ok(self
-            .p
-            .op
-            .launches(&io)?
-            .into_iter()
-            .map(Step::Kernel)
-            .collect())
+    fn ours(&self, outs: &[DeviceBuffer]) -> Result<Vec<Entry>> {
+        Ok(pair::kernels(self.p.op.launches(&self.io(outs))?))
     }
 
-    /// The vendor product's operand: A, or A scaled by our pass first (its steps).
-    fn operand(&self) -> Result<(u64, Vec<Step>)> {
-        let p = self.p;
-        let a = self.bufs.inputs[0];
-        let Some(scaled) = &self.bufs.scaled_a else {
-            return Ok((a, Vec::new()));
-        };
-        let ab = p.inputs.len() - 1;
-        let out = TensorDesc {
-            name: "scaled A".into(),
-            shape: p.inputs[0].shape.clone(),
-            dtype: DType::BF16,
-            role: Role::Activation,
-        };
-        let op = GemmScaleA {
-            k: scale_k(p.op.as_ref()),
-        };
-        let io = LaunchIo {
-            inputs: vec![
-                DevTensor {
-                    ptr: a,
-                    desc: &p.inputs[0],
-                },
-                DevTensor {
-                    ptr: self.bufs.inputs[ab],
-                    desc: &p.inputs[ab],
-                },
-            ],
-            outputs: vec![DevTensor {
-                ptr: scaled.ptr,
-                desc: &out,
-            }],
-            workspace: 0,
-        };
-        Ok((
-            scaled.ptr,
-            op.launches(&io)?.into_iter().map(Step::Kernel).collect(),
-        ))
+    /// A vendor product `vendor(a, d)` completed by our passes, as a GEMM node runs it
+    /// ([`pair_entries`]), into the candidate outputs.
+    fn pair(
+        &self,
+        plan: PairPlan,
+        vendor: &mut dyn FnMut(u64, u64) -> Result<Entry>,
+    ) -> Result<Vec<Entry>> {
+        pair_entries(
+            self.p.op.as_ref(),
+            &self.p.key,
+            self.bufs.workspace.bytes,
+            &self.io(&self.bufs.candidate),
+            self.bufs.scratch.ptr,
+            plan,
+            vendor,
+        )?
+        .ok_or_else(|| Error::InvalidArgument("the epilogue pass needs more workspace".into()))
     }
 
-    /// Our epilogue pass from the product (of dtype `product`) into the candidate outputs.
-    fn epilogue_pass(&self, product: DType) -> Result<Vec<Step>> {
-        let p = self.p;
-        let descs = pair_inputs_descs(p, product);
-        let e = p.key.epilogue;
-        let mut ptrs = vec![self.bufs.product.ptr];
-        let mut next = 2;
-        if e.bias {
-            ptrs.push(self.bufs.inputs[next]);
-            next += 1;
-        }
-        if e.residual {
-            ptrs.push(self.bufs.inputs[next]);
-        }
-        if e.film {
-            ptrs.push(self.bufs.inputs[p.inputs.len() - 1]);
-        }
-        let io = LaunchIo {
-            inputs: Self::tensors(&descs, ptrs),
-            outputs: Self::tensors(&p.outputs, self.bufs.candidate.iter().map(|b| b.ptr)),
-            workspace: self.bufs.workspace.ptr,
+    /// The stand-in vendor GEMM: our plain kernel, A at `a` to the product at `d`.
+    fn stand_in(&self, a: u64, d: u64, product: DType) -> Result<Entry> {
+        let w = DevTensor {
+            ptr: self.bufs.inputs[1],
+            desc: &self.p.inputs[1],
         };
-        Ok(epilogue_op(p)
-            .launches(&io)?
-            .into_iter()
-            .map(Step::Kernel)
-            .collect())
-    }
-
-    /// The stand-in vendor GEMM: our plain kernel into the product buffer.
-    fn stand_in_product(&self, a: u64, product: DType) -> Result<Vec<Step>> {
-        let p = self.p;
-        let (m, n) = (p.key.m, p.key.n);
-        let gemm = Gemm {
-            bias: false,
-            gelu: false,
-            residual: false,
-            out: product,
-        };
-        let a_desc = TensorDesc {
-            name: "A".into(),
-            shape: vec![m, p.key.k],
-            dtype: DType::BF16,
-            role: Role::Input,
-        };
-        let out = TensorDesc {
-            name: "product".into(),
-            shape: vec![m, n],
-            dtype: product,
-            role: Role::Activation,
-        };
-        let io = LaunchIo {
-            inputs: vec![
-                DevTensor {
-                    ptr: a,
-                    desc: &a_desc,
-                },
-                DevTensor {
-                    ptr: self.bufs.inputs[1],
-                    desc: &p.inputs[1],
-                },
-            ],
-            outputs: vec![DevTensor {
-                ptr: self.bufs.product.ptr,
-                desc: &out,
-            }],
-            workspace: 0,
-        };
-        Ok(gemm.launches(&io)?.into_iter().map(Step::Kernel).collect())
+        pair::plain_gemm(&self.p.key, a, w, d, product)
     }
 
     /// Every candidate of this problem on `engine` (records of variants without an algorithm
@@ -376,32 +299,31 @@ impl<'a> Problem<'a> {
                 steps: self.ours(&self.bufs.candidate)?,
             });
         }
-        // (variant, product dtype, cuBLASLt alone)
-        let mut variants: Vec<(&str, DType, bool)> = Vec::new();
+        // (variant, plan): cuBLASLt alone where its own epilogue covers the op, else its
+        // product in f32 (and in bf16 for bf16 outputs) completed by our passes.
+        let alone = PairPlan {
+            product: p.key.out,
+            scale_a: false,
+            epilogue_pass: false,
+        };
+        let completed = |product| PairPlan {
+            product,
+            scale_a: e.scaled_a,
+            epilogue_pass: true,
+        };
+        let mut variants: Vec<(&str, PairPlan)> = Vec::new();
         if e.vendor_fusable() && !engine.stand_in() {
-            variants.push(("fused", p.key.out, true));
+            variants.push(("fused", alone));
         }
         if e != Epilogue::default() {
-            variants.push(("f32", DType::F32, false));
+            variants.push(("f32", completed(DType::F32)));
             if p.key.out == DType::BF16 {
-                variants.push(("bf16", DType::BF16, false));
+                variants.push(("bf16", completed(DType::BF16)));
             }
         }
-        for (variant, product, alone) in variants {
-            let (a, mut pre) = if alone {
-                (self.bufs.inputs[0], Vec::new())
-            } else {
-                self.operand()?
-            };
-            let post = if alone {
-                Vec::new()
-            } else {
-                self.epilogue_pass(product)?
-            };
+        for (variant, plan) in variants {
             if engine.stand_in() {
-                let mut steps = std::mem::take(&mut pre);
-                steps.extend(self.stand_in_product(a, product)?);
-                steps.extend(post);
+                let steps = self.pair(plan, &mut |a, d| self.stand_in(a, d, plan.product))?;
                 trials.push(Trial {
                     record: record(format!("standin/{variant}"), "standin+epilogue"),
                     steps,
@@ -412,20 +334,19 @@ impl<'a> Problem<'a> {
                 Ok(lt) => lt,
                 Err(_) => continue,
             };
-            let kind = if alone {
+            let fused = !plan.epilogue_pass;
+            let kind = if fused {
                 "cublaslt"
             } else {
                 "cublaslt+epilogue"
             };
-            let bias_idx = 2;
-            let residual_idx = 2 + e.bias as usize;
             let spec = LtSpec {
                 m: p.key.m,
                 n: p.key.n,
                 k: p.key.k,
-                product,
-                bias: alone && e.bias,
-                residual_as_c: alone && e.residual,
+                product: plan.product,
+                bias: fused && e.bias,
+                residual_as_c: fused && e.residual,
             };
             let failed = |detail: String| {
                 let mut r = record(format!("cublaslt/{variant}"), kind);
@@ -441,12 +362,12 @@ impl<'a> Problem<'a> {
                     steps: Vec::new(),
                 }
             };
-            let bias_ptr = if spec.bias {
-                self.bufs.inputs[bias_idx]
+            let bias = if spec.bias {
+                self.bufs.inputs[pair::bias_index()]
             } else {
                 0
             };
-            let mm = match LtMatmul::new(spec, bias_ptr) {
+            let mm = match LtMatmul::new(spec, bias) {
                 Ok(mm) => Arc::new(mm),
                 Err(err) => {
                     trials.push(failed(err));
@@ -464,41 +385,32 @@ impl<'a> Problem<'a> {
                     continue;
                 }
             };
-            let (c, d) = if alone {
-                let c = if spec.residual_as_c {
-                    self.bufs.inputs[residual_idx]
-                } else {
-                    0
-                };
-                (c, self.bufs.candidate[0].ptr)
+            let residual = if spec.residual_as_c {
+                self.bufs.inputs[pair::residual_index(&p.key)]
             } else {
-                (0, self.bufs.product.ptr)
+                0
             };
             for (rank, h) in heuristics.iter().enumerate() {
                 let mut r = record(format!("cublaslt/{variant}/{rank}"), kind);
                 r.cublaslt = Some(LtChoice {
-                    product: dtype_name(product).into(),
+                    product: dtype_name(plan.product).into(),
                     epilogue: if spec.bias { "bias" } else { "default" }.into(),
                     residual_as_c: spec.residual_as_c,
-                    scale_a: !alone && e.scaled_a,
-                    epilogue_pass: !alone,
+                    scale_a: plan.scale_a,
+                    epilogue_pass: plan.epilogue_pass,
                     algo: h.algo.record(h),
                 });
-                let mut steps: Vec<Step> = Vec::new();
-                if !alone {
-                    steps.extend(self.operand()?.1);
-                }
-                steps.push(Step::Lt {
-                    mm: mm.clone(),
-                    algo: h.algo,
-                    a,
-                    w: self.bufs.inputs[1],
-                    c,
-                    d,
-                });
-                if !alone {
-                    steps.extend(self.epilogue_pass(product)?);
-                }
+                let steps = self.pair(plan, &mut |a, d| {
+                    Ok(Entry::Vendor(Arc::new(LtCall {
+                        lt: lt.clone(),
+                        mm: mm.clone(),
+                        algo: h.algo,
+                        a,
+                        w: self.bufs.inputs[1],
+                        c: residual,
+                        d,
+                    })))
+                })?;
                 trials.push(Trial { record: r, steps });
             }
         }
@@ -535,10 +447,10 @@ impl<'a> Problem<'a> {
                 }],
                 workspace: 0,
             };
-            let mut steps: Vec<Step> = TuneCompare
+            let mut steps: Vec<Entry> = TuneCompare
                 .launches(&io)?
                 .into_iter()
-                .map(Step::Kernel)
+                .map(Entry::Kernel)
                 .collect();
             engine.run(&mut steps)?;
             let mut bytes = vec![0u8; rows * 16];
@@ -594,43 +506,6 @@ impl<'a> Problem<'a> {
         }
         Ok(())
     }
-}
-
-/// The epilogue pass that completes a vendor product for this problem.
-fn epilogue_op(p: &GemmProblem) -> GemmEpilogue {
-    let e = p.key.epilogue;
-    GemmEpilogue {
-        bias: e.bias,
-        gelu: e.gelu,
-        residual: e.residual,
-        film: e.film.then(|| film_k(p.op.as_ref())),
-        grn_stats: e.grn_stats,
-        out: p.key.out,
-    }
-}
-
-/// The epilogue pass's input descriptions: the product (the output's shape), then the
-/// problem's bias, residual and FiLM modulation.
-fn pair_inputs_descs(p: &GemmProblem, product: DType) -> Vec<TensorDesc> {
-    let e = p.key.epilogue;
-    let mut v = vec![TensorDesc {
-        name: "product".into(),
-        shape: p.outputs[0].shape.clone(),
-        dtype: product,
-        role: Role::Activation,
-    }];
-    let mut next = 2;
-    if e.bias {
-        v.push(p.inputs[next].clone());
-        next += 1;
-    }
-    if e.residual {
-        v.push(p.inputs[next].clone());
-    }
-    if e.film {
-        v.push(p.inputs[p.inputs.len() - 1].clone());
-    }
-    v
 }
 
 /// Checks and times every candidate of one GEMM (inputs read from the pools); the entry with

@@ -7,7 +7,7 @@ use super::driver::{
     DriverResult, Event, Function, Graph, GraphExec, LaunchShape, Stream, StreamDriver,
 };
 use crate::runtime::device::LaunchList;
-use crate::runtime::launch::Launch;
+use crate::runtime::launch::{Entry, Launch};
 use crate::{Error, Result};
 use cudarc::driver::DriverError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -217,12 +217,23 @@ impl Executor {
             .map_err(|e| driver_error(&format!("launching {}", l.kernel.name()), e))
     }
 
+    /// Enqueues one entry: our kernel, or a vendor call on our stream.
+    fn enqueue_entry(&self, e: &mut Entry) -> Result<()> {
+        match e {
+            Entry::Kernel(l) => self.launch(l),
+            // SAFETY: the session that built the call keeps its buffers alive; our stream
+            // belongs to their context.
+            Entry::Vendor(v) => unsafe { v.enqueue(self.stream.0) },
+        }
+    }
+
     fn run_eager(&self, list: &mut LaunchList) -> Result<()> {
         let debug = self.debug();
-        for (l, label) in list.launches.iter_mut().zip(&list.labels) {
-            self.launch(l).map_err(|e| Error::cuda(label.clone(), e))?;
+        for (e, label) in list.launches.iter_mut().zip(&list.labels) {
+            self.enqueue_entry(e)
+                .map_err(|err| Error::cuda(label.clone(), err))?;
             if debug {
-                self.synchronize(&format!("{label} ({})", l.kernel.name()))?;
+                self.synchronize(&format!("{label} ({})", e.name()))?;
             }
         }
         self.synchronize("running the launch list")
@@ -272,7 +283,10 @@ impl Executor {
     pub fn enqueue(&self, list: &mut LaunchList) -> Result<()> {
         match replay_of(list) {
             Some(Replay::Graph(c)) => self.replay(c),
-            _ => list.launches.iter_mut().try_for_each(|l| self.launch(l)),
+            _ => list
+                .launches
+                .iter_mut()
+                .try_for_each(|e| self.enqueue_entry(e)),
         }
     }
 
@@ -288,7 +302,11 @@ impl Executor {
     }
 
     fn capture(&self, list: &mut LaunchList) -> Result<Captured> {
-        self.capture_with(&mut || list.launches.iter_mut().try_for_each(|l| self.launch(l)))
+        self.capture_with(&mut || {
+            list.launches
+                .iter_mut()
+                .try_for_each(|e| self.enqueue_entry(e))
+        })
     }
 
     /// Captures what `work` enqueues on our stream into one instantiated CUDA graph.
@@ -467,7 +485,7 @@ mod tests {
                 .map(|i| {
                     let mut l = Launch::linear(k, 1, 32, Args::new().ptr(0x9000 + i as u64));
                     l.smem = 64 * 1024;
-                    l
+                    Entry::Kernel(l)
                 })
                 .collect(),
             labels: (0..n).map(|i| format!("node{i}")).collect(),

@@ -9,12 +9,16 @@ pub mod driver;
 pub mod executor;
 
 use super::device::{Device, DeviceBuffer, LaunchList};
+use super::graph::{Node, TensorDesc};
 use super::kernels::{KernelId, KERNELS_COMPILED, MODULES};
+use super::launch::Entry;
+use crate::ops::LaunchIo;
+use crate::tune::dispatch::Dispatch;
 use crate::{Error, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
 use driver::{Function, RealDriver, Stream};
 use executor::{driver_error, Executor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -34,6 +38,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     info: DeviceInfo,
+    /// The tuning table's choices (loaded at the first session), cuBLASLt once needed.
+    dispatch: OnceLock<Dispatch>,
 }
 
 /// Whether a CUDA driver library can be loaded at all (never panics).
@@ -154,11 +160,18 @@ impl CudaDevice {
             _modules: modules,
             exec,
             info,
+            dispatch: OnceLock::new(),
         }))
     }
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// Which tuning table (or the built-in rules) picks the GEMMs of this device's sessions.
+    pub fn dispatch(&self) -> &Dispatch {
+        self.dispatch
+            .get_or_init(|| Dispatch::new(&crate::tune::engine::cuda_key(&self.info)))
     }
 
     /// (free, total) bytes now.
@@ -322,6 +335,14 @@ impl Device for CudaDevice {
     fn execute(&self, list: &mut LaunchList) -> Result<()> {
         self.bind()?;
         self.exec.execute(list)
+    }
+
+    fn substitute_scratch(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+        self.dispatch().scratch_bytes(node, inputs)
+    }
+
+    fn substitute(&self, node: &Node, io: &LaunchIo, scratch: u64) -> Result<Option<Vec<Entry>>> {
+        self.dispatch().entries(self, node, io, scratch)
     }
 
     fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {

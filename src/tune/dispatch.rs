@@ -1,0 +1,456 @@
+//! The tuning table at run time, on the cuda backend: a GEMM node whose tuned winner is
+//! cuBLASLt runs cuBLASLt (with its recorded algorithm) in the session's launch list, so in the
+//! same CUDA graph as our kernels, followed by our epilogue pass where cuBLASLt cannot fuse the
+//! op's epilogue, and preceded by our operand scaling where the op modulates A. Every other
+//! node, and every node under the built-in rules (no table, a stale one, `UPX_TUNING=off`),
+//! runs our kernels. The choice depends only on the table and the node, so a run is
+//! bit-identical to the next.
+//!
+//! Anything that keeps a chosen call from running here (cuBLASLt missing or without a
+//! workspace, an algorithm `cublasLtMatmulAlgoCheck` refuses, an inconsistent entry) makes that
+//! node run our kernel, with one warning per reason.
+
+use super::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
+use super::pair;
+use super::problems::{gemm_key, GemmKey};
+use super::table::{parse_dtype, GemmChoice, LtChoice, Selection};
+use crate::ops::{DevTensor, LaunchIo, OpImpl};
+use crate::runtime::cuda::CudaDevice;
+use crate::runtime::graph::{Node, TensorDesc};
+use crate::runtime::launch::Entry;
+use crate::tensor::DType;
+use crate::Result;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The per-device state: the selection in use, cuBLASLt once a node needs it.
+pub struct Dispatch {
+    selection: Selection,
+    lt: OnceLock<std::result::Result<Arc<Lt>, String>>,
+    warned: Mutex<HashSet<String>>,
+}
+
+/// Where the scratch region of a substituted node holds what: the f32 product (when the
+/// output is bf16) and the scaled operand, each 256-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchLayout {
+    pub product: Option<usize>,
+    pub scaled_a: Option<usize>,
+    pub bytes: usize,
+}
+
+/// How a vendor GEMM is completed: its product's dtype, our operand scaling before it, our
+/// epilogue pass after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairPlan {
+    pub product: DType,
+    pub scale_a: bool,
+    pub epilogue_pass: bool,
+}
+
+impl PairPlan {
+    pub fn of(key: &GemmKey, c: &LtChoice) -> PairPlan {
+        PairPlan {
+            product: parse_dtype(&c.product).unwrap_or(key.out),
+            scale_a: c.scale_a,
+            epilogue_pass: c.epilogue_pass,
+        }
+    }
+}
+
+/// The scratch a vendor call with this choice needs for this GEMM.
+pub fn scratch_layout(key: &GemmKey, c: &LtChoice) -> ScratchLayout {
+    plan_layout(key, PairPlan::of(key, c))
+}
+
+/// The scratch of a [`PairPlan`] for this GEMM.
+pub fn plan_layout(key: &GemmKey, plan: PairPlan) -> ScratchLayout {
+    let mut bytes = 0;
+    let mut take = |on: bool, size: usize| {
+        on.then(|| {
+            let at = bytes;
+            bytes += pair::aligned(size);
+            at
+        })
+    };
+    let product = take(
+        plan.epilogue_pass && plan.product != key.out,
+        key.m * key.n * plan.product.size(),
+    );
+    let scaled_a = take(plan.scale_a, key.m * key.k * DType::BF16.size());
+    ScratchLayout {
+        product,
+        scaled_a,
+        bytes,
+    }
+}
+
+/// Why a recorded choice does not fit the node's GEMM (None: it fits). Tables are written
+/// for their keys, so this only catches hand-edited or corrupted tables.
+pub fn inconsistency(key: &GemmKey, c: &LtChoice) -> Option<String> {
+    let e = key.epilogue;
+    let Some(product) = parse_dtype(&c.product) else {
+        return Some(format!("unknown product dtype {}", c.product));
+    };
+    if Algo::from_hex(&c.algo.bytes).is_none() {
+        return Some("the algorithm is not 64 hex bytes".into());
+    }
+    if c.epilogue_pass {
+        if c.epilogue != "default" || c.residual_as_c {
+            return Some("cuBLASLt's own epilogue with our epilogue pass".into());
+        }
+        if c.scale_a != e.scaled_a {
+            return Some("the operand scaling does not match the op".into());
+        }
+        if product == DType::BF16 && key.out == DType::F32 {
+            return Some("a bf16 product for an f32 output".into());
+        }
+    } else {
+        let bias = match c.epilogue.as_str() {
+            "bias" => true,
+            "default" => false,
+            other => return Some(format!("unknown cuBLASLt epilogue {other}")),
+        };
+        if !e.vendor_fusable() || bias != e.bias || c.residual_as_c != e.residual {
+            return Some(format!(
+                "cuBLASLt alone cannot compute the epilogue {}",
+                e.name()
+            ));
+        }
+        if product != key.out || c.scale_a {
+            return Some("cuBLASLt alone must write the output".into());
+        }
+    }
+    None
+}
+
+impl Dispatch {
+    /// The selection for a device with this key (see [`Selection::load_for`]); `UPX_TUNING=off`
+    /// forces the built-in rules.
+    pub fn new(key: &super::table::TableKey) -> Dispatch {
+        let selection = match std::env::var("UPX_TUNING").as_deref() {
+            Ok("off") => Selection::BuiltIn {
+                reason: "UPX_TUNING=off".into(),
+            },
+            _ => Selection::load_for(key),
+        };
+        Dispatch {
+            selection,
+            lt: OnceLock::new(),
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    fn warn(&self, what: String) {
+        if self
+            .warned
+            .lock()
+            .expect("warning set")
+            .insert(what.clone())
+        {
+            eprintln!("warning: {what}; our GEMM kernel runs instead");
+        }
+    }
+
+    /// The node's GEMM and the table's cuBLASLt choice for it (None: our kernel).
+    fn choice(&self, op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Option<(GemmKey, LtChoice)> {
+        let key = gemm_key(op, inputs)?;
+        match self.selection.gemm(&key)? {
+            GemmChoice::CublasLt(c) => match inconsistency(&key, &c) {
+                None => Some((key, c)),
+                Some(why) => {
+                    self.warn(format!("tuning table entry for {}: {why}", key.describe()));
+                    None
+                }
+            },
+            GemmChoice::Ours(_) => None,
+        }
+    }
+
+    /// Scratch bytes the node needs when it runs a vendor GEMM (0 otherwise).
+    pub fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+        self.choice(node.op.as_ref(), inputs)
+            .map_or(0, |(key, c)| scratch_layout(&key, &c).bytes)
+    }
+
+    /// The node's entries when the table chose cuBLASLt for it: [scaling,] cuBLASLt,
+    /// [epilogue pass]; None for our kernel.
+    pub fn entries(
+        &self,
+        dev: &CudaDevice,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<Vec<Entry>>> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let op = node.op.as_ref();
+        let Some((key, c)) = self.choice(op, &descs) else {
+            return Ok(None);
+        };
+        let lt = match self.lt.get_or_init(|| Lt::open(dev).map(Arc::new)) {
+            Ok(lt) => lt.clone(),
+            Err(e) => {
+                self.warn(format!("the tuning table chose cuBLASLt, but {e}"));
+                return Ok(None);
+            }
+        };
+        let layout = scratch_layout(&key, &c);
+        if layout.bytes > 0 && scratch == 0 {
+            return Ok(None);
+        }
+        let product = parse_dtype(&c.product).expect("checked by inconsistency");
+        let algo = Algo::from_hex(&c.algo.bytes).expect("checked by inconsistency");
+        let spec = LtSpec {
+            m: key.m,
+            n: key.n,
+            k: key.k,
+            product,
+            bias: c.epilogue == "bias",
+            residual_as_c: c.residual_as_c,
+        };
+        let bias = if spec.bias {
+            io.inputs[pair::bias_index()].ptr
+        } else {
+            0
+        };
+        let refused = |why: String| {
+            self.warn(format!(
+                "cuBLASLt algorithm {} for {}: {why}",
+                c.algo.id,
+                key.describe()
+            ))
+        };
+        let mm = match LtMatmul::new(spec, bias) {
+            Ok(mm) => Arc::new(mm),
+            Err(e) => {
+                refused(e);
+                return Ok(None);
+            }
+        };
+        if let Err(e) = mm.check(&lt, &algo) {
+            refused(e);
+            return Ok(None);
+        }
+        let residual = if spec.residual_as_c {
+            io.inputs[pair::residual_index(&key)].ptr
+        } else {
+            0
+        };
+        let w = io.inputs[1].ptr;
+        let entries = pair_entries(
+            op,
+            &key,
+            node.workspace,
+            io,
+            scratch,
+            PairPlan::of(&key, &c),
+            &mut |a, d| {
+                Ok(Entry::Vendor(Arc::new(LtCall {
+                    lt: lt.clone(),
+                    mm: mm.clone(),
+                    algo,
+                    a,
+                    w,
+                    c: residual,
+                    d,
+                })))
+            },
+        )?;
+        if entries.is_none() {
+            self.warn(format!(
+                "the epilogue pass of {} needs more workspace than the node has",
+                key.describe()
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+/// A GEMM node's entries with a vendor GEMM: our operand scaling (into the scratch) where the
+/// plan says, the vendor call `vendor(a, d)` reading A (or the scaled A) at `a` and writing its
+/// product at `d`, then our epilogue pass into the node's outputs. The product goes straight
+/// into the node's first output when it has the output's dtype (the pass then runs in place),
+/// else into the scratch ([`plan_layout`]). None when the pass would need more workspace than
+/// the node has (`workspace` bytes at `io.workspace`).
+pub fn pair_entries(
+    op: &dyn OpImpl,
+    key: &GemmKey,
+    workspace: usize,
+    io: &LaunchIo,
+    scratch: u64,
+    plan: PairPlan,
+    vendor: &mut dyn FnMut(u64, u64) -> Result<Entry>,
+) -> Result<Option<Vec<Entry>>> {
+    let layout = plan_layout(key, plan);
+    let product_desc = pair::product_desc(io.outputs[0].desc, plan.product);
+    let product = DevTensor {
+        ptr: layout
+            .product
+            .map_or(io.outputs[0].ptr, |at| scratch + at as u64),
+        desc: &product_desc,
+    };
+    if plan.epilogue_pass {
+        let pass_ins: Vec<&TensorDesc> = pair::epilogue_inputs(key, &io.inputs, product)
+            .iter()
+            .map(|t| t.desc)
+            .collect();
+        if pair::epilogue_op(op, key).workspace_bytes(&pass_ins) > workspace {
+            return Ok(None);
+        }
+    }
+    let mut entries = Vec::new();
+    let mut a = io.inputs[0].ptr;
+    let scaled_desc = pair::product_desc(io.inputs[0].desc, DType::BF16);
+    if let Some(at) = layout.scaled_a {
+        a = scratch + at as u64;
+        entries.extend(pair::scale_launches(
+            op,
+            io,
+            DevTensor {
+                ptr: a,
+                desc: &scaled_desc,
+            },
+        )?);
+    }
+    entries.push(vendor(a, product.ptr)?);
+    if plan.epilogue_pass {
+        entries.extend(pair::epilogue_launches(op, key, io, product)?);
+    }
+    Ok(Some(entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tune::problems::Epilogue;
+    use crate::tune::table::AlgoRecord;
+
+    fn choice(
+        product: &str,
+        epilogue: &str,
+        residual_as_c: bool,
+        scale_a: bool,
+        pass: bool,
+    ) -> LtChoice {
+        LtChoice {
+            product: product.into(),
+            epilogue: epilogue.into(),
+            residual_as_c,
+            scale_a,
+            epilogue_pass: pass,
+            algo: AlgoRecord {
+                bytes: "00".repeat(64),
+                id: 0,
+                tile_id: 0,
+                stages_id: 0,
+                splitk: 0,
+                reduction_scheme: 0,
+                cta_swizzling: 0,
+                custom_option: 0,
+                inner_shape_id: 0,
+                cluster_shape_id: 0,
+                workspace_bytes: 0,
+                waves: 0.0,
+            },
+        }
+    }
+
+    fn key(e: &str, out: DType) -> GemmKey {
+        GemmKey {
+            m: 1000,
+            n: 320,
+            k: 1280,
+            samples: 2,
+            epilogue: Epilogue::parse(e).unwrap(),
+            out,
+        }
+    }
+
+    #[test]
+    fn scratch_holds_an_f32_product_for_bf16_outputs_and_the_scaled_operand() {
+        let k = key("bias+gelu", DType::BF16);
+        // A bf16 product goes straight into the output; an f32 one needs its buffer.
+        assert_eq!(
+            scratch_layout(&k, &choice("bf16", "default", false, false, true)).bytes,
+            0
+        );
+        let l = scratch_layout(&k, &choice("f32", "default", false, false, true));
+        assert_eq!((l.product, l.scaled_a), (Some(0), None));
+        assert_eq!(l.bytes, pair::aligned(1000 * 320 * 4));
+        let k = key("bias+residual+scaled_a", DType::F32);
+        let l = scratch_layout(&k, &choice("f32", "default", false, true, true));
+        assert_eq!((l.product, l.scaled_a), (None, Some(0)));
+        assert_eq!(l.bytes, pair::aligned(1000 * 1280 * 2));
+        // cuBLASLt alone writes the output.
+        let k = key("bias", DType::BF16);
+        assert_eq!(
+            scratch_layout(&k, &choice("bf16", "bias", false, false, false)).bytes,
+            0
+        );
+    }
+
+    #[test]
+    fn choices_that_do_not_fit_the_gemm_are_refused() {
+        let fits = [
+            (
+                key("bias", DType::BF16),
+                choice("bf16", "bias", false, false, false),
+            ),
+            (
+                key("bias+residual", DType::F32),
+                choice("f32", "bias", true, false, false),
+            ),
+            (
+                key("none", DType::F32),
+                choice("f32", "default", false, false, false),
+            ),
+            (
+                key("bias+gelu+grn_stats", DType::BF16),
+                choice("f32", "default", false, false, true),
+            ),
+            (
+                key("bias+residual+scaled_a", DType::F32),
+                choice("f32", "default", false, true, true),
+            ),
+        ];
+        for (k, c) in &fits {
+            assert_eq!(inconsistency(k, c), None, "{k:?} {c:?}");
+        }
+        let refused = [
+            // GELU needs our pass.
+            (
+                key("bias+gelu", DType::BF16),
+                choice("bf16", "bias", false, false, false),
+            ),
+            // The bias is missing.
+            (
+                key("bias", DType::BF16),
+                choice("bf16", "default", false, false, false),
+            ),
+            // The scaling is missing.
+            (
+                key("bias+scaled_a", DType::F32),
+                choice("f32", "default", false, false, true),
+            ),
+            // A bf16 product cannot give an f32 output.
+            (
+                key("bias+gelu", DType::F32),
+                choice("bf16", "default", false, false, true),
+            ),
+            (
+                key("bias", DType::F32),
+                choice("f16", "bias", false, false, false),
+            ),
+        ];
+        for (k, c) in &refused {
+            assert!(inconsistency(k, c).is_some(), "{k:?} {c:?}");
+        }
+        let mut bad = choice("f32", "default", false, false, true);
+        bad.algo.bytes = "zz".into();
+        assert!(inconsistency(&key("bias+gelu", DType::BF16), &bad).is_some());
+    }
+}
