@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod tensor;
 pub mod text;
 pub mod truth;
+pub mod tune;
 pub mod verify;
 pub mod weights;
 

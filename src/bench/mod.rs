@@ -28,26 +28,32 @@ pub struct OpTiming {
 }
 
 /// The ceilings of one run: device copy bandwidth (bytes/s) and, where cuBLASLt is
-/// installed, a large bf16 matmul's rate (FLOP/s).
-#[derive(Clone, Copy, Debug)]
+/// usable, a large bf16 matmul's rate (FLOP/s), else why it was skipped.
+#[derive(Clone, Debug)]
 pub struct Ceilings {
     pub copy: f64,
-    pub matmul: Option<f64>,
+    pub matmul: std::result::Result<f64, String>,
 }
 
 impl Ceilings {
-    /// Measures both on `dev`; the matmul ceiling only with `vendor`.
-    pub fn measure(dev: &Arc<CudaDevice>, vendor: Option<&VendorGemm>) -> Result<Self> {
+    /// Measures both on `dev`; the matmul ceiling only with `vendor` (else its skip reason).
+    pub fn measure(
+        dev: &Arc<CudaDevice>,
+        vendor: std::result::Result<&VendorGemm, &String>,
+    ) -> Result<Self> {
         Ok(Ceilings {
             copy: dev.copy_bandwidth(COPY_BYTES, 20)?,
-            matmul: vendor.map(|v| v.ceiling(10)).transpose()?,
+            matmul: match vendor {
+                Ok(v) => Ok(v.ceiling(10)?),
+                Err(why) => Err(why.clone()),
+            },
         })
     }
 
     pub fn describe(&self) -> String {
-        let matmul = match self.matmul {
-            Some(m) => vendor::describe_ceiling(m),
-            None => format!("skipped: {}", vendor::MISSING),
+        let matmul = match &self.matmul {
+            Ok(m) => vendor::describe_ceiling(*m),
+            Err(why) => format!("skipped: {why}"),
         };
         format!(
             "copy bandwidth: {:.0} GB/s (device-to-device, read + write); matmul ceiling: {matmul}",
@@ -62,7 +68,7 @@ impl OpTiming {
         let us = self.seconds * 1e6;
         if self.flops > 0.0 {
             let rate = self.flops / self.seconds;
-            let share = ceilings.matmul.map_or(String::new(), |m| {
+            let share = ceilings.matmul.as_ref().map_or(String::new(), |m| {
                 format!(" ({:.0} % of matmul)", 100.0 * rate / m)
             });
             format!(
@@ -103,7 +109,7 @@ pub fn run(
     iters: usize,
     filter: Option<&str>,
 ) -> Result<(Ceilings, Vec<OpTiming>)> {
-    let vendor = VendorGemm::open(dev)?;
+    let vendor = VendorGemm::open(dev);
     let ceilings = Ceilings::measure(dev, vendor.as_ref())?;
     let mut out = Vec::new();
     for check in all_checks(7, Scale::Gpu)? {

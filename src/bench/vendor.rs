@@ -1,13 +1,18 @@
 //! The vendor peer: bf16 GEMMs through cuBLASLt (loaded at run time, like the driver), timed
 //! on our stream in the same way as our kernels. It gives the matmul ceiling of a benchmark
-//! run and the per-shape peer of our GEMM.
+//! run and the per-shape peer of our GEMM. cuBLASLt is opened through the tuner's layer
+//! ([`crate::tune::cublaslt`]): its handle and workspace are ours, so a failed allocation is
+//! an error that skips the peer, where cudarc's `CudaBlasLT::new` would panic.
 
 use super::uniform;
 use crate::runtime::cuda::CudaDevice;
+use crate::runtime::device::Device;
+use crate::tensor::{encode, DType};
+use crate::tune::cublaslt::{Lt, LtMatmul, LtSpec};
 use crate::{Error, Result};
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use half::bf16;
 use std::sync::Arc;
+
+pub use crate::tune::cublaslt::MISSING;
 
 /// The square bf16 matmul whose rate is the tensor-core ceiling of a run.
 pub const CEILING_DIM: usize = 8192;
@@ -21,72 +26,54 @@ pub fn describe_ceiling(flops_per_second: f64) -> String {
     )
 }
 
-/// Why the vendor peer is missing, for the report, when `libcublasLt` cannot be loaded.
-pub const MISSING: &str = "libcublasLt not found (put a CUDA 12 or 13 lib64 directory, or pip's \
-                           nvidia/cublas/lib, on LD_LIBRARY_PATH)";
-
 pub struct VendorGemm {
     dev: Arc<CudaDevice>,
-    blas: CudaBlasLT,
+    lt: Lt,
 }
 
 impl VendorGemm {
-    /// cuBLASLt on the device's stream; `None` when the library is not installed.
-    pub fn open(dev: &Arc<CudaDevice>) -> Result<Option<Self>> {
-        // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            return Ok(None);
-        }
-        let blas = CudaBlasLT::new(dev.stream().clone())
-            .map_err(|e| Error::cuda("creating a cuBLASLt handle", format!("{e:?}")))?;
-        Ok(Some(VendorGemm {
+    /// cuBLASLt on the device's stream; `Err` says why the peer is skipped (the library is
+    /// not installed, its workspace cannot be allocated, no handle).
+    pub fn open(dev: &Arc<CudaDevice>) -> std::result::Result<Self, String> {
+        Ok(VendorGemm {
             dev: dev.clone(),
-            blas,
-        }))
+            lt: Lt::open(dev)?,
+        })
     }
 
     /// Device seconds of `C[M, N] = A[M, K] · W[N, K]ᵀ` (all row-major bf16, f32
-    /// accumulation: our GEMM's contract without an epilogue), over `iters` replays.
+    /// accumulation: our GEMM's contract without an epilogue), over `iters` replays, with
+    /// the heuristic's first algorithm.
     pub fn time(&self, m: usize, n: usize, k: usize, iters: usize) -> Result<f64> {
-        let stream = self.dev.stream();
-        let upload = |len: usize, seed: u64| {
-            let host: Vec<bf16> = uniform(seed, len, 1.0)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
-            stream
-                .clone_htod(&host)
-                .map_err(|e| Error::cuda("uploading GEMM operands", format!("{e:?}")))
+        let upload = |len: usize, seed: u64| -> Result<_> {
+            let buf = self.dev.alloc(len * 2)?;
+            self.dev
+                .write(buf.ptr, &encode(&uniform(seed, len, 1.0), DType::BF16))?;
+            Ok(buf)
         };
         let a = upload(m * k, 1)?;
         let w = upload(n * k, 2)?;
-        let mut c = stream
-            .alloc_zeros::<bf16>(m * n)
-            .map_err(|e| Error::cuda("allocating the GEMM output", format!("{e:?}")))?;
-        // Column-major view of the row-major problem: Cᵀ[N, M] = W[N, K] · Aᵀ[K, M], so W is
-        // the transposed first operand and A the second as stored.
-        let cfg = MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: k as i64,
-            ldb: k as i64,
-            beta: 0.0,
-            ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
+        let c = self.dev.alloc(m * n * 2)?;
+        let what = format!("cuBLASLt GEMM {m}x{n}x{k}");
+        let spec = LtSpec {
+            m,
+            n,
+            k,
+            product: DType::BF16,
+            bias: false,
+            residual_as_c: false,
         };
+        let mm = LtMatmul::new(spec, 0).map_err(|e| Error::cuda(&what, e))?;
+        let algo = mm
+            .heuristics(&self.lt, 1)
+            .map_err(|e| Error::cuda(&what, e))?
+            .first()
+            .ok_or_else(|| Error::cuda(&what, "the heuristic found no algorithm"))?
+            .algo;
         self.dev.time_work(iters, &mut || {
-            // SAFETY: the operands hold M·K, N·K and M·N elements, as the config describes.
-            unsafe { self.blas.matmul(cfg, &w, &a, &mut c, None, None) }
-                .map_err(|e| Error::cuda(format!("cuBLASLt GEMM {m}x{n}x{k}"), format!("{e:?}")))
+            // SAFETY: the operands hold M·K, N·K and M·N elements, as the spec describes.
+            unsafe { mm.enqueue(&self.lt, &algo, a.ptr, w.ptr, 0, c.ptr) }
+                .map_err(|e| Error::cuda(&what, e))
         })
     }
 

@@ -2,6 +2,7 @@
 
 mod generate;
 mod models;
+mod tune;
 mod verify;
 
 use crate::runtime::cuda::{probe, CudaDevice};
@@ -46,6 +47,9 @@ pub enum Command {
     /// Run golden case files (see tests/cases/README.md) and compare every output with its
     /// tolerance: exit 0 when all pass, 1 when any fails, 2 on unreadable input.
     Validate(ValidateArgs),
+    /// Time every candidate kernel (ours, cuBLASLt's heuristics with our epilogue) of every
+    /// GEMM and attention shape of a generation and write the winners to tuning/<device>.json.
+    Tune(tune::TuneArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -141,6 +145,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             println!("{}: {report}", a.output.display());
             Ok(0)
         }
+        Command::Tune(a) => tune::tune(a),
         Command::Bench(a) if a.stages || a.shapes => bench_model(a),
         Command::Bench(a) => {
             let dev = CudaDevice::new(0)?;
@@ -180,17 +185,19 @@ fn bench_model(a: BenchArgs) -> Result<i32> {
         crate::bench::stages::print(&device, &cfg, &a.sizes, a.iters)?;
         return Ok(0);
     }
-    let vendor = cuda
-        .as_ref()
-        .map(crate::bench::vendor::VendorGemm::open)
-        .transpose()?
-        .flatten();
-    let missing = if cuda.is_some() {
-        crate::bench::vendor::MISSING
-    } else {
-        "the emulator has no vendor library"
+    let vendor = match &cuda {
+        Some(d) => crate::bench::vendor::VendorGemm::open(d),
+        None => Err("the emulator has no vendor library".to_string()),
     };
-    crate::bench::shapes::print(&device, vendor.as_ref(), missing, &cfg, &a.sizes, a.iters)?;
+    let missing = vendor.as_ref().err().cloned().unwrap_or_default();
+    crate::bench::shapes::print(
+        &device,
+        vendor.as_ref().ok(),
+        &missing,
+        &cfg,
+        &a.sizes,
+        a.iters,
+    )?;
     Ok(0)
 }
 
@@ -222,6 +229,7 @@ fn info(a: InfoArgs) -> Result<i32> {
                 i.free_bytes >> 20,
                 i.total_bytes >> 20
             );
+            println!("tuning: {}", crate::tune::selection_for(&i).describe());
         }
         Err(e) => println!("GPU: none usable: {e}"),
     }

@@ -635,6 +635,8 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         }
     }
     v.extend(grn_pair_checks(seed ^ 0x5eed, scale)?);
+    // The passes that complete a vendor GEMM (kernels/gemm_epilogue.cu).
+    v.extend(super::gemm_epilogue::checks(seed ^ 0xe91, scale)?);
     Ok(v)
 }
 

@@ -2,19 +2,21 @@
 //! naive f32 CPU reference (the truth the kernels are tested against) and the launch plan.
 //!
 //! Index of ops: [`norm`] (LayerNorm over channels), [`elementwise`] (GELU, add, FiLM),
-//! [`gemm`] (bf16 tensor-core GEMM with fused epilogues), [`layout`] (pixel (un)shuffle,
-//! concat, slice, broadcast, cast, embedding and row gathers), [`conv`] (depthwise conv, also
-//! fused with LayerNorm2d; transposed conv), [`resample`] (bilinear and nearest resizes),
-//! [`attention`] (multi-head softmax attention: extra keys, causal and padding masks),
-//! [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal r-embedding,
-//! scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate encoding,
-//! hyper-MLP), [`sampler`] (GDF schedule, CFG combine with rescale, DDPM step).
+//! [`gemm`] (bf16 tensor-core GEMM with fused epilogues), [`gemm_epilogue`] (the epilogue,
+//! the operand scaling and the tuner's comparison as passes around a vendor GEMM), [`layout`]
+//! (pixel (un)shuffle, concat, slice, broadcast, cast, embedding and row gathers), [`conv`]
+//! (depthwise conv, also fused with LayerNorm2d; transposed conv), [`resample`] (bilinear and
+//! nearest resizes), [`attention`] (multi-head softmax attention: extra keys, causal and
+//! padding masks), [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal
+//! r-embedding, scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate
+//! encoding, hyper-MLP), [`sampler`] (GDF schedule, CFG combine with rescale, DDPM step).
 
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;
+pub mod gemm_epilogue;
 pub mod grn;
 pub mod inr;
 pub mod layout;

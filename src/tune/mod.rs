@@ -1,0 +1,26 @@
+//! Per-shape kernel choice: `ultrapixel tune` measures every candidate of every distinct GEMM
+//! and attention shape of a generation on the GPU ([`tuner`]) and writes the winners to
+//! `tuning/<device>.json` ([`table`]); at run time the table that matches the device picks
+//! per shape, and the built-in rules (our kernels) apply when there is none or it is stale.
+//!
+//! - [`problems`]: the distinct GEMMs (with their epilogues: the lookup key) and attentions.
+//! - [`cublaslt`]: cuBLASLt with our own handle and workspace, several heuristics, replayable
+//!   algorithms.
+//! - [`engine`]: runs and times step lists (our launches and cuBLASLt calls) in one CUDA
+//!   graph; an emulator engine tests the flow without a GPU.
+//! - [`tuner`]: checks and times the candidates, picks the winners.
+//! - [`table`]: the table format, keys, staleness and the [`Selection`] in use.
+
+pub mod cublaslt;
+pub mod engine;
+pub mod problems;
+pub mod table;
+pub mod tuner;
+
+pub use problems::{gemm_key, Epilogue, GemmKey};
+pub use table::{Selection, Table, TableKey};
+
+/// The selection for the CUDA device `info` describes (this machine's driver and cuBLASLt).
+pub fn selection_for(info: &crate::runtime::cuda::DeviceInfo) -> Selection {
+    Selection::load_for(&engine::cuda_key(info))
+}
