@@ -826,23 +826,32 @@ pub fn tune(
     opts: &Options,
     log: &mut dyn Write,
 ) -> Result<Table> {
-    let io = |e: std::io::Error| Error::io("<stdout>", e);
     let (gemms, attention) = problems(cfg, sizes)?;
+    let sizes: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+    tune_problems(engine, &sizes, &gemms, &attention, opts, log)
+}
+
+/// [`tune`] on given problems (of the generation sizes named in `sizes`).
+pub fn tune_problems(
+    engine: &dyn Engine,
+    sizes: &[String],
+    gemms: &[GemmProblem],
+    attention: &[AttentionProblem],
+    opts: &Options,
+    log: &mut dyn Write,
+) -> Result<Table> {
+    let io = |e: std::io::Error| Error::io("<stdout>", e);
     writeln!(
         log,
         "tuning {} GEMM and {} attention shapes of {} on {}",
         gemms.len(),
         attention.len(),
-        sizes
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        sizes.join(", "),
         engine.describe()
     )
     .map_err(io)?;
     let dev = engine.device();
-    let pools = Pools::new(&dev, &gemms)?;
+    let pools = Pools::new(&dev, gemms)?;
     let mut gemm_entries = Vec::new();
     for (i, p) in gemms.iter().enumerate() {
         let e = tune_gemm(engine, &pools, p, opts)?;
@@ -884,7 +893,7 @@ pub fn tune(
         format: FORMAT,
         key: engine.key(),
         created: now_utc(),
-        sizes: sizes.iter().map(|s| s.to_string()).collect(),
+        sizes: sizes.to_vec(),
         gemm: gemm_entries,
         attention: attention_entries,
     })

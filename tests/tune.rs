@@ -1,0 +1,471 @@
+//! The tuning table at run time (loading, staleness, fallback with a reason, the winner a GEMM
+//! node gets) with synthetic tables, and the tuner itself on the host emulator.
+
+use std::path::Path;
+use ultrapixel::tensor::DType;
+use ultrapixel::tune::table::{
+    kernels_hash, AlgoRecord, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice,
+    OurConfig, Table, TableKey, Use, EMBEDDED, FORMAT,
+};
+use ultrapixel::tune::{Epilogue, GemmKey, Selection};
+
+fn key() -> TableKey {
+    TableKey {
+        device_name: "NVIDIA H200".into(),
+        compute_capability: "9.0".into(),
+        driver_version: 13000,
+        cublaslt_version: Some(130002),
+        kernels_hash: kernels_hash(),
+    }
+}
+
+fn candidate(name: &str, kind: &str, seconds: f64) -> Candidate {
+    Candidate {
+        name: name.into(),
+        kind: kind.into(),
+        config: None,
+        cublaslt: None,
+        status: "ok".into(),
+        detail: None,
+        seconds: Some(seconds),
+        tflops: Some(1.0),
+        max_err: Some(0.0),
+        limit: Some(1e-2),
+    }
+}
+
+fn ours() -> Candidate {
+    let mut c = candidate("ours/128x128x32s3", "ours", 2e-3);
+    c.config = Some(OurConfig {
+        name: "128x128x32s3".into(),
+        tile: [128, 128, 32],
+        stages: 3,
+        mma: "mma.sync".into(),
+    });
+    c
+}
+
+fn lt(name: &str, seconds: f64) -> Candidate {
+    let mut c = candidate(name, "cublaslt+epilogue", seconds);
+    c.cublaslt = Some(LtChoice {
+        product: "f32".into(),
+        epilogue: "default".into(),
+        residual_as_c: false,
+        scale_a: false,
+        epilogue_pass: true,
+        algo: AlgoRecord {
+            bytes: "ab".repeat(64),
+            id: 21,
+            tile_id: 20,
+            stages_id: 8,
+            splitk: 1,
+            reduction_scheme: 0,
+            cta_swizzling: 1,
+            custom_option: 0,
+            inner_shape_id: 0,
+            cluster_shape_id: 0,
+            workspace_bytes: 0,
+            waves: 1.5,
+        },
+    });
+    c
+}
+
+const GELU: GemmKey = GemmKey {
+    m: 18432,
+    n: 5120,
+    k: 1280,
+    samples: 2,
+    epilogue: Epilogue {
+        bias: true,
+        gelu: true,
+        residual: false,
+        film: false,
+        grn_stats: true,
+        scaled_a: false,
+    },
+    out: DType::BF16,
+};
+
+const PLAIN: GemmKey = GemmKey {
+    m: 4096,
+    n: 1280,
+    k: 1280,
+    samples: 1,
+    epilogue: Epilogue {
+        bias: true,
+        gelu: false,
+        residual: false,
+        film: false,
+        grn_stats: false,
+        scaled_a: false,
+    },
+    out: DType::F32,
+};
+
+fn entry(k: GemmKey, candidates: Vec<Candidate>, winner: &str) -> GemmEntry {
+    GemmEntry {
+        m: k.m,
+        n: k.n,
+        k: k.k,
+        samples: k.samples,
+        epilogue: k.epilogue.name(),
+        out_dtype: k.out.suffix().into(),
+        uses: vec![Use {
+            size: "4096x4096".into(),
+            per_image: 40,
+            example: "stage C high-res step: gemm#3".into(),
+        }],
+        candidates,
+        winner: winner.into(),
+    }
+}
+
+/// Two GEMMs (cuBLASLt + our epilogue wins one, ours the other) and one attention.
+fn table(key: TableKey) -> Table {
+    Table {
+        format: FORMAT,
+        key,
+        created: "2026-01-01T00:00:00Z".into(),
+        sizes: vec!["4096x4096".into()],
+        gemm: vec![
+            entry(
+                GELU,
+                vec![ours(), lt("cublaslt/f32/0", 1.5e-3)],
+                "cublaslt/f32/0",
+            ),
+            entry(
+                PLAIN,
+                vec![ours(), lt("cublaslt/f32/0", 3e-3)],
+                "ours/128x128x32s3",
+            ),
+        ],
+        attention: vec![AttentionEntry {
+            batch: 2,
+            queries: 9216,
+            extra: 85,
+            heads: 32,
+            head_dim: 64,
+            causal: false,
+            key_mask: false,
+            uses: vec![],
+            candidates: vec![candidate("ours/flash", "ours", 1e-3)],
+            winner: "ours/flash".into(),
+        }],
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn built_in_reason(s: &Selection) -> &str {
+    match s {
+        Selection::BuiltIn { reason } => reason,
+        Selection::Table { source, .. } => panic!("expected the built-in rules, got {source}"),
+    }
+}
+
+#[test]
+fn a_matching_table_is_loaded_and_its_winners_picked_per_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(key());
+    write(dir.path(), "nvidia-h200.json", &t.to_json());
+    let s = Selection::load_from(Some(dir.path()), &[], &key());
+    match &s {
+        Selection::Table { table, source } => {
+            assert_eq!(**table, t);
+            assert!(source.ends_with("nvidia-h200.json"), "{source}");
+        }
+        Selection::BuiltIn { reason } => panic!("{reason}"),
+    }
+    assert!(
+        s.describe().contains("2 GEMM and 1 attention shapes"),
+        "{}",
+        s.describe()
+    );
+    match s.gemm(&GELU) {
+        Some(GemmChoice::CublasLt(c)) => {
+            assert_eq!(c.algo.bytes, "ab".repeat(64));
+            assert!(c.epilogue_pass && c.product == "f32");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(s.gemm(&PLAIN), Some(GemmChoice::Ours(c)) if c.tile == [128, 128, 32]));
+    // A shape the table lacks (another epilogue of the same M, N, K) gets no choice: the
+    // built-in rule (our kernel).
+    let other = GemmKey {
+        epilogue: Epilogue::default(),
+        ..PLAIN
+    };
+    assert_eq!(s.gemm(&other), None);
+}
+
+#[test]
+fn a_table_goes_stale_when_any_key_field_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "nvidia-h200.json", &table(key()).to_json());
+    type Edit = (&'static str, fn(&mut TableKey));
+    let edits: [Edit; 5] = [
+        ("device_name", |k| k.device_name = "NVIDIA  H200".into()),
+        ("compute_capability", |k| {
+            k.compute_capability = "9.1".into()
+        }),
+        ("driver_version", |k| k.driver_version = 12080),
+        ("cublaslt_version", |k| k.cublaslt_version = None),
+        ("kernels_hash", |k| k.kernels_hash = "0".repeat(32)),
+    ];
+    for (field, edit) in edits {
+        let mut now = key();
+        edit(&mut now);
+        let s = Selection::load_from(Some(dir.path()), &[], &now);
+        let reason = built_in_reason(&s);
+        assert!(
+            reason.starts_with("stale tuning table")
+                && reason.contains(&format!("{field} differs")),
+            "{field}: {reason}"
+        );
+        assert!(reason.contains("rerun `ultrapixel tune`"), "{reason}");
+        assert!(
+            s.describe().starts_with("built-in rules ("),
+            "{}",
+            s.describe()
+        );
+        assert_eq!(s.gemm(&GELU), None);
+    }
+}
+
+#[test]
+fn without_a_table_the_built_in_rules_apply_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Selection::load_from(Some(dir.path()), &[], &key());
+    let reason = built_in_reason(&s);
+    assert!(
+        reason.contains("no tuning table nvidia-h200.json in"),
+        "{reason}"
+    );
+    let s = Selection::load_from(None, &[], &key());
+    assert!(built_in_reason(&s).contains("UPX_TUNING_DIR"));
+    // Another device's table is not this one's.
+    write(dir.path(), "nvidia-h100.json", &table(key()).to_json());
+    let s = Selection::load_from(Some(dir.path()), &[], &key());
+    assert!(built_in_reason(&s).contains("no tuning table nvidia-h200.json"));
+}
+
+#[test]
+fn a_malformed_or_newer_table_falls_back_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = table(key()).to_json();
+    let newer = good.replacen(&format!("\"format\": {FORMAT}"), "\"format\": 99", 1);
+    let truncated = &good[..good.len() / 2];
+    let missing_key = good.replacen("\"key\"", "\"kex\"", 1);
+    for (text, expect) in [
+        (truncated, "unreadable tuning table"),
+        ("[1, 2]", "no format field"),
+        (newer.as_str(), "format 99, this build reads format 1"),
+        (missing_key.as_str(), "missing field `key`"),
+    ] {
+        write(dir.path(), "nvidia-h200.json", text);
+        let s = Selection::load_from(Some(dir.path()), &[], &key());
+        let reason = built_in_reason(&s);
+        assert!(reason.contains(expect), "{expect}: {reason}");
+        assert!(reason.contains("nvidia-h200.json"), "{reason}");
+    }
+}
+
+#[test]
+fn embedded_tables_are_used_unless_the_directory_has_one() {
+    let embedded_text = table(key()).to_json();
+    let embedded = [("nvidia-h200.json", embedded_text.as_str())];
+    let s = Selection::load_from(None, &embedded, &key());
+    match &s {
+        Selection::Table { source, .. } => assert_eq!(source, "tuning/nvidia-h200.json (embedded)"),
+        Selection::BuiltIn { reason } => panic!("{reason}"),
+    }
+    // The directory's table wins, even when stale: an explicit override is never silently
+    // passed over.
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = key();
+    old.driver_version = 12080;
+    write(dir.path(), "nvidia-h200.json", &table(old).to_json());
+    let s = Selection::load_from(Some(dir.path()), &embedded, &key());
+    assert!(built_in_reason(&s).contains("driver_version differs"));
+}
+
+/// Every committed table is embedded, parses, and has a winner that is one of its checked
+/// candidates.
+#[test]
+fn every_committed_table_is_embedded_and_well_formed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut listed: Vec<String> = EMBEDDED.iter().map(|(n, _)| n.to_string()).collect();
+    listed.sort();
+    assert_eq!(
+        files, listed,
+        "tuning/*.json and tune::table::EMBEDDED differ"
+    );
+    for (name, text) in EMBEDDED {
+        let t = Table::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(*name, t.key.file_name());
+        for e in &t.gemm {
+            assert!(e.key().is_some(), "{name}: {e:?}");
+            assert!(
+                e.winner.is_empty() || e.candidates.iter().any(|c| c.name == e.winner && c.ok()),
+                "{name}: winner {} of {}x{}x{}",
+                e.winner,
+                e.m,
+                e.n,
+                e.k
+            );
+        }
+    }
+}
+
+fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+#[test]
+fn tune_lists_its_shapes_and_refuses_the_reference_backend() {
+    let (out, text) = ultrapixel(&["tune", "--list", "--tiny", "--size", "512x520"]);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let gemm = v["gemm"].as_array().unwrap();
+    assert!(gemm.len() > 10 && v["attention"].as_array().unwrap().len() > 3);
+    for g in gemm {
+        let e = g["epilogue"].as_str().unwrap();
+        assert!(Epilogue::parse(e).is_some(), "{g}");
+        assert!(g["uses"][0]["per_image"].as_u64().unwrap() > 0, "{g}");
+    }
+    let (out, _) = ultrapixel(&["tune", "--tiny", "--backend", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda or hostsim"));
+}
+
+/// The tuner on the emulator, on one GEMM of each epilogue kind of the tiny model (the
+/// smallest) and its smallest attention: our kernel and the stand-in pair (our plain GEMM,
+/// then the epilogue pass) are checked and timed, the stand-in agrees with ours within the
+/// bound, the winner is a checked candidate, and the table round-trips and loads.
+#[cfg(feature = "hostsim")]
+#[test]
+fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
+    use std::sync::Arc;
+    use ultrapixel::pipeline::Size;
+    use ultrapixel::runtime::hostsim::HostsimDevice;
+    use ultrapixel::tune::engine::{Engine, HostsimEngine};
+    use ultrapixel::tune::problems::problems;
+    use ultrapixel::tune::tuner::{tune_problems, Options};
+
+    let size = Size {
+        width: 512,
+        height: 520,
+    };
+    let (gemms, attention) =
+        problems(&ultrapixel::pipeline::tiny::tiny_configs(), &[size]).unwrap();
+    let mut picked: Vec<_> = Vec::new();
+    for g in &gemms {
+        let same = |p: &&ultrapixel::tune::problems::GemmProblem| {
+            (p.key.epilogue, p.key.out) == (g.key.epilogue, g.key.out)
+        };
+        match picked.iter_mut().find(|p| same(p)) {
+            Some(p) if p.key.flops() > g.key.flops() => *p = g,
+            Some(_) => {}
+            None => picked.push(g),
+        }
+    }
+    let picked: Vec<_> = picked.into_iter().cloned().collect();
+    assert!(picked.iter().any(|p| p.key.epilogue.grn_stats));
+    assert!(picked.iter().any(|p| p.key.epilogue.scaled_a));
+    let smallest = attention
+        .iter()
+        .min_by(|a, b| a.shape.flops().total_cmp(&b.shape.flops()))
+        .unwrap()
+        .clone();
+    let engine = HostsimEngine::new(Arc::new(HostsimDevice::new()));
+    let opts = Options {
+        iters: Some(1),
+        ..Options::default()
+    };
+    let mut log = Vec::new();
+    let t = tune_problems(
+        &engine,
+        &[size.to_string()],
+        &picked,
+        &[smallest],
+        &opts,
+        &mut log,
+    )
+    .unwrap();
+    let log = String::from_utf8(log).unwrap();
+    assert_eq!(log.lines().count(), 1 + picked.len() + 1, "{log}");
+    assert_eq!(t.gemm.len(), picked.len());
+    for e in &t.gemm {
+        let ours = &e.candidates[0];
+        assert_eq!(ours.kind, "ours");
+        assert!(ours.ok(), "{e:?}");
+        // Ours against ours: bit-identical.
+        assert_eq!(ours.max_err, Some(0.0), "{e:?}");
+        let stand_ins: Vec<_> = e
+            .candidates
+            .iter()
+            .filter(|c| c.kind == "standin+epilogue")
+            .collect();
+        if e.epilogue == "none" {
+            assert!(stand_ins.is_empty());
+        } else {
+            // f32 product, and bf16 where the output is bf16.
+            assert_eq!(
+                stand_ins.len(),
+                1 + (e.out_dtype == "bf16") as usize,
+                "{e:?}"
+            );
+        }
+        for c in stand_ins {
+            assert!(c.ok(), "{}: {c:?}", e.epilogue);
+            assert!(c.max_err.unwrap() <= c.limit.unwrap(), "{c:?}");
+        }
+        let w = e.candidates.iter().find(|c| c.name == e.winner).unwrap();
+        assert!(w.ok());
+        let fastest = e
+            .candidates
+            .iter()
+            .filter_map(|c| c.seconds)
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(w.seconds, Some(fastest));
+    }
+    assert!(t.attention[0].candidates[0].ok());
+    // The JSON round trip keeps everything (floats to within their printed digits).
+    let back = Table::parse(&t.to_json()).unwrap();
+    assert_eq!(
+        (&back.key, &back.sizes, &back.created),
+        (&t.key, &t.sizes, &t.created)
+    );
+    for (b, e) in back.gemm.iter().zip(&t.gemm) {
+        assert_eq!((b.key(), &b.winner, &b.uses), (e.key(), &e.winner, &e.uses));
+        for (x, y) in b.candidates.iter().zip(&e.candidates) {
+            assert_eq!(
+                (&x.name, &x.kind, &x.status, &x.config),
+                (&y.name, &y.kind, &y.status, &y.config)
+            );
+            let (xs, ys) = (x.seconds.unwrap(), y.seconds.unwrap());
+            assert!((xs - ys).abs() <= 1e-12 * ys, "{xs} vs {ys}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &t.key.file_name(), &t.to_json());
+    let s = Selection::load_from(Some(dir.path()), &[], &engine.key());
+    assert!(s.table().is_some(), "{}", s.describe());
+}
