@@ -35,6 +35,10 @@ pub enum Error {
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
+    /// A download that failed on the way (the network, the hub's servers, a corrupt or cut
+    /// transfer): running the command again may succeed, and resumes it (exit code 1).
+    #[error("{what}: {message}")]
+    Download { what: String, message: String },
     #[error("weights: {0}")]
     Weights(String),
     #[error("case {case}: {message}")]

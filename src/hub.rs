@@ -1,19 +1,26 @@
 //! Hugging Face hub downloads into the standard hub cache
 //! (`models--owner--name/{blobs,snapshots/<commit>,refs}`, shared with Python's
 //! `huggingface_hub`), with resume of partial downloads, checksum verification, `HF_TOKEN`,
-//! `HF_ENDPOINT` and offline mode (`HF_HUB_OFFLINE=1`).
+//! `HF_ENDPOINT` and offline mode (`HF_HUB_OFFLINE=1`), read as `huggingface_hub` reads them
+//! (`~` and `$VAR` expanded, `TRANSFORMERS_OFFLINE`), and its per-blob lock.
 //!
 //! A small client on `ureq` rather than the `hf-hub` crate: that crate does not verify
 //! checksums (a corrupted download lands in the cache, the failure users of the ComfyUI port
 //! hit), has no offline mode, and reports a gated repository as a bare HTTP error.
 //!
-//! Protocol (as `huggingface_hub` does it): `HEAD {endpoint}/{repo}/resolve/{revision}/{path}`
-//! without following redirects gives the commit (`X-Repo-Commit`), the checksum
-//! (`X-Linked-Etag` for LFS files: their sha256; `ETag` otherwise: the git blob sha1) and the
-//! size; the `GET` then follows the redirect to the storage host. Bytes go to
-//! `blobs/<etag>.incomplete`, resumed with `Range`, and only a verified file is renamed to
-//! `blobs/<etag>` and linked from `snapshots/<commit>/<path>`.
+//! Protocol (as `huggingface_hub` 2.4 does it): `HEAD {endpoint}/{repo}/resolve/{revision}/{path}`
+//! follows redirects that stay on the hub (a renamed repository; relative or absolute) and stops
+//! at one to another host (the storage host of LFS files); that last answer gives the commit
+//! (`X-Repo-Commit`), the checksum (`X-Linked-Etag` for LFS files: their sha256; `ETag`
+//! otherwise: the git blob sha1) and the size (`X-Linked-Size`, or the `Content-Length` of a
+//! file served directly; never a redirect's own length). The `GET` goes to the storage host's
+//! URL, without the token. Under the blob's lock (`.locks/models--owner--name/<etag>.lock`, an
+//! flock as Python's `filelock` takes it) bytes go to `blobs/<etag>.incomplete`, resumed with
+//! `Range`, and only a verified file is renamed to `blobs/<etag>` and linked from
+//! `snapshots/<commit>/<path>`; `refs/<revision>` is replaced (temporary file and rename) only
+//! when it changes.
 
+use crate::atomic_file::write_atomic;
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha1::Sha1;
@@ -21,27 +28,36 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// Attempts per request before a transfer error is reported (a cut connection, 5xx, 429).
 const MAX_ATTEMPTS: u32 = 3;
-/// Relative redirects followed while resolving (renamed repositories).
-const MAX_RELATIVE_REDIRECTS: usize = 5;
+/// Redirects on the hub followed while resolving (renamed repositories), as many as
+/// `huggingface_hub` follows.
+const MAX_REDIRECTS: usize = 20;
+/// Hosts of the hub besides `HF_ENDPOINT`'s: the token may go to them (`huggingface_hub`'s
+/// list). Any other host, such as the storage host of LFS files, never gets it.
+const HUB_ORIGINS: &[&str] = &[DEFAULT_ENDPOINT, "https://hf.co"];
 
 /// Where and how to reach the hub; [`HubOptions::from_env`] reads the variables
-/// `huggingface_hub` reads.
+/// `huggingface_hub` reads, as it reads them.
 #[derive(Clone, Debug)]
 pub struct HubOptions {
     /// `HF_ENDPOINT`, without a trailing slash.
     pub endpoint: String,
-    /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    /// `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, else
+    /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
     pub cache_dir: PathBuf,
-    /// `HF_TOKEN`, else the token file `huggingface-cli login` wrote.
+    /// `HF_TOKEN`, else the token file `hf auth login` wrote (`HF_TOKEN_PATH`, else
+    /// `HF_HOME/token`).
     pub token: Option<String>,
-    /// `HF_HUB_OFFLINE`: only the cache is used.
+    /// `HF_HUB_OFFLINE` (or, when that is unset, `TRANSFORMERS_OFFLINE`): only the cache is
+    /// used, no request is made.
     pub offline: bool,
     /// Progress bars on stderr (drawn only on a terminal).
     pub progress: bool,
@@ -49,43 +65,125 @@ pub struct HubOptions {
 
 impl HubOptions {
     pub fn from_env() -> HubOptions {
-        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        Self::from_vars(|k| std::env::var(k).ok())
     }
 
-    /// As [`HubOptions::from_env`], with `var` standing for the environment.
+    /// As [`HubOptions::from_env`], with `var` standing for the environment (`None`: unset).
+    ///
+    /// As `huggingface_hub.constants`: the paths get `~`, `~user`, `$VAR` and `${VAR}`
+    /// expanded ([`expand_path`]), the cache's default after `HF_HOME`'s (so twice, as there);
+    /// offline mode is `HF_HUB_OFFLINE`, or `TRANSFORMERS_OFFLINE` when that one is unset, being
+    /// `1`, `ON`, `YES` or `TRUE` in any case. One deliberate difference: a variable set to the
+    /// empty string counts as unset (Python would take `HF_HOME=""` as the current directory).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> HubOptions {
-        let cache_home = var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        let hf_home = var("HF_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache_home.join("huggingface"));
-        let cache_dir = var("HF_HUB_CACHE")
-            .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("hub"));
-        let token_file = var("HF_TOKEN_PATH")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("token"));
-        let token = var("HF_TOKEN")
-            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+        let set = |k: &str| var(k).filter(|v| !v.is_empty());
+        let expand = |p: String| expand_path(&p, &var);
+        let default_cache_home = join(&expand_user("~", &var), ".cache");
+        let hf_home = expand(set("HF_HOME").unwrap_or_else(|| {
+            join(
+                &set("XDG_CACHE_HOME").unwrap_or(default_cache_home),
+                "huggingface",
+            )
+        }));
+        let cache_dir = expand(
+            set("HF_HUB_CACHE")
+                .or_else(|| set("HUGGINGFACE_HUB_CACHE"))
+                .unwrap_or_else(|| join(&hf_home, "hub")),
+        );
+        let token_file = expand(set("HF_TOKEN_PATH").unwrap_or_else(|| join(&hf_home, "token")));
+        let token = set("HF_TOKEN")
+            .or_else(|| set("HUGGING_FACE_HUB_TOKEN"))
             .or_else(|| std::fs::read_to_string(token_file).ok())
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            ["1", "on", "yes", "true"].contains(&v.trim().to_ascii_lowercase().as_str())
-        });
+        let offline = set("HF_HUB_OFFLINE")
+            .or_else(|| set("TRANSFORMERS_OFFLINE"))
+            .is_some_and(|v| ["1", "ON", "YES", "TRUE"].contains(&v.to_uppercase().as_str()));
         HubOptions {
-            endpoint: var("HF_ENDPOINT")
+            endpoint: set("HF_ENDPOINT")
                 .map(|e| e.trim_end_matches('/').to_string())
+                .filter(|e| !e.is_empty())
                 .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
-            cache_dir,
+            cache_dir: PathBuf::from(cache_dir),
             token,
             offline,
             progress: true,
         }
     }
+}
+
+/// `os.path.join(a, b)` for a relative `b`.
+fn join(a: &str, b: &str) -> String {
+    match a {
+        "" => b.to_string(),
+        _ if a.ends_with('/') => format!("{a}{b}"),
+        _ => format!("{a}/{b}"),
+    }
+}
+
+/// `path` with `~` or `~user` at its start and every `$VAR` or `${VAR}` replaced, as Python's
+/// `os.path.expandvars(os.path.expanduser(path))` does (which is how `huggingface_hub` reads
+/// `HF_HOME`, `HF_HUB_CACHE` and `HF_TOKEN_PATH`): `~` is `$HOME` (else the password
+/// database's home), `~user` that user's home; a variable name is ASCII letters, digits and
+/// `_`; an unknown user or variable is left as written, a variable set to "" is replaced by
+/// it, and a replacement is not expanded again. `var` stands for the environment.
+pub fn expand_path(path: &str, var: impl Fn(&str) -> Option<String>) -> String {
+    expand_vars(&expand_user(path, &var), &var)
+}
+
+fn expand_user(path: &str, var: &impl Fn(&str) -> Option<String>) -> String {
+    let Some(rest) = path.strip_prefix('~') else {
+        return path.to_string();
+    };
+    let (name, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let home = match name {
+        "" => var("HOME").or_else(|| {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::current());
+            user.ok()
+                .flatten()
+                .map(|u| u.dir.to_string_lossy().into_owned())
+        }),
+        name => nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.dir.to_string_lossy().into_owned()),
+    };
+    let Some(home) = home else {
+        return path.to_string();
+    };
+    match format!("{}{tail}", home.trim_end_matches('/')) {
+        expanded if expanded.is_empty() => "/".to_string(),
+        expanded => expanded,
+    }
+}
+
+fn expand_vars(path: &str, var: &impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(dollar) = rest.find('$') {
+        out.push_str(&rest[..dollar]);
+        let after = &rest[dollar + 1..];
+        let word = after
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        // (name, length of the reference after `$`); length 0: no reference.
+        let (name, len) = match (word, after.strip_prefix('{')) {
+            (0, Some(braced)) => match braced.find('}') {
+                Some(end) => (&braced[..end], end + 2),
+                None => ("", 0),
+            },
+            _ => (&after[..word], word),
+        };
+        let valid = !name.is_empty() && !name.contains(['=', '\0']);
+        match (valid && len > 0).then(|| var(name)).flatten() {
+            Some(value) => out.push_str(&value),
+            None => out.push_str(&rest[dollar..dollar + 1 + len]),
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One file of a model repository at a revision (branch, tag or commit).
@@ -171,9 +269,9 @@ impl Fail {
     }
 }
 
-/// The error after the last attempt failed.
+/// The error after the last attempt failed (exit code 1: a rerun may succeed).
 fn gave_up(file: &RepoFile, why: String) -> Error {
-    hub_error(
+    download_error(
         file,
         format!(
             "{why} (after {MAX_ATTEMPTS} attempts): run the command again to resume, or set \
@@ -214,9 +312,7 @@ impl Hub {
 
     /// `models--owner--name` in the cache.
     pub fn repo_dir(&self, repo: &str) -> PathBuf {
-        self.opts
-            .cache_dir
-            .join(format!("models--{}", repo.replace('/', "--")))
+        self.opts.cache_dir.join(repo_folder(repo))
     }
 
     /// The file, if the cache has it for `file.revision` (no network).
@@ -258,18 +354,22 @@ impl Hub {
         let dir = self.repo_dir(file.repo);
         let snapshot = dir.join("snapshots").join(&remote.commit).join(file.path);
         let mut downloaded = false;
-        if !snapshot.exists() {
+        if snapshot.exists() {
+            // Best effort, as huggingface_hub: a read-only cache still serves its files.
+            let _ = write_ref(&dir, file.revision, &remote.commit);
+        } else {
+            let lock = self.lock_blob(file, &remote.etag)?;
+            // Another process may have finished the blob while this one waited.
             let blob = dir.join("blobs").join(&remote.etag);
             if !blob.exists() {
                 self.download(&remote, file, &blob)?;
                 downloaded = true;
             }
-            link_snapshot(&snapshot, file.path, &remote.etag)?;
-        }
-        if file.revision != remote.commit {
-            let reference = dir.join("refs").join(file.revision);
-            create_parent(&reference)?;
-            std::fs::write(&reference, &remote.commit).map_err(|e| Error::io(&reference, e))?;
+            if !snapshot.exists() {
+                link_snapshot(&snapshot, file.path, &remote.etag)?;
+            }
+            drop(lock);
+            write_ref(&dir, file.revision, &remote.commit)?;
         }
         Ok(CachedFile {
             path: snapshot,
@@ -277,6 +377,19 @@ impl Hub {
             etag: Some(remote.etag),
             downloaded,
         })
+    }
+
+    /// Holds `.locks/models--owner--name/<etag>.lock` until the returned file is dropped:
+    /// the lock `huggingface_hub` takes around writing a blob and its snapshot link (an
+    /// flock on that file, as its `filelock` package takes it; the file stays, as there).
+    fn lock_blob(&self, file: &RepoFile, etag: &str) -> Result<Option<File>> {
+        let path = self
+            .opts
+            .cache_dir
+            .join(".locks")
+            .join(repo_folder(file.repo))
+            .join(format!("{etag}.lock"));
+        lock_file(&path, &file.to_string(), self.opts.progress)
     }
 
     /// Asks the hub for the file's commit, checksum and size.
@@ -298,7 +411,7 @@ impl Hub {
         bar.finish_and_clear();
         if let Err(message) = verified {
             let _ = std::fs::remove_file(&partial);
-            return Err(hub_error(
+            return Err(download_error(
                 file,
                 format!("{message}; the download was discarded, run the command again"),
             ));
@@ -328,9 +441,9 @@ impl Hub {
             "{}/{}/resolve/{}/{}",
             self.opts.endpoint, file.repo, file.revision, file.path
         );
-        for _ in 0..=MAX_RELATIVE_REDIRECTS {
+        for _ in 0..=MAX_REDIRECTS {
             let response = self
-                .authorized(self.agent.head(&url))
+                .authorized(self.agent.head(&url), &url)
                 .config()
                 .max_redirects(0)
                 .build()
@@ -344,13 +457,19 @@ impl Hub {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
             };
-            if (300..400).contains(&status) {
-                if let Some(location) = header("location").filter(|l| l.starts_with('/')) {
-                    url = format!("{}{location}", origin(&url));
+            let location = header("location").filter(|_| (300..400).contains(&status));
+            let target = location.map(|l| join_url(&url, &l));
+            match &target {
+                // Still on the hub (a renamed repository): follow, token and all.
+                Some(target) if self.on_hub(target) => {
+                    url = target.clone();
                     continue;
                 }
-            } else if status != 200 {
-                return Err(self.status_failure(file, status));
+                // To another host (the storage host of an LFS file): the file's metadata is
+                // on this answer, and the download goes there.
+                Some(_) => {}
+                None if status != 200 => return Err(self.status_failure(file, status)),
+                None => {}
             }
             let commit = header("x-repo-commit")
                 .filter(|c| is_commit(c))
@@ -360,17 +479,29 @@ impl Hub {
                 .map(|e| normalize_etag(&e))
                 .filter(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| not_hub(file, "no usable ETag"))?;
+            // A redirect's own Content-Length is the length of its page, not the file's.
             let size = header("x-linked-size")
-                .or_else(|| header("content-length"))
-                .and_then(|s| s.parse().ok());
+                .or_else(|| header("content-length").filter(|_| target.is_none()))
+                .and_then(|s| s.trim().parse().ok());
             return Ok(RemoteFile {
-                url: url.clone(),
+                url: target.unwrap_or(url),
                 commit,
                 etag,
                 size,
             });
         }
         Err(Fail::Fatal(hub_error(file, "too many redirects".into())))
+    }
+
+    /// Whether `url` is on the hub (`HF_ENDPOINT`'s host, or huggingface.co), where the
+    /// token may go.
+    fn on_hub(&self, url: &str) -> bool {
+        let Some(origin) = origin_of(url) else {
+            return false;
+        };
+        std::iter::once(self.opts.endpoint.as_str())
+            .chain(HUB_ORIGINS.iter().copied())
+            .any(|hub| origin_of(hub).is_some_and(|o| o == origin))
     }
 
     /// One GET of the missing bytes into `partial`.
@@ -388,24 +519,40 @@ impl Hub {
         if have > 0 && Some(have) == remote.size {
             return Ok(());
         }
-        let mut request = self.authorized(self.agent.get(&remote.url));
+        let mut request = self.authorized(self.agent.get(&remote.url), &remote.url);
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
         }
         let response = request.call().map_err(transport)?;
         let status = response.status().as_u16();
-        let resumed = match status {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // `bytes first-last/total` or `bytes */total`.
+        let range = header("content-range").unwrap_or_default();
+        let range_total = range
+            .rsplit_once('/')
+            .and_then(|(_, t)| t.trim().parse::<u64>().ok());
+        let (resumed, total) = match status {
+            206 if have > 0 && range.starts_with(&format!("bytes {have}-")) => (true, range_total),
             206 => {
-                let range = response
-                    .headers()
-                    .get("content-range")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                range.starts_with(&format!("bytes {have}-"))
+                let _ = std::fs::remove_file(partial);
+                return Err(Fail::Retry(format!(
+                    "the server sent another range than asked ({range})"
+                )));
             }
-            200 => false,
+            200 => (
+                false,
+                header("content-length").and_then(|l| l.trim().parse().ok()),
+            ),
+            // Nothing left to send: the partial file is whole when its length is the file's
+            // (size unknown until now), else it does not fit the server's file.
+            416 if have > 0 && range_total == Some(have) => return Ok(()),
             416 => {
-                // The partial file does not fit the server's file: start over.
                 let _ = std::fs::remove_file(partial);
                 return Err(Fail::Retry("the server refused to resume".into()));
             }
@@ -413,6 +560,12 @@ impl Hub {
         };
         if !resumed {
             have = 0;
+        }
+        // The hub's size when it states one, else the length the storage host announces; the
+        // checksum decides in the end.
+        let expected = remote.size.or(total);
+        if let Some(len) = expected {
+            bar.set_length(len);
         }
         let mut out = OpenOptions::new()
             .create(true)
@@ -436,7 +589,7 @@ impl Hub {
             have += n as u64;
             bar.set_position(have);
         }
-        match remote.size {
+        match expected {
             Some(size) if have != size => Err(Fail::Retry(format!(
                 "download ended at {have} of {size} bytes"
             ))),
@@ -444,10 +597,17 @@ impl Hub {
         }
     }
 
-    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    /// `request` with the token when it goes to the hub; never to another host.
+    fn authorized<B>(
+        &self,
+        request: ureq::RequestBuilder<B>,
+        url: &str,
+    ) -> ureq::RequestBuilder<B> {
         match &self.opts.token {
-            Some(token) => request.header("Authorization", format!("Bearer {token}")),
-            None => request,
+            Some(token) if self.on_hub(url) => {
+                request.header("Authorization", format!("Bearer {token}"))
+            }
+            _ => request,
         }
     }
 
@@ -555,25 +715,143 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `"abc"`, `W/"abc"` → `abc`, lower case.
+/// `"abc"`, `W/"abc"` → `abc` (case kept: the blob's name is the hub's ETag, as
+/// `huggingface_hub` names it).
 fn normalize_etag(etag: &str) -> String {
     etag.trim()
         .trim_start_matches("W/")
         .trim_matches('"')
-        .to_ascii_lowercase()
+        .to_string()
 }
 
 fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// `scheme://host[:port]` of a URL.
+/// `scheme://host[:port]` of a URL, as written.
 fn origin(url: &str) -> &str {
     let host_start = url.find("://").map_or(0, |i| i + 3);
-    match url[host_start..].find('/') {
+    match url[host_start..].find(['/', '?', '#']) {
         Some(i) => &url[..host_start + i],
         None => url,
     }
+}
+
+/// (scheme, host, port) of a URL, lower case, with the scheme's default port: two URLs with
+/// the same are on the same host.
+fn origin_of(url: &str) -> Option<(String, String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let port = uri.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })?;
+    Some((scheme, uri.host()?.to_ascii_lowercase(), port))
+}
+
+/// A redirect's `Location` resolved against the URL it answered (`urljoin`).
+fn join_url(base: &str, location: &str) -> String {
+    let has_scheme = location.find(':').is_some_and(|i| {
+        location.as_bytes()[0].is_ascii_alphabetic()
+            && location[..i]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    });
+    if has_scheme {
+        return location.to_string();
+    }
+    if location.starts_with("//") {
+        let scheme = base.split_once(':').map_or("https", |(s, _)| s);
+        return format!("{scheme}:{location}");
+    }
+    if location.starts_with('/') {
+        return format!("{}{location}", origin(base));
+    }
+    let without_query = &base[..base.find(['?', '#']).unwrap_or(base.len())];
+    if location.starts_with('?') {
+        return format!("{without_query}{location}");
+    }
+    // A relative path: beside the last segment of the base's path.
+    match without_query
+        .rfind('/')
+        .filter(|&i| i >= origin(base).len())
+    {
+        Some(i) => format!("{}{location}", &without_query[..=i]),
+        None => format!("{without_query}/{location}"),
+    }
+}
+
+/// `models--owner--name`: a repository's folder in the cache (and under `.locks`).
+fn repo_folder(repo: &str) -> String {
+    format!("models--{}", repo.replace('/', "--"))
+}
+
+/// Holds an exclusive flock on `path` (created if missing, group-writable as
+/// `huggingface_hub` makes its lock files, left in place afterwards) until the returned file is
+/// dropped; says so on stderr (`report`) when it has to wait for `what`. On a file system
+/// without flock (some network mounts) it goes on unlocked, with a warning, as Python falls
+/// back there too: the checksum still catches a blob written twice at once.
+pub(crate) fn lock_file(path: &Path, what: &str, report: bool) -> Result<Option<File>> {
+    use fs4::{FileExt, TryLockError};
+    create_parent(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o664)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let unsupported = |e: std::io::Error| {
+        use nix::errno::Errno;
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        if matches!(
+            errno,
+            Some(Errno::ENOSYS | Errno::ENOLCK | Errno::EOPNOTSUPP)
+        ) {
+            eprintln!(
+                "warning: {}: file locks are not supported here ({e}); going on without the lock",
+                path.display()
+            );
+            Ok(None)
+        } else {
+            Err(Error::io(path, e))
+        }
+    };
+    match FileExt::try_lock(&file) {
+        Ok(()) => return Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => {}
+        Err(TryLockError::Error(e)) => return unsupported(e),
+    }
+    if report {
+        eprintln!(
+            "waiting for another download of {what} to finish (lock {})",
+            path.display()
+        );
+    }
+    match FileExt::lock(&file) {
+        Ok(()) => Ok(Some(file)),
+        Err(e) => unsupported(e),
+    }
+}
+
+/// Makes `refs/<revision>` name `commit`: left alone when it already does (no write, so a
+/// read-only cache stays usable), else replaced whole through a temporary file and a rename
+/// (a reader never sees half a commit hash). A commit hash as revision has no ref.
+fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<()> {
+    if revision == commit {
+        return Ok(());
+    }
+    let path = repo_dir.join("refs").join(revision);
+    if std::fs::read_to_string(&path).is_ok_and(|text| text == commit) {
+        return Ok(());
+    }
+    create_parent(&path)?;
+    write_atomic(&path, |out| {
+        out.write_all(commit.as_bytes())
+            .map_err(|e| Error::io(&path, e))
+    })
 }
 
 /// Points `snapshots/<commit>/<path>` at `blobs/<etag>` with a relative link (the layout
@@ -582,10 +860,12 @@ fn link_snapshot(snapshot: &Path, repo_path: &str, etag: &str) -> Result<()> {
     create_parent(snapshot)?;
     let depth = 2 + repo_path.matches('/').count();
     let target = format!("{}blobs/{etag}", "../".repeat(depth));
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let temp = PathBuf::from(format!(
-        "{}.link-{}",
+        "{}.link-{}-{}",
         snapshot.display(),
-        std::process::id()
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_file(&temp);
     std::os::unix::fs::symlink(&target, &temp).map_err(|e| Error::io(&temp, e))?;
@@ -613,6 +893,51 @@ fn not_hub(file: &RepoFile, what: &str) -> Fail {
     ))
 }
 
+/// A definite answer of the hub (access denied, no such file, not a hub): exit code 2.
 fn hub_error(file: &RepoFile, message: String) -> Error {
     Error::format(format!("hub {file}"), message)
+}
+
+/// A download that failed on the way (exit code 1: running the command again resumes it).
+fn download_error(file: &RepoFile, message: String) -> Error {
+    Error::Download {
+        what: format!("hub {file}"),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_locations_resolve_as_urljoin_does() {
+        let base = "http://127.0.0.1:8000/a/b/resolve/main/x/y.json?q=1";
+        assert_eq!(
+            join_url(base, "https://cdn.example/z"),
+            "https://cdn.example/z"
+        );
+        assert_eq!(join_url(base, "//cdn.example/z"), "http://cdn.example/z");
+        assert_eq!(join_url(base, "/c/d"), "http://127.0.0.1:8000/c/d");
+        assert_eq!(
+            join_url(base, "z.json"),
+            "http://127.0.0.1:8000/a/b/resolve/main/x/z.json"
+        );
+        assert_eq!(
+            join_url(base, "?r=2"),
+            "http://127.0.0.1:8000/a/b/resolve/main/x/y.json?r=2"
+        );
+        assert_eq!(join_url("http://h:1", "z"), "http://h:1/z");
+    }
+
+    #[test]
+    fn hosts_compare_by_scheme_host_and_port() {
+        assert_eq!(
+            origin_of("https://HF.co/x"),
+            origin_of("https://hf.co:443/y")
+        );
+        assert_ne!(origin_of("http://h:1/x"), origin_of("http://h:2/x"));
+        assert_ne!(origin_of("http://h/x"), origin_of("https://h/x"));
+        assert_eq!(origin_of("not a url"), None);
+    }
 }

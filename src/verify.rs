@@ -26,6 +26,11 @@ impl Tolerance {
     };
 }
 
+/// Tensors with at least this many values are drawn in parallel chunks of [`DRAW_CHUNK`]
+/// (above every emulator-size tensor, whose values stay those of one serial stream).
+pub const PARALLEL_DRAW: usize = 1 << 20;
+const DRAW_CHUNK: usize = 1 << 16;
+
 /// How big the shapes get: the emulator runs small shapes, a GPU adds larger ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scale {
@@ -61,17 +66,33 @@ impl CheckBuilder {
         }
     }
 
-    /// Uniform values in [-scale, scale), rounded to the dtype.
+    /// Uniform values in [-scale, scale), rounded to the dtype. Tensors of at least
+    /// [`PARALLEL_DRAW`] values (GPU-size checks only) are drawn in parallel, in chunks with
+    /// their own generators seeded from this one: deterministic for any thread count.
     pub fn values(&mut self, n: usize, scale: f32, dtype: DType) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = (self.rng.random::<f32>() * 2.0 - 1.0) * scale;
-                match dtype {
+        let draw = |rng: &mut StdRng, out: &mut [f32]| {
+            for o in out {
+                let v = (rng.random::<f32>() * 2.0 - 1.0) * scale;
+                *o = match dtype {
                     DType::F32 => v,
                     DType::BF16 => bf16_bits_to_f32(f32_to_bf16_bits(v)),
-                }
-            })
-            .collect()
+                };
+            }
+        };
+        let mut v = vec![0f32; n];
+        if n < PARALLEL_DRAW {
+            draw(&mut self.rng, &mut v);
+        } else {
+            use rayon::prelude::*;
+            let base: u64 = self.rng.random();
+            v.par_chunks_mut(DRAW_CHUNK)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    let mut rng = StdRng::seed_from_u64(base.wrapping_add(i as u64));
+                    draw(&mut rng, chunk);
+                });
+        }
+        v
     }
 
     pub fn input(&mut self, shape: &[usize], dtype: DType, scale: f32) -> Result<TensorId> {

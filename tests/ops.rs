@@ -153,3 +153,79 @@ fn ptxas_reports_every_kernel_without_spills() {
         }
     }
 }
+
+/// The CPU side of `ultrapixel verify` at GPU size: building every Scale::Gpu check and
+/// running its reference, timed per check (the GPU part is not run). Run with
+/// `cargo test --release --test ops -- --ignored --nocapture gpu_scale_references`.
+#[test]
+#[ignore = "timing: minutes of CPU"]
+fn gpu_scale_references_time() {
+    use std::time::Instant;
+    let t0 = Instant::now();
+    let checks = verify::all_checks(1, Scale::Gpu).unwrap();
+    let build = t0.elapsed();
+    // UPX_TIME_FILTER=<text>: only the checks whose name contains it.
+    let filter = std::env::var("UPX_TIME_FILTER").unwrap_or_default();
+    let mut times = Vec::new();
+    for c in checks.iter().filter(|c| c.name.contains(&filter)) {
+        let t = Instant::now();
+        verify::run_on(c, &Backend::Cpu).unwrap();
+        times.push((t.elapsed(), c.name.clone()));
+    }
+    let total = t0.elapsed();
+    // CPU seconds of the process (user + system), so a busy machine does not hide the work.
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<f64> = s
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<f64>() / 100.0)
+        })
+        .unwrap_or(f64::NAN);
+    times.sort();
+    for (t, name) in times.iter().rev().take(25) {
+        eprintln!("{:>8.3}s  {name}", t.as_secs_f64());
+    }
+    eprintln!(
+        "threads {}: {} checks, build {:.2}s, references {:.2}s, total {:.2}s wall, {cpu:.1}s CPU",
+        rayon::current_num_threads(),
+        checks.len(),
+        build.as_secs_f64(),
+        (total - build).as_secs_f64(),
+        total.as_secs_f64()
+    );
+}
+
+/// A digest of every reference output's bits at emulator size (`UPX_DIGEST_SEED`, default 1,
+/// and `UPX_DIGEST_SCALE=gpu` for GPU size): compare it before and after a change to the
+/// references that must not change any result.
+#[test]
+#[ignore = "a tool: prints a digest"]
+fn reference_digest() {
+    let seed = std::env::var("UPX_DIGEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let scale = match std::env::var("UPX_DIGEST_SCALE").as_deref() {
+        Ok("gpu") => Scale::Gpu,
+        _ => Scale::Emulator,
+    };
+    let mut total: u64 = 0xcbf2_9ce4_8422_2325;
+    for c in verify::all_checks(seed, scale).unwrap() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for out in verify::run_on(&c, &Backend::Cpu).unwrap() {
+            for v in out {
+                h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        eprintln!("{h:016x} {}", c.name);
+        total = (total ^ h).wrapping_mul(0x100_0000_01b3);
+    }
+    eprintln!("digest {total:016x}");
+}

@@ -43,8 +43,8 @@ pub struct GenerateArgs {
     /// Images to make, one after the other.
     #[arg(long, default_value_t = 1)]
     pub batch: u32,
-    /// Output file pattern: {seed} and {n} (index in the batch) are replaced.
-    #[arg(long, default_value = OutputPattern::DEFAULT)]
+    #[arg(long, default_value = OutputPattern::DEFAULT,
+          help = literal_braces("Output file pattern: {seed} and {n} (index in the batch) are replaced"))]
     pub out: String,
     /// A directory with the model files (default: the Hugging Face cache, downloading what
     /// is missing).
@@ -82,6 +82,14 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 5, requires = "preview",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub preview_every: u32,
+}
+
+/// A help text with its `{n}` kept as written: clap turns `{n}` anywhere in a help text into
+/// a line break and has no escape for it, so an empty style (a reset: invisible on a terminal,
+/// stripped from plain output) goes between the brace and the `n`.
+fn literal_braces(text: &str) -> clap::builder::StyledStr {
+    let reset = clap::builder::styling::Reset.render().to_string();
+    text.replace("{n}", &format!("{{{reset}n}}")).into()
 }
 
 impl GenerateArgs {

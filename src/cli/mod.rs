@@ -114,8 +114,11 @@ pub struct BenchArgs {
     pub backend: BackendKind,
 }
 
-/// The exit code of a failed command: 2 for bad input (arguments, files, case kinds), 130 for
-/// Ctrl-C, 1 for a failure while running.
+/// The exit code of a failed command, as the README's table gives them: 2 for bad input or a
+/// refusal before any work (arguments, files that are missing, unreadable, unwritable or
+/// invalid, the hub denying access or lacking a file, offline with files missing, too little
+/// GPU memory, no usable device for the backend asked), 130 for Ctrl-C, 1 for a failure while
+/// running (a download that failed on the way, a kernel or CUDA error, NaN/Inf).
 pub fn exit_code(e: &crate::Error) -> i32 {
     use crate::Error as E;
     match e {
@@ -124,9 +127,19 @@ pub fn exit_code(e: &crate::Error) -> i32 {
         | E::Format { .. }
         | E::Io { .. }
         | E::Case { .. }
-        | E::Weights(_) => 2,
-        E::OutOfMemory { .. } => 2,
-        _ => 1,
+        | E::Weights(_)
+        | E::OutOfMemory { .. } => 2,
+        E::NoDriver
+        | E::NoDevice(_)
+        | E::KernelsNotCompiled
+        | E::UnsupportedDevice { .. }
+        | E::HostsimUnavailable => 2,
+        E::Download { .. }
+        | E::Cuda { .. }
+        | E::KernelsMissing(_)
+        | E::Hostsim { .. }
+        | E::Shape { .. }
+        | E::NonFinite { .. } => 1,
     }
 }
 

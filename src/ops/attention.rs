@@ -6,6 +6,7 @@
 //! Per head h (channels [h·d, (h+1)·d), d = C/heads): softmax(q·kᵀ/√d + masks)·v, the heads
 //! concatenated. `kernels/attention.cu` runs it flash-style (online softmax, no N² buffer).
 
+use super::dot::{accumulate, pack_panels, LANES};
 use super::{require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
@@ -142,10 +143,6 @@ fn softmax_mix<'a>(scores: &[f64], values: impl Iterator<Item = &'a [f32]>, out:
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
-}
-
 impl OpImpl for Attention {
     fn name(&self) -> &'static str {
         "attention"
@@ -162,47 +159,94 @@ impl OpImpl for Attention {
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
         let dims = self.dims(inputs)?;
         let AttnDims {
+            batch,
             queries: n,
             extra: m,
             channels: c,
             head_dim: d,
-            ..
         } = dims;
-        let keys = dims.keys();
+        let (keys, heads) = (dims.keys(), self.heads);
         let qkv = &inputs[0].data;
         let kv: &[f32] = if self.extra_kv { &inputs[1].data } else { &[] };
         let mask = self.key_mask.then(|| &inputs[inputs.len() - 1].data);
         let scale = 1.0 / (d as f64).sqrt();
-        outputs[0]
-            .data
-            .par_chunks_mut(c)
-            .enumerate()
-            .for_each(|(row, out)| {
-                let (b, i) = (row / n, row % n);
-                // Sample b's key j as (k, v) rows: own tokens first, then the extra ones.
-                let key_value = |j: usize| -> (&[f32], &[f32]) {
-                    if j < n {
+        // Per (sample, head): its keys packed in panels of LANES keys (own tokens first, then
+        // the extra ones) and its values as contiguous [keys, d] rows.
+        let gathered: Vec<(Vec<f64>, Vec<f32>)> = (0..batch * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / heads, bh % heads);
+                let (mut ks, mut vs) = (Vec::with_capacity(keys * d), Vec::with_capacity(keys * d));
+                for j in 0..keys {
+                    let (k, v) = if j < n {
                         let r = &qkv[(b * n + j) * 3 * c..][..3 * c];
                         (&r[c..2 * c], &r[2 * c..])
                     } else {
                         kv[(b * m + j - n) * 2 * c..][..2 * c].split_at(c)
-                    }
-                };
-                let visible: Vec<usize> = (0..keys)
-                    .filter(|&j| !(self.causal && j > i))
-                    .filter(|&j| mask.is_none_or(|mk| mk[b * keys + j] != 0.0))
-                    .collect();
-                let q = &qkv[row * 3 * c..][..c];
-                for (h, o) in out.chunks_exact_mut(d).enumerate() {
-                    let head = h * d..(h + 1) * d;
-                    let scores: Vec<f64> = visible
-                        .iter()
-                        .map(|&j| dot(&q[head.clone()], &key_value(j).0[head.clone()]) * scale)
-                        .collect();
-                    let values = visible.iter().map(|&j| &key_value(j).1[head.clone()]);
-                    softmax_mix(&scores, values, o);
+                    };
+                    ks.extend_from_slice(&k[h * d..][..d]);
+                    vs.extend_from_slice(&v[h * d..][..d]);
                 }
-            });
+                (pack_panels(&ks, keys, d), vs)
+            })
+            .collect();
+        // Tasks of REF_QUERY_BLOCK queries of one (sample, head). Every score is the f64 dot
+        // product q·k in order (masked keys' scores are computed and left unused), then each
+        // query's softmax over its visible keys, as one query alone would compute it.
+        let blocks = n.div_ceil(REF_QUERY_BLOCK);
+        let results: Vec<Vec<f32>> = (0..batch * heads * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (bh, blk) = (task / blocks, task % blocks);
+                let (b, h) = (bh / heads, bh % heads);
+                let (panels, vs) = &gathered[bh];
+                let rows = blk * REF_QUERY_BLOCK..n.min((blk + 1) * REF_QUERY_BLOCK);
+                let q_of = |i: usize| &qkv[(b * n + i) * 3 * c + h * d..][..d];
+                let padded = keys.div_ceil(LANES) * LANES;
+                let mut scores = vec![0f64; rows.len() * padded];
+                for (r0, block) in rows.clone().step_by(4).zip(scores.chunks_mut(4 * padded)) {
+                    let count = block.len() / padded;
+                    for (p, panel) in panels.chunks_exact(d * LANES).enumerate() {
+                        let mut acc = [[-0.0f64; LANES]; 4];
+                        if count == 4 {
+                            accumulate(&mut acc, std::array::from_fn(|r| q_of(r0 + r)), panel);
+                        } else {
+                            for (r, a) in acc.iter_mut().enumerate().take(count) {
+                                let mut one = [*a];
+                                accumulate(&mut one, [q_of(r0 + r)], panel);
+                                *a = one[0];
+                            }
+                        }
+                        for (r, a) in acc.iter().enumerate().take(count) {
+                            block[r * padded + p * LANES..][..LANES].copy_from_slice(a);
+                        }
+                    }
+                }
+                let mut out = vec![0f32; rows.len() * d];
+                for ((i, o), all) in rows
+                    .zip(out.chunks_exact_mut(d))
+                    .zip(scores.chunks_exact(padded))
+                {
+                    let visible: Vec<usize> = (0..keys)
+                        .filter(|&j| !(self.causal && j > i))
+                        .filter(|&j| mask.is_none_or(|mk| mk[b * keys + j] != 0.0))
+                        .collect();
+                    let s: Vec<f64> = visible.iter().map(|&j| all[j] * scale).collect();
+                    let values = visible.iter().map(|&j| &vs[j * d..][..d]);
+                    softmax_mix(&s, values, o);
+                }
+                out
+            })
+            .collect();
+        let y = &mut outputs[0].data;
+        for (task, r) in results.iter().enumerate() {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (b, h) = (bh / heads, bh % heads);
+            for (k, o) in r.chunks_exact(d).enumerate() {
+                let i = blk * REF_QUERY_BLOCK + k;
+                y[(b * n + i) * c + h * d..][..d].copy_from_slice(o);
+            }
+        }
         Ok(())
     }
 
@@ -272,6 +316,9 @@ impl OpImpl for Attention {
         }])
     }
 }
+
+/// Queries per task of the reference.
+const REF_QUERY_BLOCK: usize = 16;
 
 /// Queries per block (`attn::BQ`); keys per tile are the same.
 const QUERY_TILE: usize = 64;

@@ -4,6 +4,7 @@
 //!
 //! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
 
+use super::dot::{accumulate, pack_panels, LANES};
 use super::norm::layernorm_ref;
 use super::{inputs_n, nhwc, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
@@ -86,6 +87,10 @@ pub fn depthwise_ref(
     y: &mut [f32],
 ) {
     let half = (k / 2) as isize;
+    // The taps transposed to [k·k][C] in f64: tap t of every channel is one contiguous row.
+    let taps: Vec<f64> = (0..k * k)
+        .flat_map(|t| (0..c).map(move |ch| w[ch * k * k + t] as f64))
+        .collect();
     y.par_chunks_mut(wd * c).enumerate().for_each(|(row, out)| {
         let (b, i) = (row / h, row % h);
         let mut acc = vec![0f64; c];
@@ -102,9 +107,9 @@ pub fn depthwise_ref(
                         continue;
                     };
                     let src = &x[((b * h + sy) * wd + sx) * c..][..c];
-                    let tap = dy * k + dx;
-                    for (ch, (a, &v)) in acc.iter_mut().zip(src).enumerate() {
-                        *a += w[ch * k * k + tap] as f64 * v as f64;
+                    let tap = &taps[(dy * k + dx) * c..][..c];
+                    for ((a, &v), &t) in acc.iter_mut().zip(src).zip(tap) {
+                        *a += t * v as f64;
                     }
                 }
             }
@@ -277,36 +282,52 @@ impl OpImpl for ConvTranspose2d {
         } = self.dims(inputs)?;
         let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
         let (k, s, p) = (self.k, self.stride, self.pad);
+        // w as [Cout][tap·Cin] packed in panels of LANES output channels: one panel holds a
+        // block's weights for every tap and input channel, contiguous per tap.
+        let taps = k * k;
+        let w_oc: Vec<f32> = (0..cout * taps * cin)
+            .map(|i| {
+                let (co, rest) = (i / (taps * cin), i % (taps * cin));
+                let (tap, ci) = (rest / cin, rest % cin);
+                w[(ci * cout + co) * taps + tap]
+            })
+            .collect();
+        let panels = pack_panels(&w_oc, cout, taps * cin);
         outputs[0]
             .data
             .par_chunks_mut(ow * cout)
             .enumerate()
             .for_each(|(row, out)| {
                 let (b, oy) = (row / oh, row % oh);
-                let mut acc = vec![0f64; cout];
-                for (ox, px) in out.chunks_exact_mut(cout).enumerate() {
-                    for (a, &bv) in acc.iter_mut().zip(bias) {
-                        *a = bv as f64;
-                    }
-                    for ky in 0..k {
-                        let Some(iy) = transposed_source(oy, ky, s, p, h) else {
-                            continue;
-                        };
-                        for kx in 0..k {
-                            let Some(ix) = transposed_source(ox, kx, s, p, wd) else {
+                // Per output channel: the bias, then tap by tap (ky, kx in order), each over
+                // the input channels in order.
+                for (pi, panel) in panels.chunks_exact(taps * cin * LANES).enumerate() {
+                    let co0 = pi * LANES;
+                    for (ox, px) in out.chunks_exact_mut(cout).enumerate() {
+                        let mut acc = [[0f64; LANES]];
+                        for (a, &bv) in acc[0].iter_mut().zip(&bias[co0..]) {
+                            *a = bv as f64;
+                        }
+                        for ky in 0..k {
+                            let Some(iy) = transposed_source(oy, ky, s, p, h) else {
                                 continue;
                             };
-                            let src = &x[((b * h + iy) * wd + ix) * cin..][..cin];
-                            for (ci, &v) in src.iter().enumerate() {
-                                for (co, a) in acc.iter_mut().enumerate() {
-                                    let wv = w[((ci * cout + co) * k + ky) * k + kx];
-                                    *a += v as f64 * wv as f64;
-                                }
+                            for kx in 0..k {
+                                let Some(ix) = transposed_source(ox, kx, s, p, wd) else {
+                                    continue;
+                                };
+                                let src = &x[((b * h + iy) * wd + ix) * cin..][..cin];
+                                let tap = ky * k + kx;
+                                accumulate(
+                                    &mut acc,
+                                    [src],
+                                    &panel[tap * cin * LANES..][..cin * LANES],
+                                );
                             }
                         }
-                    }
-                    for (o, &a) in px.iter_mut().zip(&acc) {
-                        *o = a as f32;
+                        for (o, &a) in px[co0..].iter_mut().zip(&acc[0]) {
+                            *o = a as f32;
+                        }
                     }
                 }
             });

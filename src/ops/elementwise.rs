@@ -7,6 +7,7 @@ use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`, evaluated in f64.
 pub fn gelu_ref(x: f32) -> f32 {
@@ -60,9 +61,11 @@ impl OpImpl for Activation {
     }
 
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
-        for (o, &x) in outputs[0].data.iter_mut().zip(&inputs[0].data) {
-            *o = self.act.apply(x);
-        }
+        outputs[0]
+            .data
+            .par_iter_mut()
+            .zip(&inputs[0].data)
+            .for_each(|(o, &x)| *o = self.act.apply(x));
         Ok(())
     }
 
@@ -113,14 +116,12 @@ impl OpImpl for Add {
     }
 
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
-        for ((o, a), b) in outputs[0]
+        outputs[0]
             .data
-            .iter_mut()
+            .par_iter_mut()
             .zip(&inputs[0].data)
             .zip(&inputs[1].data)
-        {
-            *o = a + self.alpha * b;
-        }
+            .for_each(|((o, a), b)| *o = a + self.alpha * b);
         Ok(())
     }
 
@@ -185,11 +186,16 @@ impl OpImpl for Film {
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
         let (x, ab) = (inputs[0], inputs[1]);
         let (c, per_sample) = self.dims(&x.shape, &ab.shape)?;
-        for (i, (o, &v)) in outputs[0].data.iter_mut().zip(&x.data).enumerate() {
-            let row = &ab.data[(i / per_sample) * 2 * c..][..2 * c];
-            let ch = i % c;
-            *o = v * (self.k + row[ch]) + row[c + ch];
-        }
+        outputs[0]
+            .data
+            .par_iter_mut()
+            .zip(&x.data)
+            .enumerate()
+            .for_each(|(i, (o, &v))| {
+                let row = &ab.data[(i / per_sample) * 2 * c..][..2 * c];
+                let ch = i % c;
+                *o = v * (self.k + row[ch]) + row[c + ch];
+            });
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! i.e. also a 1×1 conv on channels-last maps. The epilogue adds a bias, applies exact GELU
 //! and adds a residual, in that order, each optional.
 
+use super::dot::{accumulate, pack_panels, LANES};
 use super::elementwise::{gelu_ref, Film};
 use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
 use crate::runtime::graph::{Role, TensorDesc};
@@ -57,7 +58,14 @@ impl Gemm {
     }
 }
 
-/// The f32 reference: rows in parallel, f64 accumulation.
+/// Rows per block of the reference's inner loop: they share each loaded row of a W panel.
+const REF_ROWS: usize = 4;
+/// Rows per parallel task: every W panel is used by all of them while it is in cache.
+const REF_TASK_ROWS: usize = 32;
+
+/// The f32 reference: Σ_k a·w in f64 (k in order from −0.0), rounded to f32, then the
+/// epilogue in f32. Tasks of rows in parallel, [`LANES`] columns side by side (the same
+/// sums, bit for bit, as one serial dot product per element).
 pub fn gemm_ref(
     a: &[f32],
     w: &[f32],
@@ -67,27 +75,47 @@ pub fn gemm_ref(
     (n, k): (usize, usize),
     c: &mut [f32],
 ) {
-    c.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
-        let ar = &a[row * k..][..k];
-        for (col, o) in out.iter_mut().enumerate() {
-            let wr = &w[col * k..][..k];
-            let mut v = ar
-                .iter()
-                .zip(wr)
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum::<f64>() as f32;
-            if let Some(b) = bias {
-                v += b[col];
+    let panels = pack_panels(w, n, k);
+    c.par_chunks_mut(REF_TASK_ROWS * n)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let task_row0 = task * REF_TASK_ROWS;
+            let rows = out.len() / n;
+            for (p, panel) in panels.chunks_exact(k * LANES).enumerate() {
+                let col0 = p * LANES;
+                for r0 in (0..rows).step_by(REF_ROWS) {
+                    let a_row = |r: usize| &a[(task_row0 + r0 + r) * k..][..k];
+                    let block = REF_ROWS.min(rows - r0);
+                    let mut sums = [[-0.0f64; LANES]; REF_ROWS];
+                    if block == REF_ROWS {
+                        accumulate(&mut sums, std::array::from_fn(a_row), panel);
+                    } else {
+                        for (r, s) in sums.iter_mut().enumerate().take(block) {
+                            let mut one = [*s];
+                            accumulate(&mut one, [a_row(r)], panel);
+                            *s = one[0];
+                        }
+                    }
+                    for (r, row_sums) in sums.iter().enumerate().take(block) {
+                        let row = task_row0 + r0 + r;
+                        for (j, &sum) in row_sums.iter().enumerate().take(n - col0) {
+                            let col = col0 + j;
+                            let mut v = sum as f32;
+                            if let Some(b) = bias {
+                                v += b[col];
+                            }
+                            if gelu {
+                                v = gelu_ref(v);
+                            }
+                            if let Some(r) = residual {
+                                v += r[row * n + col];
+                            }
+                            out[(r0 + r) * n + col] = v;
+                        }
+                    }
+                }
             }
-            if gelu {
-                v = gelu_ref(v);
-            }
-            if let Some(r) = residual {
-                v += r[row * n + col];
-            }
-            *o = v;
-        }
-    });
+        });
 }
 
 impl OpImpl for Gemm {
@@ -384,12 +412,7 @@ impl OpImpl for GemmGrnStats {
             .chunks_exact(y[0].data.len() / b)
             .zip(ss[0].data.chunks_exact_mut(n))
         {
-            let mut acc = vec![0f64; n];
-            for row in sample.chunks_exact(n) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v as f64 * v as f64;
-                }
-            }
+            let acc = super::grn::sums_of_squares(sample, n);
             for (o, a) in acc_row.iter_mut().zip(acc) {
                 *o = a as f32;
             }
@@ -505,17 +528,17 @@ impl OpImpl for GemmScaledA {
         let (b, _) = samples_of(self.name(), &a.shape)?;
         let k = a.shape[a.shape.len() - 1];
         let mut scaled = a.clone();
-        for (sample, m) in scaled
+        let rows_per_sample = a.data.len() / b / k;
+        scaled
             .data
-            .chunks_exact_mut(a.data.len() / b)
-            .zip(ab.data.chunks_exact(2 * k))
-        {
-            for row in sample.chunks_exact_mut(k) {
-                for (v, &f) in row.iter_mut().zip(&m[..k]) {
+            .par_chunks_exact_mut(k)
+            .enumerate()
+            .for_each(|(row, v)| {
+                let m = &ab.data[row / rows_per_sample * 2 * k..][..k];
+                for (v, &f) in v.iter_mut().zip(m) {
                     *v *= self.k + f;
                 }
-            }
-        }
+            });
         let mut gemm_in: Vec<&HostTensor> = inputs[..n].to_vec();
         gemm_in[0] = &scaled;
         self.gemm.reference(&gemm_in, outputs)
@@ -720,6 +743,44 @@ mod tests {
             .collect();
         op.reference(inputs, &mut outs).unwrap();
         outs
+    }
+
+    /// The blocked reference computes exactly the serial definition: one f64 dot product per
+    /// element (k in order), rounded to f32, then bias, GELU and residual in f32.
+    #[test]
+    fn the_reference_is_the_serial_definition_bit_for_bit() {
+        for (m, n, k) in [(7, 13, 37), (1, 1, 8), (9, 17, 64)] {
+            let a = random(11, &[m, k], 1.0);
+            let w = random(12, &[n, k], 1.0);
+            let bias = random(13, &[n], 1.0);
+            let res = random(14, &[m, n], 2.0);
+            for (b, g, r) in [
+                (false, false, false),
+                (true, true, true),
+                (true, false, true),
+            ] {
+                let mut got = vec![f32::NAN; m * n];
+                let (bo, ro) = (b.then_some(&bias.data[..]), r.then_some(&res.data[..]));
+                gemm_ref(&a.data, &w.data, bo, g, ro, (n, k), &mut got);
+                for (i, &v) in got.iter().enumerate() {
+                    let (row, col) = (i / n, i % n);
+                    let dot: f64 = (0..k)
+                        .map(|kk| a.data[row * k + kk] as f64 * w.data[col * k + kk] as f64)
+                        .sum();
+                    let mut want = dot as f32;
+                    if b {
+                        want += bias.data[col];
+                    }
+                    if g {
+                        want = gelu_ref(want);
+                    }
+                    if r {
+                        want += res.data[i];
+                    }
+                    assert_eq!(v.to_bits(), want.to_bits(), "[{m},{n},{k}] element {i}");
+                }
+            }
+        }
     }
 
     /// The fused pair is GRN rewritten: W2·(h·(1 + γN) + β) + b2 = (h·(1 + a))·W2ᵀ + (b2 + W2·β).

@@ -14,6 +14,7 @@ use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Inputs `h [B, …, D]` (the pixels in between), f32 `gamma [D]`, f32 `beta [D]`. Output f32
 /// `ab [B, 2D]`: a = γ_d·N[b,d], b = β_d, the modulation `Film { k: 1 }` takes.
@@ -69,12 +70,7 @@ impl OpImpl for GrnModulation {
             .chunks_exact(pixels * d)
             .zip(outputs[0].data.chunks_exact_mut(2 * d))
         {
-            let mut ss = vec![0f64; d];
-            for px in sample.chunks_exact(d) {
-                for (acc, &v) in ss.iter_mut().zip(px) {
-                    *acc += v as f64 * v as f64;
-                }
-            }
+            let ss = sums_of_squares(sample, d);
             modulation_from_sumsq(&ss, gamma, beta, self.eps, ab);
         }
         Ok(())
@@ -139,6 +135,26 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         }
     }
     Ok(v)
+}
+
+/// Channels per parallel task of [`sums_of_squares`].
+const SUMSQ_CHANNELS: usize = 64;
+
+/// Σ over the pixels (rows of `sample`, in order) of v² per channel, in f64; blocks of
+/// channels in parallel, each channel's sum in pixel order.
+pub(crate) fn sums_of_squares(sample: &[f32], d: usize) -> Vec<f64> {
+    let mut ss = vec![0f64; d];
+    ss.par_chunks_mut(SUMSQ_CHANNELS)
+        .enumerate()
+        .for_each(|(blk, acc)| {
+            let c0 = blk * SUMSQ_CHANNELS;
+            for px in sample.chunks_exact(d) {
+                for (a, &v) in acc.iter_mut().zip(&px[c0..]) {
+                    *a += v as f64 * v as f64;
+                }
+            }
+        });
+    ss
 }
 
 /// One sample's `ab` row from its per-channel sums of squares: a = γ·G/(mean G + eps), b = β.

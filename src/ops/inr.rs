@@ -45,21 +45,23 @@ fn coordinate(i: usize, n: usize) -> f32 {
 /// The encoding of an h×w grid into `out` (`[h·w, 256]`, row p = i·w + j).
 pub fn coord_posenc_ref(h: usize, w: usize, out: &mut [f32]) {
     let freqs = frequencies();
-    for (p, row) in out.chunks_exact_mut(POSENC_WIDTH).enumerate() {
-        let (y, x) = (coordinate(p / w, h), coordinate(p % w, w));
-        let (cos, sin) = row.split_at_mut(2 * PE_FREQS);
-        // The 128 products coordinate-major (y·ω₀ … y·ω₆₃, x·ω₀ … x·ω₆₃), each in f32,
-        // then π times it in f32: the reference's matmul and `np.pi * x`.
-        let products = freqs
-            .iter()
-            .map(|&f| y * f)
-            .chain(freqs.iter().map(|&f| x * f));
-        for ((c, s), u) in cos.iter_mut().zip(sin).zip(products) {
-            let arg = PI * u;
-            *c = accurate(f64::cos, arg);
-            *s = accurate(f64::sin, arg);
-        }
-    }
+    out.par_chunks_exact_mut(POSENC_WIDTH)
+        .enumerate()
+        .for_each(|(p, row)| {
+            let (y, x) = (coordinate(p / w, h), coordinate(p % w, w));
+            let (cos, sin) = row.split_at_mut(2 * PE_FREQS);
+            // The 128 products coordinate-major (y·ω₀ … y·ω₆₃, x·ω₀ … x·ω₆₃), each in f32,
+            // then π times it in f32: the reference's matmul and `np.pi * x`.
+            let products = freqs
+                .iter()
+                .map(|&f| y * f)
+                .chain(freqs.iter().map(|&f| x * f));
+            for ((c, s), u) in cos.iter_mut().zip(sin).zip(products) {
+                let arg = PI * u;
+                *c = accurate(f64::cos, arg);
+                *s = accurate(f64::sin, arg);
+            }
+        });
 }
 
 /// The positional encoding of the h×w pixel-centre grid: no inputs, f32 `[h·w, 256]`.

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod conv;
+mod dot;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;

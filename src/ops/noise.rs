@@ -13,6 +13,7 @@ use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::f64::consts::PI;
 
 /// Input `key` f32 `[4]` holding the u32 bit patterns of [`noise_key`]; output f32 `shape`.
@@ -54,7 +55,7 @@ fn philox(mut c: [u32; 4], [mut k0, mut k1]: [u32; 2]) -> [u32; 4] {
 /// The reference stream: element e of the draw for the key words `key`.
 pub fn gaussian_noise_ref(key: [u32; 4], out: &mut [f32]) {
     let uniform = |x: u32| (x as f64 + 1.0) * 2f64.powi(-32);
-    for (g, chunk) in out.chunks_mut(4).enumerate() {
+    out.par_chunks_mut(4).enumerate().for_each(|(g, chunk)| {
         let g = g as u64;
         let c = philox(
             [g as u32, (g >> 32) as u32, key[2], key[3]],
@@ -68,7 +69,7 @@ pub fn gaussian_noise_ref(key: [u32; 4], out: &mut [f32]) {
             z[2 * pair + 1] = (radius * angle.sin()) as f32;
         }
         chunk.copy_from_slice(&z[..chunk.len()]);
-    }
+    });
 }
 
 impl OpImpl for GaussianNoise {

@@ -11,6 +11,7 @@ use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Rows per block: one warp per row.
 const ROWS_PER_BLOCK: usize = 8;
@@ -41,7 +42,7 @@ impl LayerNorm {
     }
 }
 
-/// The f32 reference for one tensor (`gamma`/`beta` optional).
+/// The f32 reference for one tensor (`gamma`/`beta` optional); rows in parallel.
 pub fn layernorm_ref(
     x: &[f32],
     c: usize,
@@ -50,15 +51,17 @@ pub fn layernorm_ref(
     beta: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    for (row, out) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-            let n = ((v as f64 - mean) * inv) as f32;
-            *o = n * gamma.map_or(1.0, |g| g[i]) + beta.map_or(0.0, |b| b[i]);
-        }
-    }
+    y.par_chunks_exact_mut(c)
+        .zip(x.par_chunks_exact(c))
+        .for_each(|(out, row)| {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+                let n = ((v as f64 - mean) * inv) as f32;
+                *o = n * gamma.map_or(1.0, |g| g[i]) + beta.map_or(0.0, |b| b[i]);
+            }
+        });
 }
 
 impl OpImpl for LayerNorm {

@@ -10,6 +10,7 @@ use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Validates `[B, H, W, C] → [B, h, w, C]`; returns the input dims.
 fn resize_dims<T: Shaped>(op: &str, (h, w): (usize, usize), ins: &[&T]) -> Result<[usize; 4]> {
@@ -137,22 +138,26 @@ impl OpImpl for ResizeBilinear {
         let (rows, cols) = (linear_taps(hi, self.h), linear_taps(wi, self.w));
         let x = &inputs[0].data;
         let image = hi * wi * c;
-        for (o, y) in outputs[0].data.chunks_exact_mut(c).enumerate() {
-            let (b, oy, ox) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
-            let (th, tw) = (rows[oy], cols[ox]);
-            let px = |i: usize, j: usize| &x[b * image + (i * wi + j) * c..][..c];
-            let (p00, p01, p10, p11) = (
-                px(th.i0, tw.i0),
-                px(th.i0, tw.i1),
-                px(th.i1, tw.i0),
-                px(th.i1, tw.i1),
-            );
-            for (ch, v) in y.iter_mut().enumerate() {
-                let top = p00[ch] * tw.l0 + p01[ch] * tw.l1;
-                let bottom = p10[ch] * tw.l0 + p11[ch] * tw.l1;
-                *v = top * th.l0 + bottom * th.l1;
-            }
-        }
+        outputs[0]
+            .data
+            .par_chunks_exact_mut(c)
+            .enumerate()
+            .for_each(|(o, y)| {
+                let (b, oy, ox) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
+                let (th, tw) = (rows[oy], cols[ox]);
+                let px = |i: usize, j: usize| &x[b * image + (i * wi + j) * c..][..c];
+                let (p00, p01, p10, p11) = (
+                    px(th.i0, tw.i0),
+                    px(th.i0, tw.i1),
+                    px(th.i1, tw.i0),
+                    px(th.i1, tw.i1),
+                );
+                for (ch, v) in y.iter_mut().enumerate() {
+                    let top = p00[ch] * tw.l0 + p01[ch] * tw.l1;
+                    let bottom = p10[ch] * tw.l0 + p11[ch] * tw.l1;
+                    *v = top * th.l0 + bottom * th.l1;
+                }
+            });
         Ok(())
     }
 
@@ -201,10 +206,14 @@ impl OpImpl for ResizeNearest {
         let [_, hi, wi, c] = resize_dims(self.name(), (self.h, self.w), inputs)?;
         let (rows, cols) = (nearest_index(hi, self.h), nearest_index(wi, self.w));
         let x = &inputs[0].data;
-        for (o, y) in outputs[0].data.chunks_exact_mut(c).enumerate() {
-            let (b, oy, ox) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
-            y.copy_from_slice(&x[((b * hi + rows[oy]) * wi + cols[ox]) * c..][..c]);
-        }
+        outputs[0]
+            .data
+            .par_chunks_exact_mut(c)
+            .enumerate()
+            .for_each(|(o, y)| {
+                let (b, oy, ox) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
+                y.copy_from_slice(&x[((b * hi + rows[oy]) * wi + cols[ox]) * c..][..c]);
+            });
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! given with `--model-dir`.
 
 use crate::atomic_file::write_atomic;
-use crate::hub::{verify_file, Hub, HubOptions, RemoteFile, RepoFile};
+use crate::hub::{lock_file, verify_file, Hub, HubOptions, RemoteFile, RepoFile};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -74,6 +74,9 @@ struct Record {
 }
 
 type Records = BTreeMap<String, Record>;
+
+/// The lock a download into a model directory holds there.
+const DIR_LOCK: &str = ".download.lock";
 
 /// The model files found on this machine.
 #[derive(Clone, Debug)]
@@ -184,12 +187,21 @@ pub struct Downloaded {
 /// Fetches every model file into the hub cache, or into `dir` as plain files, calling
 /// `report` after each, then the optional files the hub has (one that cannot be fetched is
 /// left out: only `--preview` needs it, and it says how to get it); then checks the result
-/// resolves.
+/// resolves. In the cache each blob is written under its lock (`Hub::fetch`); into `dir`, one
+/// download at a time holds `dir/.download.lock` (a second one waits, then finds the files
+/// current).
 pub fn download(
     hub: &Hub,
     dir: Option<&Path>,
     mut report: impl FnMut(&Downloaded),
 ) -> Result<ModelDir> {
+    let _lock = match dir {
+        Some(dir) if !hub.options().offline => {
+            let what = format!("the model files into {}", dir.display());
+            lock_file(&dir.join(DIR_LOCK), &what, hub.options().progress)?
+        }
+        _ => None,
+    };
     let fetch = |f: &ModelFile| match dir {
         Some(dir) => download_into(hub, dir, f),
         None => hub.fetch(&f.repo_file()).map(|c| Downloaded {

@@ -20,7 +20,10 @@ pub const DIR_ENV: &str = "UPX_TUNING_DIR";
 
 /// The committed tables (`tuning/*.json`), embedded at build time, by file name. A table
 /// committed to `tuning/` must be listed here (a test checks that every file is).
-pub const EMBEDDED: &[(&str, &str)] = &[];
+pub const EMBEDDED: &[(&str, &str)] = &[(
+    "nvidia-h200.json",
+    include_str!("../../tuning/nvidia-h200.json"),
+)];
 
 /// What a table's measurements depend on. Any field that differs makes a table stale.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

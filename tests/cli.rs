@@ -1,0 +1,132 @@
+//! The command line itself: every help text reads as written.
+
+use clap::CommandFactory;
+use ultrapixel::cli::Cli;
+
+/// Text with every run of whitespace made one space.
+fn squeeze(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Item 8 of issue 18: clap turns a literal `{n}` in a help text into a line break, so the
+/// `--out` help lost its `{n}` placeholder. Every argument's and command's help must appear
+/// in the rendered help exactly as written.
+#[test]
+fn every_help_text_renders_as_written() {
+    fn check(cmd: &mut clap::Command, path: &str, problems: &mut Vec<String>) {
+        cmd.build();
+        let short = squeeze(&cmd.render_help().to_string());
+        let long = squeeze(&cmd.render_long_help().to_string());
+        for arg in cmd.get_arguments() {
+            for (help, rendered) in [(arg.get_help(), &short), (arg.get_long_help(), &long)] {
+                let Some(help) = help else { continue };
+                let text = squeeze(&help.to_string());
+                if !rendered.contains(&text) {
+                    problems.push(format!("{path} --{}: {text:?}", arg.get_id()));
+                }
+            }
+        }
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        for sub in cmd.get_subcommands() {
+            if let Some(about) = sub.get_about() {
+                let text = squeeze(&about.to_string());
+                if !short.contains(&text) {
+                    problems.push(format!("{path} {}: {text:?}", sub.get_name()));
+                }
+            }
+        }
+        for name in names {
+            let sub = cmd.find_subcommand_mut(&name).unwrap();
+            check(sub, &format!("{path} {name}"), problems);
+        }
+    }
+    let mut problems = Vec::new();
+    check(&mut Cli::command(), "ultrapixel", &mut problems);
+    assert!(
+        problems.is_empty(),
+        "help texts rendered differently:\n{}",
+        problems.join("\n")
+    );
+    // The placeholder itself, as a user sees it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(["generate", "--help"])
+        .output()
+        .unwrap();
+    let text = squeeze(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        text.contains("{seed} and {n} (index in the batch)"),
+        "{text}"
+    );
+}
+
+/// Item 7 of issue 18: every command's failures exit as the README's table says (0 success,
+/// 1 a failure while running, 2 bad input or a refusal before any work). `download`'s own
+/// codes are checked against a mock hub in `tests/hub.rs`, Ctrl-C (130) in `tests/faults.rs`.
+#[test]
+fn every_command_exits_as_the_readme_table_says() {
+    let empty = tempfile::tempdir().unwrap();
+    let cache = empty.path().to_str().unwrap();
+    let case = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cases"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let case = case.to_str().unwrap();
+    let mut cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["--version"], 0),
+        (vec![], 2),
+        (vec!["no-such-command"], 2),
+        (vec!["generate", "", "--backend", "cpu"], 2),
+        (
+            vec!["generate", "x", "--size", "100x100", "--backend", "cpu"],
+            2,
+        ),
+        (
+            vec!["generate", "x", "--backend", "cpu", "--out", "x.jpg"],
+            2,
+        ),
+        // Offline with the model files missing: refused, nothing fetched.
+        (vec!["generate", "x", "--backend", "cpu"], 2),
+        (vec!["meta", "/nonexistent/x.png"], 2),
+        (
+            vec![
+                "convert",
+                "/nonexistent/x.ckpt",
+                "/nonexistent/y.safetensors",
+            ],
+            2,
+        ),
+        (vec!["validate", "/nonexistent/case.safetensors"], 2),
+        (vec!["make-tiny-model", "/proc/no-such-dir/tiny"], 2),
+        (
+            vec!["info", "--size", "512x512", "--model-dir", "/nonexistent"],
+            2,
+        ),
+    ];
+    // Without a GPU: a refusal before any work, as `generate --backend cuda` already did.
+    if !ultrapixel::runtime::cuda::driver_present() {
+        cases.push((vec!["bench", "--filter", "no-such-kernel"], 2));
+        cases.push((vec!["validate", "--backend", "cuda", case], 2));
+    }
+    let mut wrong = Vec::new();
+    for (args, expected) in &cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+            .args(args)
+            .current_dir(empty.path())
+            .env("HF_HUB_CACHE", cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        if o.status.code() != Some(*expected) {
+            wrong.push(format!(
+                "{args:?}: exit {:?}, expected {expected}: {}",
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
