@@ -11,8 +11,6 @@
 //   s0 + 1 (rows_per_sample ≥ 64, so a slab meets at most two samples). One thread owns a
 //   column of a slab and adds its 64 rows in row order: no atomics, bit-identical run to run
 //   (grn_reduce_partials then adds each sample's slabs in order).
-//   Y may be X (same type): every element is read, then written, by the one thread that owns it,
-//   so the pass runs in place on a vendor product written straight into the output.
 //   Launch: grid (ceil(M / 64), ceil(N / 256)), 256 threads, thread ↔ column (coalesced rows).
 // gemm_scale_a_bf16: A' = bf16(A[m, k] · (a_k + a[s, k])), s = m / rows_per_sample, with `ab` the
 //   [samples, 2K] GRN modulation (first half): the operand scaling kernels/gemm.cu applies to its
@@ -36,8 +34,8 @@ namespace gemm_epilogue {
 constexpr int THREADS = 256, SLAB = 64;
 
 template <typename TX, typename TO>
-__device__ __forceinline__ void body(const TX* X, const float* __restrict__ bias, const TO* __restrict__ R, TO* Y,
-                                     int M, int N, int gelu, const float* __restrict__ ab,
+__device__ __forceinline__ void body(const TX* __restrict__ X, const float* __restrict__ bias, const TO* __restrict__ R,
+                                     TO* __restrict__ Y, int M, int N, int gelu, const float* __restrict__ ab,
                                      int rows_per_sample, float film_k, float* __restrict__ partials) {
     const int col = blockIdx.y * THREADS + threadIdx.x;
     const long long slab = (long long)blockIdx.x * SLAB;

@@ -30,8 +30,9 @@ pub struct Dispatch {
     warned: Mutex<HashSet<String>>,
 }
 
-/// Where the scratch region of a substituted node holds what: the f32 product (when the
-/// output is bf16) and the scaled operand, each 256-byte aligned.
+/// Where the scratch region of a substituted node holds what: the vendor product our
+/// epilogue pass reads (its own buffer: the pass's input and output are distinct, `restrict`
+/// arrays) and the scaled operand, each 256-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScratchLayout {
     pub product: Option<usize>,
@@ -73,10 +74,7 @@ pub fn plan_layout(key: &GemmKey, plan: PairPlan) -> ScratchLayout {
             at
         })
     };
-    let product = take(
-        plan.epilogue_pass && plan.product != key.out,
-        key.m * key.n * plan.product.size(),
-    );
+    let product = take(plan.epilogue_pass, key.m * key.n * plan.product.size());
     let scaled_a = take(plan.scale_a, key.m * key.k * DType::BF16.size());
     ScratchLayout {
         product,
@@ -272,10 +270,10 @@ impl Dispatch {
 
 /// A GEMM node's entries with a vendor GEMM: our operand scaling (into the scratch) where the
 /// plan says, the vendor call `vendor(a, d)` reading A (or the scaled A) at `a` and writing its
-/// product at `d`, then our epilogue pass into the node's outputs. The product goes straight
-/// into the node's first output when it has the output's dtype (the pass then runs in place),
-/// else into the scratch ([`plan_layout`]). None when the pass would need more workspace than
-/// the node has (`workspace` bytes at `io.workspace`).
+/// product at `d`, then our epilogue pass into the node's outputs. With the pass the product
+/// goes to the scratch ([`plan_layout`]); without it, cuBLASLt writes the node's output. None
+/// when the pass would need more workspace than the node has (`workspace` bytes at
+/// `io.workspace`).
 pub fn pair_entries(
     op: &dyn OpImpl,
     key: &GemmKey,
@@ -371,20 +369,21 @@ mod tests {
     }
 
     #[test]
-    fn scratch_holds_an_f32_product_for_bf16_outputs_and_the_scaled_operand() {
+    fn scratch_holds_the_product_the_pass_reads_and_the_scaled_operand() {
         let k = key("bias+gelu", DType::BF16);
-        // A bf16 product goes straight into the output; an f32 one needs its buffer.
+        let l = scratch_layout(&k, &choice("bf16", "default", false, false, true));
         assert_eq!(
-            scratch_layout(&k, &choice("bf16", "default", false, false, true)).bytes,
-            0
+            (l.product, l.bytes),
+            (Some(0), pair::aligned(1000 * 320 * 2))
         );
         let l = scratch_layout(&k, &choice("f32", "default", false, false, true));
         assert_eq!((l.product, l.scaled_a), (Some(0), None));
         assert_eq!(l.bytes, pair::aligned(1000 * 320 * 4));
         let k = key("bias+residual+scaled_a", DType::F32);
         let l = scratch_layout(&k, &choice("f32", "default", false, true, true));
-        assert_eq!((l.product, l.scaled_a), (None, Some(0)));
-        assert_eq!(l.bytes, pair::aligned(1000 * 1280 * 2));
+        let product = pair::aligned(1000 * 320 * 4);
+        assert_eq!((l.product, l.scaled_a), (Some(0), Some(product)));
+        assert_eq!(l.bytes, product + pair::aligned(1000 * 1280 * 2));
         // cuBLASLt alone writes the output.
         let k = key("bias", DType::BF16);
         assert_eq!(

@@ -5,7 +5,7 @@
 //! table whose key differs from this machine's is stale and the built-in rules apply.
 
 use super::problems::{Epilogue, GemmKey};
-use crate::runtime::kernels::MODULES;
+use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTX_ARCH};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -113,15 +113,58 @@ pub fn tuned_module(name: &str) -> bool {
     name.starts_with("gemm") || name.starts_with("attention") || name == "grn"
 }
 
-/// A hash of the embedded fatbins of the tuned modules ([`tuned_module`]): a table goes
-/// stale when those kernels change, not on unrelated changes to the binary.
+/// The device sources of the tuned modules ([`tuned_module`]) and every header they can
+/// include (kernels/common, but the emulator's `hostsim.h`, which nvcc never compiles),
+/// embedded at build time. A test checks that the list is complete.
+pub const TUNED_SOURCES: &[(&str, &str)] = &[
+    ("attention.cu", include_str!("../../kernels/attention.cu")),
+    ("gemm.cu", include_str!("../../kernels/gemm.cu")),
+    (
+        "gemm_epilogue.cu",
+        include_str!("../../kernels/gemm_epilogue.cu"),
+    ),
+    ("grn.cu", include_str!("../../kernels/grn.cu")),
+    (
+        "common/accurate_math.cuh",
+        include_str!("../../kernels/common/accurate_math.cuh"),
+    ),
+    (
+        "common/convert.cuh",
+        include_str!("../../kernels/common/convert.cuh"),
+    ),
+    (
+        "common/mma.cuh",
+        include_str!("../../kernels/common/mma.cuh"),
+    ),
+    (
+        "common/portable.cuh",
+        include_str!("../../kernels/common/portable.cuh"),
+    ),
+    (
+        "common/reduce.cuh",
+        include_str!("../../kernels/common/reduce.cuh"),
+    ),
+];
+
+/// A hash of what the tuned kernels' machine code is made from: their sources
+/// ([`TUNED_SOURCES`]), the nvcc release and the compiled architectures. A table goes stale
+/// when those kernels change, not on unrelated changes to the binary, and not with the
+/// directory the binary was built in (the fatbins themselves embed source paths).
 pub fn kernels_hash() -> String {
     let mut h = Sha256::new();
-    for m in MODULES.iter().filter(|m| tuned_module(m.name)) {
-        h.update(m.name.as_bytes());
-        h.update((m.fatbin.len() as u64).to_le_bytes());
-        h.update(m.fatbin);
+    let mut field = |name: &str, bytes: &[u8]| {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    for (name, text) in TUNED_SOURCES {
+        field(name, text.as_bytes());
     }
+    field("nvcc", NVCC_VERSION.as_bytes());
+    field("archs", CUDA_ARCHS.join(",").as_bytes());
+    field("ptx", PTX_ARCH.as_bytes());
+    field("compiled", &[KERNELS_COMPILED as u8]);
     h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -492,5 +535,35 @@ mod tests {
         assert!(!tuned_module("conv") && !tuned_module("sampler"));
         assert_eq!(kernels_hash().len(), 32);
         assert_eq!(kernels_hash(), kernels_hash());
+    }
+
+    /// Every source of a tuned module and every device header is hashed, as it is on disk.
+    #[test]
+    fn the_hashed_sources_are_every_tuned_kernel_file_and_header() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut want: Vec<String> = Vec::new();
+        for (dir, prefix) in [(root.clone(), ""), (root.join("common"), "common/")] {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                let tuned = match name.strip_suffix(".cu") {
+                    Some(stem) => prefix.is_empty() && tuned_module(stem),
+                    None => !prefix.is_empty() && name != "hostsim.h",
+                };
+                if tuned {
+                    want.push(format!("{prefix}{name}"));
+                }
+            }
+        }
+        want.sort();
+        let mut have: Vec<String> = TUNED_SOURCES.iter().map(|(n, _)| n.to_string()).collect();
+        have.sort();
+        assert_eq!(have, want, "tune::table::TUNED_SOURCES is out of date");
+        for (name, text) in TUNED_SOURCES {
+            assert_eq!(
+                std::fs::read_to_string(root.join(name)).unwrap(),
+                *text,
+                "{name}"
+            );
+        }
     }
 }

@@ -380,6 +380,17 @@ impl<'a> Problem<'a> {
                     continue;
                 }
                 Ok(h) => h,
+                // cuBLASLt 13.1 refuses an f32 bias vector with a bf16 output this way.
+                Err(err)
+                    if spec.bias
+                        && spec.product == DType::BF16
+                        && err.contains("INVALID_VALUE") =>
+                {
+                    trials.push(failed(format!(
+                        "no algorithm: cuBLASLt takes no f32 bias with a bf16 output ({err})"
+                    )));
+                    continue;
+                }
                 Err(err) => {
                     trials.push(failed(err));
                     continue;
