@@ -358,6 +358,10 @@ fn tune_lists_its_shapes_and_refuses_the_reference_backend() {
     let (out, _) = ultrapixel(&["tune", "--tiny", "--backend", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda or hostsim"));
+    // --check checks a GPU's table.
+    let (out, _) = ultrapixel(&["tune", "--check", "--backend", "hostsim"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda"));
 }
 
 /// The tuner on the emulator, on one GEMM of each epilogue kind of the tiny model (the

@@ -35,6 +35,11 @@ pub struct TuneArgs {
     /// Print the shapes that would be tuned (JSON) and time nothing.
     #[arg(long)]
     pub list: bool,
+    /// Check the tuning table in use instead of tuning: every cuBLASLt winner, built as a GEMM
+    /// node builds it, against our kernel and for bit-identical reruns (exit 1 on a failure
+    /// or without a table).
+    #[arg(long, conflicts_with = "list")]
+    pub check: bool,
     /// Where to run: hostsim checks the tuner without a GPU (our plain GEMM stands in for
     /// cuBLASLt there).
     #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
@@ -60,6 +65,22 @@ pub fn tune(a: TuneArgs) -> Result<i32> {
             serde_json::to_string_pretty(&list).expect("JSON of plain values")
         );
         return Ok(0);
+    }
+    if a.check {
+        let dev = match Backend::open(a.backend)? {
+            Backend::Cuda(d) => d,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "tune --check checks the table of a GPU: use --backend cuda".into(),
+                ))
+            }
+        };
+        let engine = CudaEngine::new(dev.clone());
+        println!("device: {}", engine.describe());
+        let (passed, failed) =
+            tuner::check_table(&engine, &dev, &cfg, &mut std::io::stdout().lock())?;
+        println!("{passed} passed, {failed} failed");
+        return Ok(if failed == 0 { 0 } else { 1 });
     }
     let engine: Box<dyn Engine> = match Backend::open(a.backend)? {
         Backend::Cuda(d) => Box::new(CudaEngine::new(d)),

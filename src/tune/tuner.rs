@@ -784,3 +784,108 @@ pub fn tune_problems(
         attention: attention_entries,
     })
 }
+
+/// `tune --check`: every cuBLASLt winner of the table `dev` uses, built as a GEMM node builds
+/// it ([`crate::tune::dispatch::Dispatch::entries`]: the recorded algorithm through
+/// `cublasLtMatmulAlgoCheck`, our passes), run on the shape's inputs against our kernel (the
+/// bf16 bound) and twice (bit-identical). One line per shape to `log`; returns (passed,
+/// failed). An error when the device uses the built-in rules.
+pub fn check_table(
+    engine: &super::engine::CudaEngine,
+    dev: &Arc<crate::runtime::cuda::CudaDevice>,
+    cfg: &Configs,
+    log: &mut dyn Write,
+) -> Result<(usize, usize)> {
+    use super::table::GemmChoice;
+    let io_err = |e: std::io::Error| Error::io("<stdout>", e);
+    let Some(table) = dev.dispatch().selection().table() else {
+        return Err(Error::InvalidArgument(format!(
+            "no tuning table in use: {}",
+            dev.dispatch().selection().describe()
+        )));
+    };
+    let sizes: Vec<Size> = table.sizes.iter().filter_map(|s| s.parse().ok()).collect();
+    let (gemms, _) = problems(cfg, &sizes)?;
+    let chosen: Vec<GemmProblem> = gemms
+        .into_iter()
+        .filter(|p| {
+            matches!(
+                table.gemm(&p.key).and_then(|e| e.choice()),
+                Some(GemmChoice::CublasLt(_))
+            )
+        })
+        .collect();
+    writeln!(
+        log,
+        "checking the {} cuBLASLt winners of {} as GEMM nodes run them",
+        chosen.len(),
+        dev.dispatch().selection().describe()
+    )
+    .map_err(io_err)?;
+    let device = engine.device();
+    let pools = Pools::new(&device, &chosen)?;
+    let (mut passed, mut failed) = (0, 0);
+    for (i, p) in chosen.iter().enumerate() {
+        let prob = Problem::new(&device, &pools, p)?;
+        let mut reference = prob.ours(&prob.bufs.reference)?;
+        engine.run(&mut reference)?;
+        let node = crate::runtime::graph::Node {
+            op: p.op.clone(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            workspace: prob.bufs.workspace.bytes,
+            label: "tune --check".into(),
+        };
+        let io = prob.io(&prob.bufs.candidate);
+        let winner = table
+            .gemm(&p.key)
+            .map_or(String::new(), |e| e.winner.clone());
+        let mut t = Trial {
+            record: record(winner, "cublaslt"),
+            steps: Vec::new(),
+        };
+        match dev
+            .dispatch()
+            .entries(dev, &node, &io, prob.bufs.scratch.ptr)?
+        {
+            None => {
+                t.record.status = "refused".into();
+                t.record.detail = Some("dispatch runs our kernel (see the warning)".into());
+            }
+            Some(entries) => {
+                t.steps = entries;
+                if let Err(e) = prob.check(engine, &mut t) {
+                    t.record.status = "failed".into();
+                    t.record.detail = Some(e.to_string());
+                }
+            }
+        }
+        let ok = t.record.status == "ok";
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+        writeln!(
+            log,
+            "[{:>3}/{}] {} {}: {}{}{}",
+            i + 1,
+            chosen.len(),
+            p.key.describe(),
+            t.record.name,
+            t.record.status,
+            t.record
+                .max_err
+                .zip(t.record.limit)
+                .map_or(String::new(), |(e, l)| format!(
+                    ", max error {e:.3e} (bound {l:.3e})"
+                )),
+            t.record
+                .detail
+                .as_ref()
+                .map_or(String::new(), |d| format!(" ({d})")),
+        )
+        .map_err(io_err)?;
+    }
+    Ok((passed, failed))
+}
