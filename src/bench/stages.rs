@@ -110,7 +110,7 @@ pub fn print(device: &Arc<dyn Device>, cfg: &Configs, sizes: &[Size], iters: usi
             println!("{}", p.line());
         }
         let total: f64 = parts.iter().map(|p| p.seconds * p.runs as f64).sum();
-        let plan = memory_plan(cfg, size)?;
+        let plan = memory_plan(cfg, size, Some(device.as_ref()))?;
         println!(
             "end to end (device time, one image): {:.2} s; planned peak memory {} MiB (weights \
              freed per stage) / {} MiB (kept)",

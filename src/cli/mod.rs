@@ -267,13 +267,21 @@ fn info(a: InfoArgs) -> Result<i32> {
         }
     }
     if let Some(size) = a.size {
-        print_plan(size, a.model_dir.as_deref())?;
+        // With a GPU, the plan counts the scratch of the GEMMs its tuning table hands to
+        // cuBLASLt.
+        let gpu = CudaDevice::new(0).ok();
+        let device = gpu.as_deref().map(|d| d as &dyn Device);
+        print_plan(size, a.model_dir.as_deref(), device)?;
     }
     Ok(0)
 }
 
 /// The memory plan of a generation at `size`, stage by stage.
-fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Result<()> {
+fn print_plan(
+    size: crate::pipeline::Size,
+    dir: Option<&std::path::Path>,
+    device: Option<&dyn Device>,
+) -> Result<()> {
     use crate::pipeline::generate::memory_plan;
     use crate::pipeline::models::Configs;
     let (configs, which) = match dir {
@@ -284,7 +292,7 @@ fn print_plan(size: crate::pipeline::Size, dir: Option<&std::path::Path>) -> Res
         }
         None => (Configs::default(), "the released model".to_string()),
     };
-    let plan = memory_plan(&configs, size)?;
+    let plan = memory_plan(&configs, size, device)?;
     let mib = |b: u64| b.div_ceil(1 << 20);
     println!("\nGPU memory plan for {size} ({which}), MiB:");
     println!(

@@ -18,7 +18,7 @@ use super::stages::{
 };
 use crate::models::config::PreviewerConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
-use crate::runtime::device::WeightCache;
+use crate::runtime::device::{node_scratch, Device, WeightCache};
 use crate::runtime::graph::{Graph, Role};
 use crate::runtime::planner::{self, ALIGN};
 use crate::runtime::session::SessionOptions;
@@ -218,8 +218,9 @@ pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
 }
 
 /// The device memory of a generation at `size` with these networks, stage by stage: every
-/// graph recorded at its real shapes and planned, no weights read.
-pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
+/// graph recorded at its real shapes and planned, no weights read; with `device`, the scratch
+/// it needs for the nodes it runs its own way (vendor GEMMs) counted in the arenas.
+pub fn memory_plan(cfg: &Configs, size: Size, device: Option<&dyn Device>) -> Result<MemoryPlan> {
     let graphs = stage_graphs(cfg, size, (1, 1))?;
     let mut names: Vec<&'static str> = graphs.iter().map(|g| g.stage).collect();
     names.dedup();
@@ -228,7 +229,7 @@ pub fn memory_plan(cfg: &Configs, size: Size) -> Result<MemoryPlan> {
         .into_iter()
         .map(|stage| {
             let of_stage = graphs.iter().filter(|g| g.stage == stage).map(|g| &g.graph);
-            stage_plan(stage, of_stage)
+            stage_plan(stage, of_stage, device)
         })
         .collect();
     Ok(MemoryPlan { stages })
@@ -346,12 +347,13 @@ impl Pipeline {
     /// allocated).
     pub fn plan(&self, size: Size) -> Result<MemoryPlan> {
         let cfg = self.models.configs();
-        let mut plan = memory_plan(&cfg, size)?;
+        let device = self.backend.device();
+        let mut plan = memory_plan(&cfg, size, device.as_deref())?;
         if let Some(p) = &self.previewer {
             // Its session lives beside Stage C's, at the high-res latent at most.
             let shapes = stage_c_shapes(&cfg, &LatentSizes::of(size));
             let graph = preview_recording(&p.config, shapes.hr)?.0.finish().0;
-            let extra = stage_plan("previewer", std::iter::once(&graph));
+            let extra = stage_plan("previewer", std::iter::once(&graph), device.as_deref());
             let c = plan
                 .stages
                 .iter_mut()
@@ -676,7 +678,11 @@ fn stage_b_shape(cfg: &Configs, sizes: &LatentSizes) -> [usize; 4] {
 }
 
 /// The memory of one stage: its distinct weights (as uploaded) and its largest arena.
-fn stage_plan<'a>(stage: &'static str, graphs: impl Iterator<Item = &'a Graph>) -> StagePlan {
+fn stage_plan<'a>(
+    stage: &'static str,
+    graphs: impl Iterator<Item = &'a Graph>,
+    device: Option<&dyn Device>,
+) -> StagePlan {
     let mut seen = HashSet::new();
     let mut weight_bytes = 0u64;
     let mut arena_bytes = 0u64;
@@ -686,7 +692,14 @@ fn stage_plan<'a>(stage: &'static str, graphs: impl Iterator<Item = &'a Graph>) 
                 weight_bytes += d.bytes().div_ceil(ALIGN) as u64 * ALIGN as u64;
             }
         }
-        arena_bytes = arena_bytes.max(planner::plan(g).peak as u64);
+        let plan = match device {
+            Some(d) => {
+                let scratch = node_scratch(d, g);
+                planner::plan_with_scratch(g, &|i| scratch[i])
+            }
+            None => planner::plan(g),
+        };
+        arena_bytes = arena_bytes.max(plan.peak as u64);
     }
     StagePlan {
         stage,

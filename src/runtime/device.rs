@@ -123,8 +123,6 @@ pub struct KernelSession {
     _arena: DeviceBuffer,
     /// The weight buffers this session reads (its own, or shared through a cache).
     _weights: Vec<Arc<DeviceBuffer>>,
-    /// Scratch of the nodes the device substitutes (one region: they run one after another).
-    _scratch: Option<DeviceBuffer>,
     ptrs: Vec<u64>,
     list: LaunchList,
 }
@@ -140,8 +138,23 @@ impl KernelSession {
         opts: SessionOptions,
         cache: Option<&WeightCache>,
     ) -> Result<Self> {
-        let plan = planner::plan(&graph);
-        let arena = device.alloc(plan.peak.max(ALIGN))?;
+        // The scratch of the nodes the device runs its own way (vendor GEMMs) is planned in the
+        // arena like a workspace; without the memory for it, they run our kernels.
+        let scratch = node_scratch(device.as_ref(), &graph);
+        let with_scratch = planner::plan_with_scratch(&graph, &|i| scratch[i]);
+        let (plan, arena, substitute) = match device.alloc(with_scratch.peak.max(ALIGN)) {
+            Ok(arena) => (with_scratch, arena, true),
+            Err(e) if scratch.iter().any(|&b| b > 0) => {
+                let plan = planner::plan(&graph);
+                eprintln!(
+                    "warning: no memory for the vendor GEMMs' scratch ({e}); our GEMM kernels run \
+                     instead"
+                );
+                let arena = device.alloc(plan.peak.max(ALIGN))?;
+                (plan, arena, false)
+            }
+            Err(e) => return Err(e),
+        };
         if opts.poison {
             device.fill(arena.ptr, 0xff, arena.bytes)?;
         }
@@ -189,35 +202,7 @@ impl KernelSession {
             held.push(buf);
         }
 
-        // Nodes the device runs otherwise (a vendor GEMM) share one scratch region; without it
-        // (no memory) they run our kernels.
-        let scratch_bytes = graph
-            .nodes
-            .iter()
-            .map(|n| {
-                let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
-                device.substitute_scratch(n, &ins)
-            })
-            .max()
-            .unwrap_or(0);
-        let scratch = match scratch_bytes {
-            0 => None,
-            b => match device.alloc(b) {
-                Ok(buf) => Some(buf),
-                Err(e) => {
-                    eprintln!(
-                        "warning: no memory for the vendor GEMMs' {} MiB scratch ({e}); our GEMM kernels run instead",
-                        b >> 20
-                    );
-                    None
-                }
-            },
-        };
-        let substitute = match (&scratch, scratch_bytes) {
-            (Some(b), _) => Some((device.as_ref(), b.ptr)),
-            (None, 0) => Some((device.as_ref(), 0)),
-            (None, _) => None,
-        };
+        let substitute = substitute.then_some(device.as_ref());
         let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute)?;
         Ok(KernelSession {
             device,
@@ -225,7 +210,6 @@ impl KernelSession {
             plan,
             _arena: arena,
             _weights: held,
-            _scratch: scratch,
             ptrs,
             list,
         })
@@ -250,14 +234,27 @@ impl KernelSession {
     }
 }
 
-/// The launch list of a graph whose tensors live at `ptrs` (workspaces at `arena` + offset),
-/// with the nodes `substitute`'s device runs otherwise (scratch at its address).
+/// Scratch bytes `device` needs for each node of `graph` to run it its own way (0: the op's
+/// launches).
+pub fn node_scratch(device: &dyn Device, graph: &Graph) -> Vec<usize> {
+    graph
+        .nodes
+        .iter()
+        .map(|n| {
+            let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
+            device.substitute_scratch(n, &ins)
+        })
+        .collect()
+}
+
+/// The launch list of a graph whose tensors live at `ptrs` (workspaces and scratch at
+/// `arena` + offset), with the nodes `substitute` runs its own way.
 fn build_launches(
     graph: &Graph,
     plan: &ArenaPlan,
     ptrs: &[u64],
     arena: u64,
-    substitute: Option<(&dyn Device, u64)>,
+    substitute: Option<&dyn Device>,
 ) -> Result<LaunchList> {
     let mut list = LaunchList {
         launches: Vec::new(),
@@ -279,7 +276,10 @@ fn build_launches(
             workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
         };
         let entries = match substitute {
-            Some((device, scratch)) => device.substitute(node, &io, scratch)?,
+            Some(device) => {
+                let scratch = plan.scratch[i].map_or(0, |o| arena + o as u64);
+                device.substitute(node, &io, scratch)?
+            }
             None => None,
         };
         let entries = match entries {

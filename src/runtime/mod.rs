@@ -58,6 +58,16 @@ impl Backend {
         }
     }
 
+    /// The kernel executor's device (None for the cpu backend).
+    pub fn device(&self) -> Option<Arc<dyn device::Device>> {
+        match self {
+            Backend::Cpu => None,
+            #[cfg(feature = "hostsim")]
+            Backend::Hostsim(d) => Some(d.clone()),
+            Backend::Cuda(d) => Some(d.clone()),
+        }
+    }
+
     /// Places `graph` on this backend with its weights; ready to run.
     pub fn session(
         &self,
@@ -77,11 +87,8 @@ impl Backend {
         opts: SessionOptions,
         cache: Option<&device::WeightCache>,
     ) -> Result<Box<dyn Session>> {
-        let device: Arc<dyn device::Device> = match self {
-            Backend::Cpu => return Ok(Box::new(cpu::CpuSession::new(graph, weights)?)),
-            #[cfg(feature = "hostsim")]
-            Backend::Hostsim(d) => d.clone(),
-            Backend::Cuda(d) => d.clone(),
+        let Some(device) = self.device() else {
+            return Ok(Box::new(cpu::CpuSession::new(graph, weights)?));
         };
         let session = device::KernelSession::new(device, graph, weights, opts, cache)?;
         Ok(Box::new(session))

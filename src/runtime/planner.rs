@@ -17,6 +17,10 @@ pub struct ArenaPlan {
     pub offsets: Vec<Option<usize>>,
     /// Offset of each node's workspace (None when it needs none).
     pub workspaces: Vec<Option<usize>>,
+    /// Offset of each node's device scratch (a vendor GEMM's product and scaled operand; None
+    /// when the device runs the node's own kernels). Live, like a workspace, only during its
+    /// node.
+    pub scratch: Vec<Option<usize>>,
     /// Arena size: the peak of simultaneously live bytes, fragmentation included.
     pub peak: usize,
 }
@@ -122,9 +126,16 @@ impl FreeList {
 }
 
 pub fn plan(graph: &Graph) -> ArenaPlan {
+    plan_with_scratch(graph, &|_| 0)
+}
+
+/// [`plan`], with `scratch(i)` more bytes live during node `i` (what the device needs to run
+/// that node its own way), so the arena, and every memory plan, counts them.
+pub fn plan_with_scratch(graph: &Graph, scratch: &dyn Fn(usize) -> usize) -> ArenaPlan {
     let life = lifetimes(graph);
     let mut offsets = vec![None; graph.tensors.len()];
     let mut workspaces = vec![None; graph.nodes.len()];
+    let mut scratches = vec![None; graph.nodes.len()];
     let mut fl = FreeList::default();
     // Dying tensors per node index.
     let mut dies: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len() + 1];
@@ -145,11 +156,14 @@ pub fn plan(graph: &Graph) -> ArenaPlan {
         for &o in &node.outputs {
             offsets[o.index()] = Some(fl.alloc(size(o.index())));
         }
-        if node.workspace > 0 {
-            let w = aligned(node.workspace);
-            let off = fl.alloc(w);
-            workspaces[i] = Some(off);
-            fl.free(off, w);
+        let (ws, sc) = (node.workspace, scratch(i));
+        if ws + sc > 0 {
+            let ws_bytes = if ws > 0 { aligned(ws) } else { 0 };
+            let total = ws_bytes + if sc > 0 { aligned(sc) } else { 0 };
+            let off = fl.alloc(total);
+            workspaces[i] = (ws > 0).then_some(off);
+            scratches[i] = (sc > 0).then_some(off + ws_bytes);
+            fl.free(off, total);
         }
         for &t in &dies[i] {
             if let Some(off) = offsets[t] {
@@ -160,6 +174,7 @@ pub fn plan(graph: &Graph) -> ArenaPlan {
     ArenaPlan {
         offsets,
         workspaces,
+        scratch: scratches,
         peak: fl.peak,
     }
 }
@@ -167,6 +182,15 @@ pub fn plan(graph: &Graph) -> ArenaPlan {
 /// Checks that no two tensors (or workspaces) live at the same time share bytes, and that
 /// everything fits in the arena. Used by tests and debug builds.
 pub fn check(graph: &Graph, plan: &ArenaPlan) -> Result<()> {
+    check_with_scratch(graph, plan, &|_| 0)
+}
+
+/// [`check`] of a plan made by [`plan_with_scratch`] with the same `scratch`.
+pub fn check_with_scratch(
+    graph: &Graph,
+    plan: &ArenaPlan,
+    scratch: &dyn Fn(usize) -> usize,
+) -> Result<()> {
     let life = lifetimes(graph);
     // (first, last, offset, bytes, what)
     let mut spans: Vec<(usize, usize, usize, usize, String)> = Vec::new();
@@ -182,6 +206,11 @@ pub fn check(graph: &Graph, plan: &ArenaPlan) -> Result<()> {
     for (i, (n, w)) in graph.nodes.iter().zip(&plan.workspaces).enumerate() {
         if let Some(off) = w {
             spans.push((i, i, *off, n.workspace, format!("{} workspace", n.label)));
+        }
+    }
+    for (i, (n, sc)) in graph.nodes.iter().zip(&plan.scratch).enumerate() {
+        if let Some(off) = sc {
+            spans.push((i, i, *off, scratch(i), format!("{} scratch", n.label)));
         }
     }
     for s in &spans {
@@ -301,6 +330,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn scratch_is_planned_beside_workspaces_and_never_overlaps() {
+        let base: u64 = rand::random();
+        for s in 0..200 {
+            let seed = base.wrapping_add(s);
+            let g = random_graph(seed);
+            // A scratch on about a third of the nodes, of odd sizes.
+            let sizes: Vec<usize> = {
+                let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+                (0..g.nodes.len())
+                    .map(|_| {
+                        if rng.random_bool(0.3) {
+                            rng.random_range(1..20000)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            };
+            let scratch = |i: usize| sizes[i];
+            let p = plan_with_scratch(&g, &scratch);
+            check_with_scratch(&g, &p, &scratch).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            for (i, sc) in p.scratch.iter().enumerate() {
+                assert_eq!(sc.is_some(), sizes[i] > 0, "seed {seed}: node {i}");
+                if let Some(o) = sc {
+                    assert_eq!(o % ALIGN, 0, "seed {seed}: node {i}");
+                }
+            }
+            // Scratch only adds bytes: the arena never shrinks for it.
+            assert!(p.peak >= plan(&g).peak, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn check_catches_a_scratch_that_overlaps_a_live_tensor() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[1 << 10], DType::F32).unwrap();
+        let y = g
+            .op1(
+                Shaped {
+                    outs: 1,
+                    len: 1 << 10,
+                    ws: 0,
+                },
+                &[x],
+            )
+            .unwrap();
+        g.output(y, "y").unwrap();
+        let scratch = |_: usize| 4096;
+        let mut p = plan_with_scratch(&g, &scratch);
+        check_with_scratch(&g, &p, &scratch).unwrap();
+        p.scratch[0] = p.offsets[x.index()];
+        assert!(check_with_scratch(&g, &p, &scratch).is_err());
     }
 
     #[test]
