@@ -2,6 +2,7 @@
 
 mod generate;
 mod models;
+mod sweep;
 
 use crate::runtime::cuda::{probe, CudaDevice};
 use crate::runtime::device::Device;
@@ -118,6 +119,14 @@ pub struct VerifyArgs {
     /// Only checks whose name contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Instead: run the emulator-size checks on the host emulator for N seeds (in parallel,
+    /// from --seed, default 0) and report each op's worst error/limit ratio; Ctrl-C stops
+    /// early with the report so far.
+    #[arg(long, value_name = "N")]
+    pub sweep: Option<u64>,
+    /// With --sweep: only these check families (repeatable; default all).
+    #[arg(long, requires = "sweep")]
+    pub family: Vec<String>,
 }
 
 /// The exit code of a failed command: 2 for bad input (arguments, files, case kinds), 130 for
@@ -361,6 +370,9 @@ fn run_checks(
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<i32> {
+    if let Some(n) = a.sweep {
+        return sweep::sweep_cmd(&a, n);
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
