@@ -10,19 +10,76 @@ use crate::Result;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::HashMap;
+use std::sync::Arc;
 
-/// Pass when max|out − ref| ≤ atol + rtol · max|ref|.
+/// Pass when every element has |out − ref| ≤ atol + rtol · m, where m is max|ref| over the
+/// output, or the element's own magnitude when the check has a [`ScaleFn`] (a bound that
+/// rests on the magnitudes of the terms the op adds, not on the result's).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tolerance {
     pub atol: f32,
     pub rtol: f32,
 }
 
+/// Per-element magnitudes of a check's outputs, computed from the check's values and the
+/// reference outputs: output o's limit at element i is `atol + rtol·m[o][i]`. An empty vector
+/// leaves that output on max|ref|.
+pub type ScaleFn = Arc<dyn Fn(&OpCheck, &[Vec<f32>]) -> Vec<Vec<f32>> + Send + Sync>;
+
 impl Tolerance {
-    /// Outputs rounded to bf16: one rounding (2⁻⁹ relative) plus accumulation-order slack.
+    /// For checks whose [`ScaleFn`] returns the error bound itself: limit = bound.
+    pub const BOUND: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 1.0,
+    };
+}
+
+/// The error model the tolerances rest on. A bound covers the difference between a kernel
+/// (on a GPU or on the emulator) and the reference, both sides' roundings included.
+/// Transcendentals: CUDA's non-fast-math expf, exp2f, erff and rsqrtf err by at most 2 ulp
+/// (CUDA C++ Programming Guide, mathematical functions); sqrtf and division are correctly
+/// rounded (nvcc's defaults -prec-sqrt=true, -prec-div=true); the emulator uses precise libm,
+/// so these bounds cover both. nvcc (and the emulator's g++) may fuse a·b + c: every
+/// per-operation bound below counts an FMA's single rounding as at most that of the pair.
+pub mod bound {
+    /// f32 unit roundoff 2⁻²⁴: round to nearest errs by at most U·|x|.
+    pub const U: f64 = 1.0 / 16_777_216.0;
+    /// bf16 unit roundoff 2⁻⁸ (8 significant bits).
+    pub const U_BF16: f64 = 1.0 / 256.0;
+    /// The f32 accumulation of tensor-core MMAs truncates (Fasi et al. 2021, "Numerical
+    /// behavior of NVIDIA tensor cores"): 2⁻²³ per step.
+    pub const U_MMA: f64 = 2.0 * U;
+    /// A 2-ulp function (expf, exp2f, erff, rsqrtf) errs by at most 2⁻²² relative.
+    pub const ULP2: f64 = 4.0 * U;
+
+    /// The coefficient c with |error| ≤ c·Σ|terms| of a sum of n terms rounded with unit `u`
+    /// in any order: n·u for n ≤ 16 (the deterministic γ_n), beyond that 4·√n·u, the
+    /// probabilistic bound λ√n·u with λ = 4 (Higham & Mary 2019, "A new approach to
+    /// probabilistic rounding error analysis": rounding errors independent and of mean
+    /// zero, as round-to-nearest's are; the tensor cores' truncation is biased towards zero,
+    /// which keeps mean zero over the random-sign partial sums of the checks' products).
+    /// The deterministic bound overestimates real errors by about √n.
+    pub fn sum(n: usize, u: f64) -> f64 {
+        let n = n as f64;
+        n.min(4.0 * n.sqrt()) * u
+    }
+
+    /// A bound `e` on a value `v` plus the final rounding of the stored result to bf16 (when
+    /// `bf16`): RN errs by at most U_BF16·(|v| + e).
+    pub fn stored(e: f64, v: f64, bf16: bool) -> f64 {
+        if bf16 {
+            e + U_BF16 * (v.abs() + e)
+        } else {
+            e
+        }
+    }
+}
+
+impl Tolerance {
+    /// A value copied and stored as bf16: one round to nearest, ≤ 2⁻⁸·|y|.
     pub const BF16_OUT: Tolerance = Tolerance {
-        atol: 1e-6,
-        rtol: 8e-3,
+        atol: 0.0,
+        rtol: bound::U_BF16 as f32,
     };
 }
 
@@ -30,6 +87,36 @@ impl Tolerance {
 /// (above every emulator-size tensor, whose values stay those of one serial stream).
 pub const PARALLEL_DRAW: usize = 1 << 20;
 const DRAW_CHUNK: usize = 1 << 16;
+
+/// `op`'s reference on the absolute values of `inputs` (shape, values): for an op that sums
+/// products (a conv, a resize, an MLP), Σ|terms| of each output, the magnitude its rounding
+/// errors scale with.
+pub fn reference_on_abs(
+    op: &dyn crate::ops::OpImpl,
+    inputs: &[(&[usize], &[f32])],
+) -> Result<Vec<Vec<f32>>> {
+    use crate::runtime::graph::{Role, TensorDesc};
+    let descs: Vec<TensorDesc> = inputs
+        .iter()
+        .map(|(shape, _)| TensorDesc {
+            name: "abs".into(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            role: Role::Input,
+        })
+        .collect();
+    let mut outs: Vec<HostTensor> = op
+        .infer(&descs.iter().collect::<Vec<_>>())?
+        .iter()
+        .map(|(shape, _)| HostTensor::full(shape, f32::NAN))
+        .collect();
+    let abs: Vec<HostTensor> = inputs
+        .iter()
+        .map(|(shape, v)| HostTensor::new(shape.to_vec(), v.iter().map(|x| x.abs()).collect()))
+        .collect();
+    op.reference(&abs.iter().collect::<Vec<_>>(), &mut outs)?;
+    Ok(outs.into_iter().map(|t| t.data).collect())
+}
 
 /// How big the shapes get: the emulator runs small shapes, a GPU adds larger ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +132,60 @@ pub struct OpCheck {
     pub inputs: Vec<(TensorId, Vec<f32>)>,
     pub weights: HashMap<String, HostTensor>,
     pub tol: Tolerance,
+    /// Per-element magnitudes for `tol` (None: max|ref| of each output).
+    pub scale: Option<ScaleFn>,
+}
+
+impl OpCheck {
+    /// The values of input or weight `id`.
+    pub fn values(&self, id: TensorId) -> &[f32] {
+        if let Some((_, v)) = self.inputs.iter().find(|(i, _)| *i == id) {
+            return v;
+        }
+        let name = &self.graph.desc(id).name;
+        &self
+            .weights
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: {name} is neither an input nor a weight", self.name))
+            .data
+    }
+
+    /// The same check with per-element magnitudes.
+    pub fn with_scale(
+        mut self,
+        f: impl Fn(&OpCheck, &[Vec<f32>]) -> Vec<Vec<f32>> + Send + Sync + 'static,
+    ) -> Self {
+        self.scale = Some(Arc::new(f));
+        self
+    }
+
+    /// Compares `got` with the reference outputs, each output under `tol` scaled by `slack`
+    /// (1 against the reference; 2 between two backends that each err by the bound).
+    pub fn compare(
+        &self,
+        reference: &[Vec<f32>],
+        got: &[Vec<f32>],
+        slack: f32,
+    ) -> Vec<CheckResult> {
+        let scales = self.scale.as_ref().map(|f| f(self, reference));
+        let tol = Tolerance {
+            atol: self.tol.atol * slack,
+            rtol: self.tol.rtol * slack,
+        };
+        self.graph
+            .outputs
+            .iter()
+            .zip(reference.iter().zip(got))
+            .enumerate()
+            .map(|(i, (&o, (r, g)))| {
+                let scale = scales
+                    .as_ref()
+                    .map(|s| s[i].as_slice())
+                    .filter(|s| !s.is_empty());
+                compare_scaled(&self.name, &self.graph.desc(o).name, g, r, tol, scale)
+            })
+            .collect()
+    }
 }
 
 /// Builds an [`OpCheck`]: random inputs and weights, exactly representable in their
@@ -143,6 +284,7 @@ impl CheckBuilder {
             inputs: self.inputs,
             weights: self.weights,
             tol,
+            scale: None,
         })
     }
 }
@@ -155,9 +297,13 @@ fn id_numel(shape: &[usize]) -> usize {
 pub struct CheckResult {
     pub check: String,
     pub output: String,
+    /// The error and the limit at the element nearest to failing (largest error/limit); with
+    /// a global limit, the largest error.
     pub max_err: f32,
     pub max_ref: f32,
     pub limit: f32,
+    /// max over the elements of error/limit: ≤ 1 passes.
+    pub ratio: f32,
     /// Elements that are NaN/Inf in the output but finite in the reference (unwritten or
     /// overflowed).
     pub non_finite: usize,
@@ -165,11 +311,11 @@ pub struct CheckResult {
 
 impl CheckResult {
     pub fn passed(&self) -> bool {
-        self.non_finite == 0 && self.max_err <= self.limit
+        self.non_finite == 0 && self.ratio <= 1.0
     }
 }
 
-/// Compares one output with its reference.
+/// Compares one output with its reference under one limit, atol + rtol·max|ref|.
 pub fn compare(
     check: &str,
     output: &str,
@@ -177,14 +323,42 @@ pub fn compare(
     reference: &[f32],
     tol: Tolerance,
 ) -> CheckResult {
+    compare_scaled(check, output, out, reference, tol, None)
+}
+
+/// Compares one output with its reference: element i passes when |out − ref| ≤ atol +
+/// rtol·scale[i], or atol + rtol·max|ref| without `scale`.
+pub fn compare_scaled(
+    check: &str,
+    output: &str,
+    out: &[f32],
+    reference: &[f32],
+    tol: Tolerance,
+    scale: Option<&[f32]>,
+) -> CheckResult {
     let max_ref = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let mut max_err = 0f32;
+    let global = tol.atol + tol.rtol * max_ref;
+    let (mut max_err, mut limit, mut ratio) = (0f32, global, 0f32);
     let mut non_finite = 0;
-    for (&o, &r) in out.iter().zip(reference) {
+    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
         if !o.is_finite() && r.is_finite() {
             non_finite += 1;
+            continue;
+        }
+        let err = (o - r).abs();
+        if err.is_nan() {
+            continue;
+        }
+        let lim = scale.map_or(global, |s| tol.atol + tol.rtol * s[i]);
+        let q = if err == 0.0 {
+            0.0
+        } else if lim > 0.0 {
+            err / lim
         } else {
-            max_err = max_err.max((o - r).abs());
+            f32::INFINITY
+        };
+        if q > ratio || (scale.is_none() && err > max_err) {
+            (max_err, limit, ratio) = (err, lim, q.max(ratio));
         }
     }
     CheckResult {
@@ -192,7 +366,8 @@ pub fn compare(
         output: output.to_string(),
         max_err,
         max_ref,
-        limit: tol.atol + tol.rtol * max_ref,
+        limit,
+        ratio,
         non_finite: non_finite + out.len().abs_diff(reference.len()),
     }
 }
@@ -202,13 +377,7 @@ pub fn compare(
 pub fn run_check(check: &OpCheck, backend: &Backend) -> Result<Vec<CheckResult>> {
     let reference = run_on(check, &Backend::Cpu)?;
     let got = run_on(check, backend)?;
-    Ok(check
-        .graph
-        .outputs
-        .iter()
-        .zip(reference.iter().zip(&got))
-        .map(|(&o, (r, g))| compare(&check.name, &check.graph.desc(o).name, g, r, check.tol))
-        .collect())
+    Ok(check.compare(&reference, &got, 1.0))
 }
 
 /// Runs a check's graph on one backend and returns its outputs.
@@ -225,19 +394,219 @@ pub fn run_on(check: &OpCheck, backend: &Backend) -> Result<Vec<Vec<f32>>> {
     check.graph.outputs.iter().map(|&o| s.read(o)).collect()
 }
 
+/// The check families (one per op module) and the value each XORs into the seed.
+pub const FAMILIES: [(&str, u64); 12] = [
+    ("norm", 0x0),
+    ("elementwise", 0x1),
+    ("gemm", 0x2),
+    ("attention", 0x3),
+    ("conv", 0x4),
+    ("grn", 0x6),
+    ("inr", 0x7),
+    ("noise", 0xb),
+    ("layout", 0x5),
+    ("resample", 0x8),
+    ("embed", 0x9),
+    ("sampler", 0xa),
+];
+
+/// The checks of one family for the `verify` seed `seed` (the family's own seed is `seed`
+/// XOR its value in [`FAMILIES`], so `verify --seed S` and `family_checks(f, S, …)` agree).
+pub fn family_checks(family: &str, seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    use crate::ops;
+    let Some(&(_, xor)) = FAMILIES.iter().find(|(f, _)| *f == family) else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "no check family {family:?}"
+        )));
+    };
+    let s = seed ^ xor;
+    match family {
+        "norm" => ops::norm::checks(s, scale),
+        "elementwise" => ops::elementwise::checks(s, scale),
+        "gemm" => ops::gemm::checks(s, scale),
+        "attention" => ops::attention::checks(s, scale),
+        "conv" => ops::conv::checks(s, scale),
+        "grn" => ops::grn::checks(s, scale),
+        "inr" => ops::inr::checks(s, scale),
+        "noise" => ops::noise::checks(s, scale),
+        "layout" => ops::layout::checks(s, scale),
+        "resample" => ops::resample::checks(s, scale),
+        "embed" => ops::embed::checks(s, scale),
+        _ => ops::sampler::checks(s, scale),
+    }
+}
+
 /// Every op check of every kernel family.
 pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
-    let mut v = crate::ops::norm::checks(seed, scale)?;
-    v.extend(crate::ops::elementwise::checks(seed ^ 0x1, scale)?);
-    v.extend(crate::ops::gemm::checks(seed ^ 0x2, scale)?);
-    v.extend(crate::ops::attention::checks(seed ^ 0x3, scale)?);
-    v.extend(crate::ops::conv::checks(seed ^ 0x4, scale)?);
-    v.extend(crate::ops::grn::checks(seed ^ 0x6, scale)?);
-    v.extend(crate::ops::inr::checks(seed ^ 0x7, scale)?);
-    v.extend(crate::ops::noise::checks(seed ^ 0xb, scale)?);
-    v.extend(crate::ops::layout::checks(seed ^ 0x5, scale)?);
-    v.extend(crate::ops::resample::checks(seed ^ 0x8, scale)?);
-    v.extend(crate::ops::embed::checks(seed ^ 0x9, scale)?);
-    v.extend(crate::ops::sampler::checks(seed ^ 0xa, scale)?);
+    let mut v = Vec::new();
+    for (family, _) in FAMILIES {
+        v.extend(family_checks(family, seed, scale)?);
+    }
     Ok(v)
+}
+
+/// The worst case of one op (first word of the check names) of one family over a sweep.
+#[derive(Clone, Debug, Default)]
+pub struct SweepEntry {
+    /// Outputs compared (checks × outputs × seeds).
+    pub outputs: usize,
+    pub worst_ratio: f32,
+    pub worst_seed: u64,
+    /// "check / output" of the worst ratio.
+    pub worst: String,
+    pub failures: usize,
+    /// The first few failing seeds, each once.
+    pub failed_seeds: Vec<u64>,
+}
+
+/// What a sweep found so far, per (family, op).
+#[derive(Clone, Debug, Default)]
+pub struct SweepReport {
+    pub seeds_done: usize,
+    pub entries: std::collections::BTreeMap<(String, String), SweepEntry>,
+    /// Failed runs and failing outputs, one line each (the first few hundred).
+    pub lines: Vec<String>,
+}
+
+impl SweepReport {
+    fn add(
+        &mut self,
+        family: &str,
+        seed: u64,
+        check: &OpCheck,
+        results: &Result<Vec<CheckResult>>,
+    ) {
+        let op = check.name.split_whitespace().next().unwrap_or("");
+        // One entry per op and output dtype: a bf16 store's rounding, which nearly reaches its
+        // bound, would hide the f32 outputs' ratios.
+        let key = |suffix: &str| (family.to_string(), format!("{op} ->{suffix}"));
+        match results {
+            Ok(rs) => {
+                for (r, &o) in rs.iter().zip(&check.graph.outputs) {
+                    self.add_one(key(check.graph.desc(o).dtype.suffix()), seed, r);
+                }
+            }
+            Err(err) => {
+                let e = self.entries.entry(key("")).or_default();
+                e.worst_ratio = f32::INFINITY;
+                e.worst_seed = seed;
+                e.worst = format!("{}: {err}", check.name);
+                e.failures += 1;
+                if e.failed_seeds.len() < 16 && !e.failed_seeds.contains(&seed) {
+                    e.failed_seeds.push(seed);
+                }
+                if self.lines.len() < 500 {
+                    self.lines
+                        .push(format!("seed {seed} {family}: {}: {err}", check.name));
+                }
+            }
+        }
+    }
+
+    fn add_one(&mut self, key: (String, String), seed: u64, r: &CheckResult) {
+        let line = format!(
+            "seed {seed} {}: {} / {}: err {:.3e} limit {:.3e} ratio {:.3} non-finite {}",
+            key.0, r.check, r.output, r.max_err, r.limit, r.ratio, r.non_finite
+        );
+        let e = self.entries.entry(key).or_default();
+        e.outputs += 1;
+        let ratio = if r.non_finite > 0 {
+            f32::INFINITY
+        } else {
+            r.ratio
+        };
+        if ratio > e.worst_ratio || e.worst.is_empty() {
+            e.worst_ratio = ratio;
+            e.worst_seed = seed;
+            e.worst = format!("{} / {}", r.check, r.output);
+        }
+        if !r.passed() {
+            e.failures += 1;
+            if e.failed_seeds.len() < 16 && !e.failed_seeds.contains(&seed) {
+                e.failed_seeds.push(seed);
+            }
+            if self.lines.len() < 500 {
+                self.lines.push(line);
+            }
+        }
+    }
+
+    pub fn failures(&self) -> usize {
+        self.entries.values().map(|e| e.failures).sum()
+    }
+}
+
+/// Seed i of a sweep from `start`: SplitMix64 of start + i, so that the checks of neighbouring
+/// seeds (whose builders add small offsets to the seed) draw unrelated inputs.
+pub fn sweep_seed(start: u64, i: u64) -> u64 {
+    let mut z = start.wrapping_add(i).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Runs every check of `families` (all when empty) whose name contains `filter` on `backend`
+/// against the CPU reference at emulator size, for seeds `sweep_seed(start, 0..n)`, seeds in
+/// parallel. Stops starting seeds once `stop` is set; `progress` sees the report after each
+/// seed.
+pub fn sweep(
+    backend: &Backend,
+    (start, n): (u64, u64),
+    families: &[String],
+    filter: Option<&str>,
+    stop: &std::sync::atomic::AtomicBool,
+    progress: &(dyn Fn(&SweepReport) + Sync),
+) -> SweepReport {
+    use rayon::prelude::*;
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    let report = Mutex::new(SweepReport::default());
+    let selected: Vec<&str> = FAMILIES
+        .iter()
+        .map(|(f, _)| *f)
+        .filter(|f| families.is_empty() || families.iter().any(|g| g == f))
+        .collect();
+    (0..n).into_par_iter().for_each(|i| {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let seed = sweep_seed(start, i);
+        let mut local = SweepReport::default();
+        for family in &selected {
+            let checks = match family_checks(family, seed, Scale::Emulator) {
+                Ok(c) => c,
+                Err(e) => {
+                    local
+                        .lines
+                        .push(format!("seed {seed} {family}: building the checks: {e}"));
+                    continue;
+                }
+            };
+            for c in checks
+                .iter()
+                .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+            {
+                local.add(family, seed, c, &run_check(c, backend));
+            }
+        }
+        let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+        r.seeds_done += 1;
+        for (key, e) in local.entries {
+            let t = r.entries.entry(key).or_default();
+            t.outputs += e.outputs;
+            t.failures += e.failures;
+            for s in e.failed_seeds {
+                if t.failed_seeds.len() < 16 && !t.failed_seeds.contains(&s) {
+                    t.failed_seeds.push(s);
+                }
+            }
+            if e.worst_ratio > t.worst_ratio || t.worst.is_empty() {
+                (t.worst_ratio, t.worst_seed, t.worst) = (e.worst_ratio, e.worst_seed, e.worst);
+            }
+        }
+        let room = 500usize.saturating_sub(r.lines.len());
+        r.lines.extend(local.lines.into_iter().take(room));
+        progress(&r);
+    });
+    report.into_inner().unwrap_or_else(|e| e.into_inner())
 }

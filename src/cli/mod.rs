@@ -2,6 +2,7 @@
 
 mod generate;
 mod models;
+mod sweep;
 mod tune;
 mod verify;
 

@@ -373,14 +373,87 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 out,
             };
             let y = b.graph.op1(op, &ins)?;
-            v.push(b.finish(
+            let check = b.finish(
                 format!("attention b{batch} n{n} m{m} h{heads}x{d} causal={causal} mask={key_mask} ->{out:?}"),
                 &[y],
-                Tolerance::BF16_OUT,
-            )?);
+                Tolerance::BOUND,
+            )?;
+            let bf16 = out == DType::BF16;
+            let kv_id = (m > 0).then(|| ins[1]);
+            v.push(check.with_scale(move |chk, r| {
+                let kv = kv_id.map(|id| chk.values(id));
+                vec![attention_bounds(
+                    chk.values(ins[0]),
+                    kv,
+                    (batch, n, m, heads, d),
+                    &r[0],
+                    bf16,
+                )]
+            }));
         }
     }
     Ok(v)
+}
+
+/// Per-element bounds on |kernel − reference| of attention output o[b, i, h·d + t]. With
+/// p_j the softmax weights and V_t = max_j |v_j[t]| over the sample's keys (≥ Σp|v|/Σp):
+/// - the kernel rounds P to bf16 for P·V: a relative 2⁻⁸ per p_j, ≤ U_BF16·V_t;
+/// - a relative error ε of the p_j (numerator and Σp) moves o by ≤ 2ε·V_t, where
+///   ε = 2 ulp (exp2f) + 2·(sum(d, 2⁻²³) + 6u)·S_max: each score q·k·scale·log2e errs by
+///   sum(d, 2⁻²³)·|q|·|k|·scale (tensor-core accumulation) plus the scaling's and the
+///   max-subtraction's roundings, S_max = max_i ‖q_i‖ · max_j ‖k_j‖ · scale bounding |s|;
+/// - the f32 accumulations over the keys (P·V, Σp): sum(keys, 2⁻²³) + 4u relative to V_t,
+///   and the online softmax's rescaling of o and Σp by the same α once per 64-key tile: a
+///   rounding each, 2u per tile;
+/// - then the store (the scalar small-head path has no bf16 P: the bound covers it).
+fn attention_bounds(
+    qkv: &[f32],
+    kv: Option<&[f32]>,
+    (batch, n, m, heads, d): (usize, usize, usize, usize, usize),
+    y: &[f32],
+    bf16: bool,
+) -> Vec<f32> {
+    use crate::verify::bound::{stored, sum, U, ULP2, U_BF16, U_MMA};
+    let c = heads * d;
+    let keys = n + m;
+    let scale = 1.0 / (d as f64).sqrt();
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let mut out = vec![0f32; y.len()];
+    for b in 0..batch {
+        for h in 0..heads {
+            let key = |j: usize| -> (&[f32], &[f32]) {
+                let (k, v) = if j < n {
+                    let r = &qkv[(b * n + j) * 3 * c..][..3 * c];
+                    (&r[c..2 * c], &r[2 * c..])
+                } else {
+                    kv.expect("extra keys")[(b * m + j - n) * 2 * c..][..2 * c].split_at(c)
+                };
+                (&k[h * d..][..d], &v[h * d..][..d])
+            };
+            let q_max = (0..n)
+                .map(|i| norm(&qkv[(b * n + i) * 3 * c + h * d..][..d]))
+                .fold(0f64, f64::max);
+            let k_max = (0..keys).map(|j| norm(key(j).0)).fold(0f64, f64::max);
+            let s_max = q_max * k_max * scale;
+            let eps_p = ULP2 + 2.0 * (sum(d, U_MMA) + 6.0 * U) * s_max;
+            let tiles = keys.div_ceil(QUERY_TILE) as f64;
+            let rel = U_BF16 + 2.0 * eps_p + sum(keys, U_MMA) + (4.0 + 2.0 * tiles) * U;
+            let v_max: Vec<f64> = (0..d)
+                .map(|t| {
+                    (0..keys)
+                        .map(|j| key(j).1[t].abs() as f64)
+                        .fold(0f64, f64::max)
+                })
+                .collect();
+            for i in 0..n {
+                let at = (b * n + i) * c + h * d;
+                for t in 0..d {
+                    out[at + t] = stored(rel * v_max[t], y[at + t] as f64, bf16) as f32;
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
 
 use super::dot::{accumulate, pack_panels, LANES};
-use super::norm::layernorm_ref;
+use super::norm::{layernorm_bounds, layernorm_ref, LnParams};
 use super::{inputs_n, nhwc, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
@@ -486,11 +486,31 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                         )?,
                     ),
                 };
-                v.push(cb.finish(
+                let check = cb.finish(
                     format!("{label} {din:?}->{dout:?} [{b},{h},{w},{c}] k{k}"),
                     &[y],
-                    out_tolerance(dout),
-                )?);
+                    Tolerance::BOUND,
+                )?;
+                let pad = if variant == 2 {
+                    Pad::Replicate
+                } else {
+                    Pad::Zero
+                };
+                let ln = (variant == 0).then_some(1e-6);
+                let dims = [b, h, w, c];
+                let bf16 = dout == DType::BF16;
+                v.push(check.with_scale(move |chk, r| {
+                    let [x, wt, bias] = [ins[0], ins[1], ins[2]].map(|id| chk.values(id));
+                    vec![depthwise_bounds(
+                        x,
+                        wt,
+                        bias,
+                        (dims, k, pad),
+                        ln,
+                        &r[0],
+                        bf16,
+                    )]
+                }));
             }
         }
     }
@@ -517,33 +537,136 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 cb.input(&[cin, cout, k, k], dx, 0.5)?,
                 cb.input(&[cout], DType::F32, 0.5)?,
             ];
-            let y = cb.graph.op1(
-                ConvTranspose2d {
-                    k,
-                    stride,
-                    pad,
-                    out: dout,
-                },
-                &ins,
-            )?;
-            v.push(cb.finish(
+            let op = ConvTranspose2d {
+                k,
+                stride,
+                pad,
+                out: dout,
+            };
+            let y = cb.graph.op1(op.clone(), &ins)?;
+            let check = cb.finish(
                 format!("conv_transpose2d {dx:?}->{dout:?} [{b},{h},{w},{cin}]->{cout} k{k} s{stride} p{pad}"),
                 &[y],
-                out_tolerance(dout),
-            )?);
+                Tolerance::BOUND,
+            )?;
+            v.push(check.with_scale(move |chk, r| {
+                let [x, wt, bias] = [ins[0], ins[1], ins[2]].map(|id| chk.values(id));
+                vec![op.bounds(x, [b, h, w, cin], wt, bias, &r[0])]
+            }));
         }
     }
     Ok(v)
 }
 
-/// f32 outputs: f32 sums in another order than the f64 reference; bf16 outputs: one rounding.
-fn out_tolerance(out: DType) -> Tolerance {
-    match out {
-        DType::F32 => Tolerance {
-            atol: 1e-5,
-            rtol: 1e-5,
-        },
-        DType::BF16 => Tolerance::BF16_OUT,
+/// Per-element bounds on |kernel − reference| of the depthwise conv (and its LayerNorm):
+/// the kernel sums the bias and the k² taps in one f32 chain (fused multiply-adds), erring by
+/// ≤ sum(k² + 1, u)·S with S = |bias| + Σ|w·x| (the reference on absolute values); the
+/// reference's f64 sum rounds once (u·|z|). With LayerNorm, those are the errors of its
+/// input ([`layernorm_bounds`]); then the store.
+fn depthwise_bounds(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (dims, k, pad): ([usize; 4], usize, Pad),
+    ln: Option<f32>,
+    y: &[f32],
+    bf16: bool,
+) -> Vec<f32> {
+    use crate::verify::bound::{stored, sum, U};
+    let abs = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| x.abs()).collect() };
+    let mut s = vec![0f32; x.len()];
+    depthwise_ref(&abs(x), dims, &abs(w), &abs(bias), k, pad, &mut s);
+    let chain = sum(k * k + 1, U);
+    match ln {
+        None => s
+            .iter()
+            .zip(y)
+            .map(|(&sv, &yv)| {
+                stored(chain * sv as f64 + U * yv.abs() as f64, yv as f64, bf16) as f32
+            })
+            .collect(),
+        Some(eps) => {
+            let mut z = vec![0f32; x.len()];
+            depthwise_ref(x, dims, w, bias, k, pad, &mut z);
+            let dz: Vec<f32> = s
+                .iter()
+                .zip(&z)
+                .map(|(&sv, &zv)| (chain * sv as f64 + U * zv.abs() as f64) as f32)
+                .collect();
+            let p = LnParams {
+                c: dims[3],
+                eps,
+                affine: None,
+            };
+            layernorm_bounds(&z, Some(&dz), &p, y, bf16)
+        }
+    }
+}
+
+impl ConvTranspose2d {
+    /// Per-element bounds on |kernel − reference|: the kernel sums the bias and every valid
+    /// tap's Cin products in one f32 chain (n ≤ k²·Cin + 1 terms): ≤ sum(n, u)·S, S = |bias| +
+    /// Σ|x·w| ≤ |bias| + Σ_taps ‖x_pixel‖·‖w[:, co, tap]‖ (Cauchy–Schwarz per tap, cheap at
+    /// GPU size); the reference rounds its f64 sum once; then the store.
+    fn bounds(
+        &self,
+        x: &[f32],
+        [_, h, wd, cin]: [usize; 4],
+        w: &[f32],
+        bias: &[f32],
+        y: &[f32],
+    ) -> Vec<f32> {
+        use crate::verify::bound::{stored, sum, U};
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let cout = bias.len();
+        let norm =
+            |it: &mut dyn Iterator<Item = f32>| it.map(|v| v as f64 * v as f64).sum::<f64>().sqrt();
+        let x_norm: Vec<f64> = x
+            .chunks_exact(cin)
+            .map(|px| norm(&mut px.iter().copied()))
+            .collect();
+        // ‖w[:, co, ky, kx]‖ at [(ky·k + kx)·Cout + co].
+        let w_norm: Vec<f64> = (0..k * k * cout)
+            .map(|i| {
+                let (tap, co) = (i / cout, i % cout);
+                norm(&mut (0..cin).map(|ci| w[(ci * cout + co) * k * k + tap]))
+            })
+            .collect();
+        let chain = sum(k * k * cin + 1, U);
+        let extent = |n| transposed_extent(n, k, s, p).unwrap_or(1);
+        let (oh, ow) = (extent(h), extent(wd));
+        y.par_chunks(cout)
+            .enumerate()
+            .flat_map_iter(|(px, yp)| {
+                let (b, oy, ox) = (px / (oh * ow), px / ow % oh, px % ow);
+                let mut s_tap = vec![0f64; cout];
+                for ky in 0..k {
+                    let Some(iy) = transposed_source(oy, ky, s, p, h) else {
+                        continue;
+                    };
+                    for kx in 0..k {
+                        let Some(ix) = transposed_source(ox, kx, s, p, wd) else {
+                            continue;
+                        };
+                        let xn = x_norm[(b * h + iy) * wd + ix];
+                        for (st, wn) in s_tap.iter_mut().zip(&w_norm[(ky * k + kx) * cout..]) {
+                            *st += xn * wn;
+                        }
+                    }
+                }
+                yp.iter()
+                    .enumerate()
+                    .map(|(co, &yv)| {
+                        let sv = bias[co].abs() as f64 + s_tap[co];
+                        stored(
+                            chain * sv + U * yv.abs() as f64,
+                            yv as f64,
+                            self.out == DType::BF16,
+                        ) as f32
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

@@ -7,7 +7,7 @@
 use super::dot::{accumulate, pack_panels, LANES};
 use super::elementwise::{gelu_ref, Film};
 use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::{Role, TensorDesc};
+use crate::runtime::graph::{Role, TensorDesc, TensorId};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -603,21 +603,16 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 residual,
                 out,
             };
-            let y = b.graph.op1(op, &ins)?;
-            // f32 outputs: products are exact, so only the summation order differs.
-            let tol = if out == DType::BF16 {
-                Tolerance::BF16_OUT
-            } else {
-                Tolerance {
-                    atol: 1e-5,
-                    rtol: 1e-5,
-                }
-            };
-            v.push(b.finish(
-                format!("gemm [{m},{k}]x[{n},{k}] bias={bias} gelu={gelu} residual={residual} ->{out:?}"),
-                &[y],
-                tol,
-            )?);
+            let y = b.graph.op1(op.clone(), &ins)?;
+            let operands = Operands::of(&op, &ins, None);
+            v.push(
+                b.finish(
+                    format!("gemm [{m},{k}]x[{n},{k}] bias={bias} gelu={gelu} residual={residual} ->{out:?}"),
+                    &[y],
+                    Tolerance::BOUND,
+                )?
+                .with_scale(move |c, r| vec![operands.bounds(c, &r[0], None).0]),
+            );
             // The same GEMM with a FiLM epilogue, over samples that split the rows unevenly
             // across the 128-row tiles.
             if let Some(samples) = [37, 7, 5, 1]
@@ -642,18 +637,17 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                     residual,
                     out,
                 };
-                let y = b.graph.op1(
-                    GemmFilm {
-                        gemm,
-                        k: 1.0 + j as f32 % 2.0,
-                    },
-                    &ins,
-                )?;
-                v.push(b.finish(
-                    format!("gemm_film [{m},{k}]x[{n},{k}] samples={samples} bias={bias} gelu={gelu} residual={residual} ->{out:?}"),
-                    &[y],
-                    tol,
-                )?);
+                let film_k = 1.0 + j as f32 % 2.0;
+                let operands = Operands::of(&gemm, &ins, Some((film_k, ins[ins.len() - 1])));
+                let y = b.graph.op1(GemmFilm { gemm, k: film_k }, &ins)?;
+                v.push(
+                    b.finish(
+                        format!("gemm_film [{m},{k}]x[{n},{k}] samples={samples} bias={bias} gelu={gelu} residual={residual} ->{out:?}"),
+                        &[y],
+                        Tolerance::BOUND,
+                    )?
+                    .with_scale(move |c, r| vec![operands.bounds(c, &r[0], None).0]),
+                );
             }
         }
     }
@@ -698,7 +692,12 @@ fn grn_pair_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 residual: false,
                 out: DType::BF16,
             };
-            let hs = cb.graph.op(GemmGrnStats { gemm: first }, &[x, w1, b1])?;
+            let hs = cb.graph.op(
+                GemmGrnStats {
+                    gemm: first.clone(),
+                },
+                &[x, w1, b1],
+            )?;
             let ab = cb.graph.op1(
                 super::grn::GrnFromSumsq { eps: 1e-6 },
                 &[hs[1], gamma, beta],
@@ -711,23 +710,207 @@ fn grn_pair_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             };
             let y = cb.graph.op1(
                 GemmScaledA {
-                    gemm: second,
+                    gemm: second.clone(),
                     k: 1.0,
                 },
                 &[hs[0], w2, b2, residual, ab],
             )?;
-            // The hidden and its statistics are bf16-rounded; so is the modulated operand.
-            v.push(cb.finish(
-                format!("gemm grn pair b{b} rows{rows} {c}->{hidden}->{c} ->{out:?}"),
-                &[hs[0], hs[1], ab, y],
-                Tolerance {
-                    atol: 1e-5,
-                    rtol: 1.6e-2,
-                },
-            )?);
+            let g1 = Operands::of(&first, &[x, w1, b1], None);
+            let g2 = Operands::of(&second, &[hs[0], w2, b2, residual], None);
+            v.push(
+                cb.finish(
+                    format!("gemm grn pair b{b} rows{rows} {c}->{hidden}->{c} ->{out:?}"),
+                    &[hs[0], hs[1], ab, y],
+                    Tolerance::BOUND,
+                )?
+                .with_scale(move |chk, r| grn_pair_bounds(chk, r, &g1, &g2, b)),
+            );
         }
     }
     Ok(v)
+}
+
+/// The operands of one GEMM in a check (graph ids) and its epilogue, for its error bound.
+#[derive(Clone)]
+struct Operands {
+    gemm: Gemm,
+    a: TensorId,
+    w: TensorId,
+    bias: Option<TensorId>,
+    residual: Option<TensorId>,
+    /// FiLM k and `ab [samples, 2N]`.
+    film: Option<(f32, TensorId)>,
+}
+
+impl Operands {
+    fn of(gemm: &Gemm, ins: &[TensorId], film: Option<(f32, TensorId)>) -> Self {
+        Operands {
+            gemm: gemm.clone(),
+            a: ins[0],
+            w: ins[1],
+            bias: gemm.bias.then(|| ins[2]),
+            residual: gemm.residual.then(|| ins[2 + gemm.bias as usize]),
+            film,
+        }
+    }
+
+    /// Per-element bounds on |kernel − reference| of the GEMM's output `y` (the reference
+    /// values), and per element the magnitude M of the pre-epilogue value (for users of the
+    /// output). With `a` given, it replaces A's values (the modulated operand of a pair).
+    ///
+    /// - The products of bf16 values are exact; S = Σ_k|a·w| ≤ ‖a_row‖·‖w_col‖
+    ///   (Cauchy–Schwarz, cheap at GPU size). The tensor cores' truncating f32 accumulation
+    ///   errs by ≤ sum(K, 2⁻²³)·S (the emulator's sequential fmaf by less), the reference's
+    ///   f64 sum by u·S when rounded.
+    /// - The bias: 2u·(S + |b|) for the two sides' additions; v = sum + bias, |v| ≤ S + |b|.
+    /// - GELU: |gelu′| ≤ 1.13 carries v's error; erff's 2 ulp (≤ 2u absolute on 1 + erf),
+    ///   the argument's and three products' roundings add ≤ 5.5u·|v|.
+    /// - The residual: 2u·(|v| + |r|); FiLM z·(k + a) + β: |k + a| times z's error plus
+    ///   4u·(|z|·|k + a| + |β|); a bf16 store: U_BF16·(|y| + error).
+    fn bounds(&self, c: &OpCheck, y: &[f32], a: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+        use crate::verify::bound::{stored, sum, U, U_MMA};
+        let a = a.unwrap_or_else(|| c.values(self.a));
+        let w = c.values(self.w);
+        let n = c.graph.desc(self.w).shape[0];
+        let k = w.len() / n;
+        let m = a.len() / k;
+        let norms = |v: &[f32]| -> Vec<f64> {
+            v.chunks_exact(k)
+                .map(|r| r.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
+                .collect()
+        };
+        let (na, nw) = (norms(a), norms(w));
+        let bias = self.bias.map(|id| c.values(id));
+        let res = self.residual.map(|id| c.values(id));
+        let film = self.film.map(|(fk, id)| (fk, c.values(id)));
+        let rows_per_sample = film.map_or(1, |(_, ab)| m / (ab.len() / (2 * n)));
+        let acc = sum(k, U_MMA) + U;
+        let bf16 = self.gemm.out == DType::BF16;
+        let mut out = vec![0f32; m * n];
+        let mut mags = vec![0f32; m * n];
+        let each = out.par_iter_mut().zip(mags.par_iter_mut()).enumerate();
+        each.for_each(|(i, (o, mag))| {
+            let (row, col) = (i / n, i % n);
+            let s = na[row] * nw[col];
+            let b = bias.map_or(0.0, |b| b[col].abs() as f64);
+            let mut mv = s + b;
+            let mut e = acc * s + 2.0 * U * mv;
+            if self.gemm.gelu {
+                e = 1.13 * e + 5.5 * U * mv;
+            }
+            if let Some(r) = res {
+                let rv = r[i].abs() as f64;
+                e += 2.0 * U * (mv + rv);
+                mv += rv;
+            }
+            if let Some((fk, ab)) = film {
+                let mo = &ab[row / rows_per_sample * 2 * n..][..2 * n];
+                let scale = (fk + mo[col]).abs() as f64;
+                let beta = mo[n + col].abs() as f64;
+                e = scale * e + 4.0 * U * (mv * scale + beta);
+                mv = mv * scale + beta;
+            }
+            *o = stored(e, y[i] as f64, bf16) as f32;
+            *mag = mv as f32;
+        });
+        (out, mags)
+    }
+}
+
+/// Bounds of the GRN pair's four outputs (hidden h, its sums of squares, the modulation ab,
+/// the output y), each from the bounds of what it is computed from:
+/// - h: [`Operands::bounds`] of the first GEMM (bf16 store included), e per element.
+/// - Σh²: the kernel sums the stored values ĥ (|ĥ − h| ≤ e): Σ(2|h|·e + e²) over the rows,
+///   plus the f32 sum of positive terms over ≤ rows/8 + 16 steps: sum(rows/8 + 16, u)·Σ(|h| +
+///   e)², plus the reference's rounding.
+/// - ab: a = γ·G/(mean G + eps), G = √Σh²: G errs relatively by half of Σh²'s relative
+///   error + u (sqrtf), the mean by the largest of those + sum(D/256 + 8, u) (a block sum)
+///   + 2u, a by both + 2u; the β half is a copy.
+/// - y: the second GEMM on A′ = bf16(ĥ·(1 + â)): A′ errs by e·|1 + a| + |h|·Δa + u·|A′| +
+///   U_BF16·|A′|, which reaches y through |W2| (≤ ‖ΔA′_row‖·‖w2_col‖), plus the second GEMM's
+///   own bound.
+fn grn_pair_bounds(
+    c: &OpCheck,
+    r: &[Vec<f32>],
+    g1: &Operands,
+    g2: &Operands,
+    samples: usize,
+) -> Vec<Vec<f32>> {
+    use crate::verify::bound::{sum, U, U_BF16};
+    let (h, ss, ab, y) = (&r[0], &r[1], &r[2], &r[3]);
+    let d = ss.len() / samples;
+    let rows = h.len() / d / samples;
+    let (eh, _) = g1.bounds(c, h, None);
+    // Σh² per (sample, channel).
+    let mut ess = vec![0f32; ss.len()];
+    ess.par_chunks_exact_mut(d)
+        .enumerate()
+        .for_each(|(smp, e_row)| {
+            let (mut prop, mut mag) = (vec![0f64; d], vec![0f64; d]);
+            for row in 0..rows {
+                let at = (smp * rows + row) * d;
+                for ch in 0..d {
+                    let (hv, ev) = (h[at + ch].abs() as f64, eh[at + ch] as f64);
+                    prop[ch] += 2.0 * hv * ev + ev * ev;
+                    mag[ch] += (hv + ev) * (hv + ev);
+                }
+            }
+            for (ch, e) in e_row.iter_mut().enumerate() {
+                let own = sum(rows / 8 + 16, U) * mag[ch] + U * ss[smp * d + ch] as f64;
+                *e = (prop[ch] + own) as f32;
+            }
+        });
+    // ab = (a | β) per sample.
+    let mut eab = vec![0f32; ab.len()];
+    let mut rel_a = vec![0f64; ss.len()];
+    for smp in 0..samples {
+        let rel_g: Vec<f64> = (0..d)
+            .map(|ch| {
+                let (v, e) = (ss[smp * d + ch] as f64, ess[smp * d + ch] as f64);
+                let rel = if v > 0.0 { e / v } else { 1.0 };
+                0.5 * rel + U
+            })
+            .collect();
+        let rel_mean = rel_g.iter().fold(0f64, |m, &v| m.max(v)) + sum(d / 256 + 8, U) + 2.0 * U;
+        for ch in 0..d {
+            let rel = rel_g[ch] + rel_mean + 2.0 * U;
+            rel_a[smp * d + ch] = rel;
+            let a = ab[smp * 2 * d + ch].abs() as f64;
+            eab[smp * 2 * d + ch] = (rel * a + U * a) as f32;
+        }
+    }
+    // A′ = h·(1 + a) per element, its bound, then y through W2.
+    let mut a_mod = vec![0f32; h.len()];
+    let mut ea = vec![0f32; h.len()];
+    for (i, (am, e)) in a_mod.iter_mut().zip(ea.iter_mut()).enumerate() {
+        let (smp, ch) = (i / (rows * d), i % d);
+        let av = ab[smp * 2 * d + ch] as f64;
+        let f = (1.0 + av).abs();
+        let hv = h[i] as f64;
+        let da = rel_a[smp * d + ch] * av.abs() + U * av.abs();
+        let am_v = hv * (1.0 + av);
+        *am = am_v as f32;
+        *e = (eh[i] as f64 * f + hv.abs() * da + (U + U_BF16) * (am_v.abs() + eh[i] as f64 * f))
+            as f32;
+    }
+    let (ey_own, _) = g2.bounds(c, y, Some(&a_mod));
+    let w2 = c.values(g2.w);
+    let n2 = w2.len() / d;
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let ea_norm: Vec<f64> = ea.chunks_exact(d).map(norm).collect();
+    let w2_norm: Vec<f64> = w2.chunks_exact(d).map(norm).collect();
+    // The own bound has its bf16 store already; the propagated part gets its share of it.
+    let store = if g2.gemm.out == DType::BF16 {
+        1.0 + U_BF16
+    } else {
+        1.0
+    };
+    let ey: Vec<f32> = ey_own
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| (e as f64 + store * ea_norm[i / n2] * w2_norm[i % n2]) as f32)
+        .collect();
+    vec![eh, ess, eab, ey]
 }
 
 #[cfg(test)]

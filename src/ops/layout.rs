@@ -741,7 +741,7 @@ pub(crate) const DTYPE_PAIRS: [(DType, DType); 4] = [
     (DType::BF16, DType::BF16),
 ];
 
-/// Moving data is exact; only an f32 → bf16 store rounds (once, BF16_OUT).
+/// Moving data is exact; only an f32 → bf16 store rounds (once, BF16_OUT: ≤ 2⁻⁸·|y|).
 pub(crate) fn copy_tolerance(inputs: &[DType], out: DType) -> Tolerance {
     if out == DType::BF16 && inputs.contains(&DType::F32) {
         Tolerance::BF16_OUT

@@ -250,13 +250,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             (&[1, 2, 2, 5], (42, 3)),
         ] {
             let op = ResizeBilinear { h, w, out: dout };
-            v.push(unary_check(
-                next(),
-                op,
-                shape,
-                din,
-                bilinear_tolerance(dout),
-            )?);
+            v.push(bilinear_check(next(), op, shape, din)?);
         }
         for (shape, (h, w)) in [
             (&[1, 23, 11, 2][..], (11, 23)),
@@ -285,7 +279,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 w: ow,
                 out: h,
             };
-            v.push(unary_check(next(), op, shape, din, bilinear_tolerance(h))?);
+            v.push(bilinear_check(next(), op, shape, din)?);
         }
         let op = ResizeNearest {
             h: 96,
@@ -303,16 +297,25 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     Ok(v)
 }
 
-/// f32 outputs: the reference's f32 arithmetic, except that nvcc may fuse the weighted sums
-/// into FMAs (≤ 1 ulp per step, three steps); bf16 outputs round once more.
-fn bilinear_tolerance(out: DType) -> Tolerance {
-    match out {
-        DType::BF16 => Tolerance::BF16_OUT,
-        DType::F32 => Tolerance {
-            atol: 0.0,
-            rtol: 1e-6,
-        },
-    }
+/// A bilinear resize check with per-element bounds: both sides evaluate the same f32 taps and
+/// weights (λ ∈ [0, 1]); each side's two lerps and the final one round four products and
+/// three sums (fused or not): ≤ 4u·m per side, m = the resize of |x| (the terms' magnitude,
+/// since neighbours of opposite sign cancel), 8u·m between them; then the store.
+fn bilinear_check(seed: u64, op: ResizeBilinear, shape: &[usize], din: DType) -> Result<OpCheck> {
+    use crate::verify::bound::{stored, U};
+    let check = unary_check(seed, op.clone(), shape, din, Tolerance::BOUND)?;
+    let (x, shape) = (check.inputs[0].0, shape.to_vec());
+    Ok(check.with_scale(move |c, r| {
+        let mag = crate::verify::reference_on_abs(&op, &[(&shape, c.values(x))])
+            .expect("the check's shapes")
+            .remove(0);
+        let bf16 = op.out == DType::BF16;
+        vec![mag
+            .iter()
+            .zip(&r[0])
+            .map(|(&m, &y)| stored(8.0 * U * m as f64, y as f64, bf16) as f32)
+            .collect()]
+    }))
 }
 
 #[cfg(test)]

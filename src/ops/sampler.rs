@@ -524,12 +524,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         k += 1;
         seed.wrapping_add(k)
     };
-    // f32 statistics (shifted sums, Chan merges) against the reference's f64 two-pass std:
-    // ~1e-6 relative on σ_c/σ_p, inside the cfg_combine case's own limits.
-    let cfg_tol = Tolerance {
-        atol: 1e-5,
-        rtol: 1e-5,
-    };
+    // Both tolerances are bounds computed per element: see `cfg_bounds` and `step_bounds`.
     for (shape, dt, cfg, rho, per_sample) in cfgs {
         let mut b = CheckBuilder::new(next());
         let pred = b.input(shape, dt, 2.0)?;
@@ -538,17 +533,13 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
             rho,
             per_sample,
         };
-        let y = b.graph.op1(op, &[pred])?;
+        let y = b.graph.op1(op.clone(), &[pred])?;
         let name =
             format!("cfg_combine {shape:?} {dt:?} cfg {cfg} rho {rho} per_sample {per_sample}");
-        v.push(b.finish(name, &[y], cfg_tol)?);
+        let check = b.finish(name, &[y], Tolerance::BOUND)?;
+        let per = shape[1..].iter().product();
+        v.push(check.with_scale(move |c, _| vec![cfg_bounds(&op, per, c.values(pred))]));
     }
-    // The same f32 operations as the reference; nvcc may fuse multiply-adds (a few ulp of the
-    // largest term, x0 up to |x|/a = 100·|x| at t = 1).
-    let step_tol = Tolerance {
-        atol: 1e-6,
-        rtol: 1e-6,
-    };
     let (t, t_prev) = ([1.0, 0.9, 0.55, 0.1, 0.05], [0.95, 0.8, 0.5, 0.05, 0.0]);
     for (shape, dt, ddpm) in steps {
         let mut b = CheckBuilder::new(next());
@@ -558,7 +549,13 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         let coef = b.input(&[shape[0], 5], f, 1.0)?;
         let outs = b.graph.op(DdpmStep, &[x, eps, noise, coef])?;
         let name = format!("ddpm_step {shape:?} eps {dt:?} ddpm {ddpm}");
-        let mut check = b.finish(name, &outs, step_tol)?;
+        let mut check = b
+            .finish(name, &outs, Tolerance::BOUND)?
+            .with_scale(move |c, _| {
+                let [x, e, n, k] = [x, eps, noise, coef].map(|id| c.values(id));
+                let (x0, next) = step_bounds(x, e, n, k, None);
+                vec![x0, next]
+            });
         let rows = (0..shape[0]).map(|r| {
             let (tr, tp) = (t[r % t.len()], t_prev[r % t.len()]);
             let c = if ddpm {
@@ -588,22 +585,131 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         let x = b.input(&half, f, 1.0)?;
         let noise = b.input(&half, f, 1.0)?;
         let coef = b.input(&[half[0], 5], f, 1.0)?;
+        let guidance = CfgCombine {
+            cfg: 4.0,
+            rho,
+            per_sample,
+        };
         let op = GuidedStep {
-            guidance: CfgCombine {
-                cfg: 4.0,
-                rho,
-                per_sample,
-            },
+            guidance: guidance.clone(),
         };
         let outs = b.graph.op(op, &[pred, x, noise, coef])?;
         let name = format!("guided_step {shape:?} {dt:?} rho {rho} per_sample {per_sample}");
-        let mut check = b.finish(name, &outs, cfg_tol)?;
+        let check = b.finish(name, &outs, Tolerance::BOUND)?;
+        // The step takes the guided prediction as eps: its error propagates into x0, x_next.
+        let per = shape[1..].iter().product();
+        let mut check = check.with_scale(move |c, r| {
+            let dy = cfg_bounds(&guidance, per, c.values(pred));
+            let [x, n, k] = [x, noise, coef].map(|id| c.values(id));
+            let (x0, next) = step_bounds(x, &r[2], n, k, Some(&dy));
+            vec![x0, next, dy]
+        });
         let rows =
             (0..half[0]).map(|r| StepCoefficients::ddpm(t[r % 5], t_prev[r % 5]).map(|c| c.row()));
         *input_values(&mut check, coef) = rows.collect::<Result<Vec<_>>>()?.concat();
         v.push(check);
     }
     Ok(v)
+}
+
+/// Per-element bounds on |kernel − reference| of [`DdpmStep`]'s (x0, x_next), both sides
+/// evaluating the same f32 formulas (either may fuse multiply-adds), from the magnitudes of
+/// the terms rather than of the results: x0 = (x − b·eps)/a cancels when x ≈ b·eps.
+/// - x0: each side rounds b·eps, the difference and the quotient: ≤ 3u·m₀ with
+///   m₀ = (|x| + |b·eps|)/a ≥ |x0|, so the sides differ by ≤ 6u·m₀ (7u: second order).
+/// - s = √(b′² − σ²) cancels too (b′ ≈ σ in early DDPM steps): the radicands differ by
+///   ≤ 4u·(b′² + σ²), so s by ≤ min(2u·(b′² + σ²)/s, √(4u·(b′² + σ²))) + 2u·s.
+/// - x_next = a′·x0 + s·eps + σ·noise: 3u·(a′·m₀ + s·|eps| + σ·|noise|) per side, plus a′
+///   times x0's bound and |eps| times s's.
+///
+/// `d_eps`: a bound on eps's own error (the guided prediction of [`GuidedStep`]), which
+/// enters x0 as b/a·d and x_next as at most (a′·b/a + s)·d.
+fn step_bounds(
+    x: &[f32],
+    eps: &[f32],
+    noise: &[f32],
+    coef: &[f32],
+    d_eps: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    use crate::verify::bound::U;
+    let per = x.len() / (coef.len() / 5);
+    let (mut b0, mut b1) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    for (i, (o0, o1)) in b0.iter_mut().zip(b1.iter_mut()).enumerate() {
+        let c = &coef[i / per * 5..][..5];
+        let [a, b, a_prev, b_prev, sigma] = [0, 1, 2, 3, 4].map(|j| c[j].abs() as f64);
+        let (xv, e, n) = (
+            x[i].abs() as f64,
+            eps[i].abs() as f64,
+            noise[i].abs() as f64,
+        );
+        let d = d_eps.map_or(0.0, |d| d[i] as f64);
+        let m0 = (xv + b * e) / a;
+        let dx0 = 7.0 * U * m0 + b / a * d;
+        let rad = b_prev * b_prev + sigma * sigma;
+        let s = (c[3] * c[3] - c[4] * c[4]).max(0.0).sqrt() as f64;
+        let ds_cancel = (4.0 * U * rad).sqrt();
+        let ds = if s > 0.0 {
+            (2.0 * U * rad / s).min(ds_cancel)
+        } else {
+            ds_cancel
+        } + 2.0 * U * s;
+        let dnext = a_prev * dx0
+            + e * ds
+            + 7.0 * U * (a_prev * m0 + s * e + sigma * n)
+            + (a_prev * b / a + s) * d;
+        (*o0, *o1) = (dx0 as f32, dnext as f32);
+    }
+    (b0, b1)
+}
+
+/// Per-element bounds on |kernel − reference| of [`CfgCombine`]'s output y. The lerp is the
+/// same f32 fma sequence on both sides (bit-identical p); y = p·(ρ·σ_c/(σ_p + 1e-9) + keep):
+/// the first term errs relatively by (rel. error of σ_c) + (of σ_p), and four roundings a
+/// side add 8u·|p|·(ρ·σ_c/σ_p + |keep|). The kernel's σ (f32): per-thread shifted sums over n_t ≤ ⌈len/(256·P)⌉
+/// elements err by ≤ 3(n_t + 1)·u·Σ(v − v₀)² ≤ 6(n_t + 1)·u·M2·(1 + R) with R =
+/// max(v − μ)²/σ² over the group (the shift v₀ is one of the group's values), and each of
+/// the ≤ 16 Chan merge levels (warp, block, records) by ≤ 6u·M2·(1 + μ²/σ²) (the mean
+/// difference term); σ = √(M2/(n − 1)) halves that and adds 2u. The reference is f64.
+fn cfg_bounds(op: &CfgCombine, per: usize, pred: &[f32]) -> Vec<f32> {
+    use crate::verify::bound::U;
+    let half = pred.len() / 2;
+    let group = if op.per_sample { per } else { half };
+    let n_t = group.div_ceil(CFG_THREADS * op.stat_blocks(group).max(1)) as f64;
+    let mut out = vec![0f32; half];
+    if op.rho == 0.0 {
+        // p alone: bit-identical on both sides.
+        return out;
+    }
+    // (σ unbiased, bound on σ's relative error) of a group's values.
+    let sigma = |v: &[f64]| -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        if var == 0.0 {
+            return (0.0, 0.0);
+        }
+        let r = v.iter().map(|x| (x - mean).powi(2)).fold(0f64, f64::max) / var;
+        let rel_m2 = 6.0 * (n_t + 1.0) * U * (1.0 + r) + 16.0 * 6.0 * U * (1.0 + mean * mean / var);
+        ((var * n / (n - 1.0)).sqrt(), 0.5 * rel_m2 + 2.0 * U)
+    };
+    let keep = op.keep().abs() as f64;
+    let (cond, uncond) = pred.split_at(half);
+    for (g, (c, u)) in cond.chunks(group).zip(uncond.chunks(group)).enumerate() {
+        let cv: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+        let pv: Vec<f64> = c
+            .iter()
+            .zip(u)
+            .map(|(&c, &u)| lerp(u, c, op.cfg) as f64)
+            .collect();
+        let ((sc, rc), (sp, rp)) = (sigma(&cv), sigma(&pv));
+        // y = p·(ρ·σ_c/σ_p + keep): the σ errors scale the first term only.
+        let factor = op.rho as f64 * sc / (sp + STD_EPS as f64);
+        for (o, &p) in out[g * group..][..c.len()].iter_mut().zip(&pv) {
+            let p = p.abs();
+            *o = (p * factor * (rc + rp) + 8.0 * U * p * (factor + keep)) as f32;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
