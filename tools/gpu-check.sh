@@ -15,6 +15,9 @@
 #           same shapes in PyTorch (tools/torch-peer.py; skipped without python3 or torch)
 #   stages  every part of a generation at 1024², 2048², 4096², 5120x2560
 #   tune    tune --out-dir: the tuning table (returned as tuning-<device>.json)
+#   dispatch the embedded tuning table at work: which table `info` selects, `tune --check`
+#           (every cuBLASLt winner as a GEMM node builds it, against our kernel, rerun
+#           bit-identical), 4096² stages with the table and with UPX_TUNING=off
 #
 # Every command runs under `timeout`: a step gets min(its cap, what its part has left, what
 # the budget has left), a part min(its cap, what the budget has left); the whole selection
@@ -39,7 +42,7 @@ caller=$(pwd)
 cd "$(dirname "$0")/.." || exit 2
 root=$(pwd)
 
-all_parts=(truth checks bench shapes stages tune)
+all_parts=(truth checks bench shapes stages tune dispatch)
 usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die2() { echo "error: $*" >&2; exit 2; }
 
@@ -141,7 +144,8 @@ step_keys() {
                     for (i = 1; i <= NR && i <= 3; i++) line = line (i > 1 ? ";" : "") " " what[i]
                     print line }'
             ;;
-        shapes | torchpeer | stages)
+        tuninginfo) grep -m1 -i '^tuning' "$log" ;;
+        shapes | torchpeer | stages | tuned | untuned)
             grep -m1 -E 'skipped' "$log"
             awk '/^[0-9]+x[0-9]+: / { size = $1 }
                  /^(GEMMs|attention|depthwise conv \+ LayerNorm) of one image/ ||
@@ -168,7 +172,7 @@ on_signal() {
 trap on_signal INT TERM
 part_deadline=$deadline
 part_ok=1
-full_echo=" bench shapes torchpeer stages tune "
+full_echo=" bench shapes torchpeer stages tune tunecheck tuned untuned "
 
 # step NAME CAP [--stdout FILE] -- COMMAND...: runs COMMAND under timeout with the time this
 # step may take, its output in logs/NAME.log (stdout in FILE with --stdout), and records it.
@@ -235,6 +239,7 @@ part_cap() {
         shapes) echo 330 ;;
         stages) echo 300 ;;
         tune) echo 480 ;;
+        dispatch) echo 500 ;;
     esac
 }
 part_truth() {
@@ -287,6 +292,13 @@ part_tune() {
         mkdir -p "$logs/tuning"
         find "$tmp/tuning" -maxdepth 1 -name '*.json' -type f -exec cp {} "$logs/tuning/" \;
     fi
+}
+
+part_dispatch() {
+    step tuninginfo 30 -- "$bin" info
+    step tunecheck 200 -- "$bin" tune --check
+    step tuned 130 -- "$bin" bench --stages --size 4096x4096 --iters 3
+    step untuned 130 -- env UPX_TUNING=off "$bin" bench --stages --size 4096x4096 --iters 3
 }
 
 run_part() {

@@ -6,7 +6,7 @@
 # Nothing here touches a GPU.
 #
 # Testing knobs, each a comma-separated list of gpu-check step names (truth info verify cases
-# tinymodel generate bench shapes shapeslist stages tune):
+# tinymodel generate bench shapes shapeslist stages tune tunecheck):
 #   UPX_STUB_HANG=bench   that step sleeps until it is killed (gpu-check must time it out)
 #   UPX_STUB_FAIL=cases   that step reports one failure and exits 1
 # and UPX_STUB_TRUTH_PAD=MIB[,random] pads the truth file with MIB MiB of zeros (or random
@@ -46,7 +46,7 @@ case $cmd in
             role=bench
         fi
         ;;
-    tune) role=tune ;;
+    tune) if has --check; then role=tunecheck; else role=tune; fi ;;
     --version | -V) echo "ultrapixel 0.0.0-stub"; exit 0 ;;
     *) echo "error: the gpu-check stub does not know '$cmd'" >&2; exit 2 ;;
 esac
@@ -79,6 +79,7 @@ case $role in
         echo "ultrapixel 0.0.0-stub"
         echo "kernels: stub (no nvcc)"
         echo "GPU: $device"
+        echo "tuning: stub-gpu.json (stub)"
         echo "memory plan $(value --size || echo none): weights 9.1 GiB, activations 4.2 GiB (stub)"
         [ "$failed" = 0 ] || exit 1
         ;;
@@ -165,6 +166,7 @@ case $role in
         done
         [ "$failed" = 0 ] || exit 1
         ;;
+    tunecheck) report 137 ;;
     tune)
         dir=$(value --out-dir) || { echo "error: --out-dir needed" >&2; exit 2; }
         mkdir -p "$dir" && printf '{"device":"stub","gemm":{"4096x1536x1536":"128x128x32"}}\n' >"$dir/stub-gpu.json"
