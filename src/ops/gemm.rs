@@ -767,8 +767,12 @@ impl Operands {
     ///   the argument's and three products' roundings add ≤ 5.5u·|v|.
     /// - The residual: 2u·(|v| + |r|); FiLM z·(k + a) + β: |k + a| times z's error plus
     ///   4u·(|z|·|k + a| + |β|); a bf16 store: U_BF16·(|y| + error).
+    /// - A bf16 output with an epilogue admits a bf16 product before it: U_BF16·S more,
+    ///   carried through the epilogue. That is the arithmetic of a vendor GEMM completed by
+    ///   our epilogue pass with a product in the output's dtype (`tune`'s `bf16` pairs), and
+    ///   of the official code, whose bf16 Linear rounds before its GELU and residual add.
     fn bounds(&self, c: &OpCheck, y: &[f32], a: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-        use crate::verify::bound::{stored, sum, U, U_MMA};
+        use crate::verify::bound::{stored, sum, U, U_BF16, U_MMA};
         let a = a.unwrap_or_else(|| c.values(self.a));
         let w = c.values(self.w);
         let n = c.graph.desc(self.w).shape[0];
@@ -786,6 +790,9 @@ impl Operands {
         let rows_per_sample = film.map_or(1, |(_, ab)| m / (ab.len() / (2 * n)));
         let acc = sum(k, U_MMA) + U;
         let bf16 = self.gemm.out == DType::BF16;
+        let g = &self.gemm;
+        let epilogue = g.bias || g.gelu || g.residual || self.film.is_some();
+        let product_rounding = if bf16 && epilogue { U_BF16 } else { 0.0 };
         let mut out = vec![0f32; m * n];
         let mut mags = vec![0f32; m * n];
         let each = out.par_iter_mut().zip(mags.par_iter_mut()).enumerate();
@@ -794,7 +801,7 @@ impl Operands {
             let s = na[row] * nw[col];
             let b = bias.map_or(0.0, |b| b[col].abs() as f64);
             let mut mv = s + b;
-            let mut e = acc * s + 2.0 * U * mv;
+            let mut e = (acc + product_rounding) * s + 2.0 * U * mv;
             if self.gemm.gelu {
                 e = 1.13 * e + 5.5 * U * mv;
             }
