@@ -83,7 +83,7 @@ impl Tolerance {
     };
 }
 
-/// Tensors with at least this many values are drawn in parallel chunks of [`DRAW_CHUNK`]
+/// Tensors with at least this many values are drawn in parallel chunks of `DRAW_CHUNK`
 /// (above every emulator-size tensor, whose values stay those of one serial stream).
 pub const PARALLEL_DRAW: usize = 1 << 20;
 const DRAW_CHUNK: usize = 1 << 16;
@@ -327,7 +327,7 @@ pub fn compare(
 }
 
 /// Compares one output with its reference: element i passes when |out − ref| ≤ atol +
-/// rtol·scale[i], or atol + rtol·max|ref| without `scale`.
+/// `rtol·scale[i]`, or atol + rtol·max|ref| without `scale`.
 pub fn compare_scaled(
     check: &str,
     output: &str,
@@ -432,7 +432,7 @@ pub fn family_checks(family: &str, seed: u64, scale: Scale) -> Result<Vec<OpChec
         "layout" => ops::layout::checks(s, scale),
         "resample" => ops::resample::checks(s, scale),
         "embed" => ops::embed::checks(s, scale),
-        _ => ops::sampler::checks(s, scale),
+        _ => ops::gdf::checks(s, scale),
     }
 }
 

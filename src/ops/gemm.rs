@@ -64,7 +64,7 @@ const REF_ROWS: usize = 4;
 const REF_TASK_ROWS: usize = 32;
 
 /// The f32 reference: Σ_k a·w in f64 (k in order from −0.0), rounded to f32, then the
-/// epilogue in f32. Tasks of rows in parallel, [`LANES`] columns side by side (the same
+/// epilogue in f32. Tasks of rows in parallel, `LANES` columns side by side (the same
 /// sums, bit for bit, as one serial dot product per element).
 pub fn gemm_ref(
     a: &[f32],

@@ -3,7 +3,7 @@
 //! [`Film`](super::elementwise::Film) with k = 1 applies them, since
 //! γ·(h·N) + β + h = h·(1 + γ·N) + β.
 //!
-//! G[b,d] = √(Σ_p h[b,p,d]²) over every pixel p, N = G / (mean_d G + eps). The reduction over
+//! `G[b,d] = √(Σ_p h[b,p,d]²)` over every pixel p, N = G / (mean_d G + eps). The reduction over
 //! all pixels is a barrier between the MLP's two GEMMs; the kernels may fuse the sum of
 //! squares into the first GEMM's epilogue and fold the factor into the second GEMM.
 
@@ -17,7 +17,7 @@ use crate::{Error, Result};
 use rayon::prelude::*;
 
 /// Inputs `h [B, …, D]` (the pixels in between), f32 `gamma [D]`, f32 `beta [D]`. Output f32
-/// `ab [B, 2D]`: a = γ_d·N[b,d], b = β_d, the modulation `Film { k: 1 }` takes.
+/// `ab [B, 2D]`: `a = γ_d·N[b,d]`, `b = β_d`, the modulation `Film { k: 1 }` takes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrnModulation {
     /// 1e-6 in Stable Cascade.

@@ -114,7 +114,7 @@ impl OpImpl for CoordPosEnc {
 /// One hyper-network layer's weights for each sample. Inputs `base [Din+1, Dout]` (weight
 /// rows, input-major, then the bias row) and `m [B, g, Din]` (the `wtoken_postfc` output: g
 /// group tokens of Din values, g = `groups`). Output `[B, Din+1, Dout]`:
-/// W′[b,i,o] = base[i,o]·m[b, o mod g, i] (groups tiled across the columns), every column
+/// `W′[b,i,o] = base[i,o]·m[b, o mod g, i]` (groups tiled across the columns), every column
 /// W′[b, :Din, o] divided by max(‖·‖₂, 1e-12) (`F.normalize(dim=1)`), and the bias row
 /// copied unchanged.
 #[derive(Clone, Debug, PartialEq)]
@@ -218,7 +218,7 @@ impl OpImpl for ModulatedWeights {
 
 /// The per-pixel hyper-MLP. Inputs `pe [P, Din0]` (shared by the batch), `w0 [B, Din0+1, Dh]`
 /// and `w1 [B, Dh+1, Dout]` (weight rows then bias row, from [`ModulatedWeights`]). Output
-/// `[B, P, Dout]`: h = ReLU(pe·w0[:Din0] + w0[Din0]), out = h·w1[:Dh] + w1[Dh].
+/// `[B, P, Dout]`: `h = ReLU(pe·w0[:Din0] + w0[Din0])`, `out = h·w1[:Dh] + w1[Dh]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HyperMlp {
     pub out: DType,

@@ -9,13 +9,14 @@
 //! nearest resizes), [`attention`] (multi-head softmax attention: extra keys, causal and
 //! padding masks), [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal
 //! r-embedding, scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate
-//! encoding, hyper-MLP), [`sampler`] (GDF schedule, CFG combine with rescale, DDPM step).
+//! encoding, hyper-MLP), [`gdf`] (GDF schedule, CFG combine with rescale, DDPM step).
 
 pub mod attention;
 pub mod conv;
 mod dot;
 pub mod elementwise;
 pub mod embed;
+pub mod gdf;
 pub mod gemm;
 pub mod gemm_epilogue;
 pub mod grn;
@@ -24,7 +25,6 @@ pub mod layout;
 pub mod noise;
 pub mod norm;
 pub mod resample;
-pub mod sampler;
 
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;

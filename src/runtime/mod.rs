@@ -17,7 +17,7 @@ use session::{Session, SessionOptions, WeightSource};
 use std::sync::Arc;
 
 /// Which executor runs a graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Our CUDA kernels on an NVIDIA GPU (compute capability 8.0+).
@@ -55,6 +55,15 @@ impl Backend {
             #[cfg(feature = "hostsim")]
             Backend::Hostsim(_) => BackendKind::Hostsim,
             Backend::Cuda(_) => BackendKind::Cuda,
+        }
+    }
+
+    /// Bytes the device has free for a generation (None: the CPU backends, which have no
+    /// limit of their own).
+    pub fn free_memory(&self) -> Result<Option<u64>> {
+        match self {
+            Backend::Cuda(d) => Ok(Some(d.memory()?.0 as u64)),
+            _ => Ok(None),
         }
     }
 

@@ -175,8 +175,8 @@ impl Dispatch {
             .map_or(0, |(key, c)| scratch_layout(&key, &c).bytes)
     }
 
-    /// The node's entries when the table chose cuBLASLt for it: [scaling,] cuBLASLt,
-    /// [epilogue pass]; None for our kernel.
+    /// The node's entries when the table chose cuBLASLt for it: the scaling pass where the
+    /// op modulates A, cuBLASLt, the epilogue pass where it needs one; None for our kernel.
     pub fn entries(
         &self,
         dev: &CudaDevice,

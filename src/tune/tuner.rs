@@ -22,7 +22,7 @@ use super::table::{
 use crate::bench::{hash, uniform};
 use crate::ops::gemm_epilogue::{CompareSummary, TuneCompare};
 use crate::ops::{DevTensor, LaunchIo, OpImpl};
-use crate::pipeline::models::Configs;
+use crate::pipeline::open_models::Configs;
 use crate::pipeline::Size;
 use crate::runtime::device::{Device, DeviceBuffer, WeightCache};
 use crate::runtime::graph::{Role, TensorDesc};

@@ -7,11 +7,9 @@
 //! in generation, or from given tensors when a golden case prescribes it.
 
 use crate::models::ModelBuilder;
+use crate::ops::gdf::{logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients};
 use crate::ops::layout::Concat;
 use crate::ops::noise::{noise_key, GaussianNoise};
-use crate::ops::sampler::{
-    logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients,
-};
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::Session;
 use crate::tensor::DType;
