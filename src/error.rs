@@ -27,7 +27,7 @@ pub enum Error {
     Shape { op: String, message: String },
     #[error("{0}")]
     InvalidArgument(String),
-    /// A [`crate::pipeline::Request`] setting out of range: `field` is the request's field
+    /// A generation request setting out of range: `field` is the request's field
     /// (`stage_c.steps`, `batch`, `output`...), so a front end can name its own option.
     #[error("{field} {value}: {reason}")]
     InvalidSetting {

@@ -42,6 +42,7 @@
 //!   fixtures, the per-device choice between our GEMMs and the vendor's.
 
 pub mod atomic_file;
+pub mod backend;
 #[doc(hidden)]
 pub mod bench;
 #[doc(hidden)]

@@ -7,9 +7,11 @@
 //! in generation, or from given tensors when a golden case prescribes it.
 
 use crate::models::ModelBuilder;
-use crate::ops::gdf::{logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients};
 use crate::ops::layout::Concat;
 use crate::ops::noise::{noise_key, GaussianNoise};
+use crate::ops::sampler::{
+    logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients,
+};
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::Session;
 use crate::tensor::DType;
@@ -226,7 +228,7 @@ pub fn sample(
 mod tests {
     use super::*;
     use crate::ops::elementwise::{Act, Activation};
-    use crate::ops::embed::test_data::random;
+    use crate::ops::test_data::random;
     use crate::runtime::session::SessionOptions;
     use crate::runtime::Backend;
     use std::collections::HashMap;

@@ -4,14 +4,13 @@
 //! end-to-end estimate (time × runs per image, summed). Memory is the plan's, printed beside.
 
 use super::{hash, uniform};
-use crate::ops::gdf::{timesteps, StepCoefficients};
 use crate::ops::noise::noise_key;
-use crate::ops::Cost;
+use crate::ops::sampler::{timesteps, StepCoefficients};
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::plan::{memory_plan, stage_graphs, StageGraph};
 use crate::pipeline::Size;
 use crate::runtime::device::{Device, KernelSession, WeightCache};
-use crate::runtime::graph::Graph;
+use crate::runtime::graph::{Cost, Graph};
 use crate::runtime::session::{Session, SessionOptions, WeightSource};
 use crate::tensor::{numel, HostTensor};
 use crate::{Error, Result};

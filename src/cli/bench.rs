@@ -2,7 +2,6 @@
 //! part of a generation, with --shapes every GEMM and attention shape.
 
 use super::backend_arg::BackendArg;
-use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::Device;
 use crate::runtime::Backend;
 use crate::Result;
@@ -46,7 +45,7 @@ pub fn bench(a: BenchArgs) -> Result<i32> {
     if a.stages || a.shapes {
         return bench_model(a);
     }
-    let dev = CudaDevice::new(0)?;
+    let dev = crate::backend::open_gpu(0)?;
     crate::bench::print(&dev, a.iters, a.filter.as_deref())?;
     Ok(0)
 }

@@ -1,7 +1,7 @@
 //! `ultrapixel info`: the build's kernels, the GPU and its tuning table, the ptxas resource
 //! table, and with --size the memory plan and launch count of a generation.
 
-use crate::runtime::cuda::{probe, CudaDevice};
+use crate::runtime::cuda::probe;
 use crate::runtime::device::Device;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::Result;
@@ -71,7 +71,7 @@ pub fn info(a: InfoArgs) -> Result<i32> {
     if let Some(size) = a.size {
         // With a GPU, the plan counts the scratch of the GEMMs its tuning table hands to
         // cuBLASLt.
-        let gpu = CudaDevice::new(0).ok();
+        let gpu = crate::backend::open_gpu(0).ok();
         let device = gpu.as_deref().map(|d| d as &dyn Device);
         print_plan(size, a.model_dir.as_deref(), device)?;
     }

@@ -54,13 +54,13 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     match Backend::open(BackendKind::Cuda) {
         Ok(gpu) => {
             let mut gpu = IsolatedGpu::new(gpu);
-            let checks: Vec<_> = verify::all_checks(seed, Scale::Gpu)?
+            let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Gpu)?
                 .into_iter()
                 .filter(|c| selected(c))
                 .collect();
             gpu.against_references("cuda", &checks, &mut counts)?;
             if cfg!(feature = "hostsim") {
-                let checks: Vec<_> = verify::all_checks(seed, Scale::Emulator)?
+                let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Emulator)?
                     .into_iter()
                     .filter(|c| selected(c))
                     .collect();
@@ -78,7 +78,7 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             }
             if cfg!(feature = "hostsim") {
                 let hostsim = Backend::open(BackendKind::Hostsim)?;
-                for check in verify::all_checks(seed, Scale::Emulator)? {
+                for check in crate::ops::all_checks(seed, Scale::Emulator)? {
                     if !selected(&check) {
                         continue;
                     }

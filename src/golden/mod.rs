@@ -7,16 +7,16 @@
 
 mod blocks;
 mod clip;
-mod gdf_cases;
 mod inr;
+mod sampler_cases;
 mod sampling_loop_cases;
 mod stage_a;
 mod stage_b;
 mod stage_c;
 
 use crate::models::ModelBuilder;
-use crate::ops::gdf::CfgCombine;
 use crate::ops::layout::Concat;
+use crate::ops::sampler::CfgCombine;
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::SessionOptions;
 use crate::runtime::{Backend, BackendKind};
@@ -342,8 +342,8 @@ fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32
         "timestepblock" => blocks::timestep(case)?,
         "attnblock" => blocks::attnblock(case)?,
         "r_embedding" => blocks::r_embedding(case)?,
-        "cfg_combine" => gdf_cases::cfg_combine(case)?,
-        "sampler_step" => gdf_cases::sampler_step(case)?,
+        "cfg_combine" => sampler_cases::cfg_combine(case)?,
+        "sampler_step" => sampler_cases::sampler_step(case)?,
         "stage_c_clip_embed" => blocks::clip_embed(case)?,
         "scale_aware_norm" => blocks::scale_aware_norm(case)?,
         "inr_upsampler" => inr::inr_upsampler(case)?,

@@ -6,11 +6,9 @@
 //! where bf16 spacing is coarser than a period (the official bf16 run loses 4e-2 to 1.5e-1
 //! rel-L2 there). Its outputs lie in [−1, 1] and may be rounded for the first GEMM.
 
-use super::embed::{accurate, linspace};
-use super::{
-    inputs_n, linear_launch, require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped,
-};
-use crate::runtime::graph::TensorDesc;
+use super::math::{accurate, linspace};
+use super::{inputs_n, linear_launch, require_f32, to_i32, Shaped};
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -455,7 +453,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::embed::test_data::random;
+    use crate::ops::test_data::random;
     use crate::ops::test_support::{desc, run};
 
     #[test]

@@ -16,8 +16,7 @@ use crate::models::stage_c::{
 use crate::models::{inr, Checkpoint, ModelBuilder};
 use crate::ops::layout::Cast;
 use crate::runtime::device::WeightCache;
-use crate::runtime::graph::Graph;
-use crate::runtime::graph::TensorId;
+use crate::runtime::graph::{Graph, TensorId};
 use crate::runtime::session::{Session, SessionOptions};
 use crate::runtime::Backend;
 use crate::sampling_loop::{

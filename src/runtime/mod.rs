@@ -37,18 +37,8 @@ pub enum Backend {
     Cuda(Arc<cuda::CudaDevice>),
 }
 
+/// `Backend::open` lives with what it installs, in `crate::backend`.
 impl Backend {
-    pub fn open(kind: BackendKind) -> Result<Backend> {
-        match kind {
-            BackendKind::Cpu => Ok(Backend::Cpu),
-            #[cfg(feature = "hostsim")]
-            BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice::new()))),
-            #[cfg(not(feature = "hostsim"))]
-            BackendKind::Hostsim => Err(crate::Error::HostsimUnavailable),
-            BackendKind::Cuda => Ok(Backend::Cuda(cuda::CudaDevice::new(0)?)),
-        }
-    }
-
     pub fn kind(&self) -> BackendKind {
         match self {
             Backend::Cpu => BackendKind::Cpu,

@@ -3,11 +3,10 @@
 
 use crate::bench::shapes::{model_shapes, AttentionShape};
 use crate::ops::gemm::{Gemm, GemmFilm, GemmGrnStats, GemmScaledA};
-use crate::ops::OpImpl;
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::plan::stage_graphs;
 use crate::pipeline::Size;
-use crate::runtime::graph::{Node, TensorDesc};
+use crate::runtime::graph::{Node, OpImpl, TensorDesc};
 use crate::tensor::{numel, DType};
 use crate::Result;
 use std::sync::Arc;

@@ -42,7 +42,7 @@ pub(super) fn cfg_combine(case: &Case) -> Result<Built> {
 /// The GDF scalars on the host (they are what the sampler computes per step) and the DDPM /
 /// DDIM update as the graph op.
 pub(super) fn sampler_step(case: &Case) -> Result<Built> {
-    use crate::ops::gdf::{logsnr, noise_cond, scalers, DdpmStep, StepCoefficients};
+    use crate::ops::sampler::{logsnr, noise_cond, scalers, DdpmStep, StepCoefficients};
     let (x, pred, noise) = (case.input("x")?, case.input("pred")?, case.input("noise")?);
     let (r, r_prev, range) = (
         case.input("r")?,
