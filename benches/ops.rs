@@ -3,8 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::Duration;
+use ultrapixel::ops::all_checks;
 use ultrapixel::runtime::{Backend, BackendKind};
-use ultrapixel::verify::{all_checks, Scale};
+use ultrapixel::verify::Scale;
 
 fn ops(c: &mut Criterion) {
     let dev = match Backend::open(BackendKind::Cuda) {

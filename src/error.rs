@@ -7,9 +7,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no CUDA driver found (libcuda.so could not be loaded); on machines without an NVIDIA GPU use --backend hostsim or --backend cpu")]
+    #[error("no CUDA driver found (libcuda.so could not be loaded); without an NVIDIA GPU, use the hostsim or cpu backend")]
     NoDriver,
-    #[error("no CUDA device: {0}; on machines without an NVIDIA GPU use --backend hostsim or --backend cpu")]
+    #[error("no CUDA device: {0}; without an NVIDIA GPU, use the hostsim or cpu backend")]
     NoDevice(String),
     #[error("kernels not compiled: this binary was built without nvcc; run tools/install-cuda-toolchain.sh and rebuild")]
     KernelsNotCompiled,
@@ -27,6 +27,14 @@ pub enum Error {
     Shape { op: String, message: String },
     #[error("{0}")]
     InvalidArgument(String),
+    /// A generation request setting out of range: `field` is the request's field
+    /// (`stage_c.steps`, `batch`, `output`...), so a front end can name its own option.
+    #[error("{field} {value}: {reason}")]
+    InvalidSetting {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

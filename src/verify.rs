@@ -2,7 +2,7 @@
 //! compared with its f32 CPU reference. Used by the test suite on the host emulator and by
 //! `ultrapixel verify` on the GPU, so the same checks run everywhere.
 
-use crate::runtime::graph::{Graph, TensorId};
+use crate::runtime::graph::{Graph, OpImpl, TensorId};
 use crate::runtime::session::SessionOptions;
 use crate::runtime::Backend;
 use crate::tensor::{bf16_bits_to_f32, f32_to_bf16_bits, DType, HostTensor};
@@ -83,7 +83,7 @@ impl Tolerance {
     };
 }
 
-/// Tensors with at least this many values are drawn in parallel chunks of [`DRAW_CHUNK`]
+/// Tensors with at least this many values are drawn in parallel chunks of `DRAW_CHUNK`
 /// (above every emulator-size tensor, whose values stay those of one serial stream).
 pub const PARALLEL_DRAW: usize = 1 << 20;
 const DRAW_CHUNK: usize = 1 << 16;
@@ -92,7 +92,7 @@ const DRAW_CHUNK: usize = 1 << 16;
 /// products (a conv, a resize, an MLP), Σ|terms| of each output, the magnitude its rounding
 /// errors scale with.
 pub fn reference_on_abs(
-    op: &dyn crate::ops::OpImpl,
+    op: &dyn crate::runtime::graph::OpImpl,
     inputs: &[(&[usize], &[f32])],
 ) -> Result<Vec<Vec<f32>>> {
     use crate::runtime::graph::{Role, TensorDesc};
@@ -327,7 +327,7 @@ pub fn compare(
 }
 
 /// Compares one output with its reference: element i passes when |out − ref| ≤ atol +
-/// rtol·scale[i], or atol + rtol·max|ref| without `scale`.
+/// `rtol·scale[i]`, or atol + rtol·max|ref| without `scale`.
 pub fn compare_scaled(
     check: &str,
     output: &str,
@@ -394,55 +394,80 @@ pub fn run_on(check: &OpCheck, backend: &Backend) -> Result<Vec<Vec<f32>>> {
     check.graph.outputs.iter().map(|&o| s.read(o)).collect()
 }
 
-/// The check families (one per op module) and the value each XORs into the seed.
-pub const FAMILIES: [(&str, u64); 12] = [
-    ("norm", 0x0),
-    ("elementwise", 0x1),
-    ("gemm", 0x2),
-    ("attention", 0x3),
-    ("conv", 0x4),
-    ("grn", 0x6),
-    ("inr", 0x7),
-    ("noise", 0xb),
-    ("layout", 0x5),
-    ("resample", 0x8),
-    ("embed", 0x9),
-    ("sampler", 0xa),
+// Helpers the op families' checks share.
+
+/// Every (input, output) dtype pair of the data-movement kernels.
+pub const DTYPE_PAIRS: [(DType, DType); 4] = [
+    (DType::F32, DType::F32),
+    (DType::F32, DType::BF16),
+    (DType::BF16, DType::F32),
+    (DType::BF16, DType::BF16),
 ];
 
-/// The checks of one family for the `verify` seed `seed` (the family's own seed is `seed`
-/// XOR its value in [`FAMILIES`], so `verify --seed S` and `family_checks(f, S, …)` agree).
-pub fn family_checks(family: &str, seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
-    use crate::ops;
-    let Some(&(_, xor)) = FAMILIES.iter().find(|(f, _)| *f == family) else {
-        return Err(crate::Error::InvalidArgument(format!(
-            "no check family {family:?}"
-        )));
-    };
-    let s = seed ^ xor;
-    match family {
-        "norm" => ops::norm::checks(s, scale),
-        "elementwise" => ops::elementwise::checks(s, scale),
-        "gemm" => ops::gemm::checks(s, scale),
-        "attention" => ops::attention::checks(s, scale),
-        "conv" => ops::conv::checks(s, scale),
-        "grn" => ops::grn::checks(s, scale),
-        "inr" => ops::inr::checks(s, scale),
-        "noise" => ops::noise::checks(s, scale),
-        "layout" => ops::layout::checks(s, scale),
-        "resample" => ops::resample::checks(s, scale),
-        "embed" => ops::embed::checks(s, scale),
-        _ => ops::sampler::checks(s, scale),
+/// Moving data is exact; only an f32 → bf16 store rounds (once, BF16_OUT: ≤ 2⁻⁸·|y|).
+pub fn copy_tolerance(inputs: &[DType], out: DType) -> Tolerance {
+    if out == DType::BF16 && inputs.contains(&DType::F32) {
+        Tolerance::BF16_OUT
+    } else {
+        Tolerance {
+            atol: 0.0,
+            rtol: 0.0,
+        }
     }
 }
 
-/// Every op check of every kernel family.
-pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
-    let mut v = Vec::new();
-    for (family, _) in FAMILIES {
-        v.extend(family_checks(family, seed, scale)?);
+/// The values a check feeds to its input `id`, for inputs that must not be uniform noise
+/// (indices, sampler coefficients).
+pub fn input_values(check: &mut OpCheck, id: TensorId) -> &mut Vec<f32> {
+    let (_, v) = check
+        .inputs
+        .iter_mut()
+        .find(|(i, _)| *i == id)
+        .expect("the check has this input");
+    v
+}
+
+/// Turns the uniform [−1, 1) values of index input `id` into integers in `[0, n)`, the first
+/// two the ends of the range.
+pub fn make_indices(check: &mut OpCheck, id: TensorId, n: usize) {
+    for (k, v) in input_values(check, id).iter_mut().enumerate() {
+        *v = match k {
+            0 => (n - 1) as f32,
+            1 => 0.0,
+            _ => (((*v + 1.0) * 0.5 * n as f32) as usize).min(n - 1) as f32,
+        };
     }
-    Ok(v)
+}
+
+/// A check of one single-input op on a random `shape` input of `din`.
+pub fn unary_check(
+    seed: u64,
+    op: impl OpImpl + 'static,
+    shape: &[usize],
+    din: DType,
+    tol: Tolerance,
+) -> Result<OpCheck> {
+    let mut b = CheckBuilder::new(seed);
+    let name = format!("{op:?} {din:?} {shape:?}");
+    let x = b.input(shape, din, 4.0)?;
+    let y = b.graph.op1(op, &[x])?;
+    b.finish(name, &[y], tol)
+}
+
+/// A family of checks (one op module's, registered in `ops::FAMILIES`): its name, the
+/// value XORed into the `verify` seed for it (so `verify --seed S` and the family run alone
+/// with S draw the same inputs), and the function that builds its checks.
+pub struct Family {
+    pub name: &'static str,
+    pub seed_xor: u64,
+    pub checks: fn(u64, Scale) -> Result<Vec<OpCheck>>,
+}
+
+impl Family {
+    /// The family's checks for the `verify` seed `seed`.
+    pub fn checks_for(&self, seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+        (self.checks)(seed ^ self.seed_xor, scale)
+    }
 }
 
 /// The worst case of one op (first word of the check names) of one family over a sweep.
@@ -545,14 +570,14 @@ pub fn sweep_seed(start: u64, i: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Runs every check of `families` (all when empty) whose name contains `filter` on `backend`
+/// Runs every check of `families` whose name contains `filter` on `backend`
 /// against the CPU reference at emulator size, for seeds `sweep_seed(start, 0..n)`, seeds in
 /// parallel. Stops starting seeds once `stop` is set; `progress` sees the report after each
 /// seed.
 pub fn sweep(
     backend: &Backend,
     (start, n): (u64, u64),
-    families: &[String],
+    families: &[&Family],
     filter: Option<&str>,
     stop: &std::sync::atomic::AtomicBool,
     progress: &(dyn Fn(&SweepReport) + Sync),
@@ -561,24 +586,20 @@ pub fn sweep(
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     let report = Mutex::new(SweepReport::default());
-    let selected: Vec<&str> = FAMILIES
-        .iter()
-        .map(|(f, _)| *f)
-        .filter(|f| families.is_empty() || families.iter().any(|g| g == f))
-        .collect();
     (0..n).into_par_iter().for_each(|i| {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let seed = sweep_seed(start, i);
         let mut local = SweepReport::default();
-        for family in &selected {
-            let checks = match family_checks(family, seed, Scale::Emulator) {
+        for family in families {
+            let checks = match family.checks_for(seed, Scale::Emulator) {
                 Ok(c) => c,
                 Err(e) => {
-                    local
-                        .lines
-                        .push(format!("seed {seed} {family}: building the checks: {e}"));
+                    local.lines.push(format!(
+                        "seed {seed} {}: building the checks: {e}",
+                        family.name
+                    ));
                     continue;
                 }
             };
@@ -586,7 +607,7 @@ pub fn sweep(
                 .iter()
                 .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
             {
-                local.add(family, seed, c, &run_check(c, backend));
+                local.add(family.name, seed, c, &run_check(c, backend));
             }
         }
         let mut r = report.lock().unwrap_or_else(|e| e.into_inner());

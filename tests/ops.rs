@@ -87,7 +87,10 @@ fn run_family(family: &str) {
     let mut failures = Vec::new();
     let mut total = 0;
     for s in std::iter::once(seed()).chain(fixed.iter().copied()) {
-        let checks = verify::family_checks(family, s, Scale::Emulator).unwrap();
+        let checks = ultrapixel::ops::family(family)
+            .unwrap()
+            .checks_for(s, Scale::Emulator)
+            .unwrap();
         total += checks.len();
         failures.extend(
             run_all(&checks, &backend)
@@ -123,7 +126,7 @@ fn run_all(checks: &[OpCheck], backend: &Backend) -> Vec<String> {
 #[test]
 fn regression_seeds_cover_every_family() {
     let listed: Vec<&str> = REGRESSION_SEEDS.iter().map(|(f, _)| *f).collect();
-    let families: Vec<&str> = verify::FAMILIES.iter().map(|(f, _)| *f).collect();
+    let families: Vec<&str> = ultrapixel::ops::FAMILIES.iter().map(|f| f.name).collect();
     assert_eq!(listed, families);
 }
 
@@ -191,7 +194,7 @@ fn noise_matches_reference() {
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     // The emulator-size checks launch every kernel the GPU-size ones do, and build quickly.
-    for c in verify::all_checks(1, Scale::Emulator).unwrap() {
+    for c in ultrapixel::ops::all_checks(1, Scale::Emulator).unwrap() {
         used.extend(
             dry_launches(&c.graph)
                 .unwrap()
@@ -248,7 +251,7 @@ fn ptxas_reports_every_kernel_without_spills() {
 fn gpu_scale_references_time() {
     use std::time::Instant;
     let t0 = Instant::now();
-    let checks = verify::all_checks(1, Scale::Gpu).unwrap();
+    let checks = ultrapixel::ops::all_checks(1, Scale::Gpu).unwrap();
     let build = t0.elapsed();
     // UPX_TIME_FILTER=<text>: only the checks whose name contains it.
     let filter = std::env::var("UPX_TIME_FILTER").unwrap_or_default();
@@ -311,7 +314,7 @@ fn reference_digest() {
         _ => Scale::Emulator,
     };
     let mut total: u64 = 0xcbf2_9ce4_8422_2325;
-    for c in verify::all_checks(seed, scale).unwrap() {
+    for c in ultrapixel::ops::all_checks(seed, scale).unwrap() {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for out in verify::run_on(&c, &Backend::Cpu).unwrap() {
             for v in out {

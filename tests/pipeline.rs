@@ -11,7 +11,11 @@ use std::sync::OnceLock;
 use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::png_out::read_metadata;
 use ultrapixel::pipeline::{ModelDir, Pipeline, PipelineOptions, Request, Size};
-use ultrapixel::runtime::BackendKind;
+use ultrapixel::runtime::{Backend, BackendKind};
+
+fn open(kind: BackendKind) -> Backend {
+    Backend::open(kind).unwrap()
+}
 
 /// One tiny model for every test of this file.
 fn tiny_model() -> &'static Path {
@@ -137,7 +141,7 @@ fn the_emulator_makes_a_512_png_with_metadata_and_the_library_makes_it_again_bit
 
     // The same request through the library: the same pixels.
     let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
-    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Hostsim)).unwrap();
+    let p = Pipeline::load(&dir, open(BackendKind::Hostsim), PipelineOptions::default()).unwrap();
     let images = p
         .generate(&library_request("a lighthouse on a cliff", 42))
         .unwrap();
@@ -251,7 +255,7 @@ fn too_little_gpu_memory_is_refused_before_any_work_with_both_numbers() {
     let err = stderr(&o);
     assert!(err.contains("not enough GPU memory"), "{err}");
     assert!(err.contains("MiB needed, 1 MiB free"), "{err}");
-    assert!(err.contains("smaller --size"), "{err}");
+    assert!(err.contains("smaller size"), "{err}");
     assert!(files_in(out.path()).is_empty());
 }
 
@@ -374,7 +378,7 @@ fn an_overlong_prompt_warns_with_the_dropped_words_and_json_reports_the_run() {
 #[test]
 fn one_pipeline_serves_several_threads_one_generation_at_a_time() {
     let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
-    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
+    let p = Pipeline::load(&dir, open(BackendKind::Cpu), PipelineOptions::default()).unwrap();
     let request = |seed| {
         let mut r = library_request("two threads", seed);
         r.stage_c.steps = 2;
@@ -398,7 +402,7 @@ fn past_twenty_stage_c_steps_the_high_res_pass_continues_unguided_as_one_phase()
     use ultrapixel::pipeline::stages::{Phase, Progress};
     use ultrapixel::pipeline::Event;
     let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
-    let p = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
+    let p = Pipeline::load(&dir, open(BackendKind::Cpu), PipelineOptions::default()).unwrap();
     let mut r = library_request("a long schedule", 4);
     r.stage_c.steps = 22;
     r.stage_b.steps = 1;
@@ -431,7 +435,7 @@ fn past_twenty_stage_c_steps_the_high_res_pass_continues_unguided_as_one_phase()
 /// bit.
 #[test]
 fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
-    use ultrapixel::pipeline::generate::LatentSizes;
+    use ultrapixel::pipeline::plan::LatentSizes;
     use ultrapixel::pipeline::stages::Phase;
     use ultrapixel::pipeline::Event;
     let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
@@ -440,13 +444,15 @@ fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
     r.stage_c.steps = 5;
     r.stage_b.steps = 2;
     r.batch = 2;
-    let plain = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu))
+    let plain = Pipeline::load(&dir, open(BackendKind::Cpu), PipelineOptions::default())
         .unwrap()
         .generate(&r)
         .unwrap();
-    let mut options = PipelineOptions::new(BackendKind::Cpu);
-    options.preview_every = Some(2);
-    let p = Pipeline::load(&dir, options).unwrap();
+    let options = PipelineOptions {
+        preview_every: Some(2),
+        ..PipelineOptions::default()
+    };
+    let p = Pipeline::load(&dir, open(BackendKind::Cpu), options).unwrap();
     let mut seen = Vec::new();
     let images = p
         .generate_with(&r, &mut |e| {
@@ -487,8 +493,8 @@ fn previews_come_every_n_steps_of_both_stage_c_passes_and_change_nothing() {
     );
     // Previews count in the memory plan: Stage C needs more with them.
     let c = |p: &Pipeline| p.plan(r.size).unwrap().stages[1].clone();
-    let without = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cpu)).unwrap();
-    assert_eq!(c(&p).stage, "stage C");
+    let without = Pipeline::load(&dir, open(BackendKind::Cpu), PipelineOptions::default()).unwrap();
+    assert_eq!(c(&p).stage, ultrapixel::pipeline::stages::StageId::StageC);
     assert!(c(&p).arena_bytes > c(&without).arena_bytes);
     assert!(c(&p).weight_bytes > c(&without).weight_bytes);
 }

@@ -2,10 +2,11 @@
 //! node gets) with synthetic tables, and the tuner itself on the host emulator.
 
 use std::path::Path;
+use ultrapixel::runtime::cuda::cublaslt::AlgoRecord;
 use ultrapixel::tensor::DType;
 use ultrapixel::tune::table::{
-    kernels_hash, AlgoRecord, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice,
-    OurConfig, Table, TableKey, Use, EMBEDDED, FORMAT,
+    kernels_hash, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice, OurConfig, Table,
+    TableKey, Use, EMBEDDED, FORMAT,
 };
 use ultrapixel::tune::{Epilogue, GemmKey, Selection};
 
@@ -486,10 +487,10 @@ fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
 #[cfg(feature = "hostsim")]
 mod substitution {
     use std::sync::Arc;
-    use ultrapixel::ops::{DevTensor, LaunchIo};
     use ultrapixel::runtime::device::{
         dry_launches, Device, DeviceBuffer, KernelSession, LaunchList,
     };
+    use ultrapixel::runtime::graph::{DevTensor, LaunchIo};
     use ultrapixel::runtime::graph::{Node, TensorDesc};
     use ultrapixel::runtime::hostsim::HostsimDevice;
     use ultrapixel::runtime::launch::Entry;

@@ -8,10 +8,11 @@ pub mod shapes;
 pub mod stages;
 pub mod vendor;
 
+use crate::ops::all_checks;
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::{Device, KernelSession};
 use crate::runtime::session::{Session, SessionOptions};
-use crate::verify::{all_checks, OpCheck, Scale};
+use crate::verify::{OpCheck, Scale};
 use crate::Result;
 use rayon::prelude::*;
 use std::sync::Arc;

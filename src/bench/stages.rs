@@ -6,12 +6,11 @@
 use super::{hash, uniform};
 use crate::ops::noise::noise_key;
 use crate::ops::sampler::{timesteps, StepCoefficients};
-use crate::ops::Cost;
-use crate::pipeline::generate::{memory_plan, stage_graphs, StageGraph};
-use crate::pipeline::models::Configs;
+use crate::pipeline::open_models::Configs;
+use crate::pipeline::plan::{memory_plan, stage_graphs, StageGraph};
 use crate::pipeline::Size;
 use crate::runtime::device::{Device, KernelSession, WeightCache};
-use crate::runtime::graph::Graph;
+use crate::runtime::graph::{Cost, Graph};
 use crate::runtime::session::{Session, SessionOptions, WeightSource};
 use crate::tensor::{numel, HostTensor};
 use crate::{Error, Result};
@@ -20,7 +19,7 @@ use std::sync::Arc;
 
 /// One part of a generation, timed.
 pub struct PartTiming {
-    pub stage: &'static str,
+    pub stage: crate::pipeline::stages::StageId,
     pub part: &'static str,
     pub runs: usize,
     pub seconds: f64,

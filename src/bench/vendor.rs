@@ -1,18 +1,18 @@
 //! The vendor peer: bf16 GEMMs through cuBLASLt (loaded at run time, like the driver), timed
 //! on our stream in the same way as our kernels. It gives the matmul ceiling of a benchmark
 //! run and the per-shape peer of our GEMM. cuBLASLt is opened through the tuner's layer
-//! ([`crate::tune::cublaslt`]): its handle and workspace are ours, so a failed allocation is
+//! ([`crate::runtime::cuda::cublaslt`]): its handle and workspace are ours, so a failed allocation is
 //! an error that skips the peer, where cudarc's `CudaBlasLT::new` would panic.
 
 use super::uniform;
+use crate::runtime::cuda::cublaslt::{Lt, LtMatmul, LtSpec};
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::Device;
 use crate::tensor::{encode, DType};
-use crate::tune::cublaslt::{Lt, LtMatmul, LtSpec};
 use crate::{Error, Result};
 use std::sync::Arc;
 
-pub use crate::tune::cublaslt::MISSING;
+pub use crate::runtime::cuda::cublaslt::MISSING;
 
 /// The square bf16 matmul whose rate is the tensor-core ceiling of a run.
 pub const CEILING_DIM: usize = 8192;

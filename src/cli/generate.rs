@@ -1,6 +1,7 @@
 //! `ultrapixel generate`: a prompt to PNG files, with progress, Ctrl-C between steps, and a
 //! JSON summary on request.
 
+use super::backend_arg::BackendArg;
 use crate::hub::{Hub, HubOptions};
 use crate::pipeline::generate::{Event, Image, Pipeline, PipelineOptions};
 use crate::pipeline::png_out::write_png;
@@ -53,8 +54,8 @@ pub struct GenerateArgs {
     /// Where to run: cuda (NVIDIA GPU), or on the CPU: hostsim (our kernels under the
     /// emulator, about a minute for the tiny test model at 512x512) or cpu (reference code,
     /// seconds for the tiny model); both are far too slow for the real model.
-    #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
-    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = BackendArg::Cuda)]
+    pub backend: BackendArg,
     /// Write PNGs without the generation settings.
     #[arg(long)]
     pub no_metadata: bool,
@@ -115,8 +116,8 @@ impl GenerateArgs {
 
 /// Runs `generate`; the exit code.
 pub fn generate(args: GenerateArgs) -> Result<i32> {
-    let mut request = args.request()?;
-    for w in request.validate()? {
+    let mut request = args.request().map_err(with_flag)?;
+    for w in request.validate().map_err(with_flag)? {
         eprintln!("warning: {w}");
     }
     // Fix the seeds now: they name the files and are printed before the long work.
@@ -149,18 +150,20 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         );
     }
     // The device first: no download for a machine that cannot run it.
-    crate::runtime::Backend::open(args.backend).map_err(|e| backend_advice(e, args.backend))?;
+    let backend = super::backend_arg::open(args.backend)?;
     let hub = HubOptions {
         progress: !args.quiet,
         ..HubOptions::from_env()
     };
     let dir = resolve_models(args.model_dir.as_deref(), &hub, args.quiet)?;
-    let mut options = PipelineOptions::new(args.backend);
-    options.low_vram = args.low_vram;
-    options.check_every_step = args.check_every_step;
-    options.memory_limit = args.memory_limit.map(|m| m << 20);
-    options.preview_every = args.preview.as_ref().map(|_| args.preview_every as usize);
-    let pipeline = Pipeline::load(&dir, options).map_err(|e| backend_advice(e, args.backend))?;
+    let options = PipelineOptions {
+        low_vram: args.low_vram,
+        check_every_step: args.check_every_step,
+        memory_limit: args.memory_limit.map(|m| m << 20),
+        preview_every: args.preview.as_ref().map(|_| args.preview_every as usize),
+        ..PipelineOptions::default()
+    };
+    let pipeline = Pipeline::load(&dir, backend, options)?;
     for w in pipeline
         .warnings()
         .iter()
@@ -221,7 +224,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
     progress.finish_phase();
     if args.json {
         let json = serde_json::json!({
-            "backend": args.backend,
+            "backend": BackendKind::from(args.backend),
             "size": request.size.to_string(),
             "images": written,
             "previews": previews,
@@ -305,19 +308,27 @@ pub fn resolve_models(dir: Option<&Path>, hub: &HubOptions, quiet: bool) -> Resu
     }
 }
 
-/// Adds the CPU backends to a "no GPU" error.
-fn backend_advice(e: Error, backend: BackendKind) -> Error {
-    match (e, backend) {
-        (
-            e @ (Error::NoDriver | Error::NoDevice(_) | Error::KernelsNotCompiled),
-            BackendKind::Cuda,
-        ) => Error::InvalidArgument(format!(
-            "{e} (hostsim runs our kernels under the CPU emulator, cpu the reference \
-             code; only the tiny test model of `ultrapixel make-tiny-model DIR` finishes in \
-             reasonable time on them: hostsim about a minute at 512x512, cpu seconds)"
-        )),
-        (e, _) => e,
-    }
+/// A request setting named by its option (`stage_c.steps` → `--steps-c`).
+fn with_flag(e: Error) -> Error {
+    let Error::InvalidSetting {
+        field,
+        value,
+        reason,
+    } = e
+    else {
+        return e;
+    };
+    let flag = match field {
+        "stage_c.steps" => "--steps-c",
+        "stage_b.steps" => "--steps-b",
+        "stage_c.cfg" => "--cfg-c",
+        "stage_b.cfg" => "--cfg-b",
+        "batch" => "--batch",
+        "seed" => "--seed",
+        "output" => "--out",
+        other => other,
+    };
+    Error::InvalidArgument(format!("{flag} {value}: {reason}"))
 }
 
 /// Progress on stderr: a bar per sampling loop on a terminal, one line per finished phase.

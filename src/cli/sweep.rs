@@ -2,9 +2,10 @@
 //! find the seeds where a tolerance breaks (see `verify::sweep`).
 
 use super::verify::VerifyArgs;
+use crate::ops::{family, FAMILIES};
 use crate::runtime::{Backend, BackendKind};
-use crate::verify::{self, SweepReport, FAMILIES};
-use crate::{Error, Result};
+use crate::verify::{self, Family, SweepReport};
+use crate::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,17 +14,11 @@ use std::time::{Duration, Instant};
 const PROGRESS_EVERY: Duration = Duration::from_secs(60);
 
 pub fn sweep_cmd(a: &VerifyArgs, n: u64) -> Result<i32> {
-    if let Some(f) = a
-        .family
-        .iter()
-        .find(|f| !FAMILIES.iter().any(|(g, _)| g == f))
-    {
-        let known: Vec<&str> = FAMILIES.iter().map(|(g, _)| *g).collect();
-        return Err(Error::InvalidArgument(format!(
-            "no check family {f:?} (families: {})",
-            known.join(", ")
-        )));
-    }
+    let families: Vec<&Family> = if a.family.is_empty() {
+        FAMILIES.iter().collect()
+    } else {
+        a.family.iter().map(|f| family(f)).collect::<Result<_>>()?
+    };
     let backend = Backend::open(BackendKind::Hostsim)?;
     let start = a.seed.unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
@@ -60,7 +55,7 @@ pub fn sweep_cmd(a: &VerifyArgs, n: u64) -> Result<i32> {
     let report = verify::sweep(
         &backend,
         (start, n),
-        &a.family,
+        &families,
         a.filter.as_deref(),
         &stop,
         &progress,

@@ -1,8 +1,10 @@
 //! `ultrapixel tune`: measures every candidate kernel of every distinct GEMM and attention
 //! shape of a generation on this GPU and writes the winners to `<out-dir>/<device>.json`.
 
+use super::backend_arg::BackendArg;
+use super::tally::Tally;
 use crate::pipeline::Size;
-use crate::runtime::{Backend, BackendKind};
+use crate::runtime::Backend;
 use crate::tune::engine::{CudaEngine, Engine};
 use crate::tune::tuner::{self, Options};
 use crate::{Error, Result};
@@ -26,7 +28,7 @@ pub struct TuneArgs {
     /// cuBLASLt algorithms asked of its heuristic per variant.
     #[arg(long, default_value_t = 8)]
     pub algos: usize,
-    /// Where the table goes (as <device>.json, e.g. nvidia-h200.json).
+    /// Where the table goes (as `<device>.json`, e.g. nvidia-h200.json).
     #[arg(long, default_value = "tuning")]
     pub out_dir: PathBuf,
     /// The tiny test configuration instead of the released one.
@@ -42,8 +44,8 @@ pub struct TuneArgs {
     pub check: bool,
     /// Where to run: hostsim checks the tuner without a GPU (our plain GEMM stands in for
     /// cuBLASLt there).
-    #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
-    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = BackendArg::Cuda)]
+    pub backend: BackendArg,
 }
 
 pub fn tune(a: TuneArgs) -> Result<i32> {
@@ -55,7 +57,7 @@ pub fn tune(a: TuneArgs) -> Result<i32> {
     let cfg = if a.tiny {
         crate::pipeline::tiny::tiny_configs()
     } else {
-        crate::pipeline::models::Configs::default()
+        crate::pipeline::open_models::Configs::default()
     };
     if a.list {
         let (gemms, attention) = crate::tune::problems::problems(&cfg, &a.sizes)?;
@@ -67,7 +69,7 @@ pub fn tune(a: TuneArgs) -> Result<i32> {
         return Ok(0);
     }
     if a.check {
-        let dev = match Backend::open(a.backend)? {
+        let dev = match super::backend_arg::open(a.backend)? {
             Backend::Cuda(d) => d,
             _ => {
                 return Err(Error::InvalidArgument(
@@ -79,10 +81,9 @@ pub fn tune(a: TuneArgs) -> Result<i32> {
         println!("device: {}", engine.describe());
         let (passed, failed) =
             tuner::check_table(&engine, &dev, &cfg, &mut std::io::stdout().lock())?;
-        println!("{passed} passed, {failed} failed");
-        return Ok(if failed == 0 { 0 } else { 1 });
+        return Ok(Tally { passed, failed }.finish());
     }
-    let engine: Box<dyn Engine> = match Backend::open(a.backend)? {
+    let engine: Box<dyn Engine> = match super::backend_arg::open(a.backend)? {
         Backend::Cuda(d) => Box::new(CudaEngine::new(d)),
         #[cfg(feature = "hostsim")]
         Backend::Hostsim(d) => Box::new(crate::tune::engine::HostsimEngine::new(d)),

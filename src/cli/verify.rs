@@ -4,6 +4,7 @@
 //! synchronized after every launch to find it), a sticky fault restarts the context, and the
 //! remaining checks still run.
 
+use super::tally::{selected, Tally};
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::{Backend, BackendKind};
 use crate::verify::{self, CheckResult, OpCheck, Scale};
@@ -33,23 +34,6 @@ pub struct VerifyArgs {
     pub family: Vec<String>,
 }
 
-/// Passed and failed outputs.
-#[derive(Clone, Copy, Default)]
-struct Counts {
-    passed: usize,
-    failed: usize,
-}
-
-impl Counts {
-    fn add(&mut self, ok: bool) {
-        if ok {
-            self.passed += 1;
-        } else {
-            self.failed += 1;
-        }
-    }
-}
-
 pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     if let Some(path) = &a.truth {
         return truth_cmd(path);
@@ -65,22 +49,18 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     });
     println!("verify: seed {seed} (rerun with --seed {seed})");
     let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let selected = |c: &OpCheck| {
-        a.filter
-            .as_ref()
-            .is_none_or(|f| c.name.contains(f.as_str()))
-    };
-    let mut counts = Counts::default();
+    let selected = |c: &OpCheck| selected(a.filter.as_deref(), &c.name);
+    let mut counts = Tally::default();
     match Backend::open(BackendKind::Cuda) {
         Ok(gpu) => {
             let mut gpu = IsolatedGpu::new(gpu);
-            let checks: Vec<_> = verify::all_checks(seed, Scale::Gpu)?
+            let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Gpu)?
                 .into_iter()
                 .filter(|c| selected(c))
                 .collect();
             gpu.against_references("cuda", &checks, &mut counts)?;
             if cfg!(feature = "hostsim") {
-                let checks: Vec<_> = verify::all_checks(seed, Scale::Emulator)?
+                let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Emulator)?
                     .into_iter()
                     .filter(|c| selected(c))
                     .collect();
@@ -98,7 +78,7 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             }
             if cfg!(feature = "hostsim") {
                 let hostsim = Backend::open(BackendKind::Hostsim)?;
-                for check in verify::all_checks(seed, Scale::Emulator)? {
+                for check in crate::ops::all_checks(seed, Scale::Emulator)? {
                     if !selected(&check) {
                         continue;
                     }
@@ -118,8 +98,7 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             }
         }
     }
-    println!("{} passed, {} failed", counts.passed, counts.failed);
-    Ok(if counts.failed == 0 { 0 } else { 1 })
+    Ok(counts.finish())
 }
 
 /// `verify --truth FILE`: the fixture from this GPU, then the emulator against it.
@@ -269,7 +248,7 @@ impl IsolatedGpu {
         &mut self,
         label: &str,
         checks: &[OpCheck],
-        counts: &mut Counts,
+        counts: &mut Tally,
     ) -> Result<()> {
         std::thread::scope(|scope| {
             let (tx, rx) = mpsc::sync_channel(2);
@@ -290,7 +269,7 @@ impl IsolatedGpu {
 
     /// GPU ↔ emulator parity on the emulator-sized checks: the only test that catches
     /// compensating mistakes in the emulated fragment layouts.
-    fn against_emulator(&mut self, checks: &[OpCheck], counts: &mut Counts) -> Result<()> {
+    fn against_emulator(&mut self, checks: &[OpCheck], counts: &mut Tally) -> Result<()> {
         let hostsim = Backend::open(BackendKind::Hostsim)?;
         for check in checks {
             let emulated = match verify::run_on(check, &hostsim) {
@@ -315,7 +294,7 @@ impl IsolatedGpu {
         check: &OpCheck,
         expected: &[Vec<f32>],
         slack: f32,
-        counts: &mut Counts,
+        counts: &mut Tally,
     ) {
         match self.run(check) {
             Ok(got) => {

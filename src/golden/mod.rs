@@ -8,8 +8,8 @@
 mod blocks;
 mod clip;
 mod inr;
-mod sampler;
-mod sampling;
+mod sampler_cases;
+mod sampling_loop_cases;
 mod stage_a;
 mod stage_b;
 mod stage_c;
@@ -304,8 +304,8 @@ impl Layout {
 /// Runs a case on `backend` and compares every expected output.
 pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
     let results = match case.module.as_str() {
-        "sample_ultrapixel" => sampling::sample_ultrapixel(case, backend)?,
-        "sample_stage_b" => sampling::sample_stage_b(case, backend)?,
+        "sample_ultrapixel" => sampling_loop_cases::sample_ultrapixel(case, backend)?,
+        "sample_stage_b" => sampling_loop_cases::sample_stage_b(case, backend)?,
         _ => run_graph_case(case, backend)?,
     };
     let name = case.name();
@@ -342,8 +342,8 @@ fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32
         "timestepblock" => blocks::timestep(case)?,
         "attnblock" => blocks::attnblock(case)?,
         "r_embedding" => blocks::r_embedding(case)?,
-        "cfg_combine" => sampler::cfg_combine(case)?,
-        "sampler_step" => sampler::sampler_step(case)?,
+        "cfg_combine" => sampler_cases::cfg_combine(case)?,
+        "sampler_step" => sampler_cases::sampler_step(case)?,
         "stage_c_clip_embed" => blocks::clip_embed(case)?,
         "scale_aware_norm" => blocks::scale_aware_norm(case)?,
         "inr_upsampler" => inr::inr_upsampler(case)?,

@@ -173,7 +173,7 @@ fn batch_norm_film(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::elementwise::gelu_ref;
+    use crate::ops::math::gelu_ref;
     use crate::runtime::session::SessionOptions;
     use crate::runtime::Backend;
     use crate::tensor::{bf16_bits_to_f32, f32_to_bf16_bits};

@@ -9,10 +9,11 @@ use super::blocks::{
 use super::config::StageBConfig;
 use super::ModelBuilder;
 use crate::ops::conv::ConvTranspose2d;
-use crate::ops::elementwise::{gelu_ref, Add, Film};
+use crate::ops::elementwise::{Add, Film};
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::{Cast, PixelShuffle, PixelUnshuffle};
-use crate::ops::norm::layernorm_ref;
+use crate::ops::math::gelu_ref;
+use crate::ops::math::layernorm_ref;
 use crate::ops::resample::ResizeBilinear;
 use crate::runtime::graph::TensorId;
 use crate::tensor::{DType, HostTensor};

@@ -7,8 +7,8 @@
 //! concatenated. `kernels/attention.cu` runs it flash-style (online softmax, no N² buffer).
 
 use super::dot::{accumulate, pack_panels, LANES};
-use super::{require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::TensorDesc;
+use super::{require_f32, to_i32, Shaped};
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::Launch;
 use crate::runtime::launch::{ceil_div, Args};
@@ -459,7 +459,7 @@ fn attention_bounds(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::embed::test_data::random;
+    use crate::ops::test_data::random;
     use crate::ops::test_support::{desc, run};
 
     const B: usize = 2;

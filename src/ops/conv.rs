@@ -5,9 +5,9 @@
 //! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
 
 use super::dot::{accumulate, pack_panels, LANES};
-use super::norm::{layernorm_bounds, layernorm_ref, LnParams};
-use super::{inputs_n, nhwc, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::TensorDesc;
+use super::math::{layernorm_bounds, layernorm_ref, LnParams};
+use super::{inputs_n, nhwc, require_f32, to_i32, Shaped};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Launch};
 use crate::tensor::{DType, HostTensor};

@@ -1,25 +1,14 @@
 //! Elementwise ops (`kernels/elementwise.cu`): exact GELU, SiLU, `a + α·b`, and FiLM
 //! `x·(k + a) + b` with per-sample, per-channel a and b.
 
-use super::{arity, linear_launch, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use super::math::{gelu_ref, silu_ref};
+use super::{arity, linear_launch, rows_channels, to_i32};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
-
-/// Exact (erf) GELU, as `torch.nn.GELU()`, evaluated in f64.
-pub fn gelu_ref(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
-}
-
-/// SiLU, x·σ(x), in f64.
-pub fn silu_ref(x: f32) -> f32 {
-    let x = x as f64;
-    (x / (1.0 + (-x).exp())) as f32
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {

@@ -7,42 +7,17 @@
 //! evaluated accurately (f64 of the f32 argument, rounded once): the f32 rounding of the
 //! argument alone is worth about 2e-4 absolute, any other order adds up to 1e-3.
 
-use super::layout::{input_values, rows_launch};
-use super::{inputs_n, require_f32, to_i32, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use super::math::accurate;
+use super::{inputs_n, require_f32, rows_launch, to_i32};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::input_values;
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 
 /// `max_positions` of `gen_r_embedding`: r is scaled by it, and it sets the frequency range.
 const MAX_POSITIONS: f32 = 10000.0;
-
-/// `f` (sin, cos, exp, ln, acos …) of an f32 argument, evaluated in f64 and rounded once:
-/// correctly rounded but for rare double-rounding ties, like PyTorch's accurate f32 math.
-pub(crate) fn accurate(f: fn(f64) -> f64, x: f32) -> f32 {
-    f(x as f64) as f32
-}
-
-/// `torch.linspace(start, end, steps)` in f32, value for value: step = (end − start)/(steps − 1)
-/// in f32; the first half is `start + step·k`, the second half `end − step·(steps − 1 − k)`,
-/// each rounded once (PyTorch's CPU kernel is a scalar loop its x86 builds compile with fused
-/// multiply-adds; this reproduces the `r_range_20` input of the `sampler_step` case bit for bit).
-pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (steps - 1) as f32;
-    (0..steps)
-        .map(|k| {
-            if k < steps / 2 {
-                step.mul_add(k as f32, start)
-            } else {
-                (-step).mul_add((steps - 1 - k) as f32, end)
-            }
-        })
-        .collect()
-}
 
 /// The exponent step k = −ln 10000/(c/2 − 1) of a c-wide embedding: a double rounded to f32.
 fn frequency_step(c: usize) -> f32 {
@@ -163,64 +138,10 @@ pub fn checks(seed: u64, _scale: Scale) -> Result<Vec<OpCheck>> {
     Ok(v)
 }
 
-/// Test data for the op modules: golden case files (read with the `safetensors` crate
-/// directly) and random tensors.
-#[cfg(test)]
-pub(crate) mod test_data {
-    use crate::tensor::{DType, HostTensor};
-    use crate::verify::CheckBuilder;
-    use std::collections::HashMap;
-
-    /// Uniform values in [−scale, scale) from `seed`.
-    pub fn random(seed: u64, shape: &[usize], scale: f32) -> HostTensor {
-        let n = shape.iter().product();
-        HostTensor::new(
-            shape.to_vec(),
-            CheckBuilder::new(seed).values(n, scale, DType::F32),
-        )
-    }
-
-    /// The golden case files committed with the tests.
-    fn dir() -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
-    }
-
-    /// The f32 tensors (`input.*`, `output.*`) and the metadata of `<name>.safetensors`; a
-    /// missing file fails the test.
-    pub fn load(name: &str) -> (HashMap<String, HostTensor>, HashMap<String, String>) {
-        let path = dir().join(format!("{name}.safetensors"));
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensors = st
-            .iter()
-            .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-            .map(|(k, v)| {
-                let data = crate::tensor::decode(v.data(), DType::F32);
-                (k.to_string(), HostTensor::new(v.shape().to_vec(), data))
-            })
-            .collect();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        (tensors, meta.metadata().clone().unwrap_or_default())
-    }
-
-    /// max|out − ref| and the README's limit atol + rtol·max|ref|.
-    pub fn error(out: &[f32], reference: &[f32], atol: f32, rtol: f32) -> (f32, f32) {
-        assert_eq!(out.len(), reference.len());
-        let r = crate::verify::compare(
-            "",
-            "",
-            out,
-            reference,
-            crate::verify::Tolerance { atol, rtol },
-        );
-        assert_eq!(r.non_finite, 0);
-        (r.max_err, r.limit)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_data;
     use crate::runtime::graph::Graph;
 
     #[test]
@@ -259,16 +180,6 @@ mod tests {
         for (h, w, s) in [(48, 48, 1.1037), (60, 120, 1.1821), (96, 96, 1.1984)] {
             assert!((scale_signal(h, w) - s).abs() < 1e-4, "{h}x{w}");
         }
-    }
-
-    #[test]
-    fn linspace_matches_torch_values() {
-        // torch.linspace(1, 0, 21) as stored in the sampler_step case (index 9 is where an
-        // unfused evaluation of 1 + step·9 rounds the other way).
-        let t = linspace(1.0, 0.0, 21);
-        assert_eq!(t[9].to_bits(), 0x3f0c_cccd);
-        assert_eq!((t[0], t[10], t[20]), (1.0, 0.5, 0.0));
-        assert_eq!(linspace(0.25, 1.0, 1), vec![0.25]);
     }
 
     #[test]

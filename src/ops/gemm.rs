@@ -5,9 +5,10 @@
 //! and adds a residual, in that order, each optional.
 
 use super::dot::{accumulate, pack_panels, LANES};
-use super::elementwise::{gelu_ref, Film};
-use super::{arity, rows_channels, to_i32, Cost, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::{Role, TensorDesc, TensorId};
+use super::elementwise::Film;
+use super::math::gelu_ref;
+use super::{arity, rows_channels, to_i32};
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, Role, TensorDesc, TensorId};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -64,7 +65,7 @@ const REF_ROWS: usize = 4;
 const REF_TASK_ROWS: usize = 32;
 
 /// The f32 reference: Σ_k a·w in f64 (k in order from −0.0), rounded to f32, then the
-/// epilogue in f32. Tasks of rows in parallel, [`LANES`] columns side by side (the same
+/// epilogue in f32. Tasks of rows in parallel, `LANES` columns side by side (the same
 /// sums, bit for bit, as one serial dot product per element).
 pub fn gemm_ref(
     a: &[f32],
@@ -412,7 +413,7 @@ impl OpImpl for GemmGrnStats {
             .chunks_exact(y[0].data.len() / b)
             .zip(ss[0].data.chunks_exact_mut(n))
         {
-            let acc = super::grn::sums_of_squares(sample, n);
+            let acc = super::math::sums_of_squares(sample, n);
             for (o, a) in acc_row.iter_mut().zip(acc) {
                 *o = a as f32;
             }
@@ -923,8 +924,8 @@ fn grn_pair_bounds(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::embed::test_data::random;
     use crate::ops::grn::{GrnFromSumsq, GrnModulation};
+    use crate::ops::test_data::random;
 
     fn apply(op: &dyn OpImpl, inputs: &[&HostTensor], shapes: &[&[usize]]) -> Vec<HostTensor> {
         let mut outs: Vec<HostTensor> = shapes

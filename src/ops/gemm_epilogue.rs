@@ -14,9 +14,9 @@
 //!
 //! All are deterministic (no atomics): the same inputs give the same bits on every run.
 
-use super::elementwise::gelu_ref;
-use super::{arity, linear_launch, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use super::math::gelu_ref;
+use super::{arity, linear_launch, rows_channels, to_i32};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};

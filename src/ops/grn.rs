@@ -3,21 +3,21 @@
 //! [`Film`](super::elementwise::Film) with k = 1 applies them, since
 //! γ·(h·N) + β + h = h·(1 + γ·N) + β.
 //!
-//! G[b,d] = √(Σ_p h[b,p,d]²) over every pixel p, N = G / (mean_d G + eps). The reduction over
+//! `G[b,d] = √(Σ_p h[b,p,d]²)` over every pixel p, N = G / (mean_d G + eps). The reduction over
 //! all pixels is a barrier between the MLP's two GEMMs; the kernels may fuse the sum of
 //! squares into the first GEMM's epilogue and fold the factor into the second GEMM.
 
-use super::{inputs_n, require_f32, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::TensorDesc;
+use super::math::sums_of_squares;
+use super::{inputs_n, require_f32, to_i32, Shaped};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
-use rayon::prelude::*;
 
 /// Inputs `h [B, …, D]` (the pixels in between), f32 `gamma [D]`, f32 `beta [D]`. Output f32
-/// `ab [B, 2D]`: a = γ_d·N[b,d], b = β_d, the modulation `Film { k: 1 }` takes.
+/// `ab [B, 2D]`: `a = γ_d·N[b,d]`, `b = β_d`, the modulation `Film { k: 1 }` takes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrnModulation {
     /// 1e-6 in Stable Cascade.
@@ -134,26 +134,6 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         }
     }
     Ok(v)
-}
-
-/// Channels per parallel task of [`sums_of_squares`].
-const SUMSQ_CHANNELS: usize = 64;
-
-/// Σ over the pixels (rows of `sample`, in order) of v² per channel, in f64; blocks of
-/// channels in parallel, each channel's sum in pixel order.
-pub(crate) fn sums_of_squares(sample: &[f32], d: usize) -> Vec<f64> {
-    let mut ss = vec![0f64; d];
-    ss.par_chunks_mut(SUMSQ_CHANNELS)
-        .enumerate()
-        .for_each(|(blk, acc)| {
-            let c0 = blk * SUMSQ_CHANNELS;
-            for px in sample.chunks_exact(d) {
-                for (a, &v) in acc.iter_mut().zip(&px[c0..]) {
-                    *a += v as f64 * v as f64;
-                }
-            }
-        });
-    ss
 }
 
 /// A bound on the relative error of every output of [`GrnModulation`] over p pixels and d

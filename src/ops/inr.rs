@@ -6,11 +6,9 @@
 //! where bf16 spacing is coarser than a period (the official bf16 run loses 4e-2 to 1.5e-1
 //! rel-L2 there). Its outputs lie in [−1, 1] and may be rounded for the first GEMM.
 
-use super::embed::{accurate, linspace};
-use super::{
-    inputs_n, linear_launch, require_f32, to_i32, Cost, LaunchIo, OpImpl, OutSpec, Shaped,
-};
-use crate::runtime::graph::TensorDesc;
+use super::math::{accurate, linspace};
+use super::{inputs_n, linear_launch, require_f32, to_i32, Shaped};
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -114,7 +112,7 @@ impl OpImpl for CoordPosEnc {
 /// One hyper-network layer's weights for each sample. Inputs `base [Din+1, Dout]` (weight
 /// rows, input-major, then the bias row) and `m [B, g, Din]` (the `wtoken_postfc` output: g
 /// group tokens of Din values, g = `groups`). Output `[B, Din+1, Dout]`:
-/// W′[b,i,o] = base[i,o]·m[b, o mod g, i] (groups tiled across the columns), every column
+/// `W′[b,i,o] = base[i,o]·m[b, o mod g, i]` (groups tiled across the columns), every column
 /// W′[b, :Din, o] divided by max(‖·‖₂, 1e-12) (`F.normalize(dim=1)`), and the bias row
 /// copied unchanged.
 #[derive(Clone, Debug, PartialEq)]
@@ -218,7 +216,7 @@ impl OpImpl for ModulatedWeights {
 
 /// The per-pixel hyper-MLP. Inputs `pe [P, Din0]` (shared by the batch), `w0 [B, Din0+1, Dh]`
 /// and `w1 [B, Dh+1, Dout]` (weight rows then bias row, from [`ModulatedWeights`]). Output
-/// `[B, P, Dout]`: h = ReLU(pe·w0[:Din0] + w0[Din0]), out = h·w1[:Dh] + w1[Dh].
+/// `[B, P, Dout]`: `h = ReLU(pe·w0[:Din0] + w0[Din0])`, `out = h·w1[:Dh] + w1[Dh]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HyperMlp {
     pub out: DType,
@@ -455,7 +453,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::embed::test_data::random;
+    use crate::ops::test_data::random;
     use crate::ops::test_support::{desc, run};
 
     #[test]

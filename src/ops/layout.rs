@@ -5,39 +5,13 @@
 //! index that is not an integer in range, naming it; the kernels clamp it into range
 //! instead, since a device kernel cannot report an error per element.
 
-use super::{inputs_n, nhwc, require_f32, to_i32, DevTensor, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::{TensorDesc, TensorId};
-use crate::runtime::kernels::KernelId;
-use crate::runtime::launch::{ceil_div, Args, Launch};
+use super::{inputs_n, nhwc, require_f32, rows_launch, to_i32, Shaped};
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{numel, DType, HostTensor};
-use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
+use crate::verify::{copy_tolerance, make_indices, unary_check, DTYPE_PAIRS};
+use crate::verify::{CheckBuilder, OpCheck, Scale};
 use crate::{Error, Result};
-
-/// Threads per block of the row kernels (layout, resample, embed, sampler).
-const ROW_THREADS: usize = 256;
-/// Row kernels loop over their rows and columns, so they never need more blocks than this
-/// (several waves of resident blocks on any GPU).
-const ROW_MAX_BLOCKS: usize = 8192;
-/// The hardware limit of gridDim.y.
-const MAX_GRID_Y: usize = 65535;
-
-/// A launch of a row kernel: `rows` rows of `cols` elements, rows over grid/block y and the
-/// elements of a row over grid/block x (2-d grid-stride loops in the kernel). Blocks have 256
-/// threads shaped (tx, 256/tx), tx the row length rounded up to a power of two (at most 256),
-/// so that short rows still fill the block.
-pub(crate) fn rows_launch(kernel: &str, rows: usize, cols: usize, args: Args) -> Result<Launch> {
-    let tx = cols.next_power_of_two().clamp(1, ROW_THREADS);
-    let ty = ROW_THREADS / tx;
-    let gx = ceil_div(cols, tx).clamp(1, ROW_MAX_BLOCKS);
-    let gy = ceil_div(rows, ty).clamp(1, (ROW_MAX_BLOCKS / gx).clamp(1, MAX_GRID_Y));
-    Ok(Launch {
-        kernel: KernelId::lookup(kernel)?,
-        grid: [gx as u32, gy as u32, 1],
-        block: [tx as u32, ty as u32, 1],
-        smem: 0,
-        args,
-    })
-}
 
 /// The address `elems` elements of `dtype` past `ptr`.
 fn offset(ptr: u64, elems: usize, dtype: DType) -> u64 {
@@ -731,64 +705,6 @@ impl OpImpl for GatherRows {
         };
         Ok(vec![gather.launch(self.name())?])
     }
-}
-
-/// Every (input, output) dtype pair of the data-movement kernels.
-pub(crate) const DTYPE_PAIRS: [(DType, DType); 4] = [
-    (DType::F32, DType::F32),
-    (DType::F32, DType::BF16),
-    (DType::BF16, DType::F32),
-    (DType::BF16, DType::BF16),
-];
-
-/// Moving data is exact; only an f32 → bf16 store rounds (once, BF16_OUT: ≤ 2⁻⁸·|y|).
-pub(crate) fn copy_tolerance(inputs: &[DType], out: DType) -> Tolerance {
-    if out == DType::BF16 && inputs.contains(&DType::F32) {
-        Tolerance::BF16_OUT
-    } else {
-        Tolerance {
-            atol: 0.0,
-            rtol: 0.0,
-        }
-    }
-}
-
-/// The values a check feeds to its input `id`, for inputs that must not be uniform noise
-/// (indices, sampler coefficients).
-pub(crate) fn input_values(check: &mut OpCheck, id: TensorId) -> &mut Vec<f32> {
-    let (_, v) = check
-        .inputs
-        .iter_mut()
-        .find(|(i, _)| *i == id)
-        .expect("the check has this input");
-    v
-}
-
-/// Turns the uniform [−1, 1) values of index input `id` into integers in `[0, n)`, the first
-/// two the ends of the range.
-fn make_indices(check: &mut OpCheck, id: TensorId, n: usize) {
-    for (k, v) in input_values(check, id).iter_mut().enumerate() {
-        *v = match k {
-            0 => (n - 1) as f32,
-            1 => 0.0,
-            _ => (((*v + 1.0) * 0.5 * n as f32) as usize).min(n - 1) as f32,
-        };
-    }
-}
-
-/// A check of one single-input op on a random `shape` input of `din`.
-pub(crate) fn unary_check(
-    seed: u64,
-    op: impl OpImpl + 'static,
-    shape: &[usize],
-    din: DType,
-    tol: Tolerance,
-) -> Result<OpCheck> {
-    let mut b = CheckBuilder::new(seed);
-    let name = format!("{op:?} {din:?} {shape:?}");
-    let x = b.input(shape, din, 4.0)?;
-    let y = b.graph.op1(op, &[x])?;
-    b.finish(name, &[y], tol)
 }
 
 /// A concat of random parts of the given shapes and dtypes.

@@ -21,6 +21,7 @@ pub mod gemm_epilogue;
 pub mod grn;
 pub mod inr;
 pub mod layout;
+pub mod math;
 pub mod noise;
 pub mod norm;
 pub mod resample;
@@ -29,91 +30,94 @@ pub mod sampler;
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
+use crate::verify::{Family, OpCheck, Scale};
+
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 
-/// Shape and dtype of one output.
-pub type OutSpec = (Vec<usize>, DType);
+/// Every op family once, with its checks (the order `verify` runs them in). `verify`, the
+/// op tests, the benchmarks and `bench` iterate this table.
+pub const FAMILIES: [Family; 12] = [
+    Family {
+        name: "norm",
+        seed_xor: 0x0,
+        checks: norm::checks,
+    },
+    Family {
+        name: "elementwise",
+        seed_xor: 0x1,
+        checks: elementwise::checks,
+    },
+    Family {
+        name: "gemm",
+        seed_xor: 0x2,
+        checks: gemm::checks,
+    },
+    Family {
+        name: "attention",
+        seed_xor: 0x3,
+        checks: attention::checks,
+    },
+    Family {
+        name: "conv",
+        seed_xor: 0x4,
+        checks: conv::checks,
+    },
+    Family {
+        name: "grn",
+        seed_xor: 0x6,
+        checks: grn::checks,
+    },
+    Family {
+        name: "inr",
+        seed_xor: 0x7,
+        checks: inr::checks,
+    },
+    Family {
+        name: "noise",
+        seed_xor: 0xb,
+        checks: noise::checks,
+    },
+    Family {
+        name: "layout",
+        seed_xor: 0x5,
+        checks: layout::checks,
+    },
+    Family {
+        name: "resample",
+        seed_xor: 0x8,
+        checks: resample::checks,
+    },
+    Family {
+        name: "embed",
+        seed_xor: 0x9,
+        checks: embed::checks,
+    },
+    Family {
+        name: "sampler",
+        seed_xor: 0xa,
+        checks: sampler::checks,
+    },
+];
 
-/// A fused op. Layout convention: activations are channels-last (`[B, H, W, C]` or
-/// `[B, N, C]`); "rows" are everything but the last axis.
-pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
-    fn name(&self) -> &'static str;
+/// The family called `name`.
+pub fn family(name: &str) -> Result<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == name).ok_or_else(|| {
+        let known: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        Error::InvalidArgument(format!(
+            "no check family {name:?} (families: {})",
+            known.join(", ")
+        ))
+    })
+}
 
-    /// Validates the inputs and returns the outputs' shapes and dtypes.
-    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>>;
-
-    /// Scratch memory the kernels need while the node runs.
-    fn workspace_bytes(&self, _inputs: &[&TensorDesc]) -> usize {
-        0
+/// Every op check of every family for the `verify` seed `seed`.
+pub fn all_checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
+    let mut v = Vec::new();
+    for f in &FAMILIES {
+        v.extend(f.checks_for(seed, scale)?);
     }
-
-    /// The f32 reference: fills every element of `outputs` (pre-shaped, poisoned with NaN).
-    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()>;
-
-    /// The kernel launches that compute the op on the given device buffers.
-    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>>;
-
-    /// Work of one execution, for benchmarks: tensor-core FLOPs and the bytes the op must
-    /// move at least (by default every input and output once).
-    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
-        Cost {
-            flops: 0.0,
-            bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
-        }
-    }
-}
-
-/// The concrete op behind a `dyn OpImpl` (benchmarks read an attention node's heads).
-pub trait AsAny {
-    fn as_any(&self) -> &dyn std::any::Any;
-}
-
-impl<T: std::any::Any> AsAny for T {
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-/// FLOPs and bytes of one op execution.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Cost {
-    pub flops: f64,
-    pub bytes: f64,
-}
-
-impl std::ops::Add for Cost {
-    type Output = Cost;
-    fn add(self, o: Cost) -> Cost {
-        Cost {
-            flops: self.flops + o.flops,
-            bytes: self.bytes + o.bytes,
-        }
-    }
-}
-
-/// A tensor placed in device memory (a host address under the emulator).
-#[derive(Clone, Copy, Debug)]
-pub struct DevTensor<'a> {
-    pub ptr: u64,
-    pub desc: &'a TensorDesc,
-}
-
-pub struct LaunchIo<'a> {
-    pub inputs: Vec<DevTensor<'a>>,
-    pub outputs: Vec<DevTensor<'a>>,
-    pub workspace: u64,
-}
-
-impl LaunchIo<'_> {
-    /// Arguments starting with every input pointer, then every output pointer: the
-    /// parameter order of most kernels.
-    pub fn tensor_args(&self) -> Args {
-        self.inputs
-            .iter()
-            .chain(&self.outputs)
-            .fold(Args::new(), |a, t| a.ptr(t.ptr))
-    }
+    Ok(v)
 }
 
 const GRID_STRIDE_THREADS: usize = 256;
@@ -129,6 +133,32 @@ pub(crate) fn linear_launch(kernel: &str, n: usize, args: Args) -> Result<Vec<La
         GRID_STRIDE_THREADS as u32,
         args,
     )])
+}
+
+/// Threads per block of the row kernels (layout, resample, embed, sampler).
+const ROW_THREADS: usize = 256;
+/// Row kernels loop over their rows and columns, so they never need more blocks than this
+/// (several waves of resident blocks on any GPU).
+const ROW_MAX_BLOCKS: usize = 8192;
+/// The hardware limit of gridDim.y.
+const MAX_GRID_Y: usize = 65535;
+
+/// A launch of a row kernel: `rows` rows of `cols` elements, rows over grid/block y and the
+/// elements of a row over grid/block x (2-d grid-stride loops in the kernel). Blocks have 256
+/// threads shaped (tx, 256/tx), tx the row length rounded up to a power of two (at most 256),
+/// so that short rows still fill the block.
+pub(crate) fn rows_launch(kernel: &str, rows: usize, cols: usize, args: Args) -> Result<Launch> {
+    let tx = cols.next_power_of_two().clamp(1, ROW_THREADS);
+    let ty = ROW_THREADS / tx;
+    let gx = ceil_div(cols, tx).clamp(1, ROW_MAX_BLOCKS);
+    let gy = ceil_div(rows, ty).clamp(1, (ROW_MAX_BLOCKS / gx).clamp(1, MAX_GRID_Y));
+    Ok(Launch {
+        kernel: KernelId::lookup(kernel)?,
+        grid: [gx as u32, gy as u32, 1],
+        block: [tx as u32, ty as u32, 1],
+        smem: 0,
+        args,
+    })
 }
 
 /// Checks the input count.
@@ -210,10 +240,13 @@ pub(crate) fn require_f32(op: &str, what: &str, t: &TensorDesc) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+pub(crate) mod test_data;
+
 /// Runs ops' references outside a graph, for the unit tests of the op modules.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use super::OpImpl;
+    use crate::runtime::graph::OpImpl;
     use crate::runtime::graph::{Role, TensorDesc};
     use crate::tensor::{DType, HostTensor};
     use crate::Result;

@@ -7,8 +7,8 @@
 //! input tensor, so a graph replayed for the next step draws new noise when the host only
 //! rewrites that tensor.
 
-use super::{arity, linear_launch, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use super::{arity, linear_launch};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};

@@ -4,14 +4,14 @@
 //! affine parameters (Stable Cascade's LayerNorm2d, eps 1e-6) γ = 1, β = 0; with them (CLIP,
 //! the INR transformer, eps 1e-5) γ and β are f32 `[C]` inputs.
 
-use super::{arity, rows_channels, to_i32, LaunchIo, OpImpl, OutSpec};
-use crate::runtime::graph::TensorDesc;
+use super::math::{layernorm_bounds, layernorm_ref, LnParams};
+use super::{arity, rows_channels, to_i32};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
-use rayon::prelude::*;
 
 /// Rows per block: one warp per row.
 const ROWS_PER_BLOCK: usize = 8;
@@ -40,28 +40,6 @@ impl LayerNorm {
             out,
         }
     }
-}
-
-/// The f32 reference for one tensor (`gamma`/`beta` optional); rows in parallel.
-pub fn layernorm_ref(
-    x: &[f32],
-    c: usize,
-    eps: f32,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    y.par_chunks_exact_mut(c)
-        .zip(x.par_chunks_exact(c))
-        .for_each(|(out, row)| {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                let n = ((v as f64 - mean) * inv) as f32;
-                *o = n * gamma.map_or(1.0, |g| g[i]) + beta.map_or(0.0, |b| b[i]);
-            }
-        });
 }
 
 impl OpImpl for LayerNorm {
@@ -169,67 +147,4 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         }
     }
     Ok(v)
-}
-
-/// The parameters of a LayerNorm whose error is bounded: channels, eps, (γ, β).
-pub(crate) struct LnParams<'a> {
-    pub c: usize,
-    pub eps: f32,
-    pub affine: Option<(&'a [f32], &'a [f32])>,
-}
-
-/// Per-element bounds on |kernel − reference| of a LayerNorm over the rows of `x`, which the
-/// kernel sees with errors up to `dx` (None: the same values); `y` the reference output.
-/// The kernel (one warp per row) sums c/32 values per lane then 5 butterfly levels, in f32:
-/// - μ errs by sum(c/32 + 5, u)·mean|x| + u·|μ| + mean(dx); d = x − μ by dx + Δμ + u·|d|;
-/// - σ² by 2·mean(|d|·Δd) + (sum(c/32 + 5, u) + 2u)·σ²; rsqrtf(σ² + eps) relatively by half
-///   of σ²'s relative error + 2u + 2 ulp (rsqrtf);
-/// - n = d·inv by inv·Δd + |n|·(inv's error + 2u) (the product; the reference's rounding);
-/// - y = n·γ + β by |γ|·Δn + 4u·(|n·γ| + |β|) (two roundings a side), then the store.
-///
-/// The reference's statistics are f64 of the f32 inputs.
-pub(crate) fn layernorm_bounds(
-    x: &[f32],
-    dx: Option<&[f32]>,
-    p: &LnParams,
-    y: &[f32],
-    bf16: bool,
-) -> Vec<f32> {
-    use crate::verify::bound::{stored, sum, U, ULP2};
-    let c = p.c;
-    let chain = sum(c.div_ceil(32) + 5, U);
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_exact_mut(c)
-        .enumerate()
-        .for_each(|(row, o)| {
-            let xr = &x[row * c..][..c];
-            let dr = |i: usize| dx.map_or(0.0, |d| d[row * c + i] as f64);
-            let cf = c as f64;
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / cf;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cf;
-            let abs_mean = xr.iter().map(|&v| (v as f64).abs()).sum::<f64>() / cf;
-            let d_mean = (0..c).map(dr).sum::<f64>() / cf;
-            let dmu = chain * abs_mean + U * mean.abs() + d_mean;
-            let dd: Vec<f64> = (0..c)
-                .map(|i| dr(i) + dmu + U * (xr[i] as f64 - mean).abs())
-                .collect();
-            let dvar = 2.0
-                * (0..c)
-                    .map(|i| (xr[i] as f64 - mean).abs() * dd[i])
-                    .sum::<f64>()
-                / cf
-                + (chain + 2.0 * U) * var;
-            let inv = 1.0 / (var + p.eps as f64).sqrt();
-            let rel_inv = 0.5 * dvar / (var + p.eps as f64) + 2.0 * U + ULP2;
-            for (i, ov) in o.iter_mut().enumerate() {
-                let n = (xr[i] as f64 - mean) * inv;
-                let dn = inv * dd[i] + n.abs() * (rel_inv + 2.0 * U);
-                let (g, b) = p
-                    .affine
-                    .map_or((1.0, 0.0), |(g, b)| (g[i] as f64, b[i] as f64));
-                let e = g.abs() * dn + 4.0 * U * ((n * g).abs() + b.abs());
-                *ov = stored(e, y[row * c + i] as f64, bf16) as f32;
-            }
-        });
-    out
 }

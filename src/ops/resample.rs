@@ -3,11 +3,12 @@
 //! bilinear with `align_corners=True` (Stage B's effnet and size-mismatch resizes) and the
 //! legacy `nearest` mode (the INR's LR→HR skip).
 
-use super::layout::{copy_tolerance, rows_launch, unary_check, DTYPE_PAIRS};
-use super::{inputs_n, nhwc, to_i32, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::TensorDesc;
+use super::rows_launch;
+use super::{inputs_n, nhwc, to_i32, Shaped};
+use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::{copy_tolerance, unary_check, DTYPE_PAIRS};
 use crate::verify::{OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;

@@ -7,13 +7,14 @@
 //! every build: `CfgCombine` then `DdpmStep`, with the per-row coefficients of
 //! [`StepCoefficients`] computed on the host.
 
-use super::embed::{accurate, linspace};
-use super::layout::{input_values, rows_launch};
-use super::{inputs_n, require_f32, LaunchIo, OpImpl, OutSpec, Shaped};
-use crate::runtime::graph::TensorDesc;
+use super::math::{accurate, linspace};
+use super::rows_launch;
+use super::{inputs_n, require_f32, Shaped};
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
+use crate::verify::input_values;
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use std::f32::consts::{FRAC_PI_2, PI};
@@ -375,7 +376,7 @@ impl OpImpl for GuidedStep {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        let ptr = |t: &super::DevTensor| t.ptr;
+        let ptr = |t: &DevTensor| t.ptr;
         let step = [
             ptr(&io.inputs[1]),
             ptr(&io.inputs[2]),
@@ -715,7 +716,7 @@ fn cfg_bounds(op: &CfgCombine, per: usize, pred: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::embed::test_data;
+    use crate::ops::test_data;
     use crate::ops::test_support::{desc, run};
 
     fn close(got: f32, want: f64, tol: f64) -> bool {

@@ -3,31 +3,34 @@
 //! dual pass with UltraPixel guidance, Stage B, Stage A, 8-bit RGB.
 //!
 //! Before anything is placed on the device, every stage is planned at the requested size
-//! (weights + activation arena) and compared with the device's free memory: weights stay
+//! ([`super::plan`]: weights + activation arena) and compared with the device's free memory:
+//! weights stay
 //! resident across stages and images when everything fits, are dropped after each stage
 //! when only that fits (or with `low_vram`), and the request is refused otherwise.
 
 use super::model_dir::ModelDir;
-use super::models::{open_previewer, Configs, Models, Stage};
+use super::observer::{check_finite, ImageObserver, PhaseTimer, Previews};
+use super::open_models::{open_previewer, Models, Stage};
+use super::plan::{
+    memory_plan, stage_b_shape, stage_c_shapes, stage_plan, LatentSizes, MemoryPlan,
+};
 use super::png_out::{ImageMetadata, Rgb8Image};
-use super::preview::{preview_due, preview_recording, Preview, PreviewDecoder};
+use super::preview::{preview_recording, Preview};
 use super::request::{Request, Size};
 use super::stages::{
     encode_text, Observer, Phase, Progress, RunContext, StageADecode, StageBRun, StageCConditions,
-    StageCNoise, StageCRun, StageCShapes, TextEmbedding, STAGE_A_TILE,
+    StageCNoise, StageCRun, StageId, TextEmbedding, STAGE_A_TILE,
 };
 use crate::models::config::PreviewerConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
-use crate::runtime::device::{node_scratch, Device, WeightCache};
-use crate::runtime::graph::{Graph, Role};
-use crate::runtime::planner::{self, ALIGN};
+use crate::runtime::device::WeightCache;
 use crate::runtime::session::SessionOptions;
-use crate::runtime::{Backend, BackendKind};
-use crate::sampling::{Guidance, NoiseSource, StepNoise};
+use crate::runtime::Backend;
+use crate::sampling_loop::{Guidance, StepNoise};
 use crate::tensor::HostTensor;
 use crate::text::{Tokenizer, Tokens};
 use crate::{Error, Result};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -45,7 +48,6 @@ const INIT_STEP: u32 = u32::MAX;
 /// How a pipeline runs.
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
-    pub backend: BackendKind,
     /// Where PyTorch checkpoints are converted to safetensors (once).
     pub conversion_cache: PathBuf,
     /// Treat the device as having this many bytes free (None: ask the device; the CPU
@@ -60,179 +62,16 @@ pub struct PipelineOptions {
     pub preview_every: Option<usize>,
 }
 
-impl PipelineOptions {
-    pub fn new(backend: BackendKind) -> Self {
+impl Default for PipelineOptions {
+    fn default() -> Self {
         PipelineOptions {
-            backend,
-            conversion_cache: super::models::default_conversion_cache(),
+            conversion_cache: super::open_models::default_conversion_cache(),
             memory_limit: None,
             low_vram: false,
             check_every_step: false,
             preview_every: None,
         }
     }
-}
-
-/// The latent sizes of an output size (spec §1.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LatentSizes {
-    /// Stage C's high-resolution latent: ceil(side / 42.67).
-    pub stage_c: (usize, usize),
-    /// The low-resolution guide pass: the ≈1024²-pixel size of the same aspect ratio.
-    pub stage_c_lr: (usize, usize),
-    /// Stage B's latent: ceil(side / 4).
-    pub stage_b: (usize, usize),
-}
-
-/// Stage C's compression factor, as the reference writes it.
-const STAGE_C_FACTOR: f64 = 42.67;
-const STAGE_A_FACTOR: f64 = 4.0;
-
-impl LatentSizes {
-    pub fn of(size: Size) -> LatentSizes {
-        let (h, w) = (size.height as f64, size.width as f64);
-        let c = |v: f64| (v / STAGE_C_FACTOR).ceil() as usize;
-        // get_target_lr_size(H / W, std_size 32): sides of 32·int(32·√r) and 32·int(32/√r).
-        let ratio = (h / w).sqrt();
-        let (lr_h, lr_w) = (32.0 * (32.0 * ratio).trunc(), 32.0 * (32.0 / ratio).trunc());
-        LatentSizes {
-            stage_c: (c(h), c(w)),
-            stage_c_lr: (c(lr_h), c(lr_w)),
-            stage_b: (
-                (h / STAGE_A_FACTOR).ceil() as usize,
-                (w / STAGE_A_FACTOR).ceil() as usize,
-            ),
-        }
-    }
-}
-
-/// One stage's device memory.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct StagePlan {
-    pub stage: &'static str,
-    pub weight_bytes: u64,
-    /// The largest activation arena of its graphs.
-    pub arena_bytes: u64,
-}
-
-/// Device memory of a request, before anything is allocated.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryPlan {
-    pub stages: Vec<StagePlan>,
-}
-
-impl MemoryPlan {
-    /// Peak with each stage's weights dropped after it ran.
-    pub fn sequential_peak(&self) -> u64 {
-        self.stages
-            .iter()
-            .map(|s| s.weight_bytes + s.arena_bytes)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Peak with the sampling stages' weights resident together (the text encoder runs
-    /// once, first, and is always dropped).
-    pub fn resident_peak(&self) -> u64 {
-        let (text, rest) = self.stages.split_first().expect("a plan has stages");
-        let weights: u64 = rest.iter().map(|s| s.weight_bytes).sum();
-        let arena = rest.iter().map(|s| s.arena_bytes).max().unwrap_or(0);
-        (weights + arena).max(text.weight_bytes + text.arena_bytes)
-    }
-}
-
-/// One graph a generation places on the device, and how often it runs per image.
-pub struct StageGraph {
-    pub stage: &'static str,
-    pub part: &'static str,
-    pub graph: Graph,
-    pub runs: usize,
-}
-
-/// Every graph of a generation at `size` with these networks, at its real shapes (no
-/// weights read), with its runs per image for `steps` = (Stage C, Stage B) steps.
-pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Vec<StageGraph>> {
-    let sizes = LatentSizes::of(size);
-    let none: HashMap<String, HostTensor> = HashMap::new();
-    let shapes = stage_c_shapes(cfg, &sizes);
-    let conditions = StageCConditions::zeros(&cfg.stage_c, 2);
-    let unguided = Guidance { cfg: 1.0, rho: 0.0 };
-    let stage_c = StageCRun {
-        weights: &none,
-        cfg: &cfg.stage_c,
-        conditions: &conditions,
-        steps: steps.0,
-        guidance: unguided,
-    };
-    let (hc, wc) = sizes.stage_c;
-    let effnet = HostTensor::zeros(&[2, hc, wc, cfg.stage_c.c_out]);
-    let clip = HostTensor::zeros(&[2, 1, cfg.stage_b.c_clip]);
-    let stage_b = StageBRun {
-        weights: &none,
-        cfg: &cfg.stage_b,
-        effnet: &effnet,
-        clip: &clip,
-        steps: steps.1,
-        guidance: unguided,
-    };
-    let decode = StageADecode {
-        weights: &none,
-        cfg: &cfg.stage_a,
-        tile: STAGE_A_TILE,
-    };
-    let (hb, wb) = sizes.stage_b;
-    let source = NoiseSource::Device;
-    let [lr, reconstruct, hr]: [Graph; 3] = stage_c
-        .graphs(shapes, source)?
-        .try_into()
-        .map_err(|_| Error::InvalidArgument("Stage C records three graphs".into()))?;
-    let graph = |stage, part, graph, runs| StageGraph {
-        stage,
-        part,
-        graph,
-        runs,
-    };
-    Ok(vec![
-        graph(
-            "text encoder",
-            "prompt + negative",
-            super::stages::text_graph(&cfg.text, 2)?,
-            1,
-        ),
-        graph("stage C", "low-res step", lr, steps.0),
-        graph("stage C", "INR reconstruction", reconstruct, 1),
-        graph("stage C", "high-res step", hr, steps.0),
-        graph(
-            "stage B",
-            "step",
-            stage_b.graph(stage_b_shape(cfg, &sizes), source)?,
-            steps.1,
-        ),
-        graph(
-            "stage A",
-            "tile",
-            decode.graph([1, hb, wb])?,
-            decode.tiles(hb, wb),
-        ),
-    ])
-}
-
-/// The device memory of a generation at `size` with these networks, stage by stage: every
-/// graph recorded at its real shapes and planned, no weights read; with `device`, the scratch
-/// it needs for the nodes it runs its own way (vendor GEMMs) counted in the arenas.
-pub fn memory_plan(cfg: &Configs, size: Size, device: Option<&dyn Device>) -> Result<MemoryPlan> {
-    let graphs = stage_graphs(cfg, size, (1, 1))?;
-    let mut names: Vec<&'static str> = graphs.iter().map(|g| g.stage).collect();
-    names.dedup();
-    // A stage's graphs share their weights (one cache) and run one at a time.
-    let stages = names
-        .into_iter()
-        .map(|stage| {
-            let of_stage = graphs.iter().filter(|g| g.stage == stage).map(|g| &g.graph);
-            stage_plan(stage, of_stage, device)
-        })
-        .collect();
-    Ok(MemoryPlan { stages })
 }
 
 /// Where the weights live between stages.
@@ -250,7 +89,7 @@ pub struct Image {
     pub metadata: ImageMetadata,
     /// Seconds per stage: text encoder (shared by the batch; on image 0 only), stage C
     /// (both passes), stage B, stage A.
-    pub timings: Vec<(&'static str, f64)>,
+    pub timings: Vec<(StageId, f64)>,
 }
 
 /// What a generation reports while it runs.
@@ -284,15 +123,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Opens the model files of `dir` (checking every tensor) and the backend.
+    /// Opens the model files of `dir` (checking every tensor) for `backend`.
     ///
     /// ```no_run
     /// use ultrapixel::hub::HubOptions;
     /// use ultrapixel::pipeline::{ModelDir, Pipeline, PipelineOptions, Request, Size};
-    /// use ultrapixel::runtime::BackendKind;
+    /// use ultrapixel::runtime::{Backend, BackendKind};
     ///
     /// let dir = ModelDir::resolve(None, &HubOptions::from_env())?;
-    /// let pipeline = Pipeline::load(&dir, PipelineOptions::new(BackendKind::Cuda))?;
+    /// let backend = Backend::open(BackendKind::Cuda)?;
+    /// let pipeline = Pipeline::load(&dir, backend, PipelineOptions::default())?;
     /// let mut request = Request::new("a lighthouse at dusk, photo");
     /// request.size = Size::new(4096, 2304)?;
     /// request.seed = Some(7);
@@ -301,8 +141,7 @@ impl Pipeline {
     /// }
     /// # Ok::<(), ultrapixel::Error>(())
     /// ```
-    pub fn load(dir: &ModelDir, options: PipelineOptions) -> Result<Pipeline> {
-        let backend = Backend::open(options.backend)?;
+    pub fn load(dir: &ModelDir, backend: Backend, options: PipelineOptions) -> Result<Pipeline> {
         let models = Models::open(dir, &options.conversion_cache)?;
         let previewer = match options.preview_every {
             Some(_) => Some(open_previewer(dir)?),
@@ -353,11 +192,11 @@ impl Pipeline {
             // Its session lives beside Stage C's, at the high-res latent at most.
             let shapes = stage_c_shapes(&cfg, &LatentSizes::of(size));
             let graph = preview_recording(&p.config, shapes.hr)?.0.finish().0;
-            let extra = stage_plan("previewer", std::iter::once(&graph), device.as_deref());
+            let extra = stage_plan(StageId::StageC, std::iter::once(&graph), device.as_deref());
             let c = plan
                 .stages
                 .iter_mut()
-                .find(|s| s.stage == "stage C")
+                .find(|s| s.stage == StageId::StageC)
                 .expect("a plan has Stage C");
             c.weight_bytes += extra.weight_bytes;
             c.arena_bytes += extra.arena_bytes;
@@ -390,74 +229,24 @@ impl Pipeline {
         let seeds = request.seeds();
         let (text, text_seconds) = self.encode_prompts(request, on_event)?;
         let shapes = stage_c_shapes(&self.models.configs(), &LatentSizes::of(request.size));
-        let preview_cache = WeightCache::new();
-        let mut previews = self.previewer.as_ref().map(PreviewDecoder::new);
+        let mut previews = match (&self.previewer, self.options.preview_every) {
+            (Some(stage), Some(every)) => Some(Previews::new(stage, every, shapes)),
+            _ => None,
+        };
         let mut images = Vec::with_capacity(seeds.len());
         for (k, &seed) in seeds.iter().enumerate() {
-            let mut timings = Vec::new();
-            if k == 0 {
-                timings.push((Phase::Text.label(), text_seconds));
-            }
-            let mut phase_start: Option<(Phase, Instant)> = None;
-            let rgb = {
-                let mut observe = |p: &Progress| -> Result<()> {
-                    match p {
-                        Progress::Started { phase, .. } => {
-                            if *phase == Phase::StageB {
-                                // The plan counts the previewer in Stage C only.
-                                if let Some(dec) = previews.as_mut() {
-                                    dec.release();
-                                }
-                                preview_cache.clear();
-                            }
-                            if !matches!(phase, Phase::StageCHighRes) {
-                                if let Some((done, t)) = phase_start.take() {
-                                    timings.push((stage_name(done), t.elapsed().as_secs_f64()));
-                                }
-                                phase_start = Some((*phase, Instant::now()));
-                            }
-                        }
-                        Progress::Step(e) => {
-                            if let (true, Some(r)) = (self.options.check_every_step, e.record) {
-                                check_finite(e.phase, Some(e.step), &r.x_next)?;
-                            }
-                            let shape = match e.phase {
-                                Phase::StageCLowRes => Some(shapes.lr),
-                                Phase::StageCHighRes => Some(shapes.hr),
-                                _ => None,
-                            };
-                            if let (Some(dec), Some(r), Some(shape), Some(every)) = (
-                                previews.as_mut(),
-                                e.record,
-                                shape,
-                                self.options.preview_every,
-                            ) {
-                                if preview_due(e.step, e.steps, every) {
-                                    let ctx = self.context(Some(&preview_cache));
-                                    let preview = Preview {
-                                        phase: e.phase,
-                                        step: e.step,
-                                        steps: e.steps,
-                                        rgb: dec.decode(&ctx, &r.x0, shape)?,
-                                    };
-                                    on_event(Event::Preview {
-                                        image: k,
-                                        preview: &preview,
-                                    })?;
-                                }
-                            }
-                        }
-                    }
-                    on_event(Event::Progress {
-                        image: k,
-                        progress: p,
-                    })
-                };
-                self.generate_one(request, seed, &text, (&caches, resident), &mut observe)?
+            let mut observer = ImageObserver {
+                pipeline: self,
+                image: k,
+                timer: PhaseTimer::new((k == 0).then_some((StageId::TextEncoder, text_seconds))),
+                check_every_step: self.options.check_every_step,
+                previews: previews.as_mut(),
+                on_event: &mut *on_event,
             };
-            if let Some((done, t)) = phase_start.take() {
-                timings.push((stage_name(done), t.elapsed().as_secs_f64()));
-            }
+            let rgb = self.generate_one(request, seed, &text, (&caches, resident), &mut |p| {
+                observer.observe(p)
+            })?;
+            let timings = observer.timer.finish();
             let image = Image {
                 seed,
                 rgb,
@@ -474,10 +263,7 @@ impl Pipeline {
     fn residency(&self, plan: &MemoryPlan) -> Result<Residency> {
         let free = match self.options.memory_limit {
             Some(limit) => Some(limit),
-            None => match &self.backend {
-                Backend::Cuda(d) => Some(d.memory()?.0 as u64),
-                _ => None,
-            },
+            None => self.backend.free_memory()?,
         };
         let Some(free) = free else {
             return Ok(if self.options.low_vram {
@@ -502,8 +288,8 @@ impl Pipeline {
             free_mib: free >> 20,
             advice: format!(
                 "{} needs the most ({} MiB of weights, {} MiB of activations); choose a \
-                 smaller --size, close other programs using the GPU, or use a larger GPU \
-                 (images of a batch run one at a time, so --batch does not matter)",
+                 smaller size, close other programs using the GPU, or use a larger GPU \
+                 (images of a batch run one at a time, so the batch size does not matter)",
                 worst.stage,
                 worst.weight_bytes >> 20,
                 worst.arena_bytes >> 20
@@ -538,7 +324,7 @@ impl Pipeline {
         Ok((text, started.elapsed().as_secs_f64()))
     }
 
-    fn context<'a>(&'a self, weights: Option<&'a WeightCache>) -> RunContext<'a> {
+    pub(super) fn context<'a>(&'a self, weights: Option<&'a WeightCache>) -> RunContext<'a> {
         RunContext {
             backend: &self.backend,
             options: SessionOptions::default(),
@@ -660,54 +446,6 @@ impl Pipeline {
     }
 }
 
-/// Stage C's latent shapes (channels-last, batch 1).
-fn stage_c_shapes(cfg: &Configs, sizes: &LatentSizes) -> StageCShapes {
-    let c = cfg.stage_c.c_in;
-    let (h, w) = sizes.stage_c;
-    let (lh, lw) = sizes.stage_c_lr;
-    StageCShapes {
-        lr: [1, lh, lw, c],
-        hr: [1, h, w, c],
-    }
-}
-
-/// Stage B's latent shape (channels-last, batch 1).
-fn stage_b_shape(cfg: &Configs, sizes: &LatentSizes) -> [usize; 4] {
-    let (h, w) = sizes.stage_b;
-    [1, h, w, cfg.stage_b.c_in]
-}
-
-/// The memory of one stage: its distinct weights (as uploaded) and its largest arena.
-fn stage_plan<'a>(
-    stage: &'static str,
-    graphs: impl Iterator<Item = &'a Graph>,
-    device: Option<&dyn Device>,
-) -> StagePlan {
-    let mut seen = HashSet::new();
-    let mut weight_bytes = 0u64;
-    let mut arena_bytes = 0u64;
-    for g in graphs {
-        for d in g.tensors.iter().filter(|d| d.role == Role::Weight) {
-            if seen.insert((d.name.clone(), d.shape.clone(), d.dtype)) {
-                weight_bytes += d.bytes().div_ceil(ALIGN) as u64 * ALIGN as u64;
-            }
-        }
-        let plan = match device {
-            Some(d) => {
-                let scratch = node_scratch(d, g);
-                planner::plan_with_scratch(g, &|i| scratch[i])
-            }
-            None => planner::plan(g),
-        };
-        arena_bytes = arena_bytes.max(plan.peak as u64);
-    }
-    StagePlan {
-        stage,
-        weight_bytes,
-        arena_bytes,
-    }
-}
-
 /// A seed's initial latent of `shape` for `stream`: the device generator's stream, drawn on
 /// the host (bit-identical, so the latent is the same on every backend).
 fn host_noise(seed: u64, stream: u32, shape: &[usize]) -> Vec<f32> {
@@ -717,88 +455,4 @@ fn host_noise(seed: u64, stream: u32, shape: &[usize]) -> Vec<f32> {
         &mut out,
     );
     out
-}
-
-/// Fails with the stage (and step) when `values` holds NaN or Inf.
-fn check_finite(phase: Phase, step: Option<usize>, values: &[f32]) -> Result<()> {
-    let bad = values.iter().filter(|v| !v.is_finite()).count();
-    if bad == 0 {
-        return Ok(());
-    }
-    let at = step.map_or(String::new(), |s| format!(" at step {}", s + 1));
-    Err(Error::NonFinite {
-        stage: format!("{}{at}", phase.label()),
-        count: bad,
-        total: values.len(),
-    })
-}
-
-/// The timing name of a phase: both Stage C passes count as "stage C".
-fn stage_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::StageCLowRes | Phase::StageCHighRes => Phase::StageCHighRes.label(),
-        p => p.label(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn latent_sizes_follow_the_reference_table() {
-        // (H, W) → Stage C HR latent, LR latent, Stage B latent (spec §1.3).
-        for (h, w, c, lr, b) in [
-            (1024, 1024, (24, 24), (24, 24), (256, 256)),
-            (2048, 2048, (48, 48), (24, 24), (512, 512)),
-            (2560, 5120, (60, 120), (17, 34), (640, 1280)),
-            (2304, 4096, (54, 96), (18, 32), (576, 1024)),
-            (2160, 3840, (51, 90), (18, 32), (540, 960)),
-            (4096, 4096, (96, 96), (24, 24), (1024, 1024)),
-        ] {
-            let s = LatentSizes::of(Size::new(w, h).unwrap());
-            assert_eq!((s.stage_c, s.stage_c_lr, s.stage_b), (c, lr, b), "{w}x{h}");
-        }
-    }
-
-    #[test]
-    fn plans_add_weights_and_the_largest_arena() {
-        let plan = MemoryPlan {
-            stages: vec![
-                StagePlan {
-                    stage: "text encoder",
-                    weight_bytes: 50,
-                    arena_bytes: 5,
-                },
-                StagePlan {
-                    stage: "stage C",
-                    weight_bytes: 100,
-                    arena_bytes: 30,
-                },
-                StagePlan {
-                    stage: "stage B",
-                    weight_bytes: 20,
-                    arena_bytes: 60,
-                },
-            ],
-        };
-        assert_eq!(plan.sequential_peak(), 130);
-        assert_eq!(plan.resident_peak(), 120 + 60);
-    }
-
-    #[test]
-    fn non_finite_values_name_the_stage_and_step() {
-        assert!(check_finite(Phase::StageB, None, &[1.0, 2.0]).is_ok());
-        let err = check_finite(
-            Phase::StageCHighRes,
-            Some(4),
-            &[1.0, f32::NAN, f32::INFINITY],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("stage C at step 5 produced 2 NaN/Inf values of 3"),
-            "{err}"
-        );
-    }
 }

@@ -3,14 +3,17 @@
 
 pub mod generate;
 pub mod model_dir;
-pub mod models;
+mod observer;
+pub mod open_models;
+pub mod plan;
 pub mod png_out;
 pub mod preview;
 pub mod request;
 pub mod stages;
 pub mod tiny;
 
-pub use generate::{Event, Image, MemoryPlan, Pipeline, PipelineOptions};
+pub use generate::{Event, Image, Pipeline, PipelineOptions};
 pub use model_dir::ModelDir;
+pub use plan::MemoryPlan;
 pub use png_out::{read_metadata, write_png, ImageMetadata, Rgb8Image};
 pub use request::{OutputPattern, Request, Size, StageSettings};

@@ -3,7 +3,7 @@
 //! latent. It changes nothing in the image being made: the previewer reads the step's
 //! outputs on its own session.
 
-use super::models::{Stage, Weights};
+use super::open_models::{Stage, Weights};
 use super::png_out::Rgb8Image;
 use super::stages::{Phase, RunContext};
 use crate::models::config::PreviewerConfig;

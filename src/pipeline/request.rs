@@ -119,7 +119,11 @@ impl OutputPattern {
 
     /// Checks the placeholders and the `.png` extension.
     pub fn parse(pattern: &str) -> Result<OutputPattern> {
-        let bad = |why: String| Error::InvalidArgument(format!("--out `{pattern}`: {why}"));
+        let bad = |reason: String| Error::InvalidSetting {
+            field: "output",
+            value: format!("`{pattern}`"),
+            reason,
+        };
         let mut rest = pattern;
         while let Some(open) = rest.find('{') {
             let close = rest[open..]
@@ -229,48 +233,71 @@ impl Request {
 
     /// Checks everything that can be checked without the models; returns the warnings to show.
     pub fn validate(&self) -> Result<Vec<String>> {
-        let invalid = |m: String| Err(Error::InvalidArgument(m));
+        let invalid = |field, value: String, reason: String| {
+            Err(Error::InvalidSetting {
+                field,
+                value,
+                reason,
+            })
+        };
         if self.prompt.trim().is_empty() {
-            return invalid("the prompt is empty".into());
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
         }
         // Sizes built field by field bypass Size::new.
         Size::new(self.size.width, self.size.height)?;
-        for (stage, s) in [("c", &self.stage_c), ("b", &self.stage_b)] {
+        for (field, s) in [("stage_c", &self.stage_c), ("stage_b", &self.stage_b)] {
             if !(1..=MAX_STEPS).contains(&s.steps) {
-                return invalid(format!(
-                    "--steps-{stage} {}: must be from 1 to {MAX_STEPS}",
-                    s.steps
-                ));
+                return invalid(
+                    if field == "stage_c" {
+                        "stage_c.steps"
+                    } else {
+                        "stage_b.steps"
+                    },
+                    s.steps.to_string(),
+                    format!("must be from 1 to {MAX_STEPS}"),
+                );
             }
             if !(s.cfg.is_finite() && (0.0..=MAX_CFG).contains(&s.cfg)) {
-                return invalid(format!(
-                    "--cfg-{stage} {}: must be a number from 0 to {MAX_CFG}",
-                    s.cfg
-                ));
+                return invalid(
+                    if field == "stage_c" {
+                        "stage_c.cfg"
+                    } else {
+                        "stage_b.cfg"
+                    },
+                    s.cfg.to_string(),
+                    format!("must be a number from 0 to {MAX_CFG}"),
+                );
             }
         }
         if !(1..=MAX_BATCH).contains(&self.batch) {
-            return invalid(format!(
-                "--batch {}: must be from 1 to {MAX_BATCH}",
-                self.batch
-            ));
+            return invalid(
+                "batch",
+                self.batch.to_string(),
+                format!("must be from 1 to {MAX_BATCH}"),
+            );
         }
         if let Some(seed) = self.seed {
             if seed.checked_add(u64::from(self.batch - 1)).is_none() {
-                return invalid(format!(
-                    "--seed {seed} with --batch {}: the last image's seed (seed + {}) \
-                     overflows 64 bits",
-                    self.batch,
-                    self.batch - 1
-                ));
+                return invalid(
+                    "seed",
+                    seed.to_string(),
+                    format!(
+                        "with a batch of {}, the last image's seed (seed + {}) overflows 64 bits",
+                        self.batch,
+                        self.batch - 1
+                    ),
+                );
             }
         }
         if self.batch > 1 && !self.output.distinguishes_images() {
-            return invalid(format!(
-                "--out `{}` would give all {} images the same name: add {{seed}} or {{n}}",
-                self.output.as_str(),
-                self.batch
-            ));
+            return invalid(
+                "output",
+                format!("`{}`", self.output.as_str()),
+                format!(
+                    "would give all {} images the same name: add {{seed}} or {{n}}",
+                    self.batch
+                ),
+            );
         }
         Ok(self.size.warning().into_iter().collect())
     }
@@ -357,7 +384,7 @@ mod tests {
                     stage_c: StageSettings { steps: 0, cfg: 4.0 },
                     ..ok.clone()
                 },
-                "--steps-c 0",
+                "stage_c.steps 0",
             ),
             (
                 Request {
@@ -367,7 +394,7 @@ mod tests {
                     },
                     ..ok.clone()
                 },
-                "--cfg-b NaN",
+                "stage_b.cfg NaN",
             ),
             (
                 Request {
@@ -382,7 +409,7 @@ mod tests {
                     batch: 0,
                     ..ok.clone()
                 },
-                "--batch 0",
+                "batch 0",
             ),
         ];
         for (r, want) in cases {

@@ -16,11 +16,10 @@ use crate::models::stage_c::{
 use crate::models::{inr, Checkpoint, ModelBuilder};
 use crate::ops::layout::Cast;
 use crate::runtime::device::WeightCache;
-use crate::runtime::graph::Graph;
-use crate::runtime::graph::TensorId;
+use crate::runtime::graph::{Graph, TensorId};
 use crate::runtime::session::{Session, SessionOptions};
 use crate::runtime::Backend;
-use crate::sampling::{
+use crate::sampling_loop::{
     self, record_step, NoiseSource, Sampled, StepGraph, StepNoise, StepRecord, Steps,
 };
 use crate::tensor::{DType, HostTensor};
@@ -39,6 +38,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The stage this phase belongs to: both Stage C passes are Stage C.
+    pub fn stage(self) -> StageId {
+        match self {
+            Phase::Text => StageId::TextEncoder,
+            Phase::StageCLowRes | Phase::StageCHighRes => StageId::StageC,
+            Phase::StageB => StageId::StageB,
+            Phase::StageA => StageId::StageA,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Phase::Text => "text encoder",
@@ -47,6 +56,39 @@ impl Phase {
             Phase::StageB => "stage B",
             Phase::StageA => "stage A",
         }
+    }
+}
+
+/// The stages of a generation, in order, as memory plans, launch graphs and timings name
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StageId {
+    TextEncoder,
+    StageC,
+    StageB,
+    StageA,
+}
+
+impl StageId {
+    pub fn label(self) -> &'static str {
+        match self {
+            StageId::TextEncoder => "text encoder",
+            StageId::StageC => "stage C",
+            StageId::StageB => "stage B",
+            StageId::StageA => "stage A",
+        }
+    }
+}
+
+impl std::fmt::Display for StageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.label())
+    }
+}
+
+impl serde::Serialize for StageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
     }
 }
 
@@ -123,7 +165,7 @@ impl StepLoop {
             })?;
         }
         let graph = &self.graph;
-        sampling::sample(
+        sampling_loop::sample(
             &mut *self.session,
             graph,
             init,
@@ -205,7 +247,7 @@ pub struct StageCRun<'a> {
     pub cfg: &'a StageCConfig,
     pub conditions: &'a StageCConditions,
     pub steps: usize,
-    pub guidance: sampling::Guidance,
+    pub guidance: sampling_loop::Guidance,
 }
 
 /// Both loops' results: the LR sample (unused downstream) and the HR one, whose x0 is
@@ -435,7 +477,7 @@ pub struct StageBRun<'a> {
     /// `[2B, 1, c_clip]`.
     pub clip: &'a HostTensor,
     pub steps: usize,
-    pub guidance: sampling::Guidance,
+    pub guidance: sampling_loop::Guidance,
 }
 
 impl StageBRun<'_> {

@@ -3,7 +3,7 @@
 //! whole pipeline runs anywhere in seconds. Its key sets are what the networks read plus the
 //! keys the released files store without using, so loading checks behave as with real files.
 
-use super::models::{
+use super::open_models::{
     Configs, PREVIEWER_FILE, STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE,
     TEXT_ENCODER_FILE, ULTRAPIXEL_FILE,
 };

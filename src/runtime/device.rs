@@ -5,7 +5,7 @@ use super::graph::{Graph, Node, Role, TensorDesc, TensorId};
 use super::launch::{Entry, Launch};
 use super::planner::{self, ArenaPlan, ALIGN};
 use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
-use crate::ops::{DevTensor, LaunchIo};
+use crate::runtime::graph::{DevTensor, LaunchIo};
 use crate::tensor::DType;
 use crate::tensor::{decode, encode};
 use crate::{Error, Result};
@@ -229,7 +229,7 @@ impl KernelSession {
     }
 
     /// Total work of one run.
-    pub fn cost(&self) -> crate::ops::Cost {
+    pub fn cost(&self) -> crate::runtime::graph::Cost {
         self.graph.cost()
     }
 }

@@ -1,8 +1,10 @@
 //! The typed op graph: tensors (shape, dtype, role) and nodes (one fused op each). Model code
-//! records its forward pass here; it never touches memory or launches.
+//! records its forward pass here; it never touches memory or launches. The contract every op
+//! implements ([`OpImpl`]: shapes, reference, launches, cost) lives here too: the graph, the
+//! planner and the executors use it, the op families in `ops` implement it.
 
-use crate::ops::{Cost, OpImpl};
-use crate::tensor::{numel, DType};
+use crate::runtime::launch::{Args, Launch};
+use crate::tensor::{numel, DType, HostTensor};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -246,5 +248,89 @@ impl Graph {
             .iter()
             .enumerate()
             .map(|(i, d)| (TensorId(i as u32), d))
+    }
+}
+
+/// Shape and dtype of one output.
+pub type OutSpec = (Vec<usize>, DType);
+
+/// A fused op. Layout convention: activations are channels-last (`[B, H, W, C]` or
+/// `[B, N, C]`); "rows" are everything but the last axis.
+pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Validates the inputs and returns the outputs' shapes and dtypes.
+    fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>>;
+
+    /// Scratch memory the kernels need while the node runs.
+    fn workspace_bytes(&self, _inputs: &[&TensorDesc]) -> usize {
+        0
+    }
+
+    /// The f32 reference: fills every element of `outputs` (pre-shaped, poisoned with NaN).
+    fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()>;
+
+    /// The kernel launches that compute the op on the given device buffers.
+    fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>>;
+
+    /// Work of one execution, for benchmarks: tensor-core FLOPs and the bytes the op must
+    /// move at least (by default every input and output once).
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        Cost {
+            flops: 0.0,
+            bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
+        }
+    }
+}
+
+/// The concrete op behind a `dyn OpImpl` (benchmarks read an attention node's heads).
+pub trait AsAny {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// FLOPs and bytes of one op execution.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            flops: self.flops + o.flops,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
+/// A tensor placed in device memory (a host address under the emulator).
+#[derive(Clone, Copy, Debug)]
+pub struct DevTensor<'a> {
+    pub ptr: u64,
+    pub desc: &'a TensorDesc,
+}
+
+pub struct LaunchIo<'a> {
+    pub inputs: Vec<DevTensor<'a>>,
+    pub outputs: Vec<DevTensor<'a>>,
+    pub workspace: u64,
+}
+
+impl LaunchIo<'_> {
+    /// Arguments starting with every input pointer, then every output pointer: the
+    /// parameter order of most kernels.
+    pub fn tensor_args(&self) -> Args {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .fold(Args::new(), |a, t| a.ptr(t.ptr))
     }
 }

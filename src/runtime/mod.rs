@@ -17,7 +17,7 @@ use session::{Session, SessionOptions, WeightSource};
 use std::sync::Arc;
 
 /// Which executor runs a graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Our CUDA kernels on an NVIDIA GPU (compute capability 8.0+).
@@ -37,24 +37,23 @@ pub enum Backend {
     Cuda(Arc<cuda::CudaDevice>),
 }
 
+/// `Backend::open` lives with what it installs, in `crate::backend`.
 impl Backend {
-    pub fn open(kind: BackendKind) -> Result<Backend> {
-        match kind {
-            BackendKind::Cpu => Ok(Backend::Cpu),
-            #[cfg(feature = "hostsim")]
-            BackendKind::Hostsim => Ok(Backend::Hostsim(Arc::new(hostsim::HostsimDevice::new()))),
-            #[cfg(not(feature = "hostsim"))]
-            BackendKind::Hostsim => Err(crate::Error::HostsimUnavailable),
-            BackendKind::Cuda => Ok(Backend::Cuda(cuda::CudaDevice::new(0)?)),
-        }
-    }
-
     pub fn kind(&self) -> BackendKind {
         match self {
             Backend::Cpu => BackendKind::Cpu,
             #[cfg(feature = "hostsim")]
             Backend::Hostsim(_) => BackendKind::Hostsim,
             Backend::Cuda(_) => BackendKind::Cuda,
+        }
+    }
+
+    /// Bytes the device has free for a generation (None: the CPU backends, which have no
+    /// limit of their own).
+    pub fn free_memory(&self) -> Result<Option<u64>> {
+        match self {
+            Backend::Cuda(d) => Ok(Some(d.memory()?.0 as u64)),
+            _ => Ok(None),
         }
     }
 

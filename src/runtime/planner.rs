@@ -241,7 +241,7 @@ pub fn check_with_scratch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::{LaunchIo, OpImpl, OutSpec};
+    use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec};
     use crate::runtime::graph::{TensorDesc, TensorId};
     use crate::runtime::launch::Launch;
     use crate::tensor::{DType, HostTensor};

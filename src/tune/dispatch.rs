@@ -10,13 +10,12 @@
 //! workspace, an algorithm `cublasLtMatmulAlgoCheck` refuses, an inconsistent entry) makes that
 //! node run our kernel, with one warning per reason.
 
-use super::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
 use super::pair;
 use super::problems::{gemm_key, GemmKey};
 use super::table::{parse_dtype, GemmChoice, LtChoice, Selection};
-use crate::ops::{DevTensor, LaunchIo, OpImpl};
-use crate::runtime::cuda::CudaDevice;
-use crate::runtime::graph::{Node, TensorDesc};
+use crate::runtime::cuda::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
+use crate::runtime::cuda::{CudaDevice, Substitution};
+use crate::runtime::graph::{DevTensor, LaunchIo, Node, OpImpl, TensorDesc};
 use crate::runtime::launch::Entry;
 use crate::tensor::DType;
 use crate::Result;
@@ -122,6 +121,34 @@ pub fn inconsistency(key: &GemmKey, c: &LtChoice) -> Option<String> {
     None
 }
 
+/// The dispatch of `dev`'s sessions: the selection for its key, installed on first use.
+pub fn of(dev: &CudaDevice) -> &Dispatch {
+    dev.substitution_or_init(|| Box::new(Dispatch::new(&super::engine::cuda_key(dev.info()))))
+        .as_any()
+        .downcast_ref()
+        .expect("a CUDA device's substitution is the tuning dispatch")
+}
+
+impl Substitution for Dispatch {
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+        Dispatch::scratch_bytes(self, node, inputs)
+    }
+
+    fn entries(
+        &self,
+        dev: &CudaDevice,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<Vec<Entry>>> {
+        Dispatch::entries(self, dev, node, io, scratch)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 impl Dispatch {
     /// The selection for a device with this key (see [`Selection::load_for`]); `UPX_TUNING=off`
     /// forces the built-in rules.
@@ -175,8 +202,8 @@ impl Dispatch {
             .map_or(0, |(key, c)| scratch_layout(&key, &c).bytes)
     }
 
-    /// The node's entries when the table chose cuBLASLt for it: [scaling,] cuBLASLt,
-    /// [epilogue pass]; None for our kernel.
+    /// The node's entries when the table chose cuBLASLt for it: the scaling pass where the
+    /// op modulates A, cuBLASLt, the epilogue pass where it needs one; None for our kernel.
     pub fn entries(
         &self,
         dev: &CudaDevice,
@@ -324,8 +351,8 @@ pub fn pair_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::cuda::cublaslt::AlgoRecord;
     use crate::tune::problems::Epilogue;
-    use crate::tune::table::AlgoRecord;
 
     fn choice(
         product: &str,

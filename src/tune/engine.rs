@@ -5,8 +5,8 @@
 //! runs kernel steps on the host emulator (no vendor library there: the tuner pairs the
 //! epilogue pass with a stand-in, our plain GEMM, so the whole flow is tested without a GPU).
 
-use super::cublaslt::{library_version, Lt};
 use super::table::{kernels_hash, TableKey};
+use crate::runtime::cuda::cublaslt::{library_version, Lt};
 use crate::runtime::cuda::CudaDevice;
 use crate::runtime::device::Device;
 use crate::runtime::kernels::{KernelId, MODULES};

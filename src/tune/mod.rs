@@ -4,8 +4,8 @@
 //! per shape, and the built-in rules (our kernels) apply when there is none or it is stale.
 //!
 //! - [`problems`]: the distinct GEMMs (with their epilogues: the lookup key) and attentions.
-//! - [`cublaslt`]: cuBLASLt with our own handle and workspace, several heuristics, replayable
-//!   algorithms.
+//! - cuBLASLt itself (our own handle and workspace, several heuristics, replayable
+//!   algorithms) is a runtime service: [`crate::runtime::cuda::cublaslt`].
 //! - [`engine`]: runs and times step lists (our launches and cuBLASLt calls) in one CUDA
 //!   graph; an emulator engine tests the flow without a GPU.
 //! - [`tuner`]: checks and times the candidates, picks the winners.
@@ -14,7 +14,6 @@
 //! - [`dispatch`]: at run time, a GEMM node whose winner is cuBLASLt runs it in the session's
 //!   CUDA graph.
 
-pub mod cublaslt;
 pub mod dispatch;
 pub mod engine;
 pub mod pair;

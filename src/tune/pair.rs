@@ -7,8 +7,7 @@
 use super::problems::GemmKey;
 use crate::ops::gemm::{Gemm, GemmFilm, GemmScaledA};
 use crate::ops::gemm_epilogue::{GemmEpilogue, GemmScaleA};
-use crate::ops::{DevTensor, LaunchIo, OpImpl};
-use crate::runtime::graph::{Role, TensorDesc};
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
 use crate::runtime::launch::{Entry, Launch};
 use crate::tensor::DType;
 use crate::Result;

@@ -3,11 +3,10 @@
 
 use crate::bench::shapes::{model_shapes, AttentionShape};
 use crate::ops::gemm::{Gemm, GemmFilm, GemmGrnStats, GemmScaledA};
-use crate::ops::OpImpl;
-use crate::pipeline::generate::stage_graphs;
-use crate::pipeline::models::Configs;
+use crate::pipeline::open_models::Configs;
+use crate::pipeline::plan::stage_graphs;
 use crate::pipeline::Size;
-use crate::runtime::graph::{Node, TensorDesc};
+use crate::runtime::graph::{Node, OpImpl, TensorDesc};
 use crate::tensor::{numel, DType};
 use crate::Result;
 use std::sync::Arc;
@@ -239,7 +238,7 @@ pub fn problems(
                 let Some(key) = gemm_key(node.op.as_ref(), &refs) else {
                     continue;
                 };
-                let example = || where_used(sg.stage, sg.part, node);
+                let example = || where_used(sg.stage.label(), sg.part, node);
                 match gemms.iter_mut().find(|g| g.key == key) {
                     Some(g) => add_use(&mut g.uses, sg.runs, &example),
                     None => {

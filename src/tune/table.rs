@@ -5,6 +5,7 @@
 //! table whose key differs from this machine's is stale and the built-in rules apply.
 
 use super::problems::{Epilogue, GemmKey};
+use crate::runtime::cuda::cublaslt::AlgoRecord;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTX_ARCH};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
@@ -277,25 +278,6 @@ pub struct LtChoice {
     /// Our epilogue pass runs after.
     pub epilogue_pass: bool,
     pub algo: AlgoRecord,
-}
-
-/// A `cublasLtMatmulAlgo_t` and its readable configuration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AlgoRecord {
-    /// The 64 bytes of the structure, hex.
-    pub bytes: String,
-    pub id: i64,
-    pub tile_id: i64,
-    pub stages_id: i64,
-    pub splitk: i64,
-    pub reduction_scheme: i64,
-    pub cta_swizzling: i64,
-    pub custom_option: i64,
-    pub inner_shape_id: i64,
-    pub cluster_shape_id: i64,
-    /// Workspace the heuristic said it needs.
-    pub workspace_bytes: u64,
-    pub waves: f32,
 }
 
 /// One distinct attention: `batch × heads` problems of `queries` queries against

@@ -11,7 +11,6 @@
 //! and it cannot win. Times are device time over CUDA-graph replays, the iteration count
 //! chosen so each candidate replays for about `target` seconds.
 
-use super::cublaslt::{LtCall, LtMatmul, LtSpec};
 use super::dispatch::{pair_entries, plan_layout, PairPlan};
 use super::engine::Engine;
 use super::pair;
@@ -21,11 +20,11 @@ use super::table::{
 };
 use crate::bench::{hash, uniform};
 use crate::ops::gemm_epilogue::{CompareSummary, TuneCompare};
-use crate::ops::{DevTensor, LaunchIo, OpImpl};
-use crate::pipeline::models::Configs;
+use crate::pipeline::open_models::Configs;
 use crate::pipeline::Size;
+use crate::runtime::cuda::cublaslt::{LtCall, LtMatmul, LtSpec};
 use crate::runtime::device::{Device, DeviceBuffer, WeightCache};
-use crate::runtime::graph::{Role, TensorDesc};
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
 use crate::runtime::launch::Entry;
 use crate::tensor::{encode, DType};
 use crate::verify::Tolerance;
@@ -798,10 +797,10 @@ pub fn check_table(
 ) -> Result<(usize, usize)> {
     use super::table::GemmChoice;
     let io_err = |e: std::io::Error| Error::io("<stdout>", e);
-    let Some(table) = dev.dispatch().selection().table() else {
+    let Some(table) = super::dispatch::of(dev).selection().table() else {
         return Err(Error::InvalidArgument(format!(
             "no tuning table in use: {}",
-            dev.dispatch().selection().describe()
+            super::dispatch::of(dev).selection().describe()
         )));
     };
     let sizes: Vec<Size> = table.sizes.iter().filter_map(|s| s.parse().ok()).collect();
@@ -819,7 +818,7 @@ pub fn check_table(
         log,
         "checking the {} cuBLASLt winners of {} as GEMM nodes run them",
         chosen.len(),
-        dev.dispatch().selection().describe()
+        super::dispatch::of(dev).selection().describe()
     )
     .map_err(io_err)?;
     let device = engine.device();
@@ -844,10 +843,7 @@ pub fn check_table(
             record: record(winner, "cublaslt"),
             steps: Vec::new(),
         };
-        match dev
-            .dispatch()
-            .entries(dev, &node, &io, prob.bufs.scratch.ptr)?
-        {
+        match super::dispatch::of(dev).entries(dev, &node, &io, prob.bufs.scratch.ptr)? {
             None => {
                 t.record.status = "refused".into();
                 t.record.detail = Some("dispatch runs our kernel (see the warning)".into());

@@ -5,6 +5,7 @@
 //! Debug mode synchronizes after every launch and names the failing op; otherwise the second
 //! and later runs of a session replay one captured CUDA graph.
 
+pub mod cublaslt;
 pub mod driver;
 pub mod executor;
 
@@ -12,8 +13,7 @@ use super::device::{Device, DeviceBuffer, LaunchList};
 use super::graph::{Node, TensorDesc};
 use super::kernels::{KernelId, KERNELS_COMPILED, MODULES};
 use super::launch::Entry;
-use crate::ops::LaunchIo;
-use crate::tune::dispatch::Dispatch;
+use crate::runtime::graph::LaunchIo;
 use crate::{Error, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
 use driver::{Function, RealDriver, Stream};
@@ -38,8 +38,26 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     info: DeviceInfo,
-    /// The tuning table's choices (loaded at the first session), cuBLASLt once needed.
-    dispatch: OnceLock<Dispatch>,
+    /// The nodes this device runs its own way, installed by the layer that opens it.
+    substitution: OnceLock<Box<dyn Substitution>>,
+}
+
+/// Nodes a device runs its own way instead of with our kernel (a vendor library), decided by
+/// a layer above the runtime (the tuning table's GEMM dispatch, `tune::dispatch`) and
+/// installed when the backend is opened, so the executor never depends on that layer.
+pub trait Substitution: Send + Sync {
+    /// Scratch bytes the node needs when it runs the substitute's way (0: our kernel).
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize;
+    /// The node's entries, or None for our kernel.
+    fn entries(
+        &self,
+        dev: &CudaDevice,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<Vec<Entry>>>;
+    /// The concrete substitution, for its owner to read back.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Whether a CUDA driver library can be loaded at all (never panics).
@@ -160,7 +178,7 @@ impl CudaDevice {
             _modules: modules,
             exec,
             info,
-            dispatch: OnceLock::new(),
+            substitution: OnceLock::new(),
         }))
     }
 
@@ -168,10 +186,12 @@ impl CudaDevice {
         &self.info
     }
 
-    /// Which tuning table (or the built-in rules) picks the GEMMs of this device's sessions.
-    pub fn dispatch(&self) -> &Dispatch {
-        self.dispatch
-            .get_or_init(|| Dispatch::new(&crate::tune::engine::cuda_key(&self.info)))
+    /// The substitution of this device's sessions, installed by `make` unless one is.
+    pub fn substitution_or_init(
+        &self,
+        make: impl FnOnce() -> Box<dyn Substitution>,
+    ) -> &dyn Substitution {
+        self.substitution.get_or_init(make).as_ref()
     }
 
     /// (free, total) bytes now.
@@ -338,11 +358,16 @@ impl Device for CudaDevice {
     }
 
     fn substitute_scratch(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
-        self.dispatch().scratch_bytes(node, inputs)
+        self.substitution
+            .get()
+            .map_or(0, |s| s.scratch_bytes(node, inputs))
     }
 
     fn substitute(&self, node: &Node, io: &LaunchIo, scratch: u64) -> Result<Option<Vec<Entry>>> {
-        self.dispatch().entries(self, node, io, scratch)
+        match self.substitution.get() {
+            Some(s) => s.entries(self, node, io, scratch),
+            None => Ok(None),
+        }
     }
 
     fn time(&self, list: &mut LaunchList, iters: usize) -> Result<f64> {

@@ -158,9 +158,8 @@ impl Models {
 pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     let path = dir.optional(PREVIEWER_FILE).ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "--preview needs {PREVIEWER_FILE}, which {} does not have: fetch it with \
-             `ultrapixel download` (add --model-dir DIR for a plain directory), or leave out \
-             --preview",
+            "previews need {PREVIEWER_FILE}, which {} does not have: fetch it (`ultrapixel \
+             download` does) or ask for no previews",
             dir.location
         ))
     })?;

@@ -9,15 +9,34 @@
 //! leading dimension K, transposed), its "B" our A (`K × M`, leading dimension K), C and D
 //! `N × M` with leading dimension N; the bias runs along cuBLASLt's rows, i.e. our N.
 
-use super::table::AlgoRecord;
-use crate::runtime::cuda::CudaDevice;
+use super::CudaDevice;
 use crate::runtime::device::{Device, DeviceBuffer};
 use crate::runtime::launch::VendorCall;
 use crate::tensor::DType;
 use cudarc::cublaslt::result;
 use cudarc::cublaslt::sys;
+use serde::{Deserialize, Serialize};
 use std::ffi::c_void;
 use std::sync::Arc;
+
+/// A `cublasLtMatmulAlgo_t` and its readable configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlgoRecord {
+    /// The 64 bytes of the structure, hex.
+    pub bytes: String,
+    pub id: i64,
+    pub tile_id: i64,
+    pub stages_id: i64,
+    pub splitk: i64,
+    pub reduction_scheme: i64,
+    pub cta_swizzling: i64,
+    pub custom_option: i64,
+    pub inner_shape_id: i64,
+    pub cluster_shape_id: i64,
+    /// Workspace the heuristic said it needs.
+    pub workspace_bytes: u64,
+    pub waves: f32,
+}
 
 /// Why cuBLASLt is missing when the library cannot be loaded.
 pub const MISSING: &str = "libcublasLt not found (put a CUDA 12 or 13 lib64 directory, or pip's \

@@ -228,7 +228,7 @@ pub fn sample(
 mod tests {
     use super::*;
     use crate::ops::elementwise::{Act, Activation};
-    use crate::ops::embed::test_data::random;
+    use crate::ops::test_data::random;
     use crate::runtime::session::SessionOptions;
     use crate::runtime::Backend;
     use std::collections::HashMap;

@@ -6,7 +6,7 @@ use crate::models::config::{parse, StageBConfig, StageCConfig};
 use crate::pipeline::stages::{
     Progress, RunContext, StageBRun, StageCConditions, StageCNoise, StageCRun, StageCShapes,
 };
-use crate::sampling::{Guidance, StepNoise};
+use crate::sampling_loop::{Guidance, StepNoise};
 
 /// The sampler settings of a case; only the schedule the cascade uses is supported.
 fn sampler_settings(case: &Case) -> Result<(usize, Guidance)> {

@@ -1,0 +1,33 @@
+//! `ultrapixel download`: the model files from the Hugging Face hub.
+
+use crate::hub::{Hub, HubOptions};
+use crate::pipeline::model_dir;
+use crate::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct DownloadArgs {
+    /// Put the files in this directory instead of the Hugging Face cache.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn download(a: DownloadArgs) -> Result<i32> {
+    let hub = Hub::new(HubOptions {
+        progress: !a.quiet,
+        ..HubOptions::from_env()
+    });
+    let dir = model_dir::download(&hub, a.model_dir.as_deref(), |d| {
+        let what = if d.fetched {
+            "downloaded"
+        } else {
+            "up to date"
+        };
+        println!("{what:>10}  {}  ({})", d.name, d.path.display());
+    })?;
+    println!("model files complete in {}", dir.location);
+    Ok(0)
+}

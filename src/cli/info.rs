@@ -1,0 +1,129 @@
+//! `ultrapixel info`: the build's kernels, the GPU and its tuning table, the ptxas resource
+//! table, and with --size the memory plan and launch count of a generation.
+
+use crate::runtime::cuda::probe;
+use crate::runtime::device::Device;
+use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
+use crate::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// Also plan the GPU memory of a generation at this size (WIDTHxHEIGHT).
+    #[arg(long)]
+    pub size: Option<crate::pipeline::Size>,
+    /// Plan with this model directory's configurations (default: the released model).
+    #[arg(long)]
+    pub model_dir: Option<std::path::PathBuf>,
+}
+
+pub fn info(a: InfoArgs) -> Result<i32> {
+    println!("ultrapixel {}", env!("CARGO_PKG_VERSION"));
+    if KERNELS_COMPILED {
+        println!(
+            "kernels: compiled by nvcc ({NVCC_VERSION}) for {} + PTX {PTX_ARCH}",
+            CUDA_ARCHS.join(", ")
+        );
+    } else {
+        println!("kernels: NOT compiled (built without nvcc; run tools/install-cuda-toolchain.sh and rebuild)");
+    }
+    println!(
+        "host emulator: {}",
+        if cfg!(feature = "hostsim") {
+            "built in"
+        } else {
+            "not built in"
+        }
+    );
+    match probe(0) {
+        Ok((_, i)) => {
+            println!(
+                "GPU: {} (compute capability {}.{}), {} MiB free of {} MiB",
+                i.name,
+                i.compute_capability.0,
+                i.compute_capability.1,
+                i.free_bytes >> 20,
+                i.total_bytes >> 20
+            );
+            println!("tuning: {}", crate::tune::selection_for(&i).describe());
+        }
+        Err(e) => println!("GPU: none usable: {e}"),
+    }
+    if !PTXAS.is_empty() {
+        println!(
+            "\nptxas resource use (registers, shared memory bytes, stack bytes, spill bytes):"
+        );
+        println!(
+            "{:<36} {:<7} {:>5} {:>7} {:>6} {:>6}",
+            "kernel", "arch", "regs", "smem", "stack", "spills"
+        );
+        for e in PTXAS {
+            println!(
+                "{:<36} {:<7} {:>5} {:>7} {:>6} {:>6}",
+                e.kernel,
+                e.arch,
+                e.registers,
+                e.smem_bytes,
+                e.stack_bytes,
+                e.spill_stores + e.spill_loads
+            );
+        }
+    }
+    if let Some(size) = a.size {
+        // With a GPU, the plan counts the scratch of the GEMMs its tuning table hands to
+        // cuBLASLt.
+        let gpu = crate::backend::open_gpu(0).ok();
+        let device = gpu.as_deref().map(|d| d as &dyn Device);
+        print_plan(size, a.model_dir.as_deref(), device)?;
+    }
+    Ok(0)
+}
+
+/// The memory plan of a generation at `size`, stage by stage.
+fn print_plan(
+    size: crate::pipeline::Size,
+    dir: Option<&std::path::Path>,
+    device: Option<&dyn Device>,
+) -> Result<()> {
+    use crate::pipeline::open_models::Configs;
+    use crate::pipeline::plan::memory_plan;
+    let (configs, which) = match dir {
+        Some(d) => {
+            let md =
+                crate::pipeline::ModelDir::resolve(Some(d), &crate::hub::HubOptions::from_env())?;
+            (Configs::read(&md)?, d.display().to_string())
+        }
+        None => (Configs::default(), "the released model".to_string()),
+    };
+    let plan = memory_plan(&configs, size, device)?;
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    println!("\nGPU memory plan for {size} ({which}), MiB:");
+    println!(
+        "{:<14} {:>9} {:>12} {:>9}",
+        "stage", "weights", "activations", "total"
+    );
+    for s in &plan.stages {
+        println!(
+            "{:<14} {:>9} {:>12} {:>9}",
+            s.stage,
+            mib(s.weight_bytes),
+            mib(s.arena_bytes),
+            mib(s.weight_bytes + s.arena_bytes)
+        );
+    }
+    println!(
+        "peak: {} MiB with each stage's weights freed after it (--low-vram), {} MiB with them kept",
+        mib(plan.sequential_peak()),
+        mib(plan.resident_peak())
+    );
+    // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
+    // a run pays for.
+    println!("\nkernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):");
+    let mut total = 0;
+    for g in crate::pipeline::plan::stage_graphs(&configs, size, (20, 10))? {
+        let n = crate::runtime::device::dry_launches(&g.graph)?.len();
+        total += n * g.runs;
+        println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
+    }
+    println!("per image: {total} launches");
+    Ok(())
+}

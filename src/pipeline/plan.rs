@@ -1,0 +1,273 @@
+//! Planning a generation before anything runs: the latent sizes of an output size, every
+//! graph a generation places on the device at its real shapes, and the device memory of each
+//! stage (weights + activation arena). `info` and `bench` use it without a model; the
+//! pipeline uses it to decide where weights live.
+
+use super::open_models::Configs;
+use super::request::Size;
+use super::stages::{
+    StageADecode, StageBRun, StageCConditions, StageCRun, StageCShapes, StageId, STAGE_A_TILE,
+};
+use crate::runtime::device::{node_scratch, Device};
+use crate::runtime::graph::{Graph, Role};
+use crate::runtime::planner::{self, ALIGN};
+use crate::sampling_loop::{Guidance, NoiseSource};
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+use std::collections::{HashMap, HashSet};
+
+/// The latent sizes of an output size (spec §1.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatentSizes {
+    /// Stage C's high-resolution latent: ceil(side / 42.67).
+    pub stage_c: (usize, usize),
+    /// The low-resolution guide pass: the ≈1024²-pixel size of the same aspect ratio.
+    pub stage_c_lr: (usize, usize),
+    /// Stage B's latent: ceil(side / 4).
+    pub stage_b: (usize, usize),
+}
+
+/// Stage C's compression factor, as the reference writes it.
+const STAGE_C_FACTOR: f64 = 42.67;
+const STAGE_A_FACTOR: f64 = 4.0;
+
+impl LatentSizes {
+    pub fn of(size: Size) -> LatentSizes {
+        let (h, w) = (size.height as f64, size.width as f64);
+        let c = |v: f64| (v / STAGE_C_FACTOR).ceil() as usize;
+        // get_target_lr_size(H / W, std_size 32): sides of 32·int(32·√r) and 32·int(32/√r).
+        let ratio = (h / w).sqrt();
+        let (lr_h, lr_w) = (32.0 * (32.0 * ratio).trunc(), 32.0 * (32.0 / ratio).trunc());
+        LatentSizes {
+            stage_c: (c(h), c(w)),
+            stage_c_lr: (c(lr_h), c(lr_w)),
+            stage_b: (
+                (h / STAGE_A_FACTOR).ceil() as usize,
+                (w / STAGE_A_FACTOR).ceil() as usize,
+            ),
+        }
+    }
+}
+
+/// One stage's device memory.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StagePlan {
+    pub stage: StageId,
+    pub weight_bytes: u64,
+    /// The largest activation arena of its graphs.
+    pub arena_bytes: u64,
+}
+
+/// Device memory of a request, before anything is allocated.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    pub stages: Vec<StagePlan>,
+}
+
+impl MemoryPlan {
+    /// Peak with each stage's weights dropped after it ran.
+    pub fn sequential_peak(&self) -> u64 {
+        self.stages
+            .iter()
+            .map(|s| s.weight_bytes + s.arena_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Peak with the sampling stages' weights resident together (the text encoder runs
+    /// once, first, and is always dropped).
+    pub fn resident_peak(&self) -> u64 {
+        let (text, rest) = self.stages.split_first().expect("a plan has stages");
+        let weights: u64 = rest.iter().map(|s| s.weight_bytes).sum();
+        let arena = rest.iter().map(|s| s.arena_bytes).max().unwrap_or(0);
+        (weights + arena).max(text.weight_bytes + text.arena_bytes)
+    }
+}
+
+/// One graph a generation places on the device, and how often it runs per image.
+pub struct StageGraph {
+    pub stage: StageId,
+    pub part: &'static str,
+    pub graph: Graph,
+    pub runs: usize,
+}
+
+/// Every graph of a generation at `size` with these networks, at its real shapes (no
+/// weights read), with its runs per image for `steps` = (Stage C, Stage B) steps.
+pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Vec<StageGraph>> {
+    let sizes = LatentSizes::of(size);
+    let none: HashMap<String, HostTensor> = HashMap::new();
+    let shapes = stage_c_shapes(cfg, &sizes);
+    let conditions = StageCConditions::zeros(&cfg.stage_c, 2);
+    let unguided = Guidance { cfg: 1.0, rho: 0.0 };
+    let stage_c = StageCRun {
+        weights: &none,
+        cfg: &cfg.stage_c,
+        conditions: &conditions,
+        steps: steps.0,
+        guidance: unguided,
+    };
+    let (hc, wc) = sizes.stage_c;
+    let effnet = HostTensor::zeros(&[2, hc, wc, cfg.stage_c.c_out]);
+    let clip = HostTensor::zeros(&[2, 1, cfg.stage_b.c_clip]);
+    let stage_b = StageBRun {
+        weights: &none,
+        cfg: &cfg.stage_b,
+        effnet: &effnet,
+        clip: &clip,
+        steps: steps.1,
+        guidance: unguided,
+    };
+    let decode = StageADecode {
+        weights: &none,
+        cfg: &cfg.stage_a,
+        tile: STAGE_A_TILE,
+    };
+    let (hb, wb) = sizes.stage_b;
+    let source = NoiseSource::Device;
+    let [lr, reconstruct, hr]: [Graph; 3] = stage_c
+        .graphs(shapes, source)?
+        .try_into()
+        .map_err(|_| Error::InvalidArgument("Stage C records three graphs".into()))?;
+    let graph = |stage, part, graph, runs| StageGraph {
+        stage,
+        part,
+        graph,
+        runs,
+    };
+    Ok(vec![
+        graph(
+            StageId::TextEncoder,
+            "prompt + negative",
+            super::stages::text_graph(&cfg.text, 2)?,
+            1,
+        ),
+        graph(StageId::StageC, "low-res step", lr, steps.0),
+        graph(StageId::StageC, "INR reconstruction", reconstruct, 1),
+        graph(StageId::StageC, "high-res step", hr, steps.0),
+        graph(
+            StageId::StageB,
+            "step",
+            stage_b.graph(stage_b_shape(cfg, &sizes), source)?,
+            steps.1,
+        ),
+        graph(
+            StageId::StageA,
+            "tile",
+            decode.graph([1, hb, wb])?,
+            decode.tiles(hb, wb),
+        ),
+    ])
+}
+
+/// The device memory of a generation at `size` with these networks, stage by stage: every
+/// graph recorded at its real shapes and planned, no weights read; with `device`, the scratch
+/// it needs for the nodes it runs its own way (vendor GEMMs) counted in the arenas.
+pub fn memory_plan(cfg: &Configs, size: Size, device: Option<&dyn Device>) -> Result<MemoryPlan> {
+    let graphs = stage_graphs(cfg, size, (1, 1))?;
+    let mut names: Vec<StageId> = graphs.iter().map(|g| g.stage).collect();
+    names.dedup();
+    // A stage's graphs share their weights (one cache) and run one at a time.
+    let stages = names
+        .into_iter()
+        .map(|stage| {
+            let of_stage = graphs.iter().filter(|g| g.stage == stage).map(|g| &g.graph);
+            stage_plan(stage, of_stage, device)
+        })
+        .collect();
+    Ok(MemoryPlan { stages })
+}
+
+/// Stage C's latent shapes (channels-last, batch 1).
+pub(super) fn stage_c_shapes(cfg: &Configs, sizes: &LatentSizes) -> StageCShapes {
+    let c = cfg.stage_c.c_in;
+    let (h, w) = sizes.stage_c;
+    let (lh, lw) = sizes.stage_c_lr;
+    StageCShapes {
+        lr: [1, lh, lw, c],
+        hr: [1, h, w, c],
+    }
+}
+
+/// Stage B's latent shape (channels-last, batch 1).
+pub(super) fn stage_b_shape(cfg: &Configs, sizes: &LatentSizes) -> [usize; 4] {
+    let (h, w) = sizes.stage_b;
+    [1, h, w, cfg.stage_b.c_in]
+}
+
+/// The memory of one stage: its distinct weights (as uploaded) and its largest arena.
+pub(super) fn stage_plan<'a>(
+    stage: StageId,
+    graphs: impl Iterator<Item = &'a Graph>,
+    device: Option<&dyn Device>,
+) -> StagePlan {
+    let mut seen = HashSet::new();
+    let mut weight_bytes = 0u64;
+    let mut arena_bytes = 0u64;
+    for g in graphs {
+        for d in g.tensors.iter().filter(|d| d.role == Role::Weight) {
+            if seen.insert((d.name.clone(), d.shape.clone(), d.dtype)) {
+                weight_bytes += d.bytes().div_ceil(ALIGN) as u64 * ALIGN as u64;
+            }
+        }
+        let plan = match device {
+            Some(d) => {
+                let scratch = node_scratch(d, g);
+                planner::plan_with_scratch(g, &|i| scratch[i])
+            }
+            None => planner::plan(g),
+        };
+        arena_bytes = arena_bytes.max(plan.peak as u64);
+    }
+    StagePlan {
+        stage,
+        weight_bytes,
+        arena_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latent_sizes_follow_the_reference_table() {
+        // (H, W) → Stage C HR latent, LR latent, Stage B latent (spec §1.3).
+        for (h, w, c, lr, b) in [
+            (1024, 1024, (24, 24), (24, 24), (256, 256)),
+            (2048, 2048, (48, 48), (24, 24), (512, 512)),
+            (2560, 5120, (60, 120), (17, 34), (640, 1280)),
+            (2304, 4096, (54, 96), (18, 32), (576, 1024)),
+            (2160, 3840, (51, 90), (18, 32), (540, 960)),
+            (4096, 4096, (96, 96), (24, 24), (1024, 1024)),
+        ] {
+            let s = LatentSizes::of(Size::new(w, h).unwrap());
+            assert_eq!((s.stage_c, s.stage_c_lr, s.stage_b), (c, lr, b), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn plans_add_weights_and_the_largest_arena() {
+        let plan = MemoryPlan {
+            stages: vec![
+                StagePlan {
+                    stage: StageId::TextEncoder,
+                    weight_bytes: 50,
+                    arena_bytes: 5,
+                },
+                StagePlan {
+                    stage: StageId::StageC,
+                    weight_bytes: 100,
+                    arena_bytes: 30,
+                },
+                StagePlan {
+                    stage: StageId::StageB,
+                    weight_bytes: 20,
+                    arena_bytes: 60,
+                },
+            ],
+        };
+        assert_eq!(plan.sequential_peak(), 130);
+        assert_eq!(plan.resident_peak(), 120 + 60);
+    }
+}
