@@ -12,7 +12,8 @@
 // Launch: grid (ceil(N / 64), heads, B), 128 threads = 4 warps, each warp 16 query rows; K/V
 //   tiles of 64 keys double-buffered through cp.async; dynamic shared memory
 //   (64 + 4·64)·(D + 8)·2 bytes (46,080 for D = 64). Q·Kᵀ and P·V on mma.sync m16n8k16 with
-//   ldmatrix (.trans for V).
+//   ldmatrix through mma.cuh's fragment loaders: ldmatrix_a_frag for Q, ldmatrix_b_pair for K,
+//   ldmatrix_b_pair_trans (.trans) for V.
 // Limits: D ∈ {16, 32, 64} (one kernel each; 16 serves small test configurations); C % 8 == 0 (16-byte rows); N, M < 2^31 / 3C.
 // Names: attention_d<D>_<out>.
 //
@@ -94,7 +95,7 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
         if (tile == 0) {
 #pragma unroll
             for (int ks = 0; ks < KSTEPS; ++ks)
-                ldmatrix_x4(qf[ks], Qs + (warp * 16 + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+                ldmatrix_a_frag(qf[ks], Qs, warp * 16, ks * 16, LD, lane);
         }
         const __nv_bfloat16* k_s = Ks + (tile & 1) * BKV * LD;
         const __nv_bfloat16* v_s = Vs + (tile & 1) * BKV * LD;
@@ -107,9 +108,8 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
         for (int ks = 0; ks < KSTEPS; ++ks)
 #pragma unroll
             for (int nt = 0; nt < 8; nt += 2) {
-                uint32_t r[4];
-                ldmatrix_x4(r, k_s + (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                uint32_t b0[2], b1[2];
+                ldmatrix_b_pair(b0, b1, k_s, nt * 8, ks * 16, LD, lane);
                 mma_bf16_16816(s[nt], qf[ks], b0, s[nt]);
                 mma_bf16_16816(s[nt + 1], qf[ks], b1, s[nt + 1]);
             }
@@ -168,9 +168,8 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
         for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
             for (int dt = 0; dt < DTILES; dt += 2) {
-                uint32_t r[4];
-                ldmatrix_x4_trans(r, v_s + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dt * 8 + (lane >> 4) * 8);
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                uint32_t b0[2], b1[2];
+                ldmatrix_b_pair_trans(b0, b1, v_s, ks * 16, dt * 8, LD, lane);
                 mma_bf16_16816(o[dt], pf[ks], b0, o[dt]);
                 mma_bf16_16816(o[dt + 1], pf[ks], b1, o[dt + 1]);
             }

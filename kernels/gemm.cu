@@ -18,8 +18,9 @@
 // Launch: grid (ceil(M/128), ceil(N/128)), 256 threads = 8 warps as 2 (m) × 4 (n), each warp a
 //   64×32 tile; dynamic shared memory STAGES·(128 + 128)·40·2 = 61,440 bytes (opt-in > 48 KiB).
 // Pipeline: cp.async 16-byte copies into a 3-stage ring of padded tiles (row pitch 40
-//   elements = 80 bytes keeps ldmatrix rows on distinct banks), ldmatrix.x4 fragments,
-//   mma.sync m16n8k16 bf16 → f32.
+//   elements = 80 bytes keeps ldmatrix rows on distinct banks), ldmatrix.x4 fragments
+//   (mma.cuh: ldmatrix_a_frag for A, ldmatrix_b_pair for two n-tiles of W), mma.sync m16n8k16
+//   bf16 → f32.
 // Limits: K % 8 == 0 (16-byte rows; the op rejects other K), M < 2^31, N ≤ 65535·128.
 //   M, N, K tails are zero-filled on load and masked on store.
 // Names: gemm_bf16_<out>.
@@ -99,17 +100,10 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
         for (int kk = 0; kk < BK; kk += 16) {
             uint32_t af[4][4], bf[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                ldmatrix_x4(af[mi], a_s + (wm * 64 + mi * 16 + (lane & 15)) * LDS + kk + (lane >> 4) * 8);
+            for (int mi = 0; mi < 4; ++mi) ldmatrix_a_frag(af[mi], a_s, wm * 64 + mi * 16, kk, LDS, lane);
 #pragma unroll
-            for (int ni = 0; ni < 4; ni += 2) {
-                uint32_t r[4];
-                ldmatrix_x4(r, b_s + (wn * 32 + ni * 8 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk + ((lane >> 3) & 1) * 8);
-                bf[ni][0] = r[0];
-                bf[ni][1] = r[1];
-                bf[ni + 1][0] = r[2];
-                bf[ni + 1][1] = r[3];
-            }
+            for (int ni = 0; ni < 4; ni += 2)
+                ldmatrix_b_pair(bf[ni], bf[ni + 1], b_s, wn * 32 + ni * 8, kk, LDS, lane);
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll

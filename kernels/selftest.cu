@@ -1,6 +1,7 @@
 // Emulator self-tests (tests/hostsim.rs) and the hardware truth cases (src/truth.rs): kernels
 // that pin down the semantics hostsim must reproduce — warp collectives, block reductions, the
-// mma.sync / ldmatrix fragment layouts and accumulation, cp.async with zero-fill — and
+// mma.sync / ldmatrix fragment layouts and accumulation, the fragment helpers of mma.cuh that
+// the GEMM and attention kernels load their operands with, cp.async with zero-fill — and
 // deliberately broken kernels the emulator must reject. On a GPU their raw outputs become the
 // truth fixture (`verify --truth`) that the emulator is replayed against.
 #include "common/portable.cuh"
@@ -93,35 +94,54 @@ extern "C" __global__ void selftest_mma_chain(const __nv_bfloat16* A, const __nv
     }
 }
 
-// One warp: the same product with operands staged by cp.async and loaded by ldmatrix: A with
-// ldmatrix_x4, B from Bt ([n][k]) with ldmatrix_x2 and from Bk ([k][n] = B) with
-// ldmatrix_x2_trans. D[0..128) from the first, D[128..256) from the second.
+// One warp: the same product with operands staged by cp.async and loaded by the fragment
+// helpers of mma.cuh: A with ldmatrix_a_frag, B with ldmatrix_b_pair from a [n][k] tile built
+// from Bt, and with ldmatrix_b_pair_trans from a [k][n] tile built from Bk (= B, [k][n]). Each
+// B tile spans n 0..15, two n-tiles: n 0..7 is B, n 8..15 is B with its columns swapped in
+// pairs (n = 8 + c holds B's column c ^ 1). The second n-tile's product must therefore be the
+// first's with columns 2t and 2t + 1 exchanged; D holds the first's, and NaN wherever the
+// second disagrees. D[0..128) through ldmatrix_b_pair, D[128..256) through
+// ldmatrix_b_pair_trans.
 extern "C" __global__ void selftest_mma_ldmatrix(const __nv_bfloat16* A, const __nv_bfloat16* Bt,
                                                  const __nv_bfloat16* Bk, float* D) {
-    __shared__ __align__(16) __nv_bfloat16 As[16 * 16], Bts[8 * 16], Bks[16 * 8];
+    __shared__ __align__(16) __nv_bfloat16 As[16 * 16], Bn[16 * 16], Kn[16 * 16];  // [m][k], [n][k], [k][n]
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-    // 512 + 256 + 256 bytes = 64 chunks of 16 bytes, two per lane.
-    for (int c = lane; c < 64; c += 32) {
-        if (c < 32)
+    // 80 chunks of 16 bytes: A (32), Bt into rows 0..7 of Bn (16), Bt's rows n ^ 1 into rows
+    // 8..15 of Bn (16), Bk into columns 0..7 of Kn (16).
+    for (int c = lane; c < 80; c += 32) {
+        if (c < 32) {
             cp_async_16(As + c * 8, A + c * 8);
-        else if (c < 48)
-            cp_async_16(Bts + (c - 32) * 8, Bt + (c - 32) * 8);
-        else
-            cp_async_16(Bks + (c - 48) * 8, Bk + (c - 48) * 8);
+        } else if (c < 48) {
+            cp_async_16(Bn + (c - 32) * 8, Bt + (c - 32) * 8);
+        } else if (c < 64) {
+            const int n = (c - 48) / 2, half = (c - 48) % 2;
+            cp_async_16(Bn + (8 + n) * 16 + half * 8, Bt + (n ^ 1) * 16 + half * 8);
+        } else {
+            cp_async_16(Kn + (c - 64) * 16, Bk + (c - 64) * 8);
+        }
+    }
+    // Columns 8..15 of Kn, element by element (the swap is inside a 16-byte row).
+    for (int i = lane; i < 128; i += 32) {
+        const int k = i / 8, n = i % 8;
+        Kn[k * 16 + 8 + n] = Bk[k * 8 + (n ^ 1)];
     }
     cp_async_wait_all();
     __syncthreads();
-    uint32_t a[4], b[2], bk[2];
-    ldmatrix_x4(a, As + ((lane & 7) + 8 * ((lane >> 3) & 1)) * 16 + 8 * (lane >> 4));
-    ldmatrix_x2(b, Bts + (lane & 7) * 16 + 8 * ((lane >> 3) & 1));
-    ldmatrix_x2_trans(bk, Bks + ((lane & 7) + 8 * ((lane >> 3) & 1)) * 8);
-    float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-    mma_bf16_16816(d, a, b, d);
-    mma_bf16_16816(e, a, bk, e);
+    uint32_t a[4], b[2][2], bk[2][2];
+    ldmatrix_a_frag(a, As, 0, 0, 16, lane);
+    ldmatrix_b_pair(b[0], b[1], Bn, 0, 0, 16, lane);
+    ldmatrix_b_pair_trans(bk[0], bk[1], Kn, 0, 0, 16, lane);
+    float d[2][4] = {}, e[2][4] = {};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        mma_bf16_16816(d[j], a, b[j], d[j]);
+        mma_bf16_16816(e[j], a, bk[j], e[j]);
+    }
+    // Element i of a lane is column 2t + (i & 1): its partner in the swapped tile is i ^ 1.
     for (int i = 0; i < 4; ++i) {
         const int idx = frag_d_index(g, t, i);
-        D[idx] = d[i];
-        D[128 + idx] = e[i];
+        D[idx] = d[1][i ^ 1] == d[0][i] ? d[0][i] : NAN;
+        D[128 + idx] = e[1][i ^ 1] == e[0][i] ? e[0][i] : NAN;
     }
 }
 

@@ -524,9 +524,9 @@ fn mma_ldmatrix_outputs(_: &[Raw]) -> Vec<OutputSpec> {
 
 fn mma_ldmatrix_at(_: usize, i: usize) -> String {
     let via = if i < 128 {
-        "B by ldmatrix_x2"
+        "B by ldmatrix_b_pair"
     } else {
-        "B by ldmatrix_x2_trans"
+        "B by ldmatrix_b_pair_trans"
     };
     format!("{}, {via}", matrix_at("D", i % 128, 8))
 }

@@ -176,8 +176,8 @@ fn ldmatrix_and_cp_async_feed_the_mma() {
     )
     .unwrap();
     let want = naive_product(&a, &bt);
-    assert_product(&d[..128], &want, "ldmatrix_x4 + ldmatrix_x2");
-    assert_product(&d[128..], &want, "ldmatrix_x4 + ldmatrix_x2_trans");
+    assert_product(&d[..128], &want, "ldmatrix_a_frag + ldmatrix_b_pair");
+    assert_product(&d[128..], &want, "ldmatrix_a_frag + ldmatrix_b_pair_trans");
 }
 
 #[test]

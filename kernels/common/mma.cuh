@@ -1,7 +1,11 @@
 // Tensor-core and async-copy wrappers: the only inline PTX in the project. Each wrapper has
 // the real instruction for the device pass (__CUDA_ARCH__) and an emulated twin in hostsim.h
 // (g++), so every kernel that uses them also runs on the CPU. Fragment layouts: PTX ISA,
-// "mma.m16n8k16" and "ldmatrix" (summarised in hostsim.h's emulation).
+// "mma.m16n8k16" and "ldmatrix" (summarised in hostsim.h's emulation). On top of them, the
+// fragment loaders the GEMM and attention kernels share (plain C++, no PTX of their own): the
+// lane addressing that makes one ldmatrix.x4 yield an m16n8k16 A fragment, or the B fragments
+// of two neighbouring n-tiles from B stored [n][k] or [k][n]; each is exercised by
+// selftest_mma_ldmatrix (kernels/selftest.cu).
 #pragma once
 #include "portable.cuh"
 
@@ -82,6 +86,52 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* sme
 #elif !defined(__CUDACC__)
     hostsim::ldmatrix(r, smem_row, 2, true);
 #endif
+}
+
+// --- m16n8k16 fragments from shared memory ---------------------------------------------------
+// Each loader reads the 16×16 block at rows row0.., columns col0.. of a row-major bf16 tile in
+// shared memory (row pitch ld elements); every row address must be 16-byte aligned (col0 and
+// ld multiples of 8, tile 16-byte aligned). Each lane gives one row address; lanes 8j..8j+7
+// give the eight rows of matrix j, which lands in register j of the ldmatrix.x4 result.
+
+// The A fragment (mma_bf16_16816's a[0..3]) of one k-step, the block being A (rows m,
+// columns k). Lane l points at row m = l % 16, column k = 8·(l / 16): lanes 0-7 → m 0-7,
+// k 0-7 (a[0]); lanes 8-15 → m 8-15, k 0-7 (a[1]); lanes 16-23 → m 0-7, k 8-15 (a[2]);
+// lanes 24-31 → m 8-15, k 8-15 (a[3]).
+__device__ __forceinline__ void ldmatrix_a_frag(uint32_t a[4], const __nv_bfloat16* tile, int row0, int col0, int ld,
+                                                int lane) {
+    ldmatrix_x4(a, tile + (row0 + (lane & 15)) * ld + col0 + (lane >> 4) * 8);
+}
+
+// The B fragments (mma_bf16_16816's b) of two neighbouring n-tiles over one k-step, the
+// block being B stored [n][k] (a row per output column: a weight row, a key): b0 for n 0-7,
+// b1 for n 8-15. Lane l points at row n = l % 8 + 8·(l / 16), column k = 8·((l / 8) % 2):
+// lanes 0-7 → n 0-7, k 0-7 (b0[0]); lanes 8-15 → n 0-7, k 8-15 (b0[1]); lanes 16-23 →
+// n 8-15, k 0-7 (b1[0]); lanes 24-31 → n 8-15, k 8-15 (b1[1]).
+__device__ __forceinline__ void ldmatrix_b_pair(uint32_t b0[2], uint32_t b1[2], const __nv_bfloat16* tile, int row0,
+                                                int col0, int ld, int lane) {
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + (row0 + (lane & 7) + ((lane >> 4) << 3)) * ld + col0 + ((lane >> 3) & 1) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
+}
+
+// As ldmatrix_b_pair with the block being B stored [k][n] (a row per k: attention's values),
+// each 8×8 matrix transposed on the way in. Lane l points at row k = l % 16, column
+// n = 8·(l / 16): lanes 0-7 → k 0-7, n 0-7 (b0[0]); lanes 8-15 → k 8-15, n 0-7 (b0[1]);
+// lanes 16-23 → k 0-7, n 8-15 (b1[0]); lanes 24-31 → k 8-15, n 8-15 (b1[1]). The row is
+// spelled l % 8 + 8·((l / 8) % 2): with the shorter l % 16, nvcc schedules the attention
+// kernel differently; this spelling keeps its SASS as it was.
+__device__ __forceinline__ void ldmatrix_b_pair_trans(uint32_t b0[2], uint32_t b1[2], const __nv_bfloat16* tile,
+                                                      int row0, int col0, int ld, int lane) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 
 // 16 bytes global → shared, asynchronously (L2 only): the first `src_bytes` (0..16) come
