@@ -1,6 +1,7 @@
 //! Build script: compiles every `kernels/*.cu` with nvcc into an embedded fatbin, records the
-//! ptxas resource report, generates the kernel table, and compiles the same sources with g++
-//! into the host emulator library (feature `hostsim`).
+//! ptxas resource report, generates the kernel table with every kernel's parameter list and
+//! the layout checks of the parameter structs (build/abi.rs), and compiles the same sources
+//! with g++ into the host emulator library (feature `hostsim`).
 //!
 //! Environment: `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `UPX_CUDA_VENV` (where to look for nvcc),
 //! `UPX_CUDA_ARCHS` (e.g. `sm_90`: restrict the SASS targets), `UPX_REQUIRE_NVCC=1` (a missing
@@ -14,6 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::{env, fs};
 
+#[path = "build/abi.rs"]
+mod abi;
+
 const DEFAULT_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
 const PTX_ARCH: &str = "compute_90";
 
@@ -22,7 +26,26 @@ struct KernelFile {
     path: PathBuf,
     /// Hopper-only (`*_sm90a.cu`): compiled for sm_90a alone and not emulated.
     sm90a: bool,
-    kernels: Vec<String>,
+    kernels: Vec<abi::Kernel>,
+    /// The structs its kernels take by value.
+    structs: Vec<abi::ParamStruct>,
+}
+
+impl KernelFile {
+    /// The path messages name, `kernels/<stem>.cu`.
+    fn display(&self) -> String {
+        format!("kernels/{}.cu", self.stem)
+    }
+
+    /// What a compiler compiles for this file: the file, then the C layout checks of its
+    /// parameter structs (build/abi.rs), so nvcc and g++ both check them.
+    fn translation_unit(&self) -> String {
+        format!(
+            "#include \"{}\"\n{}",
+            self.path.display(),
+            abi::c_checks(&self.structs, &self.display())
+        )
+    }
 }
 
 #[derive(Default, Clone)]
@@ -108,6 +131,12 @@ fn main() {
         generate_table(&files, compiled, &nvcc_version, &ptxas),
     )
     .unwrap();
+    for f in &files {
+        for st in &f.structs {
+            let path = out.join(format!("abi_{}.rs", st.name));
+            fs::write(path, abi::rust_checks(st, &f.display())).unwrap();
+        }
+    }
 
     if env::var_os("CARGO_FEATURE_HOSTSIM").is_some() {
         build_hostsim(&files, &kdir, &out);
@@ -128,11 +157,12 @@ fn discover(kdir: &Path) -> Vec<KernelFile> {
             println!("cargo:rerun-if-changed={}", path.display());
             let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
             let text = fs::read_to_string(&path).unwrap();
-            let kernels = kernel_names(&text);
-            for k in &kernels {
+            let (kernels, structs) = abi::parse(&text, &format!("kernels/{stem}.cu"));
+            let names = kernels.iter().map(|k| &k.name);
+            for name in names.chain(structs.iter().map(|s| &s.name)) {
                 assert!(
-                    seen.insert(k.clone()),
-                    "kernel {k} is defined twice under kernels/"
+                    seen.insert(name.clone()),
+                    "{name} is defined twice under kernels/ (kernels and parameter structs have one namespace)"
                 );
             }
             KernelFile {
@@ -140,6 +170,7 @@ fn discover(kdir: &Path) -> Vec<KernelFile> {
                 stem,
                 path,
                 kernels,
+                structs,
             }
         })
         .collect()
@@ -163,36 +194,6 @@ fn common_sources(kdir: &Path) -> Vec<(PathBuf, String)> {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     v
-}
-
-/// Names of the `extern "C" __global__` functions of a kernel file.
-fn kernel_names(text: &str) -> Vec<String> {
-    const MARK: &str = "extern \"C\" __global__";
-    let mut names = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(MARK) {
-        rest = &rest[i + MARK.len()..];
-        let mut s = rest.trim_start();
-        s = s
-            .strip_prefix("void")
-            .expect("extern \"C\" __global__ must be followed by void")
-            .trim_start();
-        if let Some(after) = s.strip_prefix("__launch_bounds__") {
-            let close = after.find(')').expect("unclosed __launch_bounds__");
-            s = after[close + 1..].trim_start();
-        }
-        let name: String = s
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        assert!(
-            !name.is_empty(),
-            "could not read a kernel name near: {}",
-            &s[..s.len().min(60)]
-        );
-        names.push(name);
-    }
-    names
 }
 
 fn find_nvcc() -> Option<PathBuf> {
@@ -355,8 +356,9 @@ fn compile_one(
     version: &str,
 ) -> Result<String, String> {
     let src = fs::read(&f.path).map_err(|e| e.to_string())?;
+    let unit = f.translation_unit();
     let args = nvcc_args(f, strict);
-    let mut parts: Vec<&[u8]> = vec![&src, version.as_bytes()];
+    let mut parts: Vec<&[u8]> = vec![&src, unit.as_bytes(), version.as_bytes()];
     parts.extend(args.iter().map(|a| a.as_bytes()));
     parts.extend(common.iter().map(|(_, t)| t.as_bytes()));
     let hash = format!("{:016x}", fnv(&parts));
@@ -368,10 +370,12 @@ fn compile_one(
             return Ok(log);
         }
     }
+    let unit_path = out.join(format!("nvcc_{}.cu", f.stem));
+    fs::write(&unit_path, &unit).map_err(|e| e.to_string())?;
     let output = Command::new(nvcc)
         .args(&args)
         .arg(format!("-I{}", kdir.display()))
-        .arg(&f.path)
+        .arg(&unit_path)
         .arg("-o")
         .arg(&fatbin)
         .output()
@@ -463,7 +467,7 @@ fn generate_table(
     let all: Vec<(&str, usize, bool)> = files
         .iter()
         .enumerate()
-        .flat_map(|(m, f)| f.kernels.iter().map(move |k| (k.as_str(), m, f.sm90a)))
+        .flat_map(|(m, f)| f.kernels.iter().map(move |k| (k.name.as_str(), m, f.sm90a)))
         .collect();
     writeln!(s, "#[allow(non_camel_case_types)]").unwrap();
     writeln!(
@@ -494,6 +498,9 @@ fn generate_table(
     }
     writeln!(s, "    }} }}").unwrap();
     writeln!(s, "}}").unwrap();
+    let kernels: Vec<&abi::Kernel> = files.iter().flat_map(|f| &f.kernels).collect();
+    let structs: Vec<&abi::ParamStruct> = files.iter().flat_map(|f| &f.structs).collect();
+    s.push_str(&abi::params_table(&kernels, &structs));
 
     writeln!(s, "pub static PTXAS: &[PtxasEntry] = &[").unwrap();
     for e in ptxas {
@@ -588,9 +595,9 @@ fn build_hostsim(files: &[KernelFile], kdir: &Path, out: &Path) {
     }
     let mut any = false;
     for f in files.iter().filter(|f| !f.sm90a) {
-        let mut src = format!("#include \"{}\"\n", f.path.display());
+        let mut src = f.translation_unit();
         for k in &f.kernels {
-            writeln!(src, "HS_EXPORT({k})").unwrap();
+            writeln!(src, "HS_EXPORT({})", k.name).unwrap();
         }
         let path = out.join(format!("hostsim_{}.cpp", f.stem));
         if fs::read_to_string(&path).ok().as_deref() != Some(src.as_str()) {

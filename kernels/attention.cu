@@ -21,9 +21,23 @@
 // narrower than one mma k-step): the same math in scalar f32 — one thread per query row, keys
 // streamed from global memory with the online softmax, P·V in f32. Launch: grid
 // (ceil(N / 128), heads, B), 128 threads, no shared memory. Names: attention_d<D>_<out>.
+// Parameters: one AttentionParams by value.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/mma.cuh"
+
+// The kernels' parameters, mirrored by ops::attention::AttentionParams; build.rs checks that
+// both have this layout (build/abi.rs).
+struct AttentionParams {
+    const __nv_bfloat16* qkv;  // [B, N, 3C]
+    const __nv_bfloat16* kv;   // [B, M, 2C], or null
+    const float* mask;         // [B, N + M], or null
+    void* out;                 // O [B, N, C] in the output type
+    int n, m, c;
+    int causal;
+    float scale;
+    int pad;  // explicit, so every byte is a field
+};
 
 namespace attn {
 constexpr int BQ = 64, BKV = 64, THREADS = 128;
@@ -233,35 +247,24 @@ __device__ __forceinline__ void small_body(const __nv_bfloat16* __restrict__ qkv
 #pragma unroll
     for (int d = 0; d < D; ++d) o[d] = from_f32<TO>(acc[d] * inv);
 }
+
+// A kernel: the struct unpacked into the body's arguments (the scalar one for small heads).
+template <int D, typename TO>
+__device__ __forceinline__ void entry(const AttentionParams& p) {
+    if constexpr (D >= 16)
+        body<D>(p.qkv, p.kv, p.mask, static_cast<TO*>(p.out), p.n, p.m, p.c, p.causal, p.scale);
+    else
+        small_body<D>(p.qkv, p.kv, p.mask, static_cast<TO*>(p.out), p.n, p.m, p.c, p.causal, p.scale);
+}
 }  // namespace attn
 
-extern "C" __global__ void __launch_bounds__(128) attention_d64_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
-    attn::body<64>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d64_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
-    attn::body<64>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d32_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
-    attn::body<32>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d32_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
-    attn::body<32>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d16_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
-    attn::body<16>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d16_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
-    attn::body<16>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d8_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
-    attn::small_body<8>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d8_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
-    attn::small_body<8>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d4_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, __nv_bfloat16* out, int n, int m, int c, int causal, float scale) {
-    attn::small_body<4>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_d4_f32(const __nv_bfloat16* qkv, const __nv_bfloat16* kv, const float* mask, float* out, int n, int m, int c, int causal, float scale) {
-    attn::small_body<4>(qkv, kv, mask, out, n, m, c, causal, scale);
-}
+extern "C" __global__ void __launch_bounds__(128) attention_d64_bf16(const AttentionParams p) { attn::entry<64, __nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d64_f32(const AttentionParams p) { attn::entry<64, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d32_bf16(const AttentionParams p) { attn::entry<32, __nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d32_f32(const AttentionParams p) { attn::entry<32, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d16_bf16(const AttentionParams p) { attn::entry<16, __nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d16_f32(const AttentionParams p) { attn::entry<16, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d8_bf16(const AttentionParams p) { attn::entry<8, __nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d8_f32(const AttentionParams p) { attn::entry<8, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d4_bf16(const AttentionParams p) { attn::entry<4, __nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(128) attention_d4_f32(const AttentionParams p) { attn::entry<4, float>(p); }

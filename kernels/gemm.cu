@@ -23,10 +23,29 @@
 //   bf16 → f32.
 // Limits: K % 8 == 0 (16-byte rows; the op rejects other K), M < 2^31, N ≤ 65535·128.
 //   M, N, K tails are zero-filled on load and masked on store.
-// Names: gemm_bf16_<out>.
+// Names: gemm_bf16_<out>. Parameters: one GemmParams by value.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/mma.cuh"
+
+// The kernels' parameters, mirrored by ops::gemm::GemmParams; build.rs checks that both have
+// this layout (build/abi.rs). Pointers first, so there is no implicit padding.
+struct GemmParams {
+    const __nv_bfloat16* a;  // A [M, K]
+    const __nv_bfloat16* w;  // W [N, K]
+    const float* bias;       // [N], or null
+    const void* r;           // R [M, N] in the output type, or null
+    void* c;                 // C [M, N] in the output type
+    const float* ab;         // FiLM a | β [M / rows_per_sample, 2N], or null
+    float* partials;         // GRN slab sums, or null
+    const float* a_mod;      // the A modulation [samples, 2K], or null
+    int m, n, k;
+    int gelu;
+    int rows_per_sample;
+    float film_k;
+    float a_k;
+    int pad;  // explicit, so every byte is a field
+};
 
 namespace gemm {
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 8, THREADS = 256;
@@ -165,11 +184,14 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
                 }
     }
 }
+
+// A kernel: the struct unpacked into the body's arguments.
+template <typename TO>
+__device__ __forceinline__ void entry(const GemmParams& p) {
+    body(p.a, p.w, p.bias, static_cast<const TO*>(p.r), static_cast<TO*>(p.c), p.m, p.n, p.k, p.gelu, p.ab,
+         p.rows_per_sample, p.film_k, p.partials, p.a_mod, p.a_k);
+}
 }  // namespace gemm
 
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const float* R, float* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* partials, const float* a_mod, float a_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, partials, a_mod, a_k);
-}
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const __nv_bfloat16* A, const __nv_bfloat16* W, const float* bias, const __nv_bfloat16* R, __nv_bfloat16* C, int M, int N, int K, int gelu, const float* ab, int rows_per_sample, float film_k, float* partials, const float* a_mod, float a_k) {
-    gemm::body(A, W, bias, R, C, M, N, K, gelu, ab, rows_per_sample, film_k, partials, a_mod, a_k);
-}
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_f32(const GemmParams p) { gemm::entry<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) gemm_bf16_bf16(const GemmParams p) { gemm::entry<__nv_bfloat16>(p); }

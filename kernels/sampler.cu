@@ -25,6 +25,24 @@
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 
+// The parameters of cfg_apply_<pred>, mirrored by ops::sampler::CfgApplyParams; build.rs checks
+// that both have this layout (build/abi.rs).
+struct CfgApplyParams {
+    const void* pred;     // [2B, …] in the kernel's type
+    const float* parts;   // moments records [G, P, 5], or null without rescale
+    float* y;             // the guided prediction
+    const float* x;       // the step's x, or null: no step
+    const float* noise;   // the step's noise
+    const float* coef;    // the step's (a, b, a′, b′, σ) per sample
+    float* x0;            // the step's outputs
+    float* next;
+    long long group_len;  // elements per rescale group
+    long long half;       // elements of one half (c or u) of pred
+    long long per;        // elements per sample
+    int n_parts;          // P: records per group (0 without rescale)
+    float cfg, rho, keep;
+};
+
 namespace sampler {
 constexpr int THREADS = 256, WARPS = THREADS / 32;
 constexpr float STD_EPS = 1e-9f;
@@ -176,11 +194,18 @@ __device__ __forceinline__ void ddpm_step(const float* __restrict__ x, const T* 
         }
     }
 }
+
+// cfg_apply_<pred>: the struct unpacked into apply's arguments.
+template <typename T>
+__device__ __forceinline__ void apply_entry(const CfgApplyParams& p) {
+    apply(static_cast<const T*>(p.pred), p.parts, p.n_parts, p.y, p.group_len, p.half, p.cfg, p.rho, p.keep, p.x,
+          p.noise, p.coef, p.x0, p.next, p.per);
+}
 }  // namespace sampler
 
 extern "C" __global__ void __launch_bounds__(256) cfg_stats_f32(const float* pred, float* parts, long long group_len, long long half, float cfg) { sampler::stats(pred, parts, group_len, half, cfg); }
 extern "C" __global__ void __launch_bounds__(256) cfg_stats_bf16(const __nv_bfloat16* pred, float* parts, long long group_len, long long half, float cfg) { sampler::stats(pred, parts, group_len, half, cfg); }
-extern "C" __global__ void __launch_bounds__(256) cfg_apply_f32(const float* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep, const float* x, const float* noise, const float* coef, float* x0, float* next, long long per) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep, x, noise, coef, x0, next, per); }
-extern "C" __global__ void __launch_bounds__(256) cfg_apply_bf16(const __nv_bfloat16* pred, const float* parts, int n_parts, float* y, long long group_len, long long half, float cfg, float rho, float keep, const float* x, const float* noise, const float* coef, float* x0, float* next, long long per) { sampler::apply(pred, parts, n_parts, y, group_len, half, cfg, rho, keep, x, noise, coef, x0, next, per); }
+extern "C" __global__ void __launch_bounds__(256) cfg_apply_f32(const CfgApplyParams p) { sampler::apply_entry<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) cfg_apply_bf16(const CfgApplyParams p) { sampler::apply_entry<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256) ddpm_step_f32(const float* x, const float* eps, const float* noise, const float* coef, float* x0, float* next, long long rows, long long per) { sampler::ddpm_step(x, eps, noise, coef, x0, next, rows, per); }
 extern "C" __global__ void __launch_bounds__(256) ddpm_step_bf16(const float* x, const __nv_bfloat16* eps, const float* noise, const float* coef, float* x0, float* next, long long rows, long long per) { sampler::ddpm_step(x, eps, noise, coef, x0, next, rows, per); }

@@ -21,6 +21,8 @@ pub enum Error {
     KernelsMissing(Vec<String>),
     #[error("host emulator: kernel {kernel} failed: {message}")]
     Hostsim { kernel: String, message: String },
+    #[error("kernel {kernel}: the launch's arguments do not match the kernel's parameters in kernels/*.cu: {message}")]
+    KernelAbi { kernel: String, message: String },
     #[error("host emulator not built in: rebuild with the `hostsim` feature (on by default)")]
     HostsimUnavailable,
     #[error("shape error in {op}: {message}")]

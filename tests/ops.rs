@@ -1,7 +1,7 @@
 //! Every op's kernels on the host emulator against the op's f32 CPU reference, on fresh
 //! random inputs (odd shapes included) and on each family's regression seeds, with outputs
 //! poisoned beforehand. Run in both emulator thread orders (`HOSTSIM_REVERSE=1`). Plus: every kernel is exercised by some
-//! check, and ptxas reports no spills.
+//! check, every launch matches its kernel's parameters, and ptxas reports no spills.
 
 use std::collections::BTreeSet;
 use ultrapixel::runtime::device::dry_launches;
@@ -208,6 +208,31 @@ fn every_kernel_is_exercised_by_a_check() {
         .map(|k| k.name())
         .collect();
     assert!(unused.is_empty(), "kernels no check launches: {unused:?}");
+}
+
+/// Every launch of every op (each check's graph, every kernel among them) passes its kernel's
+/// parameter list as build.rs read it from kernels/*.cu: the count, each argument's width,
+/// pointer or scalar, integer or float, struct name and size. Debug builds check this on every
+/// launch they execute; this test checks every op's launches without running them, in any build.
+#[test]
+fn every_launch_matches_its_kernel_parameters() {
+    let mut failures = Vec::new();
+    let mut launches = 0;
+    for c in ultrapixel::ops::all_checks(1, Scale::Emulator).unwrap() {
+        for l in dry_launches(&c.graph).unwrap() {
+            launches += 1;
+            if let Err(e) = l.check_abi() {
+                failures.push(format!("{}: {e}", c.name));
+            }
+        }
+    }
+    assert!(launches > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {launches} launches do not match their kernels:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

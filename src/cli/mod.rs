@@ -80,6 +80,7 @@ pub fn exit_code(e: &crate::Error) -> i32 {
         E::Download { .. }
         | E::Cuda { .. }
         | E::KernelsMissing(_)
+        | E::KernelAbi { .. }
         | E::Hostsim { .. }
         | E::Shape { .. }
         | E::NonFinite { .. } => 1,

@@ -9,6 +9,7 @@
 use super::dot::{accumulate, pack_panels, LANES};
 use super::{require_f32, to_i32, Shaped};
 use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::Launch;
 use crate::runtime::launch::{ceil_div, Args};
@@ -16,6 +17,24 @@ use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
+
+/// The parameters of `attention_*`: `struct AttentionParams` of kernels/attention.cu, whose
+/// comments say what each field is. Device pointers are addresses, 0 for null.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionParams {
+    pub qkv: u64,
+    pub kv: u64,
+    pub mask: u64,
+    pub out: u64,
+    pub n: i32,
+    pub m: i32,
+    pub c: i32,
+    pub causal: i32,
+    pub scale: f32,
+    pub pad: i32,
+}
+mirror_kernel_struct!(AttentionParams);
 
 /// Inputs, in order:
 /// - `qkv [B, N, 3C]`: each token row is q (C) | k (C) | v (C);
@@ -281,16 +300,18 @@ impl OpImpl for Attention {
             ));
         }
         let ptr_of = |present: bool, i: usize| if present { io.inputs[i].ptr } else { 0 };
-        let args = Args::new()
-            .ptr(io.inputs[0].ptr)
-            .ptr(ptr_of(self.extra_kv, 1))
-            .ptr(ptr_of(self.key_mask, io.inputs.len() - 1))
-            .ptr(io.outputs[0].ptr)
-            .i32(to_i32(op, "N", d.queries)?)
-            .i32(to_i32(op, "M", d.extra)?)
-            .i32(to_i32(op, "C", d.channels)?)
-            .i32(self.causal as i32)
-            .f32(1.0 / (d.head_dim as f32).sqrt());
+        let args = Args::new().by_value(&AttentionParams {
+            qkv: io.inputs[0].ptr,
+            kv: ptr_of(self.extra_kv, 1),
+            mask: ptr_of(self.key_mask, io.inputs.len() - 1),
+            out: io.outputs[0].ptr,
+            n: to_i32(op, "N", d.queries)?,
+            m: to_i32(op, "M", d.extra)?,
+            c: to_i32(op, "C", d.channels)?,
+            causal: self.causal as i32,
+            scale: 1.0 / (d.head_dim as f32).sqrt(),
+            pad: 0,
+        });
         let name = format!("attention_d{}_{}", d.head_dim, self.out.suffix());
         let grid_y = to_i32(op, "heads", self.heads)?;
         let grid_z = to_i32(op, "batch", d.batch)?;

@@ -9,6 +9,7 @@ use super::elementwise::Film;
 use super::math::gelu_ref;
 use super::{arity, rows_channels, to_i32};
 use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, Role, TensorDesc, TensorId};
+use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -20,6 +21,30 @@ const TILE_M: usize = 128;
 const TILE_N: usize = 128;
 /// STAGES · (TILE_M + TILE_N) · padded row pitch 40 · 2 bytes.
 const SMEM_BYTES: u32 = 3 * (128 + 128) * 40 * 2;
+
+/// The parameters of `gemm_bf16_*`: `struct GemmParams` of kernels/gemm.cu, whose comments say
+/// what each field is. Device pointers are addresses, 0 for null.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GemmParams {
+    pub a: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub r: u64,
+    pub c: u64,
+    pub ab: u64,
+    pub partials: u64,
+    pub a_mod: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub gelu: i32,
+    pub rows_per_sample: i32,
+    pub film_k: f32,
+    pub a_k: f32,
+    pub pad: i32,
+}
+mirror_kernel_struct!(GemmParams);
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemm {
@@ -267,23 +292,24 @@ impl Gemm {
         };
         let name = format!("gemm_bf16_{}", self.out.suffix());
         let op = self.name();
-        let args = Args::new()
-            .ptr(a.ptr)
-            .ptr(w.ptr)
-            .ptr(bias)
-            .ptr(res)
-            .ptr(io.outputs[0].ptr)
-            .i32(to_i32(op, "M", m)?)
-            .i32(to_i32(op, "N", n)?)
-            .i32(to_i32(op, "K", k)?)
-            .i32(self.gelu as i32);
-        let args = args
-            .ptr(x.film)
-            .i32(to_i32(op, "rows per sample", x.rows_per_sample)?)
-            .f32(x.film_k)
-            .ptr(x.partials)
-            .ptr(x.a_mod)
-            .f32(x.a_k);
+        let args = Args::new().by_value(&GemmParams {
+            a: a.ptr,
+            w: w.ptr,
+            bias,
+            r: res,
+            c: io.outputs[0].ptr,
+            ab: x.film,
+            partials: x.partials,
+            a_mod: x.a_mod,
+            m: to_i32(op, "M", m)?,
+            n: to_i32(op, "N", n)?,
+            k: to_i32(op, "K", k)?,
+            gelu: self.gelu as i32,
+            rows_per_sample: to_i32(op, "rows per sample", x.rows_per_sample)?,
+            film_k: x.film_k,
+            a_k: x.a_k,
+            pad: 0,
+        });
         let grid_n = ceil_div(n, TILE_N);
         if grid_n > 65535 {
             return Err(Error::shape(

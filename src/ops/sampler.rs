@@ -11,6 +11,7 @@ use super::math::{accurate, linspace};
 use super::rows_launch;
 use super::{inputs_n, require_f32, Shaped};
 use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -279,6 +280,29 @@ impl OpImpl for CfgCombine {
 /// The device pointers of a step fused onto CFG's apply pass: x, noise, coef, x0, x_next.
 type StepPtrs = [u64; 5];
 
+/// The parameters of `cfg_apply_*`: `struct CfgApplyParams` of kernels/sampler.cu, whose
+/// comments say what each field is. Device pointers are addresses, 0 for null.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CfgApplyParams {
+    pub pred: u64,
+    pub parts: u64,
+    pub y: u64,
+    pub x: u64,
+    pub noise: u64,
+    pub coef: u64,
+    pub x0: u64,
+    pub next: u64,
+    pub group_len: i64,
+    pub half: i64,
+    pub per: i64,
+    pub n_parts: i32,
+    pub cfg: f32,
+    pub rho: f32,
+    pub keep: f32,
+}
+mirror_kernel_struct!(CfgApplyParams);
+
 impl CfgCombine {
     /// The statistics (when rescaling) and apply launches, writing the guided prediction to
     /// `y` and, with `step`, taking the sampler step on it.
@@ -296,6 +320,7 @@ impl CfgCombine {
         let dt = pred.desc.dtype.suffix();
         let (parts, half) = (self.stat_blocks(len), (b * per) as u64);
         let block = [CFG_THREADS as u32, 1, 1];
+        let [x, noise, coef, x0, next] = step.unwrap_or_default();
         let mut launches = Vec::new();
         if parts > 0 {
             launches.push(Launch {
@@ -317,18 +342,23 @@ impl CfgCombine {
             grid: [apply_blocks as u32, groups as u32, 1],
             block,
             smem: 0,
-            args: Args::new()
-                .ptr(pred.ptr)
-                .ptr(if parts > 0 { io.workspace } else { 0 })
-                .i32(parts as i32)
-                .ptr(y)
-                .u64(len as u64)
-                .u64(half)
-                .f32(self.cfg)
-                .f32(self.rho)
-                .f32(self.keep())
-                .ptrs(&step.unwrap_or_default())
-                .u64(per as u64),
+            args: Args::new().by_value(&CfgApplyParams {
+                pred: pred.ptr,
+                parts: if parts > 0 { io.workspace } else { 0 },
+                y,
+                x,
+                noise,
+                coef,
+                x0,
+                next,
+                group_len: len as i64,
+                half: half as i64,
+                per: per as i64,
+                n_parts: parts as i32,
+                cfg: self.cfg,
+                rho: self.rho,
+                keep: self.keep(),
+            }),
         });
         Ok(launches)
     }

@@ -30,9 +30,10 @@ pub fn launch(l: &mut Launch) -> Result<()> {
         block: l.block,
         smem_bytes: l.smem,
     };
-    let mut ptrs = l.args.pointers();
+    let mut ptrs = l.params()?;
     // SAFETY: the launcher reads one value per kernel parameter from `ptrs`; the op's launch
-    // plan packs exactly the kernel's parameters, and its pointers address live buffers.
+    // plan packs exactly the kernel's parameters (checked in debug builds), and its pointers
+    // address live buffers.
     let rc = unsafe { entry(&cfg, ptrs.as_mut_ptr()) };
     if rc != 0 {
         // SAFETY: the emulator returns a NUL-terminated thread-local message.

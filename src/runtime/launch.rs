@@ -3,7 +3,9 @@
 //! the `cuLaunchKernel` convention). A launch list's [`Entry`] is such a launch or a vendor
 //! library's call (cuBLASLt, chosen per GEMM by the tuning table on the cuda backend).
 
+use super::abi::{self, ArgKind, KernelStruct};
 use super::kernels::KernelId;
+use crate::Result;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -60,11 +62,15 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-/// Kernel arguments, one 8-byte slot each (every kernel parameter is a scalar or a pointer of
-/// at most 8 bytes; little endian, so a 4-byte value in the low half of its slot reads right).
+/// Kernel arguments: each one's value from an 8-byte boundary (little endian, so a 4-byte
+/// value in the low half of its word reads right; a parameter struct takes as many words as
+/// it needs), and how it was passed, which [`Launch::check_abi`] compares with the kernel's
+/// parameters.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Args {
-    slots: Vec<u64>,
+    words: Vec<u64>,
+    /// Each argument's first word and kind.
+    slots: Vec<(usize, ArgKind)>,
 }
 
 impl Args {
@@ -72,10 +78,15 @@ impl Args {
         Args::default()
     }
 
-    /// A device pointer (a host address under the emulator).
-    pub fn ptr(mut self, p: u64) -> Self {
-        self.slots.push(p);
+    fn push(mut self, kind: ArgKind, words: &[u64]) -> Self {
+        self.slots.push((self.words.len(), kind));
+        self.words.extend_from_slice(words);
         self
+    }
+
+    /// A device pointer (a host address under the emulator).
+    pub fn ptr(self, p: u64) -> Self {
+        self.push(ArgKind::Ptr, &[p])
     }
 
     /// Several device pointers in order.
@@ -83,24 +94,29 @@ impl Args {
         ps.iter().fold(self, |a, &p| a.ptr(p))
     }
 
-    pub fn i32(mut self, v: i32) -> Self {
-        self.slots.push(v as u32 as u64);
-        self
+    pub fn i32(self, v: i32) -> Self {
+        self.push(ArgKind::Int(4), &[v as u32 as u64])
     }
 
-    pub fn u32(mut self, v: u32) -> Self {
-        self.slots.push(v as u64);
-        self
+    pub fn u32(self, v: u32) -> Self {
+        self.push(ArgKind::Int(4), &[v as u64])
     }
 
-    pub fn f32(mut self, v: f32) -> Self {
-        self.slots.push(v.to_bits() as u64);
-        self
+    pub fn f32(self, v: f32) -> Self {
+        self.push(ArgKind::Float(4), &[v.to_bits() as u64])
     }
 
-    pub fn u64(mut self, v: u64) -> Self {
-        self.slots.push(v);
-        self
+    /// A 64-bit integer (`long long`).
+    pub fn u64(self, v: u64) -> Self {
+        self.push(ArgKind::Int(8), &[v])
+    }
+
+    /// A parameter struct, by value.
+    pub fn by_value<T: KernelStruct>(self, v: &T) -> Self {
+        let bytes = bytemuck::bytes_of(v);
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        self.push(ArgKind::Struct(T::C_NAME, bytes.len()), &words)
     }
 
     pub fn len(&self) -> usize {
@@ -111,12 +127,18 @@ impl Args {
         self.slots.is_empty()
     }
 
+    /// How each argument is passed.
+    pub fn kinds(&self) -> Vec<ArgKind> {
+        self.slots.iter().map(|&(_, k)| k).collect()
+    }
+
     /// The `void**` array: pointers into this argument list, valid while `self` is neither
     /// moved nor modified.
-    pub fn pointers(&mut self) -> Vec<*mut c_void> {
+    fn pointers(&mut self) -> Vec<*mut c_void> {
+        let base = self.words.as_mut_ptr();
         self.slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
+            .iter()
+            .map(|&(word, _)| base.wrapping_add(word) as *mut c_void)
             .collect()
     }
 }
@@ -146,6 +168,22 @@ impl Launch {
     pub fn threads_per_block(&self) -> u32 {
         self.block.iter().product()
     }
+
+    /// Checks the arguments against the kernel's parameters (count, width, pointer or
+    /// scalar, integer or float, struct name and size).
+    pub fn check_abi(&self) -> Result<()> {
+        abi::check(self.kernel, &self.args.kinds())
+    }
+
+    /// The `cuLaunchKernel` argument array, valid while `self` is neither moved nor modified.
+    /// Debug builds check the arguments against the kernel's parameters first, on every
+    /// launch of every executor.
+    pub fn params(&mut self) -> Result<Vec<*mut c_void>> {
+        if cfg!(debug_assertions) {
+            self.check_abi()?;
+        }
+        Ok(self.args.pointers())
+    }
 }
 
 /// ceil(a / b) for launch shapes.
@@ -165,6 +203,37 @@ mod tests {
             assert_eq!(*(p[0] as *const i32), -3);
             assert_eq!(*(p[1] as *const f32), 1.5);
             assert_eq!(*(p[2] as *const u64), 0xdead_beef_0000);
+        }
+    }
+
+    /// A parameter struct's bytes, whole and 8-byte aligned (no struct here needs more), at
+    /// its argument's pointer, between the arguments around it.
+    #[test]
+    fn a_struct_argument_holds_its_bytes() {
+        use crate::ops::gemm::GemmParams;
+        let g = GemmParams {
+            a: 0x1000,
+            m: 7,
+            film_k: 0.5,
+            pad: -1,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let mut a = Args::new().i32(-3).by_value(&g).f32(1.5);
+        assert_eq!(
+            a.kinds(),
+            [
+                ArgKind::Int(4),
+                ArgKind::Struct("GemmParams", size_of::<GemmParams>()),
+                ArgKind::Float(4)
+            ]
+        );
+        let p = a.pointers();
+        assert_eq!(p[1] as usize % align_of::<GemmParams>(), 0);
+        unsafe {
+            assert_eq!(*(p[0] as *const i32), -3);
+            let back = *(p[1] as *const GemmParams);
+            assert_eq!(bytemuck::bytes_of(&back), bytemuck::bytes_of(&g));
+            assert_eq!(*(p[2] as *const f32), 1.5);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The runtime: op graph, arena planner, executors (cpu, hostsim, cuda) and the kernel table.
 
+pub mod abi;
 pub mod cpu;
 pub mod cuda;
 pub mod device;

@@ -142,9 +142,9 @@ impl CudaEngine {
             match step {
                 Entry::Kernel(l) => {
                     let f = self.function(l.kernel, l.smem)?;
-                    let mut params = l.args.pointers();
-                    // SAFETY: the op's launch plan packs exactly the kernel's parameters,
-                    // pointing into live buffers of the tuner.
+                    let mut params = l.params()?;
+                    // SAFETY: the op's launch plan packs exactly the kernel's parameters
+                    // (checked in debug builds), pointing into live buffers of the tuner.
                     unsafe {
                         drv::launch_kernel(
                             f,

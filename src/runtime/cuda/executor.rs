@@ -210,9 +210,9 @@ impl Executor {
             block: l.block,
             smem: l.smem,
         };
-        let mut params = l.args.pointers();
-        // SAFETY: the op's launch plan packs exactly the kernel's parameters, with pointers
-        // into live device buffers of the session.
+        let mut params = l.params()?;
+        // SAFETY: the op's launch plan packs exactly the kernel's parameters (checked in
+        // debug builds), with pointers into live device buffers of the session.
         unsafe { self.driver.launch(f, shape, self.stream, &mut params) }
             .map_err(|e| driver_error(&format!("launching {}", l.kernel.name()), e))
     }
@@ -365,6 +365,7 @@ impl Drop for Executor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::abi::ArgKind;
     use crate::runtime::kernels::KernelId;
     use crate::runtime::launch::Args;
     use cudarc::driver::sys::CUresult;
@@ -479,7 +480,13 @@ mod tests {
     }
 
     fn list(n: usize) -> LaunchList {
-        let k = KernelId::ALL[0];
+        // A kernel of one pointer parameter, so the launches pass the debug builds' ABI check
+        // (the mock driver runs nothing).
+        let one_pointer = [ArgKind::Ptr];
+        let k = *KernelId::ALL
+            .iter()
+            .find(|k| k.params().iter().map(|p| p.kind).eq(one_pointer))
+            .expect("a kernel of one pointer parameter");
         LaunchList {
             launches: (0..n)
                 .map(|i| {
