@@ -203,7 +203,7 @@ pub(crate) mod test_data {
         (tensors, meta.metadata().clone().unwrap_or_default())
     }
 
-    /// max|out − ref| and the README's limit atol + rtol·max|ref|.
+    /// max|out − ref| and the limit atol + rtol·max|ref| of `tests/cases/README.md`.
     pub fn error(out: &[f32], reference: &[f32], atol: f32, rtol: f32) -> (f32, f32) {
         assert_eq!(out.len(), reference.len());
         let r = crate::verify::compare(
@@ -255,6 +255,7 @@ mod tests {
 
     #[test]
     fn scale_signal_matches_the_spec_table() {
+        // The values listed in docs/MODEL.md §3.3.
         assert_eq!(scale_signal(24, 24), 1.0);
         for (h, w, s) in [(48, 48, 1.1037), (60, 120, 1.1821), (96, 96, 1.1984)] {
             assert!((scale_signal(h, w) - s).abs() < 1e-4, "{h}x{w}");

@@ -1,6 +1,6 @@
 //! Text to image: [`Pipeline::load`] opens and checks a model directory on a backend,
-//! [`Pipeline::generate`] turns a [`Request`] into images (spec §1.2): text encoding, Stage C's
-//! dual pass with UltraPixel guidance, Stage B, Stage A, 8-bit RGB.
+//! [`Pipeline::generate`] turns a [`Request`] into images (docs/ARCHITECTURE.md §2): text encoding,
+//! Stage C's dual pass with UltraPixel guidance, Stage B, Stage A, 8-bit RGB.
 //!
 //! Before anything is placed on the device, every stage is planned at the requested size
 //! (weights + activation arena) and compared with the device's free memory: weights stay
@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// CFG rescale ρ of both stages (the reference's `GDF.sample` default, spec §4.5).
+/// CFG rescale ρ of both stages (the reference's `GDF.sample` default, docs/MODEL.md §4.5).
 pub const CFG_RHO: f32 = 0.7;
 
 /// Noise streams of one image's seed: each sampled latent draws its own.
@@ -73,7 +73,7 @@ impl PipelineOptions {
     }
 }
 
-/// The latent sizes of an output size (spec §1.3).
+/// The latent sizes of an output size (docs/MODEL.md §1.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LatentSizes {
     /// Stage C's high-resolution latent: ceil(side / 42.67).
@@ -747,7 +747,7 @@ mod tests {
 
     #[test]
     fn latent_sizes_follow_the_reference_table() {
-        // (H, W) → Stage C HR latent, LR latent, Stage B latent (spec §1.3).
+        // (H, W) → Stage C HR latent, LR latent, Stage B latent (docs/MODEL.md §1.3).
         for (h, w, c, lr, b) in [
             (1024, 1024, (24, 24), (24, 24), (256, 256)),
             (2048, 2048, (48, 48), (24, 24), (512, 512)),
