@@ -1,4 +1,4 @@
-//! The GDF sampling loop both stages run (spec §4): one recorded step graph — the model on
+//! The GDF sampling loop both stages run (docs/MODEL.md §4): one recorded step graph — the model on
 //! the CFG-doubled batch `[cond, uncond]`, guidance with the std rescale, the DDPM update —
 //! replayed once per step with new per-step inputs (the noise condition r, the step
 //! coefficients, the noise).
@@ -169,7 +169,7 @@ impl Steps {
 pub struct Sampled {
     /// The latent after the last step.
     pub x: Vec<f32>,
-    /// x0̂ of the last step: the value the next stage consumes (spec §4.4).
+    /// x0̂ of the last step: the value the next stage consumes (docs/MODEL.md §4.4).
     pub x0: Vec<f32>,
 }
 

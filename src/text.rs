@@ -1,5 +1,5 @@
-//! Prompts to CLIP token ids: the embedded ViT-bigG/14 tokenizer (`data/`, spec §5) with the
-//! reference's framing — BOS, at most 75 text tokens, EOS, padding with EOS to 77 — and the
+//! Prompts to CLIP token ids: the embedded ViT-bigG/14 tokenizer (`data/`, docs/MODEL.md §5) with
+//! the reference's framing — BOS, at most 75 text tokens, EOS, padding with EOS to 77 — and the
 //! attention mask (1 for BOS, the text and the first EOS).
 
 use crate::{Error, Result};

@@ -1,5 +1,5 @@
 // hostsim: the CUDA built-ins our kernels use, emulated on the CPU so that g++ compiles the same
-// kernels/*.cu files nvcc compiles (design: notes/hostsim.md of the shared docs).
+// kernels/*.cu files nvcc compiles (design: docs/ARCHITECTURE.md §4).
 //
 // Execution model
 // - Blocks of a launch run one after another on the calling OS thread; every CUDA thread of a

@@ -1,7 +1,7 @@
 // One kernel source for two compilers. Under nvcc this pulls in the CUDA headers; under g++
 // (-DHOSTSIM) it pulls in the host emulator, which supplies the same built-ins on the CPU.
 //
-// Rules that keep a kernel emulatable (notes/hostsim.md):
+// Rules that keep a kernel emulatable (docs/ARCHITECTURE.md §4):
 // - dynamic shared memory only through dynamic_smem<T>();
 // - inline PTX only inside kernels/common/ wrappers that have an emulated twin;
 // - warp collectives on full warps only (the mask equals the live lanes);

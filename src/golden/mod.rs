@@ -1,6 +1,6 @@
-//! Golden case files (`tests/cases/`, format: the cases README): computations recorded from the
-//! official PyTorch code — weights, inputs, expected outputs — run here on any backend and
-//! compared with the README's rule. Behind `ultrapixel validate`.
+//! Golden case files (`tests/cases/`, format: `tests/cases/README.md`): computations recorded
+//! from the official PyTorch code — weights, inputs, expected outputs — run here on any backend
+//! and compared with that README's rule. Behind `ultrapixel validate`.
 //!
 //! The kind comes from the `module` metadata, every size from the tensors and the `config`
 //! metadata. An unknown kind is an error, never a pass.
@@ -173,7 +173,7 @@ fn weightless(kind: &str) -> bool {
     matches!(kind, "r_embedding" | "sampler_step" | "cfg_combine")
 }
 
-/// The README's f32 (atol, rtol) of a kind.
+/// The f32 (atol, rtol) of a kind (`tests/cases/README.md`, docs/MODEL.md §8.2).
 fn f32_tolerance(kind: &str) -> (f32, f32) {
     match kind {
         "sampler_step" => (1e-4, 1e-4),

@@ -34,8 +34,8 @@ pub(super) fn stage_c(case: &Case, pass: Pass) -> Result<Built> {
             if let Some(given) = case.metadata.get("guide_scale_up") {
                 if given.parse::<f32>().ok() != Some(kappa) {
                     return Err(case.error(format!(
-                        "guide_scale_up is {given}, but the rule of spec §3.4 gives {kappa} \
-                         for a {h}×{w} latent"
+                        "guide_scale_up is {given}, but the rule of docs/MODEL.md §3.4 \
+                         gives {kappa} for a {h}×{w} latent"
                     )));
                 }
             }

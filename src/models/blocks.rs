@@ -1,6 +1,6 @@
-//! The building blocks Stages B and C share (spec §2.1) and the small helpers every network
-//! uses: ResBlock (depthwise conv + LayerNorm2d, the GRN MLP), TimestepBlock, AttnBlock, the
-//! r-embedding, Stage C's conditioning tokens and UltraPixel's scale-aware norm.
+//! The building blocks Stages B and C share (docs/MODEL.md §2.1) and the small helpers every
+//! network uses: ResBlock (depthwise conv + LayerNorm2d, the GRN MLP), TimestepBlock, AttnBlock,
+//! the r-embedding, Stage C's conditioning tokens and UltraPixel's scale-aware norm.
 //!
 //! Activations are channels-last; the residual stream is f32, GEMM operands bf16.
 

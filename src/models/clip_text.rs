@@ -1,4 +1,4 @@
-//! The CLIP ViT-bigG/14 text tower (`CLIPTextModelWithProjection`, spec §5): token and
+//! The CLIP ViT-bigG/14 text tower (`CLIPTextModelWithProjection`, docs/MODEL.md §5): token and
 //! position embeddings, pre-norm layers of causal (and padding-masked) attention and a GELU
 //! MLP, the final LayerNorm, and the projection of the first EOS position.
 

@@ -1,12 +1,12 @@
 //! The constructor arguments of every network, under the official keyword names (the
 //! `config` metadata of the case files, and the optional `*.json` next to a model file).
-//! `Default` is the released configuration of each network (spec §2, §3, §5); a JSON
+//! `Default` is the released configuration of each network (docs/MODEL.md §2, §3, §5); a JSON
 //! object overrides any subset of the keys.
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// Stable Cascade's Stage C (UltraPixel's `StageC`): spec §2.2, released 3.6B model.
+/// Stable Cascade's Stage C (UltraPixel's `StageC`): docs/MODEL.md §2.2, released 3.6B model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StageCConfig {
@@ -96,7 +96,7 @@ impl StageCConfig {
     }
 }
 
-/// UltraPixel's INR guidance module (`TransInr_withnorm`): spec §3.2.
+/// UltraPixel's INR guidance module (`TransInr_withnorm`): docs/MODEL.md §3.2.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct InrConfig {
@@ -142,7 +142,7 @@ impl InrConfig {
     }
 }
 
-/// Stable Cascade's Stage B: spec §2.3, released lite (700M) model.
+/// Stable Cascade's Stage B: docs/MODEL.md §2.3, released lite (700M) model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StageBConfig {
@@ -223,7 +223,7 @@ impl StageBConfig {
     }
 }
 
-/// Stage A (Paella VQGAN) decoder: spec §2.4.
+/// Stage A (Paella VQGAN) decoder: docs/MODEL.md §2.4.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StageAConfig {
@@ -260,7 +260,7 @@ impl StageAConfig {
     }
 }
 
-/// Stable Cascade's Previewer (spec §2.5, the official `modules/previewer.py`): Stage C
+/// Stable Cascade's Previewer (docs/MODEL.md §2.5, the official `modules/previewer.py`): Stage C
 /// latents to a rough RGB image at 8×.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -294,7 +294,7 @@ impl PreviewerConfig {
 }
 
 /// The CLIP text tower (`transformers` `CLIPTextConfig`, as in `text_encoder/config.json`):
-/// spec §5, released ViT-bigG/14.
+/// docs/MODEL.md §5, released ViT-bigG/14.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {

@@ -1,4 +1,4 @@
-//! UltraPixel's INR guidance module (`TransInr_withnorm`, spec §3.2), in two parts:
+//! UltraPixel's INR guidance module (`TransInr_withnorm`, docs/MODEL.md §3.2), in two parts:
 //!
 //! - [`reconstruct`] (steps A–E.2): LR tokens and weight tokens through one transformer
 //!   layer, the modulated hyper-MLP over the HR pixel grid, the output layer plus the

@@ -1,4 +1,4 @@
-//! Stable Cascade's Previewer (spec §2.5): a Stage C latent (16 channels) to a rough RGB
+//! Stable Cascade's Previewer (docs/MODEL.md §2.5): a Stage C latent (16 channels) to a rough RGB
 //! image at 8× its size, cheap enough to show while Stage C samples. The checkpoint is one
 //! `nn.Sequential` (`blocks.N`): 1×1 conv, then 3×3 convs and 2×2 stride-2 transposed convs
 //! at halving widths, each followed by exact GELU and an eval-mode BatchNorm, and a last 1×1

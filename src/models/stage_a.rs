@@ -1,4 +1,4 @@
-//! Stage A, the Paella VQGAN decoder (spec §2.4): latent scale, 1×1 conv, bottleneck
+//! Stage A, the Paella VQGAN decoder (docs/MODEL.md §2.4): latent scale, 1×1 conv, bottleneck
 //! MixResBlocks, the 4/2/1 transposed conv, one block at half width, the output conv and
 //! PixelShuffle(2). Only the decoder: text-to-image never encodes.
 
@@ -10,7 +10,7 @@ use crate::runtime::graph::TensorId;
 use crate::tensor::{DType, HostTensor};
 use crate::Result;
 
-/// Stage A's ResBlock on an f32 NHWC stream, its six gammas folded into the weights (spec
+/// Stage A's ResBlock on an f32 NHWC stream, its six gammas folded into the weights (docs/MODEL.md
 /// §2.4): the affine after each LayerNorm moves into the next linear map (replication padding
 /// makes every depthwise tap valid, so the shift becomes a bias), the output scales g₂, g₅
 /// into the last weights.

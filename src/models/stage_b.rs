@@ -1,4 +1,4 @@
-//! Stage B (spec §2.3): effnet and pixel conditioning, levels joined by 2×2 stride-2 convs
+//! Stage B (docs/MODEL.md §2.3): effnet and pixel conditioning, levels joined by 2×2 stride-2 convs
 //! and transposed convs, up levels repeated with the skip concatenated again on every pass,
 //! bilinear fixes where odd sizes floor-halved, and the patch-2 output.
 

@@ -1,4 +1,4 @@
-//! Stage C (spec §2.2) with UltraPixel's guidance (§3): the conditioning tokens, the
+//! Stage C (docs/MODEL.md §2.2) with UltraPixel's guidance (§3): the conditioning tokens, the
 //! embedding, the down and up levels of ResBlock / TimestepBlock / AttnBlock, the scalers and
 //! `clf`. The same graph serves the low-resolution pass (optionally capturing the four
 //! guidance maps) and the guided high-resolution pass.
@@ -47,7 +47,7 @@ pub enum Guidance {
     },
 }
 
-/// UltraPixel's up-path guide weight κ for a latent of `area` = H·W tokens (spec §3.4):
+/// UltraPixel's up-path guide weight κ for a latent of `area` = H·W tokens (docs/MODEL.md §3.4):
 /// thresholds on the area, ≥ 96² → 0.7, ≥ 72² → 0.5, else 0.3.
 pub fn guide_scale(area: usize) -> f32 {
     if area >= 96 * 96 {
@@ -85,7 +85,7 @@ pub struct StageCOutputs {
     pub features: Option<[TensorId; 4]>,
 }
 
-/// Stage C's conditioning tokens (spec §2.2 step 2): the text mapper per token, the pooled
+/// Stage C's conditioning tokens (docs/MODEL.md §2.2 step 2): the text mapper per token, the pooled
 /// and image mappers as `c_clip_seq` consecutive tokens each, then LayerNorm:
 /// `[B, 77 + 2·seq, c_cond]`.
 pub fn clip_tokens(
@@ -298,7 +298,7 @@ pub fn manifest(cfg: &StageCConfig, guided: bool) -> Result<super::Manifest> {
     })
 }
 
-/// Keys of the released UltraPixel file that the forward pass never reads (spec §3.3: the
+/// Keys of the released UltraPixel file that the forward pass never reads (docs/MODEL.md §3.3: the
 /// scale-aware norm's `alpha` and `gamma` convolutions), with their shapes.
 pub fn unused_guidance_keys(cfg: &StageCConfig) -> super::Manifest {
     let Some(inr) = &cfg.inr else {

@@ -8,8 +8,8 @@
 
 use super::dot::{accumulate, pack_panels, LANES};
 use super::{require_f32, to_i32, Shaped};
-use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::abi::mirror_kernel_struct;
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::Launch;
 use crate::runtime::launch::{ceil_div, Args};

@@ -176,6 +176,7 @@ mod tests {
 
     #[test]
     fn scale_signal_matches_the_spec_table() {
+        // The values listed in docs/MODEL.md §3.3.
         assert_eq!(scale_signal(24, 24), 1.0);
         for (h, w, s) in [(48, 48, 1.1037), (60, 120, 1.1821), (96, 96, 1.1984)] {
             assert!((scale_signal(h, w) - s).abs() < 1e-4, "{h}x{w}");

@@ -1,4 +1,4 @@
-//! UltraPixel's implicit neural representation (`TransInr_withnorm`, spec §3.2 C–E): the
+//! UltraPixel's implicit neural representation (`TransInr_withnorm`, docs/MODEL.md §3.2 C–E): the
 //! per-sample modulated hyper-network weights, the pixel-centre coordinate encoding of the
 //! high-resolution grid, and the two-layer hyper-MLP evaluated at every pixel.
 //!

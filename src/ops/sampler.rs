@@ -10,8 +10,8 @@
 use super::math::{accurate, linspace};
 use super::rows_launch;
 use super::{inputs_n, require_f32, Shaped};
-use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::abi::mirror_kernel_struct;
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -70,7 +70,7 @@ pub fn logsnr(t: f32) -> f32 {
 
 /// The cosine-t noise condition: the `r` fed to the models for a logSNR. It inverts the
 /// schedule where ᾱ was not clamped (so r(logSNR(1)) = 0.993583, not 1). Clamped to [0, 1]
-/// like the official `BaseNoiseCond` (the cases README omits this clamp; it only catches
+/// like the official `BaseNoiseCond` (`tests/cases/README.md` omits this clamp; it only catches
 /// rounding).
 pub fn noise_cond(logsnr: f32) -> f32 {
     let s = COSINE_S;
@@ -830,7 +830,7 @@ mod tests {
 
     #[test]
     fn matches_the_spec_table() {
-        // Spec §4.6, T = 20: (row, logSNR, a, b, r fed to the model).
+        // docs/MODEL.md §4.6, T = 20: (row, logSNR, a, b, r fed to the model).
         let rows: [(usize, f64, f64, f64, f64); 5] = [
             (0, -9.210240, 0.010000, 0.999950, 0.993583),
             (1, -5.100027, 0.077844, 0.996966, 0.95),

@@ -37,7 +37,7 @@ pub fn load(name: &str) -> (HashMap<String, HostTensor>, HashMap<String, String>
     (tensors, meta.metadata().clone().unwrap_or_default())
 }
 
-/// max|out − ref| and the README's limit atol + rtol·max|ref|.
+/// max|out − ref| and the limit atol + rtol·max|ref| of `tests/cases/README.md`.
 pub fn error(out: &[f32], reference: &[f32], atol: f32, rtol: f32) -> (f32, f32) {
     assert_eq!(out.len(), reference.len());
     let r = crate::verify::compare(

@@ -1,6 +1,6 @@
 //! Text to image: [`Pipeline::load`] opens and checks a model directory on a backend,
-//! [`Pipeline::generate`] turns a [`Request`] into images (spec §1.2): text encoding, Stage C's
-//! dual pass with UltraPixel guidance, Stage B, Stage A, 8-bit RGB.
+//! [`Pipeline::generate`] turns a [`Request`] into images (docs/ARCHITECTURE.md §2): text encoding,
+//! Stage C's dual pass with UltraPixel guidance, Stage B, Stage A, 8-bit RGB.
 //!
 //! Before anything is placed on the device, every stage is planned at the requested size
 //! ([`super::plan`]: weights + activation arena) and compared with the device's free memory:
@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// CFG rescale ρ of both stages (the reference's `GDF.sample` default, spec §4.5).
+/// CFG rescale ρ of both stages (the reference's `GDF.sample` default, docs/MODEL.md §4.5).
 pub const CFG_RHO: f32 = 0.7;
 
 /// Noise streams of one image's seed: each sampled latent draws its own.

@@ -1,4 +1,4 @@
-//! The model files (DESIGN.md "Model directories"), where they come from on the hub, and
+//! The model files (docs/ARCHITECTURE.md §9), where they come from on the hub, and
 //! where this machine keeps them: the Hugging Face hub cache by default, or a plain directory
 //! given with `--model-dir`.
 
@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Stable Cascade stages, text encoder and tokenizer (spec §1.1: same files as StableWurst).
+/// Stable Cascade stages, text encoder and tokenizer (docs/MODEL.md §1.1: same files as
+/// StableWurst).
 pub const STABLE_CASCADE_REPO: &str = "stabilityai/stable-cascade";
 /// UltraPixel's additions, as the official README links them (`2kpr/UltraPixel` is a mirror).
 pub const ULTRAPIXEL_REPO: &str = "roubaofeipi/UltraPixel";

@@ -175,7 +175,7 @@ pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
 }
 
 /// The embedded tokenizer pads with `<|endoftext|>` as the Stable Cascade export does
-/// (spec §5); a model directory whose tokenizer says otherwise gets a warning.
+/// (docs/MODEL.md §5); a model directory whose tokenizer says otherwise gets a warning.
 fn pad_token_warning(dir: &ModelDir) -> Result<Option<String>> {
     let Ok(path) = dir.path(SPECIAL_TOKENS_FILE) else {
         return Ok(None);

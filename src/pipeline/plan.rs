@@ -16,7 +16,7 @@ use crate::tensor::HostTensor;
 use crate::{Error, Result};
 use std::collections::{HashMap, HashSet};
 
-/// The latent sizes of an output size (spec §1.3).
+/// The latent sizes of an output size (docs/MODEL.md §1.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LatentSizes {
     /// Stage C's high-resolution latent: ceil(side / 42.67).
@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn latent_sizes_follow_the_reference_table() {
-        // (H, W) → Stage C HR latent, LR latent, Stage B latent (spec §1.3).
+        // (H, W) → Stage C HR latent, LR latent, Stage B latent (docs/MODEL.md §1.3).
         for (h, w, c, lr, b) in [
             (1024, 1024, (24, 24), (24, 24), (256, 256)),
             (2048, 2048, (48, 48), (24, 24), (512, 512)),

@@ -16,7 +16,7 @@ pub const JSON_KEY: &str = "ultrapixel";
 /// The standard PNG keyword naming the program that made the file.
 pub const SOFTWARE_KEY: &str = "Software";
 
-/// The sampler every stage uses (spec §4.4), as A1111 names it.
+/// The sampler every stage uses (docs/MODEL.md §4.4), as A1111 names it.
 const SAMPLER: &str = "DDPM";
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved R, G, B.
@@ -68,7 +68,7 @@ fn check_len(data: &[f32], height: usize, width: usize, layout: &str) -> Result<
     Ok(())
 }
 
-/// The official pipeline's quantization (spec §1.2 step 5): clamp to [0, 1], ×255, then
+/// The official pipeline's quantization (docs/MODEL.md §1.2 step 5): clamp to [0, 1], ×255, then
 /// truncate (torchvision's `to_pil_image` does `.mul(255).byte()`), not round. NaN gives 0.
 fn quantize(v: f32) -> u8 {
     (v.clamp(0.0, 1.0) * 255.0) as u8

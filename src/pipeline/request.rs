@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Output sides are multiples of this: Stage B's latent is ceil(side/4) and its patch size 2
-/// needs that latent even (spec §1.3).
+/// needs that latent even (docs/MODEL.md §1.3).
 pub const SIDE_STEP: u32 = 8;
 /// Smallest accepted side.
 pub const MIN_SIDE: u32 = 512;
@@ -188,7 +188,7 @@ pub const MAX_CFG: f32 = 100.0;
 /// Images per run.
 pub const MAX_BATCH: u32 = 1000;
 
-/// One text-to-image job. Defaults are the official inference settings (spec §1.4).
+/// One text-to-image job. Defaults are the official inference settings (docs/MODEL.md §1.4).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     pub prompt: String,

@@ -1,7 +1,7 @@
-//! The cascade's stages as runs on a backend (spec §1.2): CLIP text encoding, Stage C's dual
-//! low-res → high-res sampling with UltraPixel guidance, Stage B sampling, Stage A decoding.
-//! Each builds its graphs from the models, binds them to a checkpoint and runs them; the
-//! golden sampling cases and `generate` share these functions.
+//! The cascade's stages as runs on a backend (docs/MODEL.md §1.2): CLIP text encoding, Stage C's
+//! dual low-res → high-res sampling with UltraPixel guidance, Stage B sampling, Stage A decoding.
+//! Each builds its graphs from the models, binds them to a checkpoint and runs them; the golden
+//! sampling cases and `generate` share these functions.
 //!
 //! Latents are channels-last f32 (`[B, H, W, C]`); the CFG batch is `[cond rows, uncond rows]`.
 
@@ -241,7 +241,7 @@ pub struct StageCNoise<'a> {
 /// High-resolution steps that get UltraPixel's guidance (the reference's `if i <= 19`).
 pub const GUIDED_STEPS: usize = 20;
 
-/// Stage C's dual sampling (spec §4.7).
+/// Stage C's dual sampling (docs/MODEL.md §4.7).
 pub struct StageCRun<'a> {
     pub weights: &'a dyn Checkpoint,
     pub cfg: &'a StageCConfig,
@@ -312,7 +312,7 @@ impl StageCRun<'_> {
             Phase::StageCLowRes,
             observe,
         )?;
-        // The last LR step's maps, conditional half only (spec §3.1).
+        // The last LR step's maps, conditional half only (docs/MODEL.md §3.1).
         let mut maps = Vec::new();
         for id in features {
             let v = lr_loop.session.read(id)?;
@@ -441,7 +441,7 @@ impl StageCRun<'_> {
         })
     }
 
-    /// The INR modules' step-invariant part (spec §3.2 A–E.2) of the four LR maps (cond
+    /// The INR modules' step-invariant part (docs/MODEL.md §3.2 A–E.2) of the four LR maps (cond
     /// half, bf16 `[B, h, w, C]` inputs) at the HR size: run once per generation. Returns the
     /// recording, its inputs and its outputs (f32 `[B, H, W, C]`), in site order.
     fn reconstruct_recording(
@@ -467,7 +467,7 @@ impl StageCRun<'_> {
     }
 }
 
-/// Stage B sampling (spec §1.2 step 4): effnet = Stage C's x0 for the cond rows and zeros
+/// Stage B sampling (docs/MODEL.md §1.2 step 4): effnet = Stage C's x0 for the cond rows and zeros
 /// for the uncond rows, clip = the pooled text embeddings.
 pub struct StageBRun<'a> {
     pub weights: &'a dyn Checkpoint,

@@ -1,7 +1,7 @@
-//! `ultrapixel make-tiny-model DIR`: a complete model directory in the hub layout (DESIGN.md
-//! "Model directories") with tiny configurations and random, well-scaled weights, so the
-//! whole pipeline runs anywhere in seconds. Its key sets are what the networks read plus the
-//! keys the released files store without using, so loading checks behave as with real files.
+//! `ultrapixel make-tiny-model DIR`: a complete model directory in the hub layout
+//! (docs/ARCHITECTURE.md §9) with tiny configurations and random, well-scaled weights, so the whole
+//! pipeline runs anywhere in seconds. Its key sets are what the networks read plus the keys the
+//! released files store without using, so loading checks behave as with real files.
 
 use super::open_models::{
     Configs, PREVIEWER_FILE, STAGE_A_FILE, STAGE_B_FILE, STAGE_C_FILE, TEXT_CONFIG_FILE,
@@ -185,7 +185,7 @@ fn write_text(dir: &Path, name: &str, text: &str) -> Result<()> {
 }
 
 /// The `tokenizer/` files of the hub layout, from the embedded tokenizer: its vocabulary,
-/// merges and special tokens (pad = `<|endoftext|>`, spec §5).
+/// merges and special tokens (pad = `<|endoftext|>`, docs/MODEL.md §5).
 fn tokenizer_files() -> Result<Vec<(String, String)>> {
     let json: serde_json::Value = serde_json::from_slice(crate::text::TOKENIZER_JSON)
         .map_err(|e| Error::InvalidArgument(format!("embedded tokenizer: {e}")))?;

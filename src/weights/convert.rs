@@ -48,7 +48,7 @@ impl fmt::Display for ConvertReport {
     }
 }
 
-/// The name UltraPixel loads a checkpoint key under (spec §3.6): the DDP wrapper's
+/// The name UltraPixel loads a checkpoint key under (docs/MODEL.md §6.5): the DDP wrapper's
 /// `module.` prefix goes, and the INR modules at `train_norm` indices 64 and 65 (after 64
 /// parameter-less placeholders) become `agg_net` and `agg_net_up`.
 pub fn original_name(key: &str) -> String {

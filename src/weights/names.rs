@@ -1,6 +1,6 @@
 //! Original Stable Cascade names served from checkpoints stored under either naming.
 //!
-//! Diffusers' `StableCascadeUNet` renames a few parameters of the original modules (spec
+//! Diffusers' `StableCascadeUNet` renames a few parameters of the original modules (docs/MODEL.md
 //! §6.6): the fused attention input projection is split into `to_q`/`to_k`/`to_v` (rows
 //! `[0:C]`, `[C:2C]`, `[2C:3C]` of `in_proj_*`), `attn.out_proj` becomes `to_out.0`, Stage
 //! B's `clip_mapper` becomes `clip_txt_pooled_mapper`, and the VQGAN codebook is
