@@ -182,13 +182,17 @@ fn ldmatrix_and_cp_async_feed_the_mma() {
 
 #[test]
 fn reading_before_cp_async_wait_sees_poison() {
-    let x = [1.0f32, 2.0, 3.0, 4.0];
+    /// cp.async copies 16 bytes, from a 16-byte aligned source (the emulator checks it, like
+    /// the hardware); a plain `[f32; 4]` is only 4-byte aligned.
+    #[repr(C, align(16))]
+    struct Aligned([f32; 4]);
+    let x = Aligned([1.0, 2.0, 3.0, 4.0]);
     let mut y = [0.0f32; 2];
     run(
         "selftest_cp_async_unwaited_read",
         1,
         32,
-        Args::new().ptr(ptr(&x)).ptr(mut_ptr(&mut y)),
+        Args::new().ptr(ptr(&x.0)).ptr(mut_ptr(&mut y)),
     )
     .unwrap();
     assert!(
