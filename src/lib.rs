@@ -42,6 +42,10 @@
 //!   fixtures, the per-device choice between our GEMMs and the vendor's.
 
 pub mod atomic_file;
+/// The build script's ptxas report reader (build/ptxas.rs), unit-tested with the library.
+#[cfg(test)]
+#[path = "../build/ptxas.rs"]
+mod build_ptxas;
 pub mod backend;
 #[doc(hidden)]
 pub mod bench;
