@@ -237,6 +237,6 @@ __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[N / 2], const uint32_t 
     }
 #undef UPX_WGMMA_RS
 #elif !defined(__CUDACC__)
-    hostsim::wgmma(d, N, a, desc_b, 0, false, TransB, accumulate);
+    hostsim::wgmma(d, N, a, 0, desc_b, false, TransB, accumulate);
 #endif
 }
