@@ -463,7 +463,11 @@ fn generate_table(
         "    /// Whether the kernel is Hopper-only (`kernels/*_sm90a.cu`): launchable on a compute capability 9.0 GPU (and the emulator) alone."
     )
     .unwrap();
-    writeln!(s, "    pub fn sm90a(self) -> bool {{ MODULES[self.module()].sm90a }}").unwrap();
+    writeln!(
+        s,
+        "    pub fn sm90a(self) -> bool {{ MODULES[self.module()].sm90a }}"
+    )
+    .unwrap();
     writeln!(s, "    /// Index into [`MODULES`].").unwrap();
     writeln!(s, "    pub fn module(self) -> usize {{ match self {{").unwrap();
     for (k, m) in &all {

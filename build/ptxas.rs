@@ -87,7 +87,10 @@ ptxas info    : Used 32 registers
         assert_eq!((k2.kernel.as_str(), k2.arch.as_str()), ("k2", "sm_90a"));
         assert_eq!((k2.registers, k2.smem, k2.stack), (90, 2048, 8));
         assert_eq!((k2.spill_stores, k2.spill_loads), (4, 12));
-        assert_eq!((e[1].kernel.as_str(), e[1].arch.as_str(), e[1].registers), ("k3", "sm_80", 32));
+        assert_eq!(
+            (e[1].kernel.as_str(), e[1].arch.as_str(), e[1].registers),
+            ("k3", "sm_80", 32)
+        );
     }
 
     #[test]
@@ -95,6 +98,9 @@ ptxas info    : Used 32 registers
         let found: Vec<&str> = wgmma_serialized(LOG).collect();
         assert_eq!(found.len(), 1);
         assert!(found[0].contains("C7511"), "{found:?}");
-        assert_eq!(wgmma_serialized(&LOG[LOG.find("ptxas info    : 0").unwrap()..]).count(), 0);
+        assert_eq!(
+            wgmma_serialized(&LOG[LOG.find("ptxas info    : 0").unwrap()..]).count(),
+            0
+        );
     }
 }

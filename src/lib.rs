@@ -42,13 +42,13 @@
 //!   fixtures, the per-device choice between our GEMMs and the vendor's.
 
 pub mod atomic_file;
+pub mod backend;
+#[doc(hidden)]
+pub mod bench;
 /// The build script's ptxas report reader (build/ptxas.rs), unit-tested with the library.
 #[cfg(test)]
 #[path = "../build/ptxas.rs"]
 mod build_ptxas;
-pub mod backend;
-#[doc(hidden)]
-pub mod bench;
 #[doc(hidden)]
 pub mod cli;
 pub mod error;

@@ -550,15 +550,26 @@ impl IsaLayout {
         }
         // (8-row group offset, row in the atom, byte in the row)
         let (group, row, byte) = if self.mn_major {
-            ((k / 8) * self.sbo + (mn / e) * self.lbo, k % 8, (mn % e) * 2)
+            (
+                (k / 8) * self.sbo + (mn / e) * self.lbo,
+                k % 8,
+                (mn % e) * 2,
+            )
         } else {
             ((mn / 8) * self.sbo, mn % 8, self.k_off + k * 2)
         };
         base + group + row * w + swizzled_chunk(w, row, byte / 16) * 16 + byte % 16
     }
 
+    /// The descriptor of the operand at `base`, which is where its swizzle pattern starts: off
+    /// the pattern's natural boundary, the base offset (bits 49-51) is (base >> 7) & 7.
     fn desc(&self, base: usize) -> u64 {
-        matrix_desc(base + self.k_off, self.lbo, self.sbo, self.span)
+        let base_offset = if self.span == 0 {
+            0
+        } else {
+            (base as u64 >> 7) & 7
+        };
+        matrix_desc(base + self.k_off, self.lbo, self.sbo, self.span) | base_offset << 49
     }
 }
 
@@ -587,12 +598,21 @@ fn put_selector(image: &mut [u8], base: usize, rows: usize) -> u64 {
 }
 
 /// Every canonical shared-memory layout of the ISA, for A and for B, with both major-nesses,
-/// every swizzle and (K-major swizzled) every k-step inside a row, and the register layouts of
-/// A and D: data laid out by the transcribed tables must come back element by element.
+/// every swizzle, (K-major swizzled) every k-step inside a row and (swizzled) a pattern that
+/// starts off its boundary (a base offset), and the register layouts of A and D: data laid
+/// out by the transcribed tables must come back element by element.
 #[test]
 fn wgmma_layouts_match_the_ptx_isa_tables() {
     let mut cases = 0;
-    for span in [0, 32, 64, 128] {
+    for (span, base) in [
+        (0, 0),
+        (32, 0),
+        (32, 384),
+        (64, 0),
+        (64, 384),
+        (128, 0),
+        (128, 384),
+    ] {
         for mn_major in [false, true] {
             let k_offs: Vec<usize> = if mn_major || span == 0 {
                 vec![0]
@@ -615,18 +635,18 @@ fn wgmma_layouts_match_the_ptx_isa_tables() {
                     k_off,
                 };
                 for operand_a in [true, false] {
-                    // The operand under test at 0 (64 rows), the selector at 16 KiB.
+                    // The operand under test at `base` (64 rows), the selector at 16 KiB.
                     let mut image = vec![0u8; 20 * 1024];
                     for mn in 0..64 {
                         for k in 0..16 {
-                            put(&mut image, l.address(0, mn, k), code(mn * 16 + k));
+                            put(&mut image, l.address(base, mn, k), code(mn * 16 + k));
                         }
                     }
                     let sel = put_selector(&mut image, 16 * 1024, 16);
                     let (da, db, mode) = if operand_a {
-                        (l.desc(0), sel, mn_major as i32)
+                        (l.desc(base), sel, mn_major as i32)
                     } else {
-                        (sel, l.desc(0), 2 * mn_major as i32)
+                        (sel, l.desc(base), 2 * mn_major as i32)
                     };
                     let frags = WgmmaRun {
                         n: 64,
@@ -639,15 +659,23 @@ fn wgmma_layouts_match_the_ptx_isa_tables() {
                     .run();
                     let d = d_matrix(&frags, 64);
                     let what = format!(
-                        "{} {}-major, swizzle {span}, k offset {k_off}",
+                        "{} {}-major, swizzle {span} from {base}, k offset {k_off}",
                         if operand_a { "A" } else { "B" },
                         if mn_major { "MN" } else { "K" }
                     );
                     for mn in 0..64 {
                         for k in 0..16 {
                             // A·S: D[m][k] = A[m][k]; S·B: D[k][n] = B[n][k] (B stored N×K).
-                            let got = if operand_a { d[mn * 64 + k] } else { d[k * 64 + mn] };
-                            assert_eq!(got, code(mn * 16 + k).to_f32(), "{what}: element ({mn}, {k})");
+                            let got = if operand_a {
+                                d[mn * 64 + k]
+                            } else {
+                                d[k * 64 + mn]
+                            };
+                            assert_eq!(
+                                got,
+                                code(mn * 16 + k).to_f32(),
+                                "{what}: element ({mn}, {k})"
+                            );
                         }
                     }
                     cases += 1;
@@ -655,8 +683,9 @@ fn wgmma_layouts_match_the_ptx_isa_tables() {
             }
         }
     }
-    // Per operand: no swizzle 2, 32-byte 2, 64-byte 3, 128-byte 5 (k offsets 0..span/32).
-    assert_eq!(cases, 2 * (2 + 2 + 3 + 5));
+    // Per operand: no swizzle 2; 32-byte 2, 64-byte 3, 128-byte 5 (k offsets 0..span/32),
+    // each from two bases.
+    assert_eq!(cases, 2 * (2 + 2 * (2 + 3 + 5)));
 
     // A from registers: thread t's element i holds (2t + 1)·2^i (exact, and distinct per
     // (t, i)); times the selector, D[m][k] = A[m][k] must be what A_FIGURE puts there.
@@ -665,7 +694,9 @@ fn wgmma_layouts_match_the_ptx_isa_tables() {
     let regs: Vec<u32> = (0..128)
         .flat_map(|t| {
             (0..4).map(move |w| {
-                let half = |i: usize| bf16::from_f32((2 * t + 1) as f32 * (1u32 << i) as f32).to_bits() as u32;
+                let half = |i: usize| {
+                    bf16::from_f32((2 * t + 1) as f32 * (1u32 << i) as f32).to_bits() as u32
+                };
                 half(2 * w) | half(2 * w + 1) << 16
             })
         })
@@ -683,7 +714,11 @@ fn wgmma_layouts_match_the_ptx_isa_tables() {
     for m in 0..64 {
         for k in 0..16 {
             let (t, i) = a_holder(m, k);
-            assert_eq!(d[m * 64 + k], ((2 * t + 1) << i) as f32, "A[{m}][{k}] from registers");
+            assert_eq!(
+                d[m * 64 + k],
+                ((2 * t + 1) << i) as f32,
+                "A[{m}][{k}] from registers"
+            );
         }
         for n in 16..64 {
             assert_eq!(d[m * 64 + n], 0.0, "D[{m}][{n}]");
@@ -718,7 +753,14 @@ fn step_layout(span: usize, mn_major: bool, rows: usize, s: usize) -> (IsaLayout
 }
 
 /// Lays a rows × 64 operand (row-major [mn][k]) out at `base`; returns each step's descriptor.
-fn put_tile(image: &mut [u8], base: usize, x: &[bf16], rows: usize, span: usize, mn_major: bool) -> Vec<u64> {
+fn put_tile(
+    image: &mut [u8],
+    base: usize,
+    x: &[bf16],
+    rows: usize,
+    span: usize,
+    mn_major: bool,
+) -> Vec<u64> {
     (0..4)
         .map(|s| {
             let (l, at) = step_layout(span, mn_major, rows, s);
@@ -764,7 +806,9 @@ fn wgmma_matches_a_cpu_gemm_in_every_layout() {
                         descs_a: &descs_a,
                         descs_b: &descs_b,
                         a_regs: if a_in_regs { &regs } else { &[] },
-                        mode: a_mn_major as i32 | (b_mn_major as i32) << 1 | (a_in_regs as i32) << 2,
+                        mode: a_mn_major as i32
+                            | (b_mn_major as i32) << 1
+                            | (a_in_regs as i32) << 2,
                     }
                     .run();
                     let d = d_matrix(&frags, n);
@@ -781,7 +825,8 @@ fn wgmma_matches_a_cpu_gemm_in_every_layout() {
                     );
                     for m in 0..64 {
                         for j in 0..n {
-                            let terms = (0..64).map(|k| a[m * 64 + k].to_f64() * b[j * 64 + k].to_f64());
+                            let terms =
+                                (0..64).map(|k| a[m * 64 + k].to_f64() * b[j * 64 + k].to_f64());
                             let want: f64 = terms.clone().sum();
                             let scale: f64 = terms.map(f64::abs).sum();
                             let got = d[m * n + j] as f64;
@@ -843,7 +888,9 @@ fn mbarrier_ring_hands_every_round_over() {
     )
     .unwrap();
     for (c, &got) in y.iter().enumerate() {
-        let want: f32 = (0..iters).map(|r| x[r * 32 + c % 32] * (r + 1) as f32).sum();
+        let want: f32 = (0..iters)
+            .map(|r| x[r * 32 + c % 32] * (r + 1) as f32)
+            .sum();
         assert_eq!(got, want, "consumer {c}");
     }
 }
@@ -865,9 +912,18 @@ fn mbarrier_wait_on_the_wrong_parity_is_a_deadlock_at_its_line() {
         Args::new().ptr(mut_ptr(&mut y)),
     );
     assert!(e.contains("deadlock"), "{e}");
-    assert!(e.contains("128 threads wait in mbarrier.try_wait.parity"), "{e}");
-    assert!(e.contains(&selftest_sm90a_line("mbarrier_wait_parity(bar, 1);")), "{e}");
-    assert!(e.contains("for parity 1") && e.contains("completed 1 phases"), "{e}");
+    assert!(
+        e.contains("128 threads wait in mbarrier.try_wait.parity"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&selftest_sm90a_line("mbarrier_wait_parity(bar, 1);")),
+        "{e}"
+    );
+    assert!(
+        e.contains("for parity 1") && e.contains("completed 1 phases"),
+        "{e}"
+    );
     assert!(e.contains("0 exited"), "{e}");
 }
 
@@ -880,7 +936,10 @@ fn mbarrier_missing_arrival_is_a_deadlock() {
         8,
         Args::new().ptr(mut_ptr(&mut y)),
     );
-    assert!(e.contains("deadlock") && e.contains("misses 1 of 2 arrivals"), "{e}");
+    assert!(
+        e.contains("deadlock") && e.contains("misses 1 of 2 arrivals"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -891,16 +950,19 @@ fn mbarrier_transaction_bytes_must_match_expect_tx() {
             "selftest_bad_mbarrier_expect_tx",
             128,
             8,
-            Args::new()
-                .ptr(mut_ptr(&mut y))
-                .u32(expected)
-                .u32(arrived),
+            Args::new().ptr(mut_ptr(&mut y)).u32(expected).u32(arrived),
         )
     };
     // Too few bytes: the phase never completes.
     let e = launch_with(256, 128);
-    assert!(e.contains("deadlock") && e.contains("and 128 transaction bytes"), "{e}");
+    assert!(
+        e.contains("deadlock") && e.contains("and 128 transaction bytes"),
+        "{e}"
+    );
     // Too many: reported when they arrive.
     let e = launch_with(128, 256);
-    assert!(e.contains("128 transaction bytes more than expect_tx announced"), "{e}");
+    assert!(
+        e.contains("128 transaction bytes more than expect_tx announced"),
+        "{e}"
+    );
 }

@@ -525,12 +525,20 @@ mod tests {
             .collect();
         let ex = Executor::new(rec.clone(), OUR_STREAM, functions, false);
         let mut l = LaunchList {
-            launches: vec![Entry::Kernel(Launch::linear(k, 1, 128, Args::new().ptr(0x9000)))],
+            launches: vec![Entry::Kernel(Launch::linear(
+                k,
+                1,
+                128,
+                Args::new().ptr(0x9000),
+            ))],
             labels: vec!["node".into()],
             replay: None,
         };
         let e = ex.execute(&mut l).unwrap_err().to_string();
-        assert!(e.contains("selftest_bad_mbarrier_parity") && e.contains("sm_90a"), "{e}");
+        assert!(
+            e.contains("selftest_bad_mbarrier_parity") && e.contains("sm_90a"),
+            "{e}"
+        );
         assert_eq!(count(&rec.calls(), "launch"), 0);
     }
 
