@@ -185,7 +185,8 @@ fn ldmatrix_and_cp_async_feed_the_mma() {
 
 #[test]
 fn reading_before_cp_async_wait_sees_poison() {
-    let x = [1.0f32, 2.0, 3.0, 4.0];
+    // On the heap: cp.async needs a 16-byte aligned source, which a stack array need not be.
+    let x = vec![1.0f32, 2.0, 3.0, 4.0];
     let mut y = [0.0f32; 2];
     run(
         "selftest_cp_async_unwaited_read",
@@ -271,7 +272,7 @@ fn partial_warp_collective_is_reported() {
 
 #[test]
 fn exiting_with_pending_copies_is_reported() {
-    let x = [0.0f32; 4];
+    let x = vec![0.0f32; 4]; // heap: 16-byte aligned, as cp.async needs
     let mut y = vec![0.0f32; 32];
     let e = error_of(
         "selftest_bad_pending_copy",
