@@ -5,7 +5,8 @@
 //!
 //! Environment: `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `UPX_CUDA_VENV` (where to look for nvcc),
 //! `UPX_CUDA_ARCHS` (e.g. `sm_90`: restrict the SASS targets), `UPX_REQUIRE_NVCC=1` (a missing
-//! nvcc is an error), `UPX_STRICT_PTXAS=1` (any spill or local memory is an error).
+//! nvcc is an error), `UPX_STRICT_PTXAS=1` (any spill, local memory or serialized wgmma is an
+//! error).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -17,6 +18,9 @@ use std::{env, fs};
 
 #[path = "build/abi.rs"]
 mod abi;
+#[path = "build/ptxas.rs"]
+mod ptxas;
+use ptxas::PtxasEntry;
 
 const DEFAULT_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
 const PTX_ARCH: &str = "compute_90";
@@ -24,7 +28,7 @@ const PTX_ARCH: &str = "compute_90";
 struct KernelFile {
     stem: String,
     path: PathBuf,
-    /// Hopper-only (`*_sm90a.cu`): compiled for sm_90a alone and not emulated.
+    /// Hopper-only (`*_sm90a.cu`): compiled by nvcc for sm_90a alone (and emulated like the rest).
     sm90a: bool,
     kernels: Vec<abi::Kernel>,
     /// The structs its kernels take by value.
@@ -46,17 +50,6 @@ impl KernelFile {
             abi::c_checks(&self.structs, &self.display())
         )
     }
-}
-
-#[derive(Default, Clone)]
-struct PtxasEntry {
-    kernel: String,
-    arch: String,
-    registers: u32,
-    smem: u32,
-    stack: u32,
-    spill_stores: u32,
-    spill_loads: u32,
 }
 
 fn main() {
@@ -324,14 +317,29 @@ fn compile_fatbins(
     results.sort_by_key(|(i, _)| *i);
     let mut entries = Vec::new();
     let mut failures = Vec::new();
+    let mut serialized = Vec::new();
     for (i, r) in results {
         match r {
-            Ok(log) => entries.extend(parse_ptxas(&log)),
+            Ok(log) => {
+                entries.extend(ptxas::parse(&log));
+                let lines = ptxas::wgmma_serialized(&log);
+                serialized.extend(lines.map(|l| format!("{}: {l}", files[i].display())));
+            }
             Err(e) => failures.push(format!("{}: {e}", files[i].path.display())),
         }
     }
     if !failures.is_empty() {
         panic!("nvcc failed:\n{}", failures.join("\n"));
+    }
+    // ptxas reports a serialized wgmma pipeline as info, not as a warning -Werror would catch.
+    if strict && !serialized.is_empty() {
+        panic!(
+            "UPX_STRICT_PTXAS=1: ptxas serialized wgmma:\n{}",
+            serialized.join("\n")
+        );
+    }
+    for line in &serialized {
+        println!("cargo:warning={line}");
     }
     for e in &entries {
         if e.spill_stores + e.spill_loads > 0 || e.stack > 0 {
@@ -390,47 +398,6 @@ fn compile_one(
     Ok(log)
 }
 
-/// Parses `-Xptxas=-v` output into one entry per (entry function, arch).
-fn parse_ptxas(log: &str) -> Vec<PtxasEntry> {
-    let mut entries: Vec<PtxasEntry> = Vec::new();
-    let mut props_for_current = false;
-    for line in log.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            let kernel = rest.split('\'').next().unwrap_or("").to_string();
-            let arch = rest
-                .split("for '")
-                .nth(1)
-                .and_then(|a| a.split('\'').next());
-            entries.push(PtxasEntry {
-                kernel,
-                arch: arch.unwrap_or("?").to_string(),
-                ..Default::default()
-            });
-            props_for_current = false;
-        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
-            props_for_current = entries.last().is_some_and(|e| e.kernel == rest.trim());
-        } else if line.contains("bytes stack frame") && props_for_current {
-            let e = entries.last_mut().unwrap();
-            e.stack = number_before(line, "bytes stack frame");
-            e.spill_stores = number_before(line, "bytes spill stores");
-            e.spill_loads = number_before(line, "bytes spill loads");
-        } else if line.contains("Used") && line.contains("registers") {
-            if let Some(e) = entries.last_mut() {
-                e.registers = number_before(line, "registers");
-                e.smem = number_before(line, "bytes smem");
-            }
-        }
-    }
-    entries
-}
-
-fn number_before(line: &str, unit: &str) -> u32 {
-    line.find(unit)
-        .and_then(|i| line[..i].split_whitespace().last())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 fn generate_table(
     files: &[KernelFile],
     compiled: bool,
@@ -464,10 +431,10 @@ fn generate_table(
     }
     writeln!(s, "];").unwrap();
 
-    let all: Vec<(&str, usize, bool)> = files
+    let all: Vec<(&str, usize)> = files
         .iter()
         .enumerate()
-        .flat_map(|(m, f)| f.kernels.iter().map(move |k| (k.name.as_str(), m, f.sm90a)))
+        .flat_map(|(m, f)| f.kernels.iter().map(move |k| (k.name.as_str(), m)))
         .collect();
     writeln!(s, "#[allow(non_camel_case_types)]").unwrap();
     writeln!(
@@ -476,24 +443,34 @@ fn generate_table(
     )
     .unwrap();
     writeln!(s, "pub enum KernelId {{").unwrap();
-    for (k, _, _) in &all {
+    for (k, _) in &all {
         writeln!(s, "    {k},").unwrap();
     }
     writeln!(s, "}}").unwrap();
     writeln!(s, "impl KernelId {{").unwrap();
     writeln!(s, "    pub const ALL: &'static [KernelId] = &[").unwrap();
-    for (k, _, _) in &all {
+    for (k, _) in &all {
         writeln!(s, "        KernelId::{k},").unwrap();
     }
     writeln!(s, "    ];").unwrap();
     writeln!(s, "    pub fn name(self) -> &'static str {{ match self {{").unwrap();
-    for (k, _, _) in &all {
+    for (k, _) in &all {
         writeln!(s, "        KernelId::{k} => {k:?},").unwrap();
     }
     writeln!(s, "    }} }}").unwrap();
+    writeln!(
+        s,
+        "    /// Whether the kernel is Hopper-only (`kernels/*_sm90a.cu`): launchable on a compute capability 9.0 GPU (and the emulator) alone."
+    )
+    .unwrap();
+    writeln!(
+        s,
+        "    pub fn sm90a(self) -> bool {{ MODULES[self.module()].sm90a }}"
+    )
+    .unwrap();
     writeln!(s, "    /// Index into [`MODULES`].").unwrap();
     writeln!(s, "    pub fn module(self) -> usize {{ match self {{").unwrap();
-    for (k, m, _) in &all {
+    for (k, m) in &all {
         writeln!(s, "        KernelId::{k} => {m},").unwrap();
     }
     writeln!(s, "    }} }}").unwrap();
@@ -522,39 +499,26 @@ fn generate_table(
         "        pub fn hostsim_last_error() -> *const std::ffi::c_char;"
     )
     .unwrap();
-    for (k, _, sm90a) in &all {
-        if !sm90a {
-            writeln!(
-                s,
-                "        pub fn hostsim_launch_{k}(cfg: *const LaunchCfg, args: *mut *mut std::ffi::c_void) -> i32;"
-            )
-            .unwrap();
-        }
+    for (k, _) in &all {
+        writeln!(
+            s,
+            "        pub fn hostsim_launch_{k}(cfg: *const LaunchCfg, args: *mut *mut std::ffi::c_void) -> i32;"
+        )
+        .unwrap();
     }
     writeln!(s, "    }}").unwrap();
     writeln!(s, "}}").unwrap();
     writeln!(s, "#[cfg(feature = \"hostsim\")]").unwrap();
     writeln!(s, "pub use ffi::hostsim_last_error;").unwrap();
-    writeln!(
-        s,
-        "/// The emulator entry point of a kernel (`None` for Hopper-only kernels)."
-    )
-    .unwrap();
+    writeln!(s, "/// The emulator entry point of a kernel.").unwrap();
     writeln!(s, "#[cfg(feature = \"hostsim\")]").unwrap();
     writeln!(
         s,
-        "pub fn hostsim_entry(k: KernelId) -> Option<crate::runtime::hostsim::LaunchFn> {{ match k {{"
+        "pub fn hostsim_entry(k: KernelId) -> crate::runtime::hostsim::LaunchFn {{ match k {{"
     )
     .unwrap();
-    for (k, _, sm90a) in &all {
-        if *sm90a {
-            writeln!(s, "    KernelId::{k} => None,").unwrap();
-        } else {
-            writeln!(s, "    KernelId::{k} => Some(ffi::hostsim_launch_{k}),").unwrap();
-        }
-    }
-    if all.is_empty() {
-        writeln!(s, "    _ => None,").unwrap();
+    for (k, _) in &all {
+        writeln!(s, "    KernelId::{k} => ffi::hostsim_launch_{k},").unwrap();
     }
     writeln!(s, "}} }}").unwrap();
     s
@@ -594,7 +558,7 @@ fn build_hostsim(files: &[KernelFile], kdir: &Path, out: &Path) {
         build.flag("-mfma");
     }
     let mut any = false;
-    for f in files.iter().filter(|f| !f.sm90a) {
+    for f in files {
         let mut src = f.translation_unit();
         for k in &f.kernels {
             writeln!(src, "HS_EXPORT({})", k.name).unwrap();

@@ -45,6 +45,10 @@ pub mod atomic_file;
 pub mod backend;
 #[doc(hidden)]
 pub mod bench;
+/// The build script's ptxas report reader (build/ptxas.rs), unit-tested with the library.
+#[cfg(test)]
+#[path = "../build/ptxas.rs"]
+mod build_ptxas;
 #[doc(hidden)]
 pub mod cli;
 pub mod error;

@@ -19,8 +19,8 @@
 //! write the kernel in `kernels/selftest.cu` (or a Hopper-only `kernels/selftest_sm90a.cu`),
 //! with a header comment saying what it computes and its launch shape, and add a [`CaseDef`]
 //! to [`CASES`]. A fixture captured before the case existed reports it as missing from the
-//! file; recapture on the GPU. Hopper-only kernels have no emulation yet: replaying their
-//! cases on the emulator reports them as failed launches, never as passes.
+//! file; recapture on the GPU. Hopper-only kernels are emulated like the others; their cases
+//! can only be captured on a compute-capability-9.0 GPU.
 
 use crate::runtime::device::{Device, DeviceBuffer, LaunchList};
 use crate::runtime::kernels::{KernelId, NVCC_VERSION};

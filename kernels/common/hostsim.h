@@ -17,7 +17,14 @@
 //   (collectives on full warps only); a lane that exits while its warp needs it is an error.
 // - cp.async: copies are queued per thread, their destination poisoned at issue; wait_group
 //   performs them. Reading before the wait sees poison; exiting with copies pending is an error.
-// - Dynamic shared memory is filled with 0xFF (NaN as f32 and bf16) at the start of every block.
+// - Dynamic shared memory is filled with 0xFF (NaN as f32 and bf16) at the start of every block;
+//   its start is 1024-byte aligned and is shared address 0 for mbarriers and wgmma descriptors.
+// - Hopper (kernels/common/hopper_sm90a.cuh): warpgroup instructions (wgmma.*) are collectives
+//   of the warpgroup's 128 threads. wgmma.mma_async decodes its matrix descriptors and swizzles
+//   exactly, computes at issue and lands its result at wait_group; until then the accumulator
+//   registers read NaN. mbarrier is a state machine (phase, pending arrivals, transaction
+//   bytes); try_wait.parity suspends the fiber until the phase completes, and a wait that
+//   cannot complete is a deadlock report naming its source line.
 // - Numerics proven against an H200 (tests/fixtures/truth-sm90.safetensors, `verify --truth`):
 //   mma.sync accumulates with the tensor core's truncating alignment (tensor_core_sum), and
 //   fmaxf/fminf order -0 below +0.
@@ -189,7 +196,7 @@ struct AsyncCopy {
     unsigned src_bytes;  // cp.async's src-size: bytes read from src; the rest of 16 are zeroed
 };
 
-enum class Wait : uint8_t { Running, Block, Warp, Done };
+enum class Wait : uint8_t { Running, Block, Warp, Group, MBarrier, Done };
 
 struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
@@ -204,6 +211,10 @@ struct Fiber {
     uint64_t collectives = 0;          // warp collectives executed: picks the exchange buffer
     std::vector<AsyncCopy> copies;     // issued, not yet performed
     std::vector<size_t> groups;        // end index in `copies` of each committed group
+    bool wgmma_fenced = false;         // a wgmma.fence since the start or the last wait_group
+    // The mbarrier try_wait this fiber is suspended in: barrier index, awaited parity, caller.
+    unsigned wait_bar = 0, wait_parity = 0, wait_line = 0;
+    const char* wait_file = nullptr;
 };
 
 struct Warp {
@@ -213,6 +224,36 @@ struct Warp {
     uint64_t gen = 0;
     const char* what = nullptr;  // the collective of the current phase
     uint64_t slots[2][32][8];    // double-buffered exchange, 64 bytes per lane
+};
+
+// One wgmma.mma_async in flight: its result, computed at issue, lands in the threads'
+// accumulator registers at the wait_group that completes its group.
+struct WgmmaOp {
+    float* d[128];              // each thread's accumulator registers
+    unsigned values;            // accumulator values per thread (N/2)
+    std::vector<float> result;  // thread-major, `values` per thread
+};
+
+// A warpgroup: 4 consecutive warps (128 threads) executing the warpgroup-wide .sync.aligned
+// instructions together.
+struct WarpGroup {
+    unsigned threads = 0, live = 0, arrived = 0;
+    uint64_t gen = 0;
+    const char* what = nullptr;   // the instruction of the current phase
+    uint64_t slots[128][6];       // each thread's operands of the current instruction
+    std::vector<WgmmaOp> ops;     // issued and not landed, oldest first
+    std::vector<size_t> groups;   // end index in `ops` of each committed group
+};
+
+// An mbarrier object (PTX ISA, "mbarrier"): the current phase completes when its pending
+// arrivals and its transaction count both reach zero; then the phase flips and the arrival
+// count re-arms.
+struct MBarrier {
+    uint32_t addr;      // shared address of the 8-byte object
+    uint32_t expected;  // arrivals per phase (the init count)
+    uint32_t pending;   // arrivals the current phase still needs
+    int64_t tx;         // transaction bytes expected and not yet complete (negative: ahead)
+    uint64_t phases;    // completed phases; the current phase's parity is phases & 1
 };
 
 struct BlockBarrier {
@@ -225,6 +266,8 @@ struct BlockBarrier {
 struct State {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
+    std::vector<WarpGroup> warpgroups;
+    std::vector<MBarrier> mbarriers;
     BlockBarrier barrier;
     Fiber* cur = nullptr;
     void* sched_sp = nullptr;
@@ -235,6 +278,7 @@ struct State {
     void* ctx = nullptr;
     unsigned char* smem = nullptr;
     size_t smem_cap = 0;
+    uint32_t smem_bytes = 0;  // this launch's dynamic shared memory
     bool failed = false;
     std::string error;
 
@@ -515,11 +559,275 @@ inline void ldmatrix(uint32_t* r, const void* row, unsigned matrices, bool trans
         r[j] = trans ? at(j, 2 * t, g) | at(j, 2 * t + 1, g) << 16 : at(j, g, 2 * t) | at(j, g, 2 * t + 1) << 16;
 }
 
+// --- Hopper: shared addresses, mbarrier, wgmma ----------------------------------------------
+// The shared address of p: its offset in the block's dynamic shared memory, whose start is
+// 1024-byte aligned like the hardware's swizzle patterns (so an offset's address bits are the
+// ones the swizzles read). mbarriers and wgmma operands must live there.
+inline uint32_t smem_address(const void* p, const char* what) {
+    State& s = state();
+    const uintptr_t a = (uintptr_t)p, base = (uintptr_t)s.smem;
+    if (a < base || a >= base + s.smem_bytes)
+        fail(format("%s: %p is not in the block's %u bytes of dynamic shared memory (hostsim keeps mbarriers and "
+                    "wgmma operands there only)",
+                    what, p, s.smem_bytes));
+    return (uint32_t)(a - base);
+}
+
+inline unsigned mbarrier_index(const void* bar, const char* what) {
+    State& s = state();
+    const uint32_t a = smem_address(bar, what);
+    for (unsigned i = 0; i < s.mbarriers.size(); ++i)
+        if (s.mbarriers[i].addr == a) return i;
+    fail(format("%s: no mbarrier was initialised at shared address %u", what, a));
+}
+
+inline void mbarrier_init(void* bar, uint32_t count) {
+    State& s = state();
+    const uint32_t a = smem_address(bar, "mbarrier.init");
+    if (a & 7) fail(format("mbarrier.init: shared address %u is not 8-byte aligned", a));
+    if (count == 0 || count >= (1u << 20)) fail(format("mbarrier.init: count %u outside 1..2^20-1", count));
+    const MBarrier b{a, count, count, 0, 0};
+    for (MBarrier& old : s.mbarriers)
+        if (old.addr == a) {
+            old = b;
+            return;
+        }
+    s.mbarriers.push_back(b);
+}
+
+// Completes the current phase when nothing is outstanding. More transaction bytes than the
+// phase expected is an error: on the GPU they would leak into the next phase.
+inline void mbarrier_settle(MBarrier& b) {
+    if (b.pending != 0) return;
+    if (b.tx < 0)
+        fail(format("mbarrier at shared address %u: %lld transaction bytes more than expect_tx announced completed "
+                    "in phase %llu",
+                    b.addr, (long long)-b.tx, (unsigned long long)b.phases));
+    if (b.tx == 0) {
+        ++b.phases;
+        b.pending = b.expected;
+    }
+}
+
+// mbarrier.arrive (tx_bytes 0) or mbarrier.arrive.expect_tx.
+inline void mbarrier_arrive(void* bar, uint32_t tx_bytes) {
+    MBarrier& b = state().mbarriers[mbarrier_index(bar, "mbarrier.arrive")];
+    if (b.pending == 0)
+        fail(format("mbarrier.arrive: the %u arrivals of phase %llu at shared address %u are complete (it waits for "
+                    "%lld transaction bytes): one arrival too many",
+                    b.expected, (unsigned long long)b.phases, b.addr, (long long)b.tx));
+    b.tx += tx_bytes;
+    --b.pending;
+    mbarrier_settle(b);
+}
+
+// mbarrier.complete_tx: `bytes` of the phase's transactions arrived (what TMA signals).
+inline void mbarrier_complete_tx(void* bar, uint32_t bytes) {
+    MBarrier& b = state().mbarriers[mbarrier_index(bar, "mbarrier.complete_tx")];
+    b.tx -= bytes;
+    mbarrier_settle(b);
+}
+
+// mbarrier.try_wait.parity: true once the phase of that parity has completed, i.e. when the
+// current phase's parity differs. A fiber yield point: until then the fiber is suspended and
+// resumed only when the barrier moves on (so it returns true); if it never does, the block is
+// reported as a deadlock naming the caller's line.
+inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity, const std::source_location& loc) {
+    State& s = state();
+    const unsigned i = mbarrier_index(bar, "mbarrier.try_wait.parity");
+    if ((s.mbarriers[i].phases & 1) != (parity & 1)) return true;
+    Fiber& f = *s.cur;
+    f.wait_bar = i;
+    f.wait_parity = parity & 1;
+    f.wait_file = loc.file_name();
+    f.wait_line = loc.line();
+    yield_until(f, Wait::MBarrier, 0);
+    return true;
+}
+
+// A warpgroup-wide .sync.aligned instruction: every thread deposits its operands with
+// `write`; `last` runs once, in the thread whose arrival completes the set, before any of them
+// goes on. All 4 warps of the warpgroup must execute it.
+template <typename Write, typename Last> inline void warpgroup_collective(const char* what, Write write, Last last) {
+    State& s = state();
+    Fiber& f = *s.cur;
+    const unsigned gi = f.linear / 128;
+    WarpGroup& g = s.warpgroups[gi];
+    if (g.threads != 128)
+        fail(format("%s: warpgroup %u has %u threads; warpgroup instructions need all 128 (4 full warps)", what, gi,
+                    g.threads));
+    if (g.live != 128)
+        fail(format("%s: %u threads of warpgroup %u have exited; all 4 warps must execute it", what, 128 - g.live,
+                    gi));
+    if (g.arrived == 0) {
+        g.what = what;
+    } else if (g.what != what && strcmp(g.what, what) != 0) {
+        fail(format("warpgroup %u: divergent warpgroup instructions: %s and %s in the same phase", gi, g.what, what));
+    }
+    write(g.slots[f.linear % 128]);
+    if (++g.arrived == 128) {
+        g.arrived = 0;
+        last(g);
+        ++g.gen;
+    } else {
+        yield_until(f, Wait::Group, g.gen);
+    }
+}
+
+// The 64-bit wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
+// leading and stride dimension byte offsets, each stored as (bytes & 0x3FFFF) >> 4 in 14 bits
+// (bits 0-13, 16-29, 32-45); the base offset (bits 49-51); the swizzle mode (bits 62-63:
+// 0 none, 1 128-byte, 2 64-byte, 3 32-byte).
+struct MatrixDesc {
+    uint32_t start, lbo, sbo, base_offset;
+    uint32_t swizzle;  // the swizzle span in bytes, 0 for none
+};
+
+inline MatrixDesc decode_matrix_desc(uint64_t d) {
+    static const uint32_t spans[4] = {0, 128, 64, 32};
+    return {(uint32_t)(d & 0x3FFF) << 4, (uint32_t)(d >> 16 & 0x3FFF) << 4, (uint32_t)(d >> 32 & 0x3FFF) << 4,
+            (uint32_t)(d >> 49 & 7), spans[d >> 62]};
+}
+
+// The shared address of element (mn, k), k < 16, of a 16-bit wgmma operand (A: mn = m; B:
+// mn = n) in the canonical layouts (PTX ISA, "Shared Memory Matrix Layout" and "Strides").
+// Core matrices are 8 rows of 16 bytes. K-major without swizzle: rows along mn 16 bytes apart,
+// the two k-halves LBO apart, 8-row groups along mn SBO apart. K-major swizzled: rows of
+// `span` bytes along mn, the 16 k contiguous, 8-row groups SBO apart (LBO unused).
+// MN-major without swizzle: 8 contiguous mn per 16-byte row, rows along k, mn groups SBO
+// apart, k groups of 8 LBO apart. MN-major swizzled: span/2 contiguous mn per row, rows along
+// k `span` bytes apart, 8-row k groups SBO apart, span-wide mn groups LBO apart. A swizzle
+// then XORs the 16-byte chunk (address bits 4..) with the row within its pattern (bits 7..,
+// counted from the pattern start the base offset names), on the absolute address.
+inline uint32_t operand_address(const MatrixDesc& m, bool mn_major, unsigned mn, unsigned k) {
+    const uint32_t w = m.swizzle;
+    uint32_t off;
+    if (!mn_major)
+        off = w ? (mn % 8) * w + (mn / 8) * m.sbo + k * 2 : (mn % 8) * 16 + (mn / 8) * m.sbo + (k % 8) * 2 + (k / 8) * m.lbo;
+    else
+        off = w ? (mn % (w / 2)) * 2 + (mn / (w / 2)) * m.lbo + (k % 8) * w + (k / 8) * m.sbo
+                : (mn % 8) * 2 + (mn / 8) * m.sbo + (k % 8) * 16 + (k / 8) * m.lbo;
+    const uint32_t a = m.start + off;
+    return w ? a ^ ((((a >> 7) - m.base_offset) & (w / 16 - 1)) << 4) : a;
+}
+
+// Gathers a 16-bit operand (rows × 16, row-major as floats) through its descriptor.
+inline void load_operand(float* out, uint64_t desc, bool mn_major, unsigned rows, const char* which) {
+    State& s = state();
+    const MatrixDesc m = decode_matrix_desc(desc);
+    for (unsigned r = 0; r < rows; ++r)
+        for (unsigned k = 0; k < 16; ++k) {
+            const uint32_t a = operand_address(m, mn_major, r, k);
+            if (a + 2 > s.smem_bytes)
+                fail(format("wgmma.mma_async: operand %s element (%u, %u) at shared address %u lies outside the %u "
+                            "bytes of dynamic shared memory",
+                            which, r, k, a, s.smem_bytes));
+            uint16_t bits;
+            memcpy(&bits, s.smem + a, 2);
+            out[r * 16 + k] = bf16_bits_to_f32(bits);
+        }
+}
+
+// The f32 accumulator fragment of wgmma m64nNk16 (PTX ISA, "Matrix Fragments for
+// wgmma.mma_async.m64nNk16"): value v of warpgroup thread t is D[row][col] with
+// row = 16·(t/32) + (t%32)/4 + 8·((v/2)%2), col = 8·(v/4) + 2·(t%4) + v%2. The 16-bit A
+// fragment in registers is the same pattern over 64×16: element i (register i/2, half i%2).
+inline unsigned frag_row(unsigned t, unsigned v) { return 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2); }
+inline unsigned frag_col(unsigned t, unsigned v) { return 8 * (v / 4) + 2 * (t % 4) + v % 2; }
+
+inline void wgmma_fence() {
+    warpgroup_collective("wgmma.fence", [](uint64_t*) {}, [](WarpGroup&) {});
+    state().cur->wgmma_fenced = true;
+}
+
+// wgmma.mma_async m64nNk16 f32 += bf16·bf16: D = A·B (+ D when `accumulate`), A 64×16 from
+// `a_regs` (the fragment above) or through `desc_a`, B 16×N through `desc_b` (stored N×K:
+// K-major unless trans_b). Computed at issue with the tensor core's accumulation; the result
+// lands at the wait_group that completes it, and until then the accumulator registers hold
+// NaN. A wgmma on an accumulator still in flight chains on its pending value.
+inline void wgmma(float* d, unsigned n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool trans_a,
+                  bool trans_b, bool accumulate) {
+    if (!state().cur->wgmma_fenced)
+        fail("wgmma.mma_async: no wgmma.fence since the warpgroup started or last waited: the registers it reads "
+             "are not ordered before it");
+    const uint64_t flags = n | (uint64_t)trans_a << 16 | (uint64_t)trans_b << 17 | (uint64_t)accumulate << 18 |
+                           (uint64_t)(a_regs != nullptr) << 19;
+    warpgroup_collective(
+        "wgmma.mma_async",
+        [&](uint64_t* slot) {
+            slot[0] = (uintptr_t)d;
+            slot[1] = a_regs ? 0 : desc_a;
+            slot[2] = desc_b;
+            slot[3] = flags;
+            if (a_regs) {
+                slot[4] = a_regs[0] | (uint64_t)a_regs[1] << 32;
+                slot[5] = a_regs[2] | (uint64_t)a_regs[3] << 32;
+            }
+        },
+        [&](WarpGroup& g) {
+            for (unsigned t = 1; t < 128; ++t)
+                if (memcmp(&g.slots[t][1], &g.slots[0][1], 3 * sizeof(uint64_t)) != 0)
+                    fail(format("wgmma.mma_async: warpgroup threads 0 and %u pass different descriptors or shapes", t));
+            float a[64 * 16], bt[256 * 16];
+            if (a_regs) {
+                for (unsigned t = 0; t < 128; ++t)
+                    for (unsigned i = 0; i < 8; ++i)
+                        a[frag_row(t, i) * 16 + frag_col(t, i)] =
+                            bf16_half(g.slots[t][4 + i / 4] >> (32 * ((i / 2) % 2)), i % 2);
+            } else {
+                load_operand(a, desc_a, trans_a, 64, "A");
+            }
+            load_operand(bt, desc_b, trans_b, n, "B");
+            WgmmaOp op{{}, n / 2, std::vector<float>(64 * n)};
+            for (unsigned t = 0; t < 128; ++t) {
+                float* dt = (float*)(uintptr_t)g.slots[t][0];
+                op.d[t] = dt;
+                const float* c = dt;
+                for (const WgmmaOp& prev : g.ops)
+                    if (prev.d[t] == dt) c = &prev.result[t * op.values];
+                for (unsigned v = 0; v < op.values; ++v)
+                    op.result[t * op.values + v] = tensor_core_sum(accumulate ? c[v] : 0.0f, &a[frag_row(t, v) * 16],
+                                                                   &bt[frag_col(t, v) * 16], 16);
+            }
+            for (unsigned t = 0; t < 128; ++t) std::fill(op.d[t], op.d[t] + op.values, NAN);
+            g.ops.push_back(std::move(op));
+        });
+}
+
+inline void wgmma_commit() {
+    warpgroup_collective("wgmma.commit_group", [](uint64_t*) {}, [](WarpGroup& g) { g.groups.push_back(g.ops.size()); });
+}
+
+// wgmma.wait_group N: the results of all but the N most recent committed groups land.
+inline void wgmma_wait(size_t pending) {
+    warpgroup_collective("wgmma.wait_group", [](uint64_t*) {}, [&](WarpGroup& g) {
+        if (g.groups.size() <= pending) return;
+        const size_t done_groups = g.groups.size() - pending, n = g.groups[done_groups - 1];
+        for (size_t i = 0; i < n; ++i)
+            for (unsigned t = 0; t < 128; ++t)
+                memcpy(g.ops[i].d[t], &g.ops[i].result[t * g.ops[i].values], g.ops[i].values * sizeof(float));
+        g.ops.erase(g.ops.begin(), g.ops.begin() + n);
+        g.groups.erase(g.groups.begin(), g.groups.begin() + done_groups);
+        for (size_t& e : g.groups) e -= n;
+        // An accumulator that an older group just wrote but a newer wgmma still targets stays NaN.
+        for (const WgmmaOp& op : g.ops)
+            for (unsigned t = 0; t < 128; ++t) std::fill(op.d[t], op.d[t] + op.values, NAN);
+    });
+    state().cur->wgmma_fenced = false;
+}
+
 // --- scheduling ----------------------------------------------------------------------------
 inline void thread_exit() {
     State& s = state();
     Fiber& f = *s.cur;
     if (!f.copies.empty()) fail(format("thread exited with %zu cp.async copies never waited for", f.copies.size()));
+    WarpGroup& g = s.warpgroups[f.linear / 128];
+    if (!g.ops.empty())
+        fail(format("thread exited with %zu wgmma.mma_async of its warpgroup never waited for (wgmma.wait_group)",
+                    g.ops.size()));
+    if (g.arrived > 0)
+        fail(format("thread exited while warpgroup %u waits for it in %s", f.linear / 128, g.what));
+    --g.live;
     f.wait = Wait::Done;
     Warp& w = s.warps[f.warp];
     w.live &= ~(1u << f.lane);
@@ -567,8 +875,10 @@ inline bool ensure_fibers(State& s, size_t n) {
 }
 
 inline std::string deadlock_report(State& s, unsigned n) {
-    unsigned at_block = 0, at_warp = 0, done = 0;
-    const char* what = "";
+    unsigned at_block = 0, at_warp = 0, at_group = 0, done = 0;
+    const char *what = "", *group_what = "";
+    const Fiber* mbar = nullptr;
+    unsigned at_mbar = 0;
     for (unsigned i = 0; i < n; ++i) {
         const Fiber& f = s.fibers[i];
         at_block += f.wait == Wait::Block;
@@ -577,11 +887,25 @@ inline std::string deadlock_report(State& s, unsigned n) {
             ++at_warp;
             what = s.warps[f.warp].what;
         }
+        if (f.wait == Wait::Group) {
+            ++at_group;
+            group_what = s.warpgroups[f.linear / 128].what;
+        }
+        if (f.wait == Wait::MBarrier && at_mbar++ == 0) mbar = &f;
     }
-    return format("deadlock in block (%u,%u,%u): %u threads wait at __syncthreads (%s:%u), %u in warp collectives "
-                  "(%s), %u exited",
-                  blockIdx.x, blockIdx.y, blockIdx.z, at_block, s.barrier.file ? s.barrier.file : "?",
-                  s.barrier.line, at_warp, what, done);
+    std::string r = format("deadlock in block (%u,%u,%u): %u threads wait at __syncthreads (%s:%u), %u in warp "
+                           "collectives (%s), %u in warpgroup instructions (%s), %u exited",
+                           blockIdx.x, blockIdx.y, blockIdx.z, at_block, s.barrier.file ? s.barrier.file : "?",
+                           s.barrier.line, at_warp, what, at_group, group_what, done);
+    if (mbar) {
+        const MBarrier& b = s.mbarriers[mbar->wait_bar];
+        r += format("; %u threads wait in mbarrier.try_wait.parity, e.g. thread (%u,%u,%u) at %s:%u for parity %u of "
+                    "the mbarrier at shared address %u, which has completed %llu phases and whose current phase "
+                    "misses %u of %u arrivals and %lld transaction bytes",
+                    at_mbar, mbar->tid.x, mbar->tid.y, mbar->tid.z, mbar->wait_file, mbar->wait_line,
+                    mbar->wait_parity, b.addr, (unsigned long long)b.phases, b.pending, b.expected, (long long)b.tx);
+    }
+    return r;
 }
 
 inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) {
@@ -596,6 +920,16 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
         s.warps[w].arrived = 0;
         s.warps[w].gen = 0;
     }
+    s.warpgroups.resize((n + 127) / 128);
+    for (unsigned g = 0; g < s.warpgroups.size(); ++g) {
+        WarpGroup& wg = s.warpgroups[g];
+        wg.threads = wg.live = std::min(128u, n - 128 * g);
+        wg.arrived = 0;
+        wg.gen = 0;
+        wg.ops.clear();
+        wg.groups.clear();
+    }
+    s.mbarriers.clear();
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = s.fibers[i];
         f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
@@ -606,6 +940,7 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
         f.collectives = 0;
         f.copies.clear();
         f.groups.clear();
+        f.wgmma_fenced = false;
         prepare_stack(f);
     }
     if (s.smem_cap) memset(s.smem, 0xFF, s.smem_cap);
@@ -617,6 +952,8 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
             all_done = false;
             if (f.wait == Wait::Block && s.barrier.gen == f.wait_gen) continue;
             if (f.wait == Wait::Warp && s.warps[f.warp].gen == f.wait_gen) continue;
+            if (f.wait == Wait::Group && s.warpgroups[f.linear / 128].gen == f.wait_gen) continue;
+            if (f.wait == Wait::MBarrier && (s.mbarriers[f.wait_bar].phases & 1) == f.wait_parity) continue;
             f.wait = Wait::Running;
             to_fiber(f);
             progress = true;
@@ -654,9 +991,11 @@ inline int run(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     }
     if (s.smem_cap < cfg->smem_bytes) {
         free(s.smem);
-        s.smem_cap = (cfg->smem_bytes + 127) / 128 * 128;
-        s.smem = (unsigned char*)aligned_alloc(128, s.smem_cap);
+        // 1024-byte aligned, like the hardware's swizzle patterns (see smem_address).
+        s.smem_cap = (cfg->smem_bytes + 1023) / 1024 * 1024;
+        s.smem = (unsigned char*)aligned_alloc(1024, s.smem_cap);
     }
+    s.smem_bytes = cfg->smem_bytes;
     s.body = body;
     s.ctx = ctx;
     gridDim = {g[0], g[1], g[2]};

@@ -193,7 +193,7 @@ impl Executor {
         let f = self.functions[l.kernel as usize].ok_or_else(|| {
             Error::cuda(
                 l.kernel.name(),
-                "kernel not loaded on this device (Hopper-only)",
+                "a Hopper-only kernel (kernels/*_sm90a.cu, built for sm_90a alone): it runs on compute capability 9.0 devices only, and this one is not",
             )
         })?;
         if l.smem > DEFAULT_SMEM_LIMIT {
@@ -512,6 +512,34 @@ mod tests {
 
     fn count(calls: &[(&'static str, Option<Stream>)], name: &str) -> usize {
         calls.iter().filter(|(c, _)| *c == name).count()
+    }
+
+    /// A kernel its device did not load (a Hopper-only one elsewhere) is refused by name.
+    #[test]
+    fn unloaded_hopper_kernels_are_refused() {
+        let rec = Arc::new(Recorder::default());
+        let k = KernelId::lookup("selftest_bad_mbarrier_parity").unwrap();
+        let functions = KernelId::ALL
+            .iter()
+            .map(|&i| (!i.sm90a()).then_some(Function(0x1000 + i as usize)))
+            .collect();
+        let ex = Executor::new(rec.clone(), OUR_STREAM, functions, false);
+        let mut l = LaunchList {
+            launches: vec![Entry::Kernel(Launch::linear(
+                k,
+                1,
+                128,
+                Args::new().ptr(0x9000),
+            ))],
+            labels: vec!["node".into()],
+            replay: None,
+        };
+        let e = ex.execute(&mut l).unwrap_err().to_string();
+        assert!(
+            e.contains("selftest_bad_mbarrier_parity") && e.contains("sm_90a"),
+            "{e}"
+        );
+        assert_eq!(count(&rec.calls(), "launch"), 0);
     }
 
     #[test]

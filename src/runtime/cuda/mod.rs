@@ -11,7 +11,7 @@ pub mod executor;
 
 use super::device::{Device, DeviceBuffer, LaunchList};
 use super::graph::{Node, TensorDesc};
-use super::kernels::{KernelId, KERNELS_COMPILED, MODULES};
+use super::kernels::{KernelId, ModuleBlob, KERNELS_COMPILED, MODULES};
 use super::launch::Entry;
 use crate::runtime::graph::LaunchIo;
 use crate::{Error, Result};
@@ -113,6 +113,13 @@ pub fn probe(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
     Ok((ctx, info))
 }
 
+/// Whether a module is loaded on a device of compute capability `cc`: a Hopper-only module
+/// (sm_90a SASS, no PTX) on 9.0 alone; its kernels stay unloaded elsewhere and the executor
+/// refuses to launch them.
+fn loads_on(blob: &ModuleBlob, cc: (i32, i32)) -> bool {
+    !blob.sm90a || cc == (9, 0)
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`, loads every embedded module and resolves every kernel.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
@@ -128,7 +135,7 @@ impl CudaDevice {
         let mut modules = Vec::new();
         let mut loaded: Vec<Option<Arc<CudaModule>>> = Vec::new();
         for blob in MODULES {
-            if blob.sm90a && cc != (9, 0) {
+            if !loads_on(blob, cc) {
                 loaded.push(None);
                 continue;
             }
@@ -374,5 +381,26 @@ impl Device for CudaDevice {
         // Warm up (and capture the graph outside the timed region).
         self.execute(list)?;
         self.event_seconds(iters, &mut || self.exec.enqueue(list))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_only_modules_load_on_compute_capability_9_0_alone() {
+        let module = |sm90a| ModuleBlob {
+            name: "m",
+            sm90a,
+            fatbin: &[],
+        };
+        for cc in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert!(loads_on(&module(false), cc), "{cc:?}");
+            assert_eq!(loads_on(&module(true), cc), cc == (9, 0), "{cc:?}");
+        }
+        // The selftests of kernels/selftest_sm90a.cu are such kernels.
+        let k = KernelId::lookup("selftest_wgmma_n64").unwrap();
+        assert!(k.sm90a() && MODULES[k.module()].name == "selftest_sm90a");
     }
 }
