@@ -46,6 +46,7 @@ impl Tokens {
     }
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
@@ -61,6 +62,60 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument(format!("CLIP tokenizer: {e}")))?;
         inner.with_padding(None);
         Ok(Tokenizer { inner })
+    }
+
+    /// The embedded tokenizer with `words` added as whole tokens (a LoRA's trigger words),
+    /// numbered in order from `first`, the first row past the text encoder's vocabulary.
+    /// They match like the official `tokenizer.add_tokens`: on the normalized (lowercased)
+    /// text, before BPE.
+    pub fn with_added(words: &[String], first: u32) -> Result<Tokenizer> {
+        let mut t = Tokenizer::clip()?;
+        for (k, w) in words.iter().enumerate() {
+            if t.inner.token_to_id(w).is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "token {w:?} is already in the vocabulary (added twice, or by two LoRAs)"
+                )));
+            }
+            t.inner
+                .add_tokens(&[tokenizers::AddedToken::from(w.as_str(), false)]);
+            let id = t.inner.token_to_id(w);
+            if id != Some(first + k as u32) {
+                return Err(Error::InvalidArgument(format!(
+                    "token {w:?} got id {id:?}, not {}: the text encoder's vocabulary size                      differs from the tokenizer's",
+                    first + k as u32
+                )));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The ids of the vocabulary entries (BPE pieces, `</w>` ending a word) that `pattern`
+    /// selects: a literal, optionally anchored with `^` and `$` (the official aggregation
+    /// patterns, such as `^cat</w>`); other regular expressions are refused.
+    pub fn vocab_matching(&self, pattern: &str) -> Result<Vec<u32>> {
+        let start = pattern.starts_with('^');
+        let body = pattern.strip_prefix('^').unwrap_or(pattern);
+        let end = body.ends_with('$');
+        let body = body.strip_suffix('$').unwrap_or(body);
+        if body.chars().any(|c| "\\.*+?()[]{}|^$".contains(c)) {
+            return Err(Error::InvalidArgument(format!(
+                "token pattern {pattern:?}: only a literal with optional ^ and $ anchors is                  supported"
+            )));
+        }
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_vocab(false)
+            .into_iter()
+            .filter(|(k, _)| match (start, end) {
+                (true, true) => k == body,
+                (true, false) => k.starts_with(body),
+                (false, true) => k.ends_with(body),
+                (false, false) => k.contains(body),
+            })
+            .map(|(_, id)| id)
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Tokenizes and frames `prompt` (any text, the empty string included).

@@ -1,0 +1,309 @@
+//! Reading a LoRA file: its tensors sorted into layer updates and learned tokens, every key
+//! checked against the model, every bad one named in one error.
+
+use super::keys::{official_layers, slot, Factor, Slot};
+use crate::models::{Checkpoint, Manifest};
+use crate::pipeline::open_models::safetensors_of;
+use crate::tensor::HostTensor;
+use crate::weights::SafetensorsFile;
+use crate::{Error, Result};
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The official LoRA's α (`modules/lora.py`: the update is scaled by α / rank, α = 1).
+pub const ALPHA: f32 = 1.0;
+
+/// The low-rank update of one weight: `up · down`, `[out, rank] · [rank, in]`.
+#[derive(Clone, Debug)]
+pub struct LayerUpdate {
+    pub down: HostTensor,
+    pub up: HostTensor,
+}
+
+impl LayerUpdate {
+    pub fn rank(&self) -> usize {
+        self.down.shape[0]
+    }
+}
+
+/// A token the LoRA adds to the vocabulary (the official `train_tokens` entries written
+/// `[word]` or `<word>`), with how its embedding starts before the learned offset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewToken {
+    pub text: String,
+    /// The vocabulary entries whose mean embedding it starts from (the official
+    /// aggregation pattern); none: zeros.
+    pub init: Option<String>,
+}
+
+/// The official `ReToken`: offsets added to embedding rows.
+#[derive(Clone, Debug)]
+pub struct LearnedTokens {
+    /// The rows, in the order of `offsets`; rows past the base vocabulary are
+    /// [`LearnedTokens::new_tokens`], in order.
+    pub rows: Vec<usize>,
+    /// `[rows, width]`.
+    pub offsets: HostTensor,
+    pub new_tokens: Vec<NewToken>,
+}
+
+/// A LoRA file read and checked against a model.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub path: PathBuf,
+    /// By the original key of the Stage C weight they update.
+    pub layers: BTreeMap<String, LayerUpdate>,
+    pub tokens: Option<LearnedTokens>,
+}
+
+/// What a LoRA is checked against.
+pub struct ModelShapes<'a> {
+    /// Every Stage C weight with its shape.
+    pub stage_c: &'a Manifest,
+    /// The text encoder's embedding width and vocabulary size.
+    pub text_width: usize,
+    pub vocab: usize,
+}
+
+/// The optional `<stem>.json` beside a LoRA file: the official config's `train_tokens`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Sidecar {
+    #[serde(default)]
+    train_tokens: Vec<(String, Option<String>)>,
+}
+
+impl Lora {
+    /// Reads `path` (safetensors, or a PyTorch pickle converted once into `conversions`)
+    /// and its `<stem>.json`, checking every tensor against `model`.
+    pub fn open(path: &Path, model: &ModelShapes, conversions: &Path) -> Result<Lora> {
+        let file = SafetensorsFile::open(safetensors_of(path, conversions)?)?;
+        let new_tokens = read_sidecar(&path.with_extension("json"))?;
+        let mut bad = Vec::new();
+        let mut factors: BTreeMap<String, [Option<HostTensor>; 2]> = BTreeMap::new();
+        let (mut offsets, mut indices) = (None, None);
+        let official = official_layers(model.stage_c);
+        for key in file.keys() {
+            let layer = match slot(key) {
+                None => {
+                    bad.push(format!("{key}: not a LoRA tensor name"));
+                    continue;
+                }
+                Some(Slot::TokenOffsets) => {
+                    offsets = Some((key.to_string(), file.tensor(key)?));
+                    continue;
+                }
+                Some(Slot::TokenIndices) => {
+                    match token_rows(&file, key) {
+                        Ok(rows) => indices = Some((key.to_string(), rows)),
+                        Err(why) => bad.push(format!("{key}: {why}")),
+                    }
+                    continue;
+                }
+                Some(Slot::Layer(name, f)) => (name, f),
+                Some(Slot::Indexed(i, f)) => match official.get(i) {
+                    Some(name) => (name.clone(), f),
+                    None => {
+                        bad.push(format!(
+                            "{key}: layer {i} of the official order, but this Stage C has {} \
+                             (LoRAs trained with the `.attn` filter are supported)",
+                            official.len()
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let (name, factor) = layer;
+            let pair = factors.entry(name).or_default();
+            let at = match factor {
+                Factor::Down => 0,
+                Factor::Up => 1,
+            };
+            pair[at] = Some(file.tensor(key)?);
+        }
+        let mut layers = BTreeMap::new();
+        for (name, pair) in factors {
+            match check_layer(&name, pair, model.stage_c) {
+                Ok(update) => {
+                    layers.insert(name, update);
+                }
+                Err(why) => bad.push(why),
+            }
+        }
+        let tokens = match (offsets, indices) {
+            (None, None) => None,
+            (Some((key, _)), None) | (None, Some((key, _))) => {
+                bad.push(format!(
+                    "{key}: learned tokens need both their offsets and their indices"
+                ));
+                None
+            }
+            (Some((okey, offsets)), Some((_, rows))) => {
+                match check_tokens(offsets, rows, new_tokens, model) {
+                    Ok(t) => Some(t),
+                    Err(why) => {
+                        bad.push(format!("{okey}: {why}"));
+                        None
+                    }
+                }
+            }
+        };
+        if layers.is_empty() && tokens.is_none() && bad.is_empty() {
+            bad.push("(none): the file holds no LoRA tensor".into());
+        }
+        if !bad.is_empty() {
+            let mut msg = format!(
+                "not a LoRA for this model ({} bad key{}); use a LoRA trained for UltraPixel \
+                 / Stable Cascade Stage C with these shapes:",
+                bad.len(),
+                if bad.len() == 1 { "" } else { "s" }
+            );
+            for line in &bad {
+                msg.push_str(&format!("\n  {line}"));
+            }
+            return Err(Error::format(path, msg));
+        }
+        Ok(Lora {
+            path: path.to_path_buf(),
+            layers,
+            tokens,
+        })
+    }
+}
+
+/// The new tokens `<stem>.json` declares (none when there is no such file).
+fn read_sidecar(path: &Path) -> Result<Vec<NewToken>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let sidecar: Sidecar = serde_json::from_str(&text).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a LoRA token list ({e}); expected {{\"train_tokens\": [[\"[word]\", \"^init</w>\"]]}}"),
+        )
+    })?;
+    Ok(sidecar
+        .train_tokens
+        .into_iter()
+        .filter(|(t, _)| {
+            (t.starts_with('[') && t.ends_with(']')) || (t.starts_with('<') && t.ends_with('>'))
+        })
+        .map(|(text, init)| NewToken { text, init })
+        .collect())
+}
+
+/// Vocabulary rows stored as integers (torch's int64) or whole floats.
+fn token_rows(file: &SafetensorsFile, key: &str) -> std::result::Result<Vec<usize>, String> {
+    let t = file.bytes(key).map_err(|e| e.to_string())?;
+    if t.shape.len() != 1 {
+        return Err(format!("indices must be one-dimensional, found {:?}", t.shape));
+    }
+    let values: Vec<i64> = match t.dtype {
+        Dtype::I64 => t
+            .data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect(),
+        Dtype::I32 => t
+            .data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
+            let v = file.tensor(key).map_err(|e| e.to_string())?.data;
+            if let Some(x) = v.iter().find(|x| x.fract() != 0.0 || !x.is_finite()) {
+                return Err(format!("index {x} is not a whole number"));
+            }
+            v.into_iter().map(|x| x as i64).collect()
+        }
+        d => return Err(format!("indices of dtype {d:?}; expected I64")),
+    };
+    values
+        .into_iter()
+        .map(|v| usize::try_from(v).map_err(|_| format!("negative index {v}")))
+        .collect()
+}
+
+/// Both factors of `name`'s update, shaped for its Stage C weight.
+fn check_layer(
+    name: &str,
+    [down, up]: [Option<HostTensor>; 2],
+    stage_c: &Manifest,
+) -> std::result::Result<LayerUpdate, String> {
+    let (Some(down), Some(up)) = (down, up) else {
+        return Err(format!("{name}: has only one of lora_down and lora_up"));
+    };
+    let Some((_, w)) = stage_c.iter().find(|(k, _)| k == name) else {
+        return Err(format!("{name}: Stage C has no such weight"));
+    };
+    let (ds, us) = (&down.shape, &up.shape);
+    let fits = w.len() >= 2
+        && ds.len() == 2
+        && us.len() == 2
+        && ds[0] > 0
+        && ds[0] == us[1]
+        && us[0] == w[0]
+        && ds[1] == w[1];
+    if !fits {
+        return Err(format!(
+            "{name}: lora_up {us:?} · lora_down {ds:?} does not give the weight's {w:?} \
+             (expected [{}, r] and [r, {}])",
+            w.first().unwrap_or(&0),
+            w.get(1).unwrap_or(&0)
+        ));
+    }
+    Ok(LayerUpdate { down, up })
+}
+
+fn check_tokens(
+    offsets: HostTensor,
+    rows: Vec<usize>,
+    new_tokens: Vec<NewToken>,
+    model: &ModelShapes,
+) -> std::result::Result<LearnedTokens, String> {
+    if offsets.shape != [rows.len(), model.text_width] {
+        return Err(format!(
+            "{} token offsets of shape {:?}; the text encoder needs [{}, {}]",
+            rows.len(),
+            offsets.shape,
+            rows.len(),
+            model.text_width
+        ));
+    }
+    let limit = model.vocab + new_tokens.len();
+    if let Some(r) = rows.iter().find(|&&r| r >= limit) {
+        return Err(format!(
+            "token row {r} is past the vocabulary ({} entries, {} new token{} declared in \
+             the .json beside the file); name the new tokens there as the training config \
+             did: {{\"train_tokens\": [[\"[word]\", \"^init</w>\"]]}}",
+            model.vocab,
+            new_tokens.len(),
+            if new_tokens.len() == 1 { "" } else { "s" }
+        ));
+    }
+    let mut seen = rows.clone();
+    seen.sort_unstable();
+    if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("token row {} appears twice", w[0]));
+    }
+    Ok(LearnedTokens {
+        rows,
+        offsets,
+        new_tokens,
+    })
+}
+
+#[cfg(test)]
+impl Lora {
+    /// A LoRA made in memory (tests).
+    pub fn from_parts(layers: BTreeMap<String, LayerUpdate>, tokens: Option<LearnedTokens>) -> Lora {
+        Lora {
+            path: PathBuf::from("(memory)"),
+            layers,
+            tokens,
+        }
+    }
+}
