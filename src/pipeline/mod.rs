@@ -12,6 +12,7 @@ pub mod preview;
 pub mod request;
 pub mod stages;
 pub mod tiny;
+pub mod tiny_lora;
 
 pub use generate::{Event, Image, Pipeline, PipelineOptions};
 pub use lora::LoraSpec;
