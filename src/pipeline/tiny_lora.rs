@@ -55,9 +55,8 @@ pub fn write_tiny_lora(dir: &Path, seed: u64) -> Result<Vec<String>> {
         tensors.insert(format!("module.{i}.lora_up"), up);
     }
     let vocab = cfg.text.vocab_size;
-    let shifted = crate::text::Tokenizer::clip()?.vocab_matching(&format!(
-        "^{TINY_LORA_SHIFTED_WORD}$"
-    ))?;
+    let shifted =
+        crate::text::Tokenizer::clip()?.vocab_matching(&format!("^{TINY_LORA_SHIFTED_WORD}$"))?;
     let rows: Vec<f32> = vec![vocab as f32, shifted[0] as f32];
     let n = layers.len();
     tensors.insert(

@@ -81,7 +81,8 @@ impl Lora {
         let file = SafetensorsFile::open(safetensors_of(path, conversions)?)?;
         let new_tokens = read_sidecar(&path.with_extension("json"))?;
         let mut bad = Vec::new();
-        let mut factors: BTreeMap<String, [Option<HostTensor>; 2]> = BTreeMap::new();
+        // Per Stage C weight: its factors and the file keys they came from.
+        let mut factors: BTreeMap<String, ([Option<HostTensor>; 2], Vec<&str>)> = BTreeMap::new();
         let (mut offsets, mut indices) = (None, None);
         let official = official_layers(model.stage_c);
         for key in file.keys() {
@@ -115,20 +116,21 @@ impl Lora {
                 },
             };
             let (name, factor) = layer;
-            let pair = factors.entry(name).or_default();
+            let (pair, sources) = factors.entry(name).or_default();
             let at = match factor {
                 Factor::Down => 0,
                 Factor::Up => 1,
             };
             pair[at] = Some(file.tensor(key)?);
+            sources.push(key);
         }
         let mut layers = BTreeMap::new();
-        for (name, pair) in factors {
-            match check_layer(&name, pair, model.stage_c) {
+        for (name, (pair, sources)) in factors {
+            match check_layer(pair, model.stage_c.iter().find(|(k, _)| *k == name)) {
                 Ok(update) => {
                     layers.insert(name, update);
                 }
-                Err(why) => bad.push(why),
+                Err(why) => bad.push(format!("{} → {name}: {why}", sources.join(", "))),
             }
         }
         let tokens = match (offsets, indices) {
@@ -199,7 +201,10 @@ fn read_sidecar(path: &Path) -> Result<Vec<NewToken>> {
 fn token_rows(file: &SafetensorsFile, key: &str) -> std::result::Result<Vec<usize>, String> {
     let t = file.bytes(key).map_err(|e| e.to_string())?;
     if t.shape.len() != 1 {
-        return Err(format!("indices must be one-dimensional, found {:?}", t.shape));
+        return Err(format!(
+            "indices must be one-dimensional, found {:?}",
+            t.shape
+        ));
     }
     let values: Vec<i64> = match t.dtype {
         Dtype::I64 => t
@@ -227,17 +232,16 @@ fn token_rows(file: &SafetensorsFile, key: &str) -> std::result::Result<Vec<usiz
         .collect()
 }
 
-/// Both factors of `name`'s update, shaped for its Stage C weight.
+/// Both factors of an update, shaped for its Stage C weight (None: there is none).
 fn check_layer(
-    name: &str,
     [down, up]: [Option<HostTensor>; 2],
-    stage_c: &Manifest,
+    weight: Option<&(String, Vec<usize>)>,
 ) -> std::result::Result<LayerUpdate, String> {
     let (Some(down), Some(up)) = (down, up) else {
-        return Err(format!("{name}: has only one of lora_down and lora_up"));
+        return Err("has only one of lora_down and lora_up".into());
     };
-    let Some((_, w)) = stage_c.iter().find(|(k, _)| k == name) else {
-        return Err(format!("{name}: Stage C has no such weight"));
+    let Some((_, w)) = weight else {
+        return Err("Stage C has no such weight".into());
     };
     let (ds, us) = (&down.shape, &up.shape);
     let fits = w.len() >= 2
@@ -249,7 +253,7 @@ fn check_layer(
         && ds[1] == w[1];
     if !fits {
         return Err(format!(
-            "{name}: lora_up {us:?} · lora_down {ds:?} does not give the weight's {w:?} \
+            "lora_up {us:?} · lora_down {ds:?} does not give the weight's {w:?} \
              (expected [{}, r] and [r, {}])",
             w.first().unwrap_or(&0),
             w.get(1).unwrap_or(&0)
@@ -297,13 +301,192 @@ fn check_tokens(
 }
 
 #[cfg(test)]
-impl Lora {
-    /// A LoRA made in memory (tests).
-    pub fn from_parts(layers: BTreeMap<String, LayerUpdate>, tokens: Option<LearnedTokens>) -> Lora {
-        Lora {
-            path: PathBuf::from("(memory)"),
-            layers,
-            tokens,
+mod tests {
+    use super::*;
+    use crate::ops::test_data::random;
+    use crate::pipeline::tiny::tiny_configs;
+    use safetensors::tensor::TensorView;
+
+    const VOCAB: usize = 49408;
+
+    /// Writes `(key, dtype, shape, little-endian bytes)` as a safetensors file.
+    fn write(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+
+    fn f32s(key: String, t: &HostTensor) -> (String, Dtype, Vec<usize>, Vec<u8>) {
+        let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (key, Dtype::F32, t.shape.clone(), bytes)
+    }
+
+    fn shapes(manifest: &Manifest) -> ModelShapes<'_> {
+        ModelShapes {
+            stage_c: manifest,
+            text_width: 32,
+            vocab: VOCAB,
         }
+    }
+
+    #[test]
+    fn the_three_namings_give_the_same_updates_and_tokens() {
+        let manifest = crate::models::stage_c::manifest(&tiny_configs().stage_c, true).unwrap();
+        let layers = official_layers(&manifest);
+        assert_eq!(layers.len(), 8, "four AttnBlocks, two projections each");
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let factors: Vec<(HostTensor, HostTensor)> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let w = &manifest.iter().find(|(m, _)| m == k).unwrap().1;
+                let seed = 10 * i as u64;
+                (
+                    random(seed, &[3, w[1]], 1.0),
+                    random(seed + 1, &[w[0], 3], 1.0),
+                )
+            })
+            .collect();
+        let offsets = random(99, &[2, 32], 1.0);
+        let rows = [VOCAB as i64, 7];
+        let i64_rows: Vec<u8> = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
+        let f32_rows = HostTensor::new(vec![2], rows.iter().map(|&r| r as f32).collect());
+        let namings: [(&str, Box<dyn Fn(usize, &str) -> String>, Vec<_>); 3] = [
+            (
+                "named",
+                Box::new(|i, f| {
+                    let (module, param) = layers[i].rsplit_once('.').unwrap();
+                    format!("{module}.parametrizations.{param}.0.{f}")
+                }),
+                vec![
+                    f32s("embeddings.embeddings".into(), &offsets),
+                    (
+                        "embeddings.indices".into(),
+                        Dtype::I64,
+                        vec![2],
+                        i64_rows.clone(),
+                    ),
+                ],
+            ),
+            (
+                "stable_cascade",
+                Box::new(|i, f| format!("weights.{i}.{f}")),
+                vec![
+                    f32s("embeddings.embeddings".into(), &offsets),
+                    (
+                        "embeddings.indices".into(),
+                        Dtype::I64,
+                        vec![2],
+                        i64_rows.clone(),
+                    ),
+                ],
+            ),
+            (
+                "ultrapixel",
+                Box::new(|i, f| format!("module.{i}.{f}")),
+                vec![
+                    f32s("module.8.embeddings".into(), &offsets),
+                    f32s("module.8.indices".into(), &f32_rows),
+                ],
+            ),
+        ];
+        for (name, key, extra) in namings {
+            let path = dir.path().join(format!("{name}.safetensors"));
+            let mut tensors = extra;
+            for (i, (down, up)) in factors.iter().enumerate() {
+                tensors.push(f32s(key(i, "lora_down"), down));
+                tensors.push(f32s(key(i, "lora_up"), up));
+            }
+            write(&path, &tensors);
+            std::fs::write(
+                path.with_extension("json"),
+                r#"{"train_tokens": [["[tok]", "^cat</w>"], ["^dog", null]]}"#,
+            )
+            .unwrap();
+            let lora = Lora::open(&path, &shapes(&manifest), &cache).unwrap();
+            assert_eq!(lora.layers.len(), layers.len(), "{name}");
+            for (k, (down, up)) in layers.iter().zip(&factors) {
+                let u = &lora.layers[k];
+                assert_eq!(
+                    (&u.down.data, &u.up.data),
+                    (&down.data, &up.data),
+                    "{name} {k}"
+                );
+            }
+            let t = lora.tokens.expect("learned tokens");
+            assert_eq!(t.rows, [VOCAB, 7], "{name}");
+            assert_eq!(t.offsets.data, offsets.data, "{name}");
+            let new = NewToken {
+                text: "[tok]".into(),
+                init: Some("^cat</w>".into()),
+            };
+            assert_eq!(
+                t.new_tokens,
+                [new],
+                "{name}: only bracketed entries are new"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_does_not_fit_is_refused_naming_every_bad_key() {
+        let manifest = crate::models::stage_c::manifest(&tiny_configs().stage_c, true).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        let out_proj = "down_blocks.0.2.attention.attn.out_proj";
+        write(
+            &path,
+            &[
+                // Rank 2 down, rank 3 up.
+                f32s(
+                    format!("{out_proj}.parametrizations.weight.0.lora_down"),
+                    &random(1, &[2, 32], 1.0),
+                ),
+                f32s(
+                    format!("{out_proj}.parametrizations.weight.0.lora_up"),
+                    &random(2, &[32, 3], 1.0),
+                ),
+                f32s("module.5.lora_down".into(), &random(3, &[2, 32], 1.0)),
+                f32s("module.40.lora_down".into(), &random(4, &[2, 32], 1.0)),
+                f32s("module.40.lora_up".into(), &random(5, &[32, 2], 1.0)),
+                f32s(
+                    "nothere.1.parametrizations.weight.0.lora_up".into(),
+                    &random(6, &[16, 2], 1.0),
+                ),
+                f32s(
+                    "nothere.1.parametrizations.weight.0.lora_down".into(),
+                    &random(7, &[2, 32], 1.0),
+                ),
+                f32s("text_model.something".into(), &random(8, &[2], 1.0)),
+                f32s("embeddings.embeddings".into(), &random(9, &[1, 32], 1.0)),
+                f32s(
+                    "embeddings.indices".into(),
+                    &HostTensor::new(vec![1], vec![VOCAB as f32]),
+                ),
+            ],
+        );
+        let err = Lora::open(&path, &shapes(&manifest), dir.path())
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "bad.safetensors",
+            "7 bad keys",
+            &format!("{out_proj}.weight: lora_up [32, 3] · lora_down [2, 32]"),
+            "module.5.lora_down → up_blocks.0.2.attention.attn.in_proj_weight: has only one of",
+            "module.40.lora_down: layer 40 of the official order, but this Stage C has 8",
+            "module.40.lora_up: layer 40",
+            "nothere.1.parametrizations.weight.0.lora_down, \
+             nothere.1.parametrizations.weight.0.lora_up → nothere.1.weight: Stage C has no \
+             such weight",
+            "text_model.something: not a LoRA tensor name",
+            "embeddings.embeddings: token row 49408 is past the vocabulary",
+        ] {
+            assert!(err.contains(needle), "{needle:?} not in:\n{err}");
+        }
+        // One line per bad layer or key, nothing else.
+        assert_eq!(err.lines().count(), 8, "{err}");
     }
 }

@@ -115,14 +115,23 @@ mod tests {
         let layer = |k: &str, f| Some(Slot::Layer(k.to_string(), f));
         assert_eq!(
             slot("down_blocks.0.2.attention.attn.parametrizations.in_proj_weight.0.lora_down"),
-            layer("down_blocks.0.2.attention.attn.in_proj_weight", Factor::Down)
+            layer(
+                "down_blocks.0.2.attention.attn.in_proj_weight",
+                Factor::Down
+            )
         );
         assert_eq!(
             slot("module.up_blocks.1.5.attention.attn.out_proj.parametrizations.weight.0.lora_up"),
             layer("up_blocks.1.5.attention.attn.out_proj.weight", Factor::Up)
         );
-        assert_eq!(slot("weights.12.lora_up"), Some(Slot::Indexed(12, Factor::Up)));
-        assert_eq!(slot("module.7.lora_down"), Some(Slot::Indexed(7, Factor::Down)));
+        assert_eq!(
+            slot("weights.12.lora_up"),
+            Some(Slot::Indexed(12, Factor::Up))
+        );
+        assert_eq!(
+            slot("module.7.lora_down"),
+            Some(Slot::Indexed(7, Factor::Down))
+        );
         assert_eq!(slot("module.96.embeddings"), Some(Slot::TokenOffsets));
         assert_eq!(slot("96.indices"), Some(Slot::TokenIndices));
         assert_eq!(slot("embeddings.embeddings"), Some(Slot::TokenOffsets));

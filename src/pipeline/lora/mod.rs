@@ -49,7 +49,10 @@ impl std::str::FromStr for LoraSpec {
     /// `FILE` or `FILE:SCALE`; a suffix after the last `:` that is no number belongs to the
     /// file name.
     fn from_str(s: &str) -> Result<LoraSpec> {
-        let (path, scale) = match s.rsplit_once(':').map(|(p, n)| (p, n.trim().parse::<f32>())) {
+        let (path, scale) = match s
+            .rsplit_once(':')
+            .map(|(p, n)| (p, n.trim().parse::<f32>()))
+        {
             Some((p, Ok(scale))) => (p, scale),
             _ => (s, 1.0),
         };
@@ -205,7 +208,10 @@ mod tests {
     fn a_spec_is_a_file_with_an_optional_scale() {
         let s = |t: &str| t.parse::<LoraSpec>().unwrap();
         assert_eq!(s("cat.safetensors"), LoraSpec::new("cat.safetensors", 1.0));
-        assert_eq!(s("cat.safetensors:0.5"), LoraSpec::new("cat.safetensors", 0.5));
+        assert_eq!(
+            s("cat.safetensors:0.5"),
+            LoraSpec::new("cat.safetensors", 0.5)
+        );
         assert_eq!(s("dir/a:b.pt:-2"), LoraSpec::new("dir/a:b.pt", -2.0));
         assert_eq!(s("C:lora"), LoraSpec::new("C:lora", 1.0));
         assert!("".parse::<LoraSpec>().is_err());
