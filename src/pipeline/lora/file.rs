@@ -5,7 +5,7 @@ use super::keys::{official_layers, slot, Factor, Slot};
 use crate::models::{Checkpoint, Manifest};
 use crate::pipeline::open_models::safetensors_of;
 use crate::tensor::HostTensor;
-use crate::weights::SafetensorsFile;
+use crate::weights::{KeyNames, SafetensorsFile};
 use crate::{Error, Result};
 use safetensors::Dtype;
 use std::collections::BTreeMap;
@@ -78,7 +78,7 @@ impl Lora {
     /// Reads `path` (safetensors, or a PyTorch pickle converted once into `conversions`)
     /// and its `<stem>.json`, checking every tensor against `model`.
     pub fn open(path: &Path, model: &ModelShapes, conversions: &Path) -> Result<Lora> {
-        let file = SafetensorsFile::open(safetensors_of(path, conversions)?)?;
+        let file = SafetensorsFile::open(safetensors_of(path, conversions, KeyNames::AsStored)?)?;
         let new_tokens = read_sidecar(&path.with_extension("json"))?;
         let mut bad = Vec::new();
         // Per Stage C weight: its factors and the file keys they came from.
