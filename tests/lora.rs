@@ -281,3 +281,120 @@ fn generate_with_the_tiny_lora_on_the_emulator_differs_and_at_scale_0_is_identic
     assert_ne!(png_pixels(&path("lora.png")), plain);
     assert_eq!(png_pixels(&path("zero.png")), plain);
 }
+
+/// Pickle opcodes for an int, as `torch.save` (protocol 2) writes them.
+fn pickle_int(v: usize) -> Vec<u8> {
+    match v {
+        0..=0xff => vec![b'K', v as u8],
+        0x100..=0xffff => [&[b'M'][..], &(v as u16).to_le_bytes()].concat(),
+        _ => [&[b'J'][..], &(v as i32).to_le_bytes()].concat(),
+    }
+}
+
+fn pickle_str(s: &str) -> Vec<u8> {
+    [&[b'X'][..], &(s.len() as u32).to_le_bytes(), s.as_bytes()].concat()
+}
+
+/// A tuple of ints (built from a mark).
+fn pickle_ints(v: &[usize]) -> Vec<u8> {
+    let mut p = vec![b'('];
+    v.iter().for_each(|&x| p.extend(pickle_int(x)));
+    p.push(b't');
+    p
+}
+
+/// Writes `entries` (key, torch storage type, shape, little-endian bytes) as `torch.save`
+/// writes a state dict: a zip of `archive/data.pkl` and one stored entry per storage.
+fn torch_save(path: &Path, entries: &[(String, &str, Vec<usize>, Vec<u8>)]) {
+    use std::io::Write;
+    let mut pkl = b"\x80\x02}(".to_vec();
+    for (i, (key, storage, shape, bytes)) in entries.iter().enumerate() {
+        let numel: usize = shape.iter().product();
+        let mut stride = vec![1; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1];
+        }
+        pkl.extend(pickle_str(key));
+        pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        pkl.extend(pickle_str("storage"));
+        pkl.extend(format!("ctorch\n{storage}\n").as_bytes());
+        pkl.extend(pickle_str(&i.to_string()));
+        pkl.extend(pickle_str("cpu"));
+        pkl.extend(pickle_int(numel));
+        pkl.extend(b"tQ");
+        pkl.extend(pickle_int(0));
+        pkl.extend(pickle_ints(shape));
+        pkl.extend(pickle_ints(&stride));
+        pkl.extend(b"\x89ccollections\nOrderedDict\n)RtR");
+        assert_eq!(bytes.len() % numel, 0);
+    }
+    pkl.extend(b"u.");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    zip.write_all(&pkl).unwrap();
+    zip.start_file("archive/byteorder", stored).unwrap();
+    zip.write_all(b"little").unwrap();
+    for (i, (_, _, _, bytes)) in entries.iter().enumerate() {
+        zip.start_file(format!("archive/data/{i}"), stored).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+#[test]
+fn a_pickled_lora_is_converted_safely_keeping_its_layer_numbers() {
+    let dir = tiny_model(8);
+    let manifest = ultrapixel::models::stage_c::manifest(&tiny_configs().stage_c, true).unwrap();
+    let cfg = tiny_configs().text;
+    let shapes = ModelShapes {
+        stage_c: &manifest,
+        text_width: cfg.hidden_size,
+        vocab: cfg.vocab_size,
+    };
+    let cache = dir.path().join("cache");
+    let file = SafetensorsFile::open(dir.path().join(TINY_LORA_FILE)).unwrap();
+    // The tiny LoRA as `torch.save` of the official module list writes it: f32 factors
+    // and offsets, int64 token rows.
+    let mut entries: Vec<(String, &str, Vec<usize>, Vec<u8>)> = file
+        .keys()
+        .map(|k| {
+            let t = file.tensor(k).unwrap();
+            let (storage, bytes): (&str, Vec<u8>) = if k.ends_with(".indices") {
+                let rows = t.data.iter().flat_map(|&v| (v as i64).to_le_bytes());
+                ("LongStorage", rows.collect())
+            } else {
+                let values = t.data.iter().flat_map(|v| v.to_le_bytes());
+                ("FloatStorage", values.collect())
+            };
+            (k.to_string(), storage, t.shape, bytes)
+        })
+        .collect();
+    let pt = dir.path().join("lora_tiny.pt");
+    torch_save(&pt, &entries);
+    let specs = |p: &Path| [LoraSpec::new(p, 1.0)];
+    let from_pt = LoraSet::load(&specs(&pt), &shapes, &cache).unwrap();
+    let from_st = LoraSet::load(&specs(&dir.path().join(TINY_LORA_FILE)), &shapes, &cache).unwrap();
+    let (a, b) = (&from_pt.loaded()[0].lora, &from_st.loaded()[0].lora);
+    assert_eq!(a.layers.len(), b.layers.len());
+    for (k, u) in &b.layers {
+        assert_eq!(a.layers[k].down.data, u.down.data, "{k}");
+        assert_eq!(a.layers[k].up.data, u.up.data, "{k}");
+    }
+    let (ta, tb) = (a.tokens.as_ref().unwrap(), b.tokens.as_ref().unwrap());
+    assert_eq!((&ta.rows, &ta.offsets.data), (&tb.rows, &tb.offsets.data));
+
+    // Layer 64 of a LoRA stays layer 64 (UltraPixel's own file would call it agg_net).
+    entries[0].0 = "module.64.lora_down".into();
+    let pt64 = dir.path().join("lora64.pt");
+    torch_save(&pt64, &entries);
+    let err = LoraSet::load(&specs(&pt64), &shapes, &cache)
+        .err()
+        .expect("layer 64 of 8 is refused")
+        .to_string();
+    assert!(
+        err.contains("module.64.lora_down: layer 64 of the official order"),
+        "{err}"
+    );
+}
