@@ -203,6 +203,72 @@ impl LoraSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_data::random;
+    use crate::pipeline::tiny::tiny_configs;
+    use crate::pipeline::tiny_lora::{write_tiny_lora, TINY_LORA_FILE};
+    use crate::tensor::HostTensor;
+    use std::collections::HashMap;
+
+    #[test]
+    fn merged_weights_keep_the_base_bits_without_a_lora_or_at_scale_0() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_lora(dir.path(), 3).unwrap();
+        let cfg = tiny_configs();
+        let manifest = crate::models::stage_c::manifest(&cfg.stage_c, true).unwrap();
+        // Random weights with a negative zero first: 0 · update added to it would be +0.
+        let base: HashMap<String, HostTensor> = manifest
+            .iter()
+            .enumerate()
+            .map(|(i, (k, s))| {
+                let mut t = random(i as u64, s, 1.0);
+                t.data[0] = -0.0;
+                (k.clone(), t)
+            })
+            .collect();
+        let shapes = ModelShapes {
+            stage_c: &manifest,
+            text_width: cfg.text.hidden_size,
+            vocab: cfg.text.vocab_size,
+        };
+        let cache = dir.path().join("cache");
+        let spec = |s| LoraSpec::new(dir.path().join(TINY_LORA_FILE), s);
+        // The same layers again, teaching another token (one token cannot be added twice).
+        let copy = dir.path().join("copy.safetensors");
+        std::fs::copy(dir.path().join(TINY_LORA_FILE), &copy).unwrap();
+        let other = r#"{"train_tokens": [["[other]", null]]}"#;
+        std::fs::write(copy.with_extension("json"), other).unwrap();
+        let load = |specs: &[LoraSpec]| LoraSet::load(specs, &shapes, &cache).unwrap();
+        let (none, zero, one, two) = (
+            LoraSet::default(),
+            load(&[spec(0.0)]),
+            load(&[spec(1.0)]),
+            load(&[spec(1.0), LoraSpec::new(&copy, 1.0)]),
+        );
+        let bits = |t: HostTensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let layers = &one.loaded()[0].lora.layers;
+        for (k, _) in &manifest {
+            let b = bits(base[k].clone());
+            assert_eq!(bits(none.stage_c(&base).tensor(k).unwrap()), b, "{k}");
+            assert_eq!(bits(zero.stage_c(&base).tensor(k).unwrap()), b, "{k}");
+            let once = one.stage_c(&base).tensor(k).unwrap();
+            let Some(u) = layers.get(k) else {
+                assert_eq!(bits(once), b, "{k} has no update");
+                continue;
+            };
+            // Once: base + up·down / rank; twice: base + 2 · up·down / rank.
+            let (rank, cols) = (u.rank(), u.down.shape[1]);
+            let twice = two.stage_c(&base).tensor(k).unwrap();
+            for (at, w) in base[k].data.iter().enumerate() {
+                let (o, i) = (at / cols, at % cols);
+                let d: f32 = (0..rank)
+                    .map(|r| u.up.data[o * rank + r] * u.down.data[r * cols + i])
+                    .sum::<f32>()
+                    / rank as f32;
+                assert!((once.data[at] - (w + d)).abs() < 1e-5, "{k}[{at}]");
+                assert!((twice.data[at] - (w + 2.0 * d)).abs() < 1e-5, "{k}[{at}]");
+            }
+        }
+    }
 
     #[test]
     fn a_spec_is_a_file_with_an_optional_scale() {
