@@ -86,7 +86,7 @@ pub struct GenerateArgs {
     pub preview_every: u32,
     /// Apply a LoRA to Stage C (and its learned tokens to the text encoder) at strength
     /// SCALE (default 1; 0 leaves it out); repeat for several. A `.json` beside the file may
-    /// name its new trigger tokens: {"train_tokens": [["[word]", "^init</w>"]]}.
+    /// name its new trigger tokens: `{"train_tokens": [["[word]", "^init</w>"]]}`.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<LoraSpec>,
 }

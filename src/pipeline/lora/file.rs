@@ -309,8 +309,13 @@ mod tests {
 
     const VOCAB: usize = 49408;
 
+    /// A stored tensor: key, dtype, shape, little-endian bytes.
+    type Stored = (String, Dtype, Vec<usize>, Vec<u8>);
+    /// A naming: the key of factor `f` of layer `i`.
+    type KeyOf<'a> = Box<dyn Fn(usize, &str) -> String + 'a>;
+
     /// Writes `(key, dtype, shape, little-endian bytes)` as a safetensors file.
-    fn write(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    fn write(path: &Path, tensors: &[Stored]) {
         let views: Vec<(String, TensorView)> = tensors
             .iter()
             .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
@@ -318,7 +323,7 @@ mod tests {
         std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     }
 
-    fn f32s(key: String, t: &HostTensor) -> (String, Dtype, Vec<usize>, Vec<u8>) {
+    fn f32s(key: String, t: &HostTensor) -> Stored {
         let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
         (key, Dtype::F32, t.shape.clone(), bytes)
     }
@@ -354,7 +359,7 @@ mod tests {
         let rows = [VOCAB as i64, 7];
         let i64_rows: Vec<u8> = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
         let f32_rows = HostTensor::new(vec![2], rows.iter().map(|&r| r as f32).collect());
-        let namings: [(&str, Box<dyn Fn(usize, &str) -> String>, Vec<_>); 3] = [
+        let namings: [(&str, KeyOf, Vec<Stored>); 3] = [
             (
                 "named",
                 Box::new(|i, f| {

@@ -4,7 +4,7 @@
 //! tokenizer and the text encoder's embedding table so its trigger words work.
 //!
 //! - [`keys`]: the key namings of LoRA files and the official layer order.
-//! - [`file`]: reading and checking a file against the model.
+//! - [`mod@file`]: reading and checking a file against the model.
 //! - [`merge`]: the merged Stage C weights.
 //! - [`tokens`]: the grown token embedding table.
 //!
