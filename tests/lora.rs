@@ -239,7 +239,7 @@ fn a_lora_that_does_not_fit_fails_the_cli_naming_its_keys_and_writes_nothing() {
     let arg = format!("{}:0.7", bad.display());
     let o = cli_generate(dir.path(), &png, "cpu", &["--lora", &arg]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
     let file = SafetensorsFile::open(&bad).unwrap();
     for key in file.keys() {
         assert!(
@@ -255,7 +255,7 @@ fn a_lora_that_does_not_fit_fails_the_cli_naming_its_keys_and_writes_nothing() {
         "cpu",
         &["--lora", "/nonexistent/l.safetensors"],
     );
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/l.safetensors"));
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
