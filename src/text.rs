@@ -169,6 +169,47 @@ mod tests {
     }
 
     #[test]
+    fn added_tokens_are_whole_words_numbered_past_the_vocabulary() {
+        let plain = Tokenizer::clip().unwrap();
+        let words = ["[roubaobao]".to_string(), "<sks>".to_string()];
+        let t = Tokenizer::with_added(&words, 49408).unwrap();
+        let e = t
+            .encode("A photo of cat [Roubaobao] and <sks>, photo")
+            .unwrap();
+        let p = plain.encode("A photo of cat and , photo").unwrap();
+        // BOS, "a photo of cat", the new token, "and", the other, ", photo", EOS.
+        assert_eq!(&e.ids[1..5], &p.ids[1..5]);
+        assert_eq!(e.ids[5], 49408);
+        assert_eq!(e.ids[6], p.ids[5]);
+        assert_eq!(e.ids[7], 49409);
+        assert_eq!(&e.ids[8..11], &p.ids[6..9]);
+        // Without them the words are several BPE pieces, none of them new.
+        let split = plain.encode("[roubaobao]").unwrap();
+        assert!(split.eos_position() > 2 && split.ids.iter().all(|&i| i < 49408));
+        let err = Tokenizer::with_added(&words, 49000)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("vocabulary size"), "{err}");
+        let twice = ["[a]".to_string(), "[a]".to_string()];
+        assert!(Tokenizer::with_added(&twice, 49408).is_err());
+    }
+
+    #[test]
+    fn vocabulary_patterns_are_anchored_literals() {
+        let t = Tokenizer::clip().unwrap();
+        let cat = t.vocab_matching("^cat</w>$").unwrap();
+        assert_eq!(cat.len(), 1);
+        assert_eq!(t.vocab_matching("^cat</w>").unwrap(), cat);
+        let cats = t.vocab_matching("^cat").unwrap();
+        assert!(cats.len() > 5 && cats.contains(&cat[0]), "{cats:?}");
+        let ends = t.vocab_matching("cat</w>$").unwrap();
+        assert!(ends.len() > 1 && ends.contains(&cat[0]));
+        assert!(t.vocab_matching("^c.t").is_err());
+        assert!(t.vocab_matching("(cat|dog)").is_err());
+    }
+
+    #[test]
     fn a_long_prompt_is_truncated_and_the_dropped_words_are_named() {
         let t = Tokenizer::clip().unwrap();
         let words: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
