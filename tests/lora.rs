@@ -11,7 +11,7 @@ use ultrapixel::pipeline::lora::{LoraSet, LoraSpec, ModelShapes};
 use ultrapixel::pipeline::stages::{encode_text, RunContext, TextEmbedding};
 use ultrapixel::pipeline::tiny::tiny_configs;
 use ultrapixel::pipeline::tiny_lora::{TINY_LORA_FILE, TINY_LORA_SHIFTED_WORD, TINY_LORA_TOKEN};
-use ultrapixel::pipeline::{ModelDir, Pipeline, PipelineOptions, Request, Size};
+use ultrapixel::pipeline::{LoraUse, ModelDir, Pipeline, PipelineOptions, Request, Size};
 use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::tensor::HostTensor;
 use ultrapixel::text::{Tokenizer, Tokens};
@@ -66,8 +66,14 @@ fn switching_and_unloading_loras_in_a_loaded_pipeline_restores_the_base_bit_for_
     let full = pixels(&p, &r);
     assert_ne!(full, base, "the LoRA changes nothing");
     p.set_loras(&[lora(dir.path(), 0.5)]).unwrap();
-    let half = pixels(&p, &r);
+    let image = p.generate(&r).unwrap().remove(0);
+    let half = image.rgb.pixels;
     assert!(half != full && half != base, "scale 0.5 is neither 1 nor 0");
+    let named = LoraUse {
+        file: TINY_LORA_FILE.into(),
+        scale: 0.5,
+    };
+    assert_eq!(image.metadata.loras, [named]);
 
     // A bad file is refused and the LoRA in use stays.
     let bad = not_a_lora(dir.path());
@@ -86,7 +92,9 @@ fn switching_and_unloading_loras_in_a_loaded_pipeline_restores_the_base_bit_for_
         ..options(dir.path())
     };
     let p0 = Pipeline::load(&md, cpu(), zero).unwrap();
-    assert_eq!(pixels(&p0, &r), base, "scale 0 differs from no LoRA");
+    let image = p0.generate(&r).unwrap().remove(0);
+    assert_eq!(image.rgb.pixels, base, "scale 0 differs from no LoRA");
+    assert!(image.metadata.loras.is_empty());
 }
 
 /// The tiny text encoder on the cpu backend.

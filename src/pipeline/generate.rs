@@ -288,7 +288,10 @@ impl Pipeline {
             let image = Image {
                 seed,
                 rgb,
-                metadata: ImageMetadata::new(request, seed, self.hashes.clone()),
+                metadata: ImageMetadata {
+                    loras: self.loras.uses(),
+                    ..ImageMetadata::new(request, seed, self.hashes.clone())
+                },
                 timings,
             };
             on_event(Event::ImageDone(&image))?;

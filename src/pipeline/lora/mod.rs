@@ -22,6 +22,7 @@ pub use tokens::TokenTable;
 
 use crate::models::config::ClipTextConfig;
 use crate::models::Checkpoint;
+use crate::pipeline::png_out::LoraUse;
 use crate::text::Tokenizer;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
@@ -131,6 +132,20 @@ impl LoraSet {
     /// The LoRAs in use, in order.
     pub fn loaded(&self) -> &[LoadedLora] {
         &self.loaded
+    }
+
+    /// The LoRAs that change the images, as their metadata names them.
+    pub fn uses(&self) -> Vec<LoraUse> {
+        self.active()
+            .map(|l| LoraUse {
+                file: l
+                    .spec
+                    .path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                scale: l.spec.scale,
+            })
+            .collect()
     }
 
     /// The LoRAs that change anything (scale 0 leaves one out).
