@@ -86,19 +86,29 @@ impl Lora {
         let (mut offsets, mut indices) = (None, None);
         let official = official_layers(model.stage_c);
         for key in file.keys() {
+            let read = || file.tensor(key).map_err(|e| format!("{key}: {e}"));
             let layer = match slot(key) {
                 None => {
                     bad.push(format!("{key}: not a LoRA tensor name"));
                     continue;
                 }
                 Some(Slot::TokenOffsets) => {
-                    offsets = Some((key.to_string(), file.tensor(key)?));
+                    match (read(), &offsets) {
+                        (Ok(t), None) => offsets = Some((key.to_string(), t)),
+                        (Ok(_), Some((first, _))) => {
+                            bad.push(format!("{key}: token offsets again (first {first})"))
+                        }
+                        (Err(why), _) => bad.push(why),
+                    }
                     continue;
                 }
                 Some(Slot::TokenIndices) => {
-                    match token_rows(&file, key) {
-                        Ok(rows) => indices = Some((key.to_string(), rows)),
-                        Err(why) => bad.push(format!("{key}: {why}")),
+                    match (token_rows(&file, key), &indices) {
+                        (Ok(rows), None) => indices = Some((key.to_string(), rows)),
+                        (Ok(_), Some((first, _))) => {
+                            bad.push(format!("{key}: token indices again (first {first})"))
+                        }
+                        (Err(why), _) => bad.push(format!("{key}: {why}")),
                     }
                     continue;
                 }
@@ -116,13 +126,22 @@ impl Lora {
                 },
             };
             let (name, factor) = layer;
-            let (pair, sources) = factors.entry(name).or_default();
+            let (pair, sources) = factors.entry(name.clone()).or_default();
             let at = match factor {
                 Factor::Down => 0,
                 Factor::Up => 1,
             };
-            pair[at] = Some(file.tensor(key)?);
-            sources.push(key);
+            match read() {
+                Ok(_) if pair[at].is_some() => bad.push(format!(
+                    "{key}: a second tensor for the same factor of {name} (first {})",
+                    sources.join(", ")
+                )),
+                Ok(t) => {
+                    pair[at] = Some(t);
+                    sources.push(key);
+                }
+                Err(why) => bad.push(why),
+            }
         }
         let mut layers = BTreeMap::new();
         for (name, (pair, sources)) in factors {
@@ -156,8 +175,8 @@ impl Lora {
         }
         if !bad.is_empty() {
             let mut msg = format!(
-                "not a LoRA for this model ({} bad key{}); use a LoRA trained for UltraPixel \
-                 / Stable Cascade Stage C with these shapes:",
+                "not a LoRA for this model ({} bad key{}); use one trained for this Stage C \
+                 (UltraPixel / Stable Cascade) and its text encoder:",
                 bad.len(),
                 if bad.len() == 1 { "" } else { "s" }
             );
@@ -455,6 +474,8 @@ mod tests {
                     &random(2, &[32, 3], 1.0),
                 ),
                 f32s("module.5.lora_down".into(), &random(3, &[2, 32], 1.0)),
+                // Layer 0 of the official order is that out_proj: its down factor again.
+                f32s("weights.0.lora_down".into(), &random(3, &[2, 32], 1.0)),
                 f32s("module.40.lora_down".into(), &random(4, &[2, 32], 1.0)),
                 f32s("module.40.lora_up".into(), &random(5, &[32, 2], 1.0)),
                 f32s(
@@ -478,7 +499,9 @@ mod tests {
             .to_string();
         for needle in [
             "bad.safetensors",
-            "7 bad keys",
+            "8 bad keys",
+            "weights.0.lora_down: a second tensor for the same factor of \
+             down_blocks.0.2.attention.attn.out_proj.weight",
             &format!("{out_proj}.weight: lora_up [32, 3] · lora_down [2, 32]"),
             "module.5.lora_down → up_blocks.0.2.attention.attn.in_proj_weight: has only one of",
             "module.40.lora_down: layer 40 of the official order, but this Stage C has 8",
@@ -492,6 +515,6 @@ mod tests {
             assert!(err.contains(needle), "{needle:?} not in:\n{err}");
         }
         // One line per bad layer or key, nothing else.
-        assert_eq!(err.lines().count(), 8, "{err}");
+        assert_eq!(err.lines().count(), 9, "{err}");
     }
 }
