@@ -46,6 +46,7 @@ impl Tokens {
     }
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
@@ -61,6 +62,60 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument(format!("CLIP tokenizer: {e}")))?;
         inner.with_padding(None);
         Ok(Tokenizer { inner })
+    }
+
+    /// The embedded tokenizer with `words` added as whole tokens (a LoRA's trigger words),
+    /// numbered in order from `first`, the first row past the text encoder's vocabulary.
+    /// They match like the official `tokenizer.add_tokens`: on the normalized (lowercased)
+    /// text, before BPE.
+    pub fn with_added(words: &[String], first: u32) -> Result<Tokenizer> {
+        let mut t = Tokenizer::clip()?;
+        for (k, w) in words.iter().enumerate() {
+            if t.inner.token_to_id(w).is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "token {w:?} is already in the vocabulary (added twice, or by two LoRAs)"
+                )));
+            }
+            t.inner
+                .add_tokens(&[tokenizers::AddedToken::from(w.as_str(), false)]);
+            let id = t.inner.token_to_id(w);
+            if id != Some(first + k as u32) {
+                return Err(Error::InvalidArgument(format!(
+                    "token {w:?} got id {id:?}, not {}: the text encoder's vocabulary size                      differs from the tokenizer's",
+                    first + k as u32
+                )));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The ids of the vocabulary entries (BPE pieces, `</w>` ending a word) that `pattern`
+    /// selects: a literal, optionally anchored with `^` and `$` (the official aggregation
+    /// patterns, such as `^cat</w>`); other regular expressions are refused.
+    pub fn vocab_matching(&self, pattern: &str) -> Result<Vec<u32>> {
+        let start = pattern.starts_with('^');
+        let body = pattern.strip_prefix('^').unwrap_or(pattern);
+        let end = body.ends_with('$');
+        let body = body.strip_suffix('$').unwrap_or(body);
+        if body.chars().any(|c| "\\.*+?()[]{}|^$".contains(c)) {
+            return Err(Error::InvalidArgument(format!(
+                "token pattern {pattern:?}: only a literal with optional ^ and $ anchors is                  supported"
+            )));
+        }
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_vocab(false)
+            .into_iter()
+            .filter(|(k, _)| match (start, end) {
+                (true, true) => k == body,
+                (true, false) => k.starts_with(body),
+                (false, true) => k.ends_with(body),
+                (false, false) => k.contains(body),
+            })
+            .map(|(_, id)| id)
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Tokenizes and frames `prompt` (any text, the empty string included).
@@ -111,6 +166,47 @@ mod tests {
         let n = e.mask.iter().filter(|&&m| m == 1).count();
         assert_eq!(n, 2 + 5, "{:?}", &e.ids[..10]);
         assert_eq!(e.eos_position(), n - 1);
+    }
+
+    #[test]
+    fn added_tokens_are_whole_words_numbered_past_the_vocabulary() {
+        let plain = Tokenizer::clip().unwrap();
+        let words = ["[roubaobao]".to_string(), "<sks>".to_string()];
+        let t = Tokenizer::with_added(&words, 49408).unwrap();
+        let e = t
+            .encode("A photo of cat [Roubaobao] and <sks>, photo")
+            .unwrap();
+        let p = plain.encode("A photo of cat and , photo").unwrap();
+        // BOS, "a photo of cat", the new token, "and", the other, ", photo", EOS.
+        assert_eq!(&e.ids[1..5], &p.ids[1..5]);
+        assert_eq!(e.ids[5], 49408);
+        assert_eq!(e.ids[6], p.ids[5]);
+        assert_eq!(e.ids[7], 49409);
+        assert_eq!(&e.ids[8..11], &p.ids[6..9]);
+        // Without them the words are several BPE pieces, none of them new.
+        let split = plain.encode("[roubaobao]").unwrap();
+        assert!(split.eos_position() > 2 && split.ids.iter().all(|&i| i < 49408));
+        let err = Tokenizer::with_added(&words, 49000)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("vocabulary size"), "{err}");
+        let twice = ["[a]".to_string(), "[a]".to_string()];
+        assert!(Tokenizer::with_added(&twice, 49408).is_err());
+    }
+
+    #[test]
+    fn vocabulary_patterns_are_anchored_literals() {
+        let t = Tokenizer::clip().unwrap();
+        let cat = t.vocab_matching("^cat</w>$").unwrap();
+        assert_eq!(cat.len(), 1);
+        assert_eq!(t.vocab_matching("^cat</w>").unwrap(), cat);
+        let cats = t.vocab_matching("^cat").unwrap();
+        assert!(cats.len() > 5 && cats.contains(&cat[0]), "{cats:?}");
+        let ends = t.vocab_matching("cat</w>$").unwrap();
+        assert!(ends.len() > 1 && ends.contains(&cat[0]));
+        assert!(t.vocab_matching("^c.t").is_err());
+        assert!(t.vocab_matching("(cat|dog)").is_err());
     }
 
     #[test]

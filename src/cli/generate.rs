@@ -4,6 +4,7 @@
 use super::backend_arg::BackendArg;
 use crate::hub::{Hub, HubOptions};
 use crate::pipeline::generate::{Event, Image, Pipeline, PipelineOptions};
+use crate::pipeline::lora::LoraSpec;
 use crate::pipeline::png_out::write_png;
 use crate::pipeline::request::{OutputPattern, Request, Size, StageSettings};
 use crate::pipeline::stages::{Phase, Progress};
@@ -83,6 +84,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 5, requires = "preview",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub preview_every: u32,
+    /// Apply a LoRA to Stage C (and its learned tokens to the text encoder) at strength
+    /// SCALE (default 1; 0 leaves it out); repeat for several. A `.json` beside the file may
+    /// name its new trigger tokens: `{"train_tokens": [["[word]", "^init</w>"]]}`.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<LoraSpec>,
 }
 
 /// A help text with its `{n}` kept as written: clap turns `{n}` anywhere in a help text into
@@ -161,6 +167,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         check_every_step: args.check_every_step,
         memory_limit: args.memory_limit.map(|m| m << 20),
         preview_every: args.preview.as_ref().map(|_| args.preview_every as usize),
+        loras: args.loras.clone(),
         ..PipelineOptions::default()
     };
     let pipeline = Pipeline::load(&dir, backend, options)?;

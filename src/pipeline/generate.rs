@@ -8,6 +8,7 @@
 //! resident across stages and images when everything fits, are dropped after each stage
 //! when only that fits (or with `low_vram`), and the request is refused otherwise.
 
+use super::lora::{LoadedLora, LoraSet, LoraSpec, ModelShapes};
 use super::model_dir::ModelDir;
 use super::observer::{check_finite, ImageObserver, PhaseTimer, Previews};
 use super::open_models::{open_previewer, Models, Stage};
@@ -60,6 +61,9 @@ pub struct PipelineOptions {
     /// Preview Stage C every this many steps (and at the last step of each pass) as
     /// [`Event::Preview`]; needs the previewer weights. None: no previews.
     pub preview_every: Option<usize>,
+    /// LoRAs applied to Stage C (and their learned tokens to the text encoder), in order;
+    /// [`Pipeline::set_loras`] changes them later.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for PipelineOptions {
@@ -70,6 +74,7 @@ impl Default for PipelineOptions {
             low_vram: false,
             check_every_step: false,
             preview_every: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -117,6 +122,7 @@ pub struct Pipeline {
     options: PipelineOptions,
     hashes: BTreeMap<String, String>,
     tokenizer: Tokenizer,
+    loras: LoraSet,
     /// The device weights of the three sampling stages (C, B, A); the lock is held while a
     /// generation runs, so one runs at a time.
     caches: Mutex<[WeightCache; 3]>,
@@ -147,15 +153,47 @@ impl Pipeline {
             Some(_) => Some(open_previewer(dir)?),
             None => None,
         };
-        Ok(Pipeline {
+        let mut pipeline = Pipeline {
             models,
             previewer,
             backend,
             hashes: dir.hashes(),
-            options,
             tokenizer: Tokenizer::clip()?,
+            loras: LoraSet::default(),
             caches: Mutex::new(Default::default()),
-        })
+            options: options.clone(),
+        };
+        pipeline.set_loras(&options.loras)?;
+        Ok(pipeline)
+    }
+
+    /// Replaces the LoRAs in use by `specs` (empty: none), reading and checking every file
+    /// first: on an error the pipeline keeps the LoRAs it had. The base weights are never
+    /// changed, so unloading gives them back bit for bit.
+    pub fn set_loras(&mut self, specs: &[LoraSpec]) -> Result<()> {
+        let stage_c = crate::models::stage_c::manifest(&self.models.stage_c.config, true)?;
+        let text = &self.models.text.config;
+        let shapes = ModelShapes {
+            stage_c: &stage_c,
+            text_width: text.hidden_size,
+            vocab: text.vocab_size,
+        };
+        let loras = LoraSet::load(specs, &shapes, &self.options.conversion_cache)?;
+        self.tokenizer = match loras.tokenizer() {
+            Some(t) => t.clone(),
+            None => Tokenizer::clip()?,
+        };
+        self.loras = loras;
+        self.options.loras = specs.to_vec();
+        // Stage C's device weights were merged with the old LoRAs.
+        let caches = self.caches.get_mut().unwrap_or_else(|p| p.into_inner());
+        caches[0].clear();
+        Ok(())
+    }
+
+    /// The LoRAs in use, in order.
+    pub fn loras(&self) -> &[LoadedLora] {
+        self.loras.loaded()
     }
 
     pub fn backend(&self) -> &Backend {
@@ -250,7 +288,10 @@ impl Pipeline {
             let image = Image {
                 seed,
                 rgb,
-                metadata: ImageMetadata::new(request, seed, self.hashes.clone()),
+                metadata: ImageMetadata {
+                    loras: self.loras.uses(),
+                    ..ImageMetadata::new(request, seed, self.hashes.clone())
+                },
                 timings,
             };
             on_event(Event::ImageDone(&image))?;
@@ -318,7 +359,8 @@ impl Pipeline {
             .collect::<Result<_>>()?;
         let cache = WeightCache::new();
         let m = &self.models.text;
-        let text = encode_text(&self.context(Some(&cache)), &m.weights, &m.config, &tokens)?;
+        let (cfg, weights) = self.loras.text(&m.config, &m.weights);
+        let text = encode_text(&self.context(Some(&cache)), &weights, &cfg, &tokens)?;
         check_finite(Phase::Text, None, &text.hidden.data)?;
         check_finite(Phase::Text, None, &text.pooled.data)?;
         Ok((text, started.elapsed().as_secs_f64()))
@@ -368,8 +410,9 @@ impl Pipeline {
             clip_text_pooled: text.pooled.clone(),
             clip_img: HostTensor::zeros(&[2, 1, m.stage_c.config.c_clip_img]),
         };
+        let stage_c_weights = self.loras.stage_c(&m.stage_c.weights);
         let run = StageCRun {
-            weights: &m.stage_c.weights,
+            weights: &stage_c_weights,
             cfg: &m.stage_c.config,
             conditions: &conditions,
             steps: request.stage_c.steps as usize,

@@ -2,6 +2,7 @@
 //! files ([`model_dir`]), and PNG output with metadata ([`png_out`]).
 
 pub mod generate;
+pub mod lora;
 pub mod model_dir;
 mod observer;
 pub mod open_models;
@@ -11,9 +12,11 @@ pub mod preview;
 pub mod request;
 pub mod stages;
 pub mod tiny;
+pub mod tiny_lora;
 
 pub use generate::{Event, Image, Pipeline, PipelineOptions};
+pub use lora::LoraSpec;
 pub use model_dir::ModelDir;
 pub use plan::MemoryPlan;
-pub use png_out::{read_metadata, write_png, ImageMetadata, Rgb8Image};
+pub use png_out::{read_metadata, write_png, ImageMetadata, LoraUse, Rgb8Image};
 pub use request::{OutputPattern, Request, Size, StageSettings};

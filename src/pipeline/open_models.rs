@@ -11,7 +11,7 @@ use crate::models::config::{
 use crate::models::{clip_text, previewer, stage_a, stage_b, stage_c, Checkpoint, Manifest};
 use crate::tensor::HostTensor;
 use crate::weights::{
-    check_manifest_allowing, convert, CheckpointSet, OriginalNames, SafetensorsFile,
+    check_manifest_allowing, convert_named, CheckpointSet, KeyNames, OriginalNames, SafetensorsFile,
 };
 use crate::{Error, Result};
 use std::io::Read;
@@ -111,7 +111,11 @@ impl Models {
             .collect();
         let unused = stage_c::unused_guidance_keys(&stage_c_cfg);
         let unused = keys(&unused);
-        let ultrapixel = safetensors_of(dir.path(ULTRAPIXEL_FILE)?, conversions)?;
+        let ultrapixel = safetensors_of(
+            dir.path(ULTRAPIXEL_FILE)?,
+            conversions,
+            KeyNames::UltraPixel,
+        )?;
         let ultrapixel = open_checked(&ultrapixel, &inr_manifest, &unused)?;
         let stage_c_weights = Weights(OriginalNames::new(CheckpointSet::new(vec![
             Box::new(base),
@@ -240,10 +244,11 @@ fn open_checked(
 /// The first bytes of a PyTorch zip checkpoint.
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
-/// `path` itself when it is safetensors; for a PyTorch pickle (UltraPixel's release) its
-/// conversion in `cache`, made on first use. The cache name carries the source's size and
-/// modification time, so a replaced source is converted again.
-pub fn safetensors_of(path: &Path, cache: &Path) -> Result<PathBuf> {
+/// `path` itself when it is safetensors; for a PyTorch pickle (UltraPixel's release, a
+/// LoRA) its conversion in `cache` with the key naming `names`, made on first use. The cache
+/// name carries the source's size and modification time, so a replaced source is converted
+/// again, and the naming.
+pub fn safetensors_of(path: &Path, cache: &Path, names: KeyNames) -> Result<PathBuf> {
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
@@ -259,7 +264,11 @@ pub fn safetensors_of(path: &Path, cache: &Path) -> Result<PathBuf> {
     let stem = path
         .file_stem()
         .map_or_else(|| "checkpoint".into(), |s| s.to_string_lossy().into_owned());
-    let target = cache.join(format!("{stem}-{}-{mtime}.safetensors", meta.len()));
+    let naming = match names {
+        KeyNames::UltraPixel => "",
+        KeyNames::AsStored => "-as-stored",
+    };
+    let target = cache.join(format!("{stem}-{}-{mtime}{naming}.safetensors", meta.len()));
     if target.is_file() {
         return Ok(target);
     }
@@ -269,7 +278,7 @@ pub fn safetensors_of(path: &Path, cache: &Path) -> Result<PathBuf> {
         path.display(),
         target.display()
     );
-    convert(path, &target)?;
+    convert_named(path, &target, names)?;
     Ok(target)
 }
 
@@ -302,7 +311,7 @@ mod tests {
     fn a_pickle_is_converted_once_into_the_cache_and_safetensors_pass_through() {
         let cache = tempfile::tempdir().unwrap();
         let pickle = fixture("tiny_t2i.safetensors");
-        let converted = safetensors_of(&pickle, cache.path()).unwrap();
+        let converted = safetensors_of(&pickle, cache.path(), KeyNames::UltraPixel).unwrap();
         assert!(converted.starts_with(cache.path()));
         let file = SafetensorsFile::open(&converted).unwrap();
         assert!(
@@ -311,18 +320,24 @@ mod tests {
         );
         assert!(file.keys().all(|k| !k.starts_with("module.")));
         let stamp = std::fs::metadata(&converted).unwrap().modified().unwrap();
-        assert_eq!(safetensors_of(&pickle, cache.path()).unwrap(), converted);
+        assert_eq!(
+            safetensors_of(&pickle, cache.path(), KeyNames::UltraPixel).unwrap(),
+            converted
+        );
         assert_eq!(
             std::fs::metadata(&converted).unwrap().modified().unwrap(),
             stamp
         );
-        assert_eq!(safetensors_of(&converted, cache.path()).unwrap(), converted);
+        assert_eq!(
+            safetensors_of(&converted, cache.path(), KeyNames::UltraPixel).unwrap(),
+            converted
+        );
     }
 
     #[test]
     fn a_malicious_pickle_is_refused_and_nothing_is_cached() {
         let cache = tempfile::tempdir().unwrap();
-        let err = safetensors_of(&fixture("malicious.pt"), cache.path())
+        let err = safetensors_of(&fixture("malicious.pt"), cache.path(), KeyNames::AsStored)
             .unwrap_err()
             .to_string();
         assert!(err.contains("os") && err.contains("system"), "{err}");

@@ -87,8 +87,19 @@ pub struct ImageMetadata {
     pub sampler: String,
     /// Model file name → sha256 (hex), for the files whose hash is known.
     pub models: BTreeMap<String, String>,
+    /// The LoRAs that changed the image (scale ≠ 0), in order; none for a plain one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraUse>,
     /// `ultrapixel <version>`.
     pub version: String,
+}
+
+/// A LoRA as an image's metadata names it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraUse {
+    /// The file name (without its directory).
+    pub file: String,
+    pub scale: f32,
 }
 
 impl ImageMetadata {
@@ -103,6 +114,7 @@ impl ImageMetadata {
             stage_b: request.stage_b,
             sampler: SAMPLER.to_string(),
             models,
+            loras: Vec::new(),
             version: software(),
         }
     }
@@ -120,6 +132,11 @@ impl ImageMetadata {
         if let Some(hash) = self.models.get(STAGE_C_FILE) {
             pairs.push(format!("Model hash: {}", &hash[..hash.len().min(10)]));
         }
+        pairs.extend(
+            self.loras
+                .iter()
+                .map(|l| format!("LoRA: {}:{}", l.file, l.scale)),
+        );
         pairs.extend([
             "Model: UltraPixel".to_string(),
             format!("Stage B steps: {}", self.stage_b.steps),
@@ -263,7 +280,11 @@ mod tests {
         req.negative_prompt = "blurry".into();
         req.size = Size::new(640, 512).unwrap();
         let models = BTreeMap::from([(STAGE_C_FILE.to_string(), "ab".repeat(32))]);
-        let meta = ImageMetadata::new(&req, 99, models);
+        let mut meta = ImageMetadata::new(&req, 99, models);
+        meta.loras.push(LoraUse {
+            file: "lora_cat.safetensors".into(),
+            scale: 0.75,
+        });
         write_png(&path, &image(7, 5), Some(&meta)).unwrap();
         let read = read_metadata(&path).unwrap();
         assert_eq!((read.width, read.height), (7, 5));
@@ -278,6 +299,7 @@ mod tests {
             "Seed: 99",
             "Size: 640x512",
             "Model hash: abababab",
+            "LoRA: lora_cat.safetensors:0.75",
             "Stage B steps: 10",
         ] {
             assert!(text.contains(want), "{want}: {text}");

@@ -173,10 +173,13 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
         write_text(dir, &name, &text)?;
         written.files.push(name);
     }
+    written
+        .files
+        .extend(super::tiny_lora::write_tiny_lora(dir, seed)?);
     Ok(written)
 }
 
-fn write_text(dir: &Path, name: &str, text: &str) -> Result<()> {
+pub(super) fn write_text(dir: &Path, name: &str, text: &str) -> Result<()> {
     let path = dir.join(name);
     crate::atomic_file::write_atomic(&path, |out| {
         out.write_all(text.as_bytes())

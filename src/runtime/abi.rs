@@ -7,7 +7,7 @@
 //!
 //! The wide kernels (GEMM, attention, CFG's apply pass) take one parameter struct by value:
 //! a C struct in the kernel file, mirrored by a `#[repr(C)]` Rust struct that
-//! [`mirror_kernel_struct!`] ties to it. build.rs lays the C struct out and asserts that
+//! `mirror_kernel_struct!` ties to it. build.rs lays the C struct out and asserts that
 //! layout on both sides at build time (see build/abi.rs): they cannot drift apart.
 
 use super::kernels::KernelId;
@@ -46,7 +46,7 @@ pub struct Param {
 
 /// A Rust mirror of a kernel parameter struct, passed by value with
 /// [`Args::by_value`](super::launch::Args::by_value). Implemented only by
-/// [`mirror_kernel_struct!`], next to the assertions that the mirror has the C layout;
+/// `mirror_kernel_struct!`, next to the assertions that the mirror has the C layout;
 /// `Pod` guarantees it has no padding, so its bytes are all fields.
 pub trait KernelStruct: bytemuck::Pod {
     /// The C struct's name.

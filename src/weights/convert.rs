@@ -62,9 +62,25 @@ pub fn original_name(key: &str) -> String {
     }
 }
 
-/// Converts the PyTorch zip checkpoint `input` into the safetensors file `output`. Nothing
-/// is written unless the whole input is valid, and `output` appears complete or not at all.
+/// How a conversion names the keys it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyNames {
+    /// UltraPixel's names ([`original_name`]).
+    UltraPixel,
+    /// As stored: a LoRA's module list numbers its layers 0, 1, ..., so its `module.64.`
+    /// is a layer, not UltraPixel's INR module.
+    AsStored,
+}
+
+/// Converts the PyTorch zip checkpoint `input` into the safetensors file `output` with
+/// UltraPixel's names. Nothing is written unless the whole input is valid, and `output`
+/// appears complete or not at all.
 pub fn convert(input: &Path, output: &Path) -> Result<ConvertReport> {
+    convert_named(input, output, KeyNames::UltraPixel)
+}
+
+/// [`convert`] with the key naming `names`.
+pub fn convert_named(input: &Path, output: &Path, names: KeyNames) -> Result<ConvertReport> {
     let ckpt = read_torch_zip(input)?;
     let mut report = ConvertReport {
         skipped: ckpt.skipped,
@@ -73,7 +89,10 @@ pub fn convert(input: &Path, output: &Path) -> Result<ConvertReport> {
     let mut sources: BTreeMap<String, String> = BTreeMap::new();
     let mut tensors: BTreeMap<String, RawTensor> = BTreeMap::new();
     for (key, tensor) in ckpt.tensors {
-        let name = original_name(&key);
+        let name = match names {
+            KeyNames::UltraPixel => original_name(&key),
+            KeyNames::AsStored => key.clone(),
+        };
         if let Some(first) = sources.get(&name) {
             return Err(Error::format(
                 input,

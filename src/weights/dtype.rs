@@ -1,34 +1,40 @@
-//! The floating-point element types weight files store: f32, f16 and bf16 (little endian).
+//! The element types weight files store: f32, f16 and bf16 (little endian), and int64 for
+//! the few index tensors a checkpoint may carry (a LoRA's learned token rows).
 
 use crate::tensor::{bf16_bits_to_f32, f32_to_bf16_bits};
 use half::f16;
 use safetensors::Dtype;
 
-/// A stored weight dtype; every one converts to f32 without loss.
+/// A stored dtype; the float ones convert to f32 without loss, int64 values up to 2^24.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WeightDtype {
     F32,
     F16,
     BF16,
+    /// Indices, kept through a conversion; never served as a weight.
+    I64,
 }
 
 impl WeightDtype {
+    /// The dtypes weights may have.
     pub const ALL: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::F16, WeightDtype::BF16];
 
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            WeightDtype::I64 => 8,
             WeightDtype::F32 => 4,
             WeightDtype::F16 | WeightDtype::BF16 => 2,
         }
     }
 
-    /// The safetensors header name (`F32`, `F16`, `BF16`).
+    /// The safetensors header name (`F32`, `F16`, `BF16`, `I64`).
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::F32 => "F32",
             WeightDtype::F16 => "F16",
             WeightDtype::BF16 => "BF16",
+            WeightDtype::I64 => "I64",
         }
     }
 
@@ -37,10 +43,12 @@ impl WeightDtype {
             WeightDtype::F32 => Dtype::F32,
             WeightDtype::F16 => Dtype::F16,
             WeightDtype::BF16 => Dtype::BF16,
+            WeightDtype::I64 => Dtype::I64,
         }
     }
 
-    /// None for the dtypes weights never use (integers, f64, fp8, ...).
+    /// The weight dtype of a stored one; None for those weights never use (integers, f64,
+    /// fp8, ...).
     pub fn from_safetensors(dtype: Dtype) -> Option<Self> {
         match dtype {
             Dtype::F32 => Some(WeightDtype::F32),
@@ -66,10 +74,15 @@ impl WeightDtype {
                 .chunks_exact(2)
                 .map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
                 .collect(),
+            WeightDtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
         }
     }
 
-    /// f32 values to little-endian bytes, rounding to nearest even.
+    /// f32 values to little-endian bytes, rounding to nearest even (to the nearest integer
+    /// for I64).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             WeightDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -80,6 +93,10 @@ impl WeightDtype {
             WeightDtype::BF16 => values
                 .iter()
                 .flat_map(|&v| f32_to_bf16_bits(v).to_le_bytes())
+                .collect(),
+            WeightDtype::I64 => values
+                .iter()
+                .flat_map(|&v| (v.round() as i64).to_le_bytes())
                 .collect(),
         }
     }
@@ -112,5 +129,9 @@ mod tests {
             );
         }
         assert_eq!(WeightDtype::from_safetensors(Dtype::I64), None);
+        let rows = [0.0, 49408.0, -3.0];
+        let bytes = WeightDtype::I64.encode(&rows);
+        assert_eq!(&bytes[8..16], &49408i64.to_le_bytes());
+        assert_eq!(WeightDtype::I64.decode(&bytes), rows);
     }
 }

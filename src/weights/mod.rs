@@ -19,7 +19,7 @@ mod safetensors_file;
 mod set;
 mod torch_zip;
 
-pub use convert::{convert, original_name, ConvertReport};
+pub use convert::{convert, convert_named, original_name, ConvertReport, KeyNames};
 pub use dtype::WeightDtype;
 pub use manifest::{check_manifest, check_manifest_allowing};
 pub use names::{diffusers_parts, OriginalNames};

@@ -40,10 +40,12 @@ pub(crate) enum Global {
     Storage(WeightDtype),
 }
 
-const STORAGES: [(&str, WeightDtype); 3] = [
+const STORAGES: [(&str, WeightDtype); 4] = [
     ("BFloat16Storage", WeightDtype::BF16),
     ("HalfStorage", WeightDtype::F16),
     ("FloatStorage", WeightDtype::F32),
+    // A LoRA's learned token rows (`ReToken.indices`).
+    ("LongStorage", WeightDtype::I64),
 ];
 
 fn resolve_global(module: &str, name: &str) -> Result<Global, String> {
@@ -60,7 +62,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, String> {
     global.ok_or_else(|| {
         format!(
             "refusing pickle global {module}.{name}: only torch tensor rebuilds, \
-             collections.OrderedDict and torch.{{BFloat16,Half,Float}}Storage are allowed"
+             collections.OrderedDict and torch.{{BFloat16,Half,Float,Long}}Storage are allowed"
         )
     })
 }
