@@ -5,8 +5,8 @@
 //!
 //! Environment: `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `UPX_CUDA_VENV` (where to look for nvcc),
 //! `UPX_CUDA_ARCHS` (e.g. `sm_90`: restrict the SASS targets), `UPX_REQUIRE_NVCC=1` (a missing
-//! nvcc is an error), `UPX_STRICT_PTXAS=1` (any spill, local memory or serialized wgmma is an
-//! error).
+//! nvcc is an error), `UPX_STRICT_PTXAS=1` (any spill, local memory, serialized wgmma or
+//! ignored setmaxnreg is an error).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -322,7 +322,7 @@ fn compile_fatbins(
         match r {
             Ok(log) => {
                 entries.extend(ptxas::parse(&log));
-                let lines = ptxas::wgmma_serialized(&log);
+                let lines = ptxas::performance_losses(&log);
                 serialized.extend(lines.map(|l| format!("{}: {l}", files[i].display())));
             }
             Err(e) => failures.push(format!("{}: {e}", files[i].path.display())),
@@ -331,10 +331,11 @@ fn compile_fatbins(
     if !failures.is_empty() {
         panic!("nvcc failed:\n{}", failures.join("\n"));
     }
-    // ptxas reports a serialized wgmma pipeline as info, not as a warning -Werror would catch.
+    // ptxas reports a serialized wgmma pipeline or an ignored setmaxnreg as info, not as a
+    // warning -Werror would catch.
     if strict && !serialized.is_empty() {
         panic!(
-            "UPX_STRICT_PTXAS=1: ptxas serialized wgmma:\n{}",
+            "UPX_STRICT_PTXAS=1: ptxas serialized wgmma or ignored setmaxnreg:\n{}",
             serialized.join("\n")
         );
     }
@@ -550,6 +551,12 @@ fn build_hostsim(files: &[KernelFile], kdir: &Path, out: &Path) {
         // Shared memory and emulator state are thread_local; the archive only ever links
         // into executables, so the fast TLS model is valid.
         .flag("-ftls-model=initial-exec")
+        // The shared-memory race check (HOSTSIM_RACECHECK=1): every load and store calls the
+        // emulator's __tsan_* hooks (no TSan runtime is linked); line tables let a report's
+        // code address be resolved with addr2line.
+        .flag("-fsanitize=thread")
+        .flag_if_supported("--param=tsan-instrument-func-entry-exit=0")
+        .flag("-g1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas");
     // The kernels' fmaf() becomes one instruction instead of a libm call (a sixth of the

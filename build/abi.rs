@@ -51,6 +51,9 @@ enum Ty {
     Scalar(&'static Scalar),
     /// A parameter struct by value (kernel parameters only).
     Struct(String),
+    /// The driver's 128-byte `CUtensorMap`, as a `const __grid_constant__` kernel parameter
+    /// (src/runtime/tensor_map.rs builds it).
+    TensorMap,
 }
 
 impl Ty {
@@ -59,6 +62,9 @@ impl Ty {
             return Ty::Ptr;
         }
         let bare = c.strip_prefix("const ").unwrap_or(c);
+        if structs_allowed && bare == "__grid_constant__ CUtensorMap" {
+            return Ty::TensorMap;
+        }
         if let Some(s) = SCALARS.iter().find(|s| s.c == bare) {
             return Ty::Scalar(s);
         }
@@ -82,6 +88,7 @@ impl Ty {
             Ty::Ptr => (8, 8),
             Ty::Scalar(s) => (s.bytes, s.bytes),
             Ty::Struct(name) => unreachable!("struct {name} inside a parameter struct"),
+            Ty::TensorMap => unreachable!("a CUtensorMap inside a parameter struct"),
         }
     }
 
@@ -90,6 +97,7 @@ impl Ty {
             Ty::Ptr => "u64",
             Ty::Scalar(s) => s.rust,
             Ty::Struct(name) => unreachable!("struct {name} inside a parameter struct"),
+            Ty::TensorMap => unreachable!("a CUtensorMap inside a parameter struct"),
         }
     }
 }
@@ -315,6 +323,7 @@ fn arg_kind(ty: &Ty, structs: &[&ParamStruct]) -> String {
         Ty::Ptr => format!("{path}::Ptr"),
         Ty::Scalar(s) if s.float => format!("{path}::Float({})", s.bytes),
         Ty::Scalar(s) => format!("{path}::Int({})", s.bytes),
+        Ty::TensorMap => format!("{path}::Struct(\"CUtensorMap\", 128)"),
         Ty::Struct(name) => {
             let s = structs
                 .iter()

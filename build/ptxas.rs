@@ -1,6 +1,7 @@
 //! ptxas's `-v` report: resource use per kernel and architecture, and the notes that say a
-//! wgmma pipeline was serialized (C7508, C7511, C7515 and relatives: ptxas prints them as
-//! "info", so `-Werror` does not catch them and strict builds look for them here).
+//! wgmma pipeline was serialized or a setmaxnreg ignored (C7508, C7511, C7515 and relatives,
+//! "Potential Performance Loss": ptxas prints them as "info", so `-Werror` does not catch
+//! them and strict builds look for them here).
 
 #[derive(Default, Clone)]
 pub struct PtxasEntry {
@@ -55,10 +56,15 @@ fn number_before(line: &str, unit: &str) -> u32 {
 }
 
 /// The lines saying ptxas serialized wgmma instructions ("Potential Performance Loss:
-/// wgmma.mma_async instructions are serialized due to ...").
-pub fn wgmma_serialized(log: &str) -> impl Iterator<Item = &str> {
+/// wgmma.mma_async instructions are serialized due to ...") or ignored a setmaxnreg
+/// ("Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at
+/// entry").
+pub fn performance_losses(log: &str) -> impl Iterator<Item = &str> {
     log.lines()
-        .filter(|l| l.contains("wgmma") && l.contains("serialized"))
+        .filter(|l| {
+            l.contains("Potential Performance Loss")
+                || (l.contains("wgmma") && l.contains("serialized"))
+        })
         .map(str::trim)
 }
 
@@ -95,12 +101,20 @@ ptxas info    : Used 32 registers
 
     #[test]
     fn serialized_wgmma_is_found() {
-        let found: Vec<&str> = wgmma_serialized(LOG).collect();
+        let found: Vec<&str> = performance_losses(LOG).collect();
         assert_eq!(found.len(), 1);
         assert!(found[0].contains("C7511"), "{found:?}");
         assert_eq!(
-            wgmma_serialized(&LOG[LOG.find("ptxas info    : 0").unwrap()..]).count(),
+            performance_losses(&LOG[LOG.find("ptxas info    : 0").unwrap()..]).count(),
             0
         );
+    }
+
+    #[test]
+    fn ignored_setmaxnreg_is_found() {
+        let log = "ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at entry.\nptxas info    : Used 32 registers\n";
+        let found: Vec<&str> = performance_losses(log).collect();
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("setmaxnreg"), "{found:?}");
     }
 }

@@ -230,3 +230,13 @@ extern "C" __global__ void selftest_bf16_round(const float* x, __nv_bfloat16* y,
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = __float2bfloat16_rn(x[i]);
 }
+
+// Broken on purpose (1 block of 64 threads, 256 bytes of dynamic shared memory): thread t
+// stores s[t] and loads s[t ^ 32], written by a thread of the other warp, with no barrier in
+// between. `dynamic` picks dynamic shared memory or a static __shared__ array. y[t] = the load.
+extern "C" __global__ void selftest_bad_shared_race(float* y, int dynamic) {
+    __shared__ float fixed[64];
+    float* s = dynamic ? dynamic_smem<float>() : fixed;
+    s[threadIdx.x] = (float)threadIdx.x;
+    y[threadIdx.x] = s[threadIdx.x ^ 32];  // deliberately no __syncthreads() before
+}

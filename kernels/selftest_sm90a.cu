@@ -197,3 +197,166 @@ extern "C" __global__ void selftest_bad_wgmma_partial_warpgroup(float* y) {
     wgmma_fence();
     y[threadIdx.x] = 1.f;
 }
+
+// --- TMA -------------------------------------------------------------------------------------
+// One TMA box through shared memory and back (1 block of 128 threads; dynamic shared memory:
+// 1024 + box_bytes, the mbarrier at 0, the tile at 1024). coords[0..rank) is the box origin.
+// Thread 0 arms the barrier with expect_bytes and loads the box with load_map; flags:
+// - bit 0: thread 0 copies the tile to tile_out[0 .. box_bytes) before waiting (deliberately
+//   wrong: the emulator's tile is poison until the wait);
+// - after the wait every thread copies the tile to tile_out[box_bytes .. 2·box_bytes) (raw:
+//   swizzled as it lies in shared memory);
+// - bit 1: then every byte of the tile is XORed with 0x5A by ordinary stores, fenced for the
+//   async proxy (unless bit 2: deliberately missing) and stored with store_map at the same
+//   coordinates by thread 0.
+__device__ __forceinline__ void tma_load_rank(void* dst, const CUtensorMap* map, uint64_t* bar, int rank,
+                                              const int* c) {
+    switch (rank) {
+        case 2: tma_load_2d(dst, map, bar, c[0], c[1]); break;
+        case 3: tma_load_3d(dst, map, bar, c[0], c[1], c[2]); break;
+        case 4: tma_load_4d(dst, map, bar, c[0], c[1], c[2], c[3]); break;
+        default: tma_load_5d(dst, map, bar, c[0], c[1], c[2], c[3], c[4]); break;
+    }
+}
+
+__device__ __forceinline__ void tma_store_rank(const CUtensorMap* map, const void* src, int rank, const int* c) {
+    switch (rank) {
+        case 2: tma_store_2d(map, src, c[0], c[1]); break;
+        case 3: tma_store_3d(map, src, c[0], c[1], c[2]); break;
+        case 4: tma_store_4d(map, src, c[0], c[1], c[2], c[3]); break;
+        default: tma_store_5d(map, src, c[0], c[1], c[2], c[3], c[4]); break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) selftest_tma(const __grid_constant__ CUtensorMap load_map,
+                                                               const __grid_constant__ CUtensorMap store_map,
+                                                               int rank, const int* coords, unsigned expect_bytes,
+                                                               unsigned box_bytes, int flags,
+                                                               unsigned char* tile_out) {
+    uint64_t* bar = dynamic_smem<uint64_t>();
+    unsigned char* tile = reinterpret_cast<unsigned char*>(bar) + 1024;
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(bar, expect_bytes);
+        tma_load_rank(tile, &load_map, bar, rank, coords);
+        if (flags & 1)
+            for (unsigned i = 0; i < box_bytes; ++i) tile_out[i] = tile[i];  // deliberately before the wait
+    }
+    mbarrier_wait_parity(bar, 0);
+    for (unsigned i = threadIdx.x; i < box_bytes; i += 128) tile_out[box_bytes + i] = tile[i];
+    if (flags & 2) {
+        __syncthreads();  // every thread has read the tile
+        for (unsigned i = threadIdx.x; i < box_bytes; i += 128) tile[i] ^= 0x5A;
+        if (!(flags & 4)) fence_proxy_async();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            tma_store_rank(&store_map, tile, rank, coords);
+            tma_store_commit();
+            tma_store_wait<0>();
+        }
+    }
+}
+
+// TMA feeding wgmma end to end (1 block of 128 threads; dynamic shared memory 3·8192 + 8):
+// D (64×64 f32, raw accumulator fragments as in selftest_wgmma) = A (64×64) · Bᵀ, A and B
+// row-major bf16 in global memory ([m][k], [n][k]; rows past the tensor's end and k past its
+// width load as zeros). Both maps: a 64 (k) × 64 (rows) box with 128-byte swizzle, so each
+// tile is 64 rows of 128 bytes, K-major, in the canonical 128-byte-swizzled layout: 4 k-steps
+// 32 bytes apart within the rows, 8-row groups 1024 bytes apart.
+extern "C" __global__ void __launch_bounds__(128) selftest_tma_wgmma(const __grid_constant__ CUtensorMap a_map,
+                                                                     const __grid_constant__ CUtensorMap b_map,
+                                                                     float* d) {
+    unsigned char* smem = dynamic_smem<unsigned char>();
+    unsigned char* a_tile = smem;
+    unsigned char* b_tile = smem + 8192;
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem + 16384);
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(bar, 2 * 8192);
+        tma_load_2d(a_tile, &a_map, bar, 0, 0);
+        tma_load_2d(b_tile, &b_map, bar, 0, 0);
+    }
+    mbarrier_wait_parity(bar, 0);
+    float acc[32];
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+        wgmma_bf16_ss<64, 0, 0>(acc, make_matrix_desc(smem_address(a_tile) + 32 * s, 16, 1024, 128),
+                                make_matrix_desc(smem_address(b_tile) + 32 * s, 16, 1024, 128), s > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int v = 0; v < 32; ++v) d[threadIdx.x * 32 + v] = acc[v];
+}
+
+// Broken on purpose (1 block of 128 threads, 2048 bytes of dynamic shared memory): the wgmma
+// operands are written by ordinary stores with no fence.proxy.async before the wgmma.
+extern "C" __global__ void __launch_bounds__(128) selftest_bad_wgmma_missing_proxy_fence(float* y) {
+    __nv_bfloat16* tile = dynamic_smem<__nv_bfloat16>();
+    for (int i = threadIdx.x; i < 1024; i += 128) tile[i] = __float2bfloat16(1.f);
+    __syncthreads();  // deliberately no fence_proxy_async()
+    const uint64_t desc = make_matrix_desc(smem_address(tile), 128, 256, 0);
+    float acc[32];
+    wgmma_fence();
+    wgmma_bf16_ss<64, 0, 0>(acc, desc, desc, false);
+    wgmma_commit();
+    wgmma_wait<0>();
+    y[threadIdx.x] = acc[0];
+}
+
+// --- warpgroup registers and named barriers --------------------------------------------------
+// Warp specialisation in miniature (1 block of 256 threads, `rounds` ≥ 1): warpgroup 0 lowers
+// its registers and produces, warpgroup 1 raises them and consumes, handing each round over
+// through named barriers 1 ("full": producer bar.arrive, consumer bar.sync, 256 threads) and 2
+// ("empty": the reverse), with a static buffer of 128 floats. Consumer thread c writes
+// y[c] = Σ_r x[r·128 + c]·(r + 1); y[128 + c] = the sum of the same round's values over its
+// warp (a warp reduction inside the consumer warpgroup, named barrier 3 over its 128 threads
+// first). The launch bounds name 1 block per SM: ptxas needs them to know the register count at
+// entry, or it ignores setmaxnreg (C7508, which strict builds refuse).
+extern "C" __global__ void __launch_bounds__(256, 1) selftest_warp_specialized(const float* x, float* y, int rounds) {
+    __shared__ float buf[128];
+    const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
+    if (wg == 0) {
+        setmaxnreg_dec<40>();
+        for (int r = 0; r < rounds; ++r) {
+            if (r > 0) named_barrier_sync(2, 256);  // the consumers are done with round r - 1
+            buf[t] = x[r * 128 + t];
+            named_barrier_arrive(1, 256);
+        }
+    } else {
+        setmaxnreg_inc<232>();
+        float sum = 0.f, last = 0.f;
+        for (int r = 0; r < rounds; ++r) {
+            named_barrier_sync(1, 256);
+            last = buf[t];
+            sum += last * (float)(r + 1);
+            if (r + 1 < rounds) named_barrier_arrive(2, 256);
+        }
+        named_barrier_sync(3, 128);
+        for (int m = 16; m > 0; m /= 2) last += __shfl_xor_sync(0xFFFFFFFFu, last, m);
+        y[t] = sum;
+        y[128 + t] = last;
+    }
+}
+
+// Broken on purpose (1 block of 128 threads): warp 3 asks setmaxnreg for another count.
+extern "C" __global__ void __launch_bounds__(128, 1) selftest_bad_setmaxnreg_divergent(float* y) {
+    if (threadIdx.x < 96) setmaxnreg_inc<232>();
+    else setmaxnreg_inc<240>();
+    y[threadIdx.x] = 1.f;
+}
+
+// Broken on purpose (1 block of 128 threads): bar.sync 1 for 128 threads, which warp 3 never
+// reaches.
+extern "C" __global__ void __launch_bounds__(128) selftest_bad_named_barrier(float* y) {
+    if (threadIdx.x < 96) named_barrier_sync(1, 128);
+    y[threadIdx.x] = 1.f;
+}

@@ -10,9 +10,11 @@
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use ultrapixel::runtime::hostsim::launch;
+use ultrapixel::runtime::hostsim::{launch, set_race_check};
 use ultrapixel::runtime::kernels::KernelId;
 use ultrapixel::runtime::launch::{Args, Launch};
+use ultrapixel::runtime::tensor_map::{TensorMap, TensorMapSpec, TmaDtype, TmaSwizzle};
+use ultrapixel::runtime::BackendKind;
 
 fn rng() -> StdRng {
     let seed = std::env::var("UPX_TEST_SEED")
@@ -969,4 +971,542 @@ fn mbarrier_transaction_bytes_must_match_expect_tx() {
         e.contains("128 transaction bytes more than expect_tx announced"),
         "{e}"
     );
+}
+
+// --- TMA -----------------------------------------------------------------------------------
+
+/// A 16-byte aligned byte buffer (TMA's global address rule) of `n` bytes.
+struct Global(Vec<u128>, usize);
+
+impl Global {
+    fn new(rng: &mut StdRng, n: usize) -> Self {
+        let mut g = Global(vec![0; n.div_ceil(16)], n);
+        g.bytes_mut().iter_mut().for_each(|b| *b = rng.random());
+        g
+    }
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.0)[..self.1]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.1;
+        &mut bytemuck::cast_slice_mut(&mut self.0)[..n]
+    }
+    fn addr(&self) -> u64 {
+        self.0.as_ptr() as u64
+    }
+}
+
+/// One TMA case: a tensor of `dims` (innermost first) with rows padded to `strides`, a box at
+/// `coords` (possibly past either end).
+struct TmaCase {
+    dtype: TmaDtype,
+    dims: Vec<u64>,
+    strides: Vec<u64>,
+    box_dims: Vec<u32>,
+    element_strides: Vec<u32>,
+    swizzle: TmaSwizzle,
+    coords: Vec<i32>,
+}
+
+impl TmaCase {
+    fn bytes(&self) -> usize {
+        (self.strides.last().unwrap() * self.dims.last().unwrap()) as usize
+    }
+
+    fn spec(&self, g: &Global) -> TensorMapSpec {
+        TensorMapSpec {
+            dtype: self.dtype,
+            global_address: g.addr(),
+            dims: self.dims.clone(),
+            strides: self.strides.clone(),
+            box_dims: self.box_dims.clone(),
+            element_strides: self.element_strides.clone(),
+            swizzle: self.swizzle,
+        }
+    }
+
+    /// For each element of the box in shared-memory order: its global byte offset, or None
+    /// out of range.
+    fn elements(&self) -> Vec<Option<usize>> {
+        let sides: Vec<usize> = self
+            .box_dims
+            .iter()
+            .zip(&self.element_strides)
+            .map(|(&b, &e)| b.div_ceil(e) as usize)
+            .collect();
+        let esize = self.dtype.bytes() as usize;
+        (0..sides.iter().product::<usize>())
+            .map(|e| {
+                let mut rest = e;
+                let mut off = 0usize;
+                let mut inside = true;
+                for (d, &side) in sides.iter().enumerate() {
+                    let g = self.coords[d] as i64
+                        + (rest % side) as i64 * self.element_strides[d] as i64;
+                    rest /= side;
+                    inside &= g >= 0 && g < self.dims[d] as i64;
+                    let stride = if d == 0 {
+                        esize
+                    } else {
+                        self.strides[d - 1] as usize
+                    };
+                    off = off.wrapping_add((g as usize).wrapping_mul(stride));
+                }
+                inside.then_some(off)
+            })
+            .collect()
+    }
+
+    /// Where byte `o` of the dense box lies in shared memory, by the ISA's swizzle figures
+    /// (rows of `span` bytes, the pattern starting at the 1024-aligned tile).
+    fn placed(&self, o: usize) -> usize {
+        let w = self.swizzle.span() as usize;
+        if w == 0 {
+            return o;
+        }
+        let (row, chunk) = ((o / w) % 8, (o % w) / 16);
+        o - o % w + swizzled_chunk(w, row, chunk) * 16 + o % 16
+    }
+
+    /// The CPU model of the load: the box as it lies in shared memory.
+    fn model(&self, src: &[u8]) -> Vec<u8> {
+        let esize = self.dtype.bytes() as usize;
+        let elements = self.elements();
+        let mut tile = vec![0u8; elements.len() * esize];
+        for (e, at) in elements.iter().enumerate() {
+            for b in 0..esize {
+                tile[self.placed(e * esize + b)] = at.map_or(0, |o| src[o + b]);
+            }
+        }
+        tile
+    }
+}
+
+/// Runs selftest_tma: returns the tile as read before the wait and after it.
+fn run_tma(
+    case: &TmaCase,
+    src: &Global,
+    dst: &Global,
+    expect: u32,
+    flags: i32,
+) -> ultrapixel::Result<(Vec<u8>, Vec<u8>)> {
+    let box_bytes = case.spec(src).box_bytes() as u32;
+    let load = case.spec(src).encode(BackendKind::Hostsim)?;
+    let store = case.spec(dst).encode(BackendKind::Hostsim)?;
+    let mut coords = case.coords.clone();
+    coords.resize(5, 0);
+    let mut out = vec![0x11u8; 2 * box_bytes as usize];
+    run_smem(
+        "selftest_tma",
+        128,
+        1024 + box_bytes,
+        Args::new()
+            .tensor_map(&load)
+            .tensor_map(&store)
+            .i32(case.dims.len() as i32)
+            .ptr(ptr(&coords))
+            .u32(expect)
+            .u32(box_bytes)
+            .i32(flags)
+            .ptr(mut_ptr(&mut out)),
+    )?;
+    let after = out.split_off(box_bytes as usize);
+    Ok((out, after))
+}
+
+/// Odd shapes in every rank and swizzle, boxes hanging off both ends, element strides.
+fn tma_cases(rng: &mut StdRng) -> Vec<TmaCase> {
+    let mut c = |dtype, dims: Vec<u64>, box_dims: Vec<u32>, es: Vec<u32>, swizzle| {
+        let esize = match dtype {
+            TmaDtype::F32 => 4,
+            _ => 2,
+        };
+        // Rows padded to 16 bytes and a random extra 0-2 × 16.
+        let mut strides = Vec::new();
+        let mut s = (dims[0] * esize).div_ceil(16) * 16 + 16 * rng.random_range(0..3u64);
+        for &n in &dims[1..] {
+            strides.push(s);
+            s = (s * n).div_ceil(16) * 16;
+        }
+        let coords = dims
+            .iter()
+            .zip(&box_dims)
+            .map(|(&n, &b)| rng.random_range(-(b as i32) / 2..n as i32 - b as i32 / 2))
+            .collect();
+        TmaCase {
+            dtype,
+            dims,
+            strides,
+            box_dims,
+            element_strides: es,
+            swizzle,
+            coords,
+        }
+    };
+    vec![
+        c(
+            TmaDtype::Bf16,
+            vec![37, 23],
+            vec![24, 5],
+            vec![1, 1],
+            TmaSwizzle::None,
+        ),
+        c(
+            TmaDtype::Bf16,
+            vec![70, 19],
+            vec![64, 16],
+            vec![1, 1],
+            TmaSwizzle::B128,
+        ),
+        c(
+            TmaDtype::F32,
+            vec![20, 7, 5],
+            vec![16, 4, 3],
+            vec![1, 2, 1],
+            TmaSwizzle::B64,
+        ),
+        c(
+            TmaDtype::Bf16,
+            vec![21, 3, 4, 3],
+            vec![16, 3, 2, 2],
+            vec![1, 1, 3, 1],
+            TmaSwizzle::B32,
+        ),
+        c(
+            TmaDtype::Bf16,
+            vec![66, 3, 2, 3, 2],
+            vec![64, 2, 2, 2, 2],
+            vec![1; 5],
+            TmaSwizzle::B128,
+        ),
+        c(
+            TmaDtype::F32,
+            vec![9, 5, 2, 3, 4],
+            vec![12, 3, 1, 2, 3],
+            vec![1, 1, 1, 2, 1],
+            TmaSwizzle::None,
+        ),
+    ]
+}
+
+/// TMA loads against a CPU model of the copy (zero fill out of range, the ISA's swizzle
+/// figures), and the TMA store writing back exactly the in-range elements.
+#[test]
+fn tma_loads_and_stores_match_a_cpu_model() {
+    let mut rng = rng();
+    for case in tma_cases(&mut rng) {
+        let src = Global::new(&mut rng, case.bytes());
+        let mut dst = Global::new(&mut rng, case.bytes());
+        let before = dst.bytes().to_vec();
+        let box_bytes = case.spec(&src).box_bytes() as u32;
+        let (_, tile) = run_tma(&case, &src, &dst, box_bytes, 2).unwrap();
+        let what = format!(
+            "{:?} box {:?} at {:?}",
+            case.swizzle, case.box_dims, case.coords
+        );
+        assert_eq!(tile, case.model(src.bytes()), "{what}: the loaded tile");
+        let mut want = before;
+        let esize = case.dtype.bytes() as usize;
+        for at in case.elements().into_iter().flatten() {
+            for b in 0..esize {
+                want[at + b] = src.bytes()[at + b] ^ 0x5A;
+            }
+        }
+        assert!(
+            dst.bytes_mut() == want.as_slice(),
+            "{what}: the stored tensor"
+        );
+    }
+}
+
+#[test]
+fn tma_destination_is_poison_until_the_barrier_wait() {
+    let mut rng = rng();
+    let case = tma_cases(&mut rng).swap_remove(1);
+    let src = Global::new(&mut rng, case.bytes());
+    let dst = Global::new(&mut rng, case.bytes());
+    let box_bytes = case.spec(&src).box_bytes() as u32;
+    let (early, tile) = run_tma(&case, &src, &dst, box_bytes, 1).unwrap();
+    assert!(early.iter().all(|&b| b == 0xFF), "read before the wait");
+    assert_eq!(tile, case.model(src.bytes()));
+}
+
+#[test]
+fn tma_expect_tx_must_be_the_full_box() {
+    let mut rng = rng();
+    let case = tma_cases(&mut rng).swap_remove(0);
+    let src = Global::new(&mut rng, case.bytes());
+    let dst = Global::new(&mut rng, case.bytes());
+    let box_bytes = case.spec(&src).box_bytes() as u32;
+    // Announcing only the in-range bytes (or any fewer): more bytes arrive than announced.
+    let e = run_tma(&case, &src, &dst, box_bytes - 16, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("16 transaction bytes more than expect_tx announced"),
+        "{e}"
+    );
+    let e = run_tma(&case, &src, &dst, box_bytes + 32, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("deadlock") && e.contains("and 32 transaction bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tma_store_of_unfenced_stores_is_reported() {
+    let mut rng = rng();
+    let case = tma_cases(&mut rng).swap_remove(0);
+    let src = Global::new(&mut rng, case.bytes());
+    let dst = Global::new(&mut rng, case.bytes());
+    let box_bytes = case.spec(&src).box_bytes() as u32;
+    let e = run_tma(&case, &src, &dst, box_bytes, 2 | 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cp.async.bulk.tensor (store)")
+            && e.contains("written by ordinary stores after the last fence.proxy.async")
+            && e.contains(&selftest_sm90a_line("case 2: tma_store_2d")),
+        "{e}"
+    );
+}
+
+#[test]
+fn tma_refuses_a_map_not_encoded_for_the_emulator() {
+    let mut rng = rng();
+    let case = tma_cases(&mut rng).swap_remove(0);
+    let src = Global::new(&mut rng, case.bytes());
+    let zero = TensorMap { words: [0; 16] };
+    let coords = [0i32; 5];
+    let mut out = vec![0u8; 1024];
+    let e = smem_error_of(
+        "selftest_tma",
+        128,
+        2048,
+        Args::new()
+            .tensor_map(&zero)
+            .tensor_map(&zero)
+            .i32(2)
+            .ptr(ptr(&coords))
+            .u32(480)
+            .u32(480)
+            .i32(0)
+            .ptr(mut_ptr(&mut out)),
+    );
+    assert!(e.contains("not encoded for the emulator"), "{e}");
+    drop(src);
+}
+
+/// A and B loaded by TMA with 128-byte swizzle (rows and k past the tensors zero-filled) feed
+/// wgmma through 128-byte-swizzled descriptors: the product must be the CPU's.
+#[test]
+fn tma_loaded_swizzled_tiles_feed_wgmma() {
+    let mut rng = rng();
+    let (m, n, k) = (50usize, 57usize, 40usize);
+    let a = bf16_values(&mut rng, m * k);
+    let b = bf16_values(&mut rng, n * k);
+    let global = |x: &[bf16], rows: usize| {
+        let mut g = Global(vec![0; rows * k * 2 / 16], rows * k * 2);
+        g.bytes_mut().copy_from_slice(bytemuck::cast_slice(
+            &x.iter().map(|v| v.to_bits()).collect::<Vec<u16>>(),
+        ));
+        g
+    };
+    let (ga, gb) = (global(&a, m), global(&b, n));
+    let map = |g: &Global, rows: usize| {
+        TensorMapSpec {
+            dtype: TmaDtype::Bf16,
+            global_address: g.addr(),
+            dims: vec![k as u64, rows as u64],
+            strides: vec![2 * k as u64],
+            box_dims: vec![64, 64],
+            element_strides: vec![1, 1],
+            swizzle: TmaSwizzle::B128,
+        }
+        .encode(BackendKind::Hostsim)
+        .unwrap()
+    };
+    let mut frags = vec![f32::NAN; 128 * 32];
+    run_smem(
+        "selftest_tma_wgmma",
+        128,
+        3 * 8192 + 8,
+        Args::new()
+            .tensor_map(&map(&ga, m))
+            .tensor_map(&map(&gb, n))
+            .ptr(mut_ptr(&mut frags)),
+    )
+    .unwrap();
+    let d = d_matrix(&frags, 64);
+    for i in 0..64 {
+        for j in 0..64 {
+            let terms: Vec<f64> = (0..k)
+                .map(|kk| {
+                    if i < m && j < n {
+                        a[i * k + kk].to_f64() * b[j * k + kk].to_f64()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let want: f64 = terms.iter().sum();
+            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+            let got = d[i * 64 + j] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + scale),
+                "D[{i}][{j}] = {got}, expected {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn wgmma_of_unfenced_stores_is_reported() {
+    let mut y = vec![0.0f32; 128];
+    let e = smem_error_of(
+        "selftest_bad_wgmma_missing_proxy_fence",
+        128,
+        2048,
+        Args::new().ptr(mut_ptr(&mut y)),
+    );
+    assert!(
+        e.contains("wgmma.mma_async operand A")
+            && e.contains("after the last fence.proxy.async")
+            && e.contains("selftest_sm90a.cu:"),
+        "{e}"
+    );
+}
+
+// --- warpgroup registers and named barriers --------------------------------------------------
+
+#[test]
+fn warp_specialized_handover_through_named_barriers() {
+    let mut rng = rng();
+    let rounds = 5;
+    let x: Vec<f32> = (0..128 * rounds)
+        .map(|_| rng.random_range(0..50) as f32)
+        .collect();
+    let mut y = vec![f32::NAN; 256];
+    run(
+        "selftest_warp_specialized",
+        1,
+        256,
+        Args::new()
+            .ptr(ptr(&x))
+            .ptr(mut_ptr(&mut y))
+            .i32(rounds as i32),
+    )
+    .unwrap();
+    for c in 0..128 {
+        let want: f32 = (0..rounds).map(|r| x[r * 128 + c] * (r + 1) as f32).sum();
+        assert_eq!(y[c], want, "consumer {c}");
+        let w = c / 32 * 32;
+        let warp_sum: f32 = x[(rounds - 1) * 128 + w..(rounds - 1) * 128 + w + 32]
+            .iter()
+            .sum();
+        assert_eq!(y[128 + c], warp_sum, "consumer {c}: warp sum");
+    }
+}
+
+#[test]
+fn setmaxnreg_must_be_uniform_across_the_warpgroup() {
+    let mut y = vec![0.0f32; 128];
+    let e = error_of(
+        "selftest_bad_setmaxnreg_divergent",
+        128,
+        Args::new().ptr(mut_ptr(&mut y)),
+    );
+    assert!(
+        e.contains("setmaxnreg.inc") && e.contains("uniform across the warpgroup"),
+        "{e}"
+    );
+}
+
+#[test]
+fn named_barrier_missing_a_warp_is_a_deadlock_at_its_line() {
+    let mut y = vec![0.0f32; 128];
+    let e = error_of(
+        "selftest_bad_named_barrier",
+        128,
+        Args::new().ptr(mut_ptr(&mut y)),
+    );
+    assert!(
+        e.contains("deadlock")
+            && e.contains("96 threads wait at named barriers")
+            && e.contains("bar.sync 1")
+            && e.contains(&selftest_sm90a_line(
+                "if (threadIdx.x < 96) named_barrier_sync(1, 128);"
+            ))
+            && e.contains("has 96 of its 128 threads"),
+        "{e}"
+    );
+}
+
+// --- shared-memory race check -----------------------------------------------------------------
+
+/// Stores and loads of the same shared bytes by threads of different warps with no barrier
+/// between them are reported, in dynamic and in static shared memory; race-free kernels that
+/// synchronise through __syncthreads, warp collectives, mbarriers and named barriers pass.
+#[test]
+fn shared_memory_races_are_reported() {
+    assert!(
+        set_race_check(Some(true)),
+        "the emulator library was built without -fsanitize=thread"
+    );
+    for dynamic in [1, 0] {
+        let mut y = vec![0.0f32; 64];
+        let e = smem_error_of(
+            "selftest_bad_shared_race",
+            64,
+            256,
+            Args::new().ptr(mut_ptr(&mut y)).i32(dynamic),
+        );
+        let memory = if dynamic == 1 {
+            "dynamic shared memory byte"
+        } else {
+            "a static __shared__ variable"
+        };
+        assert!(
+            e.contains("shared-memory race") && e.contains(memory) && e.contains("addr2line"),
+            "{e}"
+        );
+    }
+    // Race-free kernels: block reductions (static shared memory, barriers and shuffles), the
+    // mbarrier ring (dynamic), TMA with a store, named barriers.
+    let mut rng = rng();
+    let x: Vec<f32> = (0..1024).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut out = vec![f32::NAN; 2];
+    run(
+        "selftest_block_reduce",
+        1,
+        1024,
+        Args::new().ptr(ptr(&x)).ptr(mut_ptr(&mut out)),
+    )
+    .unwrap();
+    let mut y = vec![f32::NAN; 96];
+    run_smem(
+        "selftest_mbarrier_ring",
+        128,
+        320,
+        Args::new().ptr(ptr(&x)).ptr(mut_ptr(&mut y)).i32(7),
+    )
+    .unwrap();
+    let case = tma_cases(&mut rng).swap_remove(1);
+    let (src, dst) = (
+        Global::new(&mut rng, case.bytes()),
+        Global::new(&mut rng, case.bytes()),
+    );
+    let box_bytes = case.spec(&src).box_bytes() as u32;
+    run_tma(&case, &src, &dst, box_bytes, 2).unwrap();
+    let mut y = vec![f32::NAN; 256];
+    run(
+        "selftest_warp_specialized",
+        1,
+        256,
+        Args::new().ptr(ptr(&x)).ptr(mut_ptr(&mut y)).i32(5),
+    )
+    .unwrap();
+    set_race_check(None);
 }

@@ -10,6 +10,9 @@
 // after every wait_group; every wgmma is waited for before the thread exits.
 #pragma once
 #include "portable.cuh"
+#if !defined(HOSTSIM)
+#include <cuda.h>  // CUtensorMap
+#endif
 
 // The caller's source line reaches the emulator's deadlock report of a blocking wait.
 #if defined(HOSTSIM)
@@ -55,10 +58,13 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 }
 
 // Orders this thread's ordinary shared-memory stores before later async-proxy reads (wgmma
-// operands, TMA stores). The emulator has a single proxy: nothing to do.
+// operands, TMA stores). The emulator reports an async-proxy read of bytes stored after the
+// last fence (hostsim::check_async_read).
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(__CUDA_ARCH__)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+    hostsim::fence_proxy_async();
 #endif
 }
 
@@ -184,7 +190,8 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 
 // A and B from shared memory. `accumulate` false: D = A·B (the registers' old values unread).
 template <int N, int TransA, int TransB>
-__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                              bool accumulate UPX_CALLER) {
     static_assert(N == 64 || N == 128 || N == 256, "wgmma_bf16_ss: N is 64, 128 or 256");
 #if defined(__CUDA_ARCH__)
     const int acc = accumulate;
@@ -207,14 +214,14 @@ __device__ __forceinline__ void wgmma_bf16_ss(float (&d)[N / 2], uint64_t desc_a
     }
 #undef UPX_WGMMA_SS
 #elif !defined(__CUDACC__)
-    hostsim::wgmma(d, N, nullptr, desc_a, desc_b, TransA, TransB, accumulate);
+    hostsim::wgmma(d, N, nullptr, desc_a, desc_b, TransA, TransB, accumulate, caller);
 #endif
 }
 
 // A from registers (the fragment above, 4 words per thread), B from shared memory.
 template <int N, int TransB>
 __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
-                                              bool accumulate) {
+                                              bool accumulate UPX_CALLER) {
     static_assert(N == 64 || N == 128 || N == 256, "wgmma_bf16_rs: N is 64, 128 or 256");
 #if defined(__CUDA_ARCH__)
     const int acc = accumulate;
@@ -237,6 +244,166 @@ __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[N / 2], const uint32_t 
     }
 #undef UPX_WGMMA_RS
 #elif !defined(__CUDACC__)
-    hostsim::wgmma(d, N, a, 0, desc_b, false, TransB, accumulate);
+    hostsim::wgmma(d, N, a, 0, desc_b, false, TransB, accumulate, caller);
+#endif
+}
+
+// --- TMA -----------------------------------------------------------------------------------
+// Tile copies between global memory and shared memory through a tensor map that the host
+// built with TensorMapSpec::encode (src/runtime/tensor_map.rs), passed to the kernel as a
+// `const __grid_constant__ CUtensorMap` parameter. Coordinates are in elements, dimension 0
+// innermost, and may be negative or run past the tensor: those elements load as zeros and are
+// not stored. The shared side is the box packed densely (dimension 0 fastest), swizzled on the
+// absolute address as the tensor map says; it is 128-byte aligned, or 8·span-byte aligned when
+// swizzled (1024 for 128 B), so the pattern is the one wgmma descriptors with base offset 0
+// read.
+
+// Load: the box lands in dst and its full byte count (out-of-range elements included)
+// completes on `bar`, which a thread armed with mbarrier_arrive_expect_tx. Read dst only after
+// waiting on the barrier's phase (the emulator: until then it is poison).
+#if defined(__CUDA_ARCH__)
+#define UPX_TMA_LOAD(dim, coords, ...)                                                                        \
+    asm volatile("cp.async.bulk.tensor." #dim "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], " \
+                 "[%1, {" coords "}], [%2];\n" ::"r"(smem_address(dst)),                                         \
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_address(bar)), __VA_ARGS__                       \
+                 : "memory")
+#endif
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_LOAD(2, "%3, %4", "r"(c0), "r"(c1));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1};
+    hostsim::tma_load(dst, map, bar, c, 2);
+#endif
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_LOAD(3, "%3, %4, %5", "r"(c0), "r"(c1), "r"(c2));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2};
+    hostsim::tma_load(dst, map, bar, c, 3);
+#endif
+}
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2, int c3) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_LOAD(4, "%3, %4, %5, %6", "r"(c0), "r"(c1), "r"(c2), "r"(c3));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2, c3};
+    hostsim::tma_load(dst, map, bar, c, 4);
+#endif
+}
+__device__ __forceinline__ void tma_load_5d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2, int c3, int c4) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_LOAD(5, "%3, %4, %5, %6, %7", "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2, c3, c4};
+    hostsim::tma_load(dst, map, bar, c, 5);
+#endif
+}
+#undef UPX_TMA_LOAD
+
+// Store: the box from src (written by ordinary stores: fence_proxy_async first) to global
+// memory, in this thread's current bulk group (tma_store_commit); src may change, and the
+// global bytes are complete, after tma_store_wait.
+#if defined(__CUDA_ARCH__)
+#define UPX_TMA_STORE(dim, coords, ...)                                                                          \
+    asm volatile("cp.async.bulk.tensor." #dim "d.global.shared::cta.tile.bulk_group [%0, {" coords "}], [%1];\n" :: \
+                     "l"(reinterpret_cast<uint64_t>(map)),                                                        \
+                 "r"(smem_address(src)), __VA_ARGS__                                                              \
+                 : "memory")
+#endif
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int c0, int c1 UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_STORE(2, "%2, %3", "r"(c0), "r"(c1));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1};
+    hostsim::tma_store(map, src, c, 2, caller);
+#endif
+}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1,
+                                             int c2 UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_STORE(3, "%2, %3, %4", "r"(c0), "r"(c1), "r"(c2));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2};
+    hostsim::tma_store(map, src, c, 3, caller);
+#endif
+}
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
+                                             int c3 UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_STORE(4, "%2, %3, %4, %5", "r"(c0), "r"(c1), "r"(c2), "r"(c3));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2, c3};
+    hostsim::tma_store(map, src, c, 4, caller);
+#endif
+}
+__device__ __forceinline__ void tma_store_5d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3,
+                                             int c4 UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    UPX_TMA_STORE(5, "%2, %3, %4, %5, %6", "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4));
+#elif !defined(__CUDACC__)
+    const int c[] = {c0, c1, c2, c3, c4};
+    hostsim::tma_store(map, src, c, 5, caller);
+#endif
+}
+#undef UPX_TMA_STORE
+
+// Closes this thread's uncommitted TMA stores into one bulk group.
+__device__ __forceinline__ void tma_store_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+    hostsim::bulk_commit();
+#endif
+}
+
+// Waits until at most N of this thread's bulk groups are in flight.
+template <int N> __device__ __forceinline__ void tma_store_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDACC__)
+    hostsim::bulk_wait(N);
+#endif
+}
+
+// --- warpgroup registers and named barriers --------------------------------------------------
+// setmaxnreg: the whole warpgroup raises (inc) or lowers (dec) its per-thread register limit to
+// Count, a multiple of 8 in 24..256, the same in every thread (warp-specialised kernels: the
+// producer warpgroup gives registers up, the consumers take them).
+template <int Count> __device__ __forceinline__ void setmaxnreg_inc() {
+    static_assert(Count >= 24 && Count <= 256 && Count % 8 == 0, "setmaxnreg: a multiple of 8 in 24..256");
+#if defined(__CUDA_ARCH__)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Count));
+#elif !defined(__CUDACC__)
+    hostsim::setmaxnreg(Count, true);
+#endif
+}
+template <int Count> __device__ __forceinline__ void setmaxnreg_dec() {
+    static_assert(Count >= 24 && Count <= 256 && Count % 8 == 0, "setmaxnreg: a multiple of 8 in 24..256");
+#if defined(__CUDA_ARCH__)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Count));
+#elif !defined(__CUDACC__)
+    hostsim::setmaxnreg(Count, false);
+#endif
+}
+
+// Named barrier `id` (1..15; 0 is __syncthreads') for `count` threads, whole warps: bar.sync
+// waits for all of them, bar.arrive (a producer signalling consumers) only counts itself.
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t count UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#elif !defined(__CUDACC__)
+    hostsim::named_barrier(id, count, true, caller);
+#endif
+}
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t count UPX_CALLER) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#elif !defined(__CUDACC__)
+    hostsim::named_barrier(id, count, false, caller);
 #endif
 }

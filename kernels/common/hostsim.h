@@ -25,6 +25,16 @@
 //   registers read NaN. mbarrier is a state machine (phase, pending arrivals, transaction
 //   bytes); try_wait.parity suspends the fiber until the phase completes, and a wait that
 //   cannot complete is a deadlock report naming its source line.
+// - TMA (cp.async.bulk.tensor) reads tensor maps our host encoder wrote for the emulator
+//   (src/runtime/tensor_map.rs): loads zero-fill out-of-range elements, place the box with the
+//   same swizzle function wgmma's descriptors decode, poison the destination at issue and land
+//   when a thread waiting on their mbarrier runs (completing the box's bytes there, so a wrong
+//   expect_tx is reported); stores write the in-range elements at cp.async.bulk.wait_group.
+// - Async proxy: wgmma operands and TMA store sources must not have been written by ordinary
+//   stores since the last fence.proxy.async (a shadow copy of shared memory as the async proxy
+//   sees it); such a read is an error naming the source line.
+// - Named barriers (bar.sync/bar.arrive id, count) and setmaxnreg (a warpgroup collective,
+//   uniform count) are checked as the PTX ISA states them.
 // - Numerics proven against an H200 (tests/fixtures/truth-sm90.safetensors, `verify --truth`):
 //   mma.sync accumulates with the tensor core's truncating alignment (tensor_core_sum), and
 //   fmaxf/fminf order -0 below +0.
@@ -34,6 +44,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -50,6 +61,8 @@
 #include <utility>
 #include <vector>
 
+#include <dlfcn.h>
+#include <link.h>
 #include <sys/mman.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -67,9 +80,12 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
+#define __grid_constant__
 // Blocks of one launch run one at a time on one OS thread: a thread_local static is exactly
 // one block's shared memory.
 #define __shared__ static thread_local
+// Emulator code that -fsanitize=thread must not instrument (see the race check).
+#define HS_UNCHECKED __attribute__((no_sanitize_thread))
 
 struct uint3 { unsigned x, y, z; };
 struct dim3 { unsigned x, y, z; };
@@ -87,6 +103,11 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline thread_local uint3 threadIdx, blockIdx;
+
+// The driver's opaque 128-byte tensor map; under the emulator it holds hostsim::TensorMapDesc.
+struct CUtensorMap {
+    unsigned long long opaque[16];
+};
 inline thread_local dim3 blockDim, gridDim;
 
 // ---------------------------------------------------------------------------------------------
@@ -196,7 +217,16 @@ struct AsyncCopy {
     unsigned src_bytes;  // cp.async's src-size: bytes read from src; the rest of 16 are zeroed
 };
 
-enum class Wait : uint8_t { Running, Block, Warp, Group, MBarrier, Done };
+enum class Wait : uint8_t { Running, Block, Warp, Group, MBarrier, Named, Done };
+
+// A cp.async.bulk.tensor store in flight: the global bytes it writes (taken from shared memory
+// at issue) and a copy of its shared-memory source, which must not change before the wait.
+struct BulkStore {
+    std::vector<std::pair<unsigned char*, uint64_t>> elements;  // destination, element bits
+    unsigned elem_bytes;
+    uint32_t src_lo;
+    std::vector<unsigned char> src;
+};
 
 struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
@@ -212,7 +242,10 @@ struct Fiber {
     std::vector<AsyncCopy> copies;     // issued, not yet performed
     std::vector<size_t> groups;        // end index in `copies` of each committed group
     bool wgmma_fenced = false;         // a wgmma.fence since the start or the last wait_group
+    std::vector<BulkStore> bulk;       // cp.async.bulk stores issued, not yet waited for
+    std::vector<size_t> bulk_groups;   // end index in `bulk` of each committed bulk group
     // The mbarrier try_wait this fiber is suspended in: barrier index, awaited parity, caller.
+    // Also the named barrier (bar.sync) it waits at.
     unsigned wait_bar = 0, wait_parity = 0, wait_line = 0;
     const char* wait_file = nullptr;
 };
@@ -256,6 +289,23 @@ struct MBarrier {
     uint64_t phases;    // completed phases; the current phase's parity is phases & 1
 };
 
+// A cp.async.bulk.tensor load in flight: the bytes it lands ([lo, lo + bytes.size()) of shared
+// memory, where mask is set) and the mbarrier whose transaction count it completes.
+struct TmaLoad {
+    unsigned bar;
+    uint32_t lo;
+    uint32_t tx;
+    std::vector<unsigned char> bytes, mask;
+};
+
+// A named barrier (bar.sync / bar.arrive id, count): releases when `count` threads arrived.
+struct NamedBarrier {
+    unsigned count = 0, arrived = 0;
+    uint64_t gen = 0;
+    const char* file = nullptr;  // the current phase's first arrival
+    unsigned line = 0;
+};
+
 struct BlockBarrier {
     unsigned live = 0, arrived = 0;
     uint64_t gen = 0;
@@ -263,11 +313,31 @@ struct BlockBarrier {
     unsigned line = 0;
 };
 
+// The race check's shadow state (see "shared-memory race check" below).
+struct RaceShadow {
+    uint32_t w_epoch, w_warp_epoch, r_epoch, r_warp_epoch;
+    uint16_t w_tid, r_tid;
+    uint8_t r_many;  // 0: one reader this epoch; 1: several, one warp; 2: several warps
+    const void* w_pc;
+};
+
+struct RaceCheck {
+    int forced = -1;       // hostsim_set_race_check on this OS thread (-1: HOSTSIM_RACECHECK decides)
+    bool enabled = false;  // this launch checks: asked for, and the kernels instrumented
+    uint32_t epoch = 0;    // block epoch, never reset: shadow entries of older epochs are stale
+    std::vector<uint32_t> warp_epoch;
+    std::vector<RaceShadow> smem, tls;
+    uintptr_t tls_lo = 0;
+    size_t tls_size = 0;
+};
+
 struct State {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     std::vector<WarpGroup> warpgroups;
     std::vector<MBarrier> mbarriers;
+    std::vector<TmaLoad> tma_loads;  // issued, not landed (they land when their mbarrier is waited on)
+    NamedBarrier named[16];
     BlockBarrier barrier;
     Fiber* cur = nullptr;
     void* sched_sp = nullptr;
@@ -277,15 +347,22 @@ struct State {
     void (*body)(void*) = nullptr;
     void* ctx = nullptr;
     unsigned char* smem = nullptr;
+    // Dynamic shared memory as the async proxy (wgmma, TMA) sees it: the bytes as of the last
+    // fence.proxy.async, plus what TMA loads landed. Filled lazily (async_valid) on a block's
+    // first Hopper instruction; until a fence it is the block's start state (all 0xFF).
+    unsigned char* async_view = nullptr;
+    bool async_valid = false;
     size_t smem_cap = 0;
     uint32_t smem_bytes = 0;  // this launch's dynamic shared memory
     bool failed = false;
     std::string error;
+    RaceCheck race;
 
     ~State() {
         for (Fiber& f : fibers)
             if (f.stack) munmap(f.stack - 4096, kStackBytes + 4096);
         free(smem);
+        free(async_view);
     }
 };
 
@@ -352,15 +429,21 @@ inline void to_scheduler(Fiber& f) {
 #endif
 }
 
-inline void to_fiber(Fiber& f) {
+// True while a CUDA thread of a race-checked launch runs (the race hooks' fast path).
+inline thread_local bool g_race_active = false;
+
+// Unchecked: it sets g_race_active itself.
+HS_UNCHECKED inline void to_fiber(Fiber& f) {
     State& s = state();
     s.cur = &f;
     threadIdx = f.tid;
+    g_race_active = s.race.enabled;
 #if defined(__x86_64__)
     hostsim_switch(&s.sched_sp, f.sp);
 #else
     swapcontext(&s.sched_uc, &f.uc);
 #endif
+    g_race_active = false;
 }
 
 inline void prepare_stack(Fiber& f) {
@@ -397,6 +480,168 @@ inline std::string where(const Fiber& f) {
     __builtin_unreachable();
 }
 
+// --- shared-memory race check ------------------------------------------------------------------
+// With HOSTSIM_RACECHECK=1 and kernels compiled with -fsanitize=thread (build.rs does; g++
+// then calls the __tsan_* hooks below on every load and store, and no TSan runtime is linked),
+// every access of a CUDA thread to dynamic shared memory or a static __shared__ variable is
+// checked against a shadow of the last write and the reads of each byte: two threads touching
+// the same byte, at least one writing, with no barrier between them, is an error naming both
+// threads and the code address of the access. "Between" is tracked with epochs: __syncthreads,
+// a completed mbarrier phase and a released named barrier start a new block epoch (the last
+// two conservatively order every thread, so a race across them is missed); a warp collective
+// (shuffle, vote, __syncwarp, mma.sync, ldmatrix) starts a new epoch of its warp.
+inline void race_block_epoch() { ++state().race.epoch; }
+inline void race_warp_epoch(unsigned warp) {
+    RaceCheck& r = state().race;
+    if (r.enabled) ++r.warp_epoch[warp];
+}
+
+inline std::string race_code(const void* pc) {
+    Dl_info info;
+    if (pc && dladdr(pc, &info) && info.dli_fname)
+        return format("code at %s+0x%zx (addr2line -e %s 0x%zx names the line)", info.dli_fname,
+                      (size_t)((uintptr_t)pc - (uintptr_t)info.dli_fbase), info.dli_fname,
+                      (size_t)((uintptr_t)pc - (uintptr_t)info.dli_fbase));
+    return format("code at %p", pc);
+}
+
+[[noreturn]] HS_UNCHECKED inline void race_report(const State& s, const char* kind, const char* other_did, uintptr_t a,
+                                     unsigned other, const void* pc, const void* other_pc) {
+    const bool dynamic = a - (uintptr_t)s.smem < s.smem_bytes;
+    const Fiber& o = s.fibers[other];
+    g_race_active = false;
+    fail(format("shared-memory race (%s): %s, with no barrier since thread (%u,%u,%u) %s it; this access: %s%s%s",
+                kind,
+                dynamic ? format("dynamic shared memory byte %zu", (size_t)(a - (uintptr_t)s.smem)).c_str()
+                        : "a static __shared__ variable",
+                o.tid.x, o.tid.y, o.tid.z, other_did, race_code(pc).c_str(),
+                other_pc ? "; that write: " : "", other_pc ? race_code(other_pc).c_str() : ""));
+}
+
+// One access of n bytes at p by the running thread. Not instrumented itself (nor are the
+// hooks and the emulator's own TMA and proxy bookkeeping: HS_UNCHECKED).
+HS_UNCHECKED inline void race_access(const void* p, size_t n, bool write, const void* pc) {
+    State& s = *g_state;
+    RaceCheck& r = s.race;
+    uintptr_t a = (uintptr_t)p;
+    RaceShadow* shadow;
+    size_t room;
+    if (a - (uintptr_t)s.smem < s.smem_bytes) {
+        shadow = &r.smem[a - (uintptr_t)s.smem];
+        room = s.smem_bytes - (a - (uintptr_t)s.smem);
+    } else if (a - r.tls_lo < r.tls_size) {
+        shadow = &r.tls[a - r.tls_lo];
+        room = r.tls_size - (a - r.tls_lo);
+    } else {
+        return;
+    }
+    const Fiber& f = *s.cur;
+    const uint16_t t = (uint16_t)f.linear;
+    const uint32_t e = r.epoch, we = r.warp_epoch[f.warp];
+    // Ordered after an access by thread u at warp epoch uwe in this block epoch: same thread,
+    // or same warp with a warp collective in between.
+    auto ordered = [&](unsigned u, uint32_t uwe) { return u == t || (u / 32 == f.warp && uwe != we); };
+    for (size_t i = 0; i < std::min(n, room); ++i) {
+        RaceShadow& x = shadow[i];
+        if (x.w_epoch == e && !ordered(x.w_tid, x.w_warp_epoch))
+            race_report(s, write ? "write after write" : "read after write", "wrote", a + i, x.w_tid, pc, x.w_pc);
+        if (write) {
+            if (x.r_epoch == e) {
+                const bool raced = x.r_many == 2 || (x.r_many == 1 && (x.r_tid / 32 != f.warp || x.r_warp_epoch == we)) ||
+                                   (x.r_many == 0 && !ordered(x.r_tid, x.r_warp_epoch));
+                if (raced) race_report(s, "write after read", "read", a + i, x.r_tid, pc, nullptr);
+            }
+            x.w_epoch = e;
+            x.w_warp_epoch = we;
+            x.w_tid = t;
+            x.w_pc = pc;
+        } else if (x.r_epoch != e) {
+            x.r_epoch = e;
+            x.r_warp_epoch = we;
+            x.r_tid = t;
+            x.r_many = 0;
+        } else if (x.r_tid != t || x.r_many) {
+            x.r_many = std::max<uint8_t>(x.r_many, x.r_tid / 32 != f.warp ? 2 : 1);
+            x.r_warp_epoch = std::max(x.r_warp_epoch, we);
+        }
+    }
+}
+
+// The executable's static TLS block, where `__shared__` (static thread_local) variables live:
+// on x86-64 it ends at the thread pointer. Checked to contain threadIdx; otherwise static
+// shared memory goes unchecked.
+inline void race_find_tls(RaceCheck& r) {
+#if defined(__x86_64__)
+    struct Tls {
+        size_t memsz = 0, align = 1;
+    } tls;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* data) -> int {
+            if (info->dlpi_tls_modid != 1) return 0;
+            for (int i = 0; i < info->dlpi_phnum; ++i)
+                if (info->dlpi_phdr[i].p_type == PT_TLS) {
+                    static_cast<Tls*>(data)->memsz = info->dlpi_phdr[i].p_memsz;
+                    static_cast<Tls*>(data)->align = std::max<size_t>(info->dlpi_phdr[i].p_align, 1);
+                    return 1;
+                }
+            return 0;
+        },
+        &tls);
+    const size_t span = (tls.memsz + tls.align - 1) / tls.align * tls.align;
+    const uintptr_t tp = (uintptr_t)__builtin_thread_pointer(), idx = (uintptr_t)&threadIdx;
+    if (span && idx >= tp - span && idx < tp) {
+        r.tls_lo = tp - span;
+        r.tls_size = span;
+    }
+#endif
+}
+
+// Arms the check for a launch (HOSTSIM_RACECHECK=1 and instrumented kernels).
+inline void race_launch(State& s, unsigned threads) {
+    RaceCheck& r = s.race;
+#if defined(__SANITIZE_THREAD__)
+    const char* v = getenv("HOSTSIM_RACECHECK");
+    r.enabled = r.forced >= 0 ? r.forced != 0 : v && *v && strcmp(v, "0") != 0;
+#endif
+    if (!r.enabled) return;
+    if (!r.tls_size) race_find_tls(r);
+    if (r.smem.size() < s.smem_cap) r.smem.assign(s.smem_cap, RaceShadow{});
+    if (r.tls.size() < r.tls_size) r.tls.assign(r.tls_size, RaceShadow{});
+    r.warp_epoch.assign((threads + 31) / 32, 0);
+}
+
+}  // namespace hostsim
+
+// The hooks g++ -fsanitize=thread calls (no TSan runtime is linked: these are the only
+// definitions). Weak: the header is compiled into several objects of one archive.
+#define HS_TSAN_HOOK(name, n, write)                                                 \
+    extern "C" __attribute__((weak)) HS_UNCHECKED void name(void* p) {            \
+        if (hostsim::g_race_active) hostsim::race_access(p, n, write, __builtin_return_address(0)); \
+    }
+#define HS_TSAN_HOOKS(n)                                    \
+    HS_TSAN_HOOK(__tsan_read##n, n, false)                   \
+    HS_TSAN_HOOK(__tsan_write##n, n, true)                   \
+    HS_TSAN_HOOK(__tsan_unaligned_read##n, n, false)         \
+    HS_TSAN_HOOK(__tsan_unaligned_write##n, n, true)
+HS_TSAN_HOOKS(1)
+HS_TSAN_HOOKS(2)
+HS_TSAN_HOOKS(4)
+HS_TSAN_HOOKS(8)
+HS_TSAN_HOOKS(16)
+#undef HS_TSAN_HOOKS
+#undef HS_TSAN_HOOK
+extern "C" __attribute__((weak)) HS_UNCHECKED void __tsan_read_range(void* p, unsigned long n) {
+    if (hostsim::g_race_active) hostsim::race_access(p, n, false, __builtin_return_address(0));
+}
+extern "C" __attribute__((weak)) HS_UNCHECKED void __tsan_write_range(void* p, unsigned long n) {
+    if (hostsim::g_race_active) hostsim::race_access(p, n, true, __builtin_return_address(0));
+}
+extern "C" __attribute__((weak)) void __tsan_init() {}
+extern "C" __attribute__((weak)) void __tsan_func_entry(void*) {}
+extern "C" __attribute__((weak)) void __tsan_func_exit() {}
+
+namespace hostsim {
+
 // --- barriers ------------------------------------------------------------------------------
 inline void yield_until(Fiber& f, Wait w, uint64_t gen) {
     f.wait = w;
@@ -418,6 +663,7 @@ inline void block_barrier(const std::source_location& loc) {
     if (++b.arrived == b.live) {
         b.arrived = 0;
         ++b.gen;
+        race_block_epoch();
         return;
     }
     yield_until(f, Wait::Block, b.gen);
@@ -447,6 +693,7 @@ inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8
     if (++w.arrived == (unsigned)__builtin_popcount(w.live)) {
         w.arrived = 0;
         ++w.gen;
+        race_warp_epoch(f.warp);
     } else {
         yield_until(f, Wait::Warp, w.gen);
     }
@@ -480,6 +727,7 @@ inline void cp_async_wait(size_t pending) {
         const AsyncCopy& c = f.copies[i];
         memcpy(c.dst, c.src, c.src_bytes);
         memset((unsigned char*)c.dst + c.src_bytes, 0, 16 - c.src_bytes);
+        if (g_race_active) race_access(c.dst, 16, true, __builtin_return_address(0));
     }
     f.copies.erase(f.copies.begin(), f.copies.begin() + n);
     f.groups.erase(f.groups.begin(), f.groups.begin() + done_groups);
@@ -573,6 +821,47 @@ inline uint32_t smem_address(const void* p, const char* what) {
     return (uint32_t)(a - base);
 }
 
+// A swizzle of `span` bytes (32, 64, 128; 0 none) on an absolute shared address: the 16-byte
+// chunk (bits 4..) is XORed with the row of `span` bytes within the 8-row pattern (bits 7..),
+// counted from the pattern start `base_offset` names. TMA writes and wgmma reads go through
+// this one function, so both sides of the copy agree by construction; the layout test checks it
+// against the ISA's figures.
+inline uint32_t swizzle_address(uint32_t a, uint32_t span, uint32_t base_offset = 0) {
+    return span ? a ^ ((((a >> 7) - base_offset) & (span / 16 - 1)) << 4) : a;
+}
+
+// --- async proxy ---------------------------------------------------------------------------
+// wgmma operands and TMA store sources are read by the async proxy, which sees ordinary
+// (generic-proxy) stores only after a fence.proxy.async. The emulator keeps the bytes as the
+// async proxy may see them (State::async_view) and reports a read of bytes that differ: they
+// were written by ordinary stores after the last fence. A fence by any thread publishes the
+// whole window (the emulator cannot tell which thread wrote which byte), so a fence in the
+// wrong thread goes unnoticed; a missing or early fence is caught.
+inline void ensure_async_view(State& s) {
+    if (s.async_valid) return;
+    memset(s.async_view, 0xFF, s.smem_cap);  // the block's start state: nothing written yet
+    s.async_valid = true;
+}
+
+HS_UNCHECKED inline void fence_proxy_async() {
+    State& s = state();
+    if (!s.smem_bytes) return;
+    ensure_async_view(s);
+    memcpy(s.async_view, s.smem, s.smem_bytes);
+}
+
+// Checks an async-proxy read of [a, a + n) of shared memory.
+HS_UNCHECKED inline void check_async_read(uint32_t a, uint32_t n, const char* what, const std::source_location& loc) {
+    State& s = state();
+    ensure_async_view(s);
+    if (memcmp(s.smem + a, s.async_view + a, n) == 0) return;
+    uint32_t i = 0;
+    while (s.smem[a + i] == s.async_view[a + i]) ++i;
+    fail(format("%s (%s:%u) reads shared address %u, written by ordinary stores after the last fence.proxy.async: "
+                "the async proxy need not see them (add fence_proxy_async() after the stores)",
+                what, loc.file_name(), loc.line(), a + i));
+}
+
 inline unsigned mbarrier_index(const void* bar, const char* what) {
     State& s = state();
     const uint32_t a = smem_address(bar, what);
@@ -606,6 +895,7 @@ inline void mbarrier_settle(MBarrier& b) {
     if (b.tx == 0) {
         ++b.phases;
         b.pending = b.expected;
+        race_block_epoch();
     }
 }
 
@@ -628,21 +918,52 @@ inline void mbarrier_complete_tx(void* bar, uint32_t bytes) {
     mbarrier_settle(b);
 }
 
+// Lands the TMA loads in flight on mbarrier i: their bytes reach shared memory (as the async
+// proxy wrote them) and their transaction bytes complete on the barrier.
+HS_UNCHECKED inline void land_tma_loads(unsigned i) {
+    State& s = state();
+    for (size_t k = 0; k < s.tma_loads.size();) {
+        if (s.tma_loads[k].bar != i) {
+            ++k;
+            continue;
+        }
+        const TmaLoad op = std::move(s.tma_loads[k]);
+        s.tma_loads.erase(s.tma_loads.begin() + k);
+        ensure_async_view(s);
+        for (size_t j = 0; j < op.bytes.size(); ++j)
+            if (op.mask[j]) s.smem[op.lo + j] = s.async_view[op.lo + j] = op.bytes[j];
+        MBarrier& b = s.mbarriers[i];
+        b.tx -= op.tx;
+        mbarrier_settle(b);
+    }
+}
+
 // mbarrier.try_wait.parity: true once the phase of that parity has completed, i.e. when the
 // current phase's parity differs. A fiber yield point: until then the fiber is suspended and
 // resumed only when the barrier moves on (so it returns true); if it never does, the block is
-// reported as a deadlock naming the caller's line.
+// reported as a deadlock naming the caller's line. TMA loads signalling this barrier land
+// here, in the waiting thread: until a thread waits (and runs), their destination reads as
+// poison.
 inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity, const std::source_location& loc) {
     State& s = state();
     const unsigned i = mbarrier_index(bar, "mbarrier.try_wait.parity");
-    if ((s.mbarriers[i].phases & 1) != (parity & 1)) return true;
-    Fiber& f = *s.cur;
-    f.wait_bar = i;
-    f.wait_parity = parity & 1;
-    f.wait_file = loc.file_name();
-    f.wait_line = loc.line();
-    yield_until(f, Wait::MBarrier, 0);
-    return true;
+    for (;;) {
+        land_tma_loads(i);
+        if ((s.mbarriers[i].phases & 1) != (parity & 1)) return true;
+        Fiber& f = *s.cur;
+        f.wait_bar = i;
+        f.wait_parity = parity & 1;
+        f.wait_file = loc.file_name();
+        f.wait_line = loc.line();
+        yield_until(f, Wait::MBarrier, 0);  // resumed when the phase moves on or a TMA load is in flight
+    }
+}
+
+// Whether a TMA load signalling mbarrier i is in flight (a thread waiting on it lands it).
+inline bool tma_load_in_flight(const State& s, unsigned i) {
+    for (const TmaLoad& op : s.tma_loads)
+        if (op.bar == i) return true;
+    return false;
 }
 
 // A warpgroup-wide .sync.aligned instruction: every thread deposits its operands with
@@ -707,12 +1028,13 @@ inline uint32_t operand_address(const MatrixDesc& m, bool mn_major, unsigned mn,
     else
         off = w ? (mn % (w / 2)) * 2 + (mn / (w / 2)) * m.lbo + (k % 8) * w + (k / 8) * m.sbo
                 : (mn % 8) * 2 + (mn / 8) * m.sbo + (k % 8) * 16 + (k / 8) * m.lbo;
-    const uint32_t a = m.start + off;
-    return w ? a ^ ((((a >> 7) - m.base_offset) & (w / 16 - 1)) << 4) : a;
+    return swizzle_address(m.start + off, w, m.base_offset);
 }
 
-// Gathers a 16-bit operand (rows × 16, row-major as floats) through its descriptor.
-inline void load_operand(float* out, uint64_t desc, bool mn_major, unsigned rows, const char* which) {
+// Gathers a 16-bit operand (rows × 16, row-major as floats) through its descriptor; an
+// async-proxy read (check_async_read).
+inline void load_operand(float* out, uint64_t desc, bool mn_major, unsigned rows, const char* which,
+                         const std::source_location& loc) {
     State& s = state();
     const MatrixDesc m = decode_matrix_desc(desc);
     for (unsigned r = 0; r < rows; ++r)
@@ -722,6 +1044,7 @@ inline void load_operand(float* out, uint64_t desc, bool mn_major, unsigned rows
                 fail(format("wgmma.mma_async: operand %s element (%u, %u) at shared address %u lies outside the %u "
                             "bytes of dynamic shared memory",
                             which, r, k, a, s.smem_bytes));
+            check_async_read(a, 2, which[0] == 'A' ? "wgmma.mma_async operand A" : "wgmma.mma_async operand B", loc);
             uint16_t bits;
             memcpy(&bits, s.smem + a, 2);
             out[r * 16 + k] = bf16_bits_to_f32(bits);
@@ -746,7 +1069,7 @@ inline void wgmma_fence() {
 // lands at the wait_group that completes it, and until then the accumulator registers hold
 // NaN. A wgmma on an accumulator still in flight chains on its pending value.
 inline void wgmma(float* d, unsigned n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool trans_a,
-                  bool trans_b, bool accumulate) {
+                  bool trans_b, bool accumulate, const std::source_location& loc) {
     if (!state().cur->wgmma_fenced)
         fail("wgmma.mma_async: no wgmma.fence since the warpgroup started or last waited: the registers it reads "
              "are not ordered before it");
@@ -775,9 +1098,9 @@ inline void wgmma(float* d, unsigned n, const uint32_t* a_regs, uint64_t desc_a,
                         a[frag_row(t, i) * 16 + frag_col(t, i)] =
                             bf16_half(g.slots[t][4 + i / 4] >> (32 * ((i / 2) % 2)), i % 2);
             } else {
-                load_operand(a, desc_a, trans_a, 64, "A");
+                load_operand(a, desc_a, trans_a, 64, "A", loc);
             }
-            load_operand(bt, desc_b, trans_b, n, "B");
+            load_operand(bt, desc_b, trans_b, n, "B", loc);
             WgmmaOp op{{}, n / 2, std::vector<float>(64 * n)};
             for (unsigned t = 0; t < 128; ++t) {
                 float* dt = (float*)(uintptr_t)g.slots[t][0];
@@ -816,11 +1139,215 @@ inline void wgmma_wait(size_t pending) {
     state().cur->wgmma_fenced = false;
 }
 
+// --- TMA: cp.async.bulk.tensor ---------------------------------------------------------------
+// The emulator's tensor map (what TensorMapSpec::encode writes for the hostsim backend,
+// src/runtime/tensor_map.rs; the byte offsets are asserted on both sides). Dimension 0 is the
+// innermost; strides are in bytes for dimensions 1.. ; dims are stored minus one (2^32 fits).
+struct TensorMapDesc {
+    uint64_t magic;       // kTensorMapMagic: built by our encoder for the emulator
+    uint64_t address;     // global address of element 0
+    uint64_t strides[4];  // byte stride of dimensions 1..rank-1
+    uint32_t dims_minus1[5];
+    uint16_t box[5];      // box sides in elements (1..256)
+    uint8_t elem_strides[5];
+    uint8_t rank, elem_bytes, swizzle;  // swizzle span in bytes, 0 for none
+};
+constexpr uint64_t kTensorMapMagic = 0x3150414D53524F54ull;  // "TORSMAP1"
+static_assert(sizeof(TensorMapDesc) <= sizeof(CUtensorMap) && offsetof(TensorMapDesc, strides) == 16 &&
+              offsetof(TensorMapDesc, dims_minus1) == 48 && offsetof(TensorMapDesc, box) == 68 &&
+              offsetof(TensorMapDesc, elem_strides) == 78 && offsetof(TensorMapDesc, rank) == 83);
+
+inline const TensorMapDesc& tensor_map(const void* map, unsigned rank, const char* what) {
+    const TensorMapDesc& m = *static_cast<const TensorMapDesc*>(map);
+    if (m.magic != kTensorMapMagic)
+        fail(format("%s: the tensor map was not encoded for the emulator (build it with TensorMapSpec::encode on the "
+                    "hostsim backend)",
+                    what));
+    if (m.rank != rank) fail(format("%s: a %u-d copy with a rank-%u tensor map", what, rank, m.rank));
+    return m;
+}
+
+// The box as TMA moves it: sides ceil(box / element stride), dimension 0 fastest, densely
+// packed from the shared-memory destination, then swizzled on the absolute address.
+// `visit(smem address, global element or nullptr when out of range)` per element.
+template <typename Visit> inline uint32_t tma_box(const TensorMapDesc& m, uint32_t dst, const int* c, Visit visit) {
+    if (m.swizzle && m.box[0] * m.elem_bytes != m.swizzle)
+        fail(format("cp.async.bulk.tensor: an inner box side of %u bytes under a %u-byte swizzle: the driver accepts "
+                    "it, but hostsim does not know the hardware's shared-memory layout for it (use an inner side of "
+                    "exactly the span)",
+                    m.box[0] * m.elem_bytes, m.swizzle));
+    unsigned side[5] = {1, 1, 1, 1, 1};
+    uint64_t count = 1;
+    for (unsigned d = 0; d < m.rank; ++d) {
+        side[d] = (m.box[d] + m.elem_strides[d] - 1) / m.elem_strides[d];
+        count *= side[d];
+    }
+    for (uint64_t e = 0; e < count; ++e) {
+        uint64_t rest = e, off = 0;
+        bool inside = true;
+        for (unsigned d = 0; d < m.rank; ++d) {
+            const int64_t g = (int64_t)c[d] + (int64_t)(rest % side[d]) * m.elem_strides[d];
+            rest /= side[d];
+            inside = inside && g >= 0 && g <= (int64_t)m.dims_minus1[d];
+            off += d == 0 ? (uint64_t)g * m.elem_bytes : (uint64_t)g * m.strides[d - 1];
+        }
+        const uint32_t a = swizzle_address(dst + (uint32_t)(e * m.elem_bytes), m.swizzle);
+        visit(a, inside ? (unsigned char*)(uintptr_t)(m.address + off) : nullptr);
+    }
+    return (uint32_t)(count * m.elem_bytes);
+}
+
+// The shared-memory side of a TMA copy: inside dynamic shared memory, 128-byte aligned, or
+// aligned to the whole swizzle pattern (8 rows of the span) when swizzled, so the pattern
+// starts where wgmma's descriptors (base offset 0) expect it.
+inline uint32_t tma_smem(const void* p, const TensorMapDesc& m, const char* what) {
+    const uint32_t a = smem_address(p, what), align = m.swizzle ? 8 * m.swizzle : 128;
+    if (a % align)
+        fail(format("%s: shared address %u is not %u-byte aligned (%s)", what, a, align,
+                    m.swizzle ? "the start of the swizzle pattern" : "TMA's minimum"));
+    return a;
+}
+
+// cp.async.bulk.tensor.Nd.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box at
+// coordinates c (out-of-range elements zero) goes to dst; the box's full byte count completes
+// on the mbarrier. The destination reads as poison until the copy lands, which is when a
+// thread waiting on that mbarrier runs next.
+HS_UNCHECKED inline void tma_load(void* dst, const void* map, void* bar, const int* c, unsigned rank) {
+    State& s = state();
+    const char* what = "cp.async.bulk.tensor (load)";
+    const TensorMapDesc& m = tensor_map(map, rank, what);
+    const unsigned bi = mbarrier_index(bar, what);
+    const uint32_t lo = tma_smem(dst, m, what);
+    TmaLoad op{bi, lo, 0, {}, {}};
+    auto put = [&](uint32_t a, const unsigned char* g) {
+        if (a + m.elem_bytes > s.smem_bytes)
+            fail(format("%s: the box reaches shared address %u, past the %u bytes of dynamic shared memory", what,
+                        a + m.elem_bytes, s.smem_bytes));
+        const uint32_t j = a - lo;
+        if (op.bytes.size() < j + m.elem_bytes) {
+            op.bytes.resize(j + m.elem_bytes);
+            op.mask.resize(j + m.elem_bytes);
+        }
+        if (g) memcpy(&op.bytes[j], g, m.elem_bytes);
+        else memset(&op.bytes[j], 0, m.elem_bytes);
+        memset(&op.mask[j], 1, m.elem_bytes);
+    };
+    op.tx = tma_box(m, lo, c, put);
+    ensure_async_view(s);
+    for (size_t j = 0; j < op.bytes.size(); ++j)
+        if (op.mask[j]) s.smem[lo + j] = s.async_view[lo + j] = 0xFF;  // poison until it lands
+    s.tma_loads.push_back(std::move(op));
+}
+
+// cp.async.bulk.tensor.Nd.global.shared::cta.tile.bulk_group: the box at coordinates c from
+// src (an async-proxy read; out-of-range elements are not written). Performed at the
+// cp.async.bulk.wait_group that completes its group; the source must not change until then.
+HS_UNCHECKED inline void tma_store(const void* map, const void* src, const int* c, unsigned rank, const std::source_location& loc) {
+    State& s = state();
+    const char* what = "cp.async.bulk.tensor (store)";
+    const TensorMapDesc& m = tensor_map(map, rank, what);
+    const uint32_t lo = tma_smem(src, m, what);
+    BulkStore op{{}, m.elem_bytes, lo, {}};
+    uint32_t hi = lo;
+    const uint32_t bytes = tma_box(m, lo, c, [&](uint32_t a, unsigned char* g) {
+        if (a + m.elem_bytes > s.smem_bytes)
+            fail(format("%s: the box reaches shared address %u, past the %u bytes of dynamic shared memory", what,
+                        a + m.elem_bytes, s.smem_bytes));
+        hi = std::max(hi, a + m.elem_bytes);
+        uint64_t v = 0;
+        memcpy(&v, s.smem + a, m.elem_bytes);
+        if (g) op.elements.push_back({g, v});
+    });
+    (void)bytes;
+    check_async_read(lo, hi - lo, what, loc);
+    op.src.assign(s.smem + lo, s.smem + hi);
+    state().cur->bulk.push_back(std::move(op));
+}
+
+inline void bulk_commit() {
+    Fiber& f = *state().cur;
+    f.bulk_groups.push_back(f.bulk.size());
+}
+
+// cp.async.bulk.wait_group N: all but the N most recent committed groups of this thread are done.
+HS_UNCHECKED inline void bulk_wait(size_t pending) {
+    State& s = state();
+    Fiber& f = *s.cur;
+    if (f.bulk_groups.size() <= pending) return;
+    const size_t done_groups = f.bulk_groups.size() - pending, n = f.bulk_groups[done_groups - 1];
+    for (size_t i = 0; i < n; ++i) {
+        const BulkStore& op = f.bulk[i];
+        if (memcmp(s.smem + op.src_lo, op.src.data(), op.src.size()) != 0)
+            fail(format("cp.async.bulk.tensor (store): its source at shared address %u changed before "
+                        "cp.async.bulk.wait_group completed it",
+                        op.src_lo));
+        for (const auto& [g, v] : op.elements) memcpy(g, &v, op.elem_bytes);
+    }
+    f.bulk.erase(f.bulk.begin(), f.bulk.begin() + n);
+    f.bulk_groups.erase(f.bulk_groups.begin(), f.bulk_groups.begin() + done_groups);
+    for (size_t& g : f.bulk_groups) g -= n;
+}
+
+// --- warpgroup registers and named barriers --------------------------------------------------
+// setmaxnreg.{inc,dec}.sync.aligned.u32: a warpgroup collective; every thread of the
+// warpgroup names the same count, a multiple of 8 in 24..256.
+inline void setmaxnreg(unsigned count, bool inc) {
+    const char* what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+    if (count < 24 || count > 256 || count % 8)
+        fail(format("%s: register count %u is not a multiple of 8 in 24..256", what, count));
+    warpgroup_collective(what, [&](uint64_t* slot) { slot[0] = count; }, [&](WarpGroup& g) {
+        for (unsigned t = 1; t < 128; ++t)
+            if (g.slots[t][0] != g.slots[0][0])
+                fail(format("%s: warpgroup threads 0 and %u ask for %llu and %llu registers: the count must be "
+                            "uniform across the warpgroup",
+                            what, t, (unsigned long long)g.slots[0][0], (unsigned long long)g.slots[t][0]));
+    });
+}
+
+// bar.sync / bar.arrive id, count: `count` threads (whole warps) meet at barrier `id` (1..15;
+// 0 is __syncthreads'). bar.arrive counts without waiting. Exited threads do not count: a
+// barrier that waits for them is a deadlock.
+inline void named_barrier(unsigned id, unsigned count, bool wait, const std::source_location& loc) {
+    State& s = state();
+    Fiber& f = *s.cur;
+    const char* what = wait ? "bar.sync" : "bar.arrive";
+    const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+    if (id == 0 || id > 15)
+        fail(format("%s %u (%s:%u): named barriers are 1..15 (barrier 0 is __syncthreads')", what, id, loc.file_name(),
+                    loc.line()));
+    if (count == 0 || count % 32 || count > (threads + 31) / 32 * 32)
+        fail(format("%s %u, %u (%s:%u): the thread count must be a non-zero multiple of 32 up to the block's %u",
+                    what, id, count, loc.file_name(), loc.line(), threads));
+    NamedBarrier& b = s.named[id];
+    if (b.arrived == 0) {
+        b.count = count;
+        b.file = loc.file_name();
+        b.line = loc.line();
+    } else if (b.count != count) {
+        fail(format("%s %u: thread counts %u (%s:%u) and %u (%s:%u) in the same phase", what, id, b.count, b.file,
+                    b.line, count, loc.file_name(), loc.line()));
+    }
+    if (++b.arrived == b.count) {
+        b.arrived = 0;
+        ++b.gen;
+        race_block_epoch();
+        return;
+    }
+    if (!wait) return;
+    f.wait_bar = id;
+    f.wait_file = loc.file_name();
+    f.wait_line = loc.line();
+    yield_until(f, Wait::Named, b.gen);
+}
+
 // --- scheduling ----------------------------------------------------------------------------
 inline void thread_exit() {
     State& s = state();
     Fiber& f = *s.cur;
     if (!f.copies.empty()) fail(format("thread exited with %zu cp.async copies never waited for", f.copies.size()));
+    if (!f.bulk.empty())
+        fail(format("thread exited with %zu cp.async.bulk.tensor stores never waited for (cp.async.bulk.wait_group)",
+                    f.bulk.size()));
     WarpGroup& g = s.warpgroups[f.linear / 128];
     if (!g.ops.empty())
         fail(format("thread exited with %zu wgmma.mma_async of its warpgroup never waited for (wgmma.wait_group)",
@@ -838,6 +1365,7 @@ inline void thread_exit() {
     if (b.arrived > 0 && b.arrived == b.live) {
         b.arrived = 0;
         ++b.gen;
+        race_block_epoch();
     }
     to_scheduler(f);
     __builtin_unreachable();
@@ -878,9 +1406,11 @@ inline std::string deadlock_report(State& s, unsigned n) {
     unsigned at_block = 0, at_warp = 0, at_group = 0, done = 0;
     const char *what = "", *group_what = "";
     const Fiber* mbar = nullptr;
-    unsigned at_mbar = 0;
+    unsigned at_mbar = 0, at_named = 0;
+    const Fiber* named = nullptr;
     for (unsigned i = 0; i < n; ++i) {
         const Fiber& f = s.fibers[i];
+        if (f.wait == Wait::Named && at_named++ == 0) named = &f;
         at_block += f.wait == Wait::Block;
         done += f.wait == Wait::Done;
         if (f.wait == Wait::Warp) {
@@ -904,6 +1434,13 @@ inline std::string deadlock_report(State& s, unsigned n) {
                     "misses %u of %u arrivals and %lld transaction bytes",
                     at_mbar, mbar->tid.x, mbar->tid.y, mbar->tid.z, mbar->wait_file, mbar->wait_line,
                     mbar->wait_parity, b.addr, (unsigned long long)b.phases, b.pending, b.expected, (long long)b.tx);
+    }
+    if (named) {
+        const NamedBarrier& b = s.named[named->wait_bar];
+        r += format("; %u threads wait at named barriers, e.g. thread (%u,%u,%u) at bar.sync %u (%s:%u), which has %u "
+                    "of its %u threads",
+                    at_named, named->tid.x, named->tid.y, named->tid.z, named->wait_bar, named->wait_file,
+                    named->wait_line, b.arrived, b.count);
     }
     return r;
 }
@@ -930,6 +1467,9 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
         wg.groups.clear();
     }
     s.mbarriers.clear();
+    s.tma_loads.clear();
+    s.async_valid = false;
+    for (NamedBarrier& nb : s.named) nb = NamedBarrier{};
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = s.fibers[i];
         f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
@@ -941,9 +1481,12 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
         f.copies.clear();
         f.groups.clear();
         f.wgmma_fenced = false;
+        f.bulk.clear();
+        f.bulk_groups.clear();
         prepare_stack(f);
     }
     if (s.smem_cap) memset(s.smem, 0xFF, s.smem_cap);
+    race_block_epoch();
     for (;;) {
         bool progress = false, all_done = true;
         for (unsigned i : order) {
@@ -953,13 +1496,24 @@ inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) 
             if (f.wait == Wait::Block && s.barrier.gen == f.wait_gen) continue;
             if (f.wait == Wait::Warp && s.warps[f.warp].gen == f.wait_gen) continue;
             if (f.wait == Wait::Group && s.warpgroups[f.linear / 128].gen == f.wait_gen) continue;
-            if (f.wait == Wait::MBarrier && (s.mbarriers[f.wait_bar].phases & 1) == f.wait_parity) continue;
+            if (f.wait == Wait::MBarrier && (s.mbarriers[f.wait_bar].phases & 1) == f.wait_parity &&
+                !tma_load_in_flight(s, f.wait_bar))
+                continue;
+            if (f.wait == Wait::Named && s.named[f.wait_bar].gen == f.wait_gen) continue;
             f.wait = Wait::Running;
             to_fiber(f);
             progress = true;
             if (s.failed) return false;
         }
-        if (all_done) return true;
+        if (all_done) {
+            if (s.tma_loads.empty()) return true;
+            s.failed = true;
+            s.error = format("block (%u,%u,%u) ended with %zu cp.async.bulk.tensor loads never waited for (a TMA load "
+                             "lands when a thread waits on its mbarrier, e.g. the one at shared address %u)",
+                             blockIdx.x, blockIdx.y, blockIdx.z, s.tma_loads.size(),
+                             s.mbarriers[s.tma_loads[0].bar].addr);
+            return false;
+        }
         if (!progress) {
             s.failed = true;
             s.error = deadlock_report(s, n);
@@ -991,11 +1545,14 @@ inline int run(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     }
     if (s.smem_cap < cfg->smem_bytes) {
         free(s.smem);
+        free(s.async_view);
         // 1024-byte aligned, like the hardware's swizzle patterns (see smem_address).
         s.smem_cap = (cfg->smem_bytes + 1023) / 1024 * 1024;
         s.smem = (unsigned char*)aligned_alloc(1024, s.smem_cap);
+        s.async_view = (unsigned char*)malloc(s.smem_cap);
     }
     s.smem_bytes = cfg->smem_bytes;
+    race_launch(s, n);
     s.body = body;
     s.ctx = ctx;
     gridDim = {g[0], g[1], g[2]};
@@ -1038,6 +1595,17 @@ template <typename... A> inline int launch(void (*kernel)(A...), const LaunchCfg
 }  // namespace hostsim
 
 extern "C" __attribute__((weak)) const char* hostsim_last_error() { return hostsim::state().error.c_str(); }
+
+// Turns the race check on (1) or off (0) for launches from this OS thread, or back to
+// HOSTSIM_RACECHECK (-1). Returns whether the kernels are instrumented for it.
+extern "C" __attribute__((weak)) int hostsim_set_race_check(int on) {
+    hostsim::state().race.forced = on;
+#if defined(__SANITIZE_THREAD__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #define HS_EXPORT(kernel)                                                                     \
     extern "C" int hostsim_launch_##kernel(const hostsim::LaunchCfg* cfg, void** args) { \

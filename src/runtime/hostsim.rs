@@ -19,6 +19,18 @@ pub struct LaunchCfg {
 
 pub type LaunchFn = unsafe extern "C" fn(*const LaunchCfg, *mut *mut c_void) -> i32;
 
+extern "C" {
+    fn hostsim_set_race_check(on: i32) -> i32;
+}
+
+/// Forces the emulator's shared-memory race check on or off for launches from the calling
+/// thread (None: `HOSTSIM_RACECHECK=1` decides, the default). Returns false when the kernels
+/// were built without the instrumentation the check needs.
+pub fn set_race_check(on: Option<bool>) -> bool {
+    // SAFETY: sets a flag of this thread's emulator state.
+    unsafe { hostsim_set_race_check(on.map_or(-1, i32::from)) != 0 }
+}
+
 /// Runs one launch on the emulator (synchronously, on the calling thread).
 pub fn launch(l: &mut Launch) -> Result<()> {
     let entry = hostsim_entry(l.kernel);

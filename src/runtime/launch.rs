@@ -119,6 +119,11 @@ impl Args {
         self.push(ArgKind::Struct(T::C_NAME, bytes.len()), &words)
     }
 
+    /// A TMA tensor map, for a `const __grid_constant__ CUtensorMap` parameter.
+    pub fn tensor_map(self, m: &super::tensor_map::TensorMap) -> Self {
+        self.push(ArgKind::Struct("CUtensorMap", 128), &m.words)
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod launch;
 pub mod planner;
 pub mod session;
+pub mod tensor_map;
 
 use crate::Result;
 use graph::Graph;
