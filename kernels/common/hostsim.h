@@ -62,8 +62,12 @@
 #include <vector>
 
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
@@ -327,8 +331,10 @@ struct RaceCheck {
     uint32_t epoch = 0;    // block epoch, never reset: shadow entries of older epochs are stale
     std::vector<uint32_t> warp_epoch;
     std::vector<RaceShadow> smem, tls;
+    std::vector<uint8_t> tls_shared;  // per byte of the TLS block: part of a __shared__ variable
     uintptr_t tls_lo = 0;
     size_t tls_size = 0;
+    bool tls_searched = false;
 };
 
 struct State {
@@ -529,7 +535,7 @@ HS_UNCHECKED inline void race_access(const void* p, size_t n, bool write, const 
     if (a - (uintptr_t)s.smem < s.smem_bytes) {
         shadow = &r.smem[a - (uintptr_t)s.smem];
         room = s.smem_bytes - (a - (uintptr_t)s.smem);
-    } else if (a - r.tls_lo < r.tls_size) {
+    } else if (a - r.tls_lo < r.tls_size && r.tls_shared[a - r.tls_lo]) {
         shadow = &r.tls[a - r.tls_lo];
         room = r.tls_size - (a - r.tls_lo);
     } else {
@@ -567,32 +573,56 @@ HS_UNCHECKED inline void race_access(const void* p, size_t n, bool write, const 
     }
 }
 
-// The executable's static TLS block, where `__shared__` (static thread_local) variables live:
-// on x86-64 it ends at the thread pointer. Checked to contain threadIdx; otherwise static
-// shared memory goes unchecked.
-inline void race_find_tls(RaceCheck& r) {
+// The static __shared__ variables: function-local `static thread_local` objects (symbols
+// `_ZZ…`; not their `_ZGV…` initialisation guards, nor the emulator's own thread_locals) in
+// the executable's static TLS block, found in its symbol table. On x86-64 the block ends at
+// the thread pointer; that layout is checked on threadIdx's symbol, and without a match
+// (another platform, a stripped binary) static shared memory goes unchecked.
+inline void race_find_shared(RaceCheck& r) {
 #if defined(__x86_64__)
-    struct Tls {
-        size_t memsz = 0, align = 1;
-    } tls;
+    size_t tls[2] = {0, 1};  // PT_TLS memsz, align
     dl_iterate_phdr(
         [](dl_phdr_info* info, size_t, void* data) -> int {
             if (info->dlpi_tls_modid != 1) return 0;
             for (int i = 0; i < info->dlpi_phnum; ++i)
                 if (info->dlpi_phdr[i].p_type == PT_TLS) {
-                    static_cast<Tls*>(data)->memsz = info->dlpi_phdr[i].p_memsz;
-                    static_cast<Tls*>(data)->align = std::max<size_t>(info->dlpi_phdr[i].p_align, 1);
+                    static_cast<size_t*>(data)[0] = info->dlpi_phdr[i].p_memsz;
+                    static_cast<size_t*>(data)[1] = std::max<size_t>(info->dlpi_phdr[i].p_align, 1);
                     return 1;
                 }
             return 0;
         },
-        &tls);
-    const size_t span = (tls.memsz + tls.align - 1) / tls.align * tls.align;
-    const uintptr_t tp = (uintptr_t)__builtin_thread_pointer(), idx = (uintptr_t)&threadIdx;
-    if (span && idx >= tp - span && idx < tp) {
-        r.tls_lo = tp - span;
-        r.tls_size = span;
+        tls);
+    const size_t span = (tls[0] + tls[1] - 1) / tls[1] * tls[1];
+    const uintptr_t lo = (uintptr_t)__builtin_thread_pointer() - span;
+    const int fd = open("/proc/self/exe", O_RDONLY);
+    if (fd < 0 || !span) return;
+    struct stat st;
+    void* map = fstat(fd, &st) == 0 ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (map == MAP_FAILED) return;
+    const auto* base = static_cast<const unsigned char*>(map);
+    const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
+    const auto* sh = reinterpret_cast<const Elf64_Shdr*>(base + eh->e_shoff);
+    std::vector<uint8_t> shared(span, 0);
+    bool layout_ok = false;
+    for (unsigned i = 0; i < eh->e_shnum; ++i) {
+        if (sh[i].sh_type != SHT_SYMTAB) continue;
+        const char* names = reinterpret_cast<const char*>(base + sh[sh[i].sh_link].sh_offset);
+        const auto* sym = reinterpret_cast<const Elf64_Sym*>(base + sh[i].sh_offset);
+        for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
+            if (ELF64_ST_TYPE(sym[k].st_info) != STT_TLS) continue;
+            const char* name = names + sym[k].st_name;
+            if (strcmp(name, "threadIdx") == 0) layout_ok = lo + sym[k].st_value == (uintptr_t)&threadIdx;
+            if (strncmp(name, "_ZZ", 3) == 0 && sym[k].st_value + sym[k].st_size <= span)
+                memset(&shared[sym[k].st_value], 1, sym[k].st_size);
+        }
     }
+    munmap(map, st.st_size);
+    if (!layout_ok) return;
+    r.tls_lo = lo;
+    r.tls_size = span;
+    r.tls_shared = std::move(shared);
 #endif
 }
 
@@ -604,7 +634,10 @@ inline void race_launch(State& s, unsigned threads) {
     r.enabled = r.forced >= 0 ? r.forced != 0 : v && *v && strcmp(v, "0") != 0;
 #endif
     if (!r.enabled) return;
-    if (!r.tls_size) race_find_tls(r);
+    if (!r.tls_searched) {
+        race_find_shared(r);
+        r.tls_searched = true;
+    }
     if (r.smem.size() < s.smem_cap) r.smem.assign(s.smem_cap, RaceShadow{});
     if (r.tls.size() < r.tls_size) r.tls.assign(r.tls_size, RaceShadow{});
     r.warp_epoch.assign((threads + 31) / 32, 0);
