@@ -14,13 +14,13 @@ step "format"
 cargo fmt --all -- --check
 
 step "build (every kernel, strict ptxas)"
-cargo build --all-targets --locked
+cargo build --workspace --all-targets --locked
 
 step "clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (emulator threads in forward order)"
-cargo test --locked
+cargo test --workspace --locked
 
 step "emulator tests in reverse thread order"
 HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim
