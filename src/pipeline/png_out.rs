@@ -163,6 +163,23 @@ fn software() -> String {
 /// Writes `image` to `path` as PNG, atomically (no partial file on error; an existing file is
 /// replaced only by a complete one), with `metadata` as text chunks unless `None`.
 pub fn write_png(path: &Path, image: &Rgb8Image, metadata: Option<&ImageMetadata>) -> Result<()> {
+    check_pixels(image)?;
+    write_atomic(path, |out| {
+        encode(out, image, metadata).map_err(|e| Error::format(path, format!("writing PNG: {e}")))
+    })
+}
+
+/// `image` as the bytes of a PNG file (what [`write_png`] writes), for answers sent over the
+/// network.
+pub fn png_bytes(image: &Rgb8Image, metadata: Option<&ImageMetadata>) -> Result<Vec<u8>> {
+    check_pixels(image)?;
+    let mut out = Vec::new();
+    encode(&mut out, image, metadata)
+        .map_err(|e| Error::InvalidArgument(format!("encoding PNG: {e}")))?;
+    Ok(out)
+}
+
+fn check_pixels(image: &Rgb8Image) -> Result<()> {
     let want = 3 * image.width as usize * image.height as usize;
     if image.pixels.len() != want {
         return Err(Error::InvalidArgument(format!(
@@ -172,9 +189,7 @@ pub fn write_png(path: &Path, image: &Rgb8Image, metadata: Option<&ImageMetadata
             image.pixels.len()
         )));
     }
-    write_atomic(path, |out| {
-        encode(out, image, metadata).map_err(|e| Error::format(path, format!("writing PNG: {e}")))
-    })
+    Ok(())
 }
 
 fn encode(
