@@ -62,6 +62,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod runtime;
 pub mod sampling_loop;
+pub mod serve;
 pub mod tensor;
 pub mod text;
 pub mod truth;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use common::rewrite_safetensors;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -193,30 +192,7 @@ fn batch_image_k_uses_seed_plus_k_and_can_be_made_again_alone() {
 
 /// A copy of the tiny model whose Stage A output conv is NaN.
 fn broken_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(tiny_model(), dir.path());
-    let path = dir.path().join("stage_a.safetensors");
-    rewrite_safetensors(&path, &path, |tensors, _| {
-        let t = tensors
-            .iter_mut()
-            .find(|t| t.0 == "out_block.0.bias")
-            .unwrap();
-        t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    });
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&dst).unwrap();
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
+    common::broken_copy(tiny_model())
 }
 
 #[test]
@@ -561,7 +537,7 @@ fn generate_with_preview_writes_the_previews_into_their_directory() {
 #[test]
 fn preview_without_previewer_weights_is_refused_with_the_fix() {
     let model = tempfile::tempdir().unwrap();
-    copy_dir(tiny_model(), model.path());
+    common::copy_dir(tiny_model(), model.path());
     std::fs::remove_file(model.path().join("previewer.safetensors")).unwrap();
     let out = tempfile::tempdir().unwrap();
     let pattern = out.path().join("img.png");

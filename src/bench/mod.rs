@@ -4,6 +4,7 @@
 //! Shared by `ultrapixel bench` and the criterion benches; `stages` and `shapes` time whole
 //! parts of a generation and the model's own GEMM and attention shapes.
 
+pub mod serve;
 pub mod shapes;
 pub mod stages;
 pub mod vendor;

@@ -13,6 +13,17 @@ pub enum BackendArg {
     Cpu,
 }
 
+impl BackendArg {
+    /// The option's value, as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendArg::Cuda => "cuda",
+            BackendArg::Hostsim => "hostsim",
+            BackendArg::Cpu => "cpu",
+        }
+    }
+}
+
 impl From<BackendArg> for BackendKind {
     fn from(a: BackendArg) -> BackendKind {
         match a {
@@ -25,7 +36,17 @@ impl From<BackendArg> for BackendKind {
 
 /// Opens the backend; without a usable GPU, the error says what the CPU backends offer.
 pub fn open(arg: BackendArg) -> Result<Backend> {
-    Backend::open(arg.into()).map_err(|e| match (e, arg) {
+    open_device(arg, 0)
+}
+
+/// As [`open`], on GPU `ordinal` for cuda (the CPU backends have one device each: a second
+/// ordinal opens another instance of the same).
+pub fn open_device(arg: BackendArg, ordinal: usize) -> Result<Backend> {
+    let opened = match arg {
+        BackendArg::Cuda => crate::backend::open_gpu(ordinal).map(Backend::Cuda),
+        _ => Backend::open(arg.into()),
+    };
+    opened.map_err(|e| match (e, arg) {
         (
             e @ (Error::NoDriver | Error::NoDevice(_) | Error::KernelsNotCompiled),
             BackendArg::Cuda,

@@ -1,5 +1,6 @@
 //! `ultrapixel bench`: every kernel against the device's copy bandwidth; with --stages every
-//! part of a generation, with --shapes every GEMM and attention shape.
+//! part of a generation, with --shapes every GEMM and attention shape, with --serve the
+//! latency of `ultrapixel serve` as its clients see it.
 
 use super::backend_arg::BackendArg;
 use crate::runtime::device::Device;
@@ -36,12 +37,41 @@ pub struct BenchArgs {
     /// With --stages or --shapes: the tiny test configuration instead of the released one.
     #[arg(long)]
     pub tiny: bool,
-    /// With --stages or --shapes: where to run (hostsim checks the harness without a GPU).
+    /// With --stages, --shapes or --serve: where to run (hostsim and cpu check the harness
+    /// without a GPU).
     #[arg(long, value_enum, default_value_t = BackendArg::Cuda)]
     pub backend: BackendArg,
+    /// Start `ultrapixel serve` on loopback and time it over HTTP: cold start by part, a
+    /// warm pipeline's time to first step and time per image per --size (--iters requests
+    /// each), throughput with one and two concurrent clients.
+    #[arg(long, conflicts_with_all = ["stages", "shapes"])]
+    pub serve: bool,
+    /// With --serve: the model directory (default: the Hugging Face cache).
+    #[arg(long, requires = "serve")]
+    pub model_dir: Option<std::path::PathBuf>,
+    /// With --serve: the server's --devices.
+    #[arg(long, requires = "serve", default_value = "0")]
+    pub devices: String,
+    /// With --serve: Stage C steps of every request.
+    #[arg(long, requires = "serve", default_value_t = crate::pipeline::Request::DEFAULT_STAGE_C.steps)]
+    pub steps_c: u32,
+    /// With --serve: Stage B steps of every request.
+    #[arg(long, requires = "serve", default_value_t = crate::pipeline::Request::DEFAULT_STAGE_B.steps)]
+    pub steps_b: u32,
 }
 
 pub fn bench(a: BenchArgs) -> Result<i32> {
+    if a.serve {
+        crate::bench::serve::print(&crate::bench::serve::ServeBench {
+            model_dir: a.model_dir.as_deref(),
+            backend: a.backend.name(),
+            devices: &a.devices,
+            sizes: &a.sizes,
+            iters: a.iters.max(1),
+            steps: (a.steps_c, a.steps_b),
+        })?;
+        return Ok(0);
+    }
     if a.stages || a.shapes {
         return bench_model(a);
     }

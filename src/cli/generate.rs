@@ -6,7 +6,7 @@ use crate::hub::{Hub, HubOptions};
 use crate::pipeline::generate::{Event, Image, Pipeline, PipelineOptions};
 use crate::pipeline::lora::LoraSpec;
 use crate::pipeline::png_out::write_png;
-use crate::pipeline::request::{OutputPattern, Request, Size, StageSettings};
+use crate::pipeline::request::{rename_setting, OutputPattern, Request, Size, StageSettings};
 use crate::pipeline::stages::{Phase, Progress};
 use crate::pipeline::{model_dir, ModelDir};
 use crate::runtime::BackendKind;
@@ -317,15 +317,7 @@ pub fn resolve_models(dir: Option<&Path>, hub: &HubOptions, quiet: bool) -> Resu
 
 /// A request setting named by its option (`stage_c.steps` → `--steps-c`).
 fn with_flag(e: Error) -> Error {
-    let Error::InvalidSetting {
-        field,
-        value,
-        reason,
-    } = e
-    else {
-        return e;
-    };
-    let flag = match field {
+    rename_setting(e, |field| match field {
         "stage_c.steps" => "--steps-c",
         "stage_b.steps" => "--steps-b",
         "stage_c.cfg" => "--cfg-c",
@@ -334,8 +326,7 @@ fn with_flag(e: Error) -> Error {
         "seed" => "--seed",
         "output" => "--out",
         other => other,
-    };
-    Error::InvalidArgument(format!("{flag} {value}: {reason}"))
+    })
 }
 
 /// Progress on stderr: a bar per sampling loop on a terminal, one line per finished phase.

@@ -8,6 +8,7 @@ mod generate;
 mod info;
 mod make_tiny_model;
 mod meta;
+mod serve;
 mod sweep;
 mod tally;
 mod tune;
@@ -54,6 +55,9 @@ pub enum Command {
     /// Time every candidate kernel (ours, cuBLASLt's heuristics with our epilogue) of every
     /// GEMM and attention shape of a generation and write the winners to `tuning/<device>.json`.
     Tune(tune::TuneArgs),
+    /// Serve the OpenAI images API and Automatic1111's txt2img over HTTP, the model loaded
+    /// once per device (health, readiness and Prometheus metrics included; docs/DEPLOY.md).
+    Serve(serve::ServeArgs),
 }
 
 /// The exit code of a failed command, as the README's table gives them: 2 for bad input or a
@@ -100,5 +104,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Convert(a) => convert::convert(a),
         Command::Tune(a) => tune::tune(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }

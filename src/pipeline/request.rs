@@ -315,6 +315,20 @@ impl Request {
     }
 }
 
+/// A request setting's error under the name a front end gives its field (`stage_c.steps` is
+/// `--steps-c` on the command line and `steps` in the A1111 API): the same message, with the
+/// field renamed by `name` (which returns the field itself where the front end has no other).
+pub fn rename_setting(e: Error, name: impl Fn(&'static str) -> &'static str) -> Error {
+    match e {
+        Error::InvalidSetting {
+            field,
+            value,
+            reason,
+        } => Error::InvalidArgument(format!("{} {value}: {reason}", name(field))),
+        e => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

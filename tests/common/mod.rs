@@ -41,3 +41,34 @@ pub fn rewrite_safetensors(
     let meta = (!meta.is_empty()).then_some(meta);
     safetensors::serialize_to_file(views, meta, dst).unwrap();
 }
+
+/// A copy of the model in `model` whose Stage A output conv is NaN: every generation fails
+/// in Stage A. (Each test file compiles this module; not all of them use every helper.)
+#[allow(dead_code)]
+pub fn broken_copy(model: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(model, dir.path());
+    let path = dir.path().join("stage_a.safetensors");
+    rewrite_safetensors(&path, &path, |tensors, _| {
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.0 == "out_block.0.bias")
+            .unwrap();
+        t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    dir
+}
+
+#[allow(dead_code)]
+pub fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
