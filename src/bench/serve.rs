@@ -95,20 +95,43 @@ pub fn print(b: &ServeBench) -> Result<()> {
     let first_size = *b.sizes.first().ok_or_else(|| failed("no --size"))?;
     let first = generate(&server, first_size, b.steps, 0)?;
     let cuda = b.backend == "cuda";
-    println!("ultrapixel serve, backend {}, devices {}", b.backend, b.devices);
+    println!(
+        "ultrapixel serve, backend {}, devices {}",
+        b.backend, b.devices
+    );
     println!("cold start:");
-    println!("  process start (exec to exit of --version)   {:>9.3} s", process);
-    println!("  exec to listening                             {:>9.3} s", listening);
+    println!(
+        "  process start (exec to exit of --version)   {:>9.3} s",
+        process
+    );
+    println!(
+        "  exec to listening                             {:>9.3} s",
+        listening
+    );
     println!(
         "  backend open{}                  {:>9.3} s",
-        if cuda { " (CUDA init)     " } else { " (no CUDA: CPU)  " },
+        if cuda {
+            " (CUDA init)     "
+        } else {
+            " (no CUDA: CPU)  "
+        },
         load("backend_open")
     );
-    println!("  model load (files, checks)                    {:>9.3} s", load("model_load"));
-    println!("  exec to ready                                 {:>9.3} s", ready);
+    println!(
+        "  model load (files, checks)                    {:>9.3} s",
+        load("model_load")
+    );
+    println!(
+        "  exec to ready                                 {:>9.3} s",
+        ready
+    );
     println!(
         "  first image {first_size}{} {:>9.3} s (first step after {:.3} s)",
-        if cuda { " (weight upload incl.)" } else { " (no upload on CPU)   " },
+        if cuda {
+            " (weight upload incl.)"
+        } else {
+            " (no upload on CPU)   "
+        },
         first.total,
         first.first_step
     );
@@ -119,7 +142,9 @@ pub fn print(b: &ServeBench) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let first_step = median(runs.iter().map(|r| r.first_step).collect());
         let total = median(runs.iter().map(|r| r.total).collect());
-        println!("  {size:<11} time to first step {first_step:>8.3} s   time per image {total:>8.3} s");
+        println!(
+            "  {size:<11} time to first step {first_step:>8.3} s   time per image {total:>8.3} s"
+        );
     }
     let one = throughput(&server, first_size, b.steps, 1, b.iters)?;
     let two = throughput(&server, first_size, b.steps, 2, b.iters)?;
@@ -134,7 +159,9 @@ pub fn print(b: &ServeBench) -> Result<()> {
         .map_err(|e| failed(e))?;
     let code = server.child.wait().map_err(|e| failed(e))?;
     if !term.success() || code.code() != Some(0) {
-        return Err(failed(format!("the server did not exit 0 on SIGTERM: {code}")));
+        return Err(failed(format!(
+            "the server did not exit 0 on SIGTERM: {code}"
+        )));
     }
     Ok(())
 }
@@ -162,7 +189,12 @@ fn get(server: &Server, path: &str) -> Result<String> {
 }
 
 /// One streamed A1111 request: when its first sampler step came, when its result did.
-fn generate(server: &Server, size: Size, (steps_c, steps_b): (u32, u32), seed: i64) -> Result<Timed> {
+fn generate(
+    server: &Server,
+    size: Size,
+    (steps_c, steps_b): (u32, u32),
+    seed: i64,
+) -> Result<Timed> {
     let body = serde_json::json!({
         "prompt": "a lighthouse at dusk, photo", "width": size.width, "height": size.height,
         "steps": steps_c, "steps_b": steps_b, "seed": seed, "stream": true,
@@ -199,7 +231,13 @@ fn generate(server: &Server, size: Size, (steps_c, steps_b): (u32, u32), seed: i
 }
 
 /// Images per second with `clients` clients sending `iters` requests each.
-fn throughput(server: &Server, size: Size, steps: (u32, u32), clients: usize, iters: usize) -> Result<f64> {
+fn throughput(
+    server: &Server,
+    size: Size,
+    steps: (u32, u32),
+    clients: usize,
+    iters: usize,
+) -> Result<f64> {
     let started = Instant::now();
     std::thread::scope(|s| {
         let runs: Vec<_> = (0..clients)

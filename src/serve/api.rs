@@ -145,7 +145,8 @@ pub fn from_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// A size given as two numbers, checked as the CLI's `--size` is.
 pub fn size(width: u32, height: u32) -> Result<crate::pipeline::Size, ApiError> {
-    crate::pipeline::Size::new(width, height).map_err(|e: Error| ApiError::bad_request(e.to_string()))
+    crate::pipeline::Size::new(width, height)
+        .map_err(|e: Error| ApiError::bad_request(e.to_string()))
 }
 
 pub fn base64(png: &[u8]) -> String {

@@ -31,8 +31,16 @@ struct Body {
 pub fn parse(body: &[u8]) -> Result<Parsed, ApiError> {
     let mut b: Body = from_json(body)?;
     for (a1111, ours, given) in [
-        ("steps", "steps_c", b.steps.is_some() && b.stages.steps_c.is_some()),
-        ("cfg_scale", "cfg_c", b.cfg_scale.is_some() && b.stages.cfg_c.is_some()),
+        (
+            "steps",
+            "steps_c",
+            b.steps.is_some() && b.stages.steps_c.is_some(),
+        ),
+        (
+            "cfg_scale",
+            "cfg_c",
+            b.cfg_scale.is_some() && b.stages.cfg_c.is_some(),
+        ),
     ] {
         if given {
             return Err(ApiError::bad_request(format!(

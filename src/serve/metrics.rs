@@ -64,7 +64,11 @@ impl Metrics {
             requests.clone(),
         );
         let queue_depth = Gauge::default();
-        registry.register("queue_depth", "Jobs waiting for a device", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Jobs waiting for a device",
+            queue_depth.clone(),
+        );
         let running = Gauge::default();
         registry.register("jobs_running", "Jobs running on a device", running.clone());
         let stage_seconds =

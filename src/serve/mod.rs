@@ -54,6 +54,8 @@ pub fn run(
         .block_on(tokio::net::TcpListener::bind(listen))
         .map_err(cannot_listen)?;
     let addr = listener.local_addr().map_err(cannot_listen)?;
+    // Signal handlers belong to the runtime.
+    let _runtime = runtime.enter();
     let (stop, stop_inside) = shutdown::Stop::install()?;
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App {

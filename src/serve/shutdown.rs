@@ -21,9 +21,8 @@ impl Stop {
     /// Installs the signal handlers now, so that a signal right after start is not lost;
     /// the sender stops the server from inside.
     pub fn install() -> Result<(Stop, watch::Sender<bool>)> {
-        let install = |kind| {
-            signal(kind).map_err(|e| Error::InvalidArgument(format!("signal handler: {e}")))
-        };
+        let install =
+            |kind| signal(kind).map_err(|e| Error::InvalidArgument(format!("signal handler: {e}")));
         let (tx, inner) = watch::channel(false);
         let stop = Stop {
             term: install(SignalKind::terminate())?,
@@ -34,11 +33,21 @@ impl Stop {
     }
 
     /// Resolves when the server should stop; then starts the deadline.
-    pub async fn wait(mut self, app: Arc<App>, deadline: Duration) {
+    pub async fn wait(self, app: Arc<App>, deadline: Duration) {
+        let Stop {
+            mut term,
+            mut int,
+            mut inner,
+        } = self;
         {
-            let term = std::pin::pin!(self.term.recv());
-            let int = std::pin::pin!(self.int.recv());
-            let inner = std::pin::pin!(self.inner.wait_for(|stop| *stop));
+            let term = std::pin::pin!(term.recv());
+            let int = std::pin::pin!(int.recv());
+            // A dropped sender (start-up done) never stops the server.
+            let inner = std::pin::pin!(async {
+                if inner.wait_for(|stop| *stop).await.is_err() {
+                    futures_util::future::pending::<()>().await;
+                }
+            });
             let signals = futures_util::future::select(term, int);
             futures_util::future::select(signals, inner).await;
         }
