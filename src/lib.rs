@@ -38,6 +38,7 @@
 //! - [`models`]: the networks of the cascade, recorded as op graphs.
 //! - [`sampling_loop`]: the GDF sampling loop both diffusion stages run.
 //! - [`pipeline`]: requests, model directories, planning, the stages and [`Pipeline`].
+//! - [`control`]: control-image preprocessing (reading, the official resize, Canny).
 //! - [`verify`], [`truth`], [`tune`]: every kernel against its reference, hardware truth
 //!   fixtures, the per-device choice between our GEMMs and the vendor's.
 
@@ -51,6 +52,7 @@ pub mod bench;
 mod build_ptxas;
 #[doc(hidden)]
 pub mod cli;
+pub mod control;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -154,3 +154,64 @@ fn unknown_kinds_broken_files_and_no_files_exit_2() {
     let (code, _, _) = validate(&[]);
     assert_eq!(code, 2);
 }
+
+/// The LoRA case needs its LoRA: with the base weights alone (the `input.lora.*` tensors
+/// dropped) the Stage C pass misses the expected outputs.
+#[test]
+fn the_lora_case_fails_without_its_lora() {
+    let mut case = Case::load(&cases_dir().join("stage_c_lora.safetensors")).unwrap();
+    case.module = "stage_c_ultrapixel_lr".into();
+    let backend = Backend::open(BackendKind::Cpu).unwrap();
+    let checks = run_case(&case, &backend).unwrap();
+    assert!(checks.iter().any(|c| !c.passed()), "{checks:?}");
+}
+
+/// A LoRA file whose keys do not match the model is refused, every bad key listed:
+/// a name that is no LoRA tensor, an index past the model's layers, a factor whose shape
+/// does not fit, and a layer with only one factor.
+#[test]
+fn a_lora_with_bad_keys_is_refused_with_every_bad_key_listed() {
+    use ultrapixel::golden::{lora_case_manifest, write_lora_file};
+    use ultrapixel::pipeline::lora::{Lora, ModelShapes};
+    let case = Case::load(&cases_dir().join("stage_c_lora.safetensors")).unwrap();
+    let dir = scratch("lora-keys");
+    let good = dir.join("good.safetensors");
+    write_lora_file(&case, &good).unwrap();
+    let manifest = lora_case_manifest(&case);
+    let shapes = ModelShapes {
+        stage_c: &manifest,
+        text_width: 0,
+        vocab: 0,
+    };
+    let lora = Lora::open(&good, &shapes, &dir).unwrap();
+    assert_eq!(lora.layers.len(), 8, "every attention projection of the tiny model");
+
+    let bad = dir.join("bad.safetensors");
+    rewrite_safetensors(&good, &bad, |tensors, _| {
+        let rename = |t: &mut Vec<common::Stored>, from: &str, to: &str| {
+            t.iter_mut().find(|s| s.0 == from).unwrap().0 = to.into();
+        };
+        rename(tensors, "0.lora_down", "0.lora_middle");
+        rename(tensors, "1.lora_up", "41.lora_up");
+        rename(tensors, "1.lora_down", "41.lora_down");
+        // Layer 2's down factor with a transposed shape.
+        let t = tensors.iter_mut().find(|s| s.0 == "2.lora_down").unwrap();
+        t.2.reverse();
+    });
+    let err = Lora::open(&bad, &shapes, &dir).unwrap_err().to_string();
+    for key in ["0.lora_middle", "41.lora_up", "41.lora_down", "2.lora_down", "0.lora_up"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    assert!(!err.contains("3.lora_"), "a good layer was listed: {err}");
+}
+
+/// The Canny golden case is matched exactly: the same quantized bytes and edge pixels as
+/// the official filter (OpenCV), not merely within a tolerance.
+#[test]
+fn the_canny_case_matches_bit_for_bit() {
+    let case = Case::load(&cases_dir().join("canny_filter.safetensors")).unwrap();
+    let backend = Backend::open(BackendKind::Cpu).unwrap();
+    for c in run_case(&case, &backend).unwrap() {
+        assert_eq!(c.error, 0.0, "{} differs by {}", c.output, c.error);
+    }
+}

@@ -7,12 +7,16 @@
 
 mod blocks;
 mod clip;
+mod control_cases;
 mod inr;
+mod lora_cases;
 mod sampler_cases;
 mod sampling_loop_cases;
 mod stage_a;
 mod stage_b;
 mod stage_c;
+
+pub use lora_cases::{manifest as lora_case_manifest, write_lora_file};
 
 use crate::models::ModelBuilder;
 use crate::ops::layout::Concat;
@@ -166,11 +170,17 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "stage_b",
     "sample_ultrapixel",
     "sample_stage_b",
+    "canny_filter",
+    "control_image_resize",
+    "stage_c_lora",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
 fn weightless(kind: &str) -> bool {
-    matches!(kind, "r_embedding" | "sampler_step" | "cfg_combine")
+    matches!(
+        kind,
+        "r_embedding" | "sampler_step" | "cfg_combine" | "canny_filter" | "control_image_resize"
+    )
 }
 
 /// The f32 (atol, rtol) of a kind (`tests/cases/README.md`, docs/MODEL.md §8.2).
@@ -183,6 +193,7 @@ fn f32_tolerance(kind: &str) -> (f32, f32) {
         | "stage_c"
         | "stage_c_ultrapixel_lr"
         | "stage_c_ultrapixel_hr"
+        | "stage_c_lora"
         | "stage_b" => (1e-4, 1e-3),
         "sample_ultrapixel" | "sample_stage_b" => (0.0, 2e-3),
         _ => (1e-5, 1e-5),
@@ -254,6 +265,8 @@ struct Built {
     outputs: Vec<(String, TensorId, Layout)>,
     /// Outputs computed on the host (the sampler's scalar tables).
     host_outputs: Vec<(String, Vec<f32>)>,
+    /// The weights to bind instead of the file's (a merged LoRA).
+    weights: Option<HashMap<String, HostTensor>>,
 }
 
 impl Built {
@@ -267,6 +280,7 @@ impl Built {
             inputs,
             outputs,
             host_outputs: Vec::new(),
+            weights: None,
         }
     }
 }
@@ -306,6 +320,8 @@ pub fn run_case(case: &Case, backend: &Backend) -> Result<Vec<OutputCheck>> {
     let results = match case.module.as_str() {
         "sample_ultrapixel" => sampling_loop_cases::sample_ultrapixel(case, backend)?,
         "sample_stage_b" => sampling_loop_cases::sample_stage_b(case, backend)?,
+        "canny_filter" => control_cases::canny(case)?,
+        "control_image_resize" => control_cases::resize(case)?,
         _ => run_graph_case(case, backend)?,
     };
     let name = case.name();
@@ -354,6 +370,7 @@ fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32
         "stage_c_ultrapixel_lr" => stage_c::stage_c(case, stage_c::Pass::LowRes)?,
         "stage_c_ultrapixel_hr" => stage_c::stage_c(case, stage_c::Pass::HighRes)?,
         "stage_b" => stage_b::stage_b(case)?,
+        "stage_c_lora" => lora_cases::stage_c_lora(case)?,
         other => {
             return Err(case.error(format!(
                 "unknown or unsupported case kind `{other}` (this build runs: {})",
@@ -366,12 +383,13 @@ fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32
         inputs,
         outputs,
         host_outputs,
+        weights,
     } = built;
     for (name, id, _) in &outputs {
         mb.g.output(*id, name)?;
     }
     let (graph, plan) = mb.finish();
-    let weights = plan.bind(&case.weights);
+    let weights = plan.bind(weights.as_ref().unwrap_or(&case.weights));
     let mut session = backend.session(graph, &weights, SessionOptions { poison: true })?;
     for (id, values) in &inputs {
         session.set_input(*id, values)?;

@@ -102,5 +102,6 @@ pub(super) fn sampler_step(case: &Case) -> Result<Built> {
             ("x_next_ddim".into(), ddim[1], Layout::Same),
         ],
         host_outputs,
+        weights: None,
     })
 }
