@@ -1,15 +1,19 @@
 // Convolutions that are not GEMMs (ops/conv.rs).
 //
-// dwconv_<in>_<out>: depthwise k×k conv (odd k, stride 1, same size), optionally followed by
-//   LayerNorm over channels (the front of every Stage B/C ResBlock):
-//     z[b,i,j,c] = bias[c] + Σ_{dy,dx} w[c, dy·k + dx]·x̃[b, i + dy − k/2, j + dx − k/2, c]
-//     y = ln ? (z − μ)·rsqrt(σ² + eps) : z, μ and σ² (biased, two passes) over c, in f32.
+// dwconv_<in>_<out>: depthwise k×k conv (odd k, padding k/2, stride s), optionally followed
+//   by SiLU (EfficientNetV2's MBConv) or by LayerNorm over channels (the front of every
+//   Stage B/C ResBlock; stride 1 only):
+//     z[b,i,j,c] = bias[c] + Σ_{dy,dx} w[c, dy·k + dx]·x̃[b, i·s + dy − k/2, j·s + dx − k/2, c]
+//     y = ln ? (z − μ)·rsqrt(σ² + eps) : silu ? z/(1 + e⁻ᶻ) : z, μ and σ² (biased, two passes)
+//     over c, in f32.
 //   x̃ reads zeros outside the image, or the nearest edge pixel with `replicate` (Stage A).
-//   Layout: x, y NHWC [B, H, W, C]; w f32 [C, k·k]; bias f32 [C].
-//   Launch: one warp per pixel, 4 warps (128 threads) per block, grid = ceil(B·H·W / 4);
+//   Layout: x NHWC [B, H, W, C]; y NHWC [B, OH, OW, C], OH = (H − 1)/s + 1 (likewise OW);
+//   w f32 [C, k·k]; bias f32 [C].
+//   Launch: one warp per output pixel, 4 warps (128 threads) per block, grid =
+//   ceil(B·OH·OW / 4);
 //   with ln, dynamic shared memory 4·C·4 bytes holds each warp's conv row between the
 //   passes (every lane reads back only the channels it wrote: no barrier needed).
-//   Limits: B·H·W < 2^31·4 pixels; C ≤ 8192 with ln (128 KiB of shared memory).
+//   Limits: B·OH·OW < 2^31·4 pixels; C ≤ 8192 with ln (128 KiB of shared memory).
 //
 // conv_transpose2d_<xw>_<out>: PyTorch ConvTranspose2d(k, stride s, padding p) with bias:
 //     y[b,oy,ox,co] = bias[co] + Σ x[b,iy,ix,ci]·w[ci,co,ky,kx] over oy = iy·s − p + ky,
@@ -35,12 +39,13 @@ __device__ __forceinline__ int source(int at, int off, int n, bool replicate) {
 template <typename TI, typename TO>
 __device__ __forceinline__ void depthwise(const TI* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ bias, TO* __restrict__ y, int B, int H, int W,
-                                          int C, int k, int replicate, int ln, float eps) {
+                                          int C, int k, int stride, int replicate, int ln, int silu, float eps) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
     const long long pixel = (long long)blockIdx.x * DW_WARPS + warp;
-    if (pixel >= (long long)B * H * W) return;  // whole warps leave together
-    const int j = (int)(pixel % W), i = (int)(pixel / W % H);
-    const long long b = pixel / ((long long)W * H);
+    if (pixel >= (long long)B * OH * OW) return;  // whole warps leave together
+    const int j = (int)(pixel % OW) * stride, i = (int)(pixel / OW % OH) * stride;
+    const long long b = pixel / ((long long)OW * OH);
     const int r = k / 2;
     float* row = dynamic_smem<float>() + warp * C;
     float sum = 0.f;
@@ -60,6 +65,7 @@ __device__ __forceinline__ void depthwise(const TI* __restrict__ x, const float*
             row[c] = acc;
             sum += acc;
         } else {
+            if (silu) acc = acc / (1.0f + expf(-acc));  // expf: accurate for large |acc|
             y[pixel * C + c] = from_f32<TO>(acc);
         }
     }
@@ -102,17 +108,17 @@ __device__ __forceinline__ void transposed(const TX* __restrict__ x, const TX* _
 }
 }  // namespace conv
 
-extern "C" __global__ void __launch_bounds__(128) dwconv_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
-    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+extern "C" __global__ void __launch_bounds__(128) dwconv_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, stride, replicate, ln, silu, eps);
 }
-extern "C" __global__ void __launch_bounds__(128) dwconv_f32_bf16(const float* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
-    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+extern "C" __global__ void __launch_bounds__(128) dwconv_f32_bf16(const float* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, stride, replicate, ln, silu, eps);
 }
-extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_f32(const __nv_bfloat16* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
-    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_f32(const __nv_bfloat16* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, stride, replicate, ln, silu, eps);
 }
-extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_bf16(const __nv_bfloat16* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int replicate, int ln, float eps) {
-    conv::depthwise(x, w, bias, y, b, h, wd, c, k, replicate, ln, eps);
+extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_bf16(const __nv_bfloat16* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
+    conv::depthwise(x, w, bias, y, b, h, wd, c, k, stride, replicate, ln, silu, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {

@@ -75,6 +75,8 @@ const REGRESSION_SEEDS: &[(&str, &[u64])] = &[
             2954935037164537299,
         ],
     ),
+    ("conv2d", &[]),
+    ("squeeze_excite", &[]),
 ];
 
 /// Runs `family`'s checks on the emulator for a fresh seed and the family's regression seeds.
@@ -153,6 +155,16 @@ fn attention_matches_reference() {
 #[test]
 fn convolutions_match_reference() {
     run_family("conv");
+}
+
+#[test]
+fn dense_convolutions_match_reference() {
+    run_family("conv2d");
+}
+
+#[test]
+fn squeeze_excite_gates_match_reference() {
+    run_family("squeeze_excite");
 }
 
 #[test]

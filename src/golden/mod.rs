@@ -8,6 +8,7 @@
 mod blocks;
 mod clip;
 mod control_cases;
+mod effnet;
 mod inr;
 mod lora_cases;
 mod sampler_cases;
@@ -173,6 +174,12 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "canny_filter",
     "control_image_resize",
     "stage_c_lora",
+    "effnet_conv_bn_silu",
+    "effnet_fused_mbconv",
+    "effnet_mbconv",
+    "controlnet",
+    "stage_c_ultrapixel_lr_control",
+    "stage_c_ultrapixel_hr_control",
 ];
 
 /// Kinds without weights use the f32 rule on every backend.
@@ -194,6 +201,8 @@ fn f32_tolerance(kind: &str) -> (f32, f32) {
         | "stage_c_ultrapixel_lr"
         | "stage_c_ultrapixel_hr"
         | "stage_c_lora"
+        | "stage_c_ultrapixel_lr_control"
+        | "stage_c_ultrapixel_hr_control"
         | "stage_b" => (1e-4, 1e-3),
         "sample_ultrapixel" | "sample_stage_b" => (0.0, 2e-3),
         _ => (1e-5, 1e-5),
@@ -366,9 +375,15 @@ fn run_graph_case(case: &Case, backend: &Backend) -> Result<Vec<(String, Vec<f32
         "stage_a_resblock" => stage_a::stage_a_resblock(case)?,
         "stage_a_decode" => stage_a::stage_a_decode(case)?,
         "clip_text" => clip::clip_text(case)?,
-        "stage_c" => stage_c::stage_c(case, stage_c::Pass::Plain)?,
-        "stage_c_ultrapixel_lr" => stage_c::stage_c(case, stage_c::Pass::LowRes)?,
-        "stage_c_ultrapixel_hr" => stage_c::stage_c(case, stage_c::Pass::HighRes)?,
+        "stage_c" => stage_c::stage_c(case, stage_c::Pass::Plain, false)?,
+        "stage_c_ultrapixel_lr" => stage_c::stage_c(case, stage_c::Pass::LowRes, false)?,
+        "stage_c_ultrapixel_hr" => stage_c::stage_c(case, stage_c::Pass::HighRes, false)?,
+        "stage_c_ultrapixel_lr_control" => stage_c::stage_c(case, stage_c::Pass::LowRes, true)?,
+        "stage_c_ultrapixel_hr_control" => stage_c::stage_c(case, stage_c::Pass::HighRes, true)?,
+        "effnet_conv_bn_silu" => effnet::conv_bn_silu_case(case)?,
+        "effnet_fused_mbconv" => effnet::block_case(case, true)?,
+        "effnet_mbconv" => effnet::block_case(case, false)?,
+        "controlnet" => effnet::controlnet_case(case)?,
         "stage_b" => stage_b::stage_b(case)?,
         "stage_c_lora" => lora_cases::stage_c_lora(case)?,
         other => {

@@ -1,12 +1,14 @@
 //! Stage C kinds: the plain forward (`stage_c`), the UltraPixel low-resolution pass with
 //! feature capture (`stage_c_ultrapixel_lr`) and the guided high-resolution pass
-//! (`stage_c_ultrapixel_hr`).
+//! (`stage_c_ultrapixel_hr`), each also with a ControlNet's maps (`*_control`: injected in
+//! the LR pass, passed but not injected in the HR pass, as the official code does).
 
 use super::blocks::clip_inputs;
 use super::*;
 use crate::models::config::{parse, StageCConfig};
 use crate::models::stage_c::{
-    guide_scale, stage_c as record, Guidance, GuideSource, StageCInputs, GUIDE_SITES,
+    guide_scale, stage_c_controlled as record, ControlInjection, Guidance, GuideSource,
+    StageCInputs, GUIDE_SITES,
 };
 
 /// Which pass a Stage C case runs.
@@ -17,7 +19,29 @@ pub(super) enum Pass {
     HighRes,
 }
 
-pub(super) fn stage_c(case: &Case, pass: Pass) -> Result<Built> {
+/// The control maps `input.cnet.<n>` (n < max(proj_blocks) + 1) and `control_weight` of a
+/// `*_control` case.
+fn control(mb: &mut ModelBuilder, case: &Case, inputs: &mut Inputs) -> Result<ControlInjection> {
+    let blocks = case.config_usize_list("proj_blocks")?;
+    let weight = case
+        .config
+        .get("control_weight")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| case.error("config has no number `control_weight`".into()))?;
+    let n = blocks.iter().max().map_or(0, |m| m + 1);
+    let mut maps = vec![None; n];
+    for i in blocks {
+        let (id, _, data) = image_input(mb, case, &format!("cnet.{i}"), DType::F32)?;
+        inputs.push((id, data));
+        maps[i] = Some(id);
+    }
+    Ok(ControlInjection {
+        maps,
+        weight: weight as f32,
+    })
+}
+
+pub(super) fn stage_c(case: &Case, pass: Pass, controlled: bool) -> Result<Built> {
     let cfg: StageCConfig = parse(&case.config, "Stage C")?;
     let mut mb = ModelBuilder::new();
     let (x, [b, _, h, w], xd) = image_input(&mut mb, case, "x", DType::BF16)?;
@@ -51,8 +75,13 @@ pub(super) fn stage_c(case: &Case, pass: Pass) -> Result<Built> {
             }
         }
     };
+    let ctl = if controlled {
+        Some(control(&mut mb, case, &mut inputs)?)
+    } else {
+        None
+    };
     let si = StageCInputs { x, r, clip };
-    let out = record(&mut mb, &cfg, &si, guidance)?;
+    let out = record(&mut mb, &cfg, &si, guidance, ctl.as_ref())?;
     let mut outputs = vec![(
         "out".to_string(),
         out.out,

@@ -10,6 +10,8 @@
 pub mod blocks;
 pub mod clip_text;
 pub mod config;
+pub mod controlnet;
+pub mod effnet;
 pub mod inr;
 pub mod previewer;
 pub mod stage_a;

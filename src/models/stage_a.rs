@@ -54,14 +54,8 @@ pub fn stage_a_block(
         },
     )?;
     let t = mb.g.op1(norm(DType::F32), &[x])?;
-    let d = mb.g.op1(
-        DwConv {
-            k: 3,
-            pad: Pad::Replicate,
-            out: DType::F32,
-        },
-        &[t, w, b],
-    )?;
+    let d =
+        mb.g.op1(DwConv::same(3, Pad::Replicate, DType::F32), &[t, w, b])?;
     let x = mb.g.op1(Add::plain(DType::F32), &[x, d])?;
     let (w1, b1) = (key("channelwise.0.weight"), key("channelwise.0.bias"));
     let (w2, b2) = (key("channelwise.2.weight"), key("channelwise.2.bias"));

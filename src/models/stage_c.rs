@@ -1,7 +1,8 @@
 //! Stage C (docs/MODEL.md §2.2) with UltraPixel's guidance (§3): the conditioning tokens, the
 //! embedding, the down and up levels of ResBlock / TimestepBlock / AttnBlock, the scalers and
 //! `clf`. The same graph serves the low-resolution pass (optionally capturing the four
-//! guidance maps) and the guided high-resolution pass.
+//! guidance maps) and the guided high-resolution pass, and takes a ControlNet's maps
+//! ([`ControlInjection`]).
 
 use super::blocks::{
     attn_block, linear, ln_conv, norm, normalized_tokens, res_block, sin_embedding, timestep_block,
@@ -13,6 +14,7 @@ use super::ModelBuilder;
 use crate::ops::elementwise::Add;
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::Cast;
+use crate::ops::resample::ResizeBilinear;
 use crate::runtime::graph::TensorId;
 use crate::tensor::DType;
 use crate::{Error, Result};
@@ -58,6 +60,23 @@ pub fn guide_scale(area: usize) -> f32 {
         0.3
     }
 }
+
+/// A ControlNet's maps added to Stage C's residual stream, as the official `_down_encode` /
+/// `_up_decode` do with a `ControlNetDeliverer`: one counter runs over the ResBlock visits,
+/// down levels then up levels in forward order; before visit n, when map n exists,
+/// `x += weight·bilinear(map n → x's size, align_corners=True)` (the official script scales
+/// the maps by the control weight, then the model resizes them). Only a pass without LR
+/// guidance injects: UltraPixel's HR pass skips it (`cnet is not None and lr_guide is None`).
+#[derive(Clone, Debug)]
+pub struct ControlInjection {
+    /// f32 `[B, h, w, c_hidden]` per visit, None where the ControlNet delivers nothing.
+    pub maps: Vec<Option<TensorId>>,
+    /// The control strength (the official script's `control_weight`, 0.7 by default).
+    pub weight: f32,
+}
+
+/// The official script's default control strength (`test_controlnet.py --control_weight`).
+pub const DEFAULT_CONTROL_WEIGHT: f32 = 0.7;
 
 /// Stage C's text and image conditions: bf16 `[B, 77, c_clip_text]`,
 /// `[B, 1, c_clip_text_pooled]`, `[B, 1, c_clip_img]`.
@@ -126,7 +145,21 @@ pub fn stage_c(
     inputs: &StageCInputs,
     guidance: Guidance,
 ) -> Result<StageCOutputs> {
+    stage_c_controlled(mb, cfg, inputs, guidance, None)
+}
+
+/// Records Stage C's forward pass with a ControlNet's maps (ignored by a guided pass, as in
+/// the official code).
+pub fn stage_c_controlled(
+    mb: &mut ModelBuilder,
+    cfg: &StageCConfig,
+    inputs: &StageCInputs,
+    guidance: Guidance,
+    control: Option<&ControlInjection>,
+) -> Result<StageCOutputs> {
     cfg.validate()?;
+    let control = control.filter(|_| !matches!(guidance, Guidance::Guided { .. }));
+    let mut visit = 0;
     let (widths, k) = (&cfg.c_hidden, cfg.kernel_size);
     let depth = widths.len();
     if !matches!(guidance, Guidance::None) && depth != 2 {
@@ -180,6 +213,12 @@ pub fn stage_c(
         for j in 0..count {
             for (l, letter) in letters.iter().enumerate() {
                 let p = format!("{prefix}.{}.", j * letters.len() + l);
+                if *letter == 'C' {
+                    if let Some(ctl) = control {
+                        x = inject(mb, x, ctl, visit)?;
+                    }
+                    visit += 1;
+                }
                 x = match letter {
                     'C' => res_block(mb, &p, x, skip.take(), c, k)?,
                     'T' => timestep_block(mb, &p, x, emb, c, cfg.c_r, &cfg.t_conds)?,
@@ -234,6 +273,45 @@ pub fn stage_c(
         _ => None,
     };
     Ok(StageCOutputs { out, features })
+}
+
+/// `x + weight·resize(map visit)` when the ControlNet delivers a map for this ResBlock visit.
+fn inject(
+    mb: &mut ModelBuilder,
+    x: TensorId,
+    ctl: &ControlInjection,
+    visit: usize,
+) -> Result<TensorId> {
+    let Some(Some(map)) = ctl.maps.get(visit).copied() else {
+        return Ok(x);
+    };
+    let xs = mb.g.shape(x).to_vec();
+    let ms = mb.g.shape(map).to_vec();
+    if ms[0] != xs[0] || ms[3] != xs[3] {
+        return Err(Error::shape(
+            "control injection",
+            format!(
+                "control map {visit} is {ms:?}; Stage C's stream there is {xs:?} (batch and channels must agree)"
+            ),
+        ));
+    }
+    let map = if ms[1..3] == xs[1..3] {
+        map
+    } else {
+        let resize = ResizeBilinear {
+            h: xs[1],
+            w: xs[2],
+            out: DType::F32,
+        };
+        mb.g.op1(resize, &[map])?
+    };
+    mb.g.op1(
+        Add {
+            alpha: ctl.weight,
+            out: DType::F32,
+        },
+        &[x, map],
+    )
 }
 
 /// The guidance at `site`: x, or x + (κ ·) guide.

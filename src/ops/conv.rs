@@ -1,11 +1,13 @@
 //! Spatial convolutions on channels-last images (`kernels/conv.cu`): the depthwise k×k conv
-//! (zero or edge-replicated border), its fusion with the channel LayerNorm that opens every
-//! Stage B/C ResBlock, and Stage A's transposed conv. 1×1 convs are GEMMs ([`super::gemm`]).
+//! (zero or edge-replicated border, stride 1 or more, optionally SiLU: EfficientNetV2's
+//! MBConv), its fusion with the channel LayerNorm that opens every Stage B/C ResBlock, and
+//! Stage A's transposed conv. 1×1 convs are GEMMs ([`super::gemm`]); dense k×k convs are
+//! [`super::conv2d`].
 //!
 //! The references accumulate in f64 and round once, like [`super::gemm::gemm_ref`].
 
 use super::dot::{accumulate, pack_panels, LANES};
-use super::math::{layernorm_bounds, layernorm_ref, LnParams};
+use super::math::{layernorm_bounds, layernorm_ref, silu_ref, LnParams};
 use super::{inputs_n, nhwc, require_f32, to_i32, Shaped};
 use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::kernels::KernelId;
@@ -67,34 +69,55 @@ fn depthwise_dims<T: Shaped>(op: &str, k: usize, ins: &[&T]) -> Result<[usize; 4
     Ok(dims)
 }
 
-/// `infer` of both depthwise ops: taps and bias are f32, the output has x's shape.
-fn depthwise_infer(op: &str, k: usize, out: DType, ins: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
-    depthwise_dims(op, k, ins)?;
-    require_f32(op, "w", ins[1])?;
-    require_f32(op, "bias", ins[2])?;
-    Ok(vec![(ins[0].shape.clone(), out)])
+/// The output extent of a depthwise conv with padding k/2 and `stride` on an axis of `n`.
+fn strided(n: usize, stride: usize) -> usize {
+    (n - 1) / stride + 1
 }
 
-/// The depthwise conv reference: `y[b,i,j,c] = bias[c] + Σ w[c, dy·k+dx]·x̃[b, i+dy−k/2,
-/// j+dx−k/2, c]`, with x̃ read through `pad`.
+/// `infer` of both depthwise ops: taps and bias are f32, the output is x's shape strided.
+fn depthwise_infer(
+    op: &str,
+    k: usize,
+    stride: usize,
+    out: DType,
+    ins: &[&TensorDesc],
+) -> Result<Vec<OutSpec>> {
+    let [b, h, w, c] = depthwise_dims(op, k, ins)?;
+    if stride == 0 {
+        return Err(Error::shape(op, "stride must be ≥ 1"));
+    }
+    require_f32(op, "w", ins[1])?;
+    require_f32(op, "bias", ins[2])?;
+    Ok(vec![(
+        vec![b, strided(h, stride), strided(w, stride), c],
+        out,
+    )])
+}
+
+/// The depthwise conv reference: `y[b,i,j,c] = bias[c] + Σ w[c, dy·k+dx]·x̃[b, i·s+dy−k/2,
+/// j·s+dx−k/2, c]`, with x̃ read through `pad` (s = `stride`).
+#[allow(clippy::too_many_arguments)]
 pub fn depthwise_ref(
     x: &[f32],
     [_, h, wd, c]: [usize; 4],
     w: &[f32],
     bias: &[f32],
     k: usize,
+    stride: usize,
     pad: Pad,
     y: &mut [f32],
 ) {
+    let (oh, ow) = (strided(h, stride), strided(wd, stride));
     let half = (k / 2) as isize;
     // The taps transposed to [k·k][C] in f64: tap t of every channel is one contiguous row.
     let taps: Vec<f64> = (0..k * k)
         .flat_map(|t| (0..c).map(move |ch| w[ch * k * k + t] as f64))
         .collect();
-    y.par_chunks_mut(wd * c).enumerate().for_each(|(row, out)| {
-        let (b, i) = (row / h, row % h);
+    y.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+        let (b, i) = (row / oh, row % oh * stride);
         let mut acc = vec![0f64; c];
-        for (j, px) in out.chunks_exact_mut(c).enumerate() {
+        for (oj, px) in out.chunks_exact_mut(c).enumerate() {
+            let j = oj * stride;
             for (a, &bv) in acc.iter_mut().zip(bias) {
                 *a = bv as f64;
             }
@@ -120,13 +143,29 @@ pub fn depthwise_ref(
     });
 }
 
-/// Depthwise k×k conv (odd k), stride 1, same size. Inputs: `x [B, H, W, C]`, `w` f32
-/// `[C, k·k]` (PyTorch's `[C, 1, k, k]` flattened row-major), `bias` f32 `[C]`.
+/// Depthwise k×k conv (odd k, padding k/2), stride s: output `[B, (H−1)/s + 1, (W−1)/s + 1,
+/// C]`, then SiLU if `silu`. Inputs: `x [B, H, W, C]`, `w` f32 `[C, k·k]` (PyTorch's
+/// `[C, 1, k, k]` flattened row-major), `bias` f32 `[C]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DwConv {
     pub k: usize,
+    pub stride: usize,
     pub pad: Pad,
+    pub silu: bool,
     pub out: DType,
+}
+
+impl DwConv {
+    /// Stride 1, no activation: the Stage A form.
+    pub fn same(k: usize, pad: Pad, out: DType) -> Self {
+        DwConv {
+            k,
+            stride: 1,
+            pad,
+            silu: false,
+            out,
+        }
+    }
 }
 
 impl OpImpl for DwConv {
@@ -135,18 +174,30 @@ impl OpImpl for DwConv {
     }
 
     fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
-        depthwise_infer(self.name(), self.k, self.out, inputs)
+        depthwise_infer(self.name(), self.k, self.stride, self.out, inputs)
     }
 
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
         let dims = depthwise_dims(self.name(), self.k, inputs)?;
         let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
-        depthwise_ref(x, dims, w, bias, self.k, self.pad, &mut outputs[0].data);
+        let y = &mut outputs[0].data;
+        depthwise_ref(x, dims, w, bias, self.k, self.stride, self.pad, y);
+        if self.silu {
+            y.iter_mut().for_each(|v| *v = silu_ref(*v));
+        }
         Ok(())
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        depthwise_launch(self.name(), io, self.k, self.pad, None, self.out)
+        let mode = if self.silu { Then::Silu } else { Then::Nothing };
+        depthwise_launch(
+            self.name(),
+            io,
+            (self.k, self.stride),
+            self.pad,
+            mode,
+            self.out,
+        )
     }
 }
 
@@ -165,20 +216,21 @@ impl OpImpl for DwConvLn {
     }
 
     fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
-        depthwise_infer(self.name(), self.k, self.out, inputs)
+        depthwise_infer(self.name(), self.k, 1, self.out, inputs)
     }
 
     fn reference(&self, inputs: &[&HostTensor], outputs: &mut [HostTensor]) -> Result<()> {
         let dims = depthwise_dims(self.name(), self.k, inputs)?;
         let (x, w, bias) = (&inputs[0].data, &inputs[1].data, &inputs[2].data);
         let mut conv = vec![0f32; x.len()];
-        depthwise_ref(x, dims, w, bias, self.k, Pad::Zero, &mut conv);
+        depthwise_ref(x, dims, w, bias, self.k, 1, Pad::Zero, &mut conv);
         layernorm_ref(&conv, dims[3], self.eps, None, None, &mut outputs[0].data);
         Ok(())
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        depthwise_launch(self.name(), io, self.k, Pad::Zero, Some(self.eps), self.out)
+        let ln = Then::LayerNorm(self.eps);
+        depthwise_launch(self.name(), io, (self.k, 1), Pad::Zero, ln, self.out)
     }
 }
 
@@ -382,19 +434,32 @@ const DW_WARPS: usize = 4;
 /// The transposed conv's grid-stride loop needs no more blocks than this.
 const MAX_PIXEL_BLOCKS: i32 = 1 << 20;
 
-/// The launch of `dwconv_<in>_<out>`: `ln` = Some(eps) adds the LayerNorm over channels.
+/// What the depthwise kernel does after the conv.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    Nothing,
+    Silu,
+    /// LayerNorm over channels with this eps.
+    LayerNorm(f32),
+}
+
+/// The launch of `dwconv_<in>_<out>` with kernel size and stride `(k, stride)`.
 fn depthwise_launch(
     op: &str,
     io: &LaunchIo,
-    k: usize,
+    (k, stride): (usize, usize),
     pad: Pad,
-    ln: Option<f32>,
+    then: Then,
     out: DType,
 ) -> Result<Vec<Launch>> {
     let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
     let [b, h, w, c] = depthwise_dims(op, k, &descs)?;
+    let eps = match then {
+        Then::LayerNorm(eps) => Some(eps),
+        _ => None,
+    };
     // The LayerNorm stages each warp's conv row in shared memory.
-    let smem = if ln.is_some() { DW_WARPS * c * 4 } else { 0 };
+    let smem = if eps.is_some() { DW_WARPS * c * 4 } else { 0 };
     if smem > 128 << 10 {
         return Err(Error::shape(
             op,
@@ -408,13 +473,16 @@ fn depthwise_launch(
         .i32(to_i32(op, "W", w)?)
         .i32(to_i32(op, "C", c)?)
         .i32(to_i32(op, "k", k)?)
+        .i32(to_i32(op, "stride", stride)?)
         .i32((pad == Pad::Replicate) as i32)
-        .i32(ln.is_some() as i32)
-        .f32(ln.unwrap_or(0.0));
+        .i32(eps.is_some() as i32)
+        .i32((then == Then::Silu) as i32)
+        .f32(eps.unwrap_or(0.0));
     let name = format!("dwconv_{}_{}", descs[0].dtype.suffix(), out.suffix());
+    let pixels = b * strided(h, stride) * strided(w, stride);
     let mut launch = Launch::linear(
         KernelId::lookup(&name)?,
-        to_i32(op, "pixel blocks", ceil_div(b * h * w, DW_WARPS))? as u32,
+        to_i32(op, "pixel blocks", ceil_div(pixels, DW_WARPS))? as u32,
         (32 * DW_WARPS) as u32,
         args,
     );
@@ -443,7 +511,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     }
     for (i, &(b, h, w, c, k)) in dw.iter().enumerate() {
         for (j, &(din, dout)) in dtypes.iter().enumerate() {
-            for variant in 0..3 {
+            for variant in 0..5 {
                 let mut cb =
                     CheckBuilder::new(seed.wrapping_add((i * 16 + j * 4 + variant) as u64));
                 let ins = vec![
@@ -465,21 +533,25 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                     ),
                     1 => (
                         "dwconv zero",
-                        cb.graph.op1(
-                            DwConv {
-                                k,
-                                pad: Pad::Zero,
-                                out: dout,
-                            },
-                            &ins,
-                        )?,
+                        cb.graph.op1(DwConv::same(k, Pad::Zero, dout), &ins)?,
                     ),
-                    _ => (
+                    2 => (
                         "dwconv replicate",
+                        cb.graph.op1(DwConv::same(k, Pad::Replicate, dout), &ins)?,
+                    ),
+                    // EfficientNetV2's MBConv: stride 2 and 1, SiLU.
+                    _ => (
+                        if variant == 3 {
+                            "dwconv s2 silu"
+                        } else {
+                            "dwconv silu"
+                        },
                         cb.graph.op1(
                             DwConv {
                                 k,
-                                pad: Pad::Replicate,
+                                stride: if variant == 3 { 2 } else { 1 },
+                                pad: Pad::Zero,
+                                silu: true,
                                 out: dout,
                             },
                             &ins,
@@ -496,7 +568,12 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                 } else {
                     Pad::Zero
                 };
-                let ln = (variant == 0).then_some(1e-6);
+                let then = match variant {
+                    0 => Then::LayerNorm(1e-6),
+                    3 | 4 => Then::Silu,
+                    _ => Then::Nothing,
+                };
+                let stride = if variant == 3 { 2 } else { 1 };
                 let dims = [b, h, w, c];
                 let bf16 = dout == DType::BF16;
                 v.push(check.with_scale(move |chk, r| {
@@ -505,8 +582,8 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
                         x,
                         wt,
                         bias,
-                        (dims, k, pad),
-                        ln,
+                        (dims, k, stride, pad),
+                        then,
                         &r[0],
                         bf16,
                     )]
@@ -561,33 +638,40 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
 /// Per-element bounds on |kernel − reference| of the depthwise conv (and its LayerNorm):
 /// the kernel sums the bias and the k² taps in one f32 chain (fused multiply-adds), erring by
 /// ≤ sum(k² + 1, u)·S with S = |bias| + Σ|w·x| (the reference on absolute values); the
-/// reference's f64 sum rounds once (u·|z|). With LayerNorm, those are the errors of its
+/// reference's f64 sum rounds once (u·|z|). SiLU: |silu′| ≤ 1.1 carries that, expf's 2 ulp
+/// and three roundings add (2⁻²² + 3u)·|y|. With LayerNorm, those are the errors of its
 /// input ([`layernorm_bounds`]); then the store.
 fn depthwise_bounds(
     x: &[f32],
     w: &[f32],
     bias: &[f32],
-    (dims, k, pad): ([usize; 4], usize, Pad),
-    ln: Option<f32>,
+    (dims, k, stride, pad): ([usize; 4], usize, usize, Pad),
+    then: Then,
     y: &[f32],
     bf16: bool,
 ) -> Vec<f32> {
-    use crate::verify::bound::{stored, sum, U};
+    use crate::verify::bound::{stored, sum, U, ULP2};
     let abs = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| x.abs()).collect() };
-    let mut s = vec![0f32; x.len()];
-    depthwise_ref(&abs(x), dims, &abs(w), &abs(bias), k, pad, &mut s);
+    let mut s = vec![0f32; y.len()];
+    depthwise_ref(&abs(x), dims, &abs(w), &abs(bias), k, stride, pad, &mut s);
     let chain = sum(k * k + 1, U);
-    match ln {
-        None => s
+    let silu = then == Then::Silu;
+    match then {
+        Then::Nothing | Then::Silu => s
             .iter()
             .zip(y)
             .map(|(&sv, &yv)| {
-                stored(chain * sv as f64 + U * yv.abs() as f64, yv as f64, bf16) as f32
+                let yv = yv.abs() as f64;
+                let mut e = chain * sv as f64 + U * yv;
+                if silu {
+                    e = 1.1 * e + (ULP2 + 3.0 * U) * yv;
+                }
+                stored(e, yv, bf16) as f32
             })
             .collect(),
-        Some(eps) => {
+        Then::LayerNorm(eps) => {
             let mut z = vec![0f32; x.len()];
-            depthwise_ref(x, dims, w, bias, k, pad, &mut z);
+            depthwise_ref(x, dims, w, bias, k, 1, pad, &mut z);
             let dz: Vec<f32> = s
                 .iter()
                 .zip(&z)
@@ -680,11 +764,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn dwconv(k: usize, pad: Pad) -> DwConv {
-        DwConv {
-            k,
-            pad,
-            out: DType::F32,
-        }
+        DwConv::same(k, pad, DType::F32)
     }
 
     /// Depthwise taps that are 1 at `tap` and 0 elsewhere, for every channel.
@@ -793,6 +873,27 @@ mod tests {
                 (v - 3.0 * inside / 9.0).abs() < 1e-6,
                 "{v} vs {inside} taps"
             );
+        }
+    }
+
+    #[test]
+    fn a_strided_dwconv_samples_the_stride_1_one_and_silu_follows() {
+        let (c, k) = (5, 3);
+        let x = random(&[2, 7, 6, c], 20);
+        let w = random(&[c, k * k], 21);
+        let bias = random(&[c], 22);
+        let full = run(&dwconv(k, Pad::Zero), &[&x, &w, &bias]).unwrap();
+        let op = DwConv {
+            stride: 2,
+            silu: true,
+            ..dwconv(k, Pad::Zero)
+        };
+        let y = run(&op, &[&x, &w, &bias]).unwrap();
+        assert_eq!(y.shape, [2, 4, 3, c]);
+        for (i, v) in y.data.iter().enumerate() {
+            let (b, oy, ox, ch) = (i / (4 * 3 * c), i / (3 * c) % 4, i / c % 3, i % c);
+            let z = full.data[((b * 7 + oy * 2) * 6 + ox * 2) * c + ch];
+            assert_eq!(*v, silu_ref(z));
         }
     }
 

@@ -5,7 +5,9 @@
 //! [`gemm`] (bf16 tensor-core GEMM with fused epilogues), [`gemm_epilogue`] (the epilogue,
 //! the operand scaling and the tuner's comparison as passes around a vendor GEMM), [`layout`]
 //! (pixel (un)shuffle, concat, slice, broadcast, cast, embedding and row gathers), [`conv`]
-//! (depthwise conv, also fused with LayerNorm2d; transposed conv), [`resample`] (bilinear and
+//! (depthwise conv, also fused with LayerNorm2d or SiLU, strided; transposed conv), [`conv2d`]
+//! (dense k×k conv as an implicit GEMM: the EfficientNetV2 backbone), [`squeeze_excite`] (SE
+//! gates), [`resample`] (bilinear and
 //! nearest resizes), [`attention`] (multi-head softmax attention: extra keys, causal and
 //! padding masks), [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal
 //! r-embedding, scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate
@@ -13,6 +15,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv2d;
 mod dot;
 pub mod elementwise;
 pub mod embed;
@@ -26,6 +29,7 @@ pub mod noise;
 pub mod norm;
 pub mod resample;
 pub mod sampler;
+pub mod squeeze_excite;
 
 use crate::runtime::graph::TensorDesc;
 use crate::runtime::kernels::KernelId;
@@ -37,7 +41,7 @@ use crate::{Error, Result};
 
 /// Every op family once, with its checks (the order `verify` runs them in). `verify`, the
 /// op tests, the benchmarks and `bench` iterate this table.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 14] = [
     Family {
         name: "norm",
         seed_xor: 0x0,
@@ -97,6 +101,16 @@ pub const FAMILIES: [Family; 12] = [
         name: "sampler",
         seed_xor: 0xa,
         checks: sampler::checks,
+    },
+    Family {
+        name: "conv2d",
+        seed_xor: 0xc,
+        checks: conv2d::checks,
+    },
+    Family {
+        name: "squeeze_excite",
+        seed_xor: 0xd,
+        checks: squeeze_excite::checks,
     },
 ];
 
