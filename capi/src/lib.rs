@@ -76,6 +76,12 @@ pub struct UpxPipeline {
     cancel: Cancel,
 }
 
+// The header promises calls on one pipeline from several threads.
+const _: () = {
+    const fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<UpxPipeline>()
+};
+
 /// The library's version, e.g. "0.1.0" (a static string).
 #[no_mangle]
 pub extern "C" fn upx_version() -> *const c_char {

@@ -146,7 +146,8 @@ impl UpxLoadOptions {
         PipelineOptions {
             low_vram: self.low_vram,
             check_every_step: self.check_every_step,
-            memory_limit: (self.memory_limit_mib > 0).then(|| self.memory_limit_mib << 20),
+            memory_limit: (self.memory_limit_mib > 0)
+                .then_some(self.memory_limit_mib.saturating_mul(1 << 20)),
             ..PipelineOptions::default()
         }
     }
