@@ -48,7 +48,7 @@ pub fn print(b: &ServeBench) -> Result<()> {
             Command::new(&exe)
                 .arg("--version")
                 .output()
-                .map_err(|e| failed(e))?;
+                .map_err(failed)?;
             Ok(t.elapsed().as_secs_f64())
         })
         .collect::<Result<Vec<f64>>>()?
@@ -63,7 +63,7 @@ pub fn print(b: &ServeBench) -> Result<()> {
     if let Some(dir) = b.model_dir {
         cmd.arg("--model-dir").arg(dir);
     }
-    let mut child = cmd.spawn().map_err(|e| failed(e))?;
+    let mut child = cmd.spawn().map_err(failed)?;
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
     let mut server = Server {
         child,
@@ -71,7 +71,7 @@ pub fn print(b: &ServeBench) -> Result<()> {
     };
     let mut listening = 0.0;
     for line in lines.by_ref() {
-        let line = line.map_err(|e| failed(e))?;
+        let line = line.map_err(failed)?;
         if let Some(base) = line.strip_prefix("listening on ") {
             server.base = base.to_string();
             listening = started.elapsed().as_secs_f64();
@@ -100,14 +100,8 @@ pub fn print(b: &ServeBench) -> Result<()> {
         b.backend, b.devices
     );
     println!("cold start:");
-    println!(
-        "  process start (exec to exit of --version)   {:>9.3} s",
-        process
-    );
-    println!(
-        "  exec to listening                             {:>9.3} s",
-        listening
-    );
+    println!("  process start (exec to exit of --version)   {process:>9.3} s");
+    println!("  exec to listening                             {listening:>9.3} s");
     println!(
         "  backend open{}                  {:>9.3} s",
         if cuda {
@@ -121,10 +115,7 @@ pub fn print(b: &ServeBench) -> Result<()> {
         "  model load (files, checks)                    {:>9.3} s",
         load("model_load")
     );
-    println!(
-        "  exec to ready                                 {:>9.3} s",
-        ready
-    );
+    println!("  exec to ready                                 {ready:>9.3} s");
     println!(
         "  first image {first_size}{} {:>9.3} s (first step after {:.3} s)",
         if cuda {
@@ -156,8 +147,8 @@ pub fn print(b: &ServeBench) -> Result<()> {
     let term = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
-        .map_err(|e| failed(e))?;
-    let code = server.child.wait().map_err(|e| failed(e))?;
+        .map_err(failed)?;
+    let code = server.child.wait().map_err(failed)?;
     if !term.success() || code.code() != Some(0) {
         return Err(failed(format!(
             "the server did not exit 0 on SIGTERM: {code}"
@@ -208,7 +199,7 @@ fn generate(
     let mut first_step = None;
     let mut event = String::new();
     for line in BufReader::new(response.into_body().into_reader()).lines() {
-        let line = line.map_err(|e| failed(e))?;
+        let line = line.map_err(failed)?;
         if let Some(name) = line.strip_prefix("event: ") {
             event = name.to_string();
         } else if let Some(data) = line.strip_prefix("data: ") {

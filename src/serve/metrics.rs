@@ -54,7 +54,7 @@ fn stage_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(super) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("upx");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
