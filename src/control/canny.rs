@@ -214,12 +214,9 @@ mod tests {
             assert!(e.iter().any(|&v| v == 255));
             assert_eq!(e, canny(&p, h, w, c, 400.0, 150.0));
             let stricter = canny(&p, h, w, c, 150.0, 900.0);
-            for i in 0..h * w {
-                assert!(e[i] == 0 || mag[i] > 150, "edge at or below low");
-                assert!(
-                    stricter[i] == 0 || e[i] == 255,
-                    "a stricter high added an edge"
-                );
+            for ((&ei, &mi), &si) in e.iter().zip(&mag).zip(&stricter) {
+                assert!(ei == 0 || mi > 150, "edge at or below low");
+                assert!(si == 0 || ei == 255, "a stricter high added an edge");
             }
             // Flood from the strong pixels over edge pixels reaches every edge pixel.
             let mut seen: Vec<bool> = (0..h * w).map(|i| e[i] == 255 && mag[i] > 400).collect();
