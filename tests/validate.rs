@@ -184,7 +184,11 @@ fn a_lora_with_bad_keys_is_refused_with_every_bad_key_listed() {
         vocab: 0,
     };
     let lora = Lora::open(&good, &shapes, &dir).unwrap();
-    assert_eq!(lora.layers.len(), 8, "every attention projection of the tiny model");
+    assert_eq!(
+        lora.layers.len(),
+        8,
+        "every attention projection of the tiny model"
+    );
 
     let bad = dir.join("bad.safetensors");
     rewrite_safetensors(&good, &bad, |tensors, _| {
@@ -199,7 +203,13 @@ fn a_lora_with_bad_keys_is_refused_with_every_bad_key_listed() {
         t.2.reverse();
     });
     let err = Lora::open(&bad, &shapes, &dir).unwrap_err().to_string();
-    for key in ["0.lora_middle", "41.lora_up", "41.lora_down", "2.lora_down", "0.lora_up"] {
+    for key in [
+        "0.lora_middle",
+        "41.lora_up",
+        "41.lora_down",
+        "2.lora_down",
+        "0.lora_up",
+    ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
     assert!(!err.contains("3.lora_"), "a good layer was listed: {err}");

@@ -155,10 +155,7 @@ pub fn canny_filter(image: &HostTensor) -> CannySteps {
         }
     }
     let e = canny(&hwc, s, s, c, LOW_THRESHOLD, HIGH_THRESHOLD);
-    let edges_small = HostTensor::new(
-        vec![1, s, s],
-        e.iter().map(|&v| v as f32 / 255.0).collect(),
-    );
+    let edges_small = HostTensor::new(vec![1, s, s], e.iter().map(|&v| v as f32 / 255.0).collect());
     let edges = bilinear(&edges_small, h, w);
     let quantized = (0..c)
         .flat_map(|k| (0..s * s).map(move |i| (k, i)))
@@ -217,9 +214,9 @@ mod tests {
             assert!(e.iter().any(|&v| v == 255));
             assert_eq!(e, canny(&p, h, w, c, 400.0, 150.0));
             let stricter = canny(&p, h, w, c, 150.0, 900.0);
-            for i in 0..h * w {
-                assert!(e[i] == 0 || mag[i] > 150, "edge at or below low");
-                assert!(stricter[i] == 0 || e[i] == 255, "a stricter high added an edge");
+            for ((&ei, &mi), &si) in e.iter().zip(&mag).zip(&stricter) {
+                assert!(ei == 0 || mi > 150, "edge at or below low");
+                assert!(si == 0 || ei == 255, "a stricter high added an edge");
             }
             // Flood from the strong pixels over edge pixels reaches every edge pixel.
             let mut seen: Vec<bool> = (0..h * w).map(|i| e[i] == 255 && mag[i] > 400).collect();

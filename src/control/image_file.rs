@@ -46,7 +46,8 @@ mod tests {
     #[test]
     fn png_and_grey_images_read_as_rgb_channels_first() {
         let (w, h) = (5u32, 3u32);
-        let rgb = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 40, y as u8 * 90, 7]));
+        let rgb =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 40, y as u8 * 90, 7]));
         let path = scratch("rgb.png");
         rgb.save(&path).unwrap();
         let t = read_rgb(&path).unwrap();
@@ -66,11 +67,17 @@ mod tests {
     #[test]
     fn unreadable_files_are_clear_errors() {
         let missing = read_rgb(Path::new("/nonexistent/control.png")).unwrap_err();
-        assert!(missing.to_string().contains("/nonexistent/control.png"), "{missing}");
+        assert!(
+            missing.to_string().contains("/nonexistent/control.png"),
+            "{missing}"
+        );
         let path = scratch("not-an-image.png");
         std::fs::write(&path, b"this is text, not pixels").unwrap();
         let bad = read_rgb(&path).unwrap_err().to_string();
-        assert!(bad.contains("not-an-image.png") && bad.contains("PNG, JPEG or WebP"), "{bad}");
+        assert!(
+            bad.contains("not-an-image.png") && bad.contains("PNG, JPEG or WebP"),
+            "{bad}"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -75,7 +75,9 @@ fn antialias_taps(input: usize, output: usize) -> Vec<Taps> {
 /// Σ weightsₖ · valuesₖ as PyTorch's kernel rounds it: the first product, then one fused
 /// multiply-add per further tap.
 fn weighted_sum(weights: &[f32], value: impl Fn(usize) -> f32) -> f32 {
-    (1..weights.len()).fold(value(0) * weights[0], |acc, k| value(k).mul_add(weights[k], acc))
+    (1..weights.len()).fold(value(0) * weights[0], |acc, k| {
+        value(k).mul_add(weights[k], acc)
+    })
 }
 
 /// torchvision `F.resize(img, (oh, ow), antialias=True)` (bilinear): width first, then
@@ -96,7 +98,11 @@ pub fn bilinear_antialias(img: &HostTensor, oh: usize, ow: usize) -> HostTensor 
     if oh != h {
         let taps = antialias_taps(h, oh);
         let mut out = vec![0f32; c * oh * ow];
-        for (plane, dst) in cur.data.chunks_exact(h * ow).zip(out.chunks_exact_mut(oh * ow)) {
+        for (plane, dst) in cur
+            .data
+            .chunks_exact(h * ow)
+            .zip(out.chunks_exact_mut(oh * ow))
+        {
             for (t, drow) in taps.iter().zip(dst.chunks_exact_mut(ow)) {
                 for (x, d) in drow.iter_mut().enumerate() {
                     *d = weighted_sum(&t.weights, |k| plane[(t.first + k) * ow + x]);
@@ -131,7 +137,11 @@ pub fn bilinear(img: &HostTensor, oh: usize, ow: usize) -> HostTensor {
     let [c, h, w] = dims(img);
     let (ty, tx) = (linear_taps(h, oh), linear_taps(w, ow));
     let mut out = vec![0f32; c * oh * ow];
-    for (plane, dst) in img.data.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+    for (plane, dst) in img
+        .data
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(oh * ow))
+    {
         for (&(y0, y1, wy0, wy1), drow) in ty.iter().zip(dst.chunks_exact_mut(ow)) {
             let (r0, r1) = (&plane[y0 * w..][..w], &plane[y1 * w..][..w]);
             for (&(x0, x1, wx0, wx1), d) in tx.iter().zip(drow.iter_mut()) {
@@ -170,10 +180,7 @@ mod tests {
                 .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             for out in [bilinear(&img, oh, ow), bilinear_antialias(&img, oh, ow)] {
                 assert_eq!(out.shape, [2, oh, ow]);
-                assert!(out
-                    .data
-                    .iter()
-                    .all(|&v| v >= lo - 1e-6 && v <= hi + 1e-6));
+                assert!(out.data.iter().all(|&v| v >= lo - 1e-6 && v <= hi + 1e-6));
             }
             let flat = HostTensor::new(vec![1, h, w], vec![0.375; h * w]);
             for out in [bilinear(&flat, oh, ow), bilinear_antialias(&flat, oh, ow)] {

@@ -15,7 +15,11 @@ fn single_image(case: &Case, name: &str) -> Result<HostTensor> {
 }
 
 pub(super) fn canny(case: &Case) -> Result<Vec<(String, Vec<f32>)>> {
-    for (key, want) in [("resize", 224.0), ("low_threshold", 100.0), ("high_threshold", 200.0)] {
+    for (key, want) in [
+        ("resize", 224.0),
+        ("low_threshold", 100.0),
+        ("high_threshold", 200.0),
+    ] {
         let got = case.config.get(key).and_then(|v| v.as_f64());
         if got != Some(want) {
             return Err(case.error(format!(
