@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, CI): installs the pinned nvcc if needed, compiles every kernel for
 # every architecture with strict ptxas (no spills, no local memory), checks formatting and
-# lints, and runs the whole test suite, the emulator tests in both thread orders.
+# lints, and runs the whole test suite, the emulator tests in both thread orders and with the
+# shared-memory race check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +25,9 @@ cargo test --workspace --locked
 
 step "emulator tests in reverse thread order"
 HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim
+
+# Every shared-memory access checked for races: 2-3x slower, so without the long GEMM test.
+step "emulator shared-memory race check"
+HOSTSIM_RACECHECK=1 cargo test --locked --test ops --test hostsim -- --skip gemm_matches_reference
 
 step "all tests passed"

@@ -88,7 +88,9 @@
 // Blocks of one launch run one at a time on one OS thread: a thread_local static is exactly
 // one block's shared memory.
 #define __shared__ static thread_local
-// Emulator code that -fsanitize=thread must not instrument (see the race check).
+// Emulator code that -fsanitize=thread must not instrument (see the race check): the hooks,
+// the emulator's own shared-memory bookkeeping, and its hot paths (scheduling, exchanges, the
+// tensor-core arithmetic), which touch no shared memory on a thread's behalf.
 #define HS_UNCHECKED __attribute__((no_sanitize_thread))
 
 struct uint3 { unsigned x, y, z; };
@@ -676,13 +678,13 @@ extern "C" __attribute__((weak)) void __tsan_func_exit() {}
 namespace hostsim {
 
 // --- barriers ------------------------------------------------------------------------------
-inline void yield_until(Fiber& f, Wait w, uint64_t gen) {
+HS_UNCHECKED inline void yield_until(Fiber& f, Wait w, uint64_t gen) {
     f.wait = w;
     f.wait_gen = gen;
     to_scheduler(f);
 }
 
-inline void block_barrier(const std::source_location& loc) {
+HS_UNCHECKED inline void block_barrier(const std::source_location& loc) {
     State& s = state();
     Fiber& f = *s.cur;
     BlockBarrier& b = s.barrier;
@@ -705,7 +707,7 @@ inline void block_barrier(const std::source_location& loc) {
 // Deposits this lane's 64-byte slot for a warp collective, waits for the whole warp, and
 // returns the 32 slots of this collective.
 template <typename Write>
-inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8] {
+HS_UNCHECKED inline uint64_t (*warp_exchange(uint32_t mask, const char* what, Write write))[8] {
     State& s = state();
     Fiber& f = *s.cur;
     Warp& w = s.warps[f.warp];
@@ -737,7 +739,7 @@ inline unsigned lane_id() { return state().cur->lane; }
 
 // --- cp.async ------------------------------------------------------------------------------
 // A 16-byte cp.async (cp-size 16) reading `src_bytes` of them from src (PTX's src-size).
-inline void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
+HS_UNCHECKED inline void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     if (((uintptr_t)dst | (uintptr_t)src) & 15)
         fail(format("cp.async: 16-byte copy with misaligned address (dst %p, src %p)", dst, src));
     if (src_bytes > 16) fail(format("cp.async: src-size %u exceeds the copy size 16", src_bytes));
@@ -751,7 +753,7 @@ inline void cp_async_commit() {
 }
 
 // Completes all but the `pending` most recent committed groups of this thread.
-inline void cp_async_wait(size_t pending) {
+HS_UNCHECKED inline void cp_async_wait(size_t pending) {
     Fiber& f = *state().cur;
     if (f.groups.size() <= pending) return;
     const size_t done_groups = f.groups.size() - pending;
@@ -777,7 +779,7 @@ inline float bf16_half(uint64_t reg, unsigned half) { return bf16_bits_to_f32((u
 // is truncated toward zero to a multiple of 2^(E−25), the truncated terms are summed exactly
 // (in double: 17 terms below 2^(E+2) on a 2^(E−25) grid need at most 32 bits), and the sum is
 // rounded toward zero to f32; an exact zero is +0. Non-finite terms follow IEEE addition.
-inline float tensor_core_sum(float c, const float* a, const float* b, unsigned n) {
+HS_UNCHECKED inline float tensor_core_sum(float c, const float* a, const float* b, unsigned n) {
     double terms[17];
     int exps[17];
     unsigned count = 0;
@@ -808,7 +810,7 @@ inline float tensor_core_sum(float c, const float* a, const float* b, unsigned n
 }
 
 // D = A·B + C for one m16n8k16 bf16 tile, with the tensor core's accumulation.
-inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+HS_UNCHECKED inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
     auto slots = warp_exchange(0xFFFFFFFFu, "mma.sync", [&](uint64_t* slot) {
         for (int i = 0; i < 4; ++i) slot[i] = a[i];
         slot[4] = b[0];
@@ -1002,7 +1004,7 @@ inline bool tma_load_in_flight(const State& s, unsigned i) {
 // A warpgroup-wide .sync.aligned instruction: every thread deposits its operands with
 // `write`; `last` runs once, in the thread whose arrival completes the set, before any of them
 // goes on. All 4 warps of the warpgroup must execute it.
-template <typename Write, typename Last> inline void warpgroup_collective(const char* what, Write write, Last last) {
+template <typename Write, typename Last> HS_UNCHECKED inline void warpgroup_collective(const char* what, Write write, Last last) {
     State& s = state();
     Fiber& f = *s.cur;
     const unsigned gi = f.linear / 128;
@@ -1478,7 +1480,7 @@ inline std::string deadlock_report(State& s, unsigned n) {
     return r;
 }
 
-inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) {
+HS_UNCHECKED inline bool run_block(State& s, unsigned n, const std::vector<unsigned>& order) {
     const unsigned bx = blockDim.x, by = blockDim.y;
     s.barrier = BlockBarrier{};
     s.barrier.live = n;
@@ -1671,7 +1673,7 @@ template <typename T> inline T from_bits(uint64_t u) {
     return v;
 }
 // One shuffle: every lane deposits v and reads the value of lane src(lane) of its segment.
-template <typename T, typename Src> inline T shuffle(unsigned mask, T v, int width, const char* what, Src src) {
+template <typename T, typename Src> HS_UNCHECKED inline T shuffle(unsigned mask, T v, int width, const char* what, Src src) {
     auto slots = warp_exchange(mask, what, [&](uint64_t* slot) { slot[0] = to_bits(v); });
     const int lane = (int)lane_id(), base = lane & ~(width - 1);
     const int from = src(lane - base);
