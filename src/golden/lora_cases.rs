@@ -83,7 +83,7 @@ pub(super) fn stage_c_lora(case: &Case) -> Result<Built> {
         inputs: case.inputs.clone(),
         outputs: case.outputs.clone(),
     };
-    let mut built = super::stage_c::stage_c(&merged, super::stage_c::Pass::LowRes)?;
+    let mut built = super::stage_c::stage_c(&merged, super::stage_c::Pass::LowRes, false)?;
     built.weights = Some(merged.weights);
     Ok(built)
 }
