@@ -41,7 +41,7 @@ struct Server {
 impl Server {
     /// `serve` on the tiny model (or `model`) with `extra` options, once it is ready.
     fn start(model: Option<&Path>, extra: &[&str]) -> Server {
-        let model = model.unwrap_or_else(tiny_model);
+        let model = model.unwrap_or(tiny_model());
         let mut child = Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
             .args(["serve", "--backend", "cpu", "--listen", "127.0.0.1:0"])
             .args(["--model-dir", model.to_str().unwrap()])
