@@ -6,7 +6,8 @@
 //! Environment: `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `UPX_CUDA_VENV` (where to look for nvcc),
 //! `UPX_CUDA_ARCHS` (e.g. `sm_90`: restrict the SASS targets), `UPX_REQUIRE_NVCC=1` (a missing
 //! nvcc is an error), `UPX_STRICT_PTXAS=1` (any spill, local memory, serialized wgmma or
-//! ignored setmaxnreg is an error).
+//! ignored setmaxnreg is an error), `UPX_HOSTSIM_RACECHECK=1` (the emulator's kernels instrumented
+//! for its shared-memory race check).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -551,14 +552,20 @@ fn build_hostsim(files: &[KernelFile], kdir: &Path, out: &Path) {
         // Shared memory and emulator state are thread_local; the archive only ever links
         // into executables, so the fast TLS model is valid.
         .flag("-ftls-model=initial-exec")
-        // The shared-memory race check (HOSTSIM_RACECHECK=1): every load and store calls the
-        // emulator's __tsan_* hooks (no TSan runtime is linked); line tables let a report's
-        // code address be resolved with addr2line.
-        .flag("-fsanitize=thread")
-        .flag_if_supported("--param=tsan-instrument-func-entry-exit=0")
-        .flag("-g1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas");
+    // UPX_HOSTSIM_RACECHECK=1: kernels instrumented for the shared-memory race check
+    // (HOSTSIM_RACECHECK=1 at run time): every load and store calls the emulator's __tsan_*
+    // hooks (no TSan runtime is linked); line tables let a report's code address be resolved
+    // with addr2line. Off by default: the calls make the emulator about 1.7x slower even with
+    // the check off.
+    println!("cargo:rerun-if-env-changed=UPX_HOSTSIM_RACECHECK");
+    if env::var("UPX_HOSTSIM_RACECHECK").is_ok_and(|v| v == "1") {
+        build
+            .flag("-fsanitize=thread")
+            .flag_if_supported("--param=tsan-instrument-func-entry-exit=0")
+            .flag("-g1");
+    }
     // The kernels' fmaf() becomes one instruction instead of a libm call (a sixth of the
     // emulator's time) when the machine building, and so running, the tests has FMA.
     if host_has_fma() {

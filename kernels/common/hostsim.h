@@ -489,7 +489,8 @@ inline std::string where(const Fiber& f) {
 }
 
 // --- shared-memory race check ------------------------------------------------------------------
-// With HOSTSIM_RACECHECK=1 and kernels compiled with -fsanitize=thread (build.rs does; g++
+// With HOSTSIM_RACECHECK=1 and kernels compiled with -fsanitize=thread (build.rs does with
+// UPX_HOSTSIM_RACECHECK=1; g++
 // then calls the __tsan_* hooks below on every load and store, and no TSan runtime is linked),
 // every access of a CUDA thread to dynamic shared memory or a static __shared__ variable is
 // checked against a shadow of the last write and the reads of each byte: two threads touching
