@@ -26,9 +26,4 @@ cargo test --workspace --locked
 step "emulator tests in reverse thread order"
 HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim
 
-# Every shared-memory access checked for races: an instrumented emulator build (a few minutes)
-# that runs 2-3x slower, so without the long GEMM test.
-step "emulator shared-memory race check"
-UPX_HOSTSIM_RACECHECK=1 HOSTSIM_RACECHECK=1 cargo test --locked --test ops --test hostsim -- --skip gemm_matches_reference
-
 step "all tests passed"
