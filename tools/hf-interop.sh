@@ -35,18 +35,10 @@ fail() {
 }
 ok() { echo "  ok: $*"; }
 
-# --- the real client, pinned, in a cache venv outside the repository (as
-# tools/install-cuda-toolchain.sh installs nvcc): a second run only checks the version.
-venv="${UPX_HF_VENV:-$HOME/.cache/upx/hf-hub-$hf_hub_version}"
+# --- the real client, pinned, in a cache venv outside the repository.
+venv=$(tools/pinned-venv.sh "${UPX_HF_VENV:-$HOME/.cache/upx/hf-hub-$hf_hub_version}" \
+    huggingface_hub "$hf_hub_version")
 py="$venv/bin/python"
-if ! "$py" -c "import huggingface_hub as h, sys; sys.exit(h.__version__ != '$hf_hub_version')" 2>/dev/null; then
-    python=${PYTHON:-python3}
-    command -v "$python" >/dev/null || fail "$python not found; install Python 3 first"
-    echo "installing huggingface_hub $hf_hub_version from PyPI into $venv" >&2
-    mkdir -p "$(dirname "$venv")"
-    [ -x "$venv/bin/pip" ] || "$python" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "huggingface_hub==$hf_hub_version" >&2
-fi
 hf="$venv/bin/hf"
 
 # --- our binary, copied so that nothing rebuilds it under the checks.

@@ -22,16 +22,9 @@ fail() {
     exit 1
 }
 
-venv="${UPX_OPENAI_VENV:-$HOME/.cache/upx/openai-$openai_version}"
+venv=$(tools/pinned-venv.sh "${UPX_OPENAI_VENV:-$HOME/.cache/upx/openai-$openai_version}" \
+    openai "$openai_version")
 py="$venv/bin/python"
-if ! "$py" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
-    python=${PYTHON:-python3}
-    command -v "$python" >/dev/null || fail "$python not found; install Python 3 first"
-    echo "installing openai $openai_version from PyPI into $venv" >&2
-    mkdir -p "$(dirname "$venv")"
-    [ -x "$venv/bin/pip" ] || "$python" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$openai_version" >&2
-fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/serve-clients.XXXXXX")
 server_pid=
