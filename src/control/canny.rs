@@ -211,7 +211,7 @@ mod tests {
             let p = noise(seed, h * w * c);
             let (_, _, mag) = gradients(&p, h, w, c);
             let e = canny(&p, h, w, c, 150.0, 400.0);
-            assert!(e.iter().any(|&v| v == 255));
+            assert!(e.contains(&255));
             assert_eq!(e, canny(&p, h, w, c, 400.0, 150.0));
             let stricter = canny(&p, h, w, c, 150.0, 900.0);
             for ((&ei, &mi), &si) in e.iter().zip(&mag).zip(&stricter) {
