@@ -2,8 +2,10 @@
 //! switching and unloading in a loaded pipeline, scale 0, the learned token rows through the
 //! text encoder, bad files, and `generate --lora` on the emulator.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use ultrapixel::hub::HubOptions;
 use ultrapixel::models::config::ClipTextConfig;
 use ultrapixel::models::Checkpoint;
@@ -198,43 +200,10 @@ fn the_trigger_word_changes_the_text_encoder_exactly_by_the_learned_rows() {
     assert_ne!(got.hidden.data, without.hidden.data);
 }
 
-fn upx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
+/// A quick `generate` of the tiny model with the LoRA's trigger word in the prompt.
 fn cli_generate(model: &Path, out: &Path, backend: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "generate",
-        "--model-dir",
-        model.to_str().unwrap(),
-        "--backend",
-        backend,
-        "--size",
-        "512x512",
-        "--steps-c",
-        "1",
-        "--steps-b",
-        "1",
-        "--seed",
-        "4",
-        "--out",
-        out.to_str().unwrap(),
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    args.push("a portrait of [tinycat]");
-    upx(&args)
-}
-
-fn png_pixels(path: &Path) -> Vec<u8> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    reader.next_frame(&mut buf).unwrap();
-    buf
+    let args = [extra, &["--seed", "4", "a portrait of [tinycat]"]].concat();
+    common::quick_generate(model, out, backend, &args)
 }
 
 #[test]
@@ -285,9 +254,9 @@ fn generate_with_the_tiny_lora_on_the_emulator_differs_and_at_scale_0_is_identic
         let o = cli_generate(dir.path(), &path(name), "hostsim", extra);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let plain = png_pixels(&path("plain.png"));
-    assert_ne!(png_pixels(&path("lora.png")), plain);
-    assert_eq!(png_pixels(&path("zero.png")), plain);
+    let plain = common::png_image(&path("plain.png"));
+    assert_ne!(common::png_image(&path("lora.png")), plain);
+    assert_eq!(common::png_image(&path("zero.png")), plain);
 }
 
 /// Pickle opcodes for an int, as `torch.save` (protocol 2) writes them.

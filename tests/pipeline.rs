@@ -56,36 +56,10 @@ fn generate(out_dir: &Path, extra: &[&str]) -> Output {
     upx(&args, &[])
 }
 
-/// A one-step-per-stage `generate` of `model` on the cpu backend into `out`.
-fn quick_generate(model: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "generate",
-        "--model-dir",
-        model.to_str().unwrap(),
-        "--backend",
-        "cpu",
-        "--size",
-        "512x512",
-        "--steps-c",
-        "1",
-        "--steps-b",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    upx(&args, &[])
-}
-
-/// The RGB bytes of a PNG.
+/// Width, height and RGB bytes of a PNG.
 fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    (info.width, info.height, buf)
+    let image = common::png_image(path);
+    (image.width, image.height, image.pixels)
 }
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
@@ -201,7 +175,7 @@ fn a_failing_stage_names_itself_and_leaves_the_existing_file_untouched() {
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("x.png");
     std::fs::write(&target, b"an older image").unwrap();
-    let o = quick_generate(model.path(), &target, &["a test"]);
+    let o = common::quick_generate(model.path(), &target, "cpu", &["a test"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -321,7 +295,12 @@ fn an_overlong_prompt_warns_with_the_dropped_words_and_json_reports_the_run() {
     let words: Vec<String> = (0..120).map(|i| format!("word{i}")).collect();
     let prompt = words.join(" ");
     let pattern = out.path().join("j-{seed}.png");
-    let o = quick_generate(tiny_model(), &pattern, &["--seed", "3", "--json", &prompt]);
+    let o = common::quick_generate(
+        tiny_model(),
+        &pattern,
+        "cpu",
+        &["--seed", "3", "--json", &prompt],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -543,7 +522,7 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
     let pattern = out.path().join("img.png");
     let previews = out.path().join("previews");
     let preview = ["--preview", previews.to_str().unwrap(), "x"];
-    let o = quick_generate(model.path(), &pattern, &preview);
+    let o = common::quick_generate(model.path(), &pattern, "cpu", &preview);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -553,7 +532,7 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
     assert!(!err.contains("  "), "one message, evenly spaced: {err}");
     assert!(!pattern.exists());
     // The rest of the model still generates without previews.
-    let o = quick_generate(model.path(), &pattern, &["x"]);
+    let o = common::quick_generate(model.path(), &pattern, "cpu", &["x"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = upx(&["generate", "--preview-every", "2", "x"], &[]);
     assert_eq!(o.status.code(), Some(2));

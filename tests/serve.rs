@@ -171,14 +171,8 @@ fn json(text: &str) -> serde_json::Value {
 
 /// Width, height and RGB bytes of a PNG.
 fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
+    let (image, _) = ultrapixel::pipeline::decode_png(bytes).unwrap();
+    (image.width, image.height, image.pixels)
 }
 
 fn b64_png(text: &serde_json::Value) -> (u32, u32, Vec<u8>) {

@@ -27,12 +27,8 @@ root=$PWD
 # The huggingface_hub release the checks pin (PyPI's latest on 2026-12-04; the issue tried 2.4).
 hf_hub_version=2.4.0
 
-started=$SECONDS
-step() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - started))"; }
-fail() {
-    echo "FAIL: $*" >&2
-    exit 1
-}
+# shellcheck source=tools/lib/client-checks.sh
+. tools/lib/client-checks.sh
 ok() { echo "  ok: $*"; }
 
 # --- the real client, pinned, in a cache venv outside the repository.
@@ -56,13 +52,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-if [ -z "${UPX_BIN:-}" ]; then
-    step "build (as tools/test.sh)"
-    NVCC=$(tools/install-cuda-toolchain.sh)
-    export NVCC UPX_REQUIRE_NVCC=1 UPX_STRICT_PTXAS=1
-    cargo build --locked --quiet --bin ultrapixel
-    UPX_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/ultrapixel"
-fi
+use_upx_bin
 cp "$UPX_BIN" "$work/ultrapixel"
 bin=$work/ultrapixel
 mock="$root/tools/hf-interop/mock_hub.py"

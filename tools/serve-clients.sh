@@ -15,12 +15,8 @@ root=$PWD
 # The openai release the checks pin (PyPI's latest on 2026-12-06).
 openai_version=3.51.0
 
-started=$SECONDS
-step() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - started))"; }
-fail() {
-    echo "FAIL: $*" >&2
-    exit 1
-}
+# shellcheck source=tools/lib/client-checks.sh
+. tools/lib/client-checks.sh
 
 venv=$(tools/pinned-venv.sh "${UPX_OPENAI_VENV:-$HOME/.cache/upx/openai-$openai_version}" \
     openai "$openai_version")
@@ -36,13 +32,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-if [ -z "${UPX_BIN:-}" ]; then
-    step "build (as tools/test.sh)"
-    NVCC=$(tools/install-cuda-toolchain.sh)
-    export NVCC UPX_REQUIRE_NVCC=1 UPX_STRICT_PTXAS=1
-    cargo build --locked --quiet --bin ultrapixel
-    UPX_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/ultrapixel"
-fi
+use_upx_bin
 
 step "the tiny model, the server on 127.0.0.1"
 "$UPX_BIN" make-tiny-model "$work/model" >/dev/null

@@ -95,21 +95,15 @@ fn generate(
     (status, out)
 }
 
+/// Width, height, RGB bytes and A1111 `parameters` text of a PNG.
 fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>, String) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    let params = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
+    let (image, text) = upx::pipeline::decode_png(bytes).unwrap();
+    let params = text
+        .into_iter()
+        .find(|(k, _)| k == upx::pipeline::png_out::PARAMETERS_KEY)
+        .map(|(_, t)| t)
         .unwrap_or_default();
-    (info.width, info.height, buf, params)
+    (image.width, image.height, image.pixels, params)
 }
 
 #[test]

@@ -56,15 +56,6 @@ fn checked(cmd: &mut Command) -> (String, String) {
     (stdout, stderr)
 }
 
-fn decode(png: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(png))
-        .read_info()
-        .unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    (info.width, info.height, buf)
-}
-
 /// Builds the example, runs it on `backend` and compares its PNG with the CLI's.
 fn c_example_matches_the_cli(backend: &str) {
     let tmp = tempfile::tempdir().unwrap();
@@ -137,9 +128,9 @@ fn c_example_matches_the_cli(backend: &str) {
         std::fs::read(&from_c).unwrap(),
         std::fs::read(&from_cli).unwrap(),
     );
-    let (w, h, pixels) = decode(&c);
-    assert_eq!((w, h), (512, 520));
-    let distinct: std::collections::HashSet<u8> = pixels.iter().copied().collect();
+    let (image, _) = upx::pipeline::decode_png(&c).unwrap();
+    assert_eq!((image.width, image.height), (512, 520));
+    let distinct: std::collections::HashSet<u8> = image.pixels.iter().copied().collect();
     assert!(distinct.len() > 16, "a real picture, not a constant");
     assert!(c == cli, "the C example's PNG differs from the CLI's");
 }

@@ -25,14 +25,21 @@ pub(super) fn conv_bn_silu_case(case: &Case) -> Result<Built> {
     let mut mb = ModelBuilder::new();
     let (x, [b, _, _, _], xd) = image_input(&mut mb, case, "x", DType::F32)?;
     let out = conv_bn_silu(&mut mb, "", x, s, bn_eps(case)?)?;
-    let [_, oh, ow, c] = mb.g.shape(out)[..] else {
+    let out = image_output(&mb, "out", b, out);
+    Ok(Built::graph(mb, vec![(x, xd)], vec![out]))
+}
+
+/// Output `name`: the graph's NHWC `id`, compared as the case's NCHW.
+fn image_output(
+    mb: &ModelBuilder,
+    name: &str,
+    b: usize,
+    id: TensorId,
+) -> (String, TensorId, Layout) {
+    let [_, h, w, c] = mb.g.shape(id)[..] else {
         unreachable!("convs keep the rank")
     };
-    Ok(Built::graph(
-        mb,
-        vec![(x, xd)],
-        vec![("out".into(), out, Layout::Image([b, c, oh, ow]))],
-    ))
+    (name.into(), id, Layout::Image([b, c, h, w]))
 }
 
 /// `effnet_fused_mbconv` (`fused`) or `effnet_mbconv`.
@@ -53,14 +60,8 @@ pub(super) fn block_case(case: &Case, fused: bool) -> Result<Built> {
     } else {
         mbconv(&mut mb, "", x, s, eps)?
     };
-    let [_, oh, ow, c] = mb.g.shape(out)[..] else {
-        unreachable!("convs keep the rank")
-    };
-    Ok(Built::graph(
-        mb,
-        vec![(x, xd)],
-        vec![("out".into(), out, Layout::Image([b, c, oh, ow]))],
-    ))
+    let out = image_output(&mb, "out", b, out);
+    Ok(Built::graph(mb, vec![(x, xd)], vec![out]))
 }
 
 pub(super) fn controlnet_case(case: &Case) -> Result<Built> {
@@ -71,10 +72,7 @@ pub(super) fn controlnet_case(case: &Case) -> Result<Built> {
     let mut outputs = Vec::new();
     for (i, map) in maps.into_iter().enumerate() {
         if let Some(id) = map {
-            let [_, h, w, c] = mb.g.shape(id)[..] else {
-                unreachable!("convs keep the rank")
-            };
-            outputs.push((format!("cnet.{i}"), id, Layout::Image([b, c, h, w])));
+            outputs.push(image_output(&mb, &format!("cnet.{i}"), b, id));
         }
     }
     Ok(Built::graph(mb, vec![(x, xd)], outputs))

@@ -124,14 +124,33 @@ pub fn make_divisible(v: usize) -> usize {
 struct ConvBn<'a> {
     /// Prefix of the `Conv2dNormActivation`: the conv at `{p}0.weight`, the norm at `{p}1.*`.
     p: &'a str,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    shape: ConvShape,
     act: Act,
+    /// A per-channel scale applied to the input (squeeze-and-excitation).
     gate: Option<TensorId>,
+    /// Added to the output.
     residual: Option<TensorId>,
+}
+
+impl<'a> ConvBn<'a> {
+    fn new(p: &'a str, shape: ConvShape, act: Act) -> Self {
+        ConvBn {
+            p,
+            shape,
+            act,
+            gate: None,
+            residual: None,
+        }
+    }
+
+    /// A block's 1×1 projection: no activation.
+    fn projection(p: &'a str, cin: usize, cout: usize) -> Self {
+        Self::new(p, ConvShape::pointwise(cin, cout), Act::None)
+    }
+
+    fn plus(self, residual: Option<TensorId>) -> Self {
+        ConvBn { residual, ..self }
+    }
 }
 
 /// The keys and shapes of a BatchNorm's four tensors under `p`.
@@ -195,16 +214,23 @@ fn folded_weight(
 }
 
 fn conv_bn(mb: &mut ModelBuilder, x: TensorId, c: ConvBn, eps: f64) -> Result<TensorId> {
-    let shape = [c.cout, c.cin, c.k, c.k];
+    let ConvShape {
+        cin,
+        cout,
+        k,
+        stride,
+        pad,
+    } = c.shape;
+    let shape = [cout, cin, k, k];
     let w = folded_weight(mb, c.p, &shape, &shape, DType::BF16, eps)?;
-    let b = folded_bias(mb, c.p, c.cout, eps)?;
+    let b = folded_bias(mb, c.p, cout, eps)?;
     let mut inputs = vec![x, w, b];
     inputs.extend(c.gate);
     inputs.extend(c.residual);
     let op = Conv2d {
-        k: c.k,
-        stride: c.stride,
-        pad: c.pad,
+        k,
+        stride,
+        pad,
         bias: true,
         gate: c.gate.is_some(),
         residual: c.residual.is_some(),
@@ -224,6 +250,19 @@ pub struct ConvShape {
     pub pad: usize,
 }
 
+impl ConvShape {
+    /// A 1×1 conv, stride 1.
+    pub fn pointwise(cin: usize, cout: usize) -> Self {
+        ConvShape {
+            cin,
+            cout,
+            k: 1,
+            stride: 1,
+            pad: 0,
+        }
+    }
+}
+
 /// torchvision's `Conv2dNormActivation` with SiLU at `{p}` (conv `{p}0.weight`, no bias; norm
 /// `{p}1.*`): the stem and the head of the stack.
 pub fn conv_bn_silu(
@@ -233,18 +272,7 @@ pub fn conv_bn_silu(
     s: ConvShape,
     eps: f64,
 ) -> Result<TensorId> {
-    let c = ConvBn {
-        p,
-        cin: s.cin,
-        cout: s.cout,
-        k: s.k,
-        stride: s.stride,
-        pad: s.pad,
-        act: Act::Silu,
-        gate: None,
-        residual: None,
-    };
-    conv_bn(mb, x, c, eps)
+    conv_bn(mb, x, ConvBn::new(p, s, Act::Silu), eps)
 }
 
 /// One block's shape: (expand ratio, kernel, stride, c_in, c_out).
@@ -275,46 +303,22 @@ pub fn fused_mbconv(
 ) -> Result<TensorId> {
     let expanded = make_divisible(s.c_in * s.expand_ratio);
     let residual = s.residual().then_some(x);
-    let pad = (s.kernel - 1) / 2;
-    if expanded == s.c_in {
-        let p0 = format!("{p}block.0.");
-        let c = ConvBn {
-            p: &p0,
-            cin: s.c_in,
-            cout: s.c_out,
-            k: s.kernel,
-            stride: s.stride,
-            pad,
-            act: Act::Silu,
-            gate: None,
-            residual,
-        };
-        return conv_bn(mb, x, c, eps);
-    }
-    let (p0, p1) = (format!("{p}block.0."), format!("{p}block.1."));
-    let expand = ConvBn {
-        p: &p0,
+    // The k×k conv: to c_out at ratio 1, else to the expanded width.
+    let first = |cout| ConvShape {
         cin: s.c_in,
-        cout: expanded,
+        cout,
         k: s.kernel,
         stride: s.stride,
-        pad,
-        act: Act::Silu,
-        gate: None,
-        residual: None,
+        pad: (s.kernel - 1) / 2,
     };
-    let h = conv_bn(mb, x, expand, eps)?;
-    let project = ConvBn {
-        p: &p1,
-        cin: expanded,
-        cout: s.c_out,
-        k: 1,
-        stride: 1,
-        pad: 0,
-        act: Act::None,
-        gate: None,
-        residual,
-    };
+    let p0 = format!("{p}block.0.");
+    if expanded == s.c_in {
+        let c = ConvBn::new(&p0, first(s.c_out), Act::Silu).plus(residual);
+        return conv_bn(mb, x, c, eps);
+    }
+    let h = conv_bn(mb, x, ConvBn::new(&p0, first(expanded), Act::Silu), eps)?;
+    let p1 = format!("{p}block.1.");
+    let project = ConvBn::projection(&p1, expanded, s.c_out).plus(residual);
     conv_bn(mb, h, project, eps)
 }
 
@@ -339,17 +343,7 @@ pub fn mbconv(
     let mut h = x;
     if expanded != s.c_in {
         let pe = next();
-        let c = ConvBn {
-            p: &pe,
-            cin: s.c_in,
-            cout: expanded,
-            k: 1,
-            stride: 1,
-            pad: 0,
-            act: Act::Silu,
-            gate: None,
-            residual: None,
-        };
+        let c = ConvBn::new(&pe, ConvShape::pointwise(s.c_in, expanded), Act::Silu);
         h = conv_bn(mb, h, c, eps)?;
     }
     let pd = next();
@@ -383,15 +377,8 @@ pub fn mbconv(
     let gate = mb.g.op1(SeGate, &[h, fc1, b1, fc2, b2])?;
     let pp = next();
     let project = ConvBn {
-        p: &pp,
-        cin: expanded,
-        cout: s.c_out,
-        k: 1,
-        stride: 1,
-        pad: 0,
-        act: Act::None,
         gate: Some(gate),
-        residual: s.residual().then_some(x),
+        ..ConvBn::projection(&pp, expanded, s.c_out).plus(s.residual().then_some(x))
     };
     conv_bn(mb, h, project, eps)
 }

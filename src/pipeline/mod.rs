@@ -18,5 +18,5 @@ pub use generate::{Event, Image, Pipeline, PipelineOptions};
 pub use lora::LoraSpec;
 pub use model_dir::ModelDir;
 pub use plan::MemoryPlan;
-pub use png_out::{read_metadata, write_png, ImageMetadata, LoraUse, Rgb8Image};
+pub use png_out::{decode_png, read_metadata, write_png, ImageMetadata, LoraUse, Rgb8Image};
 pub use request::{OutputPattern, Request, Size, StageSettings};

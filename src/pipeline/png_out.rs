@@ -249,21 +249,10 @@ pub fn read_metadata(path: &Path) -> Result<PngMetadata> {
     // Text chunks may also follow the image data.
     reader.finish().map_err(bad)?;
     let info = reader.info();
-    let mut text: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|c| (c.keyword.clone(), c.text.clone()))
-        .collect();
-    for chunk in &info.compressed_latin1_text {
-        text.push((chunk.keyword.clone(), chunk.get_text().map_err(bad)?));
-    }
-    for chunk in &info.utf8_text {
-        text.push((chunk.keyword.clone(), chunk.get_text().map_err(bad)?));
-    }
     let mut meta = PngMetadata {
         width: info.width,
         height: info.height,
-        text,
+        text: text_chunks(info, bad)?,
         ultrapixel: None,
     };
     if let Some(json) = meta.get(JSON_KEY) {
@@ -272,6 +261,55 @@ pub fn read_metadata(path: &Path) -> Result<PngMetadata> {
         })?);
     }
     Ok(meta)
+}
+
+/// Decodes an 8-bit RGB PNG (the kind [`write_png`] makes) from memory: its pixels and its
+/// text chunks, as a server's or the C API's answer is checked. Other colour types are refused.
+pub fn decode_png(bytes: &[u8]) -> Result<(Rgb8Image, Vec<(String, String)>)> {
+    let origin = Path::new("<PNG data>");
+    let bad = |e: png::DecodingError| Error::format(origin, format!("reading PNG: {e}"));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .map_err(bad)?;
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let frame = reader.next_frame(&mut pixels).map_err(bad)?;
+    if (frame.color_type, frame.bit_depth) != (png::ColorType::Rgb, png::BitDepth::Eight) {
+        return Err(Error::format(
+            origin,
+            format!(
+                "a {:?} {:?}-bit PNG, not the 8-bit RGB this reads",
+                frame.color_type, frame.bit_depth as u8
+            ),
+        ));
+    }
+    pixels.truncate(frame.buffer_size());
+    reader.finish().map_err(bad)?;
+    let text = text_chunks(reader.info(), bad)?;
+    let image = Rgb8Image {
+        width: frame.width,
+        height: frame.height,
+        pixels,
+    };
+    Ok((image, text))
+}
+
+/// (keyword, text) of every tEXt, zTXt and iTXt chunk, in that order.
+fn text_chunks(
+    info: &png::Info,
+    bad: impl Fn(png::DecodingError) -> Error,
+) -> Result<Vec<(String, String)>> {
+    let mut text: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for chunk in &info.compressed_latin1_text {
+        text.push((chunk.keyword.clone(), chunk.get_text().map_err(&bad)?));
+    }
+    for chunk in &info.utf8_text {
+        text.push((chunk.keyword.clone(), chunk.get_text().map_err(&bad)?));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -319,13 +357,10 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want}: {text}");
         }
-        // The pixels are the ones written.
-        let decoder =
-            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
-        let mut reader = decoder.read_info().unwrap();
-        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-        reader.next_frame(&mut buf).unwrap();
-        assert_eq!(buf, image(7, 5).pixels);
+        // The pixels are the ones written, and decoding sees the same text.
+        let (pixels, text) = decode_png(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(pixels, image(7, 5));
+        assert_eq!(text, read.text);
     }
 
     #[test]
@@ -335,6 +370,21 @@ mod tests {
         write_png(&path, &image(3, 3), None).unwrap();
         let read = read_metadata(&path).unwrap();
         assert!(read.text.is_empty() && read.ultrapixel.is_none());
+    }
+
+    #[test]
+    fn decoding_refuses_what_is_not_an_8_bit_rgb_png() {
+        let mut rgba = Vec::new();
+        let mut enc = png::Encoder::new(&mut rgba, 2, 3);
+        enc.set_color(png::ColorType::Rgba);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[9; 24])
+            .unwrap();
+        let err = decode_png(&rgba).unwrap_err().to_string();
+        assert!(err.contains("Rgba") && err.contains("8-bit RGB"), "{err}");
+        let err = decode_png(b"\x89PNG not really").unwrap_err().to_string();
+        assert!(err.contains("reading PNG"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::{Command, Output};
+use ultrapixel::pipeline::{decode_png, Rgb8Image};
 
 /// A stored tensor: name, dtype, shape, little-endian bytes.
 pub type Stored = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
@@ -71,4 +73,32 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dst).unwrap();
         }
     }
+}
+
+/// `ultrapixel generate` of `model` on `backend` into `out`, quiet, at 512×512 with one step
+/// per stage; `extra` adds options and ends with the prompt.
+#[allow(dead_code)]
+pub fn quick_generate(model: &Path, out: &Path, backend: &str, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(["generate", "--backend", backend, "-q", "--model-dir"])
+        .arg(model)
+        .args([
+            "--size",
+            "512x512",
+            "--steps-c",
+            "1",
+            "--steps-b",
+            "1",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The pixels of a PNG that `generate` wrote.
+#[allow(dead_code)]
+pub fn png_image(path: &Path) -> Rgb8Image {
+    decode_png(&std::fs::read(path).unwrap()).unwrap().0
 }
