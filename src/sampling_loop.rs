@@ -10,7 +10,7 @@ use crate::models::ModelBuilder;
 use crate::ops::layout::Concat;
 use crate::ops::noise::{noise_key, GaussianNoise};
 use crate::ops::sampler::{
-    logsnr, noise_cond, timesteps, CfgCombine, GuidedStep, StepCoefficients,
+    noise_cond, shifted_logsnr, timesteps, CfgCombine, GuidedStep, StepCoefficients,
 };
 use crate::runtime::graph::TensorId;
 use crate::runtime::session::Session;
@@ -147,19 +147,21 @@ impl StepNoise<'_> {
 }
 
 /// The steps of a `total`-step schedule that one loop runs (a schedule may be split between
-/// two step graphs).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// two step graphs), and the schedule's `shift` ([`shifted_logsnr`]; 1 but with control).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Steps {
     pub total: usize,
     pub run: std::ops::Range<usize>,
+    pub shift: f32,
 }
 
 impl Steps {
-    /// Every step of a `total`-step schedule.
+    /// Every step of a `total`-step schedule without shift.
     pub fn all(total: usize) -> Steps {
         Steps {
             total,
             run: 0..total,
+            shift: 1.0,
         }
     }
 }
@@ -189,8 +191,8 @@ pub fn sample(
     let mut x = x_init;
     let mut x0 = Vec::new();
     for k in steps.run.clone() {
-        let coef = StepCoefficients::ddpm(ts[k], ts[k + 1])?.row();
-        let r = noise_cond(logsnr(ts[k]));
+        let coef = StepCoefficients::ddpm_shifted(ts[k], ts[k + 1], steps.shift)?.row();
+        let r = noise_cond(shifted_logsnr(ts[k], steps.shift));
         session.set_input(sg.x, &x)?;
         session.set_input(sg.r, &vec![r; 2 * sg.batch])?;
         session.set_input(sg.coef, &coef.repeat(sg.batch))?;

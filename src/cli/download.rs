@@ -1,7 +1,8 @@
 //! `ultrapixel download`: the model files from the Hugging Face hub.
 
 use crate::hub::{Hub, HubOptions};
-use crate::pipeline::model_dir;
+use crate::pipeline::control::ControlKind;
+use crate::pipeline::model_dir::{self, Downloaded};
 use crate::Result;
 use std::path::PathBuf;
 
@@ -13,6 +14,10 @@ pub struct DownloadArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Also fetch this ControlNet (canny: `controlnet/canny.safetensors` of
+    /// stabilityai/stable-cascade), which `generate --control` needs.
+    #[arg(long, value_name = "KIND")]
+    pub control: Option<ControlKind>,
 }
 
 pub fn download(a: DownloadArgs) -> Result<i32> {
@@ -20,14 +25,22 @@ pub fn download(a: DownloadArgs) -> Result<i32> {
         progress: !a.quiet,
         ..HubOptions::from_env()
     });
-    let dir = model_dir::download(&hub, a.model_dir.as_deref(), |d| {
+    let report = |d: &Downloaded| {
         let what = if d.fetched {
             "downloaded"
         } else {
             "up to date"
         };
         println!("{what:>10}  {}  ({})", d.name, d.path.display());
-    })?;
+    };
+    let dir = model_dir::download(&hub, a.model_dir.as_deref(), report)?;
+    if let Some(kind) = a.control {
+        report(&model_dir::download_control(
+            &hub,
+            a.model_dir.as_deref(),
+            kind.file(),
+        )?);
+    }
     println!("model files complete in {}", dir.location);
     Ok(0)
 }

@@ -3,6 +3,7 @@
 
 use super::backend_arg::BackendArg;
 use crate::hub::{Hub, HubOptions};
+use crate::pipeline::control::{Control, ControlKind};
 use crate::pipeline::generate::{Event, Image, Pipeline, PipelineOptions};
 use crate::pipeline::lora::LoraSpec;
 use crate::pipeline::png_out::write_png;
@@ -33,9 +34,10 @@ pub struct GenerateArgs {
     /// Stage B steps.
     #[arg(long, default_value_t = Request::DEFAULT_STAGE_B.steps)]
     pub steps_b: u32,
-    /// Stage C classifier-free guidance scale.
-    #[arg(long, default_value_t = Request::DEFAULT_STAGE_C.cfg)]
-    pub cfg_c: f32,
+    /// Stage C classifier-free guidance scale [default: 4, or 1 with --control as in the
+    /// official ControlNet script].
+    #[arg(long)]
+    pub cfg_c: Option<f32>,
     /// Stage B classifier-free guidance scale.
     #[arg(long, default_value_t = Request::DEFAULT_STAGE_B.cfg)]
     pub cfg_b: f32,
@@ -89,6 +91,37 @@ pub struct GenerateArgs {
     /// name its new trigger tokens: `{"train_tokens": [["[word]", "^init</w>"]]}`.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<LoraSpec>,
+    /// Condition the image on a control input through a ControlNet (canny: the edges of
+    /// --control-image, or a ready --control-map), with the official script's settings:
+    /// Stage C CFG 1 (unless --cfg-c), shift 2, " high quality" appended to the prompt.
+    /// The ControlNet file is fetched on demand (`ultrapixel download --control canny`).
+    #[arg(long, value_name = "KIND", requires = "control_input")]
+    pub control: Option<ControlKind>,
+    /// With --control canny: the image whose edges guide the composition (PNG, JPEG or
+    /// WebP; resized to a short side of 768 like the official script).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "control",
+        group = "control_input"
+    )]
+    pub control_image: Option<PathBuf>,
+    /// With --control: a ready control map instead (greyscale, white edges on black).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "control",
+        group = "control_input"
+    )]
+    pub control_map: Option<PathBuf>,
+    /// With --control: how strongly the control map steers, 0 to 2 [default: 0.7].
+    #[arg(
+        long,
+        value_name = "S",
+        requires = "control",
+        allow_negative_numbers = true
+    )]
+    pub control_strength: Option<f32>,
 }
 
 /// A help text with its `{n}` kept as written: clap turns `{n}` anywhere in a help text into
@@ -101,13 +134,13 @@ fn literal_braces(text: &str) -> clap::builder::StyledStr {
 
 impl GenerateArgs {
     fn request(&self) -> Result<Request> {
-        Ok(Request {
+        let mut request = Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             size: self.size,
             stage_c: StageSettings {
                 steps: self.steps_c,
-                cfg: self.cfg_c,
+                cfg: Request::DEFAULT_STAGE_C.cfg,
             },
             stage_b: StageSettings {
                 steps: self.steps_b,
@@ -116,7 +149,36 @@ impl GenerateArgs {
             seed: self.seed,
             batch: self.batch,
             output: OutputPattern::parse(&self.out)?,
-        })
+            control: None,
+        };
+        if let Some(control) = self.control_input()? {
+            request.set_control(control);
+        }
+        if let Some(cfg) = self.cfg_c {
+            request.stage_c.cfg = cfg;
+        }
+        Ok(request)
+    }
+
+    /// The control of `--control`, its input file read (an unreadable one is an error that
+    /// names it).
+    fn control_input(&self) -> Result<Option<Control>> {
+        let Some(ControlKind::Canny) = self.control else {
+            return Ok(None);
+        };
+        let control = match (&self.control_image, &self.control_map) {
+            (Some(image), _) => Control::canny_image_file(image)?,
+            (None, Some(map)) => Control::canny_map_file(map)?,
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "--control needs --control-image FILE or --control-map FILE".into(),
+                ))
+            }
+        };
+        Ok(Some(match self.control_strength {
+            Some(s) => control.with_strength(s),
+            None => control,
+        }))
     }
 }
 
@@ -161,13 +223,26 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         progress: !args.quiet,
         ..HubOptions::from_env()
     };
-    let dir = resolve_models(args.model_dir.as_deref(), &hub, args.quiet)?;
+    let mut dir = resolve_models(args.model_dir.as_deref(), &hub, args.quiet)?;
+    if let Some(kind) = args.control {
+        if dir.optional(kind.file()).is_none() && args.model_dir.is_none() && !hub.offline {
+            if !args.quiet {
+                eprintln!(
+                    "{} missing from the Hugging Face cache: downloading it",
+                    kind.file()
+                );
+            }
+            model_dir::download_control(&Hub::new(hub.clone()), None, kind.file())?;
+            dir = ModelDir::resolve(None, &hub)?;
+        }
+    }
     let options = PipelineOptions {
         low_vram: args.low_vram,
         check_every_step: args.check_every_step,
         memory_limit: args.memory_limit.map(|m| m << 20),
         preview_every: args.preview.as_ref().map(|_| args.preview_every as usize),
         loras: args.loras.clone(),
+        control: args.control,
         ..PipelineOptions::default()
     };
     let pipeline = Pipeline::load(&dir, backend, options)?;
@@ -233,6 +308,7 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         let json = serde_json::json!({
             "backend": BackendKind::from(args.backend),
             "size": request.size.to_string(),
+            "control": request.control.as_ref().map(|c| c.usage()),
             "images": written,
             "previews": previews,
             "memory_plan": {
@@ -321,6 +397,7 @@ fn with_flag(e: Error) -> Error {
         "stage_c.steps" => "--steps-c",
         "stage_b.steps" => "--steps-b",
         "stage_c.cfg" => "--cfg-c",
+        "control.strength" => "--control-strength",
         "stage_b.cfg" => "--cfg-b",
         "batch" => "--batch",
         "seed" => "--seed",

@@ -14,6 +14,9 @@ pub struct InfoArgs {
     /// Plan with this model directory's configurations (default: the released model).
     #[arg(long)]
     pub model_dir: Option<std::path::PathBuf>,
+    /// With --size: plan a generation with this ControlNet (its weights and activations).
+    #[arg(long, value_name = "KIND", requires = "size")]
+    pub control: Option<crate::pipeline::ControlKind>,
 }
 
 pub fn info(a: InfoArgs) -> Result<i32> {
@@ -73,7 +76,7 @@ pub fn info(a: InfoArgs) -> Result<i32> {
         // cuBLASLt.
         let gpu = crate::backend::open_gpu(0).ok();
         let device = gpu.as_deref().map(|d| d as &dyn Device);
-        print_plan(size, a.model_dir.as_deref(), device)?;
+        print_plan(size, a.model_dir.as_deref(), a.control, device)?;
     }
     Ok(0)
 }
@@ -82,19 +85,32 @@ pub fn info(a: InfoArgs) -> Result<i32> {
 fn print_plan(
     size: crate::pipeline::Size,
     dir: Option<&std::path::Path>,
+    control: Option<crate::pipeline::ControlKind>,
     device: Option<&dyn Device>,
 ) -> Result<()> {
-    use crate::pipeline::open_models::Configs;
+    use crate::pipeline::control::net::add_to_plan;
+    use crate::pipeline::open_models::{open_controlnet, Configs};
     use crate::pipeline::plan::memory_plan;
-    let (configs, which) = match dir {
+    let (configs, controlnet, which) = match dir {
         Some(d) => {
             let md =
                 crate::pipeline::ModelDir::resolve(Some(d), &crate::hub::HubOptions::from_env())?;
-            (Configs::read(&md)?, d.display().to_string())
+            let controlnet = match control {
+                Some(kind) => Some(open_controlnet(&md, kind)?.config),
+                None => None,
+            };
+            (Configs::read(&md)?, controlnet, d.display().to_string())
         }
-        None => (Configs::default(), "the released model".to_string()),
+        None => (
+            Configs::default(),
+            control.map(|_| Default::default()),
+            "the released model".to_string(),
+        ),
     };
-    let plan = memory_plan(&configs, size, device)?;
+    let mut plan = memory_plan(&configs, size, device)?;
+    if let Some(cfg) = &controlnet {
+        add_to_plan(&mut plan, cfg, size, device)?;
+    }
     let mib = |b: u64| b.div_ceil(1 << 20);
     println!("\nGPU memory plan for {size} ({which}), MiB:");
     println!(

@@ -9,8 +9,21 @@ use std::path::Path;
 /// The image at `path` as `[3, h, w]` in [0, 1]. A missing, unreadable or undecodable
 /// file is an error that names it and says what is accepted.
 pub fn read_rgb(path: &Path) -> Result<HostTensor> {
+    Ok(from_rgb8(&decode(path)?.to_rgb8()))
+}
+
+/// The image at `path` as one channel `[1, h, w]` in [0, 1]: its luminance (a ready control
+/// map, white edges on black); errors as [`read_rgb`].
+pub fn read_grey(path: &Path) -> Result<HostTensor> {
+    let grey = decode(path)?.to_luma8();
+    let (w, h) = (grey.width() as usize, grey.height() as usize);
+    let data = grey.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(HostTensor::new(vec![1, h, w], data))
+}
+
+fn decode(path: &Path) -> Result<image::DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let decoded = image::ImageReader::new(std::io::Cursor::new(bytes))
+    image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?
         .decode()
@@ -19,8 +32,7 @@ pub fn read_rgb(path: &Path) -> Result<HostTensor> {
                 path,
                 format!("cannot decode the control image ({e}); use a PNG, JPEG or WebP file"),
             )
-        })?;
-    Ok(from_rgb8(&decoded.to_rgb8()))
+        })
 }
 
 /// An 8-bit RGB image as `[3, h, w]` in [0, 1].
@@ -60,6 +72,9 @@ mod tests {
         grey.save(&gpath).unwrap();
         let g = read_rgb(&gpath).unwrap();
         assert!((0..3).all(|k| g.data[k * 15 + 3] == 150.0 / 255.0));
+        let one = read_grey(&gpath).unwrap();
+        assert_eq!(one.shape, [1, 3, 5]);
+        assert_eq!(one.data[3], 150.0 / 255.0);
         std::fs::remove_file(path).unwrap();
         std::fs::remove_file(gpath).unwrap();
     }

@@ -19,6 +19,12 @@ pub fn canny_map(image: &HostTensor) -> HostTensor {
     canny::canny_filter(&resized).edges
 }
 
+/// A ready control map `[c, h, w]` in [0, 1] at the official control size: resized as the
+/// image it stands for would be (unchanged when its short side is already 768).
+pub fn sized_map(map: &HostTensor) -> HostTensor {
+    resize::resize_short_side(map, resize::CONTROL_SHORT_SIDE)
+}
+
 /// [`canny_map`] of an image file.
 pub fn canny_map_of_file(path: &Path) -> Result<HostTensor> {
     Ok(canny_map(&image_file::read_rgb(path)?))

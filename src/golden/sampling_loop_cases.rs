@@ -136,6 +136,8 @@ pub(super) fn sample_ultrapixel(case: &Case, backend: &Backend) -> Result<Vec<(S
         conditions: &conditions,
         steps,
         guidance,
+        shift: 1.0,
+        control: None,
     };
     let mut outputs = Vec::new();
     let result = {

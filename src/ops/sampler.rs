@@ -64,8 +64,17 @@ pub fn logsnr_limits() -> (f32, f32) {
 
 /// The cosine schedule: t (clamped to [0, 1]) → logSNR (clamped to [`logsnr_limits`]).
 pub fn logsnr(t: f32) -> f32 {
+    shifted_logsnr(t, 1.0)
+}
+
+/// The cosine schedule with the official sampler's `shift` (GDF `BaseSchedule.__call__`):
+/// logSNR(t) + 2·ln(1/shift), then clamped to the limits of the unshifted schedule (which
+/// the official schedule computes once, at shift 1). Shift 1 is [`logsnr`] to the bit; the
+/// ControlNet script samples Stage C at shift 2.
+pub fn shifted_logsnr(t: f32, shift: f32) -> f32 {
     let (lo, hi) = logsnr_limits();
-    unclamped_logsnr(t.clamp(0.0, 1.0)).clamp(lo, hi)
+    let offset = (2.0 * (1.0 / shift as f64).ln()) as f32;
+    (unclamped_logsnr(t.clamp(0.0, 1.0)) + offset).clamp(lo, hi)
 }
 
 /// The cosine-t noise condition: the `r` fed to the models for a logSNR. It inverts the
@@ -109,9 +118,9 @@ pub struct StepCoefficients {
 }
 
 impl StepCoefficients {
-    fn deterministic(t: f32, t_prev: f32) -> Self {
-        let (a, b) = scalers(logsnr(t));
-        let (a_prev, b_prev) = scalers(logsnr(t_prev));
+    fn deterministic(t: f32, t_prev: f32, shift: f32) -> Self {
+        let (a, b) = scalers(shifted_logsnr(t, shift));
+        let (a_prev, b_prev) = scalers(shifted_logsnr(t_prev, shift));
         StepCoefficients {
             a,
             b,
@@ -123,7 +132,12 @@ impl StepCoefficients {
 
     /// The DDPM step (DDIM with η = 1) the pipelines use. t_prev must not exceed t.
     pub fn ddpm(t: f32, t_prev: f32) -> Result<Self> {
-        let c = Self::deterministic(t, t_prev);
+        Self::ddpm_shifted(t, t_prev, 1.0)
+    }
+
+    /// [`StepCoefficients::ddpm`] on the schedule with `shift` ([`shifted_logsnr`]).
+    pub fn ddpm_shifted(t: f32, t_prev: f32, shift: f32) -> Result<Self> {
+        let c = Self::deterministic(t, t_prev, shift);
         let sigma = ddpm_sigma(c.a, c.b, c.a_prev, c.b_prev);
         if !sigma.is_finite() {
             return Err(Error::InvalidArgument(format!(
@@ -135,7 +149,7 @@ impl StepCoefficients {
 
     /// The deterministic DDIM step (η = 0, σ = 0).
     pub fn ddim(t: f32, t_prev: f32) -> Self {
-        Self::deterministic(t, t_prev)
+        Self::deterministic(t, t_prev, 1.0)
     }
 
     /// (a, b, a′, b′, σ): the layout of a `coef` row.
@@ -846,6 +860,25 @@ mod tests {
             assert!(close(ga, a, 2e-6) && close(gb, b, 2e-6), "row {i}: a, b");
             assert!(close(noise_cond(ls), r, 2e-6), "row {i}: r");
         }
+    }
+
+    #[test]
+    fn a_shift_lowers_log_snr_by_2_ln_shift_within_the_unshifted_limits() {
+        let (lo, hi) = logsnr_limits();
+        for t in [0.0f32, 0.25, 0.5, 0.75, 0.95, 1.0] {
+            assert_eq!(shifted_logsnr(t, 1.0).to_bits(), logsnr(t).to_bits(), "{t}");
+            let want = (logsnr(t) - 2.0 * 2f32.ln()).clamp(lo, hi);
+            assert!((shifted_logsnr(t, 2.0) - want).abs() < 1e-5, "{t}");
+        }
+        // The ends stay at the limits the schedule computed without shift.
+        assert_eq!(shifted_logsnr(1.0, 2.0), lo);
+        assert!(shifted_logsnr(0.0, 2.0) < hi);
+        let plain = StepCoefficients::ddpm(0.5, 0.45).unwrap();
+        let shifted = StepCoefficients::ddpm_shifted(0.5, 0.45, 2.0).unwrap();
+        assert!(
+            shifted.a < plain.a && shifted.b > plain.b,
+            "more noise at the same t"
+        );
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! resident across stages and images when everything fits, are dropped after each stage
 //! when only that fits (or with `low_vram`), and the request is refused otherwise.
 
+use super::control::net::{self as control_net, ControlMaps};
+use super::control::{ControlKind, CONTROL_SHIFT};
 use super::lora::{LoadedLora, LoraSet, LoraSpec, ModelShapes};
 use super::model_dir::ModelDir;
 use super::observer::{check_finite, ImageObserver, PhaseTimer, Previews};
-use super::open_models::{open_previewer, Models, Stage};
+use super::open_models::{open_controlnet, open_previewer, Models, Stage};
 use super::plan::{
     memory_plan, stage_b_shape, stage_c_shapes, stage_plan, LatentSizes, MemoryPlan,
 };
@@ -23,6 +25,7 @@ use super::stages::{
     StageCNoise, StageCRun, StageId, TextEmbedding, STAGE_A_TILE,
 };
 use crate::models::config::PreviewerConfig;
+use crate::models::controlnet::ControlNetConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
 use crate::runtime::device::WeightCache;
 use crate::runtime::session::SessionOptions;
@@ -64,6 +67,9 @@ pub struct PipelineOptions {
     /// LoRAs applied to Stage C (and their learned tokens to the text encoder), in order;
     /// [`Pipeline::set_loras`] changes them later.
     pub loras: Vec<LoraSpec>,
+    /// The ControlNet to load, for requests with [`Request::set_control`] (its file comes
+    /// from the model directory: `download --control`).
+    pub control: Option<ControlKind>,
 }
 
 impl Default for PipelineOptions {
@@ -75,6 +81,7 @@ impl Default for PipelineOptions {
             check_every_step: false,
             preview_every: None,
             loras: Vec::new(),
+            control: None,
         }
     }
 }
@@ -118,6 +125,8 @@ pub struct Pipeline {
     models: Models,
     /// Loaded when previews are asked for.
     previewer: Option<Stage<PreviewerConfig>>,
+    /// Loaded with [`PipelineOptions::control`].
+    controlnet: Option<(ControlKind, Stage<ControlNetConfig>)>,
     backend: Backend,
     options: PipelineOptions,
     hashes: BTreeMap<String, String>,
@@ -153,9 +162,14 @@ impl Pipeline {
             Some(_) => Some(open_previewer(dir)?),
             None => None,
         };
+        let controlnet = match options.control {
+            Some(kind) => Some((kind, open_controlnet(dir, kind)?)),
+            None => None,
+        };
         let mut pipeline = Pipeline {
             models,
             previewer,
+            controlnet,
             backend,
             hashes: dir.hashes(),
             tokenizer: Tokenizer::clip()?,
@@ -221,7 +235,7 @@ impl Pipeline {
     }
 
     /// The device memory a generation at `size` needs, stage by stage (nothing is
-    /// allocated).
+    /// allocated); with a ControlNet loaded, as a request with control needs it.
     pub fn plan(&self, size: Size) -> Result<MemoryPlan> {
         let cfg = self.models.configs();
         let device = self.backend.device();
@@ -238,6 +252,9 @@ impl Pipeline {
                 .expect("a plan has Stage C");
             c.weight_bytes += extra.weight_bytes;
             c.arena_bytes += extra.arena_bytes;
+        }
+        if let Some((_, net)) = &self.controlnet {
+            control_net::add_to_plan(&mut plan, &net.config, size, device.as_deref())?;
         }
         Ok(plan)
     }
@@ -266,6 +283,7 @@ impl Pipeline {
         }
         let seeds = request.seeds();
         let (text, text_seconds) = self.encode_prompts(request, on_event)?;
+        let control = self.control_maps(request)?;
         let shapes = stage_c_shapes(&self.models.configs(), &LatentSizes::of(request.size));
         let mut previews = match (&self.previewer, self.options.preview_every) {
             (Some(stage), Some(every)) => Some(Previews::new(stage, every, shapes)),
@@ -281,7 +299,12 @@ impl Pipeline {
                 previews: previews.as_mut(),
                 on_event: &mut *on_event,
             };
-            let rgb = self.generate_one(request, seed, &text, (&caches, resident), &mut |p| {
+            let inputs = ImageInputs {
+                seed,
+                text: &text,
+                control: control.as_ref(),
+            };
+            let rgb = self.generate_one(request, &inputs, (&caches, resident), &mut |p| {
                 observer.observe(p)
             })?;
             let timings = observer.timer.finish();
@@ -290,6 +313,7 @@ impl Pipeline {
                 rgb,
                 metadata: ImageMetadata {
                     loras: self.loras.uses(),
+                    control: request.control.as_ref().map(|c| c.usage()),
                     ..ImageMetadata::new(request, seed, self.hashes.clone())
                 },
                 timings,
@@ -353,7 +377,7 @@ impl Pipeline {
             image: 0,
             progress: &progress,
         })?;
-        let tokens: Vec<Tokens> = [&request.prompt, &request.negative_prompt]
+        let tokens: Vec<Tokens> = [&request.encoded_prompt(), &request.negative_prompt]
             .iter()
             .map(|p| self.tokenizer.encode(p))
             .collect::<Result<_>>()?;
@@ -364,6 +388,37 @@ impl Pipeline {
         check_finite(Phase::Text, None, &text.hidden.data)?;
         check_finite(Phase::Text, None, &text.pooled.data)?;
         Ok((text, started.elapsed().as_secs_f64()))
+    }
+
+    /// The ControlNet's maps of the request's control (once per request), or None without.
+    fn control_maps(&self, request: &Request) -> Result<Option<ControlMaps>> {
+        let Some(control) = &request.control else {
+            return Ok(None);
+        };
+        let (kind, net) = match &self.controlnet {
+            Some((kind, net)) if *kind == control.kind => (kind, net),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "the request has {} control, but the pipeline was loaded without that \
+                     ControlNet: load it with PipelineOptions::control = Some({:?})",
+                    control.kind, control.kind
+                )))
+            }
+        };
+        let cache = WeightCache::new();
+        let maps = control_net::run(
+            &self.context(Some(&cache)),
+            &net.weights,
+            &net.config,
+            &control.map,
+            control.strength,
+        )?;
+        for map in maps.maps.iter().flatten() {
+            check_finite(Phase::StageCLowRes, None, &map.data).map_err(|e| {
+                Error::InvalidArgument(format!("the {kind} ControlNet's output: {e}"))
+            })?;
+        }
+        Ok(Some(maps))
     }
 
     pub(super) fn context<'a>(&'a self, weights: Option<&'a WeightCache>) -> RunContext<'a> {
@@ -389,8 +444,11 @@ impl Pipeline {
     fn generate_one(
         &self,
         request: &Request,
-        seed: u64,
-        text: &TextEmbedding,
+        &ImageInputs {
+            seed,
+            text,
+            control,
+        }: &ImageInputs,
         (caches, resident): (&[WeightCache; 3], bool),
         observe: &mut Observer,
     ) -> Result<Rgb8Image> {
@@ -420,6 +478,12 @@ impl Pipeline {
                 cfg: request.stage_c.cfg,
                 rho: CFG_RHO,
             },
+            shift: if control.is_some() {
+                CONTROL_SHIFT
+            } else {
+                1.0
+            },
+            control,
         };
         let noise = StageCNoise {
             init_lr: host_noise(seed, STREAM_STAGE_C_LR, &shapes.lr),
@@ -487,6 +551,13 @@ impl Pipeline {
         release(&caches[2]);
         Rgb8Image::from_hwc(&rgb.data, rgb.shape[1], rgb.shape[2])
     }
+}
+
+/// What one image of a request is made from besides the request.
+struct ImageInputs<'a> {
+    seed: u64,
+    text: &'a TextEmbedding,
+    control: Option<&'a ControlMaps>,
 }
 
 /// A seed's initial latent of `shape` for `stream`: the device generator's stream, drawn on

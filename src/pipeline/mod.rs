@@ -1,6 +1,7 @@
 //! The text-to-image product around the models: the validated [`request::Request`], the model
 //! files ([`model_dir`]), and PNG output with metadata ([`png_out`]).
 
+pub mod control;
 pub mod generate;
 pub mod lora;
 pub mod model_dir;
@@ -14,6 +15,7 @@ pub mod stages;
 pub mod tiny;
 pub mod tiny_lora;
 
+pub use control::{Control, ControlKind};
 pub use generate::{Event, Image, Pipeline, PipelineOptions};
 pub use lora::LoraSpec;
 pub use model_dir::ModelDir;

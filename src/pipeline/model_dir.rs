@@ -62,6 +62,15 @@ pub const MODEL_FILES: &[ModelFile] = &[
 /// the others where the hub has them, never required.
 pub const OPTIONAL_FILES: &[ModelFile] = &[sc("previewer.safetensors")];
 
+/// The ControlNets (`generate --control`): resolved when present, downloaded only on request
+/// (`download --control`, or `generate --control` from the hub cache).
+pub const CONTROL_FILES: &[ModelFile] = &[sc("controlnet/canny.safetensors")];
+
+/// A file the model directory may lack.
+fn is_optional(f: &ModelFile) -> bool {
+    OPTIONAL_FILES.contains(f) || CONTROL_FILES.contains(f)
+}
+
 /// What `download --model-dir` records next to the files: their hub checksums, so a later
 /// download skips files already current and images can name the weights that made them.
 pub const RECORD_FILE: &str = "hub-files.json";
@@ -101,12 +110,16 @@ impl ModelDir {
         let records = read_records(dir);
         let mut files = BTreeMap::new();
         let mut missing = Vec::new();
-        for f in MODEL_FILES.iter().chain(OPTIONAL_FILES) {
+        for f in MODEL_FILES
+            .iter()
+            .chain(OPTIONAL_FILES)
+            .chain(CONTROL_FILES)
+        {
             let path = dir.join(f.name);
             if path.is_file() {
                 let sha = records.get(f.name).map(|r| r.etag.clone());
                 files.insert(f.name, (path, sha.filter(|e| e.len() == 64)));
-            } else if !OPTIONAL_FILES.contains(f) {
+            } else if !is_optional(f) {
                 missing.push(f.name);
             }
         }
@@ -118,13 +131,17 @@ impl ModelDir {
     fn from_cache(hub: &Hub) -> Result<ModelDir> {
         let mut files = BTreeMap::new();
         let mut missing = Vec::new();
-        for f in MODEL_FILES.iter().chain(OPTIONAL_FILES) {
+        for f in MODEL_FILES
+            .iter()
+            .chain(OPTIONAL_FILES)
+            .chain(CONTROL_FILES)
+        {
             match hub.cached(&f.repo_file()) {
                 Some(c) => {
                     let sha = c.sha256().map(str::to_string);
                     files.insert(f.name, (c.path, sha));
                 }
-                None if OPTIONAL_FILES.contains(f) => {}
+                None if is_optional(f) => {}
                 None => missing.push(f.name),
             }
         }
@@ -151,7 +168,7 @@ impl ModelDir {
         )))
     }
 
-    /// The path of an [`OPTIONAL_FILES`] file, if this directory has it.
+    /// The path of an [`OPTIONAL_FILES`] or [`CONTROL_FILES`] file, if this directory has it.
     pub fn optional(&self, name: &str) -> Option<&Path> {
         self.files.get(name).map(|(p, _)| p.as_path())
     }
@@ -171,6 +188,7 @@ impl ModelDir {
         self.files
             .iter()
             .filter(|(name, _)| !OPTIONAL_FILES.iter().any(|f| f.name == **name))
+            .filter(|(name, _)| !CONTROL_FILES.iter().any(|f| f.name == **name))
             .filter_map(|(name, (_, sha))| Some((name.to_string(), sha.clone()?)))
             .collect()
     }
@@ -196,21 +214,8 @@ pub fn download(
     dir: Option<&Path>,
     mut report: impl FnMut(&Downloaded),
 ) -> Result<ModelDir> {
-    let _lock = match dir {
-        Some(dir) if !hub.options().offline => {
-            let what = format!("the model files into {}", dir.display());
-            lock_file(&dir.join(DIR_LOCK), &what, hub.options().progress)?
-        }
-        _ => None,
-    };
-    let fetch = |f: &ModelFile| match dir {
-        Some(dir) => download_into(hub, dir, f),
-        None => hub.fetch(&f.repo_file()).map(|c| Downloaded {
-            name: f.name,
-            path: c.path,
-            fetched: c.downloaded,
-        }),
-    };
+    let _lock = dir_lock(hub, dir, "the model files")?;
+    let fetch = |f: &ModelFile| fetch_file(hub, dir, f);
     for f in MODEL_FILES {
         report(&fetch(f)?);
     }
@@ -220,6 +225,41 @@ pub fn download(
         }
     }
     ModelDir::resolve(dir, hub.options())
+}
+
+/// Fetches the ControlNet `name` (a [`CONTROL_FILES`] entry) like [`download`] fetches the
+/// model files, into the hub cache or `dir`.
+pub fn download_control(hub: &Hub, dir: Option<&Path>, name: &str) -> Result<Downloaded> {
+    let f = CONTROL_FILES
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| Error::InvalidArgument(format!("`{name}` is not a ControlNet file")))?;
+    let _lock = dir_lock(hub, dir, f.name)?;
+    fetch_file(hub, dir, f)
+}
+
+/// The lock of a download of `what` into a plain directory (none into the hub cache, whose
+/// blobs have their own, or offline).
+fn dir_lock(hub: &Hub, dir: Option<&Path>, what: &str) -> Result<Option<std::fs::File>> {
+    match dir {
+        Some(dir) if !hub.options().offline => {
+            let what = format!("{what} into {}", dir.display());
+            lock_file(&dir.join(DIR_LOCK), &what, hub.options().progress)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One file into the hub cache, or into `dir` as a plain file.
+fn fetch_file(hub: &Hub, dir: Option<&Path>, f: &ModelFile) -> Result<Downloaded> {
+    match dir {
+        Some(dir) => download_into(hub, dir, f),
+        None => hub.fetch(&f.repo_file()).map(|c| Downloaded {
+            name: f.name,
+            path: c.path,
+            fetched: c.downloaded,
+        }),
+    }
 }
 
 /// One file into a plain directory; a file already there is kept when its recorded or

@@ -4,10 +4,12 @@
 //! what the network reads before anything runs. UltraPixel's file, a PyTorch pickle as
 //! released, is converted once (restricted unpickler) into the conversion cache.
 
+use super::control::ControlKind;
 use super::model_dir::ModelDir;
 use crate::models::config::{
     parse, ClipTextConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
 };
+use crate::models::controlnet::{self, ControlNetConfig};
 use crate::models::{clip_text, previewer, stage_a, stage_b, stage_c, Checkpoint, Manifest};
 use crate::tensor::HostTensor;
 use crate::weights::{
@@ -172,6 +174,27 @@ pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     let unused = previewer::unused_keys(&config);
     let unused = keys(&unused);
     let file = open_checked(path, &previewer::manifest(&config)?, &unused)?;
+    Ok(Stage {
+        config,
+        weights: single(file)?,
+    })
+}
+
+/// The ControlNet of `kind` in `dir` (`generate --control`), checked against its manifest;
+/// its configuration is the `.json` beside it (absent: the released one). A clear error
+/// naming the command that fetches it when the directory has none.
+pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<Stage<ControlNetConfig>> {
+    let path = dir.optional(kind.file()).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--control {kind} needs {}, which {} does not have: fetch it with `ultrapixel \
+             download --control {kind}` (add the same --model-dir)",
+            kind.file(),
+            dir.location
+        ))
+    })?;
+    let config: ControlNetConfig = read_config(&beside(path), "ControlNet")?;
+    config.validate()?;
+    let file = open_checked(path, &controlnet::manifest(&config)?, &[])?;
     Ok(Stage {
         config,
         weights: single(file)?,

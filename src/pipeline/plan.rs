@@ -106,6 +106,8 @@ pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
         conditions: &conditions,
         steps: steps.0,
         guidance: unguided,
+        shift: 1.0,
+        control: None,
     };
     let (hc, wc) = sizes.stage_c;
     let effnet = HostTensor::zeros(&[2, hc, wc, cfg.stage_c.c_out]);

@@ -1,6 +1,7 @@
 //! PNG output: 8-bit RGB from the decoder's [0, 1] floats, with the generation settings as
 //! text chunks other tools read (A1111's `parameters`, and our JSON under `ultrapixel`).
 
+use super::control::ControlUse;
 use super::request::{Request, Size, StageSettings};
 use crate::atomic_file::write_atomic;
 use crate::{Error, Result};
@@ -90,6 +91,9 @@ pub struct ImageMetadata {
     /// The LoRAs that changed the image (scale ≠ 0), in order; none for a plain one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraUse>,
+    /// The ControlNet conditioning, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlUse>,
     /// `ultrapixel <version>`.
     pub version: String,
 }
@@ -115,6 +119,7 @@ impl ImageMetadata {
             sampler: SAMPLER.to_string(),
             models,
             loras: Vec::new(),
+            control: None,
             version: software(),
         }
     }
@@ -137,6 +142,10 @@ impl ImageMetadata {
                 .iter()
                 .map(|l| format!("LoRA: {}:{}", l.file, l.scale)),
         );
+        if let Some(c) = &self.control {
+            pairs.push(format!("ControlNet: {}", c.kind));
+            pairs.push(format!("Control strength: {}", c.strength));
+        }
         pairs.extend([
             "Model: UltraPixel".to_string(),
             format!("Stage B steps: {}", self.stage_b.steps),

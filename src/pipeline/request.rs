@@ -1,6 +1,7 @@
 //! What to generate: prompt, size, steps and CFG per stage, seeds, output names, all validated
 //! before any model is touched, with errors that say what would be accepted instead.
 
+use super::control::{Control, CONTROL_CFG_C, PROMPT_SUFFIX};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -201,6 +202,9 @@ pub struct Request {
     pub seed: Option<u64>,
     pub batch: u32,
     pub output: OutputPattern,
+    /// ControlNet conditioning ([`Request::set_control`]); the pipeline needs the ControlNet
+    /// loaded ([`super::PipelineOptions::control`]).
+    pub control: Option<Control>,
 }
 
 impl Request {
@@ -228,6 +232,23 @@ impl Request {
             seed: None,
             batch: 1,
             output: OutputPattern::default(),
+            control: None,
+        }
+    }
+
+    /// Conditions the request on `control` with the official script's settings: Stage C's
+    /// CFG becomes 1 (set `stage_c.cfg` afterwards for another), and generation samples
+    /// Stage C at shift 2 and appends " high quality" to the prompt.
+    pub fn set_control(&mut self, control: Control) {
+        self.stage_c.cfg = CONTROL_CFG_C;
+        self.control = Some(control);
+    }
+
+    /// The prompt the text encoder gets: with control, the official suffix appended.
+    pub fn encoded_prompt(&self) -> String {
+        match self.control {
+            Some(_) => format!("{}{PROMPT_SUFFIX}", self.prompt),
+            None => self.prompt.clone(),
         }
     }
 
@@ -288,6 +309,9 @@ impl Request {
                     ),
                 );
             }
+        }
+        if let Some(c) = &self.control {
+            c.validate()?;
         }
         if self.batch > 1 && !self.output.distinguishes_images() {
             return invalid(

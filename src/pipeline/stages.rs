@@ -5,13 +5,14 @@
 //!
 //! Latents are channels-last f32 (`[B, H, W, C]`); the CFG batch is `[cond rows, uncond rows]`.
 
+use super::control::net::ControlMaps;
 use crate::models::clip_text::{clip_text, ClipTextInputs};
 use crate::models::config::{ClipTextConfig, StageAConfig, StageBConfig, StageCConfig};
 use crate::models::stage_a::{padded_latent, stage_a_decode};
 use crate::models::stage_b::{stage_b, StageBInputs};
 use crate::models::stage_c::{
-    guide_scale, stage_c, ClipInputs, Guidance, GuideSource, StageCInputs, GUIDE_MODULES,
-    GUIDE_SITES,
+    guide_scale, stage_c_controlled, ClipInputs, Guidance, GuideSource, StageCInputs,
+    GUIDE_MODULES, GUIDE_SITES,
 };
 use crate::models::{inr, Checkpoint, ModelBuilder};
 use crate::ops::layout::Cast;
@@ -64,6 +65,8 @@ impl Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StageId {
     TextEncoder,
+    /// Runs once per request with control, before Stage C.
+    ControlNet,
     StageC,
     StageB,
     StageA,
@@ -73,6 +76,7 @@ impl StageId {
     pub fn label(self) -> &'static str {
         match self {
             StageId::TextEncoder => "text encoder",
+            StageId::ControlNet => "controlnet",
             StageId::StageC => "stage C",
             StageId::StageB => "stage B",
             StageId::StageA => "stage A",
@@ -248,6 +252,11 @@ pub struct StageCRun<'a> {
     pub conditions: &'a StageCConditions,
     pub steps: usize,
     pub guidance: sampling_loop::Guidance,
+    /// The schedule's shift (1; 2 with control).
+    pub shift: f32,
+    /// The ControlNet's maps, injected where no LR guidance is (every LR step, the HR steps
+    /// past [`GUIDED_STEPS`]).
+    pub control: Option<&'a ControlMaps>,
 }
 
 /// Both loops' results: the LR sample (unused downstream) and the HR one, whose x0 is
@@ -307,7 +316,7 @@ impl StageCRun<'_> {
         let lr = lr_loop.run(
             ctx,
             noise.init_lr.clone(),
-            &Steps::all(self.steps),
+            &self.schedule(0..self.steps),
             &noise.lr,
             Phase::StageCLowRes,
             observe,
@@ -335,10 +344,7 @@ impl StageCRun<'_> {
 
         // The reference guides the first GUIDED_STEPS steps only (`if i <= 19`): a longer
         // schedule finishes on the plain network.
-        let guided = Steps {
-            total: self.steps,
-            run: 0..self.steps.min(GUIDED_STEPS),
-        };
+        let guided = self.schedule(0..self.steps.min(GUIDED_STEPS));
         let mut hr = self.hr_recording(shapes, noise.hr.source())?;
         let ids = hr.guide_inputs.expect("the HR recording has guide inputs");
         hr.constants.extend(ids.into_iter().zip(recs));
@@ -351,10 +357,7 @@ impl StageCRun<'_> {
             observe,
         )?;
         if guided.run.end < self.steps {
-            let rest = Steps {
-                total: self.steps,
-                run: guided.run.end..self.steps,
-            };
+            let rest = self.schedule(guided.run.end..self.steps);
             sampled = self
                 .step_recording(shapes.hr, noise.hr.source(), |_| Ok(Guidance::None))?
                 .into_loop(ctx, self.weights)?
@@ -368,6 +371,15 @@ impl StageCRun<'_> {
                 )?;
         }
         Ok(StageCResult { lr, hr: sampled })
+    }
+
+    /// The steps `run` of the run's schedule.
+    fn schedule(&self, run: std::ops::Range<usize>) -> Steps {
+        Steps {
+            total: self.steps,
+            run,
+            shift: self.shift,
+        }
     }
 
     /// Every graph the run places on the device, in order (for memory planning).
@@ -418,12 +430,23 @@ impl StageCRun<'_> {
     ) -> Result<StepRecording> {
         let mut mb = ModelBuilder::new();
         let (clip, values) = self.conditions.record(&mut mb)?;
-        let constants = values.into_iter().map(|(id, v)| (id, v.to_vec())).collect();
+        let mut constants: Vec<(TensorId, Vec<f32>)> =
+            values.into_iter().map(|(id, v)| (id, v.to_vec())).collect();
         let guidance = guide(&mut mb)?;
+        // The official model injects control only where it has no LR guide.
+        let control = match (self.control, guidance) {
+            (Some(maps), Guidance::None | Guidance::Capture) => {
+                let (injection, values) = maps.record(&mut mb, 2 * shape[0])?;
+                constants.extend(values);
+                Some(injection)
+            }
+            _ => None,
+        };
         let mut features = None;
         let graph = record_step(&mut mb, &shape, self.guidance, source, |mb, x2, r| {
             let x = mb.g.op1(Cast { out: DType::BF16 }, &[x2])?;
-            let out = stage_c(mb, self.cfg, &StageCInputs { x, r, clip }, guidance)?;
+            let inputs = StageCInputs { x, r, clip };
+            let out = stage_c_controlled(mb, self.cfg, &inputs, guidance, control.as_ref())?;
             features = out.features;
             Ok(out.out)
         })?;

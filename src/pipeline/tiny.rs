@@ -176,6 +176,9 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<TinyModel> {
     written
         .files
         .extend(super::tiny_lora::write_tiny_lora(dir, seed)?);
+    written
+        .files
+        .extend(super::control::tiny::write_tiny_controlnet(dir, seed)?);
     Ok(written)
 }
 
@@ -239,7 +242,7 @@ fn tokenizer_files() -> Result<Vec<(String, String)>> {
 
 /// A random parameter of a sensible scale for its role (so activations stay finite through
 /// every network): weights ~ N(0, 1/fan_in), biases and scales small, norm gains near 1.
-fn random_weight(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
+pub(super) fn random_weight(seed: u64, key: &str, shape: &[usize]) -> HostTensor {
     let mut values = vec![0f32; numel(shape)];
     let h = key_hash(key);
     let words = [seed as u32, (seed >> 32) as u32, h as u32, (h >> 32) as u32];

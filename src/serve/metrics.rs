@@ -157,6 +157,7 @@ impl Metrics {
 fn stage_label(stage: StageId) -> &'static str {
     match stage {
         StageId::TextEncoder => "text_encoder",
+        StageId::ControlNet => "controlnet",
         StageId::StageC => "stage_c",
         StageId::StageB => "stage_b",
         StageId::StageA => "stage_a",

@@ -1,0 +1,232 @@
+//! ControlNet conditioning (`generate --control canny`), as the official UltraPixel
+//! `inference/test_controlnet.py` applies it:
+//!
+//! - the control image is resized to a short side of 768 and run through the Canny filter
+//!   ([`crate::control`]); a ready map is resized the same way;
+//! - the ControlNet runs once per request on that map ([`net`]); its maps, times the
+//!   strength (`--control_weight`, 0.7 by default), are added before Stage C's ResBlocks;
+//! - they are injected wherever Stage C runs without UltraPixel's LR guidance: every step
+//!   of the low-resolution pass, and only the high-resolution steps past the guided ones
+//!   (the official `lr_guide=... if i <= 19 else None`: none with the default 20 steps);
+//! - with control the script samples Stage C at CFG 1 ([`CONTROL_CFG_C`], unless the
+//!   request sets another) and shift 2 ([`CONTROL_SHIFT`]), and appends " high quality" to
+//!   the positive prompt ([`PROMPT_SUFFIX`]).
+
+pub mod net;
+pub mod tiny;
+
+use crate::models::stage_c::DEFAULT_CONTROL_WEIGHT;
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The official control strength.
+pub const DEFAULT_STRENGTH: f32 = DEFAULT_CONTROL_WEIGHT;
+/// Strengths accepted: 0 (the maps add nothing) to 2 (the official script suggests 0.3–0.8).
+pub const MAX_STRENGTH: f32 = 2.0;
+/// Stage C's CFG in the official script (`sampling_configs['cfg'] = 1`).
+pub const CONTROL_CFG_C: f32 = 1.0;
+/// Stage C's schedule shift in the official script (`sampling_configs['shift'] = 2`).
+pub const CONTROL_SHIFT: f32 = 2.0;
+/// What the official script appends to the prompt (`caption + ' high quality'`); the
+/// negative prompt is left as it is.
+pub const PROMPT_SUFFIX: &str = " high quality";
+
+/// A released ControlNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlKind {
+    /// Stable Cascade's Canny ControlNet: edges of the control image.
+    Canny,
+}
+
+impl ControlKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlKind::Canny => "canny",
+        }
+    }
+
+    /// Its weights in the model directory (and in `stabilityai/stable-cascade`).
+    pub fn file(self) -> &'static str {
+        match self {
+            ControlKind::Canny => "controlnet/canny.safetensors",
+        }
+    }
+}
+
+impl std::fmt::Display for ControlKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ControlKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ControlKind> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "canny" => Ok(ControlKind::Canny),
+            _ => Err(Error::InvalidArgument(format!(
+                "control {s:?} is not supported: the one available is canny"
+            ))),
+        }
+    }
+}
+
+/// Where a control map came from (for the image's metadata).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlSource {
+    /// An image whose edges were extracted (its file name, when read from a file).
+    Image(Option<String>),
+    /// A ready control map (its file name, when read from a file).
+    Map(Option<String>),
+}
+
+/// The control of a request: the map the ControlNet reads and its strength.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Control {
+    pub kind: ControlKind,
+    /// `[1, h, w]` in [0, 1], short side 768.
+    pub map: HostTensor,
+    pub source: ControlSource,
+    /// 0 to [`MAX_STRENGTH`].
+    pub strength: f32,
+}
+
+impl Control {
+    /// Canny control from an RGB image `[3, h, w]` in [0, 1] (the official preprocessing).
+    pub fn canny_image(image: &HostTensor) -> Result<Control> {
+        if image.shape.len() != 3 || image.shape[0] != 3 || image.data.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a control image must be RGB [3, h, w], got {:?}",
+                image.shape
+            )));
+        }
+        Ok(Self::of(
+            crate::control::canny_map(image),
+            ControlSource::Image(None),
+        ))
+    }
+
+    /// Canny control from an image file (PNG, JPEG or WebP).
+    pub fn canny_image_file(path: &Path) -> Result<Control> {
+        let image = crate::control::image_file::read_rgb(path)?;
+        Ok(Self::of(
+            crate::control::canny_map(&image),
+            ControlSource::Image(Some(file_name(path))),
+        ))
+    }
+
+    /// Canny control from a ready edge map `[1, h, w]` in [0, 1] (resized as an image is).
+    pub fn canny_map(map: HostTensor) -> Result<Control> {
+        if map.shape.len() != 3 || map.shape[0] != 1 || map.data.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a control map must be one channel [1, h, w], got {:?}",
+                map.shape
+            )));
+        }
+        Ok(Self::of(
+            crate::control::sized_map(&map),
+            ControlSource::Map(None),
+        ))
+    }
+
+    /// Canny control from a ready edge map file (its luminance: white edges on black).
+    pub fn canny_map_file(path: &Path) -> Result<Control> {
+        let map = crate::control::image_file::read_grey(path)?;
+        Ok(Self::of(
+            crate::control::sized_map(&map),
+            ControlSource::Map(Some(file_name(path))),
+        ))
+    }
+
+    fn of(map: HostTensor, source: ControlSource) -> Control {
+        Control {
+            kind: ControlKind::Canny,
+            map,
+            source,
+            strength: DEFAULT_STRENGTH,
+        }
+    }
+
+    /// The same control at `strength`.
+    pub fn with_strength(self, strength: f32) -> Control {
+        Control { strength, ..self }
+    }
+
+    /// Checks the strength (the map was checked when made).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.strength.is_finite() && (0.0..=MAX_STRENGTH).contains(&self.strength)) {
+            return Err(Error::InvalidSetting {
+                field: "control.strength",
+                value: self.strength.to_string(),
+                reason: format!(
+                    "must be a number from 0 to {MAX_STRENGTH} (the official default is \
+                     {DEFAULT_STRENGTH})"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// How the image's metadata records it.
+    pub fn usage(&self) -> ControlUse {
+        ControlUse {
+            kind: self.kind,
+            source: self.source.clone(),
+            strength: self.strength,
+            shift: CONTROL_SHIFT,
+            prompt_suffix: PROMPT_SUFFIX.into(),
+        }
+    }
+}
+
+/// The control of an image, as its metadata records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlUse {
+    pub kind: ControlKind,
+    pub source: ControlSource,
+    pub strength: f32,
+    /// Stage C's schedule shift.
+    pub shift: f32,
+    /// Appended to the prompt.
+    pub prompt_suffix: String,
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_name_their_file() {
+        let k: ControlKind = "Canny".parse().unwrap();
+        assert_eq!(k.file(), "controlnet/canny.safetensors");
+        let err = "depth".parse::<ControlKind>().unwrap_err().to_string();
+        assert!(err.contains("depth") && err.contains("canny"), "{err}");
+    }
+
+    #[test]
+    fn maps_are_brought_to_the_control_size_and_strengths_checked() {
+        let map = HostTensor::new(vec![1, 4, 8], (0..32).map(|i| i as f32 / 32.0).collect());
+        let c = Control::canny_map(map).unwrap();
+        assert_eq!(c.map.shape, [1, 768, 1536]);
+        assert_eq!(c.strength, 0.7);
+        assert!(c.clone().with_strength(2.0).validate().is_ok());
+        for bad in [-0.1, 2.5, f32::NAN] {
+            let err = c.clone().with_strength(bad).validate().unwrap_err();
+            assert!(err.to_string().contains("from 0 to 2"), "{err}");
+        }
+        let rgb = HostTensor::zeros(&[1, 4, 8]);
+        assert!(Control::canny_image(&rgb).is_err());
+        assert!(Control::canny_map(HostTensor::zeros(&[3, 4, 8])).is_err());
+    }
+}

@@ -1,0 +1,320 @@
+//! `generate --control canny` on the tiny model (`make-tiny-model` writes a tiny Canny
+//! ControlNet): control changes the image, strength 0 makes the control input irrelevant, a
+//! ready map is what the image's edges give, bad inputs are refused before any output, and
+//! the library path, metadata and memory plan carry the control.
+
+mod common;
+
+use common::{png_image, quick_generate};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use ultrapixel::hub::HubOptions;
+use ultrapixel::pipeline::control::{ControlKind, ControlSource};
+use ultrapixel::pipeline::{
+    read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
+};
+use ultrapixel::runtime::{Backend, BackendKind};
+
+const POISON: &[u8] = b"poison: not written by this run";
+
+fn tiny_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), 3).unwrap();
+    dir
+}
+
+/// A fresh random control image (rectangles of random colours, so it has edges) at `path`.
+fn random_image(path: &Path, seed: u64) {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (w, h) = (rng.random_range(48..160u32), rng.random_range(48..160u32));
+    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb(rng.random()));
+    for _ in 0..6 {
+        let (x0, y0) = (rng.random_range(0..w), rng.random_range(0..h));
+        let (x1, y1) = (rng.random_range(x0..w), rng.random_range(y0..h));
+        let colour = image::Rgb(rng.random());
+        for y in y0..=y1.min(h - 1) {
+            for x in x0..=x1.min(w - 1) {
+                img.put_pixel(x, y, colour);
+            }
+        }
+    }
+    img.save(path).unwrap();
+}
+
+/// An output path holding poison, so that only a file this run wrote can pass.
+fn poisoned(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, POISON).unwrap();
+    path
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn seed() -> u64 {
+    let s = rand::random::<u64>() >> 12;
+    eprintln!("random seed {s}");
+    s
+}
+
+#[test]
+fn control_changes_the_image_and_at_strength_0_the_control_image_is_irrelevant() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    let s = seed();
+    let (a, b) = (work.path().join("a.png"), work.path().join("b.png"));
+    random_image(&a, s);
+    random_image(&b, s + 1);
+    let run = |name: &str, extra: &[&str]| {
+        let out_path = poisoned(work.path(), name);
+        let mut args = vec!["--seed", "9"];
+        args.extend(extra);
+        args.push("a house by a lake");
+        ok(&quick_generate(model.path(), &out_path, "cpu", &args));
+        png_image(&out_path).pixels
+    };
+    let (a_arg, b_arg) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let plain = run("plain.png", &[]);
+    let with_a = run(
+        "with-a.png",
+        &["--control", "canny", "--control-image", a_arg],
+    );
+    let with_b = run(
+        "with-b.png",
+        &["--control", "canny", "--control-image", b_arg],
+    );
+    assert_ne!(with_a, plain, "control changed nothing");
+    assert_ne!(with_a, with_b, "two control images gave the same image");
+    let zero = ["--control-strength", "0"];
+    let zero_a = run(
+        "a0.png",
+        &[
+            "--control",
+            "canny",
+            "--control-image",
+            a_arg,
+            zero[0],
+            zero[1],
+        ],
+    );
+    let zero_b = run(
+        "b0.png",
+        &[
+            "--control",
+            "canny",
+            "--control-image",
+            b_arg,
+            zero[0],
+            zero[1],
+        ],
+    );
+    assert_eq!(
+        zero_a, zero_b,
+        "strength 0 still depends on the control image"
+    );
+    assert_ne!(zero_a, with_a, "the strength changed nothing");
+
+    // The settings are recorded.
+    let meta = read_metadata(&work.path().join("with-a.png"))
+        .unwrap()
+        .ultrapixel
+        .unwrap();
+    let control = meta.control.expect("control in the metadata");
+    assert_eq!(control.kind, ControlKind::Canny);
+    assert_eq!(control.strength, 0.7);
+    assert_eq!(control.shift, 2.0);
+    assert_eq!(control.source, ControlSource::Image(Some("a.png".into())));
+    assert_eq!(
+        meta.stage_c.cfg, 1.0,
+        "the official Stage C CFG with control"
+    );
+    assert_eq!(meta.prompt, "a house by a lake", "the prompt as given");
+    let plain_meta = read_metadata(&work.path().join("plain.png"))
+        .unwrap()
+        .ultrapixel
+        .unwrap();
+    assert!(plain_meta.control.is_none());
+    assert_eq!(plain_meta.stage_c.cfg, 4.0);
+}
+
+#[test]
+fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    let s = seed();
+    let image_path = work.path().join("control.png");
+    random_image(&image_path, s);
+    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
+    let options = PipelineOptions {
+        conversion_cache: model.path().join("cache"),
+        control: Some(ControlKind::Canny),
+        ..PipelineOptions::default()
+    };
+    let cpu = Backend::open(BackendKind::Cpu).unwrap();
+    let pipeline = Pipeline::load(&md, cpu, options).unwrap();
+    let mut request = Request::new("a house by a lake");
+    request.size = Size::new(512, 512).unwrap();
+    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(9));
+    let from_image = Control::canny_image_file(&image_path).unwrap();
+    let rgb = ultrapixel::control::image_file::read_rgb(&image_path).unwrap();
+    let edges = ultrapixel::control::canny_map(&rgb);
+    assert_eq!(edges.shape[0], 1);
+    assert_eq!(edges.shape[1].min(edges.shape[2]), 768);
+    let from_map = Control::canny_map(edges).unwrap();
+    assert_eq!(from_map.map, from_image.map);
+
+    let generate = |control: Control| {
+        let mut r = request.clone();
+        r.set_control(control);
+        pipeline.generate(&r).unwrap().remove(0)
+    };
+    let by_image = generate(from_image.clone());
+    let by_map = generate(from_map);
+    assert_eq!(by_image.rgb.pixels, by_map.rgb.pixels);
+    assert_eq!(
+        by_map.metadata.control.unwrap().source,
+        ControlSource::Map(None)
+    );
+
+    // The CLI's --control-image is the library's Control::canny_image_file.
+    let out = poisoned(work.path(), "cli.png");
+    let args = ["--seed", "9", "--control", "canny", "--control-image"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend([image_path.to_str().unwrap(), "a house by a lake"]);
+    ok(&quick_generate(model.path(), &out, "cpu", &args));
+    assert_eq!(png_image(&out).pixels, by_image.rgb.pixels);
+
+    // A map file goes through --control-map as through Control::canny_map_file.
+    let map_path = work.path().join("map.png");
+    random_image(&map_path, s + 7);
+    let out = poisoned(work.path(), "cli-map.png");
+    let args = ["--seed", "9", "--control", "canny", "--control-map"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend([map_path.to_str().unwrap(), "a house by a lake"]);
+    ok(&quick_generate(model.path(), &out, "cpu", &args));
+    let by_map_file = generate(Control::canny_map_file(&map_path).unwrap());
+    assert_eq!(png_image(&out).pixels, by_map_file.rgb.pixels);
+    assert_ne!(by_map_file.rgb.pixels, by_image.rgb.pixels);
+
+    // A pipeline loaded without the ControlNet refuses a controlled request, saying why.
+    let plain = Pipeline::load(
+        &md,
+        Backend::open(BackendKind::Cpu).unwrap(),
+        PipelineOptions {
+            conversion_cache: model.path().join("cache"),
+            ..PipelineOptions::default()
+        },
+    )
+    .unwrap();
+    let mut r = request.clone();
+    r.set_control(from_image);
+    let err = plain.generate(&r).unwrap_err().to_string();
+    assert!(err.contains("PipelineOptions::control"), "{err}");
+}
+
+#[test]
+fn bad_control_inputs_exit_2_with_the_reason_and_write_nothing() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    let not_image = work.path().join("notes.png");
+    std::fs::write(&not_image, b"just some text").unwrap();
+    let missing = work.path().join("missing.jpg");
+    let good = work.path().join("good.png");
+    random_image(&good, seed());
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["--control-image", not_image.to_str().unwrap()],
+            "PNG, JPEG or WebP",
+        ),
+        (
+            vec!["--control-image", missing.to_str().unwrap()],
+            "missing.jpg",
+        ),
+        (
+            vec!["--control-map", not_image.to_str().unwrap()],
+            "notes.png",
+        ),
+        (
+            vec![
+                "--control-image",
+                good.to_str().unwrap(),
+                "--control-strength",
+                "2.5",
+            ],
+            "--control-strength 2.5: must be a number from 0 to 2",
+        ),
+        (
+            vec![
+                "--control-image",
+                good.to_str().unwrap(),
+                "--control-strength",
+                "-1",
+            ],
+            "from 0 to 2",
+        ),
+    ];
+    for (i, (extra, reason)) in cases.into_iter().enumerate() {
+        let out = work.path().join(format!("out{i}.png"));
+        let mut args = vec!["--control", "canny"];
+        args.extend(extra);
+        args.push("a test");
+        let run = quick_generate(model.path(), &out, "cpu", &args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    // --control without an input, and an input without --control.
+    for args in [
+        vec!["--control", "canny", "a test"],
+        vec!["--control-image", good.to_str().unwrap(), "a test"],
+    ] {
+        let out = work.path().join("clap.png");
+        let run = quick_generate(model.path(), &out, "cpu", &args);
+        assert_eq!(run.status.code(), Some(2), "{args:?}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn info_plans_the_controlnet_weights_and_activations() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+            .args(["info", "--size", "2048x2048"])
+            .args(extra)
+            .output()
+            .unwrap();
+        ok(&out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    let with = run(&["--control", "canny"]);
+    assert!(!plain.contains("controlnet "), "{plain}");
+    let row = with
+        .lines()
+        .find(|l| l.starts_with("controlnet "))
+        .unwrap_or_else(|| panic!("no ControlNet row: {with}"));
+    let numbers: Vec<u64> = row
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    // The released Canny ControlNet: EfficientNetV2-S features and eight projections,
+    // ≈ 60 MiB of bf16 weights and some activations at a 768×768 control map.
+    assert!((40..400).contains(&numbers[0]), "{row}");
+    assert!(numbers[1] > 0, "{row}");
+    let stage_c = |text: &str| -> u64 {
+        let l = text.lines().find(|l| l.starts_with("stage C")).unwrap();
+        l.split_whitespace().nth(3).unwrap().parse().unwrap()
+    };
+    assert!(
+        stage_c(&with) > stage_c(&plain),
+        "the maps cost Stage C nothing"
+    );
+}
