@@ -195,6 +195,7 @@ impl UpxSettings {
             seed: self.use_seed.then_some(self.seed),
             batch: 1,
             output: OutputPattern::default(),
+            control: None,
         };
         request.validate()?;
         Ok(request)

@@ -714,3 +714,53 @@ pub fn encode_text(
         pooled: HostTensor::new(vec![n, 1, cfg.projection_dim], session.read(pooled)?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::tiny::tiny_configs;
+    use std::collections::HashMap;
+
+    fn has_control(rec: &StepRecording) -> bool {
+        rec.mb.g.inputs().any(|(_, d)| d.name.starts_with("cnet."))
+    }
+
+    #[test]
+    fn control_goes_to_the_steps_without_lr_guide_on_the_shifted_schedule() {
+        let cfg = tiny_configs().stage_c;
+        let map = |hw| Some(HostTensor::zeros(&[1, hw, hw, cfg.c_hidden[0]]));
+        let maps = ControlMaps {
+            maps: vec![map(3), None, map(2), map(3)],
+            strength: 0.7,
+        };
+        let conditions = StageCConditions::zeros(&cfg, 2);
+        let none: HashMap<String, HostTensor> = HashMap::new();
+        let run = StageCRun {
+            weights: &none,
+            cfg: &cfg,
+            conditions: &conditions,
+            steps: 25,
+            guidance: sampling_loop::Guidance { cfg: 1.0, rho: 0.7 },
+            shift: 2.0,
+            control: Some(&maps),
+        };
+        let shapes = StageCShapes {
+            lr: [1, 8, 8, cfg.c_in],
+            hr: [1, 12, 12, cfg.c_in],
+        };
+        let source = NoiseSource::Device;
+        assert!(has_control(&run.lr_recording(shapes, source).unwrap()));
+        assert!(!has_control(&run.hr_recording(shapes, source).unwrap()));
+        let unguided = run
+            .step_recording(shapes.hr, source, |_| Ok(Guidance::None))
+            .unwrap();
+        assert!(has_control(&unguided));
+        let rest = run.schedule(GUIDED_STEPS..25);
+        assert_eq!((rest.total, rest.shift), (25, 2.0));
+        let plain = StageCRun {
+            control: None,
+            ..run
+        };
+        assert!(!has_control(&plain.lr_recording(shapes, source).unwrap()));
+    }
+}

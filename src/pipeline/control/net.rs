@@ -12,6 +12,9 @@ use crate::runtime::graph::{Graph, TensorId};
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 
+/// Constant inputs of a graph and their values.
+pub type ConstantValues = Vec<(TensorId, Vec<f32>)>;
+
 /// The ControlNet's output for one control map, and the strength it is added with.
 #[derive(Clone, Debug)]
 pub struct ControlMaps {
@@ -28,7 +31,7 @@ impl ControlMaps {
         &self,
         mb: &mut ModelBuilder,
         rows: usize,
-    ) -> Result<(ControlInjection, Vec<(TensorId, Vec<f32>)>)> {
+    ) -> Result<(ControlInjection, ConstantValues)> {
         let mut maps = Vec::with_capacity(self.maps.len());
         let mut values = Vec::new();
         for (visit, map) in self.maps.iter().enumerate() {
