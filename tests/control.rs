@@ -184,11 +184,24 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
 
     // The CLI's --control-image is the library's Control::canny_image_file.
     let out = poisoned(work.path(), "cli.png");
-    let args = ["--seed", "9", "--control", "canny", "--control-image"];
+    let args = [
+        "--seed",
+        "9",
+        "--json",
+        "--control",
+        "canny",
+        "--control-image",
+    ];
     let mut args: Vec<&str> = args.to_vec();
     args.extend([image_path.to_str().unwrap(), "a house by a lake"]);
-    ok(&quick_generate(model.path(), &out, "cpu", &args));
+    let run = quick_generate(model.path(), &out, "cpu", &args);
+    ok(&run);
     assert_eq!(png_image(&out).pixels, by_image.rgb.pixels);
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["control"]["kind"], "canny", "{json}");
+    assert_eq!(json["control"]["source"]["image"], "control.png", "{json}");
+    let planned = json["memory_plan"]["stages"].as_array().unwrap();
+    assert!(planned.iter().any(|s| s["stage"] == "controlnet"), "{json}");
 
     // A map file goes through --control-map as through Control::canny_map_file.
     let map_path = work.path().join("map.png");

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use ultrapixel::hub::{Hub, HubOptions, RepoFile};
-use ultrapixel::pipeline::model_dir::{download, ModelDir, MODEL_FILES, OPTIONAL_FILES};
+use ultrapixel::pipeline::model_dir::{
+    download, download_control, ModelDir, CONTROL_FILES, MODEL_FILES, OPTIONAL_FILES,
+};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// Renamed repositories: the hub answers their requests with a redirect to
@@ -531,6 +533,45 @@ fn a_missing_optional_file_does_not_fail_the_download() {
     for f in MODEL_FILES {
         assert!(dir.path(f.name).is_ok(), "{}", f.name);
     }
+}
+
+/// The ControlNet comes only on request: `download` leaves it out, `download_control` and
+/// `download --control canny` fetch it (verified, once) into a model directory or the cache.
+#[test]
+fn the_controlnet_is_downloaded_only_on_request() {
+    let hub = MockHub::start(Faults::default());
+    let cache = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let client = Hub::new(hub.options(cache.path()));
+    let name = CONTROL_FILES[0].name;
+    assert_eq!(name, "controlnet/canny.safetensors");
+    let dir = download(&client, Some(target.path()), |_| {}).unwrap();
+    assert!(dir.optional(name).is_none());
+    assert!(
+        download_control(&client, Some(target.path()), name)
+            .unwrap()
+            .fetched
+    );
+    assert_eq!(read(&target.path().join(name)), content(name).0);
+    assert!(
+        !download_control(&client, Some(target.path()), name)
+            .unwrap()
+            .fetched
+    );
+    let dir = ModelDir::resolve(Some(target.path()), &HubOptions::from_vars(|_| None)).unwrap();
+    assert_eq!(dir.optional(name), Some(target.path().join(name).as_path()));
+    assert!(download_control(&client, None, "stage_a.safetensors").is_err());
+
+    let cache = tempfile::tempdir().unwrap();
+    let (code, out) = output(
+        ultrapixel(&["download", "-q", "--control", "canny"])
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HUB_CACHE", cache.path()),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("downloaded  {name}")), "{out}");
+    let cached = Hub::new(hub.options(cache.path())).cached(&CONTROL_FILES[0].repo_file());
+    assert_eq!(read(&cached.unwrap().path), content(name).0);
 }
 
 /// `ultrapixel ARGS` with none of the hub variables of the calling environment.

@@ -457,6 +457,25 @@ mod tests {
     }
 
     #[test]
+    fn control_sets_the_official_cfg_and_suffixes_the_positive_prompt_only() {
+        let mut r = Request::new("a lake");
+        r.negative_prompt = "blurry".into();
+        assert_eq!(r.encoded_prompt(), "a lake");
+        let map = crate::tensor::HostTensor::zeros(&[1, 768, 768]);
+        r.set_control(Control::canny_map(map).unwrap());
+        assert_eq!(r.stage_c.cfg, 1.0);
+        assert_eq!(r.encoded_prompt(), "a lake high quality");
+        assert_eq!(r.negative_prompt, "blurry");
+        assert!(r.validate().is_ok());
+        r.control = r.control.map(|c| c.with_strength(3.0));
+        let err = r.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("control.strength") && err.contains('3'),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn output_patterns_fill_seed_and_index() {
         let p = OutputPattern::parse("out/{n}-{seed}.PNG").unwrap();
         assert_eq!(p.path(7, 2), PathBuf::from("out/2-7.PNG"));
