@@ -215,6 +215,14 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
     assert_eq!(png_image(&out).pixels, by_map_file.rgb.pixels);
     assert_ne!(by_map_file.rgb.pixels, by_image.rgb.pixels);
 
+    // Past the 20 guided high-resolution steps, the unguided ones inject the maps too (their
+    // graph reads them: see the stages unit test); the run completes with control.
+    let mut long = request.clone();
+    long.stage_c.steps = 21;
+    long.set_control(from_image.clone());
+    let long_image = pipeline.generate(&long).unwrap().remove(0);
+    assert_ne!(long_image.rgb.pixels, by_image.rgb.pixels);
+
     // A pipeline loaded without the ControlNet refuses a controlled request, saying why.
     let plain = Pipeline::load(
         &md,
