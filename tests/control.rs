@@ -327,7 +327,7 @@ fn info_plans_the_controlnet_weights_and_activations() {
         .map(|n| n.parse().unwrap())
         .collect();
     // The released Canny ControlNet: EfficientNetV2-S features and eight projections,
-    // ≈ 60 MiB of bf16 weights and some activations at a 768×768 control map.
+    // ≈ 110 MiB of bf16 weights, and activations at a 768×768 control map.
     assert!((40..400).contains(&numbers[0]), "{row}");
     assert!(numbers[1] > 0, "{row}");
     let stage_c = |text: &str| -> u64 {

@@ -112,9 +112,8 @@ impl Control {
 
     /// Canny control from an image file (PNG, JPEG or WebP).
     pub fn canny_image_file(path: &Path) -> Result<Control> {
-        let image = crate::control::image_file::read_rgb(path)?;
         Ok(Self::of(
-            crate::control::canny_map(&image),
+            crate::control::canny_map_of_file(path)?,
             ControlSource::Image(Some(file_name(path))),
         ))
     }
@@ -135,11 +134,11 @@ impl Control {
 
     /// Canny control from a ready edge map file (its luminance: white edges on black).
     pub fn canny_map_file(path: &Path) -> Result<Control> {
-        let map = crate::control::image_file::read_grey(path)?;
-        Ok(Self::of(
-            crate::control::sized_map(&map),
-            ControlSource::Map(Some(file_name(path))),
-        ))
+        let control = Self::canny_map(crate::control::image_file::read_grey(path)?)?;
+        Ok(Control {
+            source: ControlSource::Map(Some(file_name(path))),
+            ..control
+        })
     }
 
     fn of(map: HostTensor, source: ControlSource) -> Control {
