@@ -1,6 +1,6 @@
 //! Prompts to CLIP token ids: the embedded ViT-bigG/14 tokenizer (`data/`, docs/MODEL.md §5) with
 //! the reference's framing — BOS, at most 75 text tokens, EOS, padding with EOS to 77 — and the
-//! attention mask (1 for BOS, the text and the first EOS).
+//! attention mask (1 for BOS, the text and the first EOS), and where the text encoder pools.
 
 use crate::{Error, Result};
 
@@ -27,12 +27,10 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Position of the first EOS: where the pooled embedding is taken.
-    pub fn eos_position(&self) -> usize {
-        self.ids
-            .iter()
-            .position(|&t| t == EOS)
-            .expect("framed ids end in EOS")
+    /// Where the pooled embedding is taken: [`pooled_position`] of the ids (the first EOS,
+    /// unless the prompt holds a LoRA's added token).
+    pub fn pooled_position(&self) -> usize {
+        pooled_position(&self.ids)
     }
 
     /// The warning to show for a truncated prompt.
@@ -141,12 +139,22 @@ impl Tokenizer {
     }
 }
 
-/// Position of the first EOS in a row of f32 ids (CLIP's legacy pooling rule: the argmax of
-/// the ids); the last position when there is none.
-pub fn first_eos(row: &[f32]) -> usize {
-    row.iter()
-        .position(|&v| v == EOS as f32)
-        .unwrap_or(row.len().saturating_sub(1))
+/// Where CLIP pools a row of token ids: the first position of its highest id, as the
+/// official text encoder does. The released ViT-bigG/14 config has the legacy
+/// `eos_token_id` 2, so `transformers`' `CLIPTextTransformer` takes
+/// `input_ids.argmax(-1)`, and torch's argmax gives the first maximal element. With the
+/// plain vocabulary that is the first EOS (49407, the highest id); a LoRA's added tokens
+/// are numbered past EOS, so in a prompt that holds one it is the first occurrence of the
+/// newest added token the prompt holds, as in the official `test_personalized.py`.
+/// 0 for an empty row.
+pub fn pooled_position<T: Copy + PartialOrd>(row: &[T]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate().skip(1) {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -160,12 +168,12 @@ mod tests {
         assert_eq!(&e.ids[..3], &[BOS, EOS, EOS]);
         assert_eq!(e.ids.len(), CONTEXT);
         assert_eq!(&e.mask[..3], &[1, 1, 0]);
-        assert_eq!(e.eos_position(), 1);
+        assert_eq!(e.pooled_position(), 1);
         assert!(e.dropped.is_none() && e.warning().is_none());
         let e = t.encode("a photo of a dog").unwrap();
         let n = e.mask.iter().filter(|&&m| m == 1).count();
         assert_eq!(n, 2 + 5, "{:?}", &e.ids[..10]);
-        assert_eq!(e.eos_position(), n - 1);
+        assert_eq!(e.pooled_position(), n - 1);
     }
 
     #[test]
@@ -183,9 +191,14 @@ mod tests {
         assert_eq!(e.ids[6], p.ids[5]);
         assert_eq!(e.ids[7], 49409);
         assert_eq!(&e.ids[8..11], &p.ids[6..9]);
+        // The official pooling takes the highest id: the newer added token, not the EOS.
+        assert_eq!(e.pooled_position(), 7);
+        let first = t.encode("<sks> then [roubaobao] and <sks> again").unwrap();
+        assert_eq!(first.ids[1], 49409);
+        assert_eq!(first.pooled_position(), 1);
         // Without them the words are several BPE pieces, none of them new.
         let split = plain.encode("[roubaobao]").unwrap();
-        assert!(split.eos_position() > 2 && split.ids.iter().all(|&i| i < 49408));
+        assert!(split.pooled_position() > 2 && split.ids.iter().all(|&i| i < 49408));
         let err = Tokenizer::with_added(&words, 49000)
             .err()
             .unwrap()
@@ -193,6 +206,17 @@ mod tests {
         assert!(err.contains("vocabulary size"), "{err}");
         let twice = ["[a]".to_string(), "[a]".to_string()];
         assert!(Tokenizer::with_added(&twice, 49408).is_err());
+    }
+
+    #[test]
+    fn pooling_takes_the_first_highest_id() {
+        let eos = EOS as f32;
+        assert_eq!(pooled_position(&[49406.0, 320.0, eos, eos, eos]), 2);
+        assert_eq!(pooled_position(&[49406.0, 49408.0, 7.0, 49409.0, eos, 49409.0]), 3);
+        assert_eq!(pooled_position(&[BOS, 320, 49408, EOS, EOS]), 2);
+        // Without an EOS (never framed so), still the highest id.
+        assert_eq!(pooled_position(&[5u32, 9, 3, 9]), 1);
+        assert_eq!(pooled_position::<u32>(&[]), 0);
     }
 
     #[test]

@@ -173,7 +173,7 @@ fn inputs_of(graph: &Graph) -> Vec<(crate::runtime::graph::TensorId, Vec<f32>)> 
                 "noise_key" => noise_key(1, 0, 0).to_vec(),
                 "input_ids" => (0..n).map(|i| (i % 49_000) as f32).collect(),
                 "attention_mask" => vec![1.0; n],
-                "eos_position" => vec![76.0; n],
+                "pooled_position" => vec![76.0; n],
                 "r" => vec![0.5; n],
                 _ => uniform(hash(&d.name), n, 1.0),
             };

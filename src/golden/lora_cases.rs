@@ -37,8 +37,10 @@ pub fn manifest(case: &Case) -> crate::models::Manifest {
     m
 }
 
-/// The base weights with the case's LoRA merged at scale 1.
-fn merged_weights(case: &Case) -> Result<HashMap<String, HostTensor>> {
+/// The case's LoRA loaded at scale 1 through the library's LoRA path, checked against
+/// `shapes`: its `input.lora.*` tensors written as a LoRA file, with the `<stem>.json` of
+/// the `train_tokens` metadata beside it when the case has one.
+pub(super) fn load_case_lora(case: &Case, shapes: &ModelShapes) -> Result<LoraSet> {
     let dir = std::env::temp_dir().join(format!(
         "upx-lora-case-{}-{}",
         std::process::id(),
@@ -46,17 +48,29 @@ fn merged_weights(case: &Case) -> Result<HashMap<String, HostTensor>> {
     ));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let path = dir.join("lora.safetensors");
-    let loaded = write_lora_file(case, &path).and_then(|()| {
-        let manifest = manifest(case);
-        let shapes = ModelShapes {
-            stage_c: &manifest,
-            text_width: 0,
-            vocab: 0,
-        };
-        LoraSet::load(&[LoraSpec::new(&path, 1.0)], &shapes, &dir)
-    });
+    let loaded = write_lora_file(case, &path)
+        .and_then(|()| match case.metadata.get("train_tokens") {
+            Some(tokens) => {
+                let sidecar = format!("{{\"train_tokens\": {tokens}}}");
+                let json = path.with_extension("json");
+                std::fs::write(&json, sidecar).map_err(|e| Error::io(&json, e))
+            }
+            None => Ok(()),
+        })
+        .and_then(|()| LoraSet::load(&[LoraSpec::new(&path, 1.0)], shapes, &dir));
     let _ = std::fs::remove_dir_all(&dir);
-    let set = loaded?;
+    loaded
+}
+
+/// The base weights with the case's LoRA merged at scale 1.
+fn merged_weights(case: &Case) -> Result<HashMap<String, HostTensor>> {
+    let manifest = manifest(case);
+    let shapes = ModelShapes {
+        stage_c: &manifest,
+        text_width: 0,
+        vocab: 0,
+    };
+    let set = load_case_lora(case, &shapes)?;
     let merged = set.stage_c(&case.weights);
     case.weights
         .keys()

@@ -1,6 +1,7 @@
 //! The CLIP ViT-bigG/14 text tower (`CLIPTextModelWithProjection`, docs/MODEL.md §5): token and
 //! position embeddings, pre-norm layers of causal (and padding-masked) attention and a GELU
-//! MLP, the final LayerNorm, and the projection of the first EOS position.
+//! MLP, the final LayerNorm, and the projection of the pooled position (the highest id,
+//! normally the first EOS: `text::pooled_position`).
 
 use super::blocks::{affine_norm, linear, linear_gelu, linear_residual, table_rows};
 use super::config::ClipTextConfig;
@@ -20,8 +21,8 @@ pub struct ClipTextInputs {
     pub ids: TensorId,
     /// `[B, T]`: 1 for BOS, text and the first EOS, 0 for padding; `None`: no padding mask.
     pub mask: Option<TensorId>,
-    /// `[B]`: the position of each row's first EOS.
-    pub eos: TensorId,
+    /// `[B]`: where each row is pooled ([`crate::text::pooled_position`] of its ids).
+    pub pooled_at: TensorId,
 }
 
 pub struct ClipTextOutputs {
@@ -30,7 +31,8 @@ pub struct ClipTextOutputs {
     pub hidden: TensorId,
     /// f32 `[B, T, width]`: after the final LayerNorm.
     pub last: TensorId,
-    /// f32 `[B, projection_dim]`: the projected state at the first EOS (`clip_text_pooled`).
+    /// f32 `[B, projection_dim]`: the projected state at the pooled position
+    /// (`clip_text_pooled`).
     pub pooled: TensorId,
 }
 
@@ -146,7 +148,7 @@ pub fn clip_text(
         )?;
     }
     let last = affine_norm(mb, &format!("{m}.final_layer_norm"), h, c, eps, f32t)?;
-    let eos_state = mb.g.op1(GatherRows { out: bf }, &[last, inputs.eos])?;
+    let pooled_state = mb.g.op1(GatherRows { out: bf }, &[last, inputs.pooled_at])?;
     let w_proj = mb.weight("text_projection.weight", &[proj, c], bf)?;
     let no_bias = Gemm {
         bias: false,
@@ -154,7 +156,7 @@ pub fn clip_text(
         residual: false,
         out: f32t,
     };
-    let pooled = mb.g.op1(no_bias, &[eos_state, w_proj])?;
+    let pooled = mb.g.op1(no_bias, &[pooled_state, w_proj])?;
     Ok(ClipTextOutputs {
         hidden: h,
         last,
@@ -169,7 +171,7 @@ pub fn manifest(cfg: &ClipTextConfig) -> Result<super::Manifest> {
         let inputs = ClipTextInputs {
             ids: mb.g.input("ids", &[1, t], DType::F32)?,
             mask: Some(mb.g.input("mask", &[1, t], DType::F32)?),
-            eos: mb.g.input("eos", &[1], DType::F32)?,
+            pooled_at: mb.g.input("pooled_position", &[1], DType::F32)?,
         };
         clip_text(mb, cfg, &inputs).map(|_| ())
     })

@@ -662,11 +662,11 @@ pub fn pad_channels(data: &[f32], c: usize, to: usize) -> Vec<f32> {
 pub struct TextEmbedding {
     /// `[n, 77, width]`: the last layer before the final LayerNorm (Stage C's clip_text).
     pub hidden: HostTensor,
-    /// `[n, 1, projection_dim]`: the projected first-EOS state (clip_text_pooled).
+    /// `[n, 1, projection_dim]`: the projected state at the pooled position (clip_text_pooled).
     pub pooled: HostTensor,
 }
 
-/// The text encoder for `n` prompts: its graph with the ids, mask and EOS-position inputs
+/// The text encoder for `n` prompts: its graph with the ids, mask and pooled-position inputs
 /// and the two outputs.
 fn text_recording(
     cfg: &ClipTextConfig,
@@ -677,7 +677,7 @@ fn text_recording(
     let inputs = ClipTextInputs {
         ids: mb.g.input("input_ids", &[n, t], DType::F32)?,
         mask: Some(mb.g.input("attention_mask", &[n, t], DType::F32)?),
-        eos: mb.g.input("eos_position", &[n], DType::F32)?,
+        pooled_at: mb.g.input("pooled_position", &[n], DType::F32)?,
     };
     let out = clip_text(&mut mb, cfg, &inputs)?;
     mb.g.output(out.hidden, "clip_text")?;
@@ -707,7 +707,10 @@ pub fn encode_text(
         &flat(&|p| p.ids.iter().map(|&v| v as f32).collect()),
     )?;
     session.set_input(mask, &flat(&|p| p.mask.iter().map(|&v| v as f32).collect()))?;
-    session.set_input(inputs.eos, &flat(&|p| vec![p.eos_position() as f32]))?;
+    session.set_input(
+        inputs.pooled_at,
+        &flat(&|p| vec![p.pooled_position() as f32]),
+    )?;
     session.run()?;
     Ok(TextEmbedding {
         hidden: HostTensor::new(vec![n, t, cfg.hidden_size], session.read(hidden)?),

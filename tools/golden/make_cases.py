@@ -412,6 +412,153 @@ def lora_case(out, up):
          "= model(x, r, clip_text, clip_text_pooled, clip_img, reuire_f=True)")
 
 
+# --- Learned tokens (ReToken) on the CLIP text encoder ------------------------------------
+
+# A tiny CLIP text tower (width 8) with the real vocabulary and context, and the legacy
+# `eos_token_id` 2 of the released laion ViT-bigG-14 config (pooling at argmax(input_ids)).
+CLIP_TINY = {"bos_token_id": 49406, "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 8,
+             "intermediate_size": 16, "layer_norm_eps": 1e-5, "max_position_embeddings": 77,
+             "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1,
+             "projection_dim": 8, "vocab_size": 49408}
+# The official config's `train_tokens` (configs/training/lora_personalization.yaml has
+# [['[roubaobao]', '^cat</w>']]): two new tokens (one initialised from `cat</w>`, one from
+# zeros) and one regex over existing vocabulary entries.
+TRAIN_TOKENS = [["[roubaobao]", "^cat</w>"], ["<sks>", None], ["^dog", None]]
+RETOKEN_PROMPTS = [
+    "a photo of a cat [roubaobao] sitting on a sofa",
+    "A photo of [Roubaobao] with <sks> and a dog",
+    "<sks> first, then [roubaobao], then [roubaobao] again",
+    "a cat and two dogs on the beach",
+    "",
+    " ".join(f"w{i}" for i in range(80)) + " [roubaobao]",
+]
+
+
+def retoken_case(out, up):
+    """The CLIP text path of test_personalized.py with learned tokens: the tokenizer and
+    embedding table grown the way train_personalized.py's setup_models grows them, the
+    official ReToken parametrization, and the conditioning get_conditions takes."""
+    import re
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizerFast
+    import modules.lora as up_lora
+
+    tok_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "data",
+                            "clip-vit-bigg-14-tokenizer.json")
+    tokenizer = CLIPTokenizerFast(tokenizer_file=tok_file, bos_token="<|startoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", model_max_length=77)
+    width = CLIP_TINY["hidden_size"]
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TINY))
+    redraw(model, SEED + 41)
+    model.eval()
+    emb = model.text_model.embeddings.token_embedding
+    base = weights_of(model)
+    base_table = emb.weight.detach().clone()
+
+    # train_personalized.py WurstCoreC.setup_models, "PREPARE LORA", line for line.
+    update_tokens, aggr_rows = [], []
+    for tkn_regex, aggr_regex in TRAIN_TOKENS:
+        if (tkn_regex.startswith('[') and tkn_regex.endswith(']')) or \
+                (tkn_regex.startswith('<') and tkn_regex.endswith('>')):
+            tokenizer.add_tokens([tkn_regex])
+            new_embedding = torch.zeros_like(emb.weight.data)[:1]
+            if aggr_regex is not None:
+                aggr_tokens = [v for k, v in tokenizer.vocab.items()
+                               if re.search(aggr_regex, k) is not None]
+                if len(aggr_tokens) > 0:
+                    new_embedding = emb.weight.data[aggr_tokens].mean(dim=0, keepdim=True)
+                    aggr_rows += aggr_tokens
+            emb.weight.data = torch.cat([emb.weight.data, new_embedding], dim=0)
+            selected_tokens = [len(tokenizer.vocab) - 1]
+        else:
+            selected_tokens = [v for k, v in tokenizer.vocab.items()
+                               if re.search(tkn_regex, k) is not None]
+        update_tokens += selected_tokens
+    update_tokens = list(set(update_tokens))
+    # That order follows tokenizer.vocab's iteration order, which changes from run to run; it
+    # only pairs each learned vector with its row, so a seeded shuffle of the sorted rows
+    # makes the file reproducible (and still out of order, as a released file can be).
+    update_tokens = sorted(update_tokens)
+    update_tokens = [update_tokens[i] for i in
+                     torch.randperm(len(update_tokens), generator=gen(SEED + 42)).tolist()]
+    # ReToken hard-codes the 1280-wide ViT-bigG embedding; at this tiny width its learned
+    # vector table is made `width` wide instead (nothing else changes).
+    orig_init = up_lora.ReToken.__init__
+
+    def narrow_init(self, indices=None):
+        orig_init(self, indices)
+        self.embeddings = nn.Parameter(torch.zeros(len(indices), width))
+    up_lora.ReToken.__init__ = narrow_init
+    try:
+        up_lora.apply_retoken(emb, update_tokens)
+    finally:
+        up_lora.ReToken.__init__ = orig_init
+    retoken = emb.parametrizations.weight[0]
+    g = gen(SEED + 43)
+    with torch.no_grad():
+        retoken.embeddings.copy_(torch.randn(retoken.embeddings.shape, generator=g) * 0.5)
+    # The trainer saves train_lora (the Stage C LoRA modules, then this ReToken last); a
+    # text-only file is the ModuleList with the ReToken alone.
+    train_lora = nn.ModuleList([retoken])
+
+    # WurstCore.get_conditions (train/base.py): clip_text and clip_text_pooled.
+    enc = tokenizer(RETOKEN_PROMPTS, truncation=True, padding="max_length",
+                    max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        o = model(**enc, output_hidden_states=True)
+        ids = enc["input_ids"]
+        # The legacy pooling of eos_token_id == 2: argmax(input_ids), the highest id.
+        at = ids.to(torch.int).argmax(dim=-1)
+        pooled = model.text_projection(o.last_hidden_state[torch.arange(len(ids)), at])
+        assert torch.equal(pooled, o.text_embeds), "transformers no longer pools at argmax"
+    assert any(int(ids[i, at[i]]) > 49407 for i in range(len(ids)))
+
+    # Only the base table rows the computation reads: the prompts' ids below the base
+    # vocabulary and the aggregation rows of the new tokens.
+    used = sorted({int(v) for v in ids.flatten() if int(v) < CLIP_TINY["vocab_size"]}
+                  | set(aggr_rows))
+    rows = torch.tensor(used, dtype=torch.int64)
+    table_key = "text_model.embeddings.token_embedding.weight"
+    t = {k: v for k, v in base.items() if k != "weights." + table_key}
+    t["weights.text_model.embeddings.token_embedding.rows"] = base_table[rows].clone()
+    t["input.token_embedding_ids"] = rows
+    t["input.input_ids"] = ids
+    t["input.attention_mask"] = enc["attention_mask"]
+    for k, v in train_lora.state_dict().items():
+        t["input.lora." + k] = v
+    t["output.clip_text"] = o.hidden_states[-1]
+    t["output.last_hidden_state"] = o.last_hidden_state
+    t["output.text_embeds"] = o.text_embeds
+    save(out, "clip_text_retoken", "clip_text_retoken", CLIP_TINY, t,
+         "The CLIP text path of UltraPixel's test_personalized.py with learned tokens. "
+         "transformers CLIPTextModelWithProjection (tiny width, the real 49408 vocabulary and "
+         "77 positions, eos_token_id 2 as in the released laion ViT-bigG-14 config); the "
+         "tokenizer is data/clip-vit-bigg-14-tokenizer.json as CLIPTokenizerFast with pad "
+         "token <|endoftext|>. Tokens added exactly as train_personalized.py setup_models "
+         "does for train_tokens (metadata): a bracketed word is tokenizer.add_tokens()-ed and "
+         "the embedding table grows by one row, the mean of the rows its aggregation regex "
+         "selects in tokenizer.vocab (zeros if none), its id len(tokenizer.vocab) - 1; any "
+         "other entry selects existing vocabulary rows by regex. modules/lora.py "
+         "apply_retoken then adds the learned vectors (input.lora.0.embeddings, rows "
+         "input.lora.0.indices: the trainer's train_lora ModuleList holding only the ReToken, "
+         "whose hard-coded width 1280 is the tiny width here) to those rows. Only the BASE "
+         "table rows the computation reads are stored: weights.<table>.rows at the ids "
+         "input.token_embedding_ids (the prompts' ids below 49408 and the aggregation rows); "
+         "every other row must be unreadable. Outputs as get_conditions takes them: "
+         "clip_text = hidden_states[-1] (before final_layer_norm), text_embeds = "
+         "text_projection(final_layer_norm(h)[argmax(input_ids)]): the legacy pooling of "
+         "eos_token_id 2 takes the position of the HIGHEST id, the first EOS only when no "
+         "added token is in the row, else the first occurrence of the newest added token.",
+         "tokenizer.add_tokens / table grown as setup_models; apply_retoken(token_embedding, "
+         "update_tokens); enc = tokenizer(prompts, truncation=True, padding='max_length', "
+         "max_length=77); o = model(**enc, output_hidden_states=True); clip_text = "
+         "o.hidden_states[-1]; text_embeds = o.text_embeds",
+         {"prompts": json.dumps(RETOKEN_PROMPTS), "train_tokens": json.dumps(TRAIN_TOKENS),
+          "transformers_version": transformers.__version__,
+          "tokenizers_version": __import__("tokenizers").__version__})
+
+
 # --- Canny preprocessing and the control-image resize --------------------------------------
 
 def canny_case(out, up):
@@ -482,7 +629,7 @@ def stub_core():
 
 
 CASES = {"effnet": effnet_cases, "control": control_cases, "lora": lora_case,
-         "canny": canny_case, "resize": resize_cases}
+         "canny": canny_case, "resize": resize_cases, "retoken": retoken_case}
 
 
 def main():
