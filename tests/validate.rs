@@ -225,3 +225,39 @@ fn the_canny_case_matches_bit_for_bit() {
         assert_eq!(c.error, 0.0, "{} differs by {}", c.output, c.error);
     }
 }
+
+/// The learned-token case checks each part of the official path: a new token's starting
+/// row (the mean of its aggregation rows), the grown tokenizer (a prompt the ids were not
+/// made from is an error), and the table (a row it reads that is not stored is NaN).
+#[test]
+fn the_retoken_case_fails_when_any_part_of_the_learned_tokens_differs() {
+    let load = || Case::load(&cases_dir().join("clip_text_retoken.safetensors")).unwrap();
+    let backend = Backend::open(BackendKind::Cpu).unwrap();
+    let fails = |case: &Case| {
+        run_case(case, &backend)
+            .unwrap()
+            .iter()
+            .any(|c| !c.passed())
+    };
+    assert!(!fails(&load()));
+
+    let mut case = load();
+    let zeros = r#"[["[roubaobao]", null], ["<sks>", null], ["^dog", null]]"#;
+    case.metadata.insert("train_tokens".into(), zeros.into());
+    assert!(fails(&case), "[roubaobao] starting from zeros, not cat</w>");
+
+    let mut case = load();
+    let mut prompts: Vec<String> = serde_json::from_str(&case.metadata["prompts"]).unwrap();
+    prompts[0] = prompts[0].replace("[roubaobao]", "[roubao]");
+    let prompts = serde_json::to_string(&prompts).unwrap();
+    case.metadata.insert("prompts".into(), prompts);
+    let err = run_case(&case, &backend).err().unwrap().to_string();
+    assert!(err.contains("other ids"), "{err}");
+
+    // The stored `cat</w>` row (2368) moved to row 0 ("!"), which no prompt uses.
+    let mut case = load();
+    let ids = case.inputs.get_mut("token_embedding_ids").unwrap();
+    let at = ids.data.iter().position(|&v| v == 2368.0).unwrap();
+    ids.data[at] = 0.0;
+    assert!(fails(&case), "reading a row that is not stored");
+}
