@@ -212,7 +212,10 @@ mod tests {
     fn pooling_takes_the_first_highest_id() {
         let eos = EOS as f32;
         assert_eq!(pooled_position(&[49406.0, 320.0, eos, eos, eos]), 2);
-        assert_eq!(pooled_position(&[49406.0, 49408.0, 7.0, 49409.0, eos, 49409.0]), 3);
+        assert_eq!(
+            pooled_position(&[49406.0, 49408.0, 7.0, 49409.0, eos, 49409.0]),
+            3
+        );
         assert_eq!(pooled_position(&[BOS, 320, 49408, EOS, EOS]), 2);
         // Without an EOS (never framed so), still the highest id.
         assert_eq!(pooled_position(&[5u32, 9, 3, 9]), 1);

@@ -63,7 +63,10 @@ fn added_tokens_give_the_reference_ids_and_the_pooling_takes_the_newest() {
         assert_eq!(at, pooled_position(&ids.data[i * CONTEXT..][..CONTEXT]));
         let max = *t.ids.iter().max().unwrap();
         assert_eq!(t.ids[at], max);
-        assert!(t.ids[..at].iter().all(|&v| v < max), "prompt {i}: first occurrence");
+        assert!(
+            t.ids[..at].iter().all(|&v| v < max),
+            "prompt {i}: first occurrence"
+        );
         if max > EOS {
             pooled_on_added += 1;
         } else {

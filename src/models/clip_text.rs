@@ -148,7 +148,8 @@ pub fn clip_text(
         )?;
     }
     let last = affine_norm(mb, &format!("{m}.final_layer_norm"), h, c, eps, f32t)?;
-    let pooled_state = mb.g.op1(GatherRows { out: bf }, &[last, inputs.pooled_at])?;
+    let pooled_state =
+        mb.g.op1(GatherRows { out: bf }, &[last, inputs.pooled_at])?;
     let w_proj = mb.weight("text_projection.weight", &[proj, c], bf)?;
     let no_bias = Gemm {
         bias: false,
