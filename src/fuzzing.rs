@@ -41,9 +41,11 @@ pub fn tokenizer(data: &[u8]) {
     let t = TOKENIZER.get_or_init(|| crate::text::Tokenizer::clip().expect("embedded tokenizer"));
     if let Ok(tokens) = t.encode(&String::from_utf8_lossy(data)) {
         assert_eq!(tokens.ids.len(), crate::text::CONTEXT);
-        // Without added tokens the official pooling (the highest id) is the first EOS.
+        // Without added tokens both pooling rules take the first EOS.
         let eos = tokens.ids.iter().position(|&t| t == crate::text::EOS);
-        assert_eq!(Some(tokens.pooled_position()), eos);
+        assert_eq!(Some(tokens.pooled_position(crate::text::EOS)), eos);
+        let legacy = tokens.pooled_position(crate::text::LEGACY_EOS_TOKEN_ID);
+        assert_eq!(Some(legacy), eos);
     }
 }
 

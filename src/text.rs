@@ -27,10 +27,10 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Where the pooled embedding is taken: [`pooled_position`] of the ids (the first EOS,
-    /// unless the prompt holds a LoRA's added token).
-    pub fn pooled_position(&self) -> usize {
-        pooled_position(&self.ids)
+    /// Where the text encoder pools these ids: [`pooled_position`] for its config's
+    /// `eos_token_id`.
+    pub fn pooled_position(&self, eos_token_id: u32) -> usize {
+        pooled_position(&self.ids, eos_token_id)
     }
 
     /// The warning to show for a truncated prompt.
@@ -139,22 +139,34 @@ impl Tokenizer {
     }
 }
 
-/// Where CLIP pools a row of token ids: the first position of its highest id, as the
-/// official text encoder does. The released ViT-bigG/14 config has the legacy
-/// `eos_token_id` 2, so `transformers`' `CLIPTextTransformer` takes
-/// `input_ids.argmax(-1)`, and torch's argmax gives the first maximal element. With the
-/// plain vocabulary that is the first EOS (49407, the highest id); a LoRA's added tokens
-/// are numbered past EOS, so in a prompt that holds one it is the first occurrence of the
-/// newest added token the prompt holds, as in the official `test_personalized.py`.
-/// 0 for an empty row.
-pub fn pooled_position<T: Copy + PartialOrd>(row: &[T]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate().skip(1) {
-        if v > row[best] {
-            best = i;
+/// The `eos_token_id` of CLIP configs made before `transformers` 4.31, which keeps the legacy
+/// pooling at the highest id.
+pub const LEGACY_EOS_TOKEN_ID: u32 = 2;
+
+/// Where CLIP pools a row of token ids, exactly as `transformers`' `CLIPTextTransformer`
+/// does for a config's `eos_token_id`: with the legacy value 2, `argmax(input_ids)`, the
+/// first position of the highest id; otherwise the first position of `eos_token_id` (0 when
+/// the row has none, as torch's argmax of an all-zero row).
+///
+/// With the plain vocabulary both are the first EOS. They differ only when a prompt holds a
+/// LoRA's added tokens (ids past EOS): the legacy rule then pools at the first occurrence of
+/// the newest added token in the prompt. The released Stable Cascade text encoder config,
+/// and the laion ViT-bigG/14 config as `transformers` ≥ 4.31 loads it, have
+/// `eos_token_id` 49407, so UltraPixel's personalization pools at the first EOS.
+pub fn pooled_position<T: Copy + Into<f64>>(row: &[T], eos_token_id: u32) -> usize {
+    if eos_token_id == LEGACY_EOS_TOKEN_ID {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate().skip(1) {
+            if v.into() > row[best].into() {
+                best = i;
+            }
         }
+        best
+    } else {
+        row.iter()
+            .position(|&v| v.into() == eos_token_id as f64)
+            .unwrap_or(0)
     }
-    best
 }
 
 #[cfg(test)]
@@ -168,12 +180,12 @@ mod tests {
         assert_eq!(&e.ids[..3], &[BOS, EOS, EOS]);
         assert_eq!(e.ids.len(), CONTEXT);
         assert_eq!(&e.mask[..3], &[1, 1, 0]);
-        assert_eq!(e.pooled_position(), 1);
+        assert_eq!(e.pooled_position(EOS), 1);
         assert!(e.dropped.is_none() && e.warning().is_none());
         let e = t.encode("a photo of a dog").unwrap();
         let n = e.mask.iter().filter(|&&m| m == 1).count();
         assert_eq!(n, 2 + 5, "{:?}", &e.ids[..10]);
-        assert_eq!(e.pooled_position(), n - 1);
+        assert_eq!(e.pooled_position(EOS), n - 1);
     }
 
     #[test]
@@ -191,14 +203,15 @@ mod tests {
         assert_eq!(e.ids[6], p.ids[5]);
         assert_eq!(e.ids[7], 49409);
         assert_eq!(&e.ids[8..11], &p.ids[6..9]);
-        // The official pooling takes the highest id: the newer added token, not the EOS.
-        assert_eq!(e.pooled_position(), 7);
+        // The first EOS, or with the legacy config the newer added token.
+        assert_eq!(e.pooled_position(EOS), 10);
+        assert_eq!(e.pooled_position(LEGACY_EOS_TOKEN_ID), 7);
         let first = t.encode("<sks> then [roubaobao] and <sks> again").unwrap();
         assert_eq!(first.ids[1], 49409);
-        assert_eq!(first.pooled_position(), 1);
+        assert_eq!(first.pooled_position(LEGACY_EOS_TOKEN_ID), 1);
         // Without them the words are several BPE pieces, none of them new.
         let split = plain.encode("[roubaobao]").unwrap();
-        assert!(split.pooled_position() > 2 && split.ids.iter().all(|&i| i < 49408));
+        assert!(split.pooled_position(EOS) > 2 && split.ids.iter().all(|&i| i < 49408));
         let err = Tokenizer::with_added(&words, 49000)
             .err()
             .unwrap()
@@ -209,17 +222,20 @@ mod tests {
     }
 
     #[test]
-    fn pooling_takes_the_first_highest_id() {
-        let eos = EOS as f32;
-        assert_eq!(pooled_position(&[49406.0, 320.0, eos, eos, eos]), 2);
-        assert_eq!(
-            pooled_position(&[49406.0, 49408.0, 7.0, 49409.0, eos, 49409.0]),
-            3
-        );
-        assert_eq!(pooled_position(&[BOS, 320, 49408, EOS, EOS]), 2);
-        // Without an EOS (never framed so), still the highest id.
-        assert_eq!(pooled_position(&[5u32, 9, 3, 9]), 1);
-        assert_eq!(pooled_position::<u32>(&[]), 0);
+    fn pooling_follows_the_config_eos_token_id() {
+        let (eos, legacy) = (EOS as f32, LEGACY_EOS_TOKEN_ID);
+        let plain = [49406.0, 320.0, eos, eos, eos];
+        assert_eq!(pooled_position(&plain, EOS), 2);
+        assert_eq!(pooled_position(&plain, legacy), 2);
+        let added = [49406.0, 49408.0, 7.0, 49409.0, eos, 49409.0];
+        assert_eq!(pooled_position(&added, legacy), 3);
+        assert_eq!(pooled_position(&added, EOS), 4);
+        assert_eq!(pooled_position(&[BOS, 320, 49408, EOS, EOS], legacy), 2);
+        assert_eq!(pooled_position(&[BOS, 320, 49408, EOS, EOS], EOS), 3);
+        // Without an EOS (never framed so): the highest id, or 0 as torch's argmax.
+        assert_eq!(pooled_position(&[5u32, 9, 3, 9], legacy), 1);
+        assert_eq!(pooled_position(&[5u32, 9, 3, 9], EOS), 0);
+        assert_eq!(pooled_position::<u32>(&[], legacy), 0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use ultrapixel::golden::Case;
-use ultrapixel::text::{pooled_position, Tokenizer, CONTEXT, EOS};
+use ultrapixel::text::{pooled_position, Tokenizer, CONTEXT, EOS, LEGACY_EOS_TOKEN_ID};
 
 #[test]
 fn ids_and_masks_match_the_reference_for_every_case_prompt() {
@@ -29,14 +29,18 @@ fn ids_and_masks_match_the_reference_for_every_case_prompt() {
             .collect();
         assert_eq!(t.ids, want_ids, "prompt {i}: {p:?}");
         assert_eq!(t.mask, want_mask, "prompt {i}: {p:?}");
-        assert_eq!(t.ids[t.pooled_position()], EOS);
+        assert_eq!(t.ids[t.pooled_position(EOS)], EOS);
+        assert_eq!(
+            t.pooled_position(LEGACY_EOS_TOKEN_ID),
+            t.pooled_position(EOS)
+        );
         truncated += t.dropped.is_some() as usize;
     }
     assert_eq!(truncated, 1, "the case has one over-long prompt");
 }
 
 #[test]
-fn added_tokens_give_the_reference_ids_and_the_pooling_takes_the_newest() {
+fn added_tokens_give_the_reference_ids_and_the_legacy_pooling_takes_the_newest() {
     let case = Case::load(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/clip_text_retoken.safetensors"),
     )
@@ -51,6 +55,8 @@ fn added_tokens_give_the_reference_ids_and_the_pooling_takes_the_newest() {
         .collect();
     let tok = Tokenizer::with_added(&words, 49408).unwrap();
     let ids = &case.inputs["input_ids"];
+    // The case's config has the legacy eos_token_id.
+    assert_eq!(case.config["eos_token_id"], LEGACY_EOS_TOKEN_ID);
     let mut pooled_on_added = 0;
     for (i, p) in prompts.iter().enumerate() {
         let t = tok.encode(p).unwrap();
@@ -59,8 +65,11 @@ fn added_tokens_give_the_reference_ids_and_the_pooling_takes_the_newest() {
             .map(|&v| v as u32)
             .collect();
         assert_eq!(t.ids, want, "prompt {i}: {p:?}");
-        let at = t.pooled_position();
-        assert_eq!(at, pooled_position(&ids.data[i * CONTEXT..][..CONTEXT]));
+        let at = t.pooled_position(LEGACY_EOS_TOKEN_ID);
+        let row = &ids.data[i * CONTEXT..][..CONTEXT];
+        assert_eq!(at, pooled_position(row, LEGACY_EOS_TOKEN_ID));
+        let first_eos = t.ids.iter().position(|&v| v == EOS);
+        assert_eq!(Some(t.pooled_position(EOS)), first_eos);
         let max = *t.ids.iter().max().unwrap();
         assert_eq!(t.ids[at], max);
         assert!(

@@ -4,12 +4,12 @@
 //! the grown embedding table the file's outputs.
 
 use super::*;
-use crate::models::clip_text::{clip_text as record, ClipTextInputs};
+use crate::models::clip_text::{clip_text as record, pool, ClipTextInputs};
 use crate::models::config::{parse, ClipTextConfig};
 use crate::models::Checkpoint;
 use crate::pipeline::lora::tokens::TOKEN_TABLE;
 use crate::pipeline::lora::ModelShapes;
-use crate::text::pooled_position;
+use crate::text::{pooled_position, EOS};
 
 pub(super) fn clip_text(case: &Case) -> Result<Built> {
     let cfg: ClipTextConfig = parse(&case.config, "CLIP text")?;
@@ -19,7 +19,8 @@ pub(super) fn clip_text(case: &Case) -> Result<Built> {
 }
 
 /// The text tower on `[B, T]` ids and mask, once per output suffix: `""` with the padding
-/// mask, `"_nomask"` without it; each row pooled at [`pooled_position`] of its ids.
+/// mask, `"_nomask"` without it; each row pooled at [`pooled_position`] of its ids for the
+/// config's `eos_token_id`.
 fn tower(
     case: &Case,
     cfg: &ClipTextConfig,
@@ -33,7 +34,7 @@ fn tower(
     };
     let pooled_at: Vec<f32> = ids_in
         .chunks_exact(t)
-        .map(|row| pooled_position(row) as f32)
+        .map(|row| pooled_position(row, cfg.eos_token_id) as f32)
         .collect();
     let mut mb = ModelBuilder::new();
     let ids = mb.g.input("input_ids", &[b, t], DType::F32)?;
@@ -135,6 +136,29 @@ pub(super) fn clip_text_retoken(case: &Case) -> Result<Built> {
         .map(|k| Ok((k.clone(), table.tensor(k)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     let mut built = tower(case, &grown, &ids, &mask, &[""])?;
+    // The other pooling rule on the same states: the first EOS, as a config with
+    // `eos_token_id` 49407 (the released one) pools.
+    let other = ClipTextConfig {
+        eos_token_id: EOS,
+        ..grown
+    };
+    let last = built
+        .outputs
+        .iter()
+        .find(|o| o.0 == "last_hidden_state")
+        .map(|o| o.1)
+        .expect("recorded");
+    let b = prompts.len();
+    let at = built.mb.g.input("pooled_position_eos", &[b], DType::F32)?;
+    let pooled = pool(&mut built.mb, &other, last, at)?;
+    let positions = ids
+        .chunks_exact(crate::text::CONTEXT)
+        .map(|row| pooled_position(row, EOS) as f32)
+        .collect();
+    built.inputs.push((at, positions));
+    built
+        .outputs
+        .push((format!("text_embeds_eos_{EOS}"), pooled, Layout::Same));
     built.weights = Some(weights);
     Ok(built)
 }

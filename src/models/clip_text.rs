@@ -1,7 +1,7 @@
 //! The CLIP ViT-bigG/14 text tower (`CLIPTextModelWithProjection`, docs/MODEL.md §5): token and
 //! position embeddings, pre-norm layers of causal (and padding-masked) attention and a GELU
-//! MLP, the final LayerNorm, and the projection of the pooled position (the highest id,
-//! normally the first EOS: `text::pooled_position`).
+//! MLP, the final LayerNorm, and the projection of the pooled position (normally the first
+//! EOS: `text::pooled_position`).
 
 use super::blocks::{affine_norm, linear, linear_gelu, linear_residual, table_rows};
 use super::config::ClipTextConfig;
@@ -47,10 +47,9 @@ pub fn clip_text(
         cfg.num_attention_heads,
         cfg.intermediate_size,
     );
-    let (vocab, ctx, proj, eps) = (
+    let (vocab, ctx, eps) = (
         cfg.vocab_size,
         cfg.max_position_embeddings,
-        cfg.projection_dim,
         cfg.layer_norm_eps,
     );
     let [b, t] = mb.g.shape(inputs.ids)[..] else {
@@ -148,21 +147,33 @@ pub fn clip_text(
         )?;
     }
     let last = affine_norm(mb, &format!("{m}.final_layer_norm"), h, c, eps, f32t)?;
-    let pooled_state =
-        mb.g.op1(GatherRows { out: bf }, &[last, inputs.pooled_at])?;
-    let w_proj = mb.weight("text_projection.weight", &[proj, c], bf)?;
-    let no_bias = Gemm {
-        bias: false,
-        gelu: false,
-        residual: false,
-        out: f32t,
-    };
-    let pooled = mb.g.op1(no_bias, &[pooled_state, w_proj])?;
+    let pooled = pool(mb, cfg, last, inputs.pooled_at)?;
     Ok(ClipTextOutputs {
         hidden: h,
         last,
         pooled,
     })
+}
+
+/// The pooled embedding: `text_projection` (no bias) of the final-normed states `last`
+/// (`[B, T, width]`) at the positions `pooled_at` (`[B]`).
+pub fn pool(
+    mb: &mut ModelBuilder,
+    cfg: &ClipTextConfig,
+    last: TensorId,
+    pooled_at: TensorId,
+) -> Result<TensorId> {
+    let (c, proj) = (cfg.hidden_size, cfg.projection_dim);
+    let state =
+        mb.g.op1(GatherRows { out: DType::BF16 }, &[last, pooled_at])?;
+    let w_proj = mb.weight("text_projection.weight", &[proj, c], DType::BF16)?;
+    let no_bias = Gemm {
+        bias: false,
+        gelu: false,
+        residual: false,
+        out: DType::F32,
+    };
+    mb.g.op1(no_bias, &[state, w_proj])
 }
 
 /// The checkpoint keys the text tower reads.

@@ -307,6 +307,10 @@ pub struct ClipTextConfig {
     pub projection_dim: usize,
     pub layer_norm_eps: f32,
     pub hidden_act: String,
+    /// Selects the pooling rule, as in `transformers` (`text::pooled_position`): 2, the
+    /// legacy value of old configs, pools at the highest id; any other value at its first
+    /// occurrence. The released Stable Cascade export (`text_encoder/config.json`) has 49407.
+    pub eos_token_id: u32,
 }
 
 impl Default for ClipTextConfig {
@@ -321,6 +325,7 @@ impl Default for ClipTextConfig {
             projection_dim: 1280,
             layer_norm_eps: 1e-5,
             hidden_act: "gelu".into(),
+            eos_token_id: crate::text::EOS,
         }
     }
 }

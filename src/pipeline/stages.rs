@@ -709,7 +709,7 @@ pub fn encode_text(
     session.set_input(mask, &flat(&|p| p.mask.iter().map(|&v| v as f32).collect()))?;
     session.set_input(
         inputs.pooled_at,
-        &flat(&|p| vec![p.pooled_position() as f32]),
+        &flat(&|p| vec![p.pooled_position(cfg.eos_token_id) as f32]),
     )?;
     session.run()?;
     Ok(TextEmbedding {

@@ -513,6 +513,16 @@ def retoken_case(out, up):
         pooled = model.text_projection(o.last_hidden_state[torch.arange(len(ids)), at])
         assert torch.equal(pooled, o.text_embeds), "transformers no longer pools at argmax"
     assert any(int(ids[i, at[i]]) > 49407 for i in range(len(ids)))
+    # The same model with the eos_token_id of the released Stable Cascade text encoder
+    # config (49407; transformers >= 4.31 loads the laion config so): pooled at the first EOS.
+    model.text_model.eos_token_id = 49407
+    with torch.no_grad():
+        o_eos = model(**enc, output_hidden_states=True)
+        first_eos = (ids.to(torch.int) == 49407).int().argmax(dim=-1)
+        assert torch.equal(o_eos.hidden_states[-1], o.hidden_states[-1])
+        assert torch.equal(o_eos.text_embeds, model.text_projection(
+            o.last_hidden_state[torch.arange(len(ids)), first_eos]))
+    model.text_model.eos_token_id = CLIP_TINY["eos_token_id"]
 
     # Only the base table rows the computation reads: the prompts' ids below the base
     # vocabulary and the aggregation rows of the new tokens.
@@ -530,6 +540,7 @@ def retoken_case(out, up):
     t["output.clip_text"] = o.hidden_states[-1]
     t["output.last_hidden_state"] = o.last_hidden_state
     t["output.text_embeds"] = o.text_embeds
+    t["output.text_embeds_eos_49407"] = o_eos.text_embeds
     save(out, "clip_text_retoken", "clip_text_retoken", CLIP_TINY, t,
          "The CLIP text path of UltraPixel's test_personalized.py with learned tokens. "
          "transformers CLIPTextModelWithProjection (tiny width, the real 49408 vocabulary and "
@@ -549,11 +560,14 @@ def retoken_case(out, up):
          "clip_text = hidden_states[-1] (before final_layer_norm), text_embeds = "
          "text_projection(final_layer_norm(h)[argmax(input_ids)]): the legacy pooling of "
          "eos_token_id 2 takes the position of the HIGHEST id, the first EOS only when no "
-         "added token is in the row, else the first occurrence of the newest added token.",
+         "added token is in the row, else the first occurrence of the newest added token. "
+         "text_embeds_eos_49407: the same model with eos_token_id 49407 (the released Stable "
+         "Cascade text encoder config; transformers >= 4.31 pools at the first 49407).",
          "tokenizer.add_tokens / table grown as setup_models; apply_retoken(token_embedding, "
          "update_tokens); enc = tokenizer(prompts, truncation=True, padding='max_length', "
          "max_length=77); o = model(**enc, output_hidden_states=True); clip_text = "
-         "o.hidden_states[-1]; text_embeds = o.text_embeds",
+         "o.hidden_states[-1]; text_embeds = o.text_embeds; text_embeds_eos_49407 = the same "
+         "with model.text_model.eos_token_id = 49407",
          {"prompts": json.dumps(RETOKEN_PROMPTS), "train_tokens": json.dumps(TRAIN_TOKENS),
           "transformers_version": transformers.__version__,
           "tokenizers_version": __import__("tokenizers").__version__})
