@@ -339,3 +339,57 @@ fn info_plans_the_controlnet_weights_and_activations() {
         "the maps cost Stage C nothing"
     );
 }
+
+/// The released ControlNets are torch state dicts of torchvision's EfficientNetV2-S with
+/// BatchNorm: their `num_batches_tracked` counters (int64 scalars) are accepted and ignored,
+/// but only beside a norm the ControlNet reads; any other stored key is refused by name.
+#[test]
+fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
+    let model = tiny_model();
+    let file = model.path().join("controlnet/canny.safetensors");
+    let original = std::fs::read(&file).unwrap();
+    let counter = |name: &str| {
+        let n = rand::random::<u32>() as i64;
+        let bytes = n.to_le_bytes().to_vec();
+        (name.to_string(), safetensors::Dtype::I64, vec![], bytes)
+    };
+    let load = || {
+        let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
+        let options = PipelineOptions {
+            conversion_cache: model.path().join("cache"),
+            control: Some(ControlKind::Canny),
+            ..PipelineOptions::default()
+        };
+        Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).map(|_| ())
+    };
+    load().expect("the tiny ControlNet as written");
+    let norms: Vec<String> = {
+        let st = safetensors::SafeTensors::deserialize(&original).unwrap();
+        st.names()
+            .into_iter()
+            .filter_map(|k| k.strip_suffix(".running_mean").map(str::to_string))
+            .collect()
+    };
+    assert!(norms.len() > 10, "{norms:?}");
+    common::rewrite_safetensors(&file, &file, |tensors, _| {
+        tensors.extend(
+            norms
+                .iter()
+                .map(|n| counter(&format!("{n}.num_batches_tracked"))),
+        );
+    });
+    load().expect("a state dict with BatchNorm counters");
+    for extra in [
+        "backbone.0.num_batches_tracked",
+        "projections.0.1.num_batches_tracked",
+        "backbone.0.1.momentum",
+    ] {
+        std::fs::write(&file, &original).unwrap();
+        common::rewrite_safetensors(&file, &file, |tensors, _| tensors.push(counter(extra)));
+        let err = load().unwrap_err().to_string();
+        assert!(
+            err.contains("1 unexpected") && err.contains(extra),
+            "{extra}: {err}"
+        );
+    }
+}

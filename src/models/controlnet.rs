@@ -112,6 +112,17 @@ pub fn manifest(cfg: &ControlNetConfig) -> Result<super::Manifest> {
     })
 }
 
+/// The BatchNorm counters of a torch state dict (`{norm}.num_batches_tracked`, int64
+/// scalars) beside each norm the ControlNet reads: stored by the released files, never
+/// read. Only these may be present without being read.
+pub fn unused_keys(cfg: &ControlNetConfig) -> Result<super::Manifest> {
+    Ok(manifest(cfg)?
+        .iter()
+        .filter_map(|(k, _)| k.strip_suffix(".running_mean"))
+        .map(|norm| (format!("{norm}.num_batches_tracked"), vec![]))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +136,23 @@ mod tests {
         assert_eq!(get("projections.7.0.weight"), Some(vec![1280, 1280, 1, 1]));
         assert_eq!(get("projections.7.2.weight"), Some(vec![2048, 1280, 1, 1]));
         assert!(get("projections.8.0.weight").is_none());
+    }
+
+    #[test]
+    fn the_unused_keys_are_the_counters_of_the_norms_read() {
+        let cfg = ControlNetConfig::default();
+        let unused = unused_keys(&cfg).unwrap();
+        let m = manifest(&cfg).unwrap();
+        let norms = m
+            .iter()
+            .filter(|(k, _)| k.ends_with(".running_var"))
+            .count();
+        assert_eq!(unused.len(), norms);
+        assert!(unused.contains(&("backbone.0.1.num_batches_tracked".into(), vec![])));
+        assert!(unused.contains(&("backbone.6.14.block.3.1.num_batches_tracked".into(), vec![])));
+        assert!(unused
+            .iter()
+            .all(|(k, _)| k.ends_with(".1.num_batches_tracked")));
     }
 
     #[test]

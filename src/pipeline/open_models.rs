@@ -180,7 +180,8 @@ pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     })
 }
 
-/// The ControlNet of `kind` in `dir` (`generate --control`), checked against its manifest;
+/// The ControlNet of `kind` in `dir` (`generate --control`), checked against its manifest
+/// (the BatchNorm counters of a torch state dict are accepted and ignored);
 /// its configuration is the `.json` beside it (absent: the released one). A clear error
 /// naming the command that fetches it when the directory has none.
 pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<Stage<ControlNetConfig>> {
@@ -194,7 +195,8 @@ pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<Stage<Contro
     })?;
     let config: ControlNetConfig = read_config(&beside(path), "ControlNet")?;
     config.validate()?;
-    let file = open_checked(path, &controlnet::manifest(&config)?, &[])?;
+    let unused = controlnet::unused_keys(&config)?;
+    let file = open_checked(path, &controlnet::manifest(&config)?, &keys(&unused))?;
     Ok(Stage {
         config,
         weights: single(file)?,
