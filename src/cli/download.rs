@@ -15,7 +15,8 @@ pub struct DownloadArgs {
     #[arg(long, short)]
     pub quiet: bool,
     /// Also fetch this ControlNet (canny: `controlnet/canny.safetensors` of
-    /// stabilityai/stable-cascade), which `generate --control` needs.
+    /// stabilityai/stable-cascade; sr: `controlnet/super_resolution.safetensors` and
+    /// `effnet_encoder.safetensors`), which `generate --control` and `upscale` need.
     #[arg(long, value_name = "KIND")]
     pub control: Option<ControlKind>,
 }
@@ -34,11 +35,11 @@ pub fn download(a: DownloadArgs) -> Result<i32> {
         println!("{what:>10}  {}  ({})", d.name, d.path.display());
     };
     let dir = model_dir::download(&hub, a.model_dir.as_deref(), report)?;
-    if let Some(kind) = a.control {
+    for file in a.control.into_iter().flat_map(ControlKind::files) {
         report(&model_dir::download_control(
             &hub,
             a.model_dir.as_deref(),
-            kind.file(),
+            file,
         )?);
     }
     println!("model files complete in {}", dir.location);

@@ -92,13 +92,15 @@ pub struct GenerateArgs {
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<LoraSpec>,
     /// Condition the image on a control input through a ControlNet (canny: the edges of
-    /// --control-image, or a ready --control-map), with the official script's settings:
-    /// Stage C CFG 1 (unless --cfg-c), shift 2, " high quality" appended to the prompt.
-    /// The ControlNet file is fetched on demand (`ultrapixel download --control canny`).
+    /// --control-image, or a ready --control-map; sr: a larger version of --control-image,
+    /// see `ultrapixel upscale`), with the official script's settings: Stage C CFG 1 (unless
+    /// --cfg-c), shift 2, " high quality" appended to the prompt. The ControlNet file is
+    /// fetched on demand (`ultrapixel download --control canny`).
     #[arg(long, value_name = "KIND", requires = "control_input")]
     pub control: Option<ControlKind>,
     /// With --control canny: the image whose edges guide the composition (PNG, JPEG or
-    /// WebP; resized to a short side of 768 like the official script).
+    /// WebP; resized to a short side of 768 like the official script). With --control sr:
+    /// the image to enlarge (resized to half the output size, then encoded).
     #[arg(
         long,
         value_name = "FILE",
@@ -114,7 +116,8 @@ pub struct GenerateArgs {
         group = "control_input"
     )]
     pub control_map: Option<PathBuf>,
-    /// With --control: how strongly the control map steers, 0 to 2 [default: 0.7].
+    /// With --control: how strongly the control map steers, 0 to 2 [default: 0.7 for canny,
+    /// 1 for sr].
     #[arg(
         long,
         value_name = "S",
@@ -163,13 +166,22 @@ impl GenerateArgs {
     /// The control of `--control`, its input file read (an unreadable one is an error that
     /// names it).
     fn control_input(&self) -> Result<Option<Control>> {
-        let Some(ControlKind::Canny) = self.control else {
+        let Some(kind) = self.control else {
             return Ok(None);
         };
-        let control = match (&self.control_image, &self.control_map) {
-            (Some(image), _) => Control::canny_image_file(image)?,
-            (None, Some(map)) => Control::canny_map_file(map)?,
-            (None, None) => {
+        let control = match (kind, &self.control_image, &self.control_map) {
+            (ControlKind::Canny, Some(image), _) => Control::canny_image_file(image)?,
+            (ControlKind::Canny, None, Some(map)) => Control::canny_map_file(map)?,
+            (ControlKind::SuperResolution, Some(image), _) => {
+                Control::super_resolution_image_file(image)?
+            }
+            (ControlKind::SuperResolution, None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "--control sr takes the image to enlarge (--control-image FILE), not a map"
+                        .into(),
+                ))
+            }
+            (_, None, None) => {
                 return Err(Error::InvalidArgument(
                     "--control needs --control-image FILE or --control-map FILE".into(),
                 ))
@@ -224,15 +236,12 @@ pub fn generate(args: GenerateArgs) -> Result<i32> {
         ..HubOptions::from_env()
     };
     let mut dir = resolve_models(args.model_dir.as_deref(), &hub, args.quiet)?;
-    if let Some(kind) = args.control {
-        if dir.optional(kind.file()).is_none() && args.model_dir.is_none() && !hub.offline {
+    for file in args.control.into_iter().flat_map(ControlKind::files) {
+        if dir.optional(file).is_none() && args.model_dir.is_none() && !hub.offline {
             if !args.quiet {
-                eprintln!(
-                    "{} missing from the Hugging Face cache: downloading it",
-                    kind.file()
-                );
+                eprintln!("{file} missing from the Hugging Face cache: downloading it");
             }
-            model_dir::download_control(&Hub::new(hub.clone()), None, kind.file())?;
+            model_dir::download_control(&Hub::new(hub.clone()), None, file)?;
             dir = ModelDir::resolve(None, &hub)?;
         }
     }

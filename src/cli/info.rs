@@ -96,20 +96,26 @@ fn print_plan(
             let md =
                 crate::pipeline::ModelDir::resolve(Some(d), &crate::hub::HubOptions::from_env())?;
             let controlnet = match control {
-                Some(kind) => Some(open_controlnet(&md, kind)?.config),
+                Some(kind) => {
+                    let c = open_controlnet(&md, kind)?;
+                    Some((c.net.config, c.encoder.map(|e| e.config)))
+                }
                 None => None,
             };
             (Configs::read(&md)?, controlnet, d.display().to_string())
         }
         None => (
             Configs::default(),
-            control.map(|_| Default::default()),
+            control.map(|kind| {
+                let encoder = kind.encoder_file().map(|_| Default::default());
+                (kind.released_config(), encoder)
+            }),
             "the released model".to_string(),
         ),
     };
     let mut plan = memory_plan(&configs, size, device)?;
-    if let Some(cfg) = &controlnet {
-        add_to_plan(&mut plan, cfg, size, device)?;
+    if let Some((cfg, encoder)) = &controlnet {
+        add_to_plan(&mut plan, cfg, encoder.as_ref(), size, device)?;
     }
     let mib = |b: u64| b.div_ceil(1 << 20);
     println!("\nGPU memory plan for {size} ({which}), MiB:");

@@ -12,6 +12,7 @@ mod serve;
 mod sweep;
 mod tally;
 mod tune;
+mod upscale;
 mod validate;
 mod verify;
 
@@ -33,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt (PNG with the settings as metadata).
     Generate(generate::GenerateArgs),
+    /// Enlarge an image through the cascade with the super-resolution ControlNet.
+    Upscale(upscale::UpscaleArgs),
     /// Fetch the model files from the Hugging Face hub (checksums verified, resumable).
     Download(download::DownloadArgs),
     /// Print the generation settings stored in a PNG.
@@ -95,6 +98,7 @@ pub fn exit_code(e: &crate::Error) -> i32 {
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Generate(a) => generate::generate(a),
+        Command::Upscale(a) => upscale::upscale(a),
         Command::Download(a) => download::download(a),
         Command::Meta(a) => meta::meta(a),
         Command::MakeTinyModel(a) => make_tiny_model::make_tiny_model(a),

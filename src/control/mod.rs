@@ -2,11 +2,13 @@
 //! `inference/test_controlnet.py` does it: read the image ([`image_file`]), resize it so its
 //! short side is 768 ([`resize`]), and for the Canny ControlNet run the official
 //! `CannyFilter(resize=224)` on it ([`canny`]); the result is the 1-channel map the
-//! ControlNet takes, at the resized image's size.
+//! ControlNet takes, at the resized image's size. The super-resolution ControlNet reads the
+//! image's EfficientNet latent instead ([`super_resolution`]).
 
 pub mod canny;
 pub mod image_file;
 pub mod resize;
+pub mod super_resolution;
 
 use crate::tensor::HostTensor;
 use crate::Result;

@@ -1,14 +1,24 @@
-//! Stable Cascade's ControlNet (`modules/controlnet.py`, bottleneck `effnet`): the control
-//! image through the EfficientNetV2 feature stack ([`super::effnet`], checkpoint prefix
-//! `backbone.`), then for each entry i of `proj_blocks` a projection `projections.{i}`:
-//! 1×1 conv (no bias), LeakyReLU(0.2), 1×1 conv to `c_proj` (no bias). The result is a list
-//! of control maps indexed by ResBlock visit: map `proj_blocks[i]` is projection i, the
-//! other indices up to the largest are empty. Stage C adds them before its ResBlocks
+//! Stable Cascade's ControlNet (`modules/controlnet.py`): the control input through a
+//! backbone, then for each entry i of `proj_blocks` a projection `projections.{i}`: 1×1
+//! conv (no bias), LeakyReLU(0.2), 1×1 conv to `c_proj` (no bias). The result is a list of
+//! control maps indexed by ResBlock visit: map `proj_blocks[i]` is projection i, the other
+//! indices up to the largest are empty. Stage C adds them before its ResBlocks
 //! ([`super::stage_c::ControlInjection`]).
+//!
+//! Two backbones (`bottleneck_mode`, checkpoint prefix `backbone.`), the two the released
+//! ControlNets use:
+//! - `effnet` (Canny, inpainting): the control image through the EfficientNetV2 feature
+//!   stack ([`super::effnet`]), 32× smaller, `backbone.last_channel` wide;
+//! - `large` (super-resolution, whose input is already an EfficientNet latent): a 1×1 conv
+//!   to `expand` channels, LeakyReLU(0.2), a 1×1 conv to `width`, `blocks` residual blocks
+//!   (LayerNorm2d with affine parameters, GELU, 3×3 conv, twice), a 1×1 conv to `out`; every
+//!   conv with a bias, the size unchanged ([`LargeBottleneck`]).
 
 use super::effnet::{features, EffNetConfig};
 use super::ModelBuilder;
 use crate::ops::conv2d::{Act, Conv2d};
+use crate::ops::elementwise::{self, Activation};
+use crate::ops::norm::LayerNorm;
 use crate::runtime::graph::TensorId;
 use crate::tensor::DType;
 use crate::{Error, Result};
@@ -24,10 +34,37 @@ pub struct ControlNetConfig {
     pub c_in: usize,
     pub c_proj: usize,
     pub proj_blocks: Vec<usize>,
-    /// Only `effnet` (the released ControlNets) is implemented.
+    /// `effnet` or `large` (the released ControlNets' backbones).
     pub bottleneck_mode: String,
+    /// The `effnet` backbone.
     pub backbone: EffNetConfig,
+    /// The `large` backbone.
+    pub large: LargeBottleneck,
 }
+
+/// The shape of the `large` backbone (official: 4096·4, 1024, 8 blocks, 1280).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LargeBottleneck {
+    pub expand: usize,
+    pub width: usize,
+    pub blocks: usize,
+    pub out: usize,
+}
+
+impl Default for LargeBottleneck {
+    fn default() -> Self {
+        LargeBottleneck {
+            expand: 4096 * 4,
+            width: 1024,
+            blocks: 8,
+            out: 1280,
+        }
+    }
+}
+
+/// The residual blocks' LayerNorm2d: `nn.LayerNorm`'s default eps and affine parameters.
+const LARGE_LN_EPS: f32 = 1e-5;
 
 impl Default for ControlNetConfig {
     /// The released Canny ControlNet (`configs/training/cfg_control_lr.yaml` of UltraPixel,
@@ -40,6 +77,7 @@ impl Default for ControlNetConfig {
             proj_blocks: vec![0, 4, 8, 12, 51, 55, 59, 63],
             bottleneck_mode: "effnet".into(),
             backbone: EffNetConfig::default(),
+            large: LargeBottleneck::default(),
         }
     }
 }
@@ -56,16 +94,32 @@ impl ControlNetConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(format!("ControlNet config: {m}")));
-        if self.bottleneck_mode != "effnet" {
-            return bad(format!(
-                "bottleneck_mode {:?} is not supported (only the released ControlNets' \"effnet\")",
-                self.bottleneck_mode
-            ));
-        }
         if self.proj_blocks.is_empty() || self.c_proj == 0 || self.c_in == 0 {
             return bad("needs input channels and at least one projection".into());
         }
-        self.backbone().validate()
+        match self.bottleneck_mode.as_str() {
+            "effnet" => self.backbone().validate(),
+            "large" => {
+                let l = &self.large;
+                if [l.expand, l.width, l.out].contains(&0) {
+                    return bad(format!("the large backbone has zero channels: {l:?}"));
+                }
+                Ok(())
+            }
+            other => bad(format!(
+                "bottleneck_mode {other:?} is not supported (the released ControlNets' \
+                 \"effnet\" and \"large\")"
+            )),
+        }
+    }
+
+    /// Channels of the backbone's output (the projections' input).
+    pub fn embedding_channels(&self) -> usize {
+        if self.bottleneck_mode == "large" {
+            self.large.out
+        } else {
+            self.backbone.last_channel
+        }
     }
 }
 
@@ -77,8 +131,12 @@ pub fn controlnet(
     x: TensorId,
 ) -> Result<Vec<Option<TensorId>>> {
     cfg.validate()?;
-    let feats = features(mb, "backbone.", x, &cfg.backbone())?;
-    let width = cfg.backbone.last_channel;
+    let feats = if cfg.bottleneck_mode == "large" {
+        large_backbone(mb, &cfg.large, cfg.c_in, x)?
+    } else {
+        features(mb, "backbone.", x, &cfg.backbone())?
+    };
+    let width = cfg.embedding_channels();
     let n = cfg.proj_blocks.iter().max().map_or(0, |m| m + 1);
     let mut maps = vec![None; n];
     for (i, &at) in cfg.proj_blocks.iter().enumerate() {
@@ -103,6 +161,78 @@ pub fn controlnet(
     Ok(maps)
 }
 
+/// A biased `Conv2d(cin, cout, k, padding (k − 1)/2)` at `backbone.{i}`, with `act` and an
+/// optional residual added after it.
+fn biased_conv(
+    mb: &mut ModelBuilder,
+    at: &str,
+    x: TensorId,
+    (cin, cout, k): (usize, usize, usize),
+    act: Act,
+    residual: Option<TensorId>,
+) -> Result<TensorId> {
+    let w = mb.weight(&format!("{at}.weight"), &[cout, cin, k, k], DType::BF16)?;
+    let b = mb.weight(&format!("{at}.bias"), &[cout], DType::F32)?;
+    let op = Conv2d {
+        residual: residual.is_some(),
+        ..Conv2d::plain(k, 1, (k - 1) / 2, act, DType::BF16)
+    };
+    let mut inputs = vec![x, w, b];
+    inputs.extend(residual);
+    mb.g.op1(op, &inputs)
+}
+
+/// LayerNorm2d (affine) then GELU, at `{at}`.
+fn norm_gelu(mb: &mut ModelBuilder, at: &str, x: TensorId, c: usize) -> Result<TensorId> {
+    let g = mb.weight(&format!("{at}.weight"), &[c], DType::F32)?;
+    let b = mb.weight(&format!("{at}.bias"), &[c], DType::F32)?;
+    let h =
+        mb.g.op1(LayerNorm::affine(LARGE_LN_EPS, DType::BF16), &[x, g, b])?;
+    let gelu = Activation {
+        act: elementwise::Act::Gelu,
+        out: DType::BF16,
+    };
+    mb.g.op1(gelu, &[h])
+}
+
+/// The `large` backbone on `x` (`[B, H, W, c_in]`): bf16 `[B, H, W, out]`. Keys
+/// `backbone.{0,2}` (the two 1×1 convs), `backbone.{3 + i}.blocks.{0,3}` (the norms) and
+/// `.blocks.{2,5}` (the 3×3 convs) of residual block i, `backbone.{3 + blocks}` (the output
+/// conv).
+fn large_backbone(
+    mb: &mut ModelBuilder,
+    l: &LargeBottleneck,
+    c_in: usize,
+    x: TensorId,
+) -> Result<TensorId> {
+    let leaky = Act::LeakyRelu(0.2);
+    let h = biased_conv(mb, "backbone.0", x, (c_in, l.expand, 1), leaky, None)?;
+    let mut h = biased_conv(mb, "backbone.2", h, (l.expand, l.width, 1), Act::None, None)?;
+    for i in 0..l.blocks {
+        let p = format!("backbone.{}.blocks.", 3 + i);
+        let a = norm_gelu(mb, &format!("{p}0"), h, l.width)?;
+        let a = biased_conv(
+            mb,
+            &format!("{p}2"),
+            a,
+            (l.width, l.width, 3),
+            Act::None,
+            None,
+        )?;
+        let a = norm_gelu(mb, &format!("{p}3"), a, l.width)?;
+        h = biased_conv(
+            mb,
+            &format!("{p}5"),
+            a,
+            (l.width, l.width, 3),
+            Act::None,
+            Some(h),
+        )?;
+    }
+    let last = format!("backbone.{}", 3 + l.blocks);
+    biased_conv(mb, &last, h, (l.width, l.out, 1), Act::None, None)
+}
+
 /// The checkpoint keys the ControlNet reads (recorded on a small image; no key depends on the
 /// size).
 pub fn manifest(cfg: &ControlNetConfig) -> Result<super::Manifest> {
@@ -116,11 +246,7 @@ pub fn manifest(cfg: &ControlNetConfig) -> Result<super::Manifest> {
 /// scalars) beside each norm the ControlNet reads: stored by the released files, never
 /// read. Only these may be present without being read.
 pub fn unused_keys(cfg: &ControlNetConfig) -> Result<super::Manifest> {
-    Ok(manifest(cfg)?
-        .iter()
-        .filter_map(|(k, _)| k.strip_suffix(".running_mean"))
-        .map(|norm| (format!("{norm}.num_batches_tracked"), vec![]))
-        .collect())
+    Ok(super::effnet::batchnorm_counters(&manifest(cfg)?))
 }
 
 #[cfg(test)]
@@ -178,5 +304,36 @@ mod tests {
         assert_eq!(cfg.backbone().stem_padding, 1);
         cfg.bottleneck_mode = "simple".into();
         assert!(cfg.validate().unwrap_err().to_string().contains("simple"));
+    }
+
+    /// The released super-resolution ControlNet: a 16-channel EfficientNet latent through
+    /// the `large` backbone, ≈ 204 M parameters (its 814 MB float32 file).
+    #[test]
+    fn the_large_backbone_has_the_official_names_and_keeps_the_size() {
+        let cfg = ControlNetConfig {
+            c_in: 16,
+            bottleneck_mode: "large".into(),
+            ..ControlNetConfig::default()
+        };
+        let m = manifest(&cfg).unwrap();
+        let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, s)| s.clone());
+        assert_eq!(get("backbone.0.weight"), Some(vec![16384, 16, 1, 1]));
+        assert_eq!(get("backbone.2.bias"), Some(vec![1024]));
+        assert_eq!(get("backbone.3.blocks.0.weight"), Some(vec![1024]));
+        assert_eq!(
+            get("backbone.10.blocks.5.weight"),
+            Some(vec![1024, 1024, 3, 3])
+        );
+        assert_eq!(get("backbone.11.weight"), Some(vec![1280, 1024, 1, 1]));
+        assert_eq!(get("projections.7.2.weight"), Some(vec![2048, 1280, 1, 1]));
+        assert!(get("backbone.12.weight").is_none());
+        assert_eq!(get("backbone.0.bias"), Some(vec![16384]));
+        let params: usize = m.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!((params * 4 + 500_000) / 1_000_000, 814, "{params}");
+        assert!(unused_keys(&cfg).unwrap().is_empty());
+        let mut mb = ModelBuilder::new();
+        let x = mb.g.input("x", &[1, 6, 10, 16], DType::F32).unwrap();
+        let maps = controlnet(&mut mb, &cfg, x).unwrap();
+        assert_eq!(mb.g.shape(maps[63].unwrap()), [1, 6, 10, 2048]);
     }
 }

@@ -428,6 +428,16 @@ pub fn features(
     conv_bn_silu(mb, &p, h, head, cfg.bn_eps)
 }
 
+/// The BatchNorm counters of a torch state dict (`{norm}.num_batches_tracked`, int64
+/// scalars) beside each norm of `manifest`: stored by torch, never read.
+pub fn batchnorm_counters(manifest: &super::Manifest) -> super::Manifest {
+    manifest
+        .iter()
+        .filter_map(|(k, _)| k.strip_suffix(".running_mean"))
+        .map(|norm| (format!("{norm}.num_batches_tracked"), vec![]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod clip_text;
 pub mod config;
 pub mod controlnet;
 pub mod effnet;
+pub mod effnet_encoder;
 pub mod inr;
 pub mod previewer;
 pub mod stage_a;

@@ -13,7 +13,7 @@ use super::control::{ControlKind, CONTROL_SHIFT};
 use super::lora::{LoadedLora, LoraSet, LoraSpec, ModelShapes};
 use super::model_dir::ModelDir;
 use super::observer::{check_finite, ImageObserver, PhaseTimer, Previews};
-use super::open_models::{open_controlnet, open_previewer, Models, Stage};
+use super::open_models::{open_controlnet, open_previewer, ControlStage, Models, Stage};
 use super::plan::{
     memory_plan, stage_b_shape, stage_c_shapes, stage_plan, LatentSizes, MemoryPlan,
 };
@@ -25,7 +25,6 @@ use super::stages::{
     StageCNoise, StageCRun, StageId, TextEmbedding, STAGE_A_TILE,
 };
 use crate::models::config::PreviewerConfig;
-use crate::models::controlnet::ControlNetConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
 use crate::runtime::device::WeightCache;
 use crate::runtime::session::SessionOptions;
@@ -126,7 +125,7 @@ pub struct Pipeline {
     /// Loaded when previews are asked for.
     previewer: Option<Stage<PreviewerConfig>>,
     /// Loaded with [`PipelineOptions::control`].
-    controlnet: Option<(ControlKind, Stage<ControlNetConfig>)>,
+    controlnet: Option<ControlStage>,
     backend: Backend,
     options: PipelineOptions,
     hashes: BTreeMap<String, String>,
@@ -163,7 +162,7 @@ impl Pipeline {
             None => None,
         };
         let controlnet = match options.control {
-            Some(kind) => Some((kind, open_controlnet(dir, kind)?)),
+            Some(kind) => Some(open_controlnet(dir, kind)?),
             None => None,
         };
         let mut pipeline = Pipeline {
@@ -253,8 +252,9 @@ impl Pipeline {
             c.weight_bytes += extra.weight_bytes;
             c.arena_bytes += extra.arena_bytes;
         }
-        if let Some((_, net)) = &self.controlnet {
-            control_net::add_to_plan(&mut plan, &net.config, size, device.as_deref())?;
+        if let Some(c) = &self.controlnet {
+            let encoder = c.encoder.as_ref().map(|e| &e.config);
+            control_net::add_to_plan(&mut plan, &c.net.config, encoder, size, device.as_deref())?;
         }
         Ok(plan)
     }
@@ -395,8 +395,8 @@ impl Pipeline {
         let Some(control) = &request.control else {
             return Ok(None);
         };
-        let net = match &self.controlnet {
-            Some((kind, net)) if *kind == control.kind => net,
+        let loaded = match &self.controlnet {
+            Some(c) if c.kind == control.kind => c,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "the request has {} control, but the pipeline was loaded without that \
@@ -407,14 +407,18 @@ impl Pipeline {
         };
         // Its weights leave the device with its session. A non-finite map shows in Stage
         // C's checked output.
-        control_net::run(
-            &self.context(None),
-            &net.weights,
-            &net.config,
-            &control.map,
-            control.strength,
-        )
-        .map(Some)
+        let ctx = self.context(None);
+        let encoded;
+        let map = match &loaded.encoder {
+            Some(e) => {
+                encoded =
+                    control_net::encode(&ctx, &e.weights, &e.config, &control.map, request.size)?;
+                &encoded
+            }
+            None => &control.map,
+        };
+        let net = &loaded.net;
+        control_net::run(&ctx, &net.weights, &net.config, map, control.strength).map(Some)
     }
 
     pub(super) fn context<'a>(&'a self, weights: Option<&'a WeightCache>) -> RunContext<'a> {

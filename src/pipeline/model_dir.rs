@@ -63,8 +63,13 @@ pub const MODEL_FILES: &[ModelFile] = &[
 pub const OPTIONAL_FILES: &[ModelFile] = &[sc("previewer.safetensors")];
 
 /// The ControlNets (`generate --control`): resolved when present, downloaded only on request
-/// (`download --control`, or `generate --control` from the hub cache).
-pub const CONTROL_FILES: &[ModelFile] = &[sc("controlnet/canny.safetensors")];
+/// (`download --control`, or `generate --control` from the hub cache); the
+/// super-resolution ControlNet also needs the EfficientNet encoder.
+pub const CONTROL_FILES: &[ModelFile] = &[
+    sc("controlnet/canny.safetensors"),
+    sc("controlnet/super_resolution.safetensors"),
+    sc("effnet_encoder.safetensors"),
+];
 
 /// A file the model directory may lack.
 fn is_optional(f: &ModelFile) -> bool {

@@ -10,6 +10,7 @@ use crate::models::config::{
     parse, ClipTextConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
 };
 use crate::models::controlnet::{self, ControlNetConfig};
+use crate::models::effnet_encoder::{self, EffNetEncoderConfig};
 use crate::models::{clip_text, previewer, stage_a, stage_b, stage_c, Checkpoint, Manifest};
 use crate::tensor::HostTensor;
 use crate::weights::{
@@ -180,26 +181,61 @@ pub fn open_previewer(dir: &ModelDir) -> Result<Stage<PreviewerConfig>> {
     })
 }
 
-/// The ControlNet of `kind` in `dir` (`generate --control`), checked against its manifest
-/// (the BatchNorm counters of a torch state dict are accepted and ignored);
-/// its configuration is the `.json` beside it (absent: the released one). A clear error
-/// naming the command that fetches it when the directory has none.
-pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<Stage<ControlNetConfig>> {
-    let path = dir.optional(kind.file()).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "--control {kind} needs {}, which {} does not have: fetch it with `ultrapixel \
-             download --control {kind}` (add the same --model-dir)",
-            kind.file(),
-            dir.location
-        ))
-    })?;
-    let config: ControlNetConfig = read_config(&beside(path), "ControlNet")?;
+/// A loaded ControlNet, with the encoder of its input when it has one.
+pub struct ControlStage {
+    pub kind: ControlKind,
+    pub net: Stage<ControlNetConfig>,
+    /// The EfficientNet encoder of the super-resolution ControlNet.
+    pub encoder: Option<Stage<EffNetEncoderConfig>>,
+}
+
+/// The ControlNet of `kind` in `dir` (`generate --control`), and its encoder if it has one,
+/// each checked against its manifest (the BatchNorm counters of a torch state dict are
+/// accepted and ignored); a configuration is the `.json` beside the file (absent: the
+/// released one). A clear error naming the command that fetches a missing file.
+pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<ControlStage> {
+    let path = control_file(dir, kind, kind.file())?;
+    let config = match read_optional_config(&beside(path), "ControlNet")? {
+        Some(c) => c,
+        None => kind.released_config(),
+    };
     config.validate()?;
     let unused = controlnet::unused_keys(&config)?;
     let file = open_checked(path, &controlnet::manifest(&config)?, &keys(&unused))?;
-    Ok(Stage {
-        config,
-        weights: single(file)?,
+    let encoder = match kind.encoder_file() {
+        Some(name) => {
+            let path = control_file(dir, kind, name)?;
+            let config: EffNetEncoderConfig = read_config(&beside(path), "EfficientNet encoder")?;
+            config.backbone.validate()?;
+            let unused = effnet_encoder::unused_keys(&config)?;
+            let manifest = effnet_encoder::manifest(&config)?;
+            let file = open_checked(path, &manifest, &keys(&unused))?;
+            Some(Stage {
+                config,
+                weights: single(file)?,
+            })
+        }
+        None => None,
+    };
+    Ok(ControlStage {
+        kind,
+        net: Stage {
+            config,
+            weights: single(file)?,
+        },
+        encoder,
+    })
+}
+
+/// The file `name` of the `kind` ControlNet in `dir`, or an error naming the command that
+/// fetches it.
+fn control_file<'a>(dir: &'a ModelDir, kind: ControlKind, name: &str) -> Result<&'a Path> {
+    dir.optional(name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--control {kind} needs {name}, which {} does not have: fetch it with `ultrapixel \
+             download --control {kind}` (add the same --model-dir)",
+            dir.location
+        ))
     })
 }
 
@@ -244,13 +280,23 @@ fn beside(path: &Path) -> PathBuf {
 
 /// A JSON config; an absent file means the released configuration.
 fn read_config<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T> {
+    Ok(read_optional_config(path, what)?.unwrap_or_default())
+}
+
+/// The configuration at `path`, None when there is no such file.
+fn read_optional_config<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let value: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-            parse(&value, what).map_err(|e| Error::format(path, e.to_string()))
+            parse(&value, what)
+                .map(Some)
+                .map_err(|e| Error::format(path, e.to_string()))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
 }

@@ -11,18 +11,31 @@
 //! - with control the script samples Stage C at CFG 1 ([`CONTROL_CFG_C`], unless the
 //!   request sets another) and shift 2 ([`CONTROL_SHIFT`]), and appends " high quality" to
 //!   the positive prompt ([`PROMPT_SUFFIX`]).
+//!
+//! The super-resolution ControlNet ([`ControlKind::SuperResolution`], `--control sr`,
+//! `ultrapixel upscale`) is the same mechanism with another input: Stable Cascade trained it
+//! on its `SREffnetFilter(scale_factor=0.5)`, which halves the training image (nearest),
+//! encodes it with the EfficientNet encoder and doubles the latent back (nearest); its
+//! example script upscales an image to twice its size with the maps at strength 1. So the
+//! control image plays the halved image: it is resized to half the output size, encoded
+//! and doubled ([`crate::control::super_resolution`], [`net::encode`]), and the default
+//! strength is 1 ([`ControlKind::default_strength`]). Injection, CFG, shift and suffix are
+//! the Canny ones.
 
 pub mod net;
 pub mod tiny;
 
+use crate::models::controlnet::{ControlNetConfig, LargeBottleneck};
 use crate::models::stage_c::DEFAULT_CONTROL_WEIGHT;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The official control strength.
+/// The official control strength of the Canny ControlNet.
 pub const DEFAULT_STRENGTH: f32 = DEFAULT_CONTROL_WEIGHT;
+/// The super-resolution ControlNet's strength in Stable Cascade's script (`cnet_multiplier`).
+pub const SR_STRENGTH: f32 = 1.0;
 /// Strengths accepted: 0 (the maps add nothing) to 2 (the official script suggests 0.3–0.8).
 pub const MAX_STRENGTH: f32 = 2.0;
 /// Stage C's CFG in the official script (`sampling_configs['cfg'] = 1`).
@@ -39,12 +52,16 @@ pub const PROMPT_SUFFIX: &str = " high quality";
 pub enum ControlKind {
     /// Stable Cascade's Canny ControlNet: edges of the control image.
     Canny,
+    /// Stable Cascade's super-resolution ControlNet: the EfficientNet latent of the image.
+    #[serde(rename = "sr")]
+    SuperResolution,
 }
 
 impl ControlKind {
     pub fn name(self) -> &'static str {
         match self {
             ControlKind::Canny => "canny",
+            ControlKind::SuperResolution => "sr",
         }
     }
 
@@ -52,9 +69,49 @@ impl ControlKind {
     pub fn file(self) -> &'static str {
         match self {
             ControlKind::Canny => "controlnet/canny.safetensors",
+            ControlKind::SuperResolution => "controlnet/super_resolution.safetensors",
+        }
+    }
+
+    /// Every file it needs from `stabilityai/stable-cascade`.
+    pub fn files(self) -> impl Iterator<Item = &'static str> {
+        std::iter::once(self.file()).chain(self.encoder_file())
+    }
+
+    /// The network that turns the control image into the ControlNet's input, when it is one
+    /// (the EfficientNet encoder of the super-resolution ControlNet).
+    pub fn encoder_file(self) -> Option<&'static str> {
+        match self {
+            ControlKind::Canny => None,
+            ControlKind::SuperResolution => Some(ENCODER_FILE),
+        }
+    }
+
+    /// The released ControlNet's configuration (the one used when no `.json` is beside it):
+    /// Stable Cascade's `configs/inference/controlnet_c_3b_{canny,sr}.yaml`.
+    pub fn released_config(self) -> ControlNetConfig {
+        match self {
+            ControlKind::Canny => ControlNetConfig::default(),
+            ControlKind::SuperResolution => ControlNetConfig {
+                c_in: 16,
+                bottleneck_mode: "large".into(),
+                large: LargeBottleneck::default(),
+                ..ControlNetConfig::default()
+            },
+        }
+    }
+
+    /// The official strength.
+    pub fn default_strength(self) -> f32 {
+        match self {
+            ControlKind::Canny => DEFAULT_STRENGTH,
+            ControlKind::SuperResolution => SR_STRENGTH,
         }
     }
 }
+
+/// Stable Cascade's EfficientNet encoder, beside the Stage C files.
+pub const ENCODER_FILE: &str = "effnet_encoder.safetensors";
 
 impl std::fmt::Display for ControlKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,8 +124,9 @@ impl std::str::FromStr for ControlKind {
     fn from_str(s: &str) -> Result<ControlKind> {
         match s.trim().to_ascii_lowercase().as_str() {
             "canny" => Ok(ControlKind::Canny),
+            "sr" | "super_resolution" => Ok(ControlKind::SuperResolution),
             _ => Err(Error::InvalidArgument(format!(
-                "control {s:?} is not supported: the one available is canny"
+                "control {s:?} is not supported: the ones available are canny and sr"
             ))),
         }
     }
@@ -88,7 +146,8 @@ pub enum ControlSource {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Control {
     pub kind: ControlKind,
-    /// `[1, h, w]` in [0, 1], short side 768.
+    /// Canny: the edge map, `[1, h, w]` in [0, 1], short side 768. Super-resolution: the
+    /// image, `[3, h, w]` in [0, 1], as read (brought to the output's size when generating).
     pub map: HostTensor,
     pub source: ControlSource,
     /// 0 to [`MAX_STRENGTH`].
@@ -98,13 +157,9 @@ pub struct Control {
 impl Control {
     /// Canny control from an RGB image `[3, h, w]` in [0, 1] (the official preprocessing).
     pub fn canny_image(image: &HostTensor) -> Result<Control> {
-        if image.shape.len() != 3 || image.shape[0] != 3 || image.data.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "a control image must be RGB [3, h, w], got {:?}",
-                image.shape
-            )));
-        }
+        check_rgb(image)?;
         Ok(Self::of(
+            ControlKind::Canny,
             crate::control::canny_map(image),
             ControlSource::Image(None),
         ))
@@ -113,7 +168,28 @@ impl Control {
     /// Canny control from an image file (PNG, JPEG or WebP).
     pub fn canny_image_file(path: &Path) -> Result<Control> {
         Ok(Self::of(
+            ControlKind::Canny,
             crate::control::canny_map_of_file(path)?,
+            ControlSource::Image(Some(file_name(path))),
+        ))
+    }
+
+    /// Super-resolution control from an RGB image `[3, h, w]` in [0, 1]: the image the
+    /// output is a larger version of.
+    pub fn super_resolution_image(image: HostTensor) -> Result<Control> {
+        check_rgb(&image)?;
+        Ok(Self::of(
+            ControlKind::SuperResolution,
+            image,
+            ControlSource::Image(None),
+        ))
+    }
+
+    /// Super-resolution control from an image file (PNG, JPEG or WebP).
+    pub fn super_resolution_image_file(path: &Path) -> Result<Control> {
+        Ok(Self::of(
+            ControlKind::SuperResolution,
+            crate::control::image_file::read_rgb(path)?,
             ControlSource::Image(Some(file_name(path))),
         ))
     }
@@ -127,6 +203,7 @@ impl Control {
             )));
         }
         Ok(Self::of(
+            ControlKind::Canny,
             crate::control::sized_map(&map),
             ControlSource::Map(None),
         ))
@@ -141,12 +218,12 @@ impl Control {
         })
     }
 
-    fn of(map: HostTensor, source: ControlSource) -> Control {
+    fn of(kind: ControlKind, map: HostTensor, source: ControlSource) -> Control {
         Control {
-            kind: ControlKind::Canny,
+            kind,
             map,
             source,
-            strength: DEFAULT_STRENGTH,
+            strength: kind.default_strength(),
         }
     }
 
@@ -162,8 +239,8 @@ impl Control {
                 field: "control.strength",
                 value: self.strength.to_string(),
                 reason: format!(
-                    "must be a number from 0 to {MAX_STRENGTH} (the official default is \
-                     {DEFAULT_STRENGTH})"
+                    "must be a number from 0 to {MAX_STRENGTH} (the official default is {})",
+                    self.kind.default_strength()
                 ),
             });
         }
@@ -194,6 +271,16 @@ pub struct ControlUse {
     pub prompt_suffix: String,
 }
 
+fn check_rgb(image: &HostTensor) -> Result<()> {
+    if image.shape.len() != 3 || image.shape[0] != 3 || image.data.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "a control image must be RGB [3, h, w], got {:?}",
+            image.shape
+        )));
+    }
+    Ok(())
+}
+
 fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(
         || path.display().to_string(),
@@ -211,6 +298,15 @@ mod tests {
         assert_eq!(k.file(), "controlnet/canny.safetensors");
         let err = "depth".parse::<ControlKind>().unwrap_err().to_string();
         assert!(err.contains("depth") && err.contains("canny"), "{err}");
+        let sr: ControlKind = "SR".parse().unwrap();
+        assert_eq!(sr.file(), "controlnet/super_resolution.safetensors");
+        assert_eq!(sr.encoder_file(), Some("effnet_encoder.safetensors"));
+        assert_eq!(sr.released_config().c_in, 16);
+        assert_eq!(
+            sr.released_config().proj_blocks,
+            k.released_config().proj_blocks
+        );
+        assert_eq!(serde_json::to_string(&sr).unwrap(), "\"sr\"");
     }
 
     #[test]
@@ -226,6 +322,10 @@ mod tests {
         }
         let rgb = HostTensor::zeros(&[1, 4, 8]);
         assert!(Control::canny_image(&rgb).is_err());
+        assert!(Control::super_resolution_image(rgb).is_err());
+        let sr = Control::super_resolution_image(HostTensor::zeros(&[3, 5, 7])).unwrap();
+        assert_eq!((sr.kind, sr.strength), (ControlKind::SuperResolution, 1.0));
+        assert_eq!(sr.map.shape, [3, 5, 7], "the image is kept as read");
         assert!(Control::canny_map(HostTensor::zeros(&[3, 4, 8])).is_err());
     }
 }

@@ -1,7 +1,11 @@
 //! The ControlNet of a request: run once on the control map, its maps then fed to every
-//! Stage C step graph that injects them ([`ControlMaps::record`]), and its memory.
+//! Stage C step graph that injects them ([`ControlMaps::record`]), and its memory. The
+//! super-resolution ControlNet's map is the image's EfficientNet latent, doubled
+//! ([`encode`]).
 
+use crate::control::super_resolution::{double_nearest, encoder_image, encoder_size};
 use crate::models::controlnet::{controlnet, ControlNetConfig};
+use crate::models::effnet_encoder::{encoder, normalized_input, EffNetEncoderConfig};
 use crate::models::stage_c::ControlInjection;
 use crate::models::{Checkpoint, ModelBuilder};
 use crate::pipeline::plan::{stage_plan, MemoryPlan};
@@ -70,6 +74,45 @@ fn recording(
     Ok((mb, x, maps))
 }
 
+/// The encoder's graph on an RGB image of `(h, w)`: the input and the latent.
+fn encoder_recording(
+    cfg: &EffNetEncoderConfig,
+    (h, w): (usize, usize),
+) -> Result<(ModelBuilder, TensorId, TensorId)> {
+    let mut mb = ModelBuilder::new();
+    let x = mb.g.input("image", &[1, h, w, 3], DType::F32)?;
+    let z = encoder(&mut mb, cfg, x)?;
+    mb.g.output(z, "latent")?;
+    Ok((mb, x, z))
+}
+
+/// The super-resolution ControlNet's map for an output of `size`: `image` (`[3, h, w]` in
+/// [0, 1]) at half that size, through the EfficientNet encoder, the latent doubled:
+/// `[c_latent, h', w']`.
+pub fn encode(
+    ctx: &RunContext,
+    weights: &dyn Checkpoint,
+    cfg: &EffNetEncoderConfig,
+    image: &HostTensor,
+    size: Size,
+) -> Result<HostTensor> {
+    let small = encoder_image(image, (size.height as usize, size.width as usize));
+    let (h, w) = (small.shape[1], small.shape[2]);
+    let (mb, x, z) = encoder_recording(cfg, (h, w))?;
+    let shape = mb.g.shape(z).to_vec();
+    let mut session = ctx.session(mb, weights)?;
+    session.set_input(x, &normalized_input(&small))?;
+    session.run()?;
+    let hwc = session.read(z)?;
+    let (lh, lw, c) = (shape[1], shape[2], shape[3]);
+    // Channels first.
+    let chw = (0..c)
+        .flat_map(|k| (0..lh * lw).map(move |i| (k, i)))
+        .map(|(k, i)| hwc[i * c + k])
+        .collect();
+    Ok(double_nearest(&HostTensor::new(vec![c, lh, lw], chw)))
+}
+
 /// Runs the ControlNet on `map` (`[c_in, h, w]` in [0, 1]).
 pub fn run(
     ctx: &RunContext,
@@ -115,21 +158,31 @@ pub fn run(
     Ok(ControlMaps { maps, strength })
 }
 
-/// Adds the ControlNet of a generation at `size` to `plan`: its weights and arena as a
-/// stage of its own (it runs once, before Stage C), and its maps, held by Stage C's step
-/// graphs for the CFG batch, to Stage C's arena. The control map is taken at the output's
-/// aspect ratio (short side 768).
+/// Adds the ControlNet of a generation at `size` to `plan`: its weights and arena (with the
+/// encoder's, which runs before it, when it has one) as a stage of its own (it runs once,
+/// before Stage C), and its maps, held by Stage C's step graphs for the CFG batch, to Stage
+/// C's arena. A Canny map is taken at the output's aspect ratio (short side 768); a
+/// super-resolution one is the doubled latent of half the output.
 pub fn add_to_plan(
     plan: &mut MemoryPlan,
     cfg: &ControlNetConfig,
+    encoder_cfg: Option<&EffNetEncoderConfig>,
     size: Size,
     device: Option<&dyn Device>,
 ) -> Result<()> {
-    let (h, w) = crate::control::resize::control_size(
-        size.height as usize,
-        size.width as usize,
-        crate::control::resize::CONTROL_SHORT_SIDE,
-    );
+    let (oh, ow) = (size.height as usize, size.width as usize);
+    let mut graphs = Vec::new();
+    let (h, w) = match encoder_cfg {
+        Some(e) => {
+            let (mb, _, z) = encoder_recording(e, encoder_size(oh, ow))?;
+            let s = mb.g.shape(z).to_vec();
+            graphs.push(mb.finish().0);
+            (2 * s[1], 2 * s[2])
+        }
+        None => {
+            crate::control::resize::control_size(oh, ow, crate::control::resize::CONTROL_SHORT_SIDE)
+        }
+    };
     let (mb, _, ids) = recording(cfg, (h, w))?;
     let map_bytes: u64 = ids
         .iter()
@@ -137,7 +190,8 @@ pub fn add_to_plan(
         .map(|&id| 2 * 4 * mb.g.shape(id).iter().product::<usize>() as u64)
         .sum();
     let graph: Graph = mb.finish().0;
-    let own = stage_plan(StageId::ControlNet, std::iter::once(&graph), device);
+    graphs.push(graph);
+    let own = stage_plan(StageId::ControlNet, graphs.iter(), device);
     let c = plan
         .stages
         .iter_mut()
