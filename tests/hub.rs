@@ -572,6 +572,24 @@ fn the_controlnet_is_downloaded_only_on_request() {
     assert!(out.contains(&format!("downloaded  {name}")), "{out}");
     let cached = Hub::new(hub.options(cache.path())).cached(&CONTROL_FILES[0].repo_file());
     assert_eq!(read(&cached.unwrap().path), content(name).0);
+
+    // The super-resolution ControlNet comes with the EfficientNet encoder.
+    let target = tempfile::tempdir().unwrap();
+    let (code, out) = output(
+        ultrapixel(&["download", "-q", "--control", "sr", "--model-dir"])
+            .arg(target.path())
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HUB_CACHE", cache.path()),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    for name in [
+        "controlnet/super_resolution.safetensors",
+        "effnet_encoder.safetensors",
+    ] {
+        assert!(out.contains(&format!("downloaded  {name}")), "{out}");
+        assert_eq!(read(&target.path().join(name)), content(name).0);
+    }
+    assert!(!target.path().join("controlnet/canny.safetensors").exists());
 }
 
 /// `ultrapixel ARGS` with none of the hub variables of the calling environment.
