@@ -1,5 +1,5 @@
-//! `generate --control canny` on the tiny model (`make-tiny-model` writes a tiny Canny
-//! ControlNet): control changes the image, strength 0 makes the control input irrelevant, a
+//! `generate --control canny` (and `inpaint`) on the tiny model (`make-tiny-model` writes
+//! tiny ControlNets): control changes the image, strength 0 makes the control input irrelevant, a
 //! ready map is what the image's edges give, bad inputs are refused before any output, and
 //! the library path, metadata and memory plan carry the control.
 
@@ -392,4 +392,78 @@ fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
             "{extra}: {err}"
         );
     }
+}
+
+/// `--control inpaint`: the image with a masked region, and the mask, through the tiny
+/// inpainting ControlNet; the mask matters, the library path is the CLI's, and a missing
+/// mask is refused before any output.
+#[test]
+fn inpainting_control_reads_the_image_and_its_mask() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    let s = seed();
+    let image = work.path().join("photo.png");
+    random_image(&image, s);
+    let (w, h) = image::image_dimensions(&image).unwrap();
+    let mask = |name: &str, left: bool| {
+        let path = work.path().join(name);
+        let m = image::GrayImage::from_fn(w, h, |x, y| {
+            let inside = if left { x < w / 2 } else { y < h / 3 };
+            image::Luma([if inside { 255 } else { 0 }])
+        });
+        m.save(&path).unwrap();
+        path
+    };
+    let (left, top) = (mask("left.png", true), mask("top.png", false));
+    let run = |name: &str, extra: &[&str]| {
+        let out = poisoned(work.path(), name);
+        let mut args = vec!["--seed", "5"];
+        args.extend(extra);
+        args.push("a garden");
+        ok(&quick_generate(model.path(), &out, "cpu", &args));
+        png_image(&out).pixels
+    };
+    let img = image.to_str().unwrap();
+    let (left_arg, top_arg) = (left.to_str().unwrap(), top.to_str().unwrap());
+    let inpaint = [
+        "--control",
+        "inpaint",
+        "--control-image",
+        img,
+        "--control-mask",
+    ];
+    let plain = run("plain.png", &[]);
+    let by_left = run("left-out.png", &[&inpaint[..], &[left_arg]].concat());
+    let by_top = run("top-out.png", &[&inpaint[..], &[top_arg]].concat());
+    assert_ne!(by_left, plain, "inpainting control changed nothing");
+    assert_ne!(by_left, by_top, "the mask changed nothing");
+    let meta = read_metadata(&work.path().join("left-out.png"))
+        .unwrap()
+        .ultrapixel
+        .unwrap();
+    assert_eq!(meta.control.unwrap().kind, ControlKind::Inpainting);
+
+    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
+    let options = PipelineOptions {
+        conversion_cache: model.path().join("cache"),
+        control: Some(ControlKind::Inpainting),
+        ..PipelineOptions::default()
+    };
+    let pipeline = Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).unwrap();
+    let mut request = Request::new("a garden");
+    request.size = Size::new(512, 512).unwrap();
+    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(5));
+    let control = Control::inpainting_image_file(&image, &left).unwrap();
+    assert_eq!(control.map.shape[0], 4);
+    request.set_control(control);
+    assert_eq!(pipeline.generate(&request).unwrap()[0].rgb.pixels, by_left);
+
+    // Without a mask: exit 2, the reason, nothing written.
+    let out = work.path().join("no-mask.png");
+    let args = ["--control", "inpaint", "--control-image", img, "a garden"];
+    let run = quick_generate(model.path(), &out, "cpu", &args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--control-mask"), "{stderr}");
+    assert!(!out.exists());
 }

@@ -16,7 +16,8 @@ pub struct DownloadArgs {
     pub quiet: bool,
     /// Also fetch this ControlNet (canny: `controlnet/canny.safetensors` of
     /// stabilityai/stable-cascade; sr: `controlnet/super_resolution.safetensors` and
-    /// `effnet_encoder.safetensors`), which `generate --control` and `upscale` need.
+    /// `effnet_encoder.safetensors`; inpaint: `controlnet/inpainting.safetensors`), which
+    /// `generate --control` and `upscale` need.
     #[arg(long, value_name = "KIND")]
     pub control: Option<ControlKind>,
 }

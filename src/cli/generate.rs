@@ -93,7 +93,8 @@ pub struct GenerateArgs {
     pub loras: Vec<LoraSpec>,
     /// Condition the image on a control input through a ControlNet (canny: the edges of
     /// --control-image, or a ready --control-map; sr: a larger version of --control-image,
-    /// see `ultrapixel upscale`), with the official script's settings: Stage C CFG 1 (unless
+    /// see `ultrapixel upscale`; inpaint: --control-image with the white region of
+    /// --control-mask repainted), with the official script's settings: Stage C CFG 1 (unless
     /// --cfg-c), shift 2, " high quality" appended to the prompt. The ControlNet file is
     /// fetched on demand (`ultrapixel download --control canny`).
     #[arg(long, value_name = "KIND", requires = "control_input")]
@@ -116,6 +117,10 @@ pub struct GenerateArgs {
         group = "control_input"
     )]
     pub control_map: Option<PathBuf>,
+    /// With --control inpaint: the mask (greyscale, white where to paint; resized to the
+    /// control image).
+    #[arg(long, value_name = "FILE", requires = "control_image")]
+    pub control_mask: Option<PathBuf>,
     /// With --control: how strongly the control map steers, 0 to 2 [default: 0.7 for canny,
     /// 1 for sr].
     #[arg(
@@ -175,9 +180,17 @@ impl GenerateArgs {
             (ControlKind::SuperResolution, Some(image), _) => {
                 Control::super_resolution_image_file(image)?
             }
-            (ControlKind::SuperResolution, None, Some(_)) => {
+            (ControlKind::Inpainting, Some(image), _) => {
+                let Some(mask) = &self.control_mask else {
+                    return Err(Error::InvalidArgument(
+                        "--control inpaint needs --control-mask FILE (white where to paint)".into(),
+                    ));
+                };
+                Control::inpainting_image_file(image, mask)?
+            }
+            (ControlKind::SuperResolution | ControlKind::Inpainting, None, Some(_)) => {
                 return Err(Error::InvalidArgument(
-                    "--control sr takes the image to enlarge (--control-image FILE), not a map"
+                    "--control sr and inpaint take an image (--control-image FILE), not a map"
                         .into(),
                 ))
             }

@@ -82,6 +82,7 @@ pub fn upscale(a: UpscaleArgs) -> Result<i32> {
         control: Some(ControlKind::SuperResolution),
         control_image: Some(a.input),
         control_map: None,
+        control_mask: None,
         control_strength: a.control_strength,
     })
 }

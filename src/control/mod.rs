@@ -7,6 +7,7 @@
 
 pub mod canny;
 pub mod image_file;
+pub mod inpaint;
 pub mod resize;
 pub mod super_resolution;
 

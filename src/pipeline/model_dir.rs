@@ -68,6 +68,7 @@ pub const OPTIONAL_FILES: &[ModelFile] = &[sc("previewer.safetensors")];
 pub const CONTROL_FILES: &[ModelFile] = &[
     sc("controlnet/canny.safetensors"),
     sc("controlnet/super_resolution.safetensors"),
+    sc("controlnet/inpainting.safetensors"),
     sc("effnet_encoder.safetensors"),
 ];
 

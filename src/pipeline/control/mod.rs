@@ -21,6 +21,11 @@
 //! and doubled ([`crate::control::super_resolution`], [`net::encode`]), and the default
 //! strength is 1 ([`ControlKind::default_strength`]). Injection, CFG, shift and suffix are
 //! the Canny ones.
+//!
+//! The inpainting ControlNet ([`ControlKind::Inpainting`], `--control inpaint`) reads
+//! Stable Cascade's `InpaintFilter` with a given mask: the image with the masked pixels set
+//! to 1 (white), and the mask as a fourth channel, both at the control size
+//! ([`crate::control::inpaint`]); strength 1 as in Stable Cascade's script.
 
 pub mod net;
 pub mod tiny;
@@ -34,7 +39,8 @@ use std::path::Path;
 
 /// The official control strength of the Canny ControlNet.
 pub const DEFAULT_STRENGTH: f32 = DEFAULT_CONTROL_WEIGHT;
-/// The super-resolution ControlNet's strength in Stable Cascade's script (`cnet_multiplier`).
+/// The super-resolution and inpainting ControlNets' strength in Stable Cascade's script
+/// (`cnet_multiplier`).
 pub const SR_STRENGTH: f32 = 1.0;
 /// Strengths accepted: 0 (the maps add nothing) to 2 (the official script suggests 0.3–0.8).
 pub const MAX_STRENGTH: f32 = 2.0;
@@ -55,6 +61,10 @@ pub enum ControlKind {
     /// Stable Cascade's super-resolution ControlNet: the EfficientNet latent of the image.
     #[serde(rename = "sr")]
     SuperResolution,
+    /// Stable Cascade's inpainting ControlNet: the image with a region masked out, and the
+    /// mask.
+    #[serde(rename = "inpaint")]
+    Inpainting,
 }
 
 impl ControlKind {
@@ -62,6 +72,7 @@ impl ControlKind {
         match self {
             ControlKind::Canny => "canny",
             ControlKind::SuperResolution => "sr",
+            ControlKind::Inpainting => "inpaint",
         }
     }
 
@@ -70,6 +81,7 @@ impl ControlKind {
         match self {
             ControlKind::Canny => "controlnet/canny.safetensors",
             ControlKind::SuperResolution => "controlnet/super_resolution.safetensors",
+            ControlKind::Inpainting => "controlnet/inpainting.safetensors",
         }
     }
 
@@ -82,7 +94,7 @@ impl ControlKind {
     /// (the EfficientNet encoder of the super-resolution ControlNet).
     pub fn encoder_file(self) -> Option<&'static str> {
         match self {
-            ControlKind::Canny => None,
+            ControlKind::Canny | ControlKind::Inpainting => None,
             ControlKind::SuperResolution => Some(ENCODER_FILE),
         }
     }
@@ -98,6 +110,10 @@ impl ControlKind {
                 large: LargeBottleneck::default(),
                 ..ControlNetConfig::default()
             },
+            ControlKind::Inpainting => ControlNetConfig {
+                c_in: 4,
+                ..ControlNetConfig::default()
+            },
         }
     }
 
@@ -105,7 +121,7 @@ impl ControlKind {
     pub fn default_strength(self) -> f32 {
         match self {
             ControlKind::Canny => DEFAULT_STRENGTH,
-            ControlKind::SuperResolution => SR_STRENGTH,
+            ControlKind::SuperResolution | ControlKind::Inpainting => SR_STRENGTH,
         }
     }
 }
@@ -125,8 +141,9 @@ impl std::str::FromStr for ControlKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "canny" => Ok(ControlKind::Canny),
             "sr" | "super_resolution" => Ok(ControlKind::SuperResolution),
+            "inpaint" | "inpainting" => Ok(ControlKind::Inpainting),
             _ => Err(Error::InvalidArgument(format!(
-                "control {s:?} is not supported: the ones available are canny and sr"
+                "control {s:?} is not supported: the ones available are canny, sr and inpaint"
             ))),
         }
     }
@@ -148,6 +165,7 @@ pub struct Control {
     pub kind: ControlKind,
     /// Canny: the edge map, `[1, h, w]` in [0, 1], short side 768. Super-resolution: the
     /// image, `[3, h, w]` in [0, 1], as read (brought to the output's size when generating).
+    /// Inpainting: the masked image and the mask, `[4, h, w]`, short side 768.
     pub map: HostTensor,
     pub source: ControlSource,
     /// 0 to [`MAX_STRENGTH`].
@@ -192,6 +210,34 @@ impl Control {
             crate::control::image_file::read_rgb(path)?,
             ControlSource::Image(Some(file_name(path))),
         ))
+    }
+
+    /// Inpainting control from an RGB image `[3, h, w]` and a mask `[1, h', w']` (any size:
+    /// brought to the image's), both in [0, 1]; the mask is 1 (over ½) where to paint.
+    pub fn inpainting_image(image: &HostTensor, mask: &HostTensor) -> Result<Control> {
+        check_rgb(image)?;
+        if mask.shape.len() != 3 || mask.shape[0] != 1 || mask.data.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "an inpainting mask must be one channel [1, h, w], got {:?}",
+                mask.shape
+            )));
+        }
+        Ok(Self::of(
+            ControlKind::Inpainting,
+            crate::control::inpaint::inpaint_map(image, mask),
+            ControlSource::Image(None),
+        ))
+    }
+
+    /// Inpainting control from an image file and a mask file (its luminance: white where
+    /// to paint).
+    pub fn inpainting_image_file(image: &Path, mask: &Path) -> Result<Control> {
+        let rgb = crate::control::image_file::read_rgb(image)?;
+        let mask = crate::control::image_file::read_grey(mask)?;
+        Ok(Control {
+            source: ControlSource::Image(Some(file_name(image))),
+            ..Self::inpainting_image(&rgb, &mask)?
+        })
     }
 
     /// Canny control from a ready edge map `[1, h, w]` in [0, 1] (resized as an image is).
@@ -307,6 +353,10 @@ mod tests {
             k.released_config().proj_blocks
         );
         assert_eq!(serde_json::to_string(&sr).unwrap(), "\"sr\"");
+        let inpaint: ControlKind = "inpaint".parse().unwrap();
+        assert_eq!(inpaint.file(), "controlnet/inpainting.safetensors");
+        assert_eq!(inpaint.released_config().c_in, 4);
+        assert_eq!(inpaint.released_config().bottleneck_mode, "effnet");
     }
 
     #[test]

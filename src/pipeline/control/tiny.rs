@@ -1,7 +1,8 @@
 //! The tiny model's ControlNets (`make-tiny-model` writes them beside the model), with
 //! random weights like the rest of the tiny model, projecting to the tiny Stage C's width:
 //! Canny in the shape of the `controlnet_canny_tiny` golden case, and super-resolution (a
-//! small `large` backbone) with a tiny EfficientNet encoder.
+//! small `large` backbone) with a tiny EfficientNet encoder, inpainting like Canny with four
+//! input channels.
 
 use super::ControlKind;
 use crate::models::controlnet::{manifest, ControlNetConfig, LargeBottleneck};
@@ -86,6 +87,17 @@ pub fn write_tiny_controlnet(dir: &Path, seed: u64) -> Result<Vec<String>> {
         ControlKind::SuperResolution.file(),
         &manifest(&sr)?,
         &sr,
+        seed,
+    )?);
+    let inpaint = ControlNetConfig {
+        c_in: 4,
+        ..tiny_controlnet_config()
+    };
+    names.extend(write_network(
+        dir,
+        ControlKind::Inpainting.file(),
+        &manifest(&inpaint)?,
+        &inpaint,
         seed,
     )?);
     names.extend(write_network(
