@@ -259,6 +259,52 @@ def tiny_controlnet(c_proj, proj_blocks):
     return cn.eval()
 
 
+# The tiny `large` backbone of `controlnet_sr_tiny` (official: 4096*4, 1024, 8 blocks, 1280).
+SR_LARGE = {"expand": 16, "width": 8, "blocks": 1, "out": 12}
+
+
+def sr_case(out, up):
+    """The super-resolution ControlNet (bottleneck 'large', c_in 16) at tiny widths, on the
+    doubled latent its SREffnetFilter delivers."""
+    from modules import controlnet as cnm
+    L = SR_LARGE
+    # Built at the official widths, then the backbone and the projections rebuilt from the
+    # same module classes at tiny ones (the official code hard-codes them).
+    cn = cnm.ControlNet(c_in=16, c_proj=8, proj_blocks=PROJ_BLOCKS, bottleneck_mode="large")
+    cn.backbone = nn.Sequential(
+        nn.Conv2d(16, L["expand"], kernel_size=1), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(L["expand"], L["width"], kernel_size=1),
+        *[cnm.CNetResBlock(L["width"]) for _ in range(L["blocks"])],
+        nn.Conv2d(L["width"], L["out"], kernel_size=1))
+    cn.projections = nn.ModuleList([nn.Sequential(
+        nn.Conv2d(L["out"], L["out"], kernel_size=1, bias=False),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(L["out"], 8, kernel_size=1, bias=False),
+    ) for _ in PROJ_BLOCKS])
+    redraw(cn, SEED + 31)
+    cn.eval()
+    g = gen(SEED + 32)
+    latent = torch.randn((1, 16, 3, 4), generator=g)
+    x = nn.functional.interpolate(latent, scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        maps = cn(x)
+    cfg = {"c_in": 16, "c_proj": 8, "proj_blocks": PROJ_BLOCKS, "bottleneck_mode": "large",
+           "large": L}
+    tensors = {**weights_of(cn), "input.x": x}
+    for i, mp in enumerate(maps):
+        if mp is not None:
+            tensors[f"output.cnet.{i}"] = mp
+    save(out, "controlnet_sr_tiny", "controlnet", cfg, tensors,
+         "Official ControlNet (modules/controlnet.py) with bottleneck 'large' and c_in=16, the "
+         "super-resolution one (configs/inference/controlnet_c_3b_sr.yaml): backbone = Conv1x1("
+         "c_in -> expand) -> LeakyReLU(0.2) -> Conv1x1(-> width) -> `blocks` CNetResBlock(width) "
+         "(LayerNorm2d affine eps 1e-5, GELU, Conv3x3 pad 1, twice, plus the input) -> Conv1x1(-> "
+         "out), every conv biased; widths from config.large (official 16384, 1024, 8, 1280). "
+         "Projections as in controlnet_canny_tiny, `out` wide. The input is a random 16-channel "
+         "latent doubled by nearest interpolation, as SREffnetFilter(scale_factor=0.5) delivers it.",
+         "cnet = ControlNet(c_in=16, c_proj=8, proj_blocks=[0, 1, 3], bottleneck_mode='large')(x)")
+
+
 # --- UltraPixel Stage C with control, and with a LoRA --------------------------------------
 
 def stage_c_model(with_inr):
@@ -643,7 +689,7 @@ def stub_core():
 
 
 CASES = {"effnet": effnet_cases, "control": control_cases, "lora": lora_case,
-         "canny": canny_case, "resize": resize_cases, "retoken": retoken_case}
+         "canny": canny_case, "resize": resize_cases, "retoken": retoken_case, "sr": sr_case}
 
 
 def main():
