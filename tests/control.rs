@@ -338,6 +338,19 @@ fn info_plans_the_controlnet_weights_and_activations() {
         stage_c(&with) > stage_c(&plain),
         "the maps cost Stage C nothing"
     );
+    // The super-resolution ControlNet (≈ 204 M parameters) and its EfficientNet encoder
+    // (≈ 20 M), in bf16: ≈ 427 MiB; the ControlNet alone would be ≈ 388.
+    let sr = run(&["--control", "sr"]);
+    let row = sr
+        .lines()
+        .find(|l| l.starts_with("controlnet "))
+        .unwrap_or_else(|| panic!("no ControlNet row: {sr}"));
+    let weights: u64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((420..480).contains(&weights), "{row}");
+    assert!(
+        stage_c(&sr) > stage_c(&plain),
+        "the SR maps cost Stage C nothing"
+    );
 }
 
 /// The released ControlNets are torch state dicts of torchvision's EfficientNetV2-S with
