@@ -113,7 +113,8 @@ pub fn encode(
     Ok(double_nearest(&HostTensor::new(vec![c, lh, lw], chw)))
 }
 
-/// Runs the ControlNet on `map` (`[c_in, h, w]` in [0, 1]).
+/// Runs the ControlNet on `map` (`[c_in, h, w]`: an image-like map in [0, 1], or the
+/// super-resolution ControlNet's latent).
 pub fn run(
     ctx: &RunContext,
     weights: &dyn Checkpoint,
@@ -161,8 +162,8 @@ pub fn run(
 /// Adds the ControlNet of a generation at `size` to `plan`: its weights and arena (with the
 /// encoder's, which runs before it, when it has one) as a stage of its own (it runs once,
 /// before Stage C), and its maps, held by Stage C's step graphs for the CFG batch, to Stage
-/// C's arena. A Canny map is taken at the output's aspect ratio (short side 768); a
-/// super-resolution one is the doubled latent of half the output.
+/// C's arena. A Canny or inpainting map is taken at the output's aspect ratio (short side
+/// 768); a super-resolution one is the doubled latent of half the output.
 pub fn add_to_plan(
     plan: &mut MemoryPlan,
     cfg: &ControlNetConfig,
