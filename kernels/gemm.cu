@@ -27,6 +27,7 @@
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/mma.cuh"
+#include "common/gemm_epilogue.cuh"
 
 // The kernels' parameters, mirrored by ops::gemm::GemmParams; build.rs checks that both have
 // this layout (build/abi.rs). Pointers first, so there is no implicit padding.
@@ -108,8 +109,7 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
                 const int r = i / BK, kk = i % BK, gk = kt * BK + kk;
                 const long long gm = m0 + r;
                 if (gm < M && gk < K) {
-                    const float f = a_k + a_mod[(gm / rows_per_sample) * 2 * K + gk];
-                    a_s[r * LDS + kk] = from_f32<__nv_bfloat16>(to_f32(a_s[r * LDS + kk]) * f);
+                    a_s[r * LDS + kk] = gemm_scale_a(a_s[r * LDS + kk], a_k, a_mod[(gm / rows_per_sample) * 2 * K + gk]);
                 }
             }
             __syncthreads();
@@ -132,6 +132,7 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
     cp_async_wait_all();
 
     const int g = lane >> 2, t = lane & 3;
+    const GemmEpilogue epi{bias, R, ab, N, gelu, rows_per_sample, film_k};
     // GRN statistics: this warp's 64-row slab, split at the (at most one) sample boundary in
     // it; each thread sums its rows per column, the 8 lanes of a column combine by shuffles.
     const long long slab = m0 + wm * 64;
@@ -143,28 +144,16 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ A, const 
         for (int h = 0; h < 2; ++h) {
             const long long row = slab + mi * 16 + g + h * 8;
             if (row >= M) continue;
-            const bool next = row / rows_per_sample != first_sample;
+            const bool next = grn_next_sample(row, first_sample, rows_per_sample);
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int col = n0 + wn * 32 + ni * 8 + 2 * t + e;
                     if (col >= N) continue;
-                    float v = acc[mi][ni][h * 2 + e];
-                    if (bias) v += bias[col];
-                    if (gelu) v = gelu_erf(v);
-                    if (R) v += to_f32(R[row * N + col]);
-                    if (ab) {
-                        const float* mod = ab + (row / rows_per_sample) * 2 * N;
-                        v = v * (film_k + mod[col]) + mod[N + col];
-                    }
-                    const TO stored = from_f32<TO>(v);
+                    const TO stored = from_f32<TO>(epi.apply<TO>(acc[mi][ni][h * 2 + e], row, col));
                     C[row * N + col] = stored;
-                    if (partials) {
-                        const float q = to_f32(stored) * to_f32(stored);
-                        sum0[ni][e] += next ? 0.f : q;
-                        sum1[ni][e] += next ? q : 0.f;
-                    }
+                    if (partials) grn_accumulate(sum0[ni][e], sum1[ni][e], stored, next);
                 }
         }
     if (partials && slab < M) {

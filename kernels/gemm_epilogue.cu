@@ -29,6 +29,7 @@
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/reduce.cuh"
+#include "common/gemm_epilogue.cuh"
 
 namespace gemm_epilogue {
 constexpr int THREADS = 256, SLAB = 64;
@@ -42,26 +43,13 @@ __device__ __forceinline__ void body(const TX* __restrict__ X, const float* __re
     if (col >= N) return;
     const long long end = slab + SLAB < M ? slab + SLAB : M;
     const long long first_sample = slab / rows_per_sample;
-    const float b = bias ? bias[col] : 0.f;
+    const GemmEpilogue epi{bias, R, ab, N, gelu, rows_per_sample, film_k};
     float sum0 = 0.f, sum1 = 0.f;  // the slab's first sample, the next one
     for (long long row = slab; row < end; ++row) {
         const long long at = row * N + col;
-        float v = to_f32(X[at]);
-        if (bias) v += b;
-        if (gelu) v = gelu_erf(v);
-        if (R) v += to_f32(R[at]);
-        if (ab) {
-            const float* mod = ab + (row / rows_per_sample) * 2 * N;
-            v = v * (film_k + mod[col]) + mod[N + col];
-        }
-        const TO stored = from_f32<TO>(v);
+        const TO stored = from_f32<TO>(epi.apply<TO>(to_f32(X[at]), row, col));
         Y[at] = stored;
-        if (partials) {
-            const float q = to_f32(stored) * to_f32(stored);
-            const bool next = row / rows_per_sample != first_sample;
-            sum0 += next ? 0.f : q;
-            sum1 += next ? q : 0.f;
-        }
+        if (partials) grn_accumulate(sum0, sum1, stored, grn_next_sample(row, first_sample, rows_per_sample));
     }
     if (partials) {
         float* out = partials + (long long)blockIdx.x * 2 * N;
@@ -121,8 +109,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_epilogue_bf16_bf16(const 
 
 extern "C" __global__ void __launch_bounds__(256) gemm_scale_a_bf16(const __nv_bfloat16* A, const float* ab, __nv_bfloat16* out, long long n, int K, long long per_sample, float a_k) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float f = a_k + ab[(i / per_sample) * 2 * K + i % K];
-        out[i] = from_f32<__nv_bfloat16>(to_f32(A[i]) * f);
+        out[i] = gemm_scale_a(A[i], a_k, ab[(i / per_sample) * 2 * K + i % K]);
     }
 }
 

@@ -37,6 +37,7 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
     }
     let backend = super::backend_arg::open(a.backend)?;
     let mut tally = Tally::default();
+    let (sm90a_before, gemms_before) = crate::ops::gemm_sm90a::launch_counts();
     for case in &cases {
         match crate::golden::run_case(case, &backend) {
             Ok(checks) => {
@@ -60,5 +61,12 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
             }
         }
     }
+    let (sm90a, gemms) = crate::ops::gemm_sm90a::launch_counts();
+    println!(
+        "GEMM launches on the sm_90a kernel: {} of {} (UPX_KERNELS={})",
+        sm90a - sm90a_before,
+        gemms - gemms_before,
+        std::env::var(crate::runtime::kernel_choice::ENV).unwrap_or_else(|_| "portable".into())
+    );
     Ok(tally.finish())
 }

@@ -6,10 +6,13 @@
 
 use super::dot::{accumulate, pack_panels, LANES};
 use super::elementwise::Film;
+use super::gemm_epilogue::GemmScaleA;
 use super::math::gelu_ref;
 use super::{arity, rows_channels, to_i32};
 use crate::runtime::abi::mirror_kernel_struct;
+use crate::runtime::graph::DevTensor;
 use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, Role, TensorDesc, TensorId};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -254,6 +257,7 @@ fn gemm_io<'a>(io: &LaunchIo<'a>, n_inputs: usize) -> LaunchIo<'a> {
         inputs: io.inputs[..n_inputs].to_vec(),
         outputs: io.outputs[..1].to_vec(),
         workspace: io.workspace,
+        target: io.target,
     }
 }
 
@@ -292,7 +296,7 @@ impl Gemm {
         };
         let name = format!("gemm_bf16_{}", self.out.suffix());
         let op = self.name();
-        let args = Args::new().by_value(&GemmParams {
+        let params = GemmParams {
             a: a.ptr,
             w: w.ptr,
             bias,
@@ -309,7 +313,15 @@ impl Gemm {
             film_k: x.film_k,
             a_k: x.a_k,
             pad: 0,
-        });
+        };
+        // The Hopper kernel where UPX_KERNELS allows it on this target and the shape
+        // qualifies (ops/gemm_sm90a.rs); the portable one otherwise.
+        if io.target.sm90a_allowed()? && super::gemm_sm90a::qualifies(&params) {
+            let l = super::gemm_sm90a::launch(&io.target, &params, self.out)?;
+            super::gemm_sm90a::count_launch(true);
+            return Ok(vec![l]);
+        }
+        let args = Args::new().by_value(&params);
         let grid_n = ceil_div(n, TILE_N);
         if grid_n > 65535 {
             return Err(Error::shape(
@@ -317,6 +329,7 @@ impl Gemm {
                 format!("N = {n} exceeds the grid's y range"),
             ));
         }
+        super::gemm_sm90a::count_launch(false);
         Ok(vec![Launch {
             kernel: KernelId::lookup(&name)?,
             grid: [
@@ -575,10 +588,50 @@ impl OpImpl for GemmScaledA {
         self.gemm.cost(&inputs[..inputs.len() - 1], outputs)
     }
 
+    /// With `UPX_KERNELS` other than portable: room for the scaled A, which the Hopper GEMM
+    /// reads after a scale pass (it has no A modulation of its own).
+    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+        match KernelChoice::from_env() {
+            Ok(KernelChoice::Portable) | Err(_) => 0,
+            Ok(_) => inputs[0].bytes(),
+        }
+    }
+
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         self.infer(&descs)?;
         let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
+        let n = self.gemm.n_inputs();
+        if io.workspace != 0 && io.target.sm90a_allowed()? {
+            // The scale pass (gemm_scale_a_bf16, the portable kernel's arithmetic) into the
+            // workspace, then the Hopper GEMM on the scaled A, where it qualifies.
+            let scaled = TensorDesc {
+                name: "scaled A".into(),
+                shape: descs[0].shape.clone(),
+                dtype: DType::BF16,
+                role: Role::Activation,
+            };
+            let mut gemm_in = gemm_io(io, n);
+            gemm_in.inputs[0].ptr = io.workspace;
+            let extras = Extras {
+                rows_per_sample,
+                ..Extras::default()
+            };
+            let gemm = self.gemm.launch(&gemm_in, &extras)?;
+            if gemm.iter().all(super::gemm_sm90a::is_sm90a_gemm) {
+                let mut launches = GemmScaleA { k: self.k }.launches(&LaunchIo {
+                    inputs: vec![io.inputs[0], io.inputs[n]],
+                    outputs: vec![DevTensor {
+                        ptr: io.workspace,
+                        desc: &scaled,
+                    }],
+                    workspace: 0,
+                    target: io.target,
+                })?;
+                launches.extend(gemm);
+                return Ok(launches);
+            }
+        }
         let extras = Extras {
             rows_per_sample,
             a_mod: io.inputs[io.inputs.len() - 1].ptr,

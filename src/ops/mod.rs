@@ -21,6 +21,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod gemm;
 pub mod gemm_epilogue;
+pub mod gemm_sm90a;
 pub mod grn;
 pub mod inr;
 pub mod layout;

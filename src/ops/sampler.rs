@@ -432,6 +432,7 @@ impl OpImpl for GuidedStep {
             inputs: io.inputs[..1].to_vec(),
             outputs: Vec::new(),
             workspace: io.workspace,
+            target: io.target,
         };
         self.guidance.launch(&cfg_io, io.outputs[2].ptr, Some(step))
     }

@@ -50,6 +50,12 @@ pub trait Device: Send + Sync {
     /// Runs every launch of the list in order; returns when they are done.
     fn execute(&self, list: &mut LaunchList) -> Result<()>;
 
+    /// What launches are built for on this device (`runtime::kernel_choice`): the default
+    /// (no backend) builds portable launches only.
+    fn kernel_target(&self) -> super::kernel_choice::KernelTarget {
+        super::kernel_choice::KernelTarget::default()
+    }
+
     /// Scratch bytes [`Device::substitute`] needs to run `node` (0: it runs the op's own
     /// launches).
     fn substitute_scratch(&self, _node: &Node, _inputs: &[&TensorDesc]) -> usize {
@@ -203,7 +209,8 @@ impl KernelSession {
         }
 
         let substitute = substitute.then_some(device.as_ref());
-        let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute)?;
+        let target = device.kernel_target();
+        let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute, target)?;
         Ok(KernelSession {
             device,
             graph,
@@ -255,6 +262,7 @@ fn build_launches(
     ptrs: &[u64],
     arena: u64,
     substitute: Option<&dyn Device>,
+    target: super::kernel_choice::KernelTarget,
 ) -> Result<LaunchList> {
     let mut list = LaunchList {
         launches: Vec::new(),
@@ -274,6 +282,7 @@ fn build_launches(
             inputs: dev(&node.inputs),
             outputs: dev(&node.outputs),
             workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
+            target,
         };
         let entries = match substitute {
             Some(device) => {
@@ -319,14 +328,16 @@ pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
             }
         })
         .collect();
-    Ok(build_launches(graph, &plan, &ptrs, ARENA, None)?
-        .launches
-        .into_iter()
-        .filter_map(|e| match e {
-            Entry::Kernel(l) => Some(l),
-            Entry::Vendor(_) => None,
-        })
-        .collect())
+    Ok(
+        build_launches(graph, &plan, &ptrs, ARENA, None, Default::default())?
+            .launches
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Kernel(l) => Some(l),
+                Entry::Vendor(_) => None,
+            })
+            .collect(),
+    )
 }
 
 impl Session for KernelSession {

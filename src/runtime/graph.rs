@@ -322,6 +322,9 @@ pub struct LaunchIo<'a> {
     pub inputs: Vec<DevTensor<'a>>,
     pub outputs: Vec<DevTensor<'a>>,
     pub workspace: u64,
+    /// What the launches are for (backend, GPU): decides where a Hopper kernel may run
+    /// (`runtime::kernel_choice`). The default builds portable launches.
+    pub target: super::kernel_choice::KernelTarget,
 }
 
 impl LaunchIo<'_> {

@@ -95,6 +95,10 @@ impl Device for HostsimDevice {
         "host emulator (kernels compiled by g++, run on the CPU)".into()
     }
 
+    fn kernel_target(&self) -> super::kernel_choice::KernelTarget {
+        super::kernel_choice::KernelTarget::hostsim()
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         let layout = Layout::from_size_align(bytes.max(1), 256)
             .map_err(|e| Error::InvalidArgument(format!("allocation of {bytes} bytes: {e}")))?;

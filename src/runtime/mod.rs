@@ -7,6 +7,7 @@ pub mod device;
 pub mod graph;
 #[cfg(feature = "hostsim")]
 pub mod hostsim;
+pub mod kernel_choice;
 pub mod kernels;
 pub mod launch;
 pub mod planner;

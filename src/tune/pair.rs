@@ -89,6 +89,7 @@ pub fn epilogue_launches(
         inputs: epilogue_inputs(key, &op_io.inputs, product),
         outputs: op_io.outputs.clone(),
         workspace: op_io.workspace,
+        target: Default::default(),
     };
     Ok(kernels(epilogue_op(op, key).launches(&io)?))
 }
@@ -99,6 +100,7 @@ pub fn scale_launches(op: &dyn OpImpl, op_io: &LaunchIo, out: DevTensor) -> Resu
         inputs: vec![op_io.inputs[0], op_io.inputs[op_io.inputs.len() - 1]],
         outputs: vec![out],
         workspace: 0,
+        target: Default::default(),
     };
     Ok(kernels(GemmScaleA { k: scale_k(op) }.launches(&io)?))
 }
@@ -134,6 +136,7 @@ pub fn plain_gemm(key: &GemmKey, a: u64, w: DevTensor, d: u64, product: DType) -
         ],
         outputs: vec![DevTensor { ptr: d, desc: &out }],
         workspace: 0,
+        target: Default::default(),
     };
     let mut l = gemm.launches(&io)?;
     match l.len() {

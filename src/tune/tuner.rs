@@ -248,6 +248,7 @@ impl<'a> Problem<'a> {
                 .map(|(desc, b)| DevTensor { ptr: b.ptr, desc })
                 .collect(),
             workspace: self.bufs.workspace.ptr,
+            target: Default::default(),
         }
     }
 
@@ -456,6 +457,7 @@ impl<'a> Problem<'a> {
                     desc: &out,
                 }],
                 workspace: 0,
+                target: Default::default(),
             };
             let mut steps: Vec<Entry> = TuneCompare
                 .launches(&io)?

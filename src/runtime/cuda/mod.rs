@@ -319,6 +319,18 @@ impl Device for CudaDevice {
         format!("{} (compute capability {ma}.{mi})", self.info.name)
     }
 
+    fn kernel_target(&self) -> crate::runtime::kernel_choice::KernelTarget {
+        let sms = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(0, |n| n.max(0) as u32);
+        crate::runtime::kernel_choice::KernelTarget {
+            backend: Some(crate::runtime::BackendKind::Cuda),
+            compute_capability: Some(self.info.compute_capability),
+            sms,
+        }
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         self.bind()?;
         // SAFETY: plain allocation in the bound context.

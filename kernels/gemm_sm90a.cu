@@ -1,0 +1,198 @@
+// bf16 GEMM for Hopper (sm_90a only): TMA + wgmma, warp-specialised, persistent (ops/gemm_sm90a.rs).
+//
+// Math: the same as kernels/gemm.cu: C[m, n] = epilogue(Σ_k A[m, k]·W[n, k]), f32 accumulation,
+//   the epilogue of kernels/common/gemm_epilogue.cuh (+ bias, GELU-erf, + R, FiLM), bf16 or f32
+//   out, and with `partials` the GRN slab sums in kernels/gemm.cu's layout and slab order:
+//   partials[q][0|1][n] = Σ C[m, n]² (stored values) over 64-row slab q's rows of its first
+//   sample | of the next one, each element written by one thread after a fixed-order reduction
+//   (bit-identical run to run). The GRN scale of A (`a_mod`) is not applied here: the host runs
+//   gemm_scale_a_bf16 into a workspace first (the same arithmetic), or falls back.
+// Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major (a Linear weight), bias f32 [N],
+//   R and C [M, N] row-major in the output type, ab f32 [M / rows_per_sample, 2N] (a | β).
+//   A and W reach the kernel as TMA tensor maps (dims {K, rows}, box {64, 128}, 128-byte
+//   swizzle): each stage holds a 128×64 A tile and a 128×64 W tile, rows of 128 bytes in the
+//   canonical K-major 128-byte-swizzled layout (8-row atoms of 1024 bytes).
+// Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×128 output tiles
+//   b, b + grid, b + 2·grid, … (tile t: row tile t mod ceil(M/128), column tile t div it).
+//   384 threads = 3 warpgroups: warpgroup 0 the producer (setmaxnreg.dec to 40; one thread
+//   issues the TMA loads), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232), each
+//   computing 64 rows × 128 columns with wgmma.mma_async m64n128k16 f32.bf16.bf16, A and B
+//   from shared-memory descriptors, one k-tile's batch of 4 wgmmas in flight (wait_group 1
+//   releases the previous stage). A 4-stage ring of full/empty mbarrier pairs: full[s] one
+//   arrival (expect_tx of 32 KiB) + the TMA bytes, empty[s] one arrival per consumer warp (8).
+//   Dynamic shared memory: 1024 (alignment slack) + 4 · 32 KiB + 8 KiB GRN scratch + 64 bytes
+//   of barriers = SMEM_BYTES below.
+// Limits: K % 8 == 0 (TMA strides are multiples of 16 bytes), A and W 16-byte aligned;
+//   M, N, K tails are zero-filled by TMA and masked on store. M, N < 2^31, tiles < 2^31.
+// Names: gemm_sm90a_bf16_<out>. Parameters: the A and W tensor maps, then GemmSm90aParams
+//   (the fields of kernels/gemm.cu's GemmParams; `a` and `w` are unused, `a_mod` must be null).
+#include "common/portable.cuh"
+#include "common/convert.cuh"
+#include "common/hopper_sm90a.cuh"
+#include "common/gemm_epilogue.cuh"
+
+struct GemmSm90aParams {
+    const __nv_bfloat16* a;  // A [M, K] (the tensor map's; for messages only)
+    const __nv_bfloat16* w;  // W [N, K] (likewise)
+    const float* bias;       // [N], or null
+    const void* r;           // R [M, N] in the output type, or null
+    void* c;                 // C [M, N] in the output type
+    const float* ab;         // FiLM a | β [M / rows_per_sample, 2N], or null
+    float* partials;         // GRN slab sums, or null
+    const float* a_mod;      // must be null (the host scales A first)
+    int m, n, k;
+    int gelu;
+    int rows_per_sample;
+    float film_k;
+    float a_k;
+    int pad;  // explicit, so every byte is a field
+};
+
+namespace gemm_sm90a {
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4;
+constexpr int TILE_BYTES = BM * BK * 2;        // 16 KiB, one operand's stage
+constexpr int STAGE_BYTES = 2 * TILE_BYTES;    // A and W
+constexpr int RED_BYTES = 2 * 4 * 2 * BN * 4;  // GRN: [consumer][warp][part][column] f32
+constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + RED_BYTES + 2 * STAGES * 8;
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+static_assert(SMEM_BYTES == 140352, "ops/gemm_sm90a.rs SMEM_BYTES mirrors this");
+
+template <typename TO>
+__device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap* w_map, const GemmSm90aParams& p) {
+    unsigned char* raw = dynamic_smem<unsigned char>();
+    // 128-byte swizzle atoms start on 1024-byte boundaries of the shared address space.
+    unsigned char* smem = raw + ((1024 - (smem_address(raw) & 1023)) & 1023);
+    unsigned char* tiles = smem;  // [STAGES][A 128×64 | W 128×64]
+    float* red = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES + RED_BYTES);
+    uint64_t* empty = full + STAGES;
+
+    const int M = p.m, N = p.n, K = p.k;
+    const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+    const int n_tiles = tiles_m * tiles_n;
+    const int ktiles = (K + BK - 1) / BK;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], 8);  // one arrival per consumer warp
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer: one thread streams every k-tile of this block's tiles through the ring.
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x == 0) {
+            int it = 0;
+            for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+                const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+                for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                    const int s = it % STAGES;
+                    mbarrier_wait_parity(&empty[s], ((it / STAGES) & 1) ^ 1);
+                    unsigned char* st = tiles + s * STAGE_BYTES;
+                    mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
+                    tma_load_2d(st, a_map, &full[s], kt * BK, m0);
+                    tma_load_2d(st + TILE_BYTES, w_map, &full[s], kt * BK, n0);
+                }
+            }
+        }
+        return;
+    }
+
+    // Consumers: warpgroup c (0, 1) computes rows [64c, 64c + 64) of each tile.
+    setmaxnreg_inc<CONSUMER_REGS>();
+    const int c = wg - 1, t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+    const uint32_t tiles_addr = smem_address(tiles);
+    const GemmEpilogue epi{p.bias, p.r, p.ab, N, p.gelu, p.rows_per_sample, p.film_k};
+    TO* C = static_cast<TO*>(p.c);
+    float acc[BN / 2];
+    int it = 0;
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+        for (int kt = 0; kt < ktiles; ++kt, ++it) {
+            const int s = it % STAGES;
+            mbarrier_wait_parity(&full[s], (it / STAGES) & 1);
+            const uint32_t a_addr = tiles_addr + s * STAGE_BYTES + c * (64 * 128);
+            const uint32_t w_addr = tiles_addr + s * STAGE_BYTES + TILE_BYTES;
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < BK / 16; ++ks)
+                wgmma_bf16_ss<BN, 0, 0>(acc, make_matrix_desc(a_addr + 32 * ks, 16, 1024, 128),
+                                        make_matrix_desc(w_addr + 32 * ks, 16, 1024, 128), kt > 0 || ks > 0);
+            wgmma_commit();
+            // One batch in flight: the previous k-tile's wgmmas are done, so its stage is free.
+            wgmma_wait<1>();
+            if (kt > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % STAGES]);
+        }
+        wgmma_wait<0>();
+        if (lane == 0) mbarrier_arrive(&empty[(it - 1) % STAGES]);
+
+        // Epilogue from the accumulator fragment: value v of thread t is
+        // D[16·warp + lane/4 + 8·((v/2)%2)][8·(v/4) + 2·(lane%4) + v%2].
+        const long long slab = (long long)m0 + 64 * c;
+        const long long first_sample = slab / p.rows_per_sample;
+        const bool grn = p.partials != nullptr;
+        float* wred = red + (c * 4 + warp) * 2 * BN;  // this warp's [part][column] sums
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int cl = 8 * j + 2 * (lane % 4) + e, col = n0 + cl;
+                float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const long long row = slab + 16 * warp + lane / 4 + 8 * h;
+                    if (row < M && col < N) {
+                        const TO stored = from_f32<TO>(epi.apply<TO>(acc[4 * j + 2 * h + e], row, col));
+                        C[row * N + col] = stored;
+                        if (grn) grn_accumulate(sum0, sum1, stored, grn_next_sample(row, first_sample, p.rows_per_sample));
+                    }
+                }
+                if (grn) {
+                    // The warp's 16 rows: the 8 lanes of a column combine in a fixed tree.
+                    sum0 += __shfl_xor_sync(0xFFFFFFFFu, sum0, 4);
+                    sum1 += __shfl_xor_sync(0xFFFFFFFFu, sum1, 4);
+                    sum0 += __shfl_xor_sync(0xFFFFFFFFu, sum0, 8);
+                    sum1 += __shfl_xor_sync(0xFFFFFFFFu, sum1, 8);
+                    sum0 += __shfl_xor_sync(0xFFFFFFFFu, sum0, 16);
+                    sum1 += __shfl_xor_sync(0xFFFFFFFFu, sum1, 16);
+                    if (lane < 4) {
+                        wred[cl] = sum0;
+                        wred[BN + cl] = sum1;
+                    }
+                }
+            }
+        if (grn) {
+            // The slab's 4 warps, added in warp order by the thread that owns the column.
+            named_barrier_sync(1 + c, 128);
+            const int col = n0 + t;
+            if (slab < M && col < N) {
+                const float* cred = red + c * 4 * 2 * BN;
+                float* out = p.partials + (slab / 64) * 2LL * N;
+#pragma unroll
+                for (int part = 0; part < 2; ++part) {
+                    float v = 0.f;
+#pragma unroll
+                    for (int w = 0; w < 4; ++w) v += cred[(w * 2 + part) * BN + t];
+                    out[part * N + col] = v;
+                }
+            }
+            named_barrier_sync(1 + c, 128);  // the scratch is free for the next tile
+        }
+    }
+}
+}  // namespace gemm_sm90a
+
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_f32(const __grid_constant__ CUtensorMap a_map,
+                                                                        const __grid_constant__ CUtensorMap w_map,
+                                                                        const GemmSm90aParams p) {
+    gemm_sm90a::body<float>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_bf16(const __grid_constant__ CUtensorMap a_map,
+                                                                         const __grid_constant__ CUtensorMap w_map,
+                                                                         const GemmSm90aParams p) {
+    gemm_sm90a::body<__nv_bfloat16>(&a_map, &w_map, p);
+}

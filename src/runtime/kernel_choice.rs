@@ -1,0 +1,133 @@
+//! Which kernel family an op launches where it has more than one: the portable kernels
+//! (`kernels/*.cu`, every GPU from sm_80 and the emulator) or the Hopper ones
+//! (`kernels/*_sm90a.cu`, compute capability 9.0 and the emulator).
+//!
+//! `UPX_KERNELS`:
+//! - `portable` (the default): the portable kernels everywhere;
+//! - `sm90a`: the Hopper kernels wherever a shape qualifies, on hostsim too (on a GPU that is
+//!   not compute capability 9.0 the portable ones, which are the only ones it can load);
+//! - `auto`: the Hopper kernels on compute-capability-9.0 hardware where a shape qualifies,
+//!   the portable ones otherwise (hostsim included: "auto" picks for real hardware).
+//!
+//! A shape that does not qualify (see each op's rules, e.g. `ops::gemm_sm90a::qualifies`)
+//! always falls back to the portable kernel.
+
+use super::BackendKind;
+use crate::{Error, Result};
+
+/// The value of `UPX_KERNELS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    #[default]
+    Portable,
+    Sm90a,
+    Auto,
+}
+
+/// The environment variable that picks the [`KernelChoice`].
+pub const ENV: &str = "UPX_KERNELS";
+
+impl KernelChoice {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "" | "portable" => Ok(KernelChoice::Portable),
+            "sm90a" => Ok(KernelChoice::Sm90a),
+            "auto" => Ok(KernelChoice::Auto),
+            other => Err(Error::InvalidArgument(format!(
+                "{ENV}={other:?}: expected portable, sm90a or auto"
+            ))),
+        }
+    }
+
+    /// `UPX_KERNELS` as set now (unset: portable).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(ENV) {
+            Ok(v) => Self::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(KernelChoice::Portable),
+            Err(e) => Err(Error::InvalidArgument(format!("{ENV}: {e}"))),
+        }
+    }
+
+    /// Whether a Hopper kernel may run on `target` under this choice (the shape still has to
+    /// qualify).
+    pub fn allows_sm90a(self, target: &KernelTarget) -> bool {
+        let hopper = target.compute_capability == Some((9, 0));
+        match self {
+            KernelChoice::Portable => false,
+            KernelChoice::Sm90a => target.backend == Some(BackendKind::Hostsim) || hopper,
+            KernelChoice::Auto => target.backend == Some(BackendKind::Cuda) && hopper,
+        }
+    }
+}
+
+/// What the launches of a graph are built for: the executing backend, the GPU's compute
+/// capability and its SM count (the persistent kernels' grid). The default (no backend) is a
+/// dry listing or a tuner's private launch: portable kernels only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelTarget {
+    pub backend: Option<BackendKind>,
+    pub compute_capability: Option<(i32, i32)>,
+    /// Streaming multiprocessors (0: unknown).
+    pub sms: u32,
+}
+
+impl KernelTarget {
+    /// The emulator: it can run every kernel; it pretends to have an H100's 132 SMs.
+    pub fn hostsim() -> Self {
+        KernelTarget {
+            backend: Some(BackendKind::Hostsim),
+            compute_capability: None,
+            sms: 132,
+        }
+    }
+
+    /// Whether the Hopper kernels may run here under `UPX_KERNELS` (an unparsable value is an
+    /// error).
+    pub fn sm90a_allowed(&self) -> Result<bool> {
+        Ok(self.backend.is_some() && KernelChoice::from_env()?.allows_sm90a(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_the_three_names_and_rejects_others() {
+        assert_eq!(
+            KernelChoice::parse("portable").unwrap(),
+            KernelChoice::Portable
+        );
+        assert_eq!(KernelChoice::parse("").unwrap(), KernelChoice::Portable);
+        assert_eq!(KernelChoice::parse("sm90a").unwrap(), KernelChoice::Sm90a);
+        assert_eq!(KernelChoice::parse(" auto ").unwrap(), KernelChoice::Auto);
+        let e = KernelChoice::parse("hopper").unwrap_err().to_string();
+        assert!(
+            e.contains("UPX_KERNELS") && e.contains("portable, sm90a or auto"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_choice_per_target() {
+        let cuda = |cc| KernelTarget {
+            backend: Some(BackendKind::Cuda),
+            compute_capability: Some(cc),
+            sms: 132,
+        };
+        let (h100, a100, blackwell) = (cuda((9, 0)), cuda((8, 0)), cuda((10, 0)));
+        let sim = KernelTarget::hostsim();
+        let none = KernelTarget::default();
+        use KernelChoice::*;
+        for t in [&h100, &a100, &blackwell, &sim, &none] {
+            assert!(!Portable.allows_sm90a(t), "{t:?}");
+        }
+        assert!(Sm90a.allows_sm90a(&h100) && Sm90a.allows_sm90a(&sim));
+        assert!(!Sm90a.allows_sm90a(&a100) && !Sm90a.allows_sm90a(&blackwell));
+        assert!(Auto.allows_sm90a(&h100));
+        assert!(
+            !Auto.allows_sm90a(&a100) && !Auto.allows_sm90a(&sim) && !Auto.allows_sm90a(&blackwell)
+        );
+        assert!(!Sm90a.allows_sm90a(&none) && !Auto.allows_sm90a(&none));
+    }
+}

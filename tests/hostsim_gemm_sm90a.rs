@@ -1,0 +1,484 @@
+//! The Hopper GEMM (`kernels/gemm_sm90a.cu`) on the emulator: fresh random inputs, odd M, N
+//! and K that still qualify (tails in every dimension, several tiles per block of the
+//! persistent grid so the 4-stage ring wraps), every epilogue (bias, GELU-erf, residual, FiLM,
+//! GRN slab sums, bf16 and f32 out), outputs poisoned first, against the CPU reference
+//! (`ops::gemm::gemm_ref` plus FiLM and the GRN sums) with a tolerance that scales with K.
+//! Dispatch: with `UPX_KERNELS=sm90a` a qualifying Gemm launches the sm_90a kernel on hostsim,
+//! and shapes that do not qualify (misaligned operands, the A modulation) fall back to the
+//! portable kernel and still compute the right product. Runs in both thread orders
+//! (`HOSTSIM_REVERSE=1`).
+#![cfg(feature = "hostsim")]
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use ultrapixel::ops::gemm::{gemm_ref, Gemm, GemmParams, GemmScaledA};
+use ultrapixel::ops::gemm_sm90a;
+use ultrapixel::ops::math::gelu_ref;
+use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
+use ultrapixel::runtime::hostsim::launch;
+use ultrapixel::runtime::kernel_choice::KernelTarget;
+use ultrapixel::tensor::{DType, HostTensor};
+
+fn rng() -> StdRng {
+    let seed = std::env::var("UPX_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// 16-byte-aligned device memory (host memory under the emulator), poisoned with 0xFF bytes
+/// (NaN in f32 and bf16), `guard` extra bytes after the payload to catch unmasked stores.
+struct Buf {
+    words: Vec<u128>,
+    bytes: usize,
+}
+
+const GUARD: usize = 4096;
+
+impl Buf {
+    fn new(bytes: usize) -> Self {
+        Buf {
+            words: vec![u128::MAX; (bytes + GUARD).div_ceil(16)],
+            bytes,
+        }
+    }
+    fn of_bf16(v: &[f32]) -> Self {
+        let mut b = Buf::new(v.len() * 2);
+        let bits: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        b.raw_mut()[..v.len() * 2].copy_from_slice(bytemuck::cast_slice(&bits));
+        b
+    }
+    fn of_f32(v: &[f32]) -> Self {
+        let mut b = Buf::new(v.len() * 4);
+        b.raw_mut()[..v.len() * 4].copy_from_slice(bytemuck::cast_slice(v));
+        b
+    }
+    fn of(v: &[f32], dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => Buf::of_bf16(v),
+            _ => Buf::of_f32(v),
+        }
+    }
+    fn raw_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.words)
+    }
+    fn raw(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.words)
+    }
+    fn addr(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+    fn read(&self, dtype: DType) -> Vec<f32> {
+        let b = &self.raw()[..self.bytes];
+        match dtype {
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        }
+    }
+    fn guard_intact(&self) -> bool {
+        self.raw()[self.bytes..].iter().all(|&b| b == 0xFF)
+    }
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+fn values(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-range..range)).collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    out: DType,
+    bias: bool,
+    gelu: bool,
+    residual: bool,
+    /// FiLM k (rows_per_sample from `samples`).
+    film: Option<f32>,
+    grn: bool,
+    samples: usize,
+    /// SMs of the persistent grid.
+    sms: u32,
+}
+
+fn case(m: usize, n: usize, k: usize, out: DType) -> Case {
+    Case {
+        m,
+        n,
+        k,
+        out,
+        bias: false,
+        gelu: false,
+        residual: false,
+        film: None,
+        grn: false,
+        samples: 1,
+        sms: 132,
+    }
+}
+
+/// Runs one case on the sm_90a kernel and checks C (and the GRN partials) against the CPU.
+fn check(rng: &mut StdRng, c: Case) {
+    let Case { m, n, k, out, .. } = c;
+    let a = bf16_round(&values(rng, m * k, 1.0));
+    let w = bf16_round(&values(rng, n * k, 1.0));
+    let bias = values(rng, n, 0.5);
+    let mut res = values(rng, m * n, 1.0);
+    if out == DType::BF16 {
+        res = bf16_round(&res);
+    }
+    let ab = values(rng, c.samples * 2 * n, 0.5);
+    let rows_per_sample = m / c.samples;
+    assert_eq!(rows_per_sample * c.samples, m);
+    let slabs = m.div_ceil(64);
+
+    let (ga, gw, gbias, gres, gab) = (
+        Buf::of_bf16(&a),
+        Buf::of_bf16(&w),
+        Buf::of_f32(&bias),
+        Buf::of(&res, out),
+        Buf::of_f32(&ab),
+    );
+    let gc = Buf::new(m * n * if out == DType::BF16 { 2 } else { 4 });
+    let gp = Buf::new(slabs * 2 * n * 4);
+    let p = GemmParams {
+        a: ga.addr(),
+        w: gw.addr(),
+        bias: if c.bias { gbias.addr() } else { 0 },
+        r: if c.residual { gres.addr() } else { 0 },
+        c: gc.addr(),
+        ab: if c.film.is_some() { gab.addr() } else { 0 },
+        partials: if c.grn { gp.addr() } else { 0 },
+        a_mod: 0,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        gelu: c.gelu as i32,
+        rows_per_sample: rows_per_sample as i32,
+        film_k: c.film.unwrap_or(0.0),
+        a_k: 0.0,
+        pad: 0,
+    };
+    assert!(
+        gemm_sm90a::qualifies(&p),
+        "{c:?}: {:?}",
+        gemm_sm90a::why_not(&p)
+    );
+    let target = KernelTarget {
+        sms: c.sms,
+        ..KernelTarget::hostsim()
+    };
+    let mut l = gemm_sm90a::launch(&target, &p, out).unwrap();
+    assert!(gemm_sm90a::is_sm90a_gemm(&l));
+    launch(&mut l).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+
+    // The reference: Σ in f64 → f32, bias, GELU, residual (gemm_ref), then FiLM in f32.
+    let mut want = vec![0f32; m * n];
+    gemm_ref(
+        &a,
+        &w,
+        c.bias.then_some(&bias[..]),
+        c.gelu,
+        c.residual.then_some(&res[..]),
+        (n, k),
+        &mut want,
+    );
+    let got = gc.read(out);
+    assert!(gc.guard_intact(), "{c:?}: a store past C");
+    // Tolerance: the f32 accumulation error grows with K (a bound of K·2⁻²³ per unit of
+    // Σ|a·w|), through the epilogue's gain (GELU' ≤ 1.13, FiLM's scale), plus the rounding of
+    // the output and of the epilogue's own f32 steps.
+    let mut worst = 0f64;
+    for i in 0..m {
+        let s = i / rows_per_sample;
+        for j in 0..n {
+            let mut v = want[i * n + j];
+            let mut gain: f64 = if c.gelu { 1.13 } else { 1.0 };
+            if let Some(fk) = c.film {
+                let scale = fk + ab[s * 2 * n + j];
+                v = v * scale + ab[s * 2 * n + n + j];
+                gain *= scale.abs().max(1.0) as f64;
+            }
+            let terms: f64 = (0..k)
+                .map(|kk| (a[i * k + kk] as f64 * w[j * k + kk] as f64).abs())
+                .sum();
+            let acc_err = k as f64 * f32::EPSILON as f64 * terms * gain;
+            let round = match out {
+                DType::BF16 => v.abs() as f64 / 128.0,
+                _ => 0.0,
+            };
+            let tol = acc_err + round + 1e-5 * (1.0 + v.abs() as f64);
+            let g = got[i * n + j];
+            let err = (g as f64 - v as f64).abs();
+            assert!(
+                err <= tol,
+                "{c:?}: C[{i}][{j}] = {g}, expected {v} (tolerance {tol:e})"
+            );
+            worst = worst.max(err / tol);
+        }
+    }
+    if c.grn {
+        // Slab q's sums of the stored values' squares, split at the sample boundary.
+        let parts = gp.read(DType::F32);
+        assert!(gp.guard_intact(), "{c:?}: a store past the partials");
+        for q in 0..slabs {
+            let s0 = q * 64 / rows_per_sample;
+            for part in 0..2 {
+                for j in 0..n {
+                    let want: f64 = (q * 64..(q * 64 + 64).min(m))
+                        .filter(|&r| (r / rows_per_sample != s0) == (part == 1))
+                        .map(|r| (got[r * n + j] as f64).powi(2))
+                        .sum();
+                    let g = parts[(q * 2 + part) * n + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want),
+                        "{c:?}: partials[{q}][{part}][{j}] = {g}, expected {want}"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("{c:?}: worst error {worst:.3} of the tolerance");
+}
+
+#[test]
+fn sm90a_gemm_plain_products_with_tails_in_every_dimension() {
+    let mut rng = rng();
+    // K tail (72 = 64 + 8), N tail, M tail; then several tiles per block so the ring's phases
+    // wrap (1 and 2 SMs), and a real K (768, the model's width) on a cut-down M × N.
+    check(&mut rng, case(77, 200, 72, DType::F32));
+    check(
+        &mut rng,
+        Case {
+            sms: 1,
+            ..case(130, 136, 200, DType::BF16)
+        },
+    );
+    check(
+        &mut rng,
+        Case {
+            sms: 2,
+            ..case(200, 130, 40, DType::F32)
+        },
+    );
+    check(&mut rng, case(64, 128, 768, DType::BF16));
+}
+
+#[test]
+fn sm90a_gemm_every_epilogue() {
+    let mut rng = rng();
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            gelu: true,
+            ..case(70, 136, 88, DType::BF16)
+        },
+    );
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            residual: true,
+            sms: 1,
+            ..case(131, 72, 136, DType::F32)
+        },
+    );
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            residual: true,
+            ..case(66, 40, 64, DType::BF16)
+        },
+    );
+    // FiLM per sample, with GELU and bias (a TimestepBlock after a GEMM).
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            gelu: true,
+            film: Some(1.0),
+            samples: 3,
+            sms: 2,
+            ..case(3 * 45, 136, 72, DType::BF16)
+        },
+    );
+    // GRN slab sums: 2 samples of 97 rows, the boundary inside slab 1; f32 and bf16 out.
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            gelu: true,
+            grn: true,
+            samples: 2,
+            sms: 1,
+            ..case(2 * 97, 136, 64, DType::BF16)
+        },
+    );
+    check(
+        &mut rng,
+        Case {
+            bias: true,
+            residual: true,
+            film: Some(0.0),
+            grn: true,
+            samples: 2,
+            ..case(2 * 70, 200, 48, DType::F32)
+        },
+    );
+}
+
+/// An op's launches (a bias Gemm, or the GRN-scaled-A Gemm) on the emulator's target under
+/// `UPX_KERNELS=sm90a`, run, against the op's CPU reference: the kernels it picked. A has 2
+/// samples; `workspace`: give the op the workspace it asks for; `run`: false only lists.
+fn run_op(
+    rng: &mut StdRng,
+    scaled: bool,
+    (m, n, k): (usize, usize, usize),
+    a_offset: usize,
+    workspace: bool,
+    run: bool,
+) -> Vec<String> {
+    // The whole test binary runs with the Hopper kernels forced (every test sets the same value).
+    std::env::set_var("UPX_KERNELS", "sm90a");
+    let gemm = Gemm {
+        bias: true,
+        gelu: false,
+        residual: false,
+        out: DType::F32,
+    };
+    let op: Box<dyn OpImpl> = if scaled {
+        Box::new(GemmScaledA { gemm, k: 0.5 })
+    } else {
+        Box::new(gemm)
+    };
+    let a = bf16_round(&values(rng, m * k, 1.0));
+    let w = bf16_round(&values(rng, n * k, 1.0));
+    let bias = values(rng, n, 0.5);
+    let ab = values(rng, 2 * 2 * k, 1.0);
+    // A at an offset into its buffer: 8 bytes breaks TMA's 16-byte alignment rule.
+    let mut padded = vec![0f32; a_offset / 2];
+    padded.extend_from_slice(&a);
+    let (ga, gw, gb, gab) = (
+        Buf::of_bf16(&padded),
+        Buf::of_bf16(&w),
+        Buf::of_f32(&bias),
+        Buf::of_f32(&ab),
+    );
+    let gc = Buf::new(m * n * 4);
+    let desc = |name: &str, shape: Vec<usize>, dtype| TensorDesc {
+        name: name.into(),
+        shape,
+        dtype,
+        role: Role::Input,
+    };
+    let (da, dw, db, dab, dc) = (
+        desc("a", vec![2, m / 2, k], DType::BF16),
+        desc("w", vec![n, k], DType::BF16),
+        desc("bias", vec![n], DType::F32),
+        desc("ab", vec![2, 2 * k], DType::F32),
+        desc("c", vec![2, m / 2, n], DType::F32),
+    );
+    let dev = |ptr, desc| DevTensor { ptr, desc };
+    let mut inputs = vec![
+        dev(ga.addr() + a_offset as u64, &da),
+        dev(gw.addr(), &dw),
+        dev(gb.addr(), &db),
+    ];
+    if scaled {
+        inputs.push(dev(gab.addr(), &dab));
+    }
+    let descs: Vec<&TensorDesc> = inputs.iter().map(|t| t.desc).collect();
+    let ws = Buf::new(op.workspace_bytes(&descs));
+    let io = LaunchIo {
+        inputs,
+        outputs: vec![dev(gc.addr(), &dc)],
+        workspace: if workspace { ws.addr() } else { 0 },
+        target: KernelTarget::hostsim(),
+    };
+    let mut launches = op.launches(&io).unwrap();
+    let names: Vec<String> = launches
+        .iter()
+        .map(|l| l.kernel.name().to_string())
+        .collect();
+    if !run {
+        return names;
+    }
+    for l in &mut launches {
+        launch(l).unwrap();
+    }
+    let host = |shape: &[usize], data: &[f32]| HostTensor::new(shape.to_vec(), data.to_vec());
+    let mut host_in = vec![
+        host(&da.shape, &a),
+        host(&dw.shape, &w),
+        host(&db.shape, &bias),
+    ];
+    if scaled {
+        host_in.push(host(&dab.shape, &ab));
+    }
+    let refs: Vec<&HostTensor> = host_in.iter().collect();
+    let mut want = vec![HostTensor::zeros(&dc.shape)];
+    op.reference(&refs, &mut want).unwrap();
+    let got = gc.read(DType::F32);
+    for (i, (&g, &w)) in got.iter().zip(&want[0].data).enumerate() {
+        // The scaled A is rounded to bf16 on the device (the reference keeps f32): 2⁻⁸ per term.
+        let tol = if scaled {
+            4e-3 * k as f32
+        } else {
+            1e-4 * (1.0 + w.abs()) + k as f32 * 1e-6
+        };
+        assert!(
+            (g - w).abs() <= tol,
+            "{names:?}: C[{i}] = {g}, expected {w}"
+        );
+    }
+    assert!(gc.guard_intact());
+    names
+}
+
+#[test]
+fn dispatch_picks_sm90a_where_the_shape_qualifies_and_falls_back_otherwise() {
+    let mut rng = rng();
+    assert_eq!(
+        run_op(&mut rng, false, (66, 72, 24), 0, false, true),
+        ["gemm_sm90a_bf16_f32"]
+    );
+    // The GRN-scaled A: the scale pass into the workspace, then the Hopper kernel ...
+    assert_eq!(
+        run_op(&mut rng, true, (130, 40, 72), 0, true, true),
+        ["gemm_scale_a_bf16", "gemm_sm90a_bf16_f32"]
+    );
+    // ... and without a workspace the portable kernel, which scales A itself.
+    assert_eq!(
+        run_op(&mut rng, true, (130, 40, 72), 0, false, true),
+        ["gemm_bf16_f32"]
+    );
+    // A 8 bytes off a 16-byte boundary: TMA cannot read it, so not the Hopper kernel (listed
+    // only: the portable kernel's cp.async needs 16-byte rows too).
+    assert_eq!(
+        run_op(&mut rng, false, (34, 40, 56), 8, false, false),
+        ["gemm_bf16_f32"]
+    );
+    // Without a backend (dry listings, the tuner) launches stay portable.
+    assert!(!KernelTarget::default().sm90a_allowed().unwrap());
+}
+
+#[test]
+fn gelu_reference_is_erf() {
+    // The reference the tolerance above leans on is the erf form (cuBLASLt's is tanh).
+    assert!((gelu_ref(1.0) - 0.841_344_74).abs() < 1e-6);
+}
