@@ -4,7 +4,8 @@
 //! check, every launch matches its kernel's parameters, and ptxas reports no spills.
 
 use std::collections::BTreeSet;
-use ultrapixel::runtime::device::dry_launches;
+use ultrapixel::runtime::device::{dry_launches, dry_launches_for};
+use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
 use ultrapixel::runtime::kernels::{KernelId, CUDA_ARCHS, KERNELS_COMPILED, PTXAS};
 use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::verify::{self, OpCheck, Scale};
@@ -205,14 +206,13 @@ fn noise_matches_reference() {
 #[test]
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
-    // The emulator-size checks launch every kernel the GPU-size ones do, and build quickly.
+    // The emulator-size checks launch every kernel the GPU-size ones do, and build quickly;
+    // the Hopper kernels: the same checks built for the emulator with them forced.
+    let sm90a = KernelTarget::hostsim().with_choice(KernelChoice::Sm90a);
     for c in ultrapixel::ops::all_checks(1, Scale::Emulator).unwrap() {
-        used.extend(
-            dry_launches(&c.graph)
-                .unwrap()
-                .into_iter()
-                .map(|l| l.kernel),
-        );
+        let portable = dry_launches(&c.graph).unwrap();
+        let hopper = dry_launches_for(&c.graph, sm90a).unwrap();
+        used.extend(portable.iter().chain(&hopper).map(|l| l.kernel));
     }
     let unused: Vec<&str> = KernelId::ALL
         .iter()
@@ -230,8 +230,10 @@ fn every_kernel_is_exercised_by_a_check() {
 fn every_launch_matches_its_kernel_parameters() {
     let mut failures = Vec::new();
     let mut launches = 0;
+    let sm90a = KernelTarget::hostsim().with_choice(KernelChoice::Sm90a);
     for c in ultrapixel::ops::all_checks(1, Scale::Emulator).unwrap() {
-        for l in dry_launches(&c.graph).unwrap() {
+        let hopper = dry_launches_for(&c.graph, sm90a).unwrap();
+        for l in dry_launches(&c.graph).unwrap().into_iter().chain(hopper) {
             launches += 1;
             if let Err(e) = l.check_abi() {
                 failures.push(format!("{}: {e}", c.name));

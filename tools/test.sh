@@ -24,6 +24,9 @@ step "tests (emulator threads in forward order)"
 cargo test --workspace --locked
 
 step "emulator tests in reverse thread order"
-HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim
+HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim --test hostsim_gemm_sm90a
+
+step "golden cases on the emulator with the Hopper kernels forced"
+UPX_KERNELS=sm90a cargo run --locked --bin ultrapixel -- validate --backend hostsim tests/cases/*.safetensors
 
 step "all tests passed"

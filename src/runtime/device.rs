@@ -311,6 +311,15 @@ fn build_launches(
 /// The launches a graph would make, at made-up addresses: for inspecting which kernels a
 /// graph uses without any device.
 pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
+    dry_launches_for(graph, Default::default())
+}
+
+/// [`dry_launches`] built for `target` (e.g. the emulator with the Hopper kernels forced:
+/// `KernelTarget::hostsim().with_choice(KernelChoice::Sm90a)`).
+pub fn dry_launches_for(
+    graph: &Graph,
+    target: super::kernel_choice::KernelTarget,
+) -> Result<Vec<Launch>> {
     let plan = planner::plan(graph);
     const ARENA: u64 = 1 << 40;
     const WEIGHTS: u64 = 1 << 44;
@@ -328,16 +337,14 @@ pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
             }
         })
         .collect();
-    Ok(
-        build_launches(graph, &plan, &ptrs, ARENA, None, Default::default())?
-            .launches
-            .into_iter()
-            .filter_map(|e| match e {
-                Entry::Kernel(l) => Some(l),
-                Entry::Vendor(_) => None,
-            })
-            .collect(),
-    )
+    Ok(build_launches(graph, &plan, &ptrs, ARENA, None, target)?
+        .launches
+        .into_iter()
+        .filter_map(|e| match e {
+            Entry::Kernel(l) => Some(l),
+            Entry::Vendor(_) => None,
+        })
+        .collect())
 }
 
 impl Session for KernelSession {

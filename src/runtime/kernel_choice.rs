@@ -69,6 +69,9 @@ pub struct KernelTarget {
     pub compute_capability: Option<(i32, i32)>,
     /// Streaming multiprocessors (0: unknown).
     pub sms: u32,
+    /// The choice to apply instead of `UPX_KERNELS` (None: the environment's), for listings
+    /// and tests that must not depend on the process environment.
+    pub choice: Option<KernelChoice>,
 }
 
 impl KernelTarget {
@@ -78,13 +81,29 @@ impl KernelTarget {
             backend: Some(BackendKind::Hostsim),
             compute_capability: None,
             sms: 132,
+            choice: None,
+        }
+    }
+
+    /// This target with `choice` instead of `UPX_KERNELS`.
+    pub fn with_choice(self, choice: KernelChoice) -> Self {
+        KernelTarget {
+            choice: Some(choice),
+            ..self
         }
     }
 
     /// Whether the Hopper kernels may run here under `UPX_KERNELS` (an unparsable value is an
     /// error).
     pub fn sm90a_allowed(&self) -> Result<bool> {
-        Ok(self.backend.is_some() && KernelChoice::from_env()?.allows_sm90a(self))
+        if self.backend.is_none() {
+            return Ok(false);
+        }
+        let choice = match self.choice {
+            Some(c) => c,
+            None => KernelChoice::from_env()?,
+        };
+        Ok(choice.allows_sm90a(self))
     }
 }
 
@@ -114,6 +133,7 @@ mod tests {
             backend: Some(BackendKind::Cuda),
             compute_capability: Some(cc),
             sms: 132,
+            choice: None,
         };
         let (h100, a100, blackwell) = (cuda((9, 0)), cuda((8, 0)), cuda((10, 0)));
         let sim = KernelTarget::hostsim();
@@ -129,5 +149,9 @@ mod tests {
             !Auto.allows_sm90a(&a100) && !Auto.allows_sm90a(&sim) && !Auto.allows_sm90a(&blackwell)
         );
         assert!(!Sm90a.allows_sm90a(&none) && !Auto.allows_sm90a(&none));
+        // An explicit choice wins over the environment; no backend never runs sm90a.
+        assert!(sim.with_choice(Sm90a).sm90a_allowed().unwrap());
+        assert!(!sim.with_choice(Portable).sm90a_allowed().unwrap());
+        assert!(!none.with_choice(Sm90a).sm90a_allowed().unwrap());
     }
 }

@@ -328,6 +328,7 @@ impl Device for CudaDevice {
             backend: Some(crate::runtime::BackendKind::Cuda),
             compute_capability: Some(self.info.compute_capability),
             sms,
+            choice: None,
         }
     }
 
