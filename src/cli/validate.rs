@@ -37,7 +37,7 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
     }
     let backend = super::backend_arg::open(a.backend)?;
     let mut tally = Tally::default();
-    let (sm90a_before, gemms_before) = crate::ops::gemm_sm90a::launch_counts();
+    let (sm90a_before, gemms_before) = crate::runtime::kernel_choice::gemm_launch_counts();
     for case in &cases {
         match crate::golden::run_case(case, &backend) {
             Ok(checks) => {
@@ -61,7 +61,7 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
             }
         }
     }
-    let (sm90a, gemms) = crate::ops::gemm_sm90a::launch_counts();
+    let (sm90a, gemms) = crate::runtime::kernel_choice::gemm_launch_counts();
     println!(
         "GEMM launches on the sm_90a kernel: {} of {} (UPX_KERNELS={})",
         sm90a - sm90a_before,

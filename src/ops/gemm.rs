@@ -317,9 +317,9 @@ impl Gemm {
         // The Hopper kernel where UPX_KERNELS allows it on this target and the shape
         // qualifies (ops/gemm_sm90a.rs); the portable one otherwise.
         if io.target.sm90a_allowed()? && super::gemm_sm90a::qualifies(&params) {
-            let l = super::gemm_sm90a::launch(&io.target, &params, self.out)?;
-            super::gemm_sm90a::count_launch(true);
-            return Ok(vec![l]);
+            return Ok(vec![super::gemm_sm90a::launch(
+                &io.target, &params, self.out,
+            )?]);
         }
         let args = Args::new().by_value(&params);
         let grid_n = ceil_div(n, TILE_N);
@@ -329,7 +329,6 @@ impl Gemm {
                 format!("N = {n} exceeds the grid's y range"),
             ));
         }
-        super::gemm_sm90a::count_launch(false);
         Ok(vec![Launch {
             kernel: KernelId::lookup(&name)?,
             grid: [

@@ -12,7 +12,6 @@ use crate::runtime::tensor_map::{TensorMap, TensorMapSpec, TmaDtype, TmaSwizzle}
 use crate::runtime::BackendKind;
 use crate::tensor::DType;
 use crate::{Error, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Output tile (rows × columns) of one block iteration, and the k-tile of a pipeline stage.
 pub const TILE_M: usize = 128;
@@ -133,26 +132,6 @@ pub fn launch(target: &KernelTarget, p: &GemmParams, out: DType) -> Result<Launc
             .tensor_map(&w_map)
             .by_value(&params),
     })
-}
-
-/// GEMM launches built so far in this process: (on the sm_90a kernel, in all). `validate`
-/// reports the difference over its cases.
-pub fn launch_counts() -> (usize, usize) {
-    (
-        SM90A_LAUNCHES.load(Ordering::Relaxed),
-        GEMM_LAUNCHES.load(Ordering::Relaxed),
-    )
-}
-
-static SM90A_LAUNCHES: AtomicUsize = AtomicUsize::new(0);
-static GEMM_LAUNCHES: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts one GEMM launch built by the Gemm ops (`sm90a`: on the Hopper kernel).
-pub(crate) fn count_launch(sm90a: bool) {
-    GEMM_LAUNCHES.fetch_add(1, Ordering::Relaxed);
-    if sm90a {
-        SM90A_LAUNCHES.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// Whether a launch runs the Hopper GEMM.

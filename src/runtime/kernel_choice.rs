@@ -12,8 +12,10 @@
 //! A shape that does not qualify (see each op's rules, e.g. `ops::gemm_sm90a::qualifies`)
 //! always falls back to the portable kernel.
 
+use super::launch::Entry;
 use super::BackendKind;
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The value of `UPX_KERNELS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -104,6 +106,33 @@ impl KernelTarget {
             None => KernelChoice::from_env()?,
         };
         Ok(choice.allows_sm90a(self))
+    }
+}
+
+/// GEMM kernel launches placed in sessions so far in this process: (on the sm_90a kernel, on
+/// either of our GEMM kernels). `validate` reports the difference over its cases.
+pub fn gemm_launch_counts() -> (usize, usize) {
+    (
+        SM90A_GEMMS.load(Ordering::Relaxed),
+        GEMMS.load(Ordering::Relaxed),
+    )
+}
+
+static SM90A_GEMMS: AtomicUsize = AtomicUsize::new(0);
+static GEMMS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the GEMM kernel launches of a session's launch list (`gemm_bf16_*`, `gemm_sm90a_*`).
+pub(crate) fn count_gemms(entries: &[Entry]) {
+    for e in entries {
+        if let Entry::Kernel(l) = e {
+            let name = l.kernel.name();
+            if name.starts_with("gemm_sm90a_") {
+                SM90A_GEMMS.fetch_add(1, Ordering::Relaxed);
+                GEMMS.fetch_add(1, Ordering::Relaxed);
+            } else if name.starts_with("gemm_bf16_") {
+                GEMMS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
