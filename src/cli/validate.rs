@@ -38,6 +38,7 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
     let backend = super::backend_arg::open(a.backend)?;
     let mut tally = Tally::default();
     let (sm90a_before, gemms_before) = crate::runtime::kernel_choice::gemm_launch_counts();
+    let (attn_sm90a_before, attns_before) = crate::runtime::kernel_choice::attention_launch_counts();
     for case in &cases {
         match crate::golden::run_case(case, &backend) {
             Ok(checks) => {
@@ -67,6 +68,12 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
         sm90a - sm90a_before,
         gemms - gemms_before,
         std::env::var(crate::runtime::kernel_choice::ENV).unwrap_or_else(|_| "portable".into())
+    );
+    let (attn_sm90a, attns) = crate::runtime::kernel_choice::attention_launch_counts();
+    println!(
+        "attention launches on the sm_90a kernel: {} of {}",
+        attn_sm90a - attn_sm90a_before,
+        attns - attns_before,
     );
     Ok(tally.finish())
 }

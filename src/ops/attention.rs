@@ -300,7 +300,7 @@ impl OpImpl for Attention {
             ));
         }
         let ptr_of = |present: bool, i: usize| if present { io.inputs[i].ptr } else { 0 };
-        let args = Args::new().by_value(&AttentionParams {
+        let params = AttentionParams {
             qkv: io.inputs[0].ptr,
             kv: ptr_of(self.extra_kv, 1),
             mask: ptr_of(self.key_mask, io.inputs.len() - 1),
@@ -311,7 +311,18 @@ impl OpImpl for Attention {
             causal: self.causal as i32,
             scale: 1.0 / (d.head_dim as f32).sqrt(),
             pad: 0,
-        });
+        };
+        // The Hopper kernel where UPX_KERNELS allows it on this target and the shape
+        // qualifies (ops/attention_sm90a.rs); the portable one otherwise.
+        if io.target.sm90a_allowed()?
+            && super::attention_sm90a::qualifies(&params, d.head_dim, self.heads, d.batch)
+        {
+            let l = super::attention_sm90a::launch(
+                &io.target, &params, d.head_dim, self.heads, d.batch, self.out,
+            )?;
+            return Ok(vec![l]);
+        }
+        let args = Args::new().by_value(&params);
         let name = format!("attention_d{}_{}", d.head_dim, self.out.suffix());
         let grid_y = to_i32(op, "heads", self.heads)?;
         let grid_z = to_i32(op, "batch", d.batch)?;
@@ -424,10 +435,11 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
 ///   sum(d, 2⁻²³)·|q|·|k|·scale (tensor-core accumulation) plus the scaling's and the
 ///   max-subtraction's roundings, S_max = max_i ‖q_i‖ · max_j ‖k_j‖ · scale bounding |s|;
 /// - the f32 accumulations over the keys (P·V, Σp): sum(keys, 2⁻²³) + 4u relative to V_t,
-///   and the online softmax's rescaling of o and Σp by the same α once per 64-key tile: a
-///   rounding each, 2u per tile;
+///   and the online softmax's rescaling of o and Σp by the same α once per key tile: a
+///   rounding each, 2u per tile (at most ceil(keys / 64) + 1 tiles: the portable kernel's
+///   64-key tiles, or the sm_90a kernel's 128-key tiles of own and of extra tokens);
 /// - then the store (the scalar small-head path has no bf16 P: the bound covers it).
-fn attention_bounds(
+pub fn attention_bounds(
     qkv: &[f32],
     kv: Option<&[f32]>,
     (batch, n, m, heads, d): (usize, usize, usize, usize, usize),
@@ -457,7 +469,7 @@ fn attention_bounds(
             let k_max = (0..keys).map(|j| norm(key(j).0)).fold(0f64, f64::max);
             let s_max = q_max * k_max * scale;
             let eps_p = ULP2 + 2.0 * (sum(d, U_MMA) + 6.0 * U) * s_max;
-            let tiles = keys.div_ceil(QUERY_TILE) as f64;
+            let tiles = keys.div_ceil(QUERY_TILE) as f64 + 1.0;
             let rel = U_BF16 + 2.0 * eps_p + sum(keys, U_MMA) + (4.0 + 2.0 * tiles) * U;
             let v_max: Vec<f64> = (0..d)
                 .map(|t| {

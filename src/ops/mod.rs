@@ -14,6 +14,7 @@
 //! encoding, hyper-MLP), [`sampler`] (GDF schedule, CFG combine with rescale, DDPM step).
 
 pub mod attention;
+pub mod attention_sm90a;
 pub mod conv;
 pub mod conv2d;
 mod dot;

@@ -211,7 +211,7 @@ impl KernelSession {
         let substitute = substitute.then_some(device.as_ref());
         let target = device.kernel_target();
         let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute, target)?;
-        super::kernel_choice::count_gemms(&list.launches);
+        super::kernel_choice::count_launches(&list.launches);
         Ok(KernelSession {
             device,
             graph,

@@ -112,26 +112,60 @@ impl KernelTarget {
 /// GEMM kernel launches placed in sessions so far in this process: (on the sm_90a kernel, on
 /// either of our GEMM kernels). `validate` reports the difference over its cases.
 pub fn gemm_launch_counts() -> (usize, usize) {
-    (
-        SM90A_GEMMS.load(Ordering::Relaxed),
-        GEMMS.load(Ordering::Relaxed),
-    )
+    FAMILIES[0].counts()
 }
 
-static SM90A_GEMMS: AtomicUsize = AtomicUsize::new(0);
-static GEMMS: AtomicUsize = AtomicUsize::new(0);
+/// Attention kernel launches placed in sessions so far, counted as `gemm_launch_counts`.
+pub fn attention_launch_counts() -> (usize, usize) {
+    FAMILIES[1].counts()
+}
 
-/// Counts the GEMM kernel launches of a session's launch list (`gemm_bf16_*`, `gemm_sm90a_*`).
-pub(crate) fn count_gemms(entries: &[Entry]) {
+/// A kernel family with a portable and an sm_90a implementation, told apart by name prefix;
+/// `placed` counts (sm_90a launches, all launches).
+struct Family {
+    portable: &'static str,
+    sm90a: &'static str,
+    placed: [AtomicUsize; 2],
+}
+
+impl Family {
+    const fn new(portable: &'static str, sm90a: &'static str) -> Self {
+        Family {
+            portable,
+            sm90a,
+            placed: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        }
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.placed[0].load(Ordering::Relaxed),
+            self.placed[1].load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, name: &str) {
+        let sm90a = name.starts_with(self.sm90a);
+        if sm90a || name.starts_with(self.portable) {
+            self.placed[1].fetch_add(1, Ordering::Relaxed);
+        }
+        if sm90a {
+            self.placed[0].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+static FAMILIES: [Family; 2] = [
+    Family::new("gemm_bf16_", "gemm_sm90a_"),
+    Family::new("attention_d", "attention_sm90a_"),
+];
+
+/// Counts the GEMM and attention kernel launches of a session's launch list.
+pub(crate) fn count_launches(entries: &[Entry]) {
     for e in entries {
         if let Entry::Kernel(l) = e {
             let name = l.kernel.name();
-            if name.starts_with("gemm_sm90a_") {
-                SM90A_GEMMS.fetch_add(1, Ordering::Relaxed);
-                GEMMS.fetch_add(1, Ordering::Relaxed);
-            } else if name.starts_with("gemm_bf16_") {
-                GEMMS.fetch_add(1, Ordering::Relaxed);
-            }
+            FAMILIES.iter().for_each(|f| f.count(&name));
         }
     }
 }

@@ -1,0 +1,247 @@
+// Flash attention for Hopper (sm_90a only): TMA + wgmma, warp-specialised, FA3-style
+// (ops/attention_sm90a.rs). The portable kernel is kernels/attention.cu.
+//
+// Math: the same as kernels/attention.cu: per sample b, head h, query i:
+//   O[i] = Σ_j softmax_j(q_i·k_j·scale + mask)·v_j over the keys j ∈ [0, N + M): the N own
+//   tokens of the packed qkv tensor, then the M extra tokens of kv (Stable Cascade's mapped
+//   CLIP tokens), read from their two sources (no concatenated copy). Masks: causal (j > i;
+//   only without extra tokens, and key tiles past the block's last query are skipped) and a
+//   per-key f32 mask (0 = masked), as in attention.cu. Online softmax in f32: scores are
+//   prescaled by scale·log2(e) and exponentiated with exp2; per query row a running max m and
+//   sum l; each key tile rescales O and l by exp2(m_old − m_new). P is rounded to bf16 for the
+//   P·V product (as in the portable kernel); Q·Kᵀ and P·V accumulate in f32; O / l at the end.
+//   The row sums l add the unrounded f32 p, as the portable kernel does. A query with every
+//   key masked gets zeros.
+// Layout: qkv bf16 [B, N, 3C] (rows q | k | v, head h at channels [h·64, h·64 + 64) of each
+//   part), kv bf16 [B, M, 2C] (rows k | v), mask f32 [B, N + M] or null, O [B, N, C] in the output type (bf16 or f32).
+//   Both inputs reach the kernel as 3-D TMA tensor maps (dims {channels, tokens, B}, box
+//   {64, 128, 1}, 128-byte swizzle), so a tile never crosses a sample and rows past N (or M)
+//   arrive as zeros. Shared memory (1024-byte aligned): the Q tile [128 queries][64] (16 KiB,
+//   consumer c reading rows [64c, 64c + 64)), then STAGES stages of a K tile [128 keys][64]
+//   and a V tile [128 keys][64] (16 KiB each), every row 128 bytes in the canonical
+//   128-byte-swizzled layout (8-row atoms of 1024 bytes), then the mbarriers.
+// Key tiles: ceil(N / 128) tiles of own tokens (from qkv), then ceil(M / 128) tiles of extra
+//   tokens (from kv); a tile's keys past its source's end are zero-filled by TMA and their
+//   scores set to −inf before the softmax, as are masked keys' (a row whose keys are all
+//   masked so far keeps a finite base, so its p are 0, not NaN).
+// Launch: grid (ceil(N / 128), heads, B); 384 threads = 3 warpgroups: warpgroup 0 the producer
+//   (setmaxnreg.dec to 24; one thread issues the TMA loads of Q once and of K and V per tile
+//   into a STAGES-deep ring), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 240), each
+//   owning 64 query rows:
+//     S (64×128 f32) = Q·Kᵀ: 4 × wgmma m64n128k16, A (Q) and B (K, K-major) from shared memory;
+//     softmax in registers (a row's 32 values of a thread, the 4 threads of a quad combined by
+//     shuffles);
+//     O (64×64 f32) += P·V: 8 × wgmma m64n64k16 with A = P from registers (the S accumulator
+//     fragment of keys [16k, 16k + 16) is exactly the A fragment of k-step k) and B = V from
+//     shared memory through an MN-major (transposed) descriptor: V's rows are keys (k) with
+//     the 64 channels (n) contiguous.
+//   Ring: full[s] (1 arrival with expect_tx of 32 KiB + the TMA bytes), empty[s] (one arrival
+//   per consumer warp, 8), q_full (1 arrival + 16 KiB).
+//   Dynamic shared memory: 1024 (alignment slack) + 16 KiB + STAGES · 32 KiB + mbarriers
+//   = SMEM_BYTES below.
+// Limits: head dim 64 only (other head dims use the portable kernel); C % 8 == 0 (TMA strides are multiples of 16 bytes), qkv and kv 16-byte aligned;
+//   N, M < 2^31 − 128; heads, B < 65536.
+// Names: attention_sm90a_d64_<out>. Parameters: the qkv and kv tensor maps (kv: any valid map
+//   when M = 0, never read), then AttentionSm90aParams (the fields of kernels/attention.cu's
+//   AttentionParams; qkv and kv unused).
+#include "common/portable.cuh"
+#include "common/convert.cuh"
+#include "common/hopper_sm90a.cuh"
+
+// The fields of kernels/attention.cu's AttentionParams, same layout
+// (ops::attention_sm90a::AttentionSm90aParams).
+struct AttentionSm90aParams {
+    const __nv_bfloat16* qkv;  // [B, N, 3C]
+    const __nv_bfloat16* kv;   // [B, M, 2C], or null
+    const float* mask;         // [B, N + M], or null
+    void* out;                 // O [B, N, C] in the output type
+    int n, m, c;
+    int causal;  // only with m == 0
+    float scale;
+    int pad;
+};
+
+namespace attn_sm90a {
+constexpr int D = 64, BQ = 128, BKV = 128, STAGES = 2;
+constexpr int TILE_BYTES = BKV * D * 2;     // 16 KiB: one K or V tile (and the Q tile)
+constexpr int STAGE_BYTES = 2 * TILE_BYTES;  // K and V
+constexpr int SMEM_BYTES = 1024 + TILE_BYTES + STAGES * STAGE_BYTES + (1 + 2 * STAGES) * 8;
+constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+constexpr float LOG2E = 1.4426950408889634f;
+static_assert(BQ * D * 2 == TILE_BYTES, "Q, K and V tiles share the tensor maps' box");
+static_assert(SMEM_BYTES == 82984, "ops/attention_sm90a.rs SMEM_BYTES mirrors this");
+static_assert(PRODUCER_REGS * 128 + 2 * CONSUMER_REGS * 128 <= 65536, "the register file");
+
+template <typename TO>
+__device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorMap* kv_map, const AttentionSm90aParams& p) {
+    unsigned char* raw = dynamic_smem<unsigned char>();
+    // 128-byte swizzle atoms start on 1024-byte boundaries of the shared address space.
+    unsigned char* smem = raw + ((1024 - (smem_address(raw) & 1023)) & 1023);
+    unsigned char* q_tile = smem;                 // [128][64] bf16
+    unsigned char* kv_tiles = smem + TILE_BYTES;  // [STAGES][K 128×64 | V 128×64]
+    uint64_t* full = reinterpret_cast<uint64_t*>(kv_tiles + STAGES * STAGE_BYTES);
+    uint64_t* empty = full + STAGES;
+    uint64_t* q_full = empty + STAGES;
+
+    const int N = p.n, M = p.m, C = p.c;
+    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * BQ;
+    const int own_tiles = (N + BKV - 1) / BKV;
+    // Causal (no extra tokens): keys past the block's last query are never visible.
+    const int tiles = p.causal ? (min(N, q0 + BQ) + BKV - 1) / BKV : own_tiles + (M + BKV - 1) / BKV;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], 8);  // one arrival per consumer warp
+        }
+        mbarrier_init(q_full, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer: one thread loads Q, then streams every K/V tile through the ring.
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x == 0) {
+            mbarrier_arrive_expect_tx(q_full, TILE_BYTES);
+            tma_load_3d(q_tile, qkv_map, q_full, h * D, q0, b);
+            for (int it = 0; it < tiles; ++it) {
+                const int s = it % STAGES;
+                mbarrier_wait_parity(&empty[s], ((it / STAGES) & 1) ^ 1);
+                unsigned char* st = kv_tiles + s * STAGE_BYTES;
+                mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
+                if (it < own_tiles) {
+                    tma_load_3d(st, qkv_map, &full[s], C + h * D, it * BKV, b);
+                    tma_load_3d(st + TILE_BYTES, qkv_map, &full[s], 2 * C + h * D, it * BKV, b);
+                } else {
+                    const int e = it - own_tiles;
+                    tma_load_3d(st, kv_map, &full[s], h * D, e * BKV, b);
+                    tma_load_3d(st + TILE_BYTES, kv_map, &full[s], C + h * D, e * BKV, b);
+                }
+            }
+        }
+        return;
+    }
+
+    // Consumers: warpgroup c (0, 1) owns query rows [q0 + 64c, q0 + 64c + 64).
+    setmaxnreg_inc<CONSUMER_REGS>();
+    const int c = wg - 1, t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+    const uint32_t q_addr = smem_address(q_tile) + c * (64 * 128);
+    const uint32_t kv_addr = smem_address(kv_tiles);
+    const float sl2 = p.scale * LOG2E;
+    const float* mask = p.mask ? p.mask + (long long)b * (N + M) : nullptr;
+    const int row0 = q0 + 64 * c + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
+
+    // Fragments (m64nNk16 f32 accumulator): value v of thread t is
+    // [16·warp + lane/4 + 8·((v/2)%2)][8·(v/4) + 2·(lane%4) + v%2]: the thread's two rows are
+    // r = (v/2)%2, its columns 8·(v/4) + 2·(lane%4) + v%2.
+    float o[D / 2];
+#pragma unroll
+    for (int v = 0; v < D / 2; ++v) o[v] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    mbarrier_wait_parity(q_full, 0);
+    for (int it = 0; it < tiles; ++it) {
+        const int s = it % STAGES;
+        const int valid = it < own_tiles ? min(BKV, N - it * BKV) : min(BKV, M - (it - own_tiles) * BKV);
+        const int key0 = it < own_tiles ? it * BKV : N + (it - own_tiles) * BKV;  // key index of column 0
+        mbarrier_wait_parity(&full[s], (it / STAGES) & 1);
+        const uint32_t k_addr = kv_addr + s * STAGE_BYTES, v_addr = k_addr + TILE_BYTES;
+
+        // S = Q·Kᵀ: both K-major, 128-byte swizzled rows; a k-step is 32 bytes into the row.
+        float sc[BKV / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+            wgmma_bf16_ss<BKV, 0, 0>(sc, make_matrix_desc(q_addr + 32 * ks, 16, 1024, 128),
+                                     make_matrix_desc(k_addr + 32 * ks, 16, 1024, 128), ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        // Scale, mask (the tile's zero-filled keys, causal, the key mask), online softmax.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int v = 0; v < BKV / 2; ++v) {
+            const int col = 8 * (v / 4) + 2 * (lane % 4) + v % 2, j = key0 + col;
+            bool visible = col < valid && !(p.causal && j > row0 + 8 * ((v / 2) % 2));
+            if (visible && mask) visible = mask[j] != 0.f;
+            sc[v] = visible ? sc[v] * sl2 : -INFINITY;
+            tile_max[(v / 2) % 2] = fmaxf(tile_max[(v / 2) % 2], sc[v]);
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+            const float m_new = fmaxf(m_run[r], tile_max[r]);
+            // All keys so far masked: keep the base finite so exp2 gives 0, not NaN.
+            const float base = m_new == -INFINITY ? 0.f : m_new;
+            alpha[r] = exp2f(m_run[r] - base);
+            m_run[r] = m_new;
+            tile_max[r] = base;
+        }
+        // P as the A operand of P·V: k-step k (keys [16k, 16k + 16)) is accumulator values
+        // [8k, 8k + 8), word w = values 8k + 2w, 8k + 2w + 1 (row (w % 2)).
+        float row_sum[2] = {0.f, 0.f};
+        uint32_t pa[BKV / 16][4];
+#pragma unroll
+        for (int k = 0; k < BKV / 16; ++k)
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const int r = w % 2;
+                const float p0 = exp2f(sc[8 * k + 2 * w] - tile_max[r]);
+                const float p1 = exp2f(sc[8 * k + 2 * w + 1] - tile_max[r]);
+                row_sum[r] += p0 + p1;
+                pa[k][w] = pack_bf16x2(p0, p1);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + row_sum[r];
+#pragma unroll
+        for (int v = 0; v < D / 2; ++v) o[v] *= alpha[(v / 2) % 2];
+
+        // O += P·V: V [keys][64] is B (K×N) MN-major: rows along k 128 bytes apart, 8-row k
+        // groups 1024 bytes apart (SBO); one 64-wide n atom (LBO unused). A k-step of 16 keys
+        // starts 2048 bytes further.
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BKV / 16; ++k)
+            wgmma_bf16_rs<D, 1>(o, pa[k], make_matrix_desc(v_addr + 2048 * k, 8192, 1024, 128), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        // This warp is done with the stage: K was read by the first batch, V by the second.
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&empty[s]);
+    }
+
+    // Row sums are spread over the quad, like the maxima.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 1);
+        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 2);
+        l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    }
+    TO* out_b = static_cast<TO*>(p.out) + (long long)b * N * C + h * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row >= N) continue;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                out_b[(long long)row * C + 8 * j + 2 * (lane % 4) + e] = from_f32<TO>(o[4 * j + 2 * r + e] * l_run[r]);
+    }
+}
+}  // namespace attn_sm90a
+
+extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_bf16(const __grid_constant__ CUtensorMap qkv_map,
+                                                                             const __grid_constant__ CUtensorMap kv_map,
+                                                                             const AttentionSm90aParams p) {
+    attn_sm90a::body<__nv_bfloat16>(&qkv_map, &kv_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_f32(const __grid_constant__ CUtensorMap qkv_map,
+                                                                            const __grid_constant__ CUtensorMap kv_map,
+                                                                            const AttentionSm90aParams p) {
+    attn_sm90a::body<float>(&qkv_map, &kv_map, p);
+}

@@ -1,0 +1,281 @@
+//! The Hopper attention (`kernels/attention_sm90a.cu`) on the emulator: fresh random inputs,
+//! odd sequence lengths (query and key tails, own-token tiles then extra-token tiles, the
+//! 2-stage K/V ring wrapping), with and without the extra text tokens, causal and key masks,
+//! several heads and samples, bf16 and f32 out, outputs poisoned first, against the op's CPU reference (f64,
+//! `Attention::reference`) within `ops::attention::attention_bounds`. Dispatch: with
+//! `UPX_KERNELS=sm90a` a qualifying Attention launches the sm_90a kernel on hostsim, and
+//! shapes that do not qualify (head dim 32) fall back to the portable kernel. Runs in both thread orders (`HOSTSIM_REVERSE=1`).
+#![cfg(feature = "hostsim")]
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use ultrapixel::ops::attention::{attention_bounds, Attention};
+use ultrapixel::ops::attention_sm90a;
+use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
+use ultrapixel::runtime::hostsim::launch;
+use ultrapixel::runtime::kernel_choice::KernelTarget;
+use ultrapixel::tensor::{DType, HostTensor};
+
+fn rng() -> StdRng {
+    let seed = std::env::var("UPX_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// 16-byte-aligned device memory (host memory under the emulator), poisoned with 0xFF bytes
+/// (NaN in f32 and bf16), `GUARD` extra bytes after the payload to catch unmasked stores.
+struct Buf {
+    words: Vec<u128>,
+    bytes: usize,
+}
+
+const GUARD: usize = 4096;
+
+impl Buf {
+    fn new(bytes: usize) -> Self {
+        Buf {
+            words: vec![u128::MAX; (bytes + GUARD).div_ceil(16)],
+            bytes,
+        }
+    }
+    fn of_bf16(v: &[f32]) -> Self {
+        let mut b = Buf::new(v.len() * 2);
+        let bits: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut b.words);
+        raw[..v.len() * 2].copy_from_slice(bytemuck::cast_slice(&bits));
+        b
+    }
+    fn addr(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+    fn raw(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.words)
+    }
+    fn read(&self, dtype: DType) -> Vec<f32> {
+        let b = &self.raw()[..self.bytes];
+        match dtype {
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        }
+    }
+    fn guard_intact(&self) -> bool {
+        self.raw()[self.bytes..].iter().all(|&b| b == 0xFF)
+    }
+}
+
+fn values(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-range..range)).to_f32())
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    batch: usize,
+    /// N: own tokens (queries and keys).
+    n: usize,
+    /// M: extra keys (0: none).
+    m: usize,
+    heads: usize,
+    d: usize,
+    causal: bool,
+    key_mask: bool,
+    out: DType,
+}
+
+fn case(batch: usize, n: usize, m: usize, heads: usize, out: DType) -> Case {
+    Case {
+        batch,
+        n,
+        m,
+        heads,
+        d: 64,
+        causal: false,
+        key_mask: false,
+        out,
+    }
+}
+
+/// Builds the op's launches for `c` on hostsim under UPX_KERNELS=sm90a, runs them when `run`,
+/// checks the output against the CPU reference, and returns the kernel names.
+fn check(rng: &mut StdRng, c: Case, run: bool) -> Vec<String> {
+    std::env::set_var("UPX_KERNELS", "sm90a");
+    let Case {
+        batch,
+        n,
+        m,
+        heads,
+        d,
+        out,
+        ..
+    } = c;
+    let ch = heads * d;
+    let range = 2.0;
+    let qkv = values(rng, batch * n * 3 * ch, range);
+    let kv = values(rng, batch * m * 2 * ch, range);
+    let mask: Vec<f32> = (0..batch * (n + m))
+        .map(|j| {
+            if j % (n + m) == 0 || rng.random_range(0.0..1.0) > 0.3 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let op = Attention {
+        heads,
+        causal: c.causal,
+        extra_kv: m > 0,
+        key_mask: c.key_mask,
+        out,
+    };
+    let (gqkv, gkv) = (Buf::of_bf16(&qkv), Buf::of_bf16(&kv));
+    let mut gmask = Buf::new(mask.len() * 4);
+    {
+        let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut gmask.words);
+        raw[..mask.len() * 4].copy_from_slice(bytemuck::cast_slice(&mask));
+    }
+    let gout = Buf::new(batch * n * ch * out.size());
+    let desc = |name: &str, shape: Vec<usize>, dtype| TensorDesc {
+        name: name.into(),
+        shape,
+        dtype,
+        role: Role::Input,
+    };
+    let dqkv = desc("qkv", vec![batch, n, 3 * ch], DType::BF16);
+    let dkv = desc("kv", vec![batch, m, 2 * ch], DType::BF16);
+    let dmask = desc("mask", vec![batch, n + m], DType::F32);
+    let dout = desc("out", vec![batch, n, ch], out);
+    let dev = |ptr, desc| DevTensor { ptr, desc };
+    let mut inputs = vec![dev(gqkv.addr(), &dqkv)];
+    let host = |shape: &[usize], data: &[f32]| HostTensor::new(shape.to_vec(), data.to_vec());
+    let mut host_in = vec![host(&dqkv.shape, &qkv)];
+    if m > 0 {
+        inputs.push(dev(gkv.addr(), &dkv));
+        host_in.push(host(&dkv.shape, &kv));
+    }
+    if c.key_mask {
+        inputs.push(dev(gmask.addr(), &dmask));
+        host_in.push(host(&dmask.shape, &mask));
+    }
+    let io = LaunchIo {
+        inputs,
+        outputs: vec![dev(gout.addr(), &dout)],
+        workspace: 0,
+        target: KernelTarget::hostsim(),
+    };
+    let mut launches = op.launches(&io).unwrap();
+    let names: Vec<String> = launches
+        .iter()
+        .map(|l| l.kernel.name().to_string())
+        .collect();
+    if !run {
+        return names;
+    }
+    for l in &mut launches {
+        launch(l).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+    let refs: Vec<&HostTensor> = host_in.iter().collect();
+    let mut want = vec![HostTensor::zeros(&dout.shape)];
+    op.reference(&refs, &mut want).unwrap();
+    let want = &want[0].data;
+    let got = gout.read(out);
+    assert!(gout.guard_intact(), "{c:?}: a store past O");
+    let bounds = attention_bounds(
+        &qkv,
+        (m > 0).then_some(&kv[..]),
+        (batch, n, m, heads, d),
+        want,
+        out == DType::BF16,
+    );
+    let mut worst = 0f64;
+    for (i, ((&g, &w), &tol)) in got.iter().zip(want).zip(&bounds).enumerate() {
+        let err = (g as f64 - w as f64).abs();
+        let (b, r, col) = (i / (n * ch), i / ch % n, i % ch);
+        assert!(
+            err <= tol as f64,
+            "{c:?} {names:?}: O[{b}][{r}][{col}] = {g}, expected {w} (bound {tol:e})"
+        );
+        worst = worst.max(err / tol as f64);
+    }
+    eprintln!("{c:?} {names:?}: worst error {worst:.3} of the bound");
+    names
+}
+
+const SM90A: [&str; 2] = ["attention_sm90a_d64_bf16", "attention_sm90a_d64_f32"];
+
+#[test]
+fn sm90a_attention_self_attention_with_tails() {
+    let mut rng = rng();
+    for c in [
+        case(1, 77, 0, 2, DType::F32),
+        // Three own-token tiles: the 2-stage ring wraps; two query tiles.
+        case(2, 257, 0, 1, DType::BF16),
+        case(1, 1, 0, 3, DType::F32),
+    ] {
+        let names = check(&mut rng, c, true);
+        assert_eq!(names, [SM90A[(c.out == DType::F32) as usize]], "{c:?}");
+    }
+}
+
+#[test]
+fn sm90a_attention_with_extra_text_tokens() {
+    let mut rng = rng();
+    for c in [
+        case(2, 130, 13, 3, DType::BF16),
+        // Two own-token tiles and one extra-token tile (Stable Cascade's 85 CLIP tokens).
+        case(1, 200, 85, 1, DType::F32),
+        case(1, 1, 5, 2, DType::BF16),
+        // Extra tokens spanning two tiles.
+        case(1, 40, 133, 1, DType::F32),
+    ] {
+        let names = check(&mut rng, c, true);
+        assert_eq!(names, [SM90A[(c.out == DType::F32) as usize]], "{c:?}");
+    }
+}
+
+#[test]
+fn sm90a_attention_with_causal_and_key_masks() {
+    let mut rng = rng();
+    // CLIP's self-attention: causal and padding-masked (key 0 always visible); two query
+    // tiles, the second one reading two key tiles.
+    let causal = Case {
+        causal: true,
+        key_mask: true,
+        ..case(2, 150, 0, 2, DType::F32)
+    };
+    assert_eq!(check(&mut rng, causal, true), [SM90A[1]]);
+    let causal = Case {
+        causal: true,
+        ..case(1, 77, 0, 1, DType::BF16)
+    };
+    assert_eq!(check(&mut rng, causal, true), [SM90A[0]]);
+    let masked = Case {
+        key_mask: true,
+        ..case(1, 33, 7, 1, DType::BF16)
+    };
+    assert_eq!(check(&mut rng, masked, true), [SM90A[0]]);
+}
+
+#[test]
+fn shapes_that_do_not_qualify_fall_back_to_the_portable_kernel() {
+    let mut rng = rng();
+    let d32 = Case {
+        d: 32,
+        ..case(1, 33, 7, 2, DType::BF16)
+    };
+    assert_eq!(check(&mut rng, d32, false), ["attention_d32_bf16"]);
+    // Without a backend (dry listings, the tuner) launches stay portable.
+    assert!(!KernelTarget::default().sm90a_allowed().unwrap());
+    assert!(attention_sm90a::SMEM_BYTES < 227 * 1024);
+}
