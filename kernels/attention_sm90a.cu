@@ -35,6 +35,11 @@
 //     fragment of keys [16k, 16k + 16) is exactly the A fragment of k-step k) and B = V from
 //     shared memory through an MN-major (transposed) descriptor: V's rows are keys (k) with
 //     the 64 channels (n) contiguous.
+//   Software pipeline per consumer (FA3's intra-warpgroup overlap): Q·Kᵀ of tile i and P·V
+//   of tile i − 1 are issued back to back, and the softmax of tile i (exp2 on the scores in
+//   place) runs while P·V of tile i − 1 is still on the tensor cores; O is rescaled and P
+//   packed to bf16 once that P·V has completed. Not yet: ping-pong scheduling between the
+//   two consumer warpgroups (named barriers), which FA3 adds on top.
 //   Ring: full[s] (1 arrival with expect_tx of 32 KiB + the TMA bytes), empty[s] (one arrival
 //   per consumer warp, 8), q_full (1 arrival + 16 KiB).
 //   Dynamic shared memory: 1024 (alignment slack) + 16 KiB + STAGES · 32 KiB + mbarriers
@@ -141,25 +146,33 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     for (int v = 0; v < D / 2; ++v) o[v] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-    mbarrier_wait_parity(q_full, 0);
-    for (int it = 0; it < tiles; ++it) {
-        const int s = it % STAGES;
-        const int valid = it < own_tiles ? min(BKV, N - it * BKV) : min(BKV, M - (it - own_tiles) * BKV);
-        const int key0 = it < own_tiles ? it * BKV : N + (it - own_tiles) * BKV;  // key index of column 0
-        mbarrier_wait_parity(&full[s], (it / STAGES) & 1);
-        const uint32_t k_addr = kv_addr + s * STAGE_BYTES, v_addr = k_addr + TILE_BYTES;
-
-        // S = Q·Kᵀ: both K-major, 128-byte swizzled rows; a k-step is 32 bytes into the row.
-        float sc[BKV / 2];
-        wgmma_fence();
+    // Issues S = Q·Kᵀ of tile `it` into sc (one commit group). Both operands K-major,
+    // 128-byte swizzled rows; a k-step is 32 bytes into the row.
+    auto issue_qk = [&](float (&sc)[BKV / 2], int it) {
+        const uint32_t k_addr = kv_addr + (it % STAGES) * STAGE_BYTES;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks)
             wgmma_bf16_ss<BKV, 0, 0>(sc, make_matrix_desc(q_addr + 32 * ks, 16, 1024, 128),
                                      make_matrix_desc(k_addr + 32 * ks, 16, 1024, 128), ks > 0);
         wgmma_commit();
-        wgmma_wait<0>();
-
-        // Scale, mask (the tile's zero-filled keys, causal, the key mask), online softmax.
+    };
+    // Issues O += P·V of tile `it` (one commit group). V [keys][64] is B (K×N) MN-major: rows
+    // along k 128 bytes apart, 8-row k groups 1024 bytes apart (SBO), one 64-wide n atom (LBO
+    // unused); a k-step of 16 keys starts 2048 bytes further.
+    auto issue_pv = [&](const uint32_t (&pa)[BKV / 16][4], int it) {
+        const uint32_t v_addr = kv_addr + (it % STAGES) * STAGE_BYTES + TILE_BYTES;
+#pragma unroll
+        for (int k = 0; k < BKV / 16; ++k)
+            wgmma_bf16_rs<D, 1>(o, pa[k], make_matrix_desc(v_addr + 2048 * k, 8192, 1024, 128), true);
+        wgmma_commit();
+    };
+    // The online softmax of tile `it` on its scores, in place: scale, mask (the tile's
+    // zero-filled keys, causal, the key mask), the running max (alpha: the factor for the
+    // previous O and l), then sc[v] = p = exp2(s − max) in f32 and row_sum = Σ p. Touches
+    // neither O nor P, so it runs while the previous tile's P·V is in flight.
+    auto softmax = [&](float (&sc)[BKV / 2], int it, float (&alpha)[2], float (&row_sum)[2]) {
+        const int valid = it < own_tiles ? min(BKV, N - it * BKV) : min(BKV, M - (it - own_tiles) * BKV);
+        const int key0 = it < own_tiles ? it * BKV : N + (it - own_tiles) * BKV;  // key of column 0
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int v = 0; v < BKV / 2; ++v) {
@@ -169,7 +182,6 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
             sc[v] = visible ? sc[v] * sl2 : -INFINITY;
             tile_max[(v / 2) % 2] = fmaxf(tile_max[(v / 2) % 2], sc[v]);
         }
-        float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
@@ -180,39 +192,60 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
             alpha[r] = exp2f(m_run[r] - base);
             m_run[r] = m_new;
             tile_max[r] = base;
+            row_sum[r] = 0.f;
         }
-        // P as the A operand of P·V: k-step k (keys [16k, 16k + 16)) is accumulator values
-        // [8k, 8k + 8), word w = values 8k + 2w, 8k + 2w + 1 (row (w % 2)).
-        float row_sum[2] = {0.f, 0.f};
-        uint32_t pa[BKV / 16][4];
 #pragma unroll
-        for (int k = 0; k < BKV / 16; ++k)
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                const int r = w % 2;
-                const float p0 = exp2f(sc[8 * k + 2 * w] - tile_max[r]);
-                const float p1 = exp2f(sc[8 * k + 2 * w + 1] - tile_max[r]);
-                row_sum[r] += p0 + p1;
-                pa[k][w] = pack_bf16x2(p0, p1);
-            }
+        for (int v = 0; v < BKV / 2; ++v) {
+            sc[v] = exp2f(sc[v] - tile_max[(v / 2) % 2]);
+            row_sum[(v / 2) % 2] += sc[v];
+        }
+    };
+    // After the previous P·V completed: rescale O and l, and P (bf16) as the A operand of
+    // P·V: k-step k (keys [16k, 16k + 16)) is accumulator values [8k, 8k + 8), word w = values
+    // 8k + 2w, 8k + 2w + 1.
+    auto rescale_and_pack = [&](const float (&sc)[BKV / 2], const float (&alpha)[2], const float (&row_sum)[2],
+                                uint32_t (&pa)[BKV / 16][4]) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + row_sum[r];
 #pragma unroll
         for (int v = 0; v < D / 2; ++v) o[v] *= alpha[(v / 2) % 2];
-
-        // O += P·V: V [keys][64] is B (K×N) MN-major: rows along k 128 bytes apart, 8-row k
-        // groups 1024 bytes apart (SBO); one 64-wide n atom (LBO unused). A k-step of 16 keys
-        // starts 2048 bytes further.
-        wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BKV / 16; ++k)
-            wgmma_bf16_rs<D, 1>(o, pa[k], make_matrix_desc(v_addr + 2048 * k, 8192, 1024, 128), true);
-        wgmma_commit();
-        wgmma_wait<0>();
-        // This warp is done with the stage: K was read by the first batch, V by the second.
+#pragma unroll
+            for (int w = 0; w < 4; ++w) pa[k][w] = pack_bf16x2(sc[8 * k + 2 * w], sc[8 * k + 2 * w + 1]);
+    };
+    // This warp is done with tile `it`'s stage (K read by its Q·Kᵀ, V by its P·V).
+    auto release = [&](int it) {
         __syncwarp();
-        if (lane == 0) mbarrier_arrive(&empty[s]);
+        if (lane == 0) mbarrier_arrive(&empty[it % STAGES]);
+    };
+
+    // Software pipeline (FA3's intra-warpgroup overlap): while the exponentials of tile it run,
+    // the tensor cores do tile it−1's P·V; Q·Kᵀ of tile it is issued before P·V of tile it−1.
+    float sc[BKV / 2], alpha[2], row_sum[2];
+    uint32_t pa[BKV / 16][4];
+    mbarrier_wait_parity(q_full, 0);
+    mbarrier_wait_parity(&full[0], 0);
+    wgmma_fence();
+    issue_qk(sc, 0);
+    wgmma_wait<0>();
+    softmax(sc, 0, alpha, row_sum);
+    rescale_and_pack(sc, alpha, row_sum, pa);
+    for (int it = 1; it < tiles; ++it) {
+        mbarrier_wait_parity(&full[it % STAGES], (it / STAGES) & 1);
+        wgmma_fence();
+        issue_qk(sc, it);
+        issue_pv(pa, it - 1);
+        wgmma_wait<1>();  // Q·Kᵀ of tile it is done (groups complete in order)
+        softmax(sc, it, alpha, row_sum);
+        wgmma_wait<0>();  // P·V of tile it − 1 is done: O and P may change, its stage is free
+        release(it - 1);
+        rescale_and_pack(sc, alpha, row_sum, pa);
     }
+    wgmma_fence();
+    issue_pv(pa, tiles - 1);
+    wgmma_wait<0>();
+    release(tiles - 1);
 
     // Row sums are spread over the quad, like the maxima.
 #pragma unroll
