@@ -38,8 +38,9 @@
 //   Software pipeline per consumer (FA3's intra-warpgroup overlap): Q·Kᵀ of tile i and P·V
 //   of tile i − 1 are issued back to back, and the softmax of tile i (exp2 on the scores in
 //   place) runs while P·V of tile i − 1 is still on the tensor cores; O is rescaled and P
-//   packed to bf16 once that P·V has completed. Not yet: ping-pong scheduling between the
-//   two consumer warpgroups (named barriers), which FA3 adds on top.
+//   packed to bf16 once that P·V has completed. On top, ping-pong between the two consumers
+//   (FA3's inter-warpgroup schedule): named barriers 1 and 2 make them take turns issuing
+//   their wgmma batches, so one's softmax overlaps the other's matrix products.
 //   Ring: full[s] (1 arrival with expect_tx of 32 KiB + the TMA bytes), empty[s] (one arrival
 //   per consumer warp, 8), q_full (1 arrival + 16 KiB).
 //   Dynamic shared memory: 1024 (alignment slack) + 16 KiB + STAGES · 32 KiB + mbarriers
@@ -220,6 +221,17 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
         if (lane == 0) mbarrier_arrive(&empty[it % STAGES]);
     };
 
+    // Ping-pong (FA3's inter-warpgroup schedule): the consumers take turns issuing their
+    // wgmmas, so one warpgroup's exponentials run while the other's matrix products do. Named
+    // barrier 1 + c (256 threads: this warpgroup syncs, the other arrives) gates consumer c's
+    // issue points; consumer 0 goes first. Both consumers have tiles + 1 issue points, and
+    // consumer 1 skips its last arrival, so every barrier phase completes.
+    auto turn_begin = [&]() { named_barrier_sync(1 + c, 256); };
+    auto turn_end = [&](bool last) {
+        if (!(last && c == 1)) named_barrier_arrive(2 - c, 256);
+    };
+    if (c == 1) named_barrier_arrive(1, 256);
+
     // Software pipeline (FA3's intra-warpgroup overlap): while the exponentials of tile it run,
     // the tensor cores do tile it−1's P·V; Q·Kᵀ of tile it is issued before P·V of tile it−1.
     float sc[BKV / 2], alpha[2], row_sum[2];
@@ -227,15 +239,19 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     mbarrier_wait_parity(q_full, 0);
     mbarrier_wait_parity(&full[0], 0);
     wgmma_fence();
+    turn_begin();
     issue_qk(sc, 0);
+    turn_end(false);
     wgmma_wait<0>();
     softmax(sc, 0, alpha, row_sum);
     rescale_and_pack(sc, alpha, row_sum, pa);
     for (int it = 1; it < tiles; ++it) {
         mbarrier_wait_parity(&full[it % STAGES], (it / STAGES) & 1);
         wgmma_fence();
+        turn_begin();
         issue_qk(sc, it);
         issue_pv(pa, it - 1);
+        turn_end(false);
         wgmma_wait<1>();  // Q·Kᵀ of tile it is done (groups complete in order)
         softmax(sc, it, alpha, row_sum);
         wgmma_wait<0>();  // P·V of tile it − 1 is done: O and P may change, its stage is free
@@ -243,7 +259,9 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
         rescale_and_pack(sc, alpha, row_sum, pa);
     }
     wgmma_fence();
+    turn_begin();
     issue_pv(pa, tiles - 1);
+    turn_end(true);
     wgmma_wait<0>();
     release(tiles - 1);
 

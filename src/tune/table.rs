@@ -120,6 +120,10 @@ pub fn tuned_module(name: &str) -> bool {
 /// time. A test checks that the list is complete.
 pub const TUNED_SOURCES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
+    (
+        "attention_sm90a.cu",
+        include_str!("../../kernels/attention_sm90a.cu"),
+    ),
     ("gemm.cu", include_str!("../../kernels/gemm.cu")),
     (
         "gemm_epilogue.cu",
