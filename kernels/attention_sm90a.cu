@@ -12,14 +12,15 @@
 //   P·V product (as in the portable kernel); Q·Kᵀ and P·V accumulate in f32; O / l at the end.
 //   The row sums l add the unrounded f32 p, as the portable kernel does. A query with every
 //   key masked gets zeros.
-// Layout: qkv bf16 [B, N, 3C] (rows q | k | v, head h at channels [h·64, h·64 + 64) of each
-//   part), kv bf16 [B, M, 2C] (rows k | v), mask f32 [B, N + M] or null, O [B, N, C] in the output type (bf16 or f32).
+// Layout: head dim D ∈ {64, 32} (C = heads·D). qkv bf16 [B, N, 3C] (rows q | k | v, head h at
+//   channels [h·D, h·D + D) of each part), kv bf16 [B, M, 2C] (rows k | v), mask f32
+//   [B, N + M] or null, O [B, N, C] in the output type (bf16 or f32).
 //   Both inputs reach the kernel as 3-D TMA tensor maps (dims {channels, tokens, B}, box
-//   {64, 128, 1}, 128-byte swizzle), so a tile never crosses a sample and rows past N (or M)
-//   arrive as zeros. Shared memory (1024-byte aligned): the Q tile [128 queries][64] (16 KiB,
-//   consumer c reading rows [64c, 64c + 64)), then STAGES stages of a K tile [128 keys][64]
-//   and a V tile [128 keys][64] (16 KiB each), every row 128 bytes in the canonical
-//   128-byte-swizzled layout (8-row atoms of 1024 bytes), then the mbarriers.
+//   {D, 128, 1}, swizzle span 2·D bytes: 128 B for D = 64, 64 B for D = 32), so a tile never
+//   crosses a sample and rows past N (or M) arrive as zeros. Shared memory (1024-byte
+//   aligned): the Q tile [128 queries][D] (consumer c reading rows [64c, 64c + 64)), then
+//   STAGES stages of a K tile [128 keys][D] and a V tile [128 keys][D], every row 2·D bytes in
+//   the canonical K-major swizzled layout (8-row atoms of 16·D bytes), then the mbarriers.
 // Key tiles: ceil(N / 128) tiles of own tokens (from qkv), then ceil(M / 128) tiles of extra
 //   tokens (from kv); a tile's keys past its source's end are zero-filled by TMA and their
 //   scores set to −inf before the softmax, as are masked keys' (a row whose keys are all
@@ -28,26 +29,28 @@
 //   (setmaxnreg.dec to 24; one thread issues the TMA loads of Q once and of K and V per tile
 //   into a STAGES-deep ring), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 240), each
 //   owning 64 query rows:
-//     S (64×128 f32) = Q·Kᵀ: 4 × wgmma m64n128k16, A (Q) and B (K, K-major) from shared memory;
+//     S (64×128 f32) = Q·Kᵀ: D/16 × wgmma m64n128k16, A (Q) and B (K, K-major) from shared
+//     memory;
 //     softmax in registers (a row's 32 values of a thread, the 4 threads of a quad combined by
 //     shuffles);
-//     O (64×64 f32) += P·V: 8 × wgmma m64n64k16 with A = P from registers (the S accumulator
+//     O (64×D f32) += P·V: 8 × wgmma m64nDk16 with A = P from registers (the S accumulator
 //     fragment of keys [16k, 16k + 16) is exactly the A fragment of k-step k) and B = V from
 //     shared memory through an MN-major (transposed) descriptor: V's rows are keys (k) with
-//     the 64 channels (n) contiguous.
+//     the D channels (n) contiguous (one swizzle atom wide).
 //   Software pipeline per consumer (FA3's intra-warpgroup overlap): Q·Kᵀ of tile i and P·V
 //   of tile i − 1 are issued back to back, and the softmax of tile i (exp2 on the scores in
 //   place) runs while P·V of tile i − 1 is still on the tensor cores; O is rescaled and P
 //   packed to bf16 once that P·V has completed. On top, ping-pong between the two consumers
 //   (FA3's inter-warpgroup schedule): named barriers 1 and 2 make them take turns issuing
 //   their wgmma batches, so one's softmax overlaps the other's matrix products.
-//   Ring: full[s] (1 arrival with expect_tx of 32 KiB + the TMA bytes), empty[s] (one arrival
-//   per consumer warp, 8), q_full (1 arrival + 16 KiB).
-//   Dynamic shared memory: 1024 (alignment slack) + 16 KiB + STAGES · 32 KiB + mbarriers
-//   = SMEM_BYTES below.
-// Limits: head dim 64 only (other head dims use the portable kernel); C % 8 == 0 (TMA strides are multiples of 16 bytes), qkv and kv 16-byte aligned;
-//   N, M < 2^31 − 128; heads, B < 65536.
-// Names: attention_sm90a_d64_<out>. Parameters: the qkv and kv tensor maps (kv: any valid map
+//   Ring: full[s] (1 arrival with expect_tx of a K and a V tile + the TMA bytes), empty[s]
+//   (one arrival per consumer warp, 8), q_full (1 arrival + the Q tile's bytes).
+//   Dynamic shared memory: 1024 (alignment slack) + Q tile + STAGES · (K + V tiles) +
+//   mbarriers = smem_bytes(D) below (82,984 for D = 64, 42,024 for D = 32).
+// Limits: head dims 64 (Stage B/C, CLIP) and 32 (the INR transformer); others use the
+//   portable kernel. C % 8 == 0 (TMA strides are multiples of 16 bytes), qkv and kv 16-byte
+//   aligned; N, M < 2^31 − 128; heads, B < 65536.
+// Names: attention_sm90a_d<D>_<out>. Parameters: the qkv and kv tensor maps (kv: any valid map
 //   when M = 0, never read), then AttentionSm90aParams (the fields of kernels/attention.cu's
 //   AttentionParams; qkv and kv unused).
 #include "common/portable.cuh"
@@ -68,20 +71,26 @@ struct AttentionSm90aParams {
 };
 
 namespace attn_sm90a {
-constexpr int D = 64, BQ = 128, BKV = 128, STAGES = 2;
-constexpr int TILE_BYTES = BKV * D * 2;     // 16 KiB: one K or V tile (and the Q tile)
-constexpr int STAGE_BYTES = 2 * TILE_BYTES;  // K and V
-constexpr int SMEM_BYTES = 1024 + TILE_BYTES + STAGES * STAGE_BYTES + (1 + 2 * STAGES) * 8;
+constexpr int BQ = 128, BKV = 128, STAGES = 2;
 constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
 constexpr float LOG2E = 1.4426950408889634f;
-static_assert(BQ * D * 2 == TILE_BYTES, "Q, K and V tiles share the tensor maps' box");
-static_assert(SMEM_BYTES == 82984, "ops/attention_sm90a.rs SMEM_BYTES mirrors this");
+// A tile row is one head's D channels: 2·D bytes, the swizzle span (128 B for D = 64, 64 B
+// for D = 32); 8-row atoms of 8 spans.
+constexpr int tile_bytes(int d) { return BKV * d * 2; }
+constexpr int smem_bytes(int d) { return 1024 + tile_bytes(d) + STAGES * 2 * tile_bytes(d) + (1 + 2 * STAGES) * 8; }
+static_assert(BQ == BKV, "Q, K and V tiles share the tensor maps' box");
+static_assert(smem_bytes(64) == 82984 && smem_bytes(32) == 42024, "ops/attention_sm90a.rs smem_bytes mirrors this");
 static_assert(PRODUCER_REGS * 128 + 2 * CONSUMER_REGS * 128 <= 65536, "the register file");
 
-template <typename TO>
+template <int D, typename TO>
 __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorMap* kv_map, const AttentionSm90aParams& p) {
+    static_assert(D == 32 || D == 64, "head dims 32 and 64");
+    constexpr int TILE_BYTES = tile_bytes(D);   // one K or V tile (and the Q tile)
+    constexpr int STAGE_BYTES = 2 * TILE_BYTES;  // K and V
+    constexpr int SPAN = 2 * D, ATOM = 8 * SPAN;  // swizzle span (row bytes), 8-row atom bytes
     unsigned char* raw = dynamic_smem<unsigned char>();
-    // 128-byte swizzle atoms start on 1024-byte boundaries of the shared address space.
+    // Swizzle atoms start on 1024-byte (128 B swizzle) or 512-byte boundaries of the shared
+    // address space.
     unsigned char* smem = raw + ((1024 - (smem_address(raw) & 1023)) & 1023);
     unsigned char* q_tile = smem;                 // [128][64] bf16
     unsigned char* kv_tiles = smem + TILE_BYTES;  // [STAGES][K 128×64 | V 128×64]
@@ -133,7 +142,7 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     // Consumers: warpgroup c (0, 1) owns query rows [q0 + 64c, q0 + 64c + 64).
     setmaxnreg_inc<CONSUMER_REGS>();
     const int c = wg - 1, t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
-    const uint32_t q_addr = smem_address(q_tile) + c * (64 * 128);
+    const uint32_t q_addr = smem_address(q_tile) + c * (64 * SPAN);
     const uint32_t kv_addr = smem_address(kv_tiles);
     const float sl2 = p.scale * LOG2E;
     const float* mask = p.mask ? p.mask + (long long)b * (N + M) : nullptr;
@@ -148,23 +157,23 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
     // Issues S = Q·Kᵀ of tile `it` into sc (one commit group). Both operands K-major,
-    // 128-byte swizzled rows; a k-step is 32 bytes into the row.
+    // SPAN-byte swizzled rows; a k-step is 32 bytes into the row.
     auto issue_qk = [&](float (&sc)[BKV / 2], int it) {
         const uint32_t k_addr = kv_addr + (it % STAGES) * STAGE_BYTES;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks)
-            wgmma_bf16_ss<BKV, 0, 0>(sc, make_matrix_desc(q_addr + 32 * ks, 16, 1024, 128),
-                                     make_matrix_desc(k_addr + 32 * ks, 16, 1024, 128), ks > 0);
+            wgmma_bf16_ss<BKV, 0, 0>(sc, make_matrix_desc(q_addr + 32 * ks, 16, ATOM, SPAN),
+                                     make_matrix_desc(k_addr + 32 * ks, 16, ATOM, SPAN), ks > 0);
         wgmma_commit();
     };
-    // Issues O += P·V of tile `it` (one commit group). V [keys][64] is B (K×N) MN-major: rows
-    // along k 128 bytes apart, 8-row k groups 1024 bytes apart (SBO), one 64-wide n atom (LBO
-    // unused); a k-step of 16 keys starts 2048 bytes further.
+    // Issues O += P·V of tile `it` (one commit group). V [keys][D] is B (K×N) MN-major: rows
+    // along k SPAN bytes apart, 8-row k groups ATOM bytes apart (SBO), one D-wide n atom (LBO
+    // unused); a k-step of 16 keys starts 16 rows further.
     auto issue_pv = [&](const uint32_t (&pa)[BKV / 16][4], int it) {
         const uint32_t v_addr = kv_addr + (it % STAGES) * STAGE_BYTES + TILE_BYTES;
 #pragma unroll
         for (int k = 0; k < BKV / 16; ++k)
-            wgmma_bf16_rs<D, 1>(o, pa[k], make_matrix_desc(v_addr + 2048 * k, 8192, 1024, 128), true);
+            wgmma_bf16_rs<D, 1>(o, pa[k], make_matrix_desc(v_addr + 16 * SPAN * k, 8192, ATOM, SPAN), true);
         wgmma_commit();
     };
     // The online softmax of tile `it` on its scores, in place: scale, mask (the tile's
@@ -287,12 +296,18 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
 }  // namespace attn_sm90a
 
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_bf16(const __grid_constant__ CUtensorMap qkv_map,
-                                                                             const __grid_constant__ CUtensorMap kv_map,
-                                                                             const AttentionSm90aParams p) {
-    attn_sm90a::body<__nv_bfloat16>(&qkv_map, &kv_map, p);
+        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+    attn_sm90a::body<64, __nv_bfloat16>(&qkv_map, &kv_map, p);
 }
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_f32(const __grid_constant__ CUtensorMap qkv_map,
-                                                                            const __grid_constant__ CUtensorMap kv_map,
-                                                                            const AttentionSm90aParams p) {
-    attn_sm90a::body<float>(&qkv_map, &kv_map, p);
+        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+    attn_sm90a::body<64, float>(&qkv_map, &kv_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d32_bf16(const __grid_constant__ CUtensorMap qkv_map,
+        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+    attn_sm90a::body<32, __nv_bfloat16>(&qkv_map, &kv_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d32_f32(const __grid_constant__ CUtensorMap qkv_map,
+        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+    attn_sm90a::body<32, float>(&qkv_map, &kv_map, p);
 }

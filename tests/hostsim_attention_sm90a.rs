@@ -4,7 +4,7 @@
 //! several heads and samples, bf16 and f32 out, outputs poisoned first, against the op's CPU reference (f64,
 //! `Attention::reference`) within `ops::attention::attention_bounds`. Dispatch: with
 //! `UPX_KERNELS=sm90a` a qualifying Attention launches the sm_90a kernel on hostsim, and
-//! shapes that do not qualify (head dim 32) fall back to the portable kernel. Runs in both thread orders (`HOSTSIM_REVERSE=1`).
+//! shapes that do not qualify (head dim 16) fall back to the portable kernel. Runs in both thread orders (`HOSTSIM_REVERSE=1`).
 #![cfg(feature = "hostsim")]
 
 use half::bf16;
@@ -213,6 +213,32 @@ fn check(rng: &mut StdRng, c: Case, run: bool) -> Vec<String> {
 }
 
 const SM90A: [&str; 2] = ["attention_sm90a_d64_bf16", "attention_sm90a_d64_f32"];
+const SM90A_D32: [&str; 2] = ["attention_sm90a_d32_bf16", "attention_sm90a_d32_f32"];
+
+#[test]
+fn sm90a_attention_head_dim_32() {
+    let mut rng = rng();
+    // The INR transformer's shape, cut down: n image tokens + 128 weight tokens as extra keys.
+    for c in [
+        Case {
+            d: 32,
+            ..case(1, 70, 128, 3, DType::F32)
+        },
+        Case {
+            d: 32,
+            ..case(2, 200, 0, 2, DType::BF16)
+        },
+        Case {
+            d: 32,
+            causal: true,
+            key_mask: true,
+            ..case(1, 150, 0, 1, DType::F32)
+        },
+    ] {
+        let names = check(&mut rng, c, true);
+        assert_eq!(names, [SM90A_D32[(c.out == DType::F32) as usize]], "{c:?}");
+    }
+}
 
 #[test]
 fn sm90a_attention_self_attention_with_tails() {
@@ -270,12 +296,12 @@ fn sm90a_attention_with_causal_and_key_masks() {
 #[test]
 fn shapes_that_do_not_qualify_fall_back_to_the_portable_kernel() {
     let mut rng = rng();
-    let d32 = Case {
-        d: 32,
+    let d16 = Case {
+        d: 16,
         ..case(1, 33, 7, 2, DType::BF16)
     };
-    assert_eq!(check(&mut rng, d32, false), ["attention_d32_bf16"]);
+    assert_eq!(check(&mut rng, d16, true), ["attention_d16_bf16"]);
     // Without a backend (dry listings, the tuner) launches stay portable.
     assert!(!KernelTarget::default().sm90a_allowed().unwrap());
-    const { assert!(attention_sm90a::SMEM_BYTES < 227 * 1024) };
+    const { assert!(attention_sm90a::smem_bytes(64) < 227 * 1024) };
 }

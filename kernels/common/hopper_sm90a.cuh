@@ -171,6 +171,7 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Operand lists of the accumulator registers (%0 .. %(N/2 - 1)).
+#define UPX_WG_D16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define UPX_WG_D32                                                                                      \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -222,14 +223,18 @@ __device__ __forceinline__ void wgmma_bf16_ss(float (&d)[N / 2], uint64_t desc_a
 template <int N, int TransB>
 __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                               bool accumulate UPX_CALLER) {
-    static_assert(N == 64 || N == 128 || N == 256, "wgmma_bf16_rs: N is 64, 128 or 256");
+    static_assert(N == 32 || N == 64 || N == 128 || N == 256, "wgmma_bf16_rs: N is 32, 64, 128 or 256");
 #if defined(__CUDA_ARCH__)
     const int acc = accumulate;
 // Operands after the accumulators: A's 4 words (%a0..), descriptor B, accumulate, TransB.
 #define UPX_WGMMA_RS(n, regs, a0, a1, a2, a3, b, acc, tb)                                             \
     "{\n.reg .pred p;\nsetp.ne.b32 p, %" #acc ", 0;\nwgmma.mma_async.sync.aligned.m64n" #n          \
     "k16.f32.bf16.bf16 {" regs "}, {%" #a0 ", %" #a1 ", %" #a2 ", %" #a3 "}, %" #b ", p, 1, 1, %" #tb ";\n}\n"
-    if constexpr (N == 64) {
+    if constexpr (N == 32) {
+        asm volatile(UPX_WGMMA_RS(32, UPX_WG_D16, 16, 17, 18, 19, 20, 21, 22)
+                     : UPX_WG_F16(0)
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(TransB));
+    } else if constexpr (N == 64) {
         asm volatile(UPX_WGMMA_RS(64, UPX_WG_D32, 32, 33, 34, 35, 36, 37, 38)
                      : UPX_WG_F32(0)
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(TransB));

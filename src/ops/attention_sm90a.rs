@@ -13,14 +13,18 @@ use crate::runtime::BackendKind;
 use crate::tensor::DType;
 use crate::{Error, Result};
 
-/// The head dims with a Hopper kernel.
-pub const HEAD_DIMS: [usize; 1] = [64];
+/// The head dims with a Hopper kernel: 64 (Stage B/C, CLIP) and 32 (the INR transformer).
+pub const HEAD_DIMS: [usize; 2] = [32, 64];
 /// Query rows per block (two consumer warpgroups of 64) and keys per K/V tile.
 pub const QUERY_TILE: usize = 128;
 pub const KEY_TILE: usize = 128;
-/// 1024 alignment slack + the Q tile + 2 stages · (K + V tiles), each 128 × 64 bf16, + 5
-/// mbarriers (kernels/attention_sm90a.cu, attn_sm90a::SMEM_BYTES).
-pub const SMEM_BYTES: u32 = 1024 + 128 * 64 * 2 + 2 * 2 * (128 * 64 * 2) + 5 * 8;
+/// Dynamic shared memory for head dim `d`: 1024 alignment slack + the Q tile + 2 stages ·
+/// (K + V tiles), each 128 × d bf16, + 5 mbarriers (kernels/attention_sm90a.cu,
+/// attn_sm90a::smem_bytes).
+pub const fn smem_bytes(d: usize) -> u32 {
+    let tile = (KEY_TILE * d * 2) as u32;
+    1024 + tile + 2 * 2 * tile + 5 * 8
+}
 /// 3 warpgroups: the producer and two consumers.
 pub const THREADS: u32 = 384;
 /// The kernel name prefix (every launch of it is an sm_90a attention).
@@ -83,23 +87,28 @@ pub fn qualifies(p: &AttentionParams, head_dim: usize, heads: usize, batch: usiz
 }
 
 /// The tensor map of a packed bf16 `[batch, tokens, channels]` tensor: dims {channels,
-/// tokens, batch}, box {64, 128, 1}, 128-byte swizzle (a 128-row tile of one head of one
-/// sample; rows past `tokens` are zeros).
+/// tokens, batch}, box {head_dim, 128, 1}, swizzle span 2·head_dim bytes (a 128-row tile of
+/// one head of one sample; rows past `tokens` are zeros).
 pub fn tokens_map(
     backend: BackendKind,
     addr: u64,
     batch: usize,
     tokens: usize,
     channels: usize,
+    head_dim: usize,
 ) -> Result<TensorMap> {
     TensorMapSpec {
         dtype: TmaDtype::Bf16,
         global_address: addr,
         dims: vec![channels as u64, tokens as u64, batch as u64],
         strides: vec![2 * channels as u64, 2 * (channels * tokens) as u64],
-        box_dims: vec![64, KEY_TILE as u32, 1],
+        box_dims: vec![head_dim as u32, KEY_TILE as u32, 1],
         element_strides: vec![1, 1, 1],
-        swizzle: TmaSwizzle::B128,
+        swizzle: if head_dim == 64 {
+            TmaSwizzle::B128
+        } else {
+            TmaSwizzle::B64
+        },
     }
     .encode(backend)
 }
@@ -123,10 +132,10 @@ pub fn launch(
         Error::InvalidArgument("attention_sm90a: no backend to encode the tensor maps for".into())
     })?;
     let (n, m, c) = (p.n as usize, p.m as usize, p.c as usize);
-    let qkv_map = tokens_map(backend, p.qkv, batch, n, 3 * c)?;
+    let qkv_map = tokens_map(backend, p.qkv, batch, n, 3 * c, head_dim)?;
     // Without extra tokens the kernel never reads the kv map: any valid map will do.
     let kv_map = if m > 0 {
-        tokens_map(backend, p.kv, batch, m, 2 * c)?
+        tokens_map(backend, p.kv, batch, m, 2 * c, head_dim)?
     } else {
         qkv_map
     };
@@ -136,7 +145,7 @@ pub fn launch(
         kernel: KernelId::lookup(&name)?,
         grid: [n.div_ceil(QUERY_TILE) as u32, heads as u32, batch as u32],
         block: [THREADS, 1, 1],
-        smem: SMEM_BYTES,
+        smem: smem_bytes(head_dim),
         args: Args::new()
             .tensor_map(&qkv_map)
             .tensor_map(&kv_map)
@@ -172,7 +181,8 @@ mod tests {
     fn qualification_rules() {
         assert!(qualifies(&params(77, 0, 128), 64, 2, 1));
         assert!(qualifies(&params(4096, 85, 2048), 64, 32, 2));
-        assert!(why_not(&params(77, 0, 64), 32, 2, 1)
+        assert!(qualifies(&params(77, 0, 64), 32, 2, 1));
+        assert!(why_not(&params(77, 0, 32), 16, 2, 1)
             .unwrap()
             .contains("head dim"));
         let mut p = params(77, 0, 128);
@@ -185,6 +195,7 @@ mod tests {
         let mut p = params(77, 5, 128);
         p.kv += 8;
         assert!(why_not(&p, 64, 2, 1).unwrap().contains("16-byte aligned"));
-        assert_eq!(SMEM_BYTES, 82_984);
+        assert_eq!(smem_bytes(64), 82_984);
+        assert_eq!(smem_bytes(32), 42_024);
     }
 }
