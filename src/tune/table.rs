@@ -148,6 +148,14 @@ pub const TUNED_SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/common/convert.cuh"),
     ),
     (
+        "common/gemm_epilogue.cuh",
+        include_str!("../../kernels/common/gemm_epilogue.cuh"),
+    ),
+    (
+        "common/hopper_sm90a.cuh",
+        include_str!("../../kernels/common/hopper_sm90a.cuh"),
+    ),
+    (
         "common/mma.cuh",
         include_str!("../../kernels/common/mma.cuh"),
     ),
