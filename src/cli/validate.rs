@@ -38,7 +38,8 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
     let backend = super::backend_arg::open(a.backend)?;
     let mut tally = Tally::default();
     let (sm90a_before, gemms_before) = crate::runtime::kernel_choice::gemm_launch_counts();
-    let (attn_sm90a_before, attns_before) = crate::runtime::kernel_choice::attention_launch_counts();
+    let (attn_sm90a_before, attns_before) =
+        crate::runtime::kernel_choice::attention_launch_counts();
     for case in &cases {
         match crate::golden::run_case(case, &backend) {
             Ok(checks) => {

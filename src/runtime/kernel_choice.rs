@@ -165,7 +165,7 @@ pub(crate) fn count_launches(entries: &[Entry]) {
     for e in entries {
         if let Entry::Kernel(l) = e {
             let name = l.kernel.name();
-            FAMILIES.iter().for_each(|f| f.count(&name));
+            FAMILIES.iter().for_each(|f| f.count(name));
         }
     }
 }

@@ -132,14 +132,6 @@ pub const TUNED_SOURCES: &[(&str, &str)] = &[
     ("gemm_sm90a.cu", include_str!("../../kernels/gemm_sm90a.cu")),
     ("grn.cu", include_str!("../../kernels/grn.cu")),
     (
-        "common/gemm_epilogue.cuh",
-        include_str!("../../kernels/common/gemm_epilogue.cuh"),
-    ),
-    (
-        "common/hopper_sm90a.cuh",
-        include_str!("../../kernels/common/hopper_sm90a.cuh"),
-    ),
-    (
         "common/accurate_math.cuh",
         include_str!("../../kernels/common/accurate_math.cuh"),
     ),
