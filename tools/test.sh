@@ -28,9 +28,9 @@ HOSTSIM_REVERSE=1 cargo test --locked --test ops --test hostsim --test hostsim_g
   --test hostsim_attention_sm90a
 
 step "golden cases on the emulator with the Hopper kernels forced"
-# Cases that reach the GEMM epilogues (bias, GELU, residual, FiLM, GRN) and both attention head
-# dims (64, 32) in seconds; the whole set takes
-# about 8 minutes here (the large high-res cases dominate) and runs by hand.
+# Cases that reach the GEMM epilogues (bias, GELU, residual, FiLM, GRN) and both attention
+# head dims (64, 32), in seconds. The whole set takes about 8 minutes here (the large
+# high-res cases dominate) and runs by hand.
 hopper_cases=(resblock resblock_skip timestepblock feedforwardblock attnblock attnblock_d64
   scale_aware_norm clip_text stage_c stage_c_lora stage_c_ultrapixel_lr stage_c_ultrapixel_hr_d64
   inr_upsampler controlnet_canny_tiny stage_b sample_stage_b_3step)
