@@ -370,6 +370,71 @@ pub fn parse<T: serde::de::DeserializeOwned + Default>(
     })
 }
 
+/// Parses a config JSON object over `base` (a network's released configuration when there
+/// are several, like the ControlNets'): every key the object gives replaces `base`'s, nested
+/// objects key by key, and every key it leaves out keeps `base`'s value (null: `base`
+/// itself). Unlike [`parse`], a key `base` does not have is an error; errors name the key
+/// (dotted path) and `what`.
+pub fn parse_over<T: Serialize + serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    base: &T,
+    what: &str,
+) -> Result<T> {
+    use serde_json::Value;
+    let bad = |m: String| Error::InvalidArgument(format!("{what} config: {m}"));
+    let base = serde_json::to_value(base).map_err(|e| bad(format!("{e}")))?;
+    let empty = Value::Object(Default::default());
+    let value = match value {
+        Value::Null => &empty,
+        Value::Object(_) => value,
+        _ => return Err(bad("must be a JSON object".into())),
+    };
+    // The keys given, down to the values that replace one of `base`'s whole.
+    let mut leaves: Vec<(Vec<&str>, &Value)> = Vec::new();
+    let mut todo: Vec<(Vec<&str>, &Value, &Value)> = vec![(vec![], value, &base)];
+    while let Some((path, given, under)) = todo.pop() {
+        let (Value::Object(given), Value::Object(under)) = (given, under) else {
+            leaves.push((path, given));
+            continue;
+        };
+        for (k, v) in given {
+            let mut at = path.clone();
+            at.push(k.as_str());
+            let Some(u) = under.get(k) else {
+                let known: Vec<&str> = under.keys().map(String::as_str).collect();
+                return Err(bad(format!(
+                    "unknown key `{}` (the keys there: {})",
+                    at.join("."),
+                    known.join(", ")
+                )));
+            };
+            todo.push((at, v, u));
+        }
+    }
+    leaves.sort_by(|a, b| a.0.cmp(&b.0));
+    let over = |leaves: &[(Vec<&str>, &Value)]| {
+        let mut out = base.clone();
+        for (path, v) in leaves {
+            let mut slot = &mut out;
+            for k in path {
+                slot = &mut slot[*k];
+            }
+            *slot = (*v).clone();
+        }
+        serde_json::from_value::<T>(out)
+    };
+    over(&leaves).map_err(|e| {
+        // serde names the type but not the key: find the first key that fails alone.
+        match leaves
+            .iter()
+            .find(|l| over(std::slice::from_ref(*l)).is_err())
+        {
+            Some((path, _)) => bad(format!("key `{}`: {e}", path.join("."))),
+            None => bad(format!("{e}")),
+        }
+    })
+}
+
 fn check_blocks(lists: &[Vec<usize>], depth: usize, key: &str) -> Result<()> {
     if lists.len() != 2 || lists.iter().any(|l| l.len() != depth) {
         return Err(Error::InvalidArgument(format!(

@@ -7,7 +7,7 @@
 use super::control::ControlKind;
 use super::model_dir::ModelDir;
 use crate::models::config::{
-    parse, ClipTextConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
+    parse, parse_over, ClipTextConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
 };
 use crate::models::controlnet::{self, ControlNetConfig};
 use crate::models::effnet_encoder::{self, EffNetEncoderConfig};
@@ -191,14 +191,11 @@ pub struct ControlStage {
 
 /// The ControlNet of `kind` in `dir` (`generate --control`), and its encoder if it has one,
 /// each checked against its manifest (the BatchNorm counters of a torch state dict are
-/// accepted and ignored); a configuration is the `.json` beside the file (absent: the
-/// released one). A clear error naming the command that fetches a missing file.
+/// accepted and ignored); a configuration is the `.json` beside the file, read over the
+/// released one of `kind` ([`read_controlnet_config`]). A clear error naming the command that fetches a missing file.
 pub fn open_controlnet(dir: &ModelDir, kind: ControlKind) -> Result<ControlStage> {
     let path = control_file(dir, kind, kind.file())?;
-    let config = match read_optional_config(&beside(path), "ControlNet")? {
-        Some(c) => c,
-        None => kind.released_config(),
-    };
+    let config = read_controlnet_config(&beside(path), kind)?;
     config.validate()?;
     let unused = controlnet::unused_keys(&config)?;
     let file = open_checked(path, &controlnet::manifest(&config)?, &keys(&unused))?;
@@ -280,22 +277,31 @@ fn beside(path: &Path) -> PathBuf {
 
 /// A JSON config; an absent file means the released configuration.
 fn read_config<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T> {
-    Ok(read_optional_config(path, what)?.unwrap_or_default())
+    match read_json(path)? {
+        Some(value) => parse(&value, what).map_err(|e| Error::format(path, e.to_string())),
+        None => Ok(T::default()),
+    }
 }
 
-/// The configuration at `path`, None when there is no such file.
-fn read_optional_config<T: serde::de::DeserializeOwned + Default>(
-    path: &Path,
-    what: &str,
-) -> Result<Option<T>> {
+/// The configuration of the `kind` ControlNet at `path` (the `.json` beside its weights):
+/// the keys it gives over the released configuration of that kind
+/// ([`ControlKind::released_config`]), which an absent file means. A key the configuration
+/// does not have, or a mistyped one, is an error naming the file and the key.
+pub fn read_controlnet_config(path: &Path, kind: ControlKind) -> Result<ControlNetConfig> {
+    let released = kind.released_config();
+    match read_json(path)? {
+        Some(value) => parse_over(&value, &released, &format!("{kind} ControlNet"))
+            .map_err(|e| Error::format(path, e.to_string())),
+        None => Ok(released),
+    }
+}
+
+/// The JSON at `path`, None when there is no such file.
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-            parse(&value, what)
-                .map(Some)
-                .map_err(|e| Error::format(path, e.to_string()))
-        }
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
@@ -376,6 +382,110 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/weights")
             .join(name)
+    }
+
+    const KINDS: [ControlKind; 3] = [
+        ControlKind::Canny,
+        ControlKind::SuperResolution,
+        ControlKind::Inpainting,
+    ];
+
+    /// The ControlNet config of `kind` read from a file holding `json`, and the file.
+    fn controlnet_config_of(
+        kind: ControlKind,
+        json: &str,
+    ) -> (Result<ControlNetConfig>, tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controlnet.json");
+        std::fs::write(&path, json).unwrap();
+        (read_controlnet_config(&path, kind), dir, path)
+    }
+
+    #[test]
+    fn a_partial_controlnet_config_keeps_the_released_values_of_its_kind() {
+        for kind in KINDS {
+            let released = kind.released_config();
+            let absent = tempfile::tempdir().unwrap().path().join("none.json");
+            assert_eq!(read_controlnet_config(&absent, kind).unwrap(), released);
+            for json in ["{}", "null"] {
+                let (cfg, _dir, _) = controlnet_config_of(kind, json);
+                assert_eq!(cfg.unwrap(), released, "{kind} {json}");
+            }
+            // One key: every other is the released one of this kind (not Canny's).
+            let (cfg, _dir, _) = controlnet_config_of(kind, r#"{"c_proj": 1024}"#);
+            let expected = ControlNetConfig {
+                c_proj: 1024,
+                ..released.clone()
+            };
+            assert_eq!(cfg.unwrap(), expected, "{kind}");
+            let (cfg, _dir, _) = controlnet_config_of(kind, r#"{"proj_blocks": [0, 63]}"#);
+            let expected = ControlNetConfig {
+                proj_blocks: vec![0, 63],
+                ..released.clone()
+            };
+            assert_eq!(cfg.unwrap(), expected, "{kind}");
+            // A nested object gives its keys only.
+            let (cfg, _dir, _) =
+                controlnet_config_of(kind, r#"{"large": {"blocks": 2}, "backbone": {}}"#);
+            let mut expected = released.clone();
+            expected.large.blocks = 2;
+            assert_eq!(cfg.unwrap(), expected, "{kind}");
+        }
+        // The kinds' released values the Canny defaults used to replace.
+        let (sr, _dir, _) =
+            controlnet_config_of(ControlKind::SuperResolution, r#"{"c_proj": 2048}"#);
+        let sr = sr.unwrap();
+        assert_eq!((sr.c_in, sr.bottleneck_mode.as_str()), (16, "large"));
+        sr.validate().unwrap();
+        let (inpaint, _dir, _) =
+            controlnet_config_of(ControlKind::Inpainting, r#"{"c_proj": 2048}"#);
+        let inpaint = inpaint.unwrap();
+        assert_eq!(
+            (inpaint.c_in, inpaint.bottleneck_mode.as_str()),
+            (4, "effnet")
+        );
+        let (canny, _dir, _) = controlnet_config_of(ControlKind::Canny, r#"{"c_in": 3}"#);
+        assert_eq!(canny.unwrap().bottleneck_mode, "effnet");
+    }
+
+    #[test]
+    fn a_mistyped_or_unknown_controlnet_key_is_an_error_naming_the_file_and_key() {
+        for kind in KINDS {
+            for (json, key, why) in [
+                (r#"{"c_in": "four"}"#, "`c_in`", "invalid type"),
+                (
+                    r#"{"c_proj": 1024, "proj_blocks": 3}"#,
+                    "`proj_blocks`",
+                    "invalid type",
+                ),
+                (
+                    r#"{"large": {"blocks": -1}}"#,
+                    "`large.blocks`",
+                    "invalid value",
+                ),
+                (r#"{"large": 8}"#, "`large`", "invalid type"),
+                (r#"{"c_inn": 4}"#, "unknown key `c_inn`", "c_in"),
+                (
+                    r#"{"backbone": {"depth": 3}}"#,
+                    "unknown key `backbone.depth`",
+                    "stem_out",
+                ),
+            ] {
+                let (cfg, _dir, path) = controlnet_config_of(kind, json);
+                let err = cfg.unwrap_err().to_string();
+                assert!(err.contains(&path.display().to_string()), "{err}");
+                assert!(
+                    err.contains(key) && err.contains(why),
+                    "{kind} {json}: {err}"
+                );
+                assert!(err.contains(&format!("{kind} ControlNet config")), "{err}");
+            }
+            for json in ["[1, 2]", "{\"c_in\": 4"] {
+                let (cfg, _dir, path) = controlnet_config_of(kind, json);
+                let err = cfg.unwrap_err().to_string();
+                assert!(err.contains(&path.display().to_string()), "{err}");
+            }
+        }
     }
 
     #[test]

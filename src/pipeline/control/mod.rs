@@ -99,8 +99,10 @@ impl ControlKind {
         }
     }
 
-    /// The released ControlNet's configuration (the one used when no `.json` is beside it):
-    /// Stable Cascade's `configs/inference/controlnet_c_3b_{canny,sr}.yaml`.
+    /// The released ControlNet's configuration: Stable Cascade's
+    /// `configs/inference/controlnet_c_3b_{canny,sr}.yaml`. The `.json` beside the weights,
+    /// if any, is read over it: the keys it leaves out keep these values
+    /// ([`crate::pipeline::open_models::read_controlnet_config`]).
     pub fn released_config(self) -> ControlNetConfig {
         match self {
             ControlKind::Canny => ControlNetConfig::default(),
