@@ -11,7 +11,7 @@
 
 use half::bf16;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use ultrapixel::ops::gemm::{gemm_ref, Gemm, GemmParams, GemmScaledA};
 use ultrapixel::ops::gemm_sm90a;
 use ultrapixel::ops::math::gelu_ref;
@@ -20,74 +20,10 @@ use ultrapixel::runtime::hostsim::launch;
 use ultrapixel::runtime::kernel_choice::KernelTarget;
 use ultrapixel::tensor::{DType, HostTensor};
 
-fn rng() -> StdRng {
-    let seed = std::env::var("UPX_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
+#[path = "common/guarded_buf.rs"]
+mod guarded_buf;
 
-/// 16-byte-aligned device memory (host memory under the emulator), poisoned with 0xFF bytes
-/// (NaN in f32 and bf16), `guard` extra bytes after the payload to catch unmasked stores.
-struct Buf {
-    words: Vec<u128>,
-    bytes: usize,
-}
-
-const GUARD: usize = 4096;
-
-impl Buf {
-    fn new(bytes: usize) -> Self {
-        Buf {
-            words: vec![u128::MAX; (bytes + GUARD).div_ceil(16)],
-            bytes,
-        }
-    }
-    fn of_bf16(v: &[f32]) -> Self {
-        let mut b = Buf::new(v.len() * 2);
-        let bits: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-        b.raw_mut()[..v.len() * 2].copy_from_slice(bytemuck::cast_slice(&bits));
-        b
-    }
-    fn of_f32(v: &[f32]) -> Self {
-        let mut b = Buf::new(v.len() * 4);
-        b.raw_mut()[..v.len() * 4].copy_from_slice(bytemuck::cast_slice(v));
-        b
-    }
-    fn of(v: &[f32], dtype: DType) -> Self {
-        match dtype {
-            DType::BF16 => Buf::of_bf16(v),
-            _ => Buf::of_f32(v),
-        }
-    }
-    fn raw_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(&mut self.words)
-    }
-    fn raw(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.words)
-    }
-    fn addr(&self) -> u64 {
-        self.words.as_ptr() as u64
-    }
-    fn read(&self, dtype: DType) -> Vec<f32> {
-        let b = &self.raw()[..self.bytes];
-        match dtype {
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            _ => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        }
-    }
-    fn guard_intact(&self) -> bool {
-        self.raw()[self.bytes..].iter().all(|&b| b == 0xFF)
-    }
-}
+use guarded_buf::{rng, Buf};
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
