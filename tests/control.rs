@@ -5,17 +5,15 @@
 
 mod common;
 
-use common::{png_image, quick_generate};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::{ok, png_image, poisoned, quick_generate, seed};
+use std::path::Path;
+use std::process::Command;
 use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
 use ultrapixel::pipeline::{
     read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
 };
 use ultrapixel::runtime::{Backend, BackendKind};
-
-const POISON: &[u8] = b"poison: not written by this run";
 
 fn tiny_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -40,27 +38,6 @@ fn random_image(path: &Path, seed: u64) {
         }
     }
     img.save(path).unwrap();
-}
-
-/// An output path holding poison, so that only a file this run wrote can pass.
-fn poisoned(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, POISON).unwrap();
-    path
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn seed() -> u64 {
-    let s = rand::random::<u64>() >> 12;
-    eprintln!("random seed {s}");
-    s
 }
 
 #[test]

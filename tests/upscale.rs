@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{png_image, quick_generate};
-use std::path::{Path, PathBuf};
+use common::{ok, png_image, poisoned, quick_generate, seed};
+use std::path::Path;
 use std::process::{Command, Output};
 use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
@@ -14,14 +14,6 @@ use ultrapixel::pipeline::{
     read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
 };
 use ultrapixel::runtime::{Backend, BackendKind};
-
-const POISON: &[u8] = b"poison: not written by this run";
-
-fn seed() -> u64 {
-    let s = rand::random::<u64>() >> 12;
-    eprintln!("random seed {s}");
-    s
-}
 
 /// A fresh random image (a smooth gradient plus noise) of a random size at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -49,20 +41,6 @@ fn upscale(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn poisoned(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, POISON).unwrap();
-    path
 }
 
 fn tiny_model() -> tempfile::TempDir {

@@ -102,3 +102,33 @@ pub fn quick_generate(model: &Path, out: &Path, backend: &str, extra: &[&str]) -
 pub fn png_image(path: &Path) -> Rgb8Image {
     decode_png(&std::fs::read(path).unwrap()).unwrap().0
 }
+
+/// What `poisoned` writes: a file still holding it was not written by the run.
+#[allow(dead_code)]
+pub const POISON: &[u8] = b"poison: not written by this run";
+
+/// An output path holding [`POISON`], so that only a file the run wrote can pass.
+#[allow(dead_code)]
+pub fn poisoned(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, POISON).unwrap();
+    path
+}
+
+/// Asserts that a command succeeded, showing its stderr otherwise.
+#[allow(dead_code)]
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh random seed, printed so a failure can be rerun.
+#[allow(dead_code)]
+pub fn seed() -> u64 {
+    let s = rand::random::<u64>() >> 12;
+    eprintln!("random seed {s}");
+    s
+}
