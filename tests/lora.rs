@@ -107,6 +107,7 @@ fn encode(weights: &dyn Checkpoint, cfg: &ClipTextConfig, tokens: &[Tokens]) -> 
         options: Default::default(),
         record: false,
         weights: None,
+        sessions: None,
     };
     encode_text(&ctx, weights, cfg, tokens).unwrap()
 }

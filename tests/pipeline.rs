@@ -537,3 +537,53 @@ fn preview_without_previewer_weights_is_refused_with_the_fix() {
     let o = upx(&["generate", "--preview-every", "2", "x"], &[]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A pipeline keeps its step sessions for the next request of the same size (placed once:
+/// arenas, launch lists, captured graphs) and still makes exactly the image a fresh pipeline
+/// makes for another prompt and seed; another size replaces them; where memory holds the
+/// resident weights but not every session, none is kept.
+#[cfg(feature = "hostsim")]
+#[test]
+fn kept_sessions_serve_later_requests_of_one_size_with_unchanged_images() {
+    let dir = ModelDir::resolve(Some(tiny_model()), &HubOptions::from_env()).unwrap();
+    let load = |options| Pipeline::load(&dir, open(BackendKind::Hostsim), options).unwrap();
+    let request = |prompt: &str, seed, (w, h)| {
+        let mut r = library_request(prompt, seed);
+        r.size = Size::new(w, h).unwrap();
+        r.stage_c.steps = 2;
+        r.stage_b.steps = 1;
+        r
+    };
+    let first = request("a red barn", 1, (512, 512));
+    let second = request("a blue sea at night", 2, (512, 512));
+    let other_size = request("a red barn", 1, (512, 576));
+
+    let p = load(PipelineOptions::default());
+    p.generate(&first).unwrap();
+    let (hits, placed) = p.kept_session_counts();
+    assert!(hits == 0 && placed > 0, "{hits} {placed}");
+    let reused = p.generate(&second).unwrap();
+    assert_eq!(
+        p.kept_session_counts(),
+        (placed, placed),
+        "all reused, none placed"
+    );
+    let fresh = load(PipelineOptions::default()).generate(&second).unwrap();
+    assert_eq!(
+        reused[0].rgb, fresh[0].rgb,
+        "a reused session changed the image"
+    );
+    p.generate(&other_size).unwrap();
+    let (hits2, placed2) = p.kept_session_counts();
+    assert!(hits2 == placed && placed2 > placed, "{hits2} {placed2}");
+
+    // Room for the resident weights but not for every session: nothing is kept.
+    let plan = p.plan(first.size).unwrap();
+    assert!(plan.resident_peak() < plan.reuse_peak());
+    let tight = load(PipelineOptions {
+        memory_limit: Some(plan.resident_peak()),
+        ..PipelineOptions::default()
+    });
+    assert_eq!(tight.generate(&second).unwrap()[0].rgb, fresh[0].rgb);
+    assert_eq!(tight.kept_session_counts(), (0, 0));
+}

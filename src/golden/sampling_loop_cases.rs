@@ -103,6 +103,7 @@ fn context(backend: &Backend) -> RunContext<'_> {
         options: SessionOptions { poison: true },
         record: true,
         weights: None,
+        sessions: None,
     }
 }
 

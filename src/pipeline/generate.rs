@@ -28,6 +28,7 @@ use crate::models::config::PreviewerConfig;
 use crate::ops::noise::{gaussian_noise_ref, noise_key};
 use crate::runtime::device::WeightCache;
 use crate::runtime::session::SessionOptions;
+use crate::runtime::session_cache::SessionCache;
 use crate::runtime::Backend;
 use crate::sampling_loop::{Guidance, StepNoise};
 use crate::tensor::HostTensor;
@@ -35,7 +36,7 @@ use crate::text::{Tokenizer, Tokens};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// CFG rescale ρ of both stages (the reference's `GDF.sample` default, docs/MODEL.md §4.5).
@@ -134,6 +135,9 @@ pub struct Pipeline {
     /// The device weights of the three sampling stages (C, B, A); the lock is held while a
     /// generation runs, so one runs at a time.
     caches: Mutex<[WeightCache; 3]>,
+    /// Their step sessions, kept for the next request of the same size where memory allows
+    /// (the arenas, launch lists and captured CUDA graphs are then placed once).
+    sessions: Arc<SessionCache>,
 }
 
 impl Pipeline {
@@ -174,6 +178,7 @@ impl Pipeline {
             tokenizer: Tokenizer::clip()?,
             loras: LoraSet::default(),
             caches: Mutex::new(Default::default()),
+            sessions: SessionCache::new(),
             options: options.clone(),
         };
         pipeline.set_loras(&options.loras)?;
@@ -201,12 +206,19 @@ impl Pipeline {
         // Stage C's device weights were merged with the old LoRAs.
         let caches = self.caches.get_mut().unwrap_or_else(|p| p.into_inner());
         caches[0].clear();
+        self.sessions.clear();
         Ok(())
     }
 
     /// The LoRAs in use, in order.
     pub fn loras(&self) -> &[LoadedLora] {
         self.loras.loaded()
+    }
+
+    /// (sessions reused, sessions placed) through the sessions kept between requests (none
+    /// on the cpu backend, or where memory does not allow keeping them).
+    pub fn kept_session_counts(&self) -> (usize, usize) {
+        self.sessions.counts()
     }
 
     pub fn backend(&self) -> &Backend {
@@ -274,13 +286,23 @@ impl Pipeline {
     ) -> Result<Vec<Image>> {
         request.validate()?;
         let plan = self.plan(request.size)?;
-        let residency = self.residency(&plan)?;
         // One generation at a time: the device caches belong to it.
         let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let resident = residency == Residency::Resident;
+        // What the pipeline already holds on the device is there for this request too.
+        let held =
+            caches.iter().map(WeightCache::bytes).sum::<usize>() + self.sessions.arena_bytes();
+        let available = self.available_memory(held as u64)?;
+        let resident = self.residency(&plan, available)? == Residency::Resident;
         if !resident {
             caches.iter().for_each(WeightCache::clear);
         }
+        let place = Placement {
+            caches: &caches,
+            resident,
+            sessions: self
+                .keep_sessions(request, &plan, available, resident)
+                .then_some(&self.sessions),
+        };
         let seeds = request.seeds();
         let (text, text_seconds) = self.encode_prompts(request, on_event)?;
         let control = self.control_maps(request)?;
@@ -304,9 +326,7 @@ impl Pipeline {
                 text: &text,
                 control: control.as_ref(),
             };
-            let rgb = self.generate_one(request, &inputs, (&caches, resident), &mut |p| {
-                observer.observe(p)
-            })?;
+            let rgb = self.generate_one(request, &inputs, &place, &mut |p| observer.observe(p))?;
             let timings = observer.timer.finish();
             let image = Image {
                 seed,
@@ -324,13 +344,46 @@ impl Pipeline {
         Ok(images)
     }
 
-    /// Decides where weights live for `plan`, or refuses with both numbers and what to do.
-    fn residency(&self, plan: &MemoryPlan) -> Result<Residency> {
-        let free = match self.options.memory_limit {
+    /// Device memory a request may use (None: unknown, the host backends): the limit the
+    /// options set, or the device's free memory plus `held`, what the pipeline holds there
+    /// (weights and kept sessions, which the request reuses or frees).
+    fn available_memory(&self, held: u64) -> Result<Option<u64>> {
+        Ok(match self.options.memory_limit {
             Some(limit) => Some(limit),
-            None => self.backend.free_memory()?,
-        };
-        let Some(free) = free else {
+            None => self.backend.free_memory()?.map(|free| free + held),
+        })
+    }
+
+    /// Whether the sessions of `request` are kept for the next request: on the kernel
+    /// backends, with resident weights, when the kept sessions were placed for the same size
+    /// and control, or when there is room for them all ([`MemoryPlan::reuse_peak`]).
+    /// Otherwise the kept sessions are dropped.
+    fn keep_sessions(
+        &self,
+        request: &Request,
+        plan: &MemoryPlan,
+        available: Option<u64>,
+        resident: bool,
+    ) -> bool {
+        let tag = format!(
+            "{} {:?}",
+            request.size,
+            request.control.as_ref().map(|c| c.kind)
+        );
+        let kernels = self.backend.device().is_some();
+        let keep = kernels
+            && resident
+            && (self.sessions.retag(&tag) || available.is_none_or(|a| plan.reuse_peak() <= a));
+        if !keep {
+            self.sessions.clear();
+        }
+        keep
+    }
+
+    /// Decides where weights live for `plan` with `available` bytes, or refuses with both
+    /// numbers and what to do.
+    fn residency(&self, plan: &MemoryPlan, available: Option<u64>) -> Result<Residency> {
+        let Some(free) = available else {
             return Ok(if self.options.low_vram {
                 Residency::PerStage
             } else {
@@ -428,6 +481,7 @@ impl Pipeline {
             // Previews read each step's x0̂.
             record: self.options.check_every_step || self.previewer.is_some(),
             weights,
+            sessions: None,
         }
     }
 
@@ -439,8 +493,16 @@ impl Pipeline {
         }
     }
 
+    /// A sampling stage's run context: its weight cache, and the kept sessions if any.
+    fn stage_context<'a>(&'a self, place: &Placement<'a>, stage: usize) -> RunContext<'a> {
+        RunContext {
+            sessions: place.sessions,
+            ..self.context(Some(&place.caches[stage]))
+        }
+    }
+
     /// One image: Stage C, Stage B, Stage A on the text embeddings, noise from `seed`; each
-    /// stage's weights in its cache, freed after it unless `resident`.
+    /// stage's weights in its cache, freed after it unless resident.
     fn generate_one(
         &self,
         request: &Request,
@@ -449,11 +511,12 @@ impl Pipeline {
             text,
             control,
         }: &ImageInputs,
-        (caches, resident): (&[WeightCache; 3], bool),
+        place: &Placement,
         observe: &mut Observer,
     ) -> Result<Rgb8Image> {
+        let caches = place.caches;
         let release = |cache: &WeightCache| {
-            if !resident {
+            if !place.resident {
                 cache.clear();
             }
         };
@@ -498,7 +561,7 @@ impl Pipeline {
             },
         };
         let x0 = run
-            .sample(&self.context(Some(&caches[0])), shapes, &noise, observe)?
+            .sample(&self.stage_context(place, 0), shapes, &noise, observe)?
             .hr
             .x0;
         check_finite(Phase::StageCHighRes, None, &x0)?;
@@ -527,13 +590,7 @@ impl Pipeline {
         };
         let init = host_noise(seed, STREAM_STAGE_B, &shape);
         let latent = run
-            .sample(
-                &self.context(Some(&caches[1])),
-                shape,
-                init,
-                &noise,
-                observe,
-            )?
+            .sample(&self.stage_context(place, 1), shape, init, &noise, observe)?
             .x0;
         check_finite(Phase::StageB, None, &latent)?;
         release(&caches[1]);
@@ -546,11 +603,20 @@ impl Pipeline {
         let latent = HostTensor::new(shape.to_vec(), latent);
         let rgb = self
             .decoder()
-            .decode(&self.context(Some(&caches[2])), &latent)?;
+            .decode(&self.stage_context(place, 2), &latent)?;
         check_finite(Phase::StageA, None, &rgb.data)?;
         release(&caches[2]);
         Rgb8Image::from_hwc(&rgb.data, rgb.shape[1], rgb.shape[2])
     }
+}
+
+/// Where a request's stages place their weights and sessions.
+struct Placement<'a> {
+    caches: &'a [WeightCache; 3],
+    /// Weights stay on the device after their stage.
+    resident: bool,
+    /// Sessions are kept here for the next request (None: dropped after use).
+    sessions: Option<&'a Arc<SessionCache>>,
 }
 
 /// What one image of a request is made from besides the request.

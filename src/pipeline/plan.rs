@@ -56,6 +56,8 @@ pub struct StagePlan {
     pub weight_bytes: u64,
     /// The largest activation arena of its graphs.
     pub arena_bytes: u64,
+    /// Its graphs' arenas added up: what its sessions hold when kept for the next request.
+    pub arenas_sum_bytes: u64,
 }
 
 /// Device memory of a request, before anything is allocated.
@@ -81,6 +83,23 @@ impl MemoryPlan {
         let weights: u64 = rest.iter().map(|s| s.weight_bytes).sum();
         let arena = rest.iter().map(|s| s.arena_bytes).max().unwrap_or(0);
         (weights + arena).max(text.weight_bytes + text.arena_bytes)
+    }
+
+    /// Peak with the sampling stages' weights resident and their sessions kept between
+    /// requests (Stage C, B and A; the text encoder and a ControlNet are placed anew each
+    /// time): the kept arenas, plus one more arena for whatever runs beside them.
+    pub fn reuse_peak(&self) -> u64 {
+        let kept =
+            |s: &&StagePlan| matches!(s.stage, StageId::StageC | StageId::StageB | StageId::StageA);
+        let (mut weights, mut arenas, mut largest) = (0, 0, 0);
+        for s in &self.stages[1..] {
+            weights += s.weight_bytes;
+            largest = largest.max(s.arena_bytes);
+        }
+        for s in self.stages.iter().filter(kept) {
+            arenas += s.arenas_sum_bytes;
+        }
+        (weights + arenas + largest).max(self.resident_peak())
     }
 }
 
@@ -205,7 +224,7 @@ pub(super) fn stage_plan<'a>(
 ) -> StagePlan {
     let mut seen = HashSet::new();
     let mut weight_bytes = 0u64;
-    let mut arena_bytes = 0u64;
+    let (mut arena_bytes, mut arenas_sum_bytes) = (0u64, 0u64);
     for g in graphs {
         for d in g.tensors.iter().filter(|d| d.role == Role::Weight) {
             if seen.insert((d.name.clone(), d.shape.clone(), d.dtype)) {
@@ -220,11 +239,13 @@ pub(super) fn stage_plan<'a>(
             None => planner::plan(g),
         };
         arena_bytes = arena_bytes.max(plan.peak as u64);
+        arenas_sum_bytes += plan.peak as u64;
     }
     StagePlan {
         stage,
         weight_bytes,
         arena_bytes,
+        arenas_sum_bytes,
     }
 }
 
@@ -250,26 +271,29 @@ mod tests {
 
     #[test]
     fn plans_add_weights_and_the_largest_arena() {
-        let plan = MemoryPlan {
+        let stage = |stage, weight_bytes, arena_bytes, arenas_sum_bytes| StagePlan {
+            stage,
+            weight_bytes,
+            arena_bytes,
+            arenas_sum_bytes,
+        };
+        let mut plan = MemoryPlan {
             stages: vec![
-                StagePlan {
-                    stage: StageId::TextEncoder,
-                    weight_bytes: 50,
-                    arena_bytes: 5,
-                },
-                StagePlan {
-                    stage: StageId::StageC,
-                    weight_bytes: 100,
-                    arena_bytes: 30,
-                },
-                StagePlan {
-                    stage: StageId::StageB,
-                    weight_bytes: 20,
-                    arena_bytes: 60,
-                },
+                stage(StageId::TextEncoder, 50, 5, 5),
+                stage(StageId::StageC, 100, 30, 45),
+                stage(StageId::StageB, 20, 60, 60),
             ],
         };
         assert_eq!(plan.sequential_peak(), 130);
         assert_eq!(plan.resident_peak(), 120 + 60);
+        // Kept sessions: every Stage C and B arena, plus the largest for what runs beside.
+        assert_eq!(plan.reuse_peak(), 120 + 45 + 60 + 60);
+        // A ControlNet's weights stay resident, its arena is never kept.
+        plan.stages
+            .insert(1, stage(StageId::ControlNet, 7, 90, 200));
+        assert_eq!(plan.reuse_peak(), 127 + 45 + 60 + 90);
+        // Never below the resident peak (a text encoder larger than everything else).
+        plan.stages[0] = stage(StageId::TextEncoder, 1000, 5, 5);
+        assert_eq!(plan.reuse_peak(), 1005);
     }
 }

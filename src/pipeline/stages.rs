@@ -19,6 +19,7 @@ use crate::ops::layout::Cast;
 use crate::runtime::device::WeightCache;
 use crate::runtime::graph::{Graph, TensorId};
 use crate::runtime::session::{Session, SessionOptions};
+use crate::runtime::session_cache::SessionCache;
 use crate::runtime::Backend;
 use crate::sampling_loop::{
     self, record_step, NoiseSource, Sampled, StepGraph, StepNoise, StepRecord, Steps,
@@ -26,6 +27,7 @@ use crate::sampling_loop::{
 use crate::tensor::{DType, HostTensor};
 use crate::text::Tokens;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// The parts of a generation, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -128,6 +130,9 @@ pub struct RunContext<'a> {
     pub record: bool,
     /// Device weights shared by the sessions of the run (None: each session its own).
     pub weights: Option<&'a WeightCache>,
+    /// Where sessions are kept for the next run of the same graph (None: placed anew and
+    /// dropped after use). Only for sessions whose weights stay the same between runs.
+    pub sessions: Option<&'a Arc<SessionCache>>,
 }
 
 impl RunContext<'_> {
@@ -137,8 +142,15 @@ impl RunContext<'_> {
         weights: &dyn Checkpoint,
     ) -> Result<Box<dyn Session>> {
         let (graph, plan) = mb.finish();
-        self.backend
-            .session_sharing(graph, &plan.bind(weights), self.options, self.weights)
+        let bound = plan.bind(weights);
+        let place = |graph| {
+            self.backend
+                .session_sharing(graph, &bound, self.options, self.weights)
+        };
+        match self.sessions {
+            Some(cache) => Ok(Box::new(cache.lease(graph, place)?)),
+            None => Ok(place(graph)?),
+        }
     }
 }
 

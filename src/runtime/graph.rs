@@ -82,6 +82,24 @@ impl Graph {
         &self.tensors[id.index()].shape
     }
 
+    /// A hash of everything that decides what the graph computes and how it is placed: its
+    /// tensors (names, shapes, dtypes, roles), its nodes (ops with every parameter, wiring,
+    /// workspaces, labels), outputs and constants. Equal graphs, built twice, hash equal.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        use std::io::Write;
+        let mut h = Sha256::new();
+        // Debug output is exact for every field (floats print in round-trip form) and in
+        // order (no hash maps: `by_name` is derived from `tensors`).
+        write!(
+            h,
+            "{:?}|{:?}|{:?}|{:?}",
+            self.tensors, self.nodes, self.outputs, self.constants
+        )
+        .expect("hashing never fails");
+        h.finalize().into()
+    }
+
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.by_name.get(name).copied()
     }

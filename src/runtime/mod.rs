@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod launch;
 pub mod planner;
 pub mod session;
+pub mod session_cache;
 pub mod tensor_map;
 
 use crate::Result;
@@ -76,7 +77,7 @@ impl Backend {
         graph: Graph,
         weights: &dyn WeightSource,
         opts: SessionOptions,
-    ) -> Result<Box<dyn Session>> {
+    ) -> Result<Box<dyn Session + Send>> {
         self.session_sharing(graph, weights, opts, None)
     }
 
@@ -88,7 +89,7 @@ impl Backend {
         weights: &dyn WeightSource,
         opts: SessionOptions,
         cache: Option<&device::WeightCache>,
-    ) -> Result<Box<dyn Session>> {
+    ) -> Result<Box<dyn Session + Send>> {
         let Some(device) = self.device() else {
             return Ok(Box::new(cpu::CpuSession::new(graph, weights)?));
         };

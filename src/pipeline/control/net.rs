@@ -199,6 +199,8 @@ pub fn add_to_plan(
         .find(|s| s.stage == StageId::StageC)
         .ok_or_else(|| Error::InvalidArgument("a plan has Stage C".into()))?;
     c.arena_bytes += map_bytes;
+    // Kept sessions: the LR step graph holds them, and an HR one past the guided steps.
+    c.arenas_sum_bytes += 2 * map_bytes;
     let at = plan
         .stages
         .iter()
