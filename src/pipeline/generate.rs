@@ -493,6 +493,33 @@ impl Pipeline {
         }
     }
 
+    /// Uploads Stage B's and Stage A's weights for `request` into their caches.
+    fn upload_later_stages(&self, request: &Request, place: &Placement) -> Result<()> {
+        let m = &self.models;
+        let cfg = m.configs();
+        let sizes = LatentSizes::of(request.size);
+        // Shapes only: the values are the next stages' business.
+        let (hc, wc) = sizes.stage_c;
+        let effnet = HostTensor::zeros(&[2, hc, wc, m.stage_c.config.c_out]);
+        let clip = HostTensor::zeros(&[2, 1, m.stage_b.config.c_clip]);
+        let stage_b = StageBRun {
+            weights: &m.stage_b.weights,
+            cfg: &m.stage_b.config,
+            effnet: &effnet,
+            clip: &clip,
+            steps: request.stage_b.steps as usize,
+            guidance: Guidance {
+                cfg: request.stage_b.cfg,
+                rho: CFG_RHO,
+            },
+        };
+        let shape = stage_b_shape(&cfg, &sizes);
+        stage_b.upload_weights(&self.stage_context(place, 1), shape)?;
+        let [_, h, w, _] = shape;
+        self.decoder()
+            .upload_weights(&self.stage_context(place, 2), [1, h, w])
+    }
+
     /// A sampling stage's run context: its weight cache, and the kept sessions if any.
     fn stage_context<'a>(&'a self, place: &Placement<'a>, stage: usize) -> RunContext<'a> {
         RunContext {
@@ -560,10 +587,21 @@ impl Pipeline {
                 stream: STREAM_STAGE_C_HR,
             },
         };
-        let x0 = run
-            .sample(&self.stage_context(place, 0), shapes, &noise, observe)?
-            .hr
-            .x0;
+        let x0 = std::thread::scope(|s| {
+            // With resident weights, Stage B's and A's upload while Stage C runs, so reading
+            // and converting them on the host overlaps the device's work. Where that fails,
+            // their sessions upload again and report the failure.
+            let upload = place
+                .resident
+                .then(|| s.spawn(|| self.upload_later_stages(request, place)));
+            let sampled = run.sample(&self.stage_context(place, 0), shapes, &noise, observe);
+            if let Some(upload) = upload {
+                let _ = upload.join().expect("the upload thread does not panic");
+            }
+            sampled
+        })?
+        .hr
+        .x0;
         check_finite(Phase::StageCHighRes, None, &x0)?;
         release(&caches[0]);
 
@@ -635,4 +673,42 @@ fn host_noise(seed: u64, stream: u32, shape: &[usize]) -> Vec<f32> {
         &mut out,
     );
     out
+}
+
+#[cfg(all(test, feature = "hostsim"))]
+mod tests {
+    use super::*;
+    use crate::hub::HubOptions;
+    use crate::runtime::BackendKind;
+
+    /// The upload that runs beside Stage C puts exactly Stage B's and Stage A's weights, as
+    /// the memory plan counts them, into their caches, so their sessions upload nothing.
+    #[test]
+    fn the_later_stages_weights_upload_during_stage_c() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::tiny::make_tiny_model(dir.path(), 3).unwrap();
+        let model = ModelDir::resolve(Some(dir.path()), &HubOptions::from_env()).unwrap();
+        let backend = Backend::open(BackendKind::Hostsim).unwrap();
+        let p = Pipeline::load(&model, backend, PipelineOptions::default()).unwrap();
+        let mut request = Request::new("a test");
+        request.size = Size::new(512, 576).unwrap();
+        let caches: [WeightCache; 3] = Default::default();
+        let place = Placement {
+            caches: &caches,
+            resident: true,
+            sessions: None,
+        };
+        p.upload_later_stages(&request, &place).unwrap();
+        let plan = p.plan(request.size).unwrap();
+        let planned = |stage| {
+            plan.stages
+                .iter()
+                .find(|s| s.stage == stage)
+                .unwrap()
+                .weight_bytes as usize
+        };
+        assert_eq!(caches[0].bytes(), 0);
+        assert_eq!(caches[1].bytes(), planned(StageId::StageB));
+        assert_eq!(caches[2].bytes(), planned(StageId::StageA));
+    }
 }

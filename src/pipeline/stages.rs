@@ -152,6 +152,16 @@ impl RunContext<'_> {
             None => Ok(place(graph)?),
         }
     }
+
+    /// Uploads the weights `mb`'s graph reads into the context's weight cache ahead of its
+    /// session (nothing to do on the cpu backend or without a cache).
+    fn upload_weights(&self, mb: ModelBuilder, weights: &dyn Checkpoint) -> Result<()> {
+        let (Some(device), Some(cache)) = (self.backend.device(), self.weights) else {
+            return Ok(());
+        };
+        let (graph, plan) = mb.finish();
+        cache.upload(device.as_ref(), &graph, &plan.bind(weights))
+    }
 }
 
 /// A recorded step graph on its session, with the feature maps it captures (if any).
@@ -542,6 +552,13 @@ impl StageBRun<'_> {
         Ok(self.recording(shape, source)?.mb.finish().0)
     }
 
+    /// Uploads the weights the step at `shape` reads into `ctx`'s cache, ahead of
+    /// [`StageBRun::sample`] (its inputs' values do not matter here, only their shapes).
+    pub fn upload_weights(&self, ctx: &RunContext, shape: [usize; 4]) -> Result<()> {
+        let recording = self.recording(shape, NoiseSource::Device)?;
+        ctx.upload_weights(recording.mb, self.weights)
+    }
+
     fn recording(&self, shape: [usize; 4], source: NoiseSource) -> Result<StepRecording> {
         let mut mb = ModelBuilder::new();
         let effnet =
@@ -610,6 +627,14 @@ impl StageADecode<'_> {
     pub fn graph(&self, [b, h, w]: [usize; 3]) -> Result<Graph> {
         let (hw, ww) = (self.window(h, 0).1, self.window(w, 0).1);
         Ok(self.recording([b, hw, ww])?.0.finish().0)
+    }
+
+    /// Uploads the weights the decoder of a `[b, h, w]` latent reads into `ctx`'s cache,
+    /// ahead of [`StageADecode::decode`].
+    pub fn upload_weights(&self, ctx: &RunContext, [b, h, w]: [usize; 3]) -> Result<()> {
+        let (hw, ww) = (self.window(h, 0).1, self.window(w, 0).1);
+        let (mb, _, _) = self.recording([b, hw, ww])?;
+        ctx.upload_weights(mb, self.weights)
     }
 
     /// A latent (f32 `[B, h, w, c_latent]`) to RGB, f32 `[B, 4h, 4w, 3]`, not clamped.

@@ -106,6 +106,18 @@ impl WeightCache {
         self.entries.lock().expect("weight cache lock").clear();
     }
 
+    /// Uploads the weights of `graph` that are not here yet, so that the sessions placed
+    /// later find them (the next stage's, while this one runs).
+    pub fn upload(
+        &self,
+        device: &dyn Device,
+        graph: &Graph,
+        weights: &dyn WeightSource,
+    ) -> Result<()> {
+        let mut ptrs = vec![0; graph.tensors.len()];
+        place_weights(device, graph, weights, Some(self), &mut ptrs).map(drop)
+    }
+
     /// Device bytes the cached weights occupy.
     pub fn bytes(&self) -> usize {
         let entries = self.entries.lock().expect("weight cache lock");
@@ -116,6 +128,55 @@ impl WeightCache {
             .map(|(b, _)| b.bytes)
             .sum()
     }
+}
+
+/// Points `ptrs` at the weights of `graph`: those in `cache` from there, the others uploaded
+/// in one allocation (and added to `cache`). Returns the buffers they live in.
+fn place_weights(
+    device: &dyn Device,
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    cache: Option<&WeightCache>,
+    ptrs: &mut [u64],
+) -> Result<Vec<Arc<DeviceBuffer>>> {
+    let mut held = Vec::new();
+    let mut missing = Vec::new();
+    {
+        let entries = cache.map(|c| c.entries.lock().expect("weight cache lock"));
+        for (id, d) in graph.weights() {
+            match entries.as_ref().and_then(|e| e.get(&weight_key(d))) {
+                Some((buf, off)) => {
+                    ptrs[id.index()] = buf.ptr + off;
+                    held.push(buf.clone());
+                }
+                None => missing.push(id),
+            }
+        }
+    }
+    // The weights not cached yet, in one allocation.
+    let mut woffs = Vec::with_capacity(missing.len());
+    let mut total = 0usize;
+    for &id in &missing {
+        woffs.push(total);
+        total += graph.desc(id).bytes().div_ceil(ALIGN) * ALIGN;
+    }
+    if total > 0 {
+        let buf = Arc::new(device.alloc(total)?);
+        for (&id, &off) in missing.iter().zip(&woffs) {
+            let t = load_weight(graph, id, weights)?;
+            let ptr = buf.ptr + off as u64;
+            device.write(ptr, &encode(&t.data, graph.desc(id).dtype))?;
+            ptrs[id.index()] = ptr;
+        }
+        if let Some(cache) = cache {
+            let mut entries = cache.entries.lock().expect("weight cache lock");
+            for (&id, &off) in missing.iter().zip(&woffs) {
+                entries.insert(weight_key(graph.desc(id)), (buf.clone(), off as u64));
+            }
+        }
+        held.push(buf);
+    }
+    Ok(held)
 }
 
 fn weight_key(d: &super::graph::TensorDesc) -> WeightKey {
@@ -170,43 +231,7 @@ impl KernelSession {
             .map(|o| o.map_or(0, |o| arena.ptr + o as u64))
             .collect();
 
-        let mut held = Vec::new();
-        let mut missing = Vec::new();
-        {
-            let entries = cache.map(|c| c.entries.lock().expect("weight cache lock"));
-            for (id, d) in graph.weights() {
-                match entries.as_ref().and_then(|e| e.get(&weight_key(d))) {
-                    Some((buf, off)) => {
-                        ptrs[id.index()] = buf.ptr + off;
-                        held.push(buf.clone());
-                    }
-                    None => missing.push(id),
-                }
-            }
-        }
-        // The weights not cached yet, in one allocation.
-        let mut woffs = Vec::with_capacity(missing.len());
-        let mut total = 0usize;
-        for &id in &missing {
-            woffs.push(total);
-            total += graph.desc(id).bytes().div_ceil(ALIGN) * ALIGN;
-        }
-        if total > 0 {
-            let buf = Arc::new(device.alloc(total)?);
-            for (&id, &off) in missing.iter().zip(&woffs) {
-                let t = load_weight(&graph, id, weights)?;
-                let ptr = buf.ptr + off as u64;
-                device.write(ptr, &encode(&t.data, graph.desc(id).dtype))?;
-                ptrs[id.index()] = ptr;
-            }
-            if let Some(cache) = cache {
-                let mut entries = cache.entries.lock().expect("weight cache lock");
-                for (&id, &off) in missing.iter().zip(&woffs) {
-                    entries.insert(weight_key(graph.desc(id)), (buf.clone(), off as u64));
-                }
-            }
-            held.push(buf);
-        }
+        let held = place_weights(device.as_ref(), &graph, weights, cache, &mut ptrs)?;
 
         let substitute = substitute.then_some(device.as_ref());
         let target = device.kernel_target();
@@ -379,5 +404,55 @@ impl Session for KernelSession {
 
     fn arena_bytes(&self) -> usize {
         self.plan.peak
+    }
+}
+
+#[cfg(all(test, feature = "hostsim"))]
+mod tests {
+    use super::*;
+    use crate::ops::elementwise::Add;
+    use crate::runtime::{Backend, BackendKind};
+    use crate::tensor::HostTensor;
+    use std::collections::HashMap;
+
+    /// Weights uploaded ahead of a session are the ones it reads: placing it uploads nothing
+    /// more, and it computes what a session with its own upload computes.
+    #[test]
+    fn weights_uploaded_ahead_serve_the_session_placed_later() {
+        let device = Backend::open(BackendKind::Hostsim)
+            .unwrap()
+            .device()
+            .unwrap();
+        let n = 37;
+        let mut g = Graph::new();
+        let x = g.input("x", &[n], DType::F32).unwrap();
+        let w = g.weight("w", &[n], DType::BF16).unwrap();
+        let v = g.weight("v", &[n], DType::F32).unwrap();
+        let y = g.op1(Add::plain(DType::F32), &[x, w]).unwrap();
+        let y = g.op1(Add::plain(DType::F32), &[y, v]).unwrap();
+        g.output(y, "y").unwrap();
+        let values = |k: f32| (0..n).map(|i| (i as f32 - 11.0) * k).collect::<Vec<_>>();
+        let weights: HashMap<String, HostTensor> = [
+            ("w".to_string(), HostTensor::new(vec![n], values(0.5))),
+            ("v".to_string(), HostTensor::new(vec![n], values(-0.125))),
+        ]
+        .into();
+        let cache = WeightCache::new();
+        cache.upload(device.as_ref(), &g, &weights).unwrap();
+        let uploaded = cache.bytes();
+        assert!(uploaded >= n * (2 + 4), "{uploaded}");
+        let opts = SessionOptions { poison: true };
+        let run = |cache: Option<&WeightCache>| {
+            let mut s =
+                KernelSession::new(device.clone(), g.clone(), &weights, opts, cache).unwrap();
+            s.set_input(x, &values(1.0)).unwrap();
+            s.run().unwrap();
+            s.read(y).unwrap()
+        };
+        let ahead = run(Some(&cache));
+        assert_eq!(cache.bytes(), uploaded, "the session uploaded again");
+        assert_eq!(ahead, run(None));
+        let want: Vec<f32> = (0..n).map(|i| (i as f32 - 11.0) * 1.375).collect();
+        assert_eq!(ahead, want);
     }
 }
