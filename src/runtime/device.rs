@@ -45,6 +45,16 @@ pub trait Device: Send + Sync {
     fn describe(&self) -> String;
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer>;
     fn write(&self, dst: u64, data: &[u8]) -> Result<()>;
+    /// Uploads `data` to `dst` beside the work in flight, for memory no enqueued work
+    /// touches (weights placed ahead of their sessions, from any thread); done once
+    /// [`Device::finish_uploads`] returns. By default a plain [`Device::write`].
+    fn upload(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.write(dst, data)
+    }
+    /// Waits for every [`Device::upload`].
+    fn finish_uploads(&self) -> Result<()> {
+        Ok(())
+    }
     fn read(&self, src: u64, out: &mut [u8]) -> Result<()>;
     fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<()>;
     /// Runs every launch of the list in order; returns when they are done.
@@ -115,7 +125,8 @@ impl WeightCache {
         weights: &dyn WeightSource,
     ) -> Result<()> {
         let mut ptrs = vec![0; graph.tensors.len()];
-        place_weights(device, graph, weights, Some(self), &mut ptrs).map(drop)
+        place_weights(device, graph, weights, Some(self), &mut ptrs, Copy::Ahead)?;
+        device.finish_uploads()
     }
 
     /// Device bytes the cached weights occupy.
@@ -130,6 +141,14 @@ impl WeightCache {
     }
 }
 
+/// How weights reach the device: in order with the kernels ([`Device::write`]), or beside
+/// them, ahead of the session that reads them ([`Device::upload`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Copy {
+    InOrder,
+    Ahead,
+}
+
 /// Points `ptrs` at the weights of `graph`: those in `cache` from there, the others uploaded
 /// in one allocation (and added to `cache`). Returns the buffers they live in.
 fn place_weights(
@@ -138,6 +157,7 @@ fn place_weights(
     weights: &dyn WeightSource,
     cache: Option<&WeightCache>,
     ptrs: &mut [u64],
+    copy: Copy,
 ) -> Result<Vec<Arc<DeviceBuffer>>> {
     let mut held = Vec::new();
     let mut missing = Vec::new();
@@ -165,7 +185,11 @@ fn place_weights(
         for (&id, &off) in missing.iter().zip(&woffs) {
             let t = load_weight(graph, id, weights)?;
             let ptr = buf.ptr + off as u64;
-            device.write(ptr, &encode(&t.data, graph.desc(id).dtype))?;
+            let bytes = encode(&t.data, graph.desc(id).dtype);
+            match copy {
+                Copy::InOrder => device.write(ptr, &bytes)?,
+                Copy::Ahead => device.upload(ptr, &bytes)?,
+            }
             ptrs[id.index()] = ptr;
         }
         if let Some(cache) = cache {
@@ -231,7 +255,14 @@ impl KernelSession {
             .map(|o| o.map_or(0, |o| arena.ptr + o as u64))
             .collect();
 
-        let held = place_weights(device.as_ref(), &graph, weights, cache, &mut ptrs)?;
+        let held = place_weights(
+            device.as_ref(),
+            &graph,
+            weights,
+            cache,
+            &mut ptrs,
+            Copy::InOrder,
+        )?;
 
         let substitute = substitute.then_some(device.as_ref());
         let target = device.kernel_target();

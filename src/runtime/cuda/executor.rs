@@ -64,6 +64,10 @@ unsafe impl Send for Staging {}
 pub struct Executor {
     driver: Arc<dyn StreamDriver>,
     stream: Stream,
+    /// Uploads that run beside the kernels (weights placed ahead of their sessions). Never
+    /// the kernels' stream: a copy enqueued there by another thread during a capture would
+    /// become part of the captured graph.
+    upload_stream: Stream,
     functions: Vec<Option<Function>>,
     /// Dynamic shared memory each kernel has been opted in to.
     smem_limits: Mutex<Vec<u32>>,
@@ -79,6 +83,7 @@ impl Executor {
     pub fn new(
         driver: Arc<dyn StreamDriver>,
         stream: Stream,
+        upload_stream: Stream,
         functions: Vec<Option<Function>>,
         debug: bool,
     ) -> Self {
@@ -86,6 +91,7 @@ impl Executor {
         Executor {
             driver,
             stream,
+            upload_stream,
             functions,
             smem_limits: Mutex::new(vec![DEFAULT_SMEM_LIMIT; n]),
             staging: Mutex::new(None),
@@ -117,14 +123,33 @@ impl Executor {
             .map_err(|e| driver_error(context, e))
     }
 
-    /// Enqueues an upload of `data` to `dst`; `data` may be dropped on return.
+    /// Enqueues an upload of `data` to `dst` in order with the kernels; `data` may be dropped
+    /// on return.
     pub fn write(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.write_on(dst, data, self.stream)
+    }
+
+    /// Enqueues an upload of `data` to `dst` on the upload stream, beside the kernels: for
+    /// memory no enqueued kernel touches. It is done once [`Executor::finish_uploads`]
+    /// returns; `data` may be dropped on return.
+    pub fn upload(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.write_on(dst, data, self.upload_stream)
+    }
+
+    /// Waits for every upload enqueued by [`Executor::upload`].
+    pub fn finish_uploads(&self) -> Result<()> {
+        self.driver
+            .synchronize(self.upload_stream)
+            .map_err(|e| driver_error("finishing uploads", e))
+    }
+
+    fn write_on(&self, dst: u64, data: &[u8], stream: Stream) -> Result<()> {
         if data.len() < PINNED_MIN_BYTES {
             // SAFETY: the caller's `dst` has room for `data`; pageable sources are staged by
             // the driver before the call returns.
             return unsafe {
                 self.driver
-                    .copy_htod(dst, data.as_ptr(), data.len(), self.stream)
+                    .copy_htod(dst, data.as_ptr(), data.len(), stream)
             }
             .map_err(|e| driver_error("copy to device", e));
         }
@@ -144,10 +169,10 @@ impl Executor {
             unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), buf, chunk.len()) };
             let at = dst + (i * STAGING_CHUNK) as u64;
             // SAFETY: `buf` stays allocated and unmodified until `event` passes.
-            unsafe { self.driver.copy_htod(at, buf, chunk.len(), self.stream) }
+            unsafe { self.driver.copy_htod(at, buf, chunk.len(), stream) }
                 .map_err(|e| driver_error("copy to device", e))?;
             self.driver
-                .event_record(event, self.stream)
+                .event_record(event, stream)
                 .map_err(|e| driver_error("recording a staging event", e))?;
         }
         Ok(())
@@ -353,6 +378,7 @@ impl Drop for Executor {
         if let Some(s) = self.staging.get_mut().expect("staging lock").take() {
             // Pending uploads may still read the staging buffers.
             let _ = self.driver.synchronize(self.stream);
+            let _ = self.driver.synchronize(self.upload_stream);
             for (buf, event) in s.buffers {
                 self.driver.event_destroy(event);
                 // SAFETY: allocated by `new_staging`; the stream is idle.
@@ -471,12 +497,13 @@ mod tests {
     }
 
     const OUR_STREAM: Stream = Stream(0x5000);
+    const UPLOAD_STREAM: Stream = Stream(0x6000);
 
     fn executor(rec: &Arc<Recorder>, debug: bool) -> Executor {
         let functions = (0..KernelId::ALL.len())
             .map(|i| Some(Function(0x1000 + i)))
             .collect();
-        Executor::new(rec.clone(), OUR_STREAM, functions, debug)
+        Executor::new(rec.clone(), OUR_STREAM, UPLOAD_STREAM, functions, debug)
     }
 
     fn list(n: usize) -> LaunchList {
@@ -505,6 +532,9 @@ mod tests {
         for (call, s) in calls {
             if let Some(s) = s {
                 assert!(!s.is_default(), "{call} went to a default stream");
+                if (*call, *s) == ("synchronize", UPLOAD_STREAM) {
+                    continue; // dropping the executor waits for any upload
+                }
                 assert_eq!(*s, OUR_STREAM, "{call} went to another stream");
             }
         }
@@ -523,7 +553,7 @@ mod tests {
             .iter()
             .map(|&i| (!i.sm90a()).then_some(Function(0x1000 + i as usize)))
             .collect();
-        let ex = Executor::new(rec.clone(), OUR_STREAM, functions, false);
+        let ex = Executor::new(rec.clone(), OUR_STREAM, UPLOAD_STREAM, functions, false);
         let mut l = LaunchList {
             launches: vec![Entry::Kernel(Launch::linear(
                 k,
@@ -572,6 +602,54 @@ mod tests {
         // The read waits for its copy before the host sees the bytes.
         let read_at = calls.iter().rposition(|(c, _)| *c == "copy_dtoh").unwrap();
         assert_eq!(calls[read_at + 1].0, "synchronize");
+    }
+
+    /// Uploads placed ahead (weights of a later stage) go to the upload stream only, from any
+    /// thread, so a capture of the kernels' stream running meanwhile records launches only.
+    #[test]
+    fn uploads_beside_the_kernels_stay_out_of_their_stream_and_its_captures() {
+        let rec = Arc::new(Recorder::default());
+        let ex = executor(&rec, false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..20u64 {
+                    ex.upload(i << 32, &vec![3u8; STAGING_CHUNK + 7]).unwrap();
+                    ex.upload((i << 32) + 0x10_0000_0000, &[4u8; 100]).unwrap();
+                }
+                ex.finish_uploads().unwrap();
+            });
+            let mut l = list(4);
+            for _ in 0..3 {
+                ex.execute(&mut l).unwrap();
+            }
+        });
+        let calls = rec.calls();
+        let on = |call: &str, stream| {
+            calls
+                .iter()
+                .filter(|(c, s)| *c == call && *s == Some(stream))
+                .count()
+        };
+        assert_eq!(
+            on("copy_htod", UPLOAD_STREAM),
+            60,
+            "2 staged chunks + 1 small, 20 times"
+        );
+        assert_eq!(on("copy_htod", OUR_STREAM), 0);
+        assert_eq!(on("event_record", UPLOAD_STREAM), 40);
+        assert_eq!(on("synchronize", UPLOAD_STREAM), 1);
+        // The capture on our stream holds the four launches and nothing else of ours.
+        let begin = calls
+            .iter()
+            .position(|(c, _)| *c == "begin_capture")
+            .unwrap();
+        let end = calls.iter().position(|(c, _)| *c == "end_capture").unwrap();
+        let captured: Vec<_> = calls[begin + 1..end]
+            .iter()
+            .filter(|(_, s)| *s == Some(OUR_STREAM))
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(captured, ["launch"; 4]);
     }
 
     #[test]

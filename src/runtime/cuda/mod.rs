@@ -36,6 +36,8 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     /// The executor's stream as cudarc's type (events, vendor libraries).
     stream: Arc<CudaStream>,
+    /// The executor's upload stream, kept alive with it.
+    _upload_stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     info: DeviceInfo,
     /// The nodes this device runs its own way, installed by the layer that opens it.
@@ -131,6 +133,9 @@ impl CudaDevice {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("creating a stream", e))?;
+        let upload_stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("creating the upload stream", e))?;
 
         let mut modules = Vec::new();
         let mut loaded: Vec<Option<Arc<CudaModule>>> = Vec::new();
@@ -176,12 +181,14 @@ impl CudaDevice {
         let exec = Executor::new(
             Arc::new(RealDriver { ctx: ctx.clone() }),
             Stream(stream.cu_stream() as usize),
+            Stream(upload_stream.cu_stream() as usize),
             functions,
             debug,
         );
         Ok(Arc::new(CudaDevice {
             ctx,
             stream,
+            _upload_stream: upload_stream,
             _modules: modules,
             exec,
             info,
@@ -360,6 +367,16 @@ impl Device for CudaDevice {
     fn write(&self, dst: u64, data: &[u8]) -> Result<()> {
         self.bind()?;
         self.exec.write(dst, data)
+    }
+
+    fn upload(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.bind()?;
+        self.exec.upload(dst, data)
+    }
+
+    fn finish_uploads(&self) -> Result<()> {
+        self.bind()?;
+        self.exec.finish_uploads()
     }
 
     fn read(&self, src: u64, out: &mut [u8]) -> Result<()> {
