@@ -3,12 +3,12 @@
 
 use std::path::Path;
 use ultrapixel::runtime::cuda::cublaslt::AlgoRecord;
+use ultrapixel::runtime::graph::{OpImpl, Role, TensorDesc};
 use ultrapixel::tensor::DType;
 use ultrapixel::tune::table::{
     kernels_hash, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice, OurConfig, Table,
     TableKey, Use, EMBEDDED, FORMAT,
 };
-use ultrapixel::runtime::graph::{OpImpl, Role, TensorDesc};
 use ultrapixel::tune::{Epilogue, GemmKey, Selection};
 
 fn key() -> TableKey {
@@ -381,12 +381,18 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
     assert_eq!(sm90a_layout(&hopper_plain).bytes, 0);
     for choice in [KernelChoice::Portable, KernelChoice::Sm90a] {
         assert!(
-            decisions(choice, &fresh).iter().all(|d| *d == Decision::Own),
+            decisions(choice, &fresh)
+                .iter()
+                .all(|d| *d == Decision::Own),
             "{choice:?}"
         );
     }
     for selection in [&stale, &none] {
-        for choice in [KernelChoice::Auto, KernelChoice::Portable, KernelChoice::Sm90a] {
+        for choice in [
+            KernelChoice::Auto,
+            KernelChoice::Portable,
+            KernelChoice::Sm90a,
+        ] {
             assert!(
                 decisions(choice, selection)
                     .iter()
@@ -449,8 +455,14 @@ fn new_candidate_kinds_and_old_entries_load() {
         table: Box::new(back),
         source: "test".into(),
     };
-    assert_eq!(s.attention(&k(9216, DType::BF16)), Some(AttentionChoice::Ours));
-    assert_eq!(s.attention(&k(9216, DType::F32)), Some(AttentionChoice::Ours));
+    assert_eq!(
+        s.attention(&k(9216, DType::BF16)),
+        Some(AttentionChoice::Ours)
+    );
+    assert_eq!(
+        s.attention(&k(9216, DType::F32)),
+        Some(AttentionChoice::Ours)
+    );
     assert_eq!(
         s.attention(&k(4096, DType::F32)),
         Some(AttentionChoice::OursSm90a)
@@ -952,7 +964,10 @@ fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
             .unwrap()];
         if extra > 0 {
             ins.push(g.input("kv", &[batch, extra, 2 * c], DType::BF16).unwrap());
-            ins.push(g.input("mask", &[batch, queries + extra], DType::F32).unwrap());
+            ins.push(
+                g.input("mask", &[batch, queries + extra], DType::F32)
+                    .unwrap(),
+            );
         }
         let y = g.op1(op.clone(), &ins).unwrap();
         g.output(y, "y").unwrap();

@@ -31,7 +31,11 @@ fn values(desc: &TensorDesc, mask: bool) -> Vec<f32> {
             .map(|i| f32::from(i % keys % 7 != 3))
             .collect()
     } else {
-        uniform(hash(&format!("tune attention {}", desc.name)), desc.numel(), 1.0)
+        uniform(
+            hash(&format!("tune attention {}", desc.name)),
+            desc.numel(),
+            1.0,
+        )
     }
 }
 
@@ -54,7 +58,11 @@ pub fn tune_attention(
     };
     let dev = engine.device();
     let inputs: Vec<&TensorDesc> = node.inputs.iter().map(|&t| graph.desc(t)).collect();
-    let outputs: Vec<TensorDesc> = node.outputs.iter().map(|&t| graph.desc(t).clone()).collect();
+    let outputs: Vec<TensorDesc> = node
+        .outputs
+        .iter()
+        .map(|&t| graph.desc(t).clone())
+        .collect();
     let mut held: Vec<DeviceBuffer> = Vec::new();
     for (i, desc) in inputs.iter().enumerate() {
         let buf = dev.alloc(desc.bytes())?;

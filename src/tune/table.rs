@@ -394,7 +394,10 @@ impl AttentionEntry {
 
     /// The winner, as something an attention node can run.
     pub fn choice(&self) -> Option<AttentionChoice> {
-        match checked_winner(&self.candidates, &self.winner)?.kind.as_str() {
+        match checked_winner(&self.candidates, &self.winner)?
+            .kind
+            .as_str()
+        {
             OURS => Some(AttentionChoice::Ours),
             OURS_SM90A => Some(AttentionChoice::OursSm90a),
             _ => None,

@@ -19,8 +19,7 @@ use super::engine::Engine;
 use super::pair;
 use super::problems::{problems, AttentionProblem, Epilogue, GemmProblem};
 use super::table::{
-    dtype_name, now_utc, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT, OURS,
-    OURS_SM90A,
+    dtype_name, now_utc, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT, OURS, OURS_SM90A,
 };
 use crate::bench::{hash, uniform};
 use crate::ops::gemm_sm90a;
@@ -597,9 +596,8 @@ pub fn tune_problems(
     drop(pools);
     let mut attention_entries = Vec::new();
     for (i, p) in attention.iter().enumerate() {
-        let e = super::attention::tune_attention(engine, p, &|guess| {
-            iterations(opts, engine, guess)
-        })?;
+        let e =
+            super::attention::tune_attention(engine, p, &|guess| iterations(opts, engine, guess))?;
         writeln!(
             log,
             "{}",
@@ -676,7 +674,10 @@ pub fn check_table(
         let winner = table
             .gemm(&p.key)
             .and_then(|e| e.candidates.iter().find(|c| c.name == e.winner))
-            .map_or_else(|| record(String::new(), ""), |c| record(c.name.clone(), &c.kind));
+            .map_or_else(
+                || record(String::new(), ""),
+                |c| record(c.name.clone(), &c.kind),
+            );
         let mut t = Trial {
             record: winner,
             steps: Vec::new(),
