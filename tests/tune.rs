@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use ultrapixel::runtime::cuda::cublaslt::AlgoRecord;
+use ultrapixel::runtime::graph::{OpImpl, Role, TensorDesc};
 use ultrapixel::tensor::DType;
 use ultrapixel::tune::table::{
     kernels_hash, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice, OurConfig, Table,
@@ -149,6 +150,8 @@ fn table(key: TableKey) -> Table {
             head_dim: 64,
             causal: false,
             key_mask: false,
+            // As tables written before the output dtype was recorded: matches either.
+            out_dtype: None,
             uses: vec![],
             candidates: vec![candidate("ours/flash", "ours", 1e-3)],
             winner: "ours/flash".into(),
@@ -200,6 +203,272 @@ fn a_matching_table_is_loaded_and_its_winners_picked_per_shape() {
         ..PLAIN
     };
     assert_eq!(s.gemm(&other), None);
+}
+
+/// A GEMM node with the key's shape: A `[samples, rows, K]`, W, the bias, the residual, the
+/// scaling's modulation, as the op takes them.
+fn gemm_node(k: &GemmKey) -> (std::sync::Arc<dyn OpImpl>, Vec<TensorDesc>) {
+    use ultrapixel::ops::gemm::{Gemm, GemmGrnStats, GemmScaledA};
+    let e = k.epilogue;
+    let gemm = Gemm {
+        bias: e.bias,
+        gelu: e.gelu,
+        residual: e.residual,
+        out: k.out,
+    };
+    let desc = |name: &str, shape: Vec<usize>, dtype| TensorDesc {
+        name: name.into(),
+        shape,
+        dtype,
+        role: Role::Input,
+    };
+    let mut inputs = vec![
+        desc("a", vec![k.samples, k.m / k.samples, k.k], DType::BF16),
+        desc("w", vec![k.n, k.k], DType::BF16),
+    ];
+    if e.bias {
+        inputs.push(desc("bias", vec![k.n], DType::F32));
+    }
+    if e.residual {
+        inputs.push(desc("r", vec![k.samples, k.m / k.samples, k.n], k.out));
+    }
+    let op: std::sync::Arc<dyn OpImpl> = if e.scaled_a {
+        inputs.push(desc("ab", vec![k.samples, 2 * k.k], DType::F32));
+        std::sync::Arc::new(GemmScaledA { gemm, k: 1.0 })
+    } else if e.grn_stats {
+        std::sync::Arc::new(GemmGrnStats { gemm })
+    } else {
+        std::sync::Arc::new(gemm)
+    };
+    assert_eq!(
+        ultrapixel::tune::gemm_key(op.as_ref(), &inputs.iter().collect::<Vec<_>>()),
+        Some(*k)
+    );
+    (op, inputs)
+}
+
+fn sm90a(name: &str, seconds: f64) -> Candidate {
+    let mut c = candidate(name, "ours-sm90a", seconds);
+    c.config = Some(OurConfig {
+        name: "128x128x64s4".into(),
+        tile: [128, 128, 64],
+        stages: 4,
+        mma: "wgmma".into(),
+    });
+    c
+}
+
+/// The dispatch decision per node under each `UPX_KERNELS` value, on a synthetic table where
+/// cuBLASLt wins one GEMM, our Hopper GEMM two (one that scales A) and ours one, and our
+/// Hopper attention wins the attention: `auto` follows each winner, the forced choices ignore
+/// the table, and shapes the table lacks, a stale table and no table give the op's own
+/// launches.
+#[test]
+fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
+    use ultrapixel::ops::attention::Attention;
+    use ultrapixel::runtime::kernel_choice::KernelChoice;
+    use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision};
+    let scaled = GemmKey {
+        m: 2 * 300,
+        n: 640,
+        k: 1280,
+        samples: 2,
+        epilogue: Epilogue::parse("bias+residual+scaled_a").unwrap(),
+        out: DType::F32,
+    };
+    let hopper_plain = GemmKey {
+        epilogue: Epilogue::parse("bias+gelu").unwrap(),
+        ..PLAIN
+    };
+    let mut t = table(key());
+    t.gemm.push(entry(
+        scaled,
+        vec![ours(), sm90a("ours-sm90a/128x128x64s4", 1e-3)],
+        "ours-sm90a/128x128x64s4",
+    ));
+    t.gemm.push(entry(
+        hopper_plain,
+        vec![ours(), sm90a("ours-sm90a/128x128x64s4", 1e-3)],
+        "ours-sm90a/128x128x64s4",
+    ));
+    t.attention[0]
+        .candidates
+        .push(candidate("ours/sm90a", "ours-sm90a", 5e-4));
+    t.attention[0].winner = "ours/sm90a".into();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "nvidia-h200.json", &t.to_json());
+    let fresh = Selection::load_from(Some(dir.path()), &[], &key());
+    assert!(fresh.table().is_some(), "{}", fresh.describe());
+    let stale = Selection::load_from(
+        Some(dir.path()),
+        &[],
+        &TableKey {
+            driver_version: 12080,
+            ..key()
+        },
+    );
+    let none = Selection::load_from(None, &[], &key());
+    assert!(stale.table().is_none() && none.table().is_none());
+
+    // The attention of the table's entry (which has no output dtype: either matches).
+    let attention = |out| {
+        let op = Attention {
+            heads: 32,
+            causal: false,
+            extra_kv: true,
+            key_mask: false,
+            out,
+        };
+        let desc = |name: &str, shape: Vec<usize>| TensorDesc {
+            name: name.into(),
+            shape,
+            dtype: DType::BF16,
+            role: Role::Input,
+        };
+        let inputs = vec![
+            desc("qkv", vec![2, 9216, 3 * 2048]),
+            desc("kv", vec![2, 85, 2 * 2048]),
+        ];
+        let op: std::sync::Arc<dyn OpImpl> = std::sync::Arc::new(op);
+        (op, inputs)
+    };
+    let lacking = GemmKey {
+        epilogue: Epilogue::default(),
+        ..PLAIN
+    };
+    let nodes = [
+        gemm_node(&GELU),
+        gemm_node(&PLAIN),
+        gemm_node(&scaled),
+        gemm_node(&hopper_plain),
+        gemm_node(&lacking),
+        attention(DType::BF16),
+        attention(DType::F32),
+    ];
+    let decisions = |choice, selection: &Selection| -> Vec<Decision> {
+        nodes
+            .iter()
+            .map(|(op, inputs)| {
+                decide(
+                    choice,
+                    selection,
+                    op.as_ref(),
+                    &inputs.iter().collect::<Vec<_>>(),
+                )
+            })
+            .collect()
+    };
+    let auto = decisions(KernelChoice::Auto, &fresh);
+    match &auto[0] {
+        Decision::CublasLt(k, c) => assert!(*k == GELU && c.algo.bytes == "ab".repeat(64)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        auto[1..],
+        [
+            Decision::Own,
+            Decision::Sm90a(Some(scaled)),
+            Decision::Sm90a(Some(hopper_plain)),
+            Decision::Own,
+            Decision::Sm90a(None),
+            Decision::Sm90a(None),
+        ]
+    );
+    // The scaled A of the Hopper GEMM lives in the node's scratch; other GEMMs need none.
+    let l = sm90a_layout(&scaled);
+    assert_eq!((l.scaled_a, l.product), (Some(0), None));
+    assert_eq!(l.bytes, 600 * 1280 * 2);
+    assert_eq!(sm90a_layout(&hopper_plain).bytes, 0);
+    for choice in [KernelChoice::Portable, KernelChoice::Sm90a] {
+        assert!(
+            decisions(choice, &fresh)
+                .iter()
+                .all(|d| *d == Decision::Own),
+            "{choice:?}"
+        );
+    }
+    for selection in [&stale, &none] {
+        for choice in [
+            KernelChoice::Auto,
+            KernelChoice::Portable,
+            KernelChoice::Sm90a,
+        ] {
+            assert!(
+                decisions(choice, selection)
+                    .iter()
+                    .all(|d| *d == Decision::Own),
+                "{choice:?} {}",
+                selection.describe()
+            );
+        }
+    }
+    // An entry that does not fit its node is refused, with the reason.
+    let mut bad = t.clone();
+    bad.gemm[0].candidates[1].cublaslt.as_mut().unwrap().scale_a = true;
+    write(dir.path(), "nvidia-h200.json", &bad.to_json());
+    let bad = Selection::load_from(Some(dir.path()), &[], &key());
+    let (op, inputs) = &nodes[0];
+    match decide(
+        KernelChoice::Auto,
+        &bad,
+        op.as_ref(),
+        &inputs.iter().collect::<Vec<_>>(),
+    ) {
+        Decision::Unfit(why) => assert!(why.contains("operand scaling"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A table of the format this build writes, with an sm_90a winner and an attention output
+/// dtype, still loads; so does an attention entry without the dtype (older tables), matching
+/// only its own shape.
+#[test]
+fn new_candidate_kinds_and_old_entries_load() {
+    use ultrapixel::tune::{AttentionChoice, AttentionKey};
+    let mut t = table(key());
+    t.gemm[1]
+        .candidates
+        .push(sm90a("ours-sm90a/128x128x64s4", 1e-3));
+    t.gemm[1].winner = "ours-sm90a/128x128x64s4".into();
+    let mut with_dtype = t.attention[0].clone();
+    with_dtype.queries = 4096;
+    with_dtype.out_dtype = Some("f32".into());
+    with_dtype.candidates = vec![candidate("ours/sm90a", "ours-sm90a", 1e-4)];
+    with_dtype.winner = "ours/sm90a".into();
+    t.attention.push(with_dtype);
+    let text = t.to_json();
+    assert!(!text.contains("\"out_dtype\": null"), "absent, not null");
+    let back = Table::parse(&text).unwrap();
+    assert_eq!(back, t);
+    assert!(matches!(back.gemm[1].choice(), Some(GemmChoice::OursSm90a(c)) if c.mma == "wgmma"));
+    let k = |queries, out| AttentionKey {
+        batch: 2,
+        queries,
+        extra: 85,
+        heads: 32,
+        head_dim: 64,
+        causal: false,
+        key_mask: false,
+        out,
+    };
+    let s = Selection::Table {
+        table: Box::new(back),
+        source: "test".into(),
+    };
+    assert_eq!(
+        s.attention(&k(9216, DType::BF16)),
+        Some(AttentionChoice::Ours)
+    );
+    assert_eq!(
+        s.attention(&k(9216, DType::F32)),
+        Some(AttentionChoice::Ours)
+    );
+    assert_eq!(
+        s.attention(&k(4096, DType::F32)),
+        Some(AttentionChoice::OursSm90a)
+    );
+    assert_eq!(s.attention(&k(4096, DType::BF16)), None);
+    assert_eq!(s.attention(&k(4095, DType::F32)), None);
 }
 
 #[test]
@@ -622,4 +891,155 @@ mod substitution {
     fn products_in_the_output_dtype_complete_every_gemm_check() {
         run(|out| out);
     }
+}
+
+/// The tuner on the emulator with our Hopper kernels as candidates: small GEMMs (plain, with
+/// a GELU epilogue and GRN sums, with the operand scaling) and attentions (head dim 64, with
+/// extra keys and a key mask; head dim 16, which has no Hopper kernel). Each Hopper candidate
+/// is checked against the portable kernel (within the bound, rerun bit-identical) and timed;
+/// the winner is the fastest checked candidate.
+#[cfg(feature = "hostsim")]
+#[test]
+fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
+    use std::sync::Arc;
+    use ultrapixel::bench::shapes::AttentionShape;
+    use ultrapixel::ops::attention::Attention;
+    use ultrapixel::runtime::graph::Graph;
+    use ultrapixel::runtime::hostsim::HostsimDevice;
+    use ultrapixel::tune::engine::HostsimEngine;
+    use ultrapixel::tune::problems::{AttentionProblem, GemmProblem};
+    use ultrapixel::tune::tuner::{tune_problems, Options};
+
+    // Odd rows and columns (tails in M and N), K a multiple of 8 but not of the 64-deep tile.
+    let keys = [
+        ("none", 1, DType::BF16),
+        ("bias+gelu+grn_stats", 2, DType::BF16),
+        ("bias+residual+scaled_a", 2, DType::F32),
+    ]
+    .map(|(e, samples, out)| GemmKey {
+        m: samples * 70 + 3 * (samples == 1) as usize,
+        n: 136,
+        k: 72,
+        samples,
+        epilogue: Epilogue::parse(e).unwrap(),
+        out,
+    });
+    let gemms: Vec<GemmProblem> = keys
+        .iter()
+        .map(|k| {
+            let (op, inputs) = gemm_node(k);
+            let outputs = op
+                .infer(&inputs.iter().collect::<Vec<_>>())
+                .unwrap()
+                .into_iter()
+                .enumerate()
+                .map(|(i, (shape, dtype))| TensorDesc {
+                    name: format!("out{i}"),
+                    shape,
+                    dtype,
+                    role: Role::Activation,
+                })
+                .collect();
+            GemmProblem {
+                key: *k,
+                op,
+                inputs,
+                outputs,
+                uses: vec![],
+            }
+        })
+        .collect();
+    let attention = |batch, queries, extra, heads, head_dim| {
+        let op = Attention {
+            heads,
+            causal: false,
+            extra_kv: extra > 0,
+            key_mask: extra > 0,
+            out: DType::BF16,
+        };
+        let c = heads * head_dim;
+        let mut g = Graph::new();
+        let mut ins = vec![g
+            .input("qkv", &[batch, queries, 3 * c], DType::BF16)
+            .unwrap()];
+        if extra > 0 {
+            ins.push(g.input("kv", &[batch, extra, 2 * c], DType::BF16).unwrap());
+            ins.push(
+                g.input("mask", &[batch, queries + extra], DType::F32)
+                    .unwrap(),
+            );
+        }
+        let y = g.op1(op.clone(), &ins).unwrap();
+        g.output(y, "y").unwrap();
+        AttentionProblem {
+            shape: AttentionShape {
+                op,
+                batch,
+                queries,
+                extra,
+                head_dim,
+                per_image: 1,
+                example: "test".into(),
+                graph: g,
+            },
+            uses: vec![],
+        }
+    };
+    let attentions = [attention(2, 130, 5, 2, 64), attention(1, 40, 0, 2, 16)];
+    let engine = HostsimEngine::new(Arc::new(HostsimDevice::new()));
+    let opts = Options {
+        iters: Some(1),
+        ..Options::default()
+    };
+    let mut log = Vec::new();
+    let t = tune_problems(
+        &engine,
+        &["test".into()],
+        &gemms,
+        &attentions,
+        &opts,
+        &mut log,
+    )
+    .unwrap();
+    let log = String::from_utf8(log).unwrap();
+    let fastest = |cs: &[Candidate]| {
+        cs.iter()
+            .filter(|c| c.ok())
+            .map(|c| c.seconds.unwrap())
+            .fold(f64::INFINITY, f64::min)
+    };
+    for e in &t.gemm {
+        let kinds: Vec<&str> = e.candidates.iter().map(|c| c.kind.as_str()).collect();
+        assert_eq!(kinds[..2], ["ours", "ours-sm90a"], "{}", e.epilogue);
+        let h = &e.candidates[1];
+        assert!(h.ok(), "{}: {h:?}\n{log}", e.epilogue);
+        assert!(h.max_err.unwrap() <= h.limit.unwrap(), "{h:?}");
+        assert_eq!(h.config.as_ref().unwrap().mma, "wgmma");
+        assert!(matches!(
+            e.choice(),
+            Some(GemmChoice::Ours(_) | GemmChoice::OursSm90a(_)) | None
+        ));
+        let w = e.candidates.iter().find(|c| c.name == e.winner).unwrap();
+        assert_eq!(w.seconds, Some(fastest(&e.candidates)));
+    }
+    let names = |i: usize| -> Vec<&str> {
+        t.attention[i]
+            .candidates
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect()
+    };
+    assert_eq!(names(0), ["ours/flash", "ours/sm90a"]);
+    assert_eq!(names(1), ["ours/flash"]);
+    for e in &t.attention {
+        assert_eq!(e.out_dtype.as_deref(), Some("bf16"));
+        for c in &e.candidates {
+            assert!(c.ok(), "{c:?}\n{log}");
+        }
+        // Ours against ours: bit-identical.
+        assert_eq!(e.candidates[0].max_err, Some(0.0));
+        let w = e.candidates.iter().find(|c| c.name == e.winner).unwrap();
+        assert_eq!(w.seconds, Some(fastest(&e.candidates)));
+    }
+    assert!(log.contains("sm90a"), "{log}");
 }

@@ -15,9 +15,10 @@
 #           same shapes in PyTorch (tools/torch-peer.py; skipped without python3 or torch)
 #   stages  every part of a generation at 1024², 2048², 4096², 5120x2560
 #   tune    tune --out-dir: the tuning table (returned as tuning-<device>.json)
-#   dispatch the embedded tuning table at work: which table `info` selects, `tune --check`
-#           (every cuBLASLt winner as a GEMM node builds it, against our kernel, rerun
-#           bit-identical), 4096² stages with the table and with UPX_TUNING=off
+#   dispatch the tuning table at work (the one `tune` wrote earlier in this call, else the
+#           embedded one): which table `info` selects, `tune --check` (every cuBLASLt and
+#           sm_90a winner as a GEMM node builds it, against our kernel, rerun bit-identical),
+#           4096² stages with the table and with UPX_TUNING=off
 #
 # Every command runs under `timeout`: a step gets min(its cap, what its part has left, what
 # the budget has left), a part min(its cap, what the budget has left); the whole selection
@@ -295,9 +296,12 @@ part_tune() {
 }
 
 part_dispatch() {
-    step tuninginfo 30 -- "$bin" info
-    step tunecheck 200 -- "$bin" tune --check
-    step tuned 130 -- "$bin" bench --stages --size 4096x4096 --iters 3
+    # The table the tune part just measured, when it ran (its sm_90a and cuBLASLt winners).
+    local dir=
+    compgen -G "$tmp/tuning/*.json" >/dev/null && dir=$tmp/tuning
+    step tuninginfo 30 -- env ${dir:+UPX_TUNING_DIR="$dir"} "$bin" info
+    step tunecheck 200 -- env ${dir:+UPX_TUNING_DIR="$dir"} "$bin" tune --check
+    step tuned 130 -- env ${dir:+UPX_TUNING_DIR="$dir"} "$bin" bench --stages --size 4096x4096 --iters 3
     step untuned 130 -- env UPX_TUNING=off "$bin" bench --stages --size 4096x4096 --iters 3
 }
 

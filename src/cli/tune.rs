@@ -37,9 +37,9 @@ pub struct TuneArgs {
     /// Print the shapes that would be tuned (JSON) and time nothing.
     #[arg(long)]
     pub list: bool,
-    /// Check the tuning table in use instead of tuning: every cuBLASLt winner, built as a GEMM
-    /// node builds it, against our kernel and for bit-identical reruns (exit 1 on a failure
-    /// or without a table).
+    /// Check the tuning table in use instead of tuning: every cuBLASLt and sm_90a GEMM winner,
+    /// built as a GEMM node builds it under UPX_KERNELS=auto, against our portable kernel and
+    /// for bit-identical reruns (exit 1 on a failure or without a table).
     #[arg(long, conflicts_with = "list")]
     pub check: bool,
     /// Where to run: hostsim checks the tuner without a GPU (our plain GEMM stands in for

@@ -68,7 +68,11 @@ pub fn validate(a: ValidateArgs) -> Result<i32> {
         "GEMM launches on the sm_90a kernel: {} of {} (UPX_KERNELS={})",
         sm90a - sm90a_before,
         gemms - gemms_before,
-        std::env::var(crate::runtime::kernel_choice::ENV).unwrap_or_else(|_| "portable".into())
+        std::env::var(crate::runtime::kernel_choice::ENV).unwrap_or_else(|_| {
+            crate::runtime::kernel_choice::KernelChoice::default()
+                .name()
+                .into()
+        })
     );
     let (attn_sm90a, attns) = crate::runtime::kernel_choice::attention_launch_counts();
     println!(

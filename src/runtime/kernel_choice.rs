@@ -3,11 +3,16 @@
 //! (`kernels/*_sm90a.cu`, compute capability 9.0 and the emulator).
 //!
 //! `UPX_KERNELS`:
-//! - `portable` (the default): the portable kernels everywhere;
+//! - `auto` (the default): on the cuda backend the tuning table in use picks per GEMM and
+//!   attention node (`tune::dispatch`: cuBLASLt, the Hopper kernel or the portable one, the
+//!   measured winner); shapes the table lacks, a stale or missing table, `UPX_TUNING=off` and
+//!   the other backends get the portable kernels. The Hopper kernels run under `auto` only
+//!   where a table measured them the winner: they are not yet measured on hardware, so no
+//!   built-in rule prefers them;
+//! - `portable`: the portable kernels everywhere, whatever the table says;
 //! - `sm90a`: the Hopper kernels wherever a shape qualifies, on hostsim too (on a GPU that is
-//!   not compute capability 9.0 the portable ones, which are the only ones it can load);
-//! - `auto`: the Hopper kernels on compute-capability-9.0 hardware where a shape qualifies,
-//!   the portable ones otherwise (hostsim included: "auto" picks for real hardware).
+//!   not compute capability 9.0 the portable ones, which are the only ones it can load),
+//!   whatever the table says.
 //!
 //! A shape that does not qualify (see each op's rules, e.g. `ops::gemm_sm90a::qualifies`)
 //! always falls back to the portable kernel.
@@ -20,9 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The value of `UPX_KERNELS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum KernelChoice {
-    #[default]
     Portable,
     Sm90a,
+    #[default]
     Auto,
 }
 
@@ -32,32 +37,41 @@ pub const ENV: &str = "UPX_KERNELS";
 impl KernelChoice {
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
-            "" | "portable" => Ok(KernelChoice::Portable),
+            "portable" => Ok(KernelChoice::Portable),
             "sm90a" => Ok(KernelChoice::Sm90a),
-            "auto" => Ok(KernelChoice::Auto),
+            "" | "auto" => Ok(KernelChoice::Auto),
             other => Err(Error::InvalidArgument(format!(
                 "{ENV}={other:?}: expected portable, sm90a or auto"
             ))),
         }
     }
 
-    /// `UPX_KERNELS` as set now (unset: portable).
+    /// The value's name, as `UPX_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelChoice::Portable => "portable",
+            KernelChoice::Sm90a => "sm90a",
+            KernelChoice::Auto => "auto",
+        }
+    }
+
+    /// `UPX_KERNELS` as set now (unset: auto).
     pub fn from_env() -> Result<Self> {
         match std::env::var(ENV) {
             Ok(v) => Self::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(KernelChoice::Portable),
+            Err(std::env::VarError::NotPresent) => Ok(KernelChoice::Auto),
             Err(e) => Err(Error::InvalidArgument(format!("{ENV}: {e}"))),
         }
     }
 
-    /// Whether a Hopper kernel may run on `target` under this choice (the shape still has to
-    /// qualify).
+    /// Whether an op's own launches may use a Hopper kernel on `target` under this choice (the
+    /// shape still has to qualify). Under `auto` they never do: the tuning dispatch builds a
+    /// node whose measured winner is the Hopper kernel with the target forced to `sm90a`.
     pub fn allows_sm90a(self, target: &KernelTarget) -> bool {
         let hopper = target.compute_capability == Some((9, 0));
         match self {
-            KernelChoice::Portable => false,
+            KernelChoice::Portable | KernelChoice::Auto => false,
             KernelChoice::Sm90a => target.backend == Some(BackendKind::Hostsim) || hopper,
-            KernelChoice::Auto => target.backend == Some(BackendKind::Cuda) && hopper,
         }
     }
 }
@@ -95,17 +109,21 @@ impl KernelTarget {
         }
     }
 
-    /// Whether the Hopper kernels may run here under `UPX_KERNELS` (an unparsable value is an
-    /// error).
+    /// The choice that applies here: the explicit one, else `UPX_KERNELS` (an unparsable value
+    /// is an error).
+    pub fn kernel_choice(&self) -> Result<KernelChoice> {
+        match self.choice {
+            Some(c) => Ok(c),
+            None => KernelChoice::from_env(),
+        }
+    }
+
+    /// Whether the Hopper kernels may run here under [`Self::kernel_choice`].
     pub fn sm90a_allowed(&self) -> Result<bool> {
         if self.backend.is_none() {
             return Ok(false);
         }
-        let choice = match self.choice {
-            Some(c) => c,
-            None => KernelChoice::from_env()?,
-        };
-        Ok(choice.allows_sm90a(self))
+        Ok(self.kernel_choice()?.allows_sm90a(self))
     }
 }
 
@@ -176,11 +194,16 @@ mod tests {
 
     #[test]
     fn parse_accepts_the_three_names_and_rejects_others() {
+        use KernelChoice::*;
         assert_eq!(
             KernelChoice::parse("portable").unwrap(),
             KernelChoice::Portable
         );
-        assert_eq!(KernelChoice::parse("").unwrap(), KernelChoice::Portable);
+        assert_eq!(KernelChoice::parse("").unwrap(), KernelChoice::Auto);
+        assert_eq!(KernelChoice::default(), KernelChoice::Auto);
+        for c in [Portable, Sm90a, Auto] {
+            assert_eq!(KernelChoice::parse(c.name()).unwrap(), c);
+        }
         assert_eq!(KernelChoice::parse("sm90a").unwrap(), KernelChoice::Sm90a);
         assert_eq!(KernelChoice::parse(" auto ").unwrap(), KernelChoice::Auto);
         let e = KernelChoice::parse("hopper").unwrap_err().to_string();
@@ -207,14 +230,15 @@ mod tests {
         }
         assert!(Sm90a.allows_sm90a(&h100) && Sm90a.allows_sm90a(&sim));
         assert!(!Sm90a.allows_sm90a(&a100) && !Sm90a.allows_sm90a(&blackwell));
-        assert!(Auto.allows_sm90a(&h100));
-        assert!(
-            !Auto.allows_sm90a(&a100) && !Auto.allows_sm90a(&sim) && !Auto.allows_sm90a(&blackwell)
-        );
-        assert!(!Sm90a.allows_sm90a(&none) && !Auto.allows_sm90a(&none));
+        // Under auto only the tuning dispatch picks the Hopper kernels (by forcing sm90a).
+        for t in [&h100, &a100, &blackwell, &sim, &none] {
+            assert!(!Auto.allows_sm90a(t), "{t:?}");
+        }
+        assert!(!Sm90a.allows_sm90a(&none));
         // An explicit choice wins over the environment; no backend never runs sm90a.
         assert!(sim.with_choice(Sm90a).sm90a_allowed().unwrap());
         assert!(!sim.with_choice(Portable).sm90a_allowed().unwrap());
         assert!(!none.with_choice(Sm90a).sm90a_allowed().unwrap());
+        assert_eq!(sim.with_choice(Auto).kernel_choice().unwrap(), Auto);
     }
 }

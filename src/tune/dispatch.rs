@@ -1,21 +1,26 @@
-//! The tuning table at run time, on the cuda backend: a GEMM node whose tuned winner is
-//! cuBLASLt runs cuBLASLt (with its recorded algorithm) in the session's launch list, so in the
-//! same CUDA graph as our kernels, followed by our epilogue pass where cuBLASLt cannot fuse the
-//! op's epilogue, and preceded by our operand scaling where the op modulates A. Every other
-//! node, and every node under the built-in rules (no table, a stale one, `UPX_TUNING=off`),
-//! runs our kernels. The choice depends only on the table and the node, so a run is
-//! bit-identical to the next.
+//! The tuning table at run time, on the cuda backend, under `UPX_KERNELS=auto` (the default;
+//! `runtime::kernel_choice`): a GEMM node whose tuned winner is cuBLASLt runs cuBLASLt (with
+//! its recorded algorithm) in the session's launch list, so in the same CUDA graph as our
+//! kernels, followed by our epilogue pass where cuBLASLt cannot fuse the op's epilogue, and
+//! preceded by our operand scaling where the op modulates A; a GEMM or attention node whose
+//! winner is our Hopper kernel gets the op's launches built for `sm90a` (a GEMM that
+//! modulates A gets its scaled A in the node's scratch). Every other node, every node under
+//! the built-in rules (no table, a stale one, `UPX_TUNING=off`), and every node under a forced
+//! `UPX_KERNELS` (`portable`, `sm90a`: the table is not consulted) runs the op's own launches.
+//! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
+//! run is bit-identical to the next.
 //!
 //! Anything that keeps a chosen call from running here (cuBLASLt missing or without a
 //! workspace, an algorithm `cublasLtMatmulAlgoCheck` refuses, an inconsistent entry) makes that
 //! node run our kernel, with one warning per reason.
 
 use super::pair;
-use super::problems::{gemm_key, GemmKey};
-use super::table::{parse_dtype, GemmChoice, LtChoice, Selection};
+use super::problems::{attention_key, gemm_key, GemmKey};
+use super::table::{parse_dtype, AttentionChoice, GemmChoice, LtChoice, Selection};
 use crate::runtime::cuda::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
 use crate::runtime::cuda::{CudaDevice, Substitution};
 use crate::runtime::graph::{DevTensor, LaunchIo, Node, OpImpl, TensorDesc};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::launch::Entry;
 use crate::tensor::DType;
 use crate::Result;
@@ -79,6 +84,65 @@ pub fn plan_layout(key: &GemmKey, plan: PairPlan) -> ScratchLayout {
         product,
         scaled_a,
         bytes,
+    }
+}
+
+/// The scratch a GEMM needs to run our Hopper kernel: its scaled A where the op modulates A
+/// (the kernel has no A modulation; the op scales A into its workspace first).
+pub fn sm90a_layout(key: &GemmKey) -> ScratchLayout {
+    plan_layout(
+        key,
+        PairPlan {
+            product: key.out,
+            scale_a: key.epilogue.scaled_a,
+            epilogue_pass: false,
+        },
+    )
+}
+
+/// What a node runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// The op's own launches, under the target's kernel choice.
+    Own,
+    /// The table's cuBLASLt winner of this GEMM.
+    CublasLt(GemmKey, LtChoice),
+    /// Our Hopper kernel: the op's launches built for `sm90a`; the GEMM's key where the node
+    /// is a GEMM (its scratch, [`sm90a_layout`]).
+    Sm90a(Option<GemmKey>),
+    /// The table's entry does not fit the node (why): the op's own launches.
+    Unfit(String),
+}
+
+/// What a node with these inputs runs under `choice` and `selection`. A forced choice
+/// (`portable`, `sm90a`) ignores the table; `auto` follows the winner of the node's shape, and
+/// the op's own launches (the portable kernels under `auto`) where the selection has none
+/// (a shape the table lacks, the built-in rules). The Hopper kernels are not yet measured on
+/// hardware, so without a winner saying so `auto` never prefers them.
+pub fn decide(
+    choice: KernelChoice,
+    selection: &Selection,
+    op: &dyn OpImpl,
+    inputs: &[&TensorDesc],
+) -> Decision {
+    if choice != KernelChoice::Auto {
+        return Decision::Own;
+    }
+    if let Some(key) = gemm_key(op, inputs) {
+        return match selection.gemm(&key) {
+            Some(GemmChoice::CublasLt(c)) => match inconsistency(&key, &c) {
+                None => Decision::CublasLt(key, c),
+                Some(why) => {
+                    Decision::Unfit(format!("tuning table entry for {}: {why}", key.describe()))
+                }
+            },
+            Some(GemmChoice::OursSm90a(_)) => Decision::Sm90a(Some(key)),
+            Some(GemmChoice::Ours(_)) | None => Decision::Own,
+        };
+    }
+    match attention_key(op, inputs).and_then(|key| selection.attention(&key)) {
+        Some(AttentionChoice::OursSm90a) => Decision::Sm90a(None),
+        Some(AttentionChoice::Ours) | None => Decision::Own,
     }
 }
 
@@ -181,29 +245,34 @@ impl Dispatch {
         }
     }
 
-    /// The node's GEMM and the table's cuBLASLt choice for it (None: our kernel).
-    fn choice(&self, op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Option<(GemmKey, LtChoice)> {
-        let key = gemm_key(op, inputs)?;
-        match self.selection.gemm(&key)? {
-            GemmChoice::CublasLt(c) => match inconsistency(&key, &c) {
-                None => Some((key, c)),
-                Some(why) => {
-                    self.warn(format!("tuning table entry for {}: {why}", key.describe()));
-                    None
-                }
-            },
-            GemmChoice::Ours(_) => None,
+    /// [`decide`] for this device's selection, warning once about an unfit entry.
+    fn decide(&self, choice: KernelChoice, op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Decision {
+        let d = decide(choice, &self.selection, op, inputs);
+        if let Decision::Unfit(why) = &d {
+            self.warn(why.clone());
+        }
+        d
+    }
+
+    /// Scratch bytes the node needs when it runs a vendor GEMM or the Hopper GEMM of a
+    /// `scaled_a` winner (0 otherwise). The node's target is not known when the arena is
+    /// planned, so this follows `UPX_KERNELS`; a target that forces a choice only makes
+    /// [`Self::entries`] leave the scratch unused.
+    pub fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+        let Ok(choice) = KernelChoice::from_env() else {
+            return 0;
+        };
+        match self.decide(choice, node.op.as_ref(), inputs) {
+            Decision::CublasLt(key, c) => scratch_layout(&key, &c).bytes,
+            Decision::Sm90a(Some(key)) => sm90a_layout(&key).bytes,
+            Decision::Sm90a(None) | Decision::Own | Decision::Unfit(_) => 0,
         }
     }
 
-    /// Scratch bytes the node needs when it runs a vendor GEMM (0 otherwise).
-    pub fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
-        self.choice(node.op.as_ref(), inputs)
-            .map_or(0, |(key, c)| scratch_layout(&key, &c).bytes)
-    }
-
-    /// The node's entries when the table chose cuBLASLt for it: the scaling pass where the
-    /// op modulates A, cuBLASLt, the epilogue pass where it needs one; None for our kernel.
+    /// The node's entries under its target's kernel choice ([`decide`]): for a cuBLASLt
+    /// winner the scaling pass where the op modulates A, cuBLASLt, the epilogue pass where it
+    /// needs one; for a Hopper winner the op's launches built for `sm90a`; None for the op's
+    /// own launches.
     pub fn entries(
         &self,
         dev: &CudaDevice,
@@ -213,9 +282,25 @@ impl Dispatch {
     ) -> Result<Option<Vec<Entry>>> {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let op = node.op.as_ref();
-        let Some((key, c)) = self.choice(op, &descs) else {
-            return Ok(None);
-        };
+        match self.decide(io.target.kernel_choice()?, op, &descs) {
+            Decision::CublasLt(key, c) => self.vendor_entries(dev, node, io, scratch, key, c),
+            Decision::Sm90a(key) => sm90a_entries(op, key.as_ref(), io, scratch),
+            Decision::Own | Decision::Unfit(_) => Ok(None),
+        }
+    }
+
+    /// The node's entries with the table's cuBLASLt call (None: our kernel, after a warning
+    /// where the call cannot run).
+    fn vendor_entries(
+        &self,
+        dev: &CudaDevice,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+        key: GemmKey,
+        c: LtChoice,
+    ) -> Result<Option<Vec<Entry>>> {
+        let op = node.op.as_ref();
         let lt = match self.lt.get_or_init(|| Lt::open(dev).map(Arc::new)) {
             Ok(lt) => lt.clone(),
             Err(e) => {
@@ -293,6 +378,31 @@ impl Dispatch {
         }
         Ok(entries)
     }
+}
+
+/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies), the
+/// scaled A of a GEMM that modulates A in the scratch ([`sm90a_layout`]); None when that
+/// scratch is missing (the op's own launches run).
+pub fn sm90a_entries(
+    op: &dyn OpImpl,
+    key: Option<&GemmKey>,
+    io: &LaunchIo,
+    scratch: u64,
+) -> Result<Option<Vec<Entry>>> {
+    let mut workspace = io.workspace;
+    if let Some(at) = key.and_then(|k| sm90a_layout(k).scaled_a) {
+        if scratch == 0 {
+            return Ok(None);
+        }
+        workspace = scratch + at as u64;
+    }
+    let forced = LaunchIo {
+        inputs: io.inputs.clone(),
+        outputs: io.outputs.clone(),
+        workspace,
+        target: io.target.with_choice(KernelChoice::Sm90a),
+    };
+    Ok(Some(pair::kernels(op.launches(&forced)?)))
 }
 
 /// A GEMM node's entries with a vendor GEMM: our operand scaling (into the scratch) where the

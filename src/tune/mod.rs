@@ -8,12 +8,16 @@
 //!   algorithms) is a runtime service: [`crate::runtime::cuda::cublaslt`].
 //! - [`engine`]: runs and times step lists (our launches and cuBLASLt calls) in one CUDA
 //!   graph; an emulator engine tests the flow without a GPU.
-//! - [`tuner`]: checks and times the candidates, picks the winners.
+//! - [`tuner`]: the GEMM candidates, and the run over every shape; [`attention`]: the
+//!   attention candidates; [`checking`]: how a candidate is checked, timed and picked.
 //! - [`table`]: the table format, keys, staleness and the [`Selection`] in use.
 //! - [`pair`]: a vendor GEMM completed by our passes (scaling, epilogue).
-//! - [`dispatch`]: at run time, a GEMM node whose winner is cuBLASLt runs it in the session's
-//!   CUDA graph.
+//! - [`dispatch`]: at run time under `UPX_KERNELS=auto`, a GEMM node whose winner is cuBLASLt
+//!   runs it in the session's CUDA graph, and a GEMM or attention node whose winner is our
+//!   Hopper kernel runs that; forced kernel choices ignore the table.
 
+pub mod attention;
+pub mod checking;
 pub mod dispatch;
 pub mod engine;
 pub mod pair;
@@ -21,8 +25,8 @@ pub mod problems;
 pub mod table;
 pub mod tuner;
 
-pub use problems::{gemm_key, Epilogue, GemmKey};
-pub use table::GemmChoice;
+pub use problems::{attention_key, gemm_key, AttentionKey, Epilogue, GemmKey};
+pub use table::{AttentionChoice, GemmChoice};
 pub use table::{Selection, Table, TableKey};
 
 /// The selection for the CUDA device `info` describes (this machine's driver and cuBLASLt),

@@ -2,6 +2,7 @@
 //! GEMM node is looked up by at run time) and every distinct attention, over the sizes asked.
 
 use crate::bench::shapes::{model_shapes, AttentionShape};
+use crate::ops::attention::Attention;
 use crate::ops::gemm::{Gemm, GemmFilm, GemmGrnStats, GemmScaledA};
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::plan::stage_graphs;
@@ -181,6 +182,51 @@ pub fn gemm_key(op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Option<GemmKey> {
     })
 }
 
+/// How an attention node is looked up in a tuning table: `batch × heads` problems of
+/// `queries` queries against `queries + extra` keys, `head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttentionKey {
+    pub batch: usize,
+    pub queries: usize,
+    pub extra: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub key_mask: bool,
+    pub out: DType,
+}
+
+impl AttentionKey {
+    fn of(op: &Attention, batch: usize, queries: usize, extra: usize, head_dim: usize) -> Self {
+        AttentionKey {
+            batch,
+            queries,
+            extra,
+            heads: op.heads,
+            head_dim,
+            causal: op.causal,
+            key_mask: op.key_mask,
+            out: op.out,
+        }
+    }
+}
+
+/// The table key of an attention node with these inputs (None for other ops): qkv
+/// `[B, N, 3C]`, then (with extra keys) kv `[B, M, 2C]`.
+pub fn attention_key(op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Option<AttentionKey> {
+    let op = op.as_any().downcast_ref::<Attention>()?;
+    let &[batch, queries, qkv_channels] = inputs.first()?.shape.as_slice() else {
+        return None;
+    };
+    let extra = if op.extra_kv {
+        *inputs.get(1)?.shape.get(1)?
+    } else {
+        0
+    };
+    let head_dim = qkv_channels / 3 / op.heads.max(1);
+    Some(AttentionKey::of(op, batch, queries, extra, head_dim))
+}
+
 /// One distinct GEMM to tune: the op of its first node, with that node's input and output
 /// descriptions, and where it occurs.
 #[derive(Clone, Debug)]
@@ -190,6 +236,13 @@ pub struct GemmProblem {
     pub inputs: Vec<TensorDesc>,
     pub outputs: Vec<TensorDesc>,
     pub uses: Vec<Use>,
+}
+
+impl AttentionProblem {
+    pub fn key(&self) -> AttentionKey {
+        let s = &self.shape;
+        AttentionKey::of(&s.op, s.batch, s.queries, s.extra, s.head_dim)
+    }
 }
 
 impl GemmProblem {

@@ -4,7 +4,7 @@
 //! Written by `ultrapixel tune` to `tuning/<device-slug>.json`; read at run time, where a
 //! table whose key differs from this machine's is stale and the built-in rules apply.
 
-use super::problems::{Epilogue, GemmKey};
+use super::problems::{AttentionKey, Epilogue, GemmKey};
 use crate::runtime::cuda::cublaslt::AlgoRecord;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTX_ARCH};
 use crate::tensor::DType;
@@ -230,13 +230,15 @@ pub struct GemmEntry {
 /// One timed candidate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
-    /// Unique within its entry: `ours/<config>`, `cublaslt/<variant>/<rank>`.
+    /// Unique within its entry: `ours/<config>`, `ours-sm90a/<config>`,
+    /// `cublaslt/<variant>/<rank>`; for attention `ours/flash` and `ours/sm90a`.
     pub name: String,
-    /// `ours`, `cublaslt` (cuBLASLt alone, with its own epilogue) or `cublaslt+epilogue`
-    /// (cuBLASLt's product, then our epilogue pass), `standin+epilogue` (the emulator's
-    /// stand-in for a vendor GEMM: our plain GEMM, then the epilogue pass).
+    /// `ours` (our portable kernel), `ours-sm90a` (our Hopper kernel, after its operand-scaling
+    /// pass for a `scaled_a` GEMM), `cublaslt` (cuBLASLt alone, with its own epilogue) or
+    /// `cublaslt+epilogue` (cuBLASLt's product, then our epilogue pass), `standin+epilogue`
+    /// (the emulator's stand-in for a vendor GEMM: our plain GEMM, then the epilogue pass).
     pub kind: String,
-    /// Our kernel's tile configuration (kind `ours`).
+    /// Our kernel's tile configuration (GEMM kinds `ours` and `ours-sm90a`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<OurConfig>,
     /// The cuBLASLt call (kinds `cublaslt…`).
@@ -305,17 +307,38 @@ pub struct AttentionEntry {
     pub head_dim: usize,
     pub causal: bool,
     pub key_mask: bool,
+    /// `bf16` or `f32`; absent in tables written before it was recorded (any output then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_dtype: Option<String>,
     #[serde(default)]
     pub uses: Vec<Use>,
     pub candidates: Vec<Candidate>,
     pub winner: String,
 }
 
+/// The candidate kind of our portable kernels.
+pub const OURS: &str = "ours";
+/// The candidate kind of our Hopper kernels.
+pub const OURS_SM90A: &str = "ours-sm90a";
+
 /// What a GEMM node runs, by the table.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GemmChoice {
     Ours(OurConfig),
+    OursSm90a(OurConfig),
     CublasLt(LtChoice),
+}
+
+/// What an attention node runs, by the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionChoice {
+    Ours,
+    OursSm90a,
+}
+
+/// The winner of an entry, if it passed its checks.
+fn checked_winner<'a>(candidates: &'a [Candidate], winner: &str) -> Option<&'a Candidate> {
+    candidates.iter().find(|c| c.name == winner && c.ok())
 }
 
 impl GemmEntry {
@@ -333,13 +356,50 @@ impl GemmEntry {
     /// The winner, as something a GEMM node can run (None when it names no usable
     /// candidate, e.g. the emulator's stand-in).
     pub fn choice(&self) -> Option<GemmChoice> {
-        let c = self.candidates.iter().find(|c| c.name == self.winner)?;
-        if !c.ok() {
-            return None;
-        }
+        let c = checked_winner(&self.candidates, &self.winner)?;
         match c.kind.as_str() {
-            "ours" => c.config.clone().map(GemmChoice::Ours),
+            OURS => c.config.clone().map(GemmChoice::Ours),
+            OURS_SM90A => c.config.clone().map(GemmChoice::OursSm90a),
             "cublaslt" | "cublaslt+epilogue" => c.cublaslt.clone().map(GemmChoice::CublasLt),
+            _ => None,
+        }
+    }
+}
+
+impl AttentionEntry {
+    /// Whether this entry is the attention of `key` (an entry without an output dtype, from
+    /// an older table, matches either).
+    pub fn matches(&self, key: &AttentionKey) -> bool {
+        (
+            self.batch,
+            self.queries,
+            self.extra,
+            self.heads,
+            self.head_dim,
+            self.causal,
+            self.key_mask,
+        ) == (
+            key.batch,
+            key.queries,
+            key.extra,
+            key.heads,
+            key.head_dim,
+            key.causal,
+            key.key_mask,
+        ) && self
+            .out_dtype
+            .as_deref()
+            .is_none_or(|d| parse_dtype(d) == Some(key.out))
+    }
+
+    /// The winner, as something an attention node can run.
+    pub fn choice(&self) -> Option<AttentionChoice> {
+        match checked_winner(&self.candidates, &self.winner)?
+            .kind
+            .as_str()
+        {
+            OURS => Some(AttentionChoice::Ours),
+            OURS_SM90A => Some(AttentionChoice::OursSm90a),
             _ => None,
         }
     }
@@ -361,6 +421,11 @@ impl Table {
     /// The entry of a GEMM, if the table has it.
     pub fn gemm(&self, key: &GemmKey) -> Option<&GemmEntry> {
         self.gemm.iter().find(|e| e.key().as_ref() == Some(key))
+    }
+
+    /// The entry of an attention, if the table has it.
+    pub fn attention(&self, key: &AttentionKey) -> Option<&AttentionEntry> {
+        self.attention.iter().find(|e| e.matches(key))
     }
 
     /// Parses a table, checking its format.
@@ -473,6 +538,11 @@ impl Selection {
     /// table lacks).
     pub fn gemm(&self, key: &GemmKey) -> Option<GemmChoice> {
         self.table()?.gemm(key)?.choice()
+    }
+
+    /// What an attention runs: the table's winner, or None (the built-in rules).
+    pub fn attention(&self, key: &AttentionKey) -> Option<AttentionChoice> {
+        self.table()?.attention(key)?.choice()
     }
 }
 

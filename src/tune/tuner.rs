@@ -1,7 +1,9 @@
 //! `ultrapixel tune`: every candidate of every distinct GEMM and attention shape, checked
 //! against our kernel and timed, and the table of winners.
 //!
-//! Per GEMM (with its epilogue): our kernel in each compiled tile configuration; cuBLASLt's
+//! Per GEMM (with its epilogue): our kernel in each compiled tile configuration; our Hopper
+//! kernel where the shape qualifies and the device runs it (compute capability 9.0, or the
+//! emulator), after its operand-scaling pass for a GEMM that modulates A; cuBLASLt's
 //! top heuristics alone where its own epilogue covers the op (bias; a residual as C with
 //! β = 1); and cuBLASLt's product (f32, or bf16 where the output is bf16) followed by our
 //! epilogue pass for everything else (exact GELU, FiLM, GRN sums; our operand-scaling pass
@@ -11,23 +13,24 @@
 //! and it cannot win. Times are device time over CUDA-graph replays, the iteration count
 //! chosen so each candidate replays for about `target` seconds.
 
-use super::dispatch::{pair_entries, plan_layout, PairPlan};
+use super::checking::{measure, record, Outputs, Trial};
+use super::dispatch::{pair_entries, plan_layout, sm90a_entries, PairPlan};
 use super::engine::Engine;
 use super::pair;
 use super::problems::{problems, AttentionProblem, Epilogue, GemmProblem};
 use super::table::{
-    dtype_name, now_utc, AttentionEntry, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT,
+    dtype_name, now_utc, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT, OURS, OURS_SM90A,
 };
 use crate::bench::{hash, uniform};
-use crate::ops::gemm_epilogue::{CompareSummary, TuneCompare};
+use crate::ops::gemm_sm90a;
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::Size;
 use crate::runtime::cuda::cublaslt::{LtCall, LtMatmul, LtSpec};
-use crate::runtime::device::{Device, DeviceBuffer, WeightCache};
-use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
+use crate::runtime::device::{Device, DeviceBuffer};
+use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, TensorDesc};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::launch::Entry;
 use crate::tensor::{encode, DType};
-use crate::verify::Tolerance;
 use crate::{Error, Result};
 use std::io::Write;
 use std::sync::Arc;
@@ -53,9 +56,8 @@ impl Default for Options {
     }
 }
 
-/// Our GEMM kernel's compiled tile configurations, in the order they are tried. The kernel
-/// is compiled in one today (kernels/gemm.cu); Hopper configurations join this list as
-/// `wgmma` entries when their kernels exist, each launched by the GEMM op for its config.
+/// Our portable GEMM kernel's compiled tile configurations, in the order they are tried. The
+/// kernel is compiled in one today (kernels/gemm.cu).
 pub fn our_configs() -> Vec<OurConfig> {
     vec![OurConfig {
         name: "128x128x32s3".into(),
@@ -65,13 +67,25 @@ pub fn our_configs() -> Vec<OurConfig> {
     }]
 }
 
-/// The bound a candidate must meet against our kernel's output: both are bf16-rounded
-/// approximations of the same product (the GRN statistics of bf16-rounded values), so this
-/// is a few bf16 units of the largest value; a wrong algorithm misses it by far.
-pub const BOUND: Tolerance = Tolerance {
-    atol: 1e-5,
-    rtol: 1.6e-2,
-};
+/// Our Hopper GEMM's one configuration (kernels/gemm_sm90a.cu: 4 TMA stages, two consumer
+/// warpgroups on `wgmma`).
+pub fn sm90a_config() -> OurConfig {
+    OurConfig {
+        name: format!(
+            "{}x{}x{}s4",
+            gemm_sm90a::TILE_M,
+            gemm_sm90a::TILE_N,
+            gemm_sm90a::TILE_K
+        ),
+        tile: [
+            gemm_sm90a::TILE_M as u32,
+            gemm_sm90a::TILE_N as u32,
+            gemm_sm90a::TILE_K as u32,
+        ],
+        stages: 4,
+        mma: "wgmma".into(),
+    }
+}
 
 /// Element shift between the inputs read from one random pool (a multiple of 128 elements,
 /// so every input starts 256-byte aligned), so no two inputs hold the same values.
@@ -120,18 +134,14 @@ impl Pools {
     }
 }
 
-/// The buffers of one problem: inputs in the pools, our outputs (the reference), the
-/// candidate's outputs and a copy of them (determinism), the workspace, the pairs' scratch,
-/// the comparison rows.
+/// The buffers of one problem: inputs in the pools, the outputs, the workspace, the scratch
+/// (of the pairs, and of the Hopper GEMM's scaled A).
 struct Buffers {
     inputs: Vec<u64>,
-    reference: Vec<DeviceBuffer>,
-    candidate: Vec<DeviceBuffer>,
-    previous: Vec<DeviceBuffer>,
+    outputs: Outputs,
     workspace: DeviceBuffer,
     /// The pairs' f32 product and scaled operand (as a GEMM node's scratch).
     scratch: DeviceBuffer,
-    compare: DeviceBuffer,
 }
 
 /// Seconds an unknown GEMM is assumed to take, for its first iteration count.
@@ -149,41 +159,14 @@ fn iterations(opts: &Options, engine: &dyn Engine, seconds: f64) -> usize {
     }
 }
 
-fn tflops(flops: f64, seconds: f64) -> f64 {
-    flops / seconds / 1e12
-}
-
-/// A candidate before it is run: its record and its steps.
-struct Trial {
-    record: Candidate,
-    steps: Vec<Entry>,
-}
-
-fn record(name: String, kind: &str) -> Candidate {
-    Candidate {
-        name,
-        kind: kind.into(),
-        config: None,
-        cublaslt: None,
-        status: "ok".into(),
-        detail: None,
-        seconds: None,
-        tflops: None,
-        max_err: None,
-        limit: None,
-    }
-}
-
 struct Problem<'a> {
     p: &'a GemmProblem,
     bufs: Buffers,
 }
 
 impl<'a> Problem<'a> {
-    fn new(dev: &Arc<dyn Device>, pools: &Pools, p: &'a GemmProblem) -> Result<Self> {
-        let outs = || -> Result<Vec<DeviceBuffer>> {
-            p.outputs.iter().map(|d| dev.alloc(d.bytes())).collect()
-        };
+    fn new(engine: &dyn Engine, pools: &Pools, p: &'a GemmProblem) -> Result<Self> {
+        let dev = engine.device();
         let refs: Vec<&TensorDesc> = p.inputs.iter().collect();
         // The epilogue pass needs what the fused GEMM needs (the GRN partials), at most.
         let product = pair::product_desc(&p.outputs[0], DType::F32);
@@ -211,7 +194,6 @@ impl<'a> Problem<'a> {
             epilogue_pass: true,
         };
         let scratch = plan_layout(&p.key, widest).bytes;
-        let largest = p.outputs.iter().map(|d| d.numel()).max().unwrap_or(1);
         Ok(Problem {
             p,
             bufs: Buffers {
@@ -221,17 +203,15 @@ impl<'a> Problem<'a> {
                     .enumerate()
                     .map(|(i, d)| pools.input(i, d.dtype))
                     .collect(),
-                reference: outs()?,
-                candidate: outs()?,
-                previous: outs()?,
+                outputs: Outputs::new(engine, &p.outputs)?,
                 workspace: dev.alloc(ws.max(256))?,
                 scratch: dev.alloc(scratch.max(256))?,
-                compare: dev.alloc(crate::ops::gemm_epilogue::compare_blocks(largest) * 16)?,
             },
         })
     }
 
-    /// The op's inputs (in the pools) and outputs (`outs`), and the workspace.
+    /// The op's inputs (in the pools) and outputs (`outs`), and the workspace, for portable
+    /// launches.
     fn io<'d>(&'d self, outs: &[DeviceBuffer]) -> LaunchIo<'d> {
         let p = self.p;
         LaunchIo {
@@ -257,6 +237,26 @@ impl<'a> Problem<'a> {
         Ok(pair::kernels(self.p.op.launches(&self.io(outs))?))
     }
 
+    /// Our op's launches built for `sm90a` on the engine's device, as a GEMM node whose winner
+    /// is our Hopper kernel runs them ([`sm90a_entries`]: a scaled A in the scratch), into the
+    /// candidate outputs; None when they would not run the Hopper GEMM (the shape does not
+    /// qualify, or the device cannot run it).
+    fn sm90a(&self, engine: &dyn Engine) -> Result<Option<Vec<Entry>>> {
+        let mut io = self.io(&self.bufs.outputs.candidate);
+        io.target = engine.device().kernel_target();
+        let steps = sm90a_entries(
+            self.p.op.as_ref(),
+            Some(&self.p.key),
+            &io,
+            self.bufs.scratch.ptr,
+        )?
+        .unwrap_or_default();
+        let hopper = steps
+            .iter()
+            .any(|e| matches!(e, Entry::Kernel(l) if gemm_sm90a::is_sm90a_gemm(l)));
+        Ok(hopper.then_some(steps))
+    }
+
     /// A vendor product `vendor(a, d)` completed by our passes, as a GEMM node runs it
     /// ([`pair_entries`]), into the candidate outputs.
     fn pair(
@@ -268,7 +268,7 @@ impl<'a> Problem<'a> {
             self.p.op.as_ref(),
             &self.p.key,
             self.bufs.workspace.bytes,
-            &self.io(&self.bufs.candidate),
+            &self.io(&self.bufs.outputs.candidate),
             self.bufs.scratch.ptr,
             plan,
             vendor,
@@ -292,12 +292,18 @@ impl<'a> Problem<'a> {
         let e = p.key.epilogue;
         let mut trials = Vec::new();
         for config in our_configs() {
-            let mut r = record(format!("ours/{}", config.name), "ours");
+            let mut r = record(format!("ours/{}", config.name), OURS);
             r.config = Some(config);
             trials.push(Trial {
                 record: r,
-                steps: self.ours(&self.bufs.candidate)?,
+                steps: self.ours(&self.bufs.outputs.candidate)?,
             });
+        }
+        if let Some(steps) = self.sm90a(engine)? {
+            let config = sm90a_config();
+            let mut r = record(format!("ours-sm90a/{}", config.name), OURS_SM90A);
+            r.config = Some(config);
+            trials.push(Trial { record: r, steps });
         }
         // (variant, plan): cuBLASLt alone where its own epilogue covers the op, else its
         // product in f32 (and in bf16 for bf16 outputs) completed by our passes.
@@ -427,97 +433,6 @@ impl<'a> Problem<'a> {
         }
         Ok(trials)
     }
-
-    /// Compares every candidate output with `against` on the device.
-    fn compare(
-        &self,
-        engine: &dyn Engine,
-        against: &[DeviceBuffer],
-    ) -> Result<Vec<CompareSummary>> {
-        let dev = engine.device();
-        let mut v = Vec::new();
-        for ((desc, got), want) in self.p.outputs.iter().zip(&self.bufs.candidate).zip(against) {
-            let rows = crate::ops::gemm_epilogue::compare_blocks(desc.numel());
-            let out = TensorDesc {
-                name: "compare".into(),
-                shape: vec![rows, 4],
-                dtype: DType::F32,
-                role: Role::Activation,
-            };
-            let io = LaunchIo {
-                inputs: vec![
-                    DevTensor { ptr: got.ptr, desc },
-                    DevTensor {
-                        ptr: want.ptr,
-                        desc,
-                    },
-                ],
-                outputs: vec![DevTensor {
-                    ptr: self.bufs.compare.ptr,
-                    desc: &out,
-                }],
-                workspace: 0,
-                target: Default::default(),
-            };
-            let mut steps: Vec<Entry> = TuneCompare
-                .launches(&io)?
-                .into_iter()
-                .map(Entry::Kernel)
-                .collect();
-            engine.run(&mut steps)?;
-            let mut bytes = vec![0u8; rows * 16];
-            dev.read(self.bufs.compare.ptr, &mut bytes)?;
-            v.push(CompareSummary::of(&crate::tensor::decode(
-                &bytes,
-                DType::F32,
-            )));
-        }
-        Ok(v)
-    }
-
-    /// Runs a trial twice: within the bound of ours, and bit-identical across the runs.
-    fn check(&self, engine: &dyn Engine, t: &mut Trial) -> Result<()> {
-        engine.run(&mut t.steps)?;
-        let mut worst = (0f32, 0f32);
-        for s in self.compare(engine, &self.bufs.reference)? {
-            let limit = BOUND.atol + BOUND.rtol * s.max_ref;
-            if s.max_err - limit >= worst.0 - worst.1 || worst == (0.0, 0.0) {
-                worst = (s.max_err, limit);
-            }
-            if !s.within(BOUND) {
-                t.record.status = "wrong".into();
-                t.record.detail = Some(format!(
-                    "max error {:.3e} > {:.3e}{}",
-                    s.max_err,
-                    limit,
-                    if s.non_finite > 0 {
-                        format!(", {} non-finite", s.non_finite)
-                    } else {
-                        String::new()
-                    }
-                ));
-            }
-        }
-        t.record.max_err = Some(worst.0);
-        t.record.limit = Some(worst.1);
-        if t.record.status != "ok" {
-            return Ok(());
-        }
-        for (prev, cand) in self.bufs.previous.iter().zip(&self.bufs.candidate) {
-            engine.copy(prev.ptr, cand.ptr, cand.bytes)?;
-        }
-        engine.run(&mut t.steps)?;
-        let differing: u64 = self
-            .compare(engine, &self.bufs.previous)?
-            .iter()
-            .map(|s| s.differing)
-            .sum();
-        if differing > 0 {
-            t.record.status = "nondeterministic".into();
-            t.record.detail = Some(format!("{differing} elements differ between two runs"));
-        }
-        Ok(())
-    }
 }
 
 /// Checks and times every candidate of one GEMM (inputs read from the pools); the entry with
@@ -528,51 +443,19 @@ fn tune_gemm(
     p: &GemmProblem,
     opts: &Options,
 ) -> Result<GemmEntry> {
-    let dev = engine.device();
-    let prob = Problem::new(&dev, pools, p)?;
-    let mut reference = prob.ours(&prob.bufs.reference)?;
+    let prob = Problem::new(engine, pools, p)?;
+    let mut reference = prob.ours(&prob.bufs.outputs.reference)?;
     engine.run(&mut reference)?;
     let flops = p.key.flops();
-    let mut trials = prob.trials(engine, opts)?;
-    let mut ours_seconds = None;
-    for t in &mut trials {
-        if t.record.status != "ok" {
-            continue;
-        }
-        let checked = prob.check(engine, t);
-        if let Err(e) = checked {
-            t.record.status = "failed".into();
-            t.record.detail = Some(e.to_string());
-            continue;
-        }
-        if t.record.status != "ok" {
-            continue;
-        }
-        let guess = ours_seconds.unwrap_or_else(|| estimate(flops));
-        match engine.time(&mut t.steps, iterations(opts, engine, guess)) {
-            Ok(s) => {
-                t.record.seconds = Some(s);
-                t.record.tflops = Some(tflops(flops, s));
-                if t.record.kind == "ours" && ours_seconds.is_none() {
-                    ours_seconds = Some(s);
-                }
-            }
-            Err(e) => {
-                t.record.status = "failed".into();
-                t.record.detail = Some(e.to_string());
-            }
-        }
-    }
-    let candidates: Vec<Candidate> = trials.into_iter().map(|t| t.record).collect();
-    let winner = candidates
-        .iter()
-        .filter(|c| c.ok())
-        .fold(None::<&Candidate>, |best, c| match best {
-            Some(b) if b.seconds <= c.seconds => Some(b),
-            _ => Some(c),
-        })
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
+    let trials = prob.trials(engine, opts)?;
+    let (candidates, winner) = measure(
+        engine,
+        &prob.bufs.outputs,
+        trials,
+        flops,
+        estimate(flops),
+        &|guess| iterations(opts, engine, guess),
+    );
     Ok(GemmEntry {
         m: p.key.m,
         n: p.key.n,
@@ -586,57 +469,17 @@ fn tune_gemm(
     })
 }
 
-/// Times our attention kernel on one shape (the only candidate today; the entry keeps a
-/// candidate list for the Hopper kernel and others).
-fn tune_attention(
-    engine: &dyn Engine,
-    p: &AttentionProblem,
-    opts: &Options,
-    cache: &WeightCache,
-) -> Result<AttentionEntry> {
-    let s = &p.shape;
-    let iters = iterations(opts, engine, s.flops() / 2.5e14);
-    let mut r = record("ours/flash".into(), "ours");
-    match crate::bench::stages::time_graph(&engine.device(), s.graph.clone(), iters, cache) {
-        Ok((seconds, _)) => {
-            r.seconds = Some(seconds);
-            r.tflops = Some(tflops(s.flops(), seconds));
-        }
-        Err(e) => {
-            r.status = "failed".into();
-            r.detail = Some(e.to_string());
-        }
-    }
-    let winner = if r.ok() {
-        r.name.clone()
-    } else {
-        String::new()
-    };
-    Ok(AttentionEntry {
-        batch: s.batch,
-        queries: s.queries,
-        extra: s.extra,
-        heads: s.op.heads,
-        head_dim: s.head_dim,
-        causal: s.op.causal,
-        key_mask: s.op.key_mask,
-        uses: p.uses.clone(),
-        candidates: vec![r],
-        winner,
-    })
-}
-
 fn ms(s: Option<f64>) -> String {
     s.map_or("-".into(), |s| format!("{:.3} ms", s * 1e3))
 }
 
 /// One progress line of a tuned GEMM.
 pub fn progress_line(i: usize, total: usize, key_text: &str, e: &GemmEntry) -> String {
-    let ours = e.candidates.iter().find(|c| c.kind == "ours" && c.ok());
+    let ours = e.candidates.iter().find(|c| c.kind == OURS && c.ok());
     let vendor = e
         .candidates
         .iter()
-        .filter(|c| c.kind != "ours" && c.ok())
+        .filter(|c| c.kind != OURS && c.ok())
         .min_by(|a, b| a.seconds.partial_cmp(&b.seconds).expect("finite times"));
     let rejected = e
         .candidates
@@ -676,7 +519,7 @@ pub fn summary(table: &Table) -> Vec<String> {
             let ours_s = e
                 .candidates
                 .iter()
-                .find(|c| c.kind == "ours" && c.ok())
+                .find(|c| c.kind == OURS && c.ok())
                 .and_then(|c| c.seconds);
             let win = e.candidates.iter().find(|c| c.name == e.winner);
             ours += ours_s.unwrap_or(0.0) * runs;
@@ -751,27 +594,14 @@ pub fn tune_problems(
         gemm_entries.push(e);
     }
     drop(pools);
-    let cache = WeightCache::new();
     let mut attention_entries = Vec::new();
     for (i, p) in attention.iter().enumerate() {
-        let e = tune_attention(engine, p, opts, &cache)?;
-        let s = &p.shape;
-        let c = &e.candidates[0];
+        let e =
+            super::attention::tune_attention(engine, p, &|guess| iterations(opts, engine, guess))?;
         writeln!(
             log,
-            "[{:>3}/{}] attention b{} n{} m{} h{}x{} causal={} mask={}: ours {}{}",
-            i + 1,
-            attention.len(),
-            s.batch,
-            s.queries,
-            s.extra,
-            s.op.heads,
-            s.head_dim,
-            s.op.causal,
-            s.op.key_mask,
-            ms(c.seconds),
-            c.tflops
-                .map_or(String::new(), |t| format!(" ({t:.0} TFLOP/s)")),
+            "{}",
+            super::attention::progress_line(i + 1, attention.len(), p, &e)
         )
         .map_err(io)?;
         attention_entries.push(e);
@@ -786,11 +616,12 @@ pub fn tune_problems(
     })
 }
 
-/// `tune --check`: every cuBLASLt winner of the table `dev` uses, built as a GEMM node builds
-/// it ([`crate::tune::dispatch::Dispatch::entries`]: the recorded algorithm through
-/// `cublasLtMatmulAlgoCheck`, our passes), run on the shape's inputs against our kernel (the
-/// bf16 bound) and twice (bit-identical). One line per shape to `log`; returns (passed,
-/// failed). An error when the device uses the built-in rules.
+/// `tune --check`: every cuBLASLt and Hopper-kernel GEMM winner of the table `dev` uses, built
+/// as a GEMM node builds it under `UPX_KERNELS=auto` ([`crate::tune::dispatch::Dispatch::entries`]:
+/// the recorded algorithm through `cublasLtMatmulAlgoCheck` and our passes, or the op's
+/// launches for `sm90a`), run on the shape's inputs against our portable kernel (the bf16
+/// bound) and twice (bit-identical). One line per shape to `log`; returns (passed, failed).
+/// An error when the device uses the built-in rules.
 pub fn check_table(
     engine: &super::engine::CudaEngine,
     dev: &Arc<crate::runtime::cuda::CudaDevice>,
@@ -812,13 +643,13 @@ pub fn check_table(
         .filter(|p| {
             matches!(
                 table.gemm(&p.key).and_then(|e| e.choice()),
-                Some(GemmChoice::CublasLt(_))
+                Some(GemmChoice::CublasLt(_) | GemmChoice::OursSm90a(_))
             )
         })
         .collect();
     writeln!(
         log,
-        "checking the {} cuBLASLt winners of {} as GEMM nodes run them",
+        "checking the {} cuBLASLt and sm_90a winners of {} as GEMM nodes run them",
         chosen.len(),
         super::dispatch::of(dev).selection().describe()
     )
@@ -827,8 +658,8 @@ pub fn check_table(
     let pools = Pools::new(&device, &chosen)?;
     let (mut passed, mut failed) = (0, 0);
     for (i, p) in chosen.iter().enumerate() {
-        let prob = Problem::new(&device, &pools, p)?;
-        let mut reference = prob.ours(&prob.bufs.reference)?;
+        let prob = Problem::new(engine, &pools, p)?;
+        let mut reference = prob.ours(&prob.bufs.outputs.reference)?;
         engine.run(&mut reference)?;
         let node = crate::runtime::graph::Node {
             op: p.op.clone(),
@@ -837,12 +668,18 @@ pub fn check_table(
             workspace: prob.bufs.workspace.bytes,
             label: "tune --check".into(),
         };
-        let io = prob.io(&prob.bufs.candidate);
+        // The table's winner whatever UPX_KERNELS says.
+        let mut io = prob.io(&prob.bufs.outputs.candidate);
+        io.target = device.kernel_target().with_choice(KernelChoice::Auto);
         let winner = table
             .gemm(&p.key)
-            .map_or(String::new(), |e| e.winner.clone());
+            .and_then(|e| e.candidates.iter().find(|c| c.name == e.winner))
+            .map_or_else(
+                || record(String::new(), ""),
+                |c| record(c.name.clone(), &c.kind),
+            );
         let mut t = Trial {
-            record: record(winner, "cublaslt"),
+            record: winner,
             steps: Vec::new(),
         };
         match super::dispatch::of(dev).entries(dev, &node, &io, prob.bufs.scratch.ptr)? {
@@ -852,7 +689,7 @@ pub fn check_table(
             }
             Some(entries) => {
                 t.steps = entries;
-                if let Err(e) = prob.check(engine, &mut t) {
+                if let Err(e) = prob.bufs.outputs.check(engine, &mut t) {
                     t.record.status = "failed".into();
                     t.record.detail = Some(e.to_string());
                 }
