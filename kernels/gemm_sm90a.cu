@@ -30,41 +30,45 @@
 #include "common/convert.cuh"
 #include "common/hopper_sm90a.cuh"
 #include "common/gemm_epilogue.cuh"
+#include "common/gemm_params.cuh"
 
-struct GemmSm90aParams {
-    const __nv_bfloat16* a;  // A [M, K] (the tensor map's; for messages only)
-    const __nv_bfloat16* w;  // W [N, K] (likewise)
-    const float* bias;       // [N], or null
-    const void* r;           // R [M, N] in the output type, or null
-    void* c;                 // C [M, N] in the output type
-    const float* ab;         // FiLM a | β [M / rows_per_sample, 2N], or null
-    float* partials;         // GRN slab sums, or null
-    const float* a_mod;      // must be null (the host scales A first)
-    int m, n, k;
-    int gelu;
-    int rows_per_sample;
-    float film_k;
-    float a_k;
-    int pad;  // explicit, so every byte is a field
-};
 
 namespace gemm_sm90a {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4;
-constexpr int TILE_BYTES = BM * BK * 2;        // 16 KiB, one operand's stage
-constexpr int STAGE_BYTES = 2 * TILE_BYTES;    // A and W
-constexpr int RED_BYTES = 2 * 4 * 2 * BN * 4;  // GRN: [consumer][warp][part][column] f32
-constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + RED_BYTES + 2 * STAGES * 8;
+constexpr int BM = 128, BK = 64, STAGES = 4, GROUP_M = 8;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
-static_assert(SMEM_BYTES == 140352, "ops/gemm_sm90a.rs SMEM_BYTES mirrors this");
 
-template <typename TO>
-__device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap* w_map, const GemmSm90aParams& p) {
+// The shared-memory plan of the BN-wide kernel: [STAGES][A BM×BK | W BN×BK] tiles, the GRN
+// scratch [consumer][warp][part][column] f32, then the full and empty mbarriers.
+template <int BN> struct Plan {
+    static constexpr int A_BYTES = BM * BK * 2;
+    static constexpr int W_BYTES = BN * BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;
+    static constexpr int RED_BYTES = 2 * 4 * 2 * BN * 4;
+    static constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + RED_BYTES + 2 * STAGES * 8;
+    static_assert(SMEM_BYTES <= 227 * 1024, "Hopper's per-block shared memory limit");
+};
+static_assert(Plan<64>::SMEM_BYTES == 103488 && Plan<128>::SMEM_BYTES == 140352 && Plan<256>::SMEM_BYTES == 214080,
+              "ops/gemm_sm90a.rs TileWidth::smem_bytes mirrors these");
+
+// Tile t → (row tile, column tile): groups of GROUP_M row tiles (the last group may be
+// shorter), each walked row-fastest over all column tiles. A bijection of [0, tiles_m·tiles_n).
+__device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& tm, int& tn) {
+    const int group = t / (GROUP_M * tiles_n), first = group * GROUP_M;
+    const int rows = min(GROUP_M, tiles_m - first), in_group = t - first * tiles_n;
+    tm = first + in_group % rows;
+    tn = in_group / rows;
+}
+
+template <int BN, typename TO>
+__device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap* w_map, const GemmParams& p) {
+    using P = Plan<BN>;
+    constexpr int STAGE_BYTES = P::STAGE_BYTES;
     unsigned char* raw = dynamic_smem<unsigned char>();
     // 128-byte swizzle atoms start on 1024-byte boundaries of the shared address space.
     unsigned char* smem = raw + ((1024 - (smem_address(raw) & 1023)) & 1023);
-    unsigned char* tiles = smem;  // [STAGES][A 128×64 | W 128×64]
+    unsigned char* tiles = smem;  // [STAGES][A 128×64 | W BN×64]
     float* red = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES);
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES + RED_BYTES);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES + P::RED_BYTES);
     uint64_t* empty = full + STAGES;
 
     const int M = p.m, N = p.n, K = p.k;
@@ -88,14 +92,16 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
         if (threadIdx.x == 0) {
             int it = 0;
             for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-                const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+                int tm, tn;
+                tile_coords(tile, tiles_m, tiles_n, tm, tn);
+                const int m0 = tm * BM, n0 = tn * BN;
                 for (int kt = 0; kt < ktiles; ++kt, ++it) {
                     const int s = it % STAGES;
                     mbarrier_wait_parity(&empty[s], ((it / STAGES) & 1) ^ 1);
                     unsigned char* st = tiles + s * STAGE_BYTES;
                     mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
                     tma_load_2d(st, a_map, &full[s], kt * BK, m0);
-                    tma_load_2d(st + TILE_BYTES, w_map, &full[s], kt * BK, n0);
+                    tma_load_2d(st + P::A_BYTES, w_map, &full[s], kt * BK, n0);
                 }
             }
         }
@@ -111,12 +117,14 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
     float acc[BN / 2];
     int it = 0;
     for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-        const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+        int tm, tn;
+        tile_coords(tile, tiles_m, tiles_n, tm, tn);
+        const int m0 = tm * BM, n0 = tn * BN;
         for (int kt = 0; kt < ktiles; ++kt, ++it) {
             const int s = it % STAGES;
             mbarrier_wait_parity(&full[s], (it / STAGES) & 1);
             const uint32_t a_addr = tiles_addr + s * STAGE_BYTES + c * (64 * 128);
-            const uint32_t w_addr = tiles_addr + s * STAGE_BYTES + TILE_BYTES;
+            const uint32_t w_addr = tiles_addr + s * STAGE_BYTES + P::A_BYTES;
             wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < BK / 16; ++ks)
@@ -168,16 +176,18 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
         if (grn) {
             // The slab's 4 warps, added in warp order by the thread that owns the column.
             named_barrier_sync(1 + c, 128);
-            const int col = n0 + t;
-            if (slab < M && col < N) {
-                const float* cred = red + c * 4 * 2 * BN;
-                float* out = p.partials + (slab / 64) * 2LL * N;
+            const float* cred = red + c * 4 * 2 * BN;
+            float* out = p.partials + (slab / 64) * 2LL * N;
+            for (int cl = t; cl < BN; cl += 128) {
+                const int col = n0 + cl;
+                if (slab < M && col < N) {
 #pragma unroll
-                for (int part = 0; part < 2; ++part) {
-                    float v = 0.f;
+                    for (int part = 0; part < 2; ++part) {
+                        float v = 0.f;
 #pragma unroll
-                    for (int w = 0; w < 4; ++w) v += cred[(w * 2 + part) * BN + t];
-                    out[part * N + col] = v;
+                        for (int w = 0; w < 4; ++w) v += cred[(w * 2 + part) * BN + cl];
+                        out[part * N + col] = v;
+                    }
                 }
             }
             named_barrier_sync(1 + c, 128);  // the scratch is free for the next tile
@@ -186,13 +196,33 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
 }
 }  // namespace gemm_sm90a
 
-extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_f32(const __grid_constant__ CUtensorMap a_map,
-                                                                        const __grid_constant__ CUtensorMap w_map,
-                                                                        const GemmSm90aParams p) {
-    gemm_sm90a::body<float>(&a_map, &w_map, p);
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n64_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<64, float>(&a_map, &w_map, p);
 }
-extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_bf16(const __grid_constant__ CUtensorMap a_map,
-                                                                         const __grid_constant__ CUtensorMap w_map,
-                                                                         const GemmSm90aParams p) {
-    gemm_sm90a::body<__nv_bfloat16>(&a_map, &w_map, p);
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n64_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<64, __nv_bfloat16>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n128_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<128, float>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n128_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<128, __nv_bfloat16>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n256_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<256, float>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n256_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<256, __nv_bfloat16>(&a_map, &w_map, p);
 }
