@@ -132,7 +132,11 @@ pub struct ParamStruct {
 /// The kernels of a kernel file and the parameter structs they take. A struct is defined in
 /// the file or in one of the `kernels/common` headers it includes (`common`: each header's
 /// path under kernels/ and text), so kernel files can share one.
-pub fn parse(text: &str, file: &str, common: &[(String, String)]) -> (Vec<Kernel>, Vec<ParamStruct>) {
+pub fn parse(
+    text: &str,
+    file: &str,
+    common: &[(String, String)],
+) -> (Vec<Kernel>, Vec<ParamStruct>) {
     let text = strip_comments(text);
     let kernels = kernels(&text, file);
     // The file itself first, then its `#include "common/…"` headers.

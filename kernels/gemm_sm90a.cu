@@ -9,29 +9,44 @@
 //   gemm_scale_a_bf16 into a workspace first (the same arithmetic), or falls back.
 // Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major (a Linear weight), bias f32 [N],
 //   R and C [M, N] row-major in the output type, ab f32 [M / rows_per_sample, 2N] (a | β).
-//   A and W reach the kernel as TMA tensor maps (dims {K, rows}, box {64, 128}, 128-byte
-//   swizzle): each stage holds a 128×64 A tile and a 128×64 W tile, rows of 128 bytes in the
-//   canonical K-major 128-byte-swizzled layout (8-row atoms of 1024 bytes).
-// Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×128 output tiles
-//   b, b + grid, b + 2·grid, … (tile t: row tile t mod ceil(M/128), column tile t div it).
+//   A and W reach the kernel as TMA tensor maps (dims {K, rows}, boxes {64, 128} for A and
+//   {64, BN} for W, 128-byte swizzle): each stage holds a 128×64 A tile and a BN×64 W tile,
+//   rows of 128 bytes in the canonical K-major 128-byte-swizzled layout (8-row atoms of 1024
+//   bytes).
+// Tile width BN ∈ {64, 128, 256}, one instantiation each (ops/gemm_sm90a.rs TileWidth picks
+//   per shape: wave quantisation over the SMs, padded columns, operand traffic). Each element
+//   is accumulated and reduced the same way in every width, so all three give the same bits
+//   (C and the GRN partials).
+// Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×BN output tiles
+//   b, b + grid, b + 2·grid, … in grouped order: tile t lies in group g = t div (8·tiles_n) of
+//   8 row tiles (the last group has the remaining r ≤ 8), walked row-fastest: row tile
+//   8g + (t' mod r), column tile t' div r, t' = t − 8g·tiles_n. The ~SM-count tiles in flight
+//   at once then share ≤ 8 A row panels and ~SMs/8 W column panels in L2.
 //   384 threads = 3 warpgroups: warpgroup 0 the producer (setmaxnreg.dec to 40; one thread
-//   issues the TMA loads), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232), each
-//   computing 64 rows × 128 columns with wgmma.mma_async m64n128k16 f32.bf16.bf16, A and B
-//   from shared-memory descriptors, one k-tile's batch of 4 wgmmas in flight (wait_group 1
-//   releases the previous stage). A 4-stage ring of full/empty mbarrier pairs: full[s] one
-//   arrival (expect_tx of 32 KiB) + the TMA bytes, empty[s] one arrival per consumer warp (8).
-//   Dynamic shared memory: 1024 (alignment slack) + 4 · 32 KiB + 8 KiB GRN scratch + 64 bytes
-//   of barriers = SMEM_BYTES below.
+//   issues the TMA loads), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232: BN = 256
+//   holds 128 f32 accumulators per thread), each computing 64 rows × BN columns with
+//   wgmma.mma_async m64nBNk16 f32.bf16.bf16, A and B from shared-memory descriptors, one
+//   k-tile's batch of 4 wgmmas in flight (wait_group 1 releases the previous stage). A 4-stage
+//   ring of full/empty mbarrier pairs: full[s] one arrival (expect_tx of the stage's 16 KiB +
+//   BN·128 bytes) + the TMA bytes, empty[s] one arrival per consumer warp (8).
+//   Dynamic shared memory: 1024 (alignment slack) + 4 stages · (16 KiB + BN·128) + BN·64 bytes
+//   of GRN scratch + 64 bytes of barriers = Plan<BN>::SMEM_BYTES below (103 488, 140 352 and
+//   214 080 bytes for BN 64, 128, 256; the limit is 227 KiB).
 // Limits: K % 8 == 0 (TMA strides are multiples of 16 bytes), A and W 16-byte aligned;
 //   M, N, K tails are zero-filled by TMA and masked on store. M, N < 2^31, tiles < 2^31.
-// Names: gemm_sm90a_bf16_<out>. Parameters: the A and W tensor maps, then GemmSm90aParams
-//   (the fields of kernels/gemm.cu's GemmParams; `a` and `w` are unused, `a_mod` must be null).
+// Names: gemm_sm90a_n<BN>_bf16_<out>. Parameters: the A and W tensor maps, then GemmParams
+//   (kernels/common/gemm_params.cuh, shared with kernels/gemm.cu; `a` and `w` are unused,
+//   `a_mod` must be null).
+// The released model's GEMMs (`bench --shapes --list` at 1024², 2048², 4096²; docs/PERF.md
+//   lists them with work shares): N and K each one of 16, 192, 320, 384, 512, 576, 640, 768,
+//   1024, 1152, 1280, 1536, 2048, 2304, 4096, 4608, 5120, 8192 (N also 12, 256, 3072, 3456,
+//   3840, 6144; K also 8, 64), M from 2 to 524 288; 92 % of the GEMM FLOPs at 4096² have
+//   N ∈ {1152, 2048, 3456, 4608, 6144, 8192} and K ∈ {1152, 2048, 4608, 8192}.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/hopper_sm90a.cuh"
 #include "common/gemm_epilogue.cuh"
 #include "common/gemm_params.cuh"
-
 
 namespace gemm_sm90a {
 constexpr int BM = 128, BK = 64, STAGES = 4, GROUP_M = 8;

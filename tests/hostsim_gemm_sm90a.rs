@@ -1,12 +1,14 @@
 //! The Hopper GEMM (`kernels/gemm_sm90a.cu`) on the emulator: fresh random inputs, odd M, N
 //! and K that still qualify (tails in every dimension, several tiles per block of the
-//! persistent grid so the 4-stage ring wraps), every epilogue (bias, GELU-erf, residual, FiLM,
-//! GRN slab sums, bf16 and f32 out), outputs poisoned first, against the CPU reference
-//! (`ops::gemm::gemm_ref` plus FiLM and the GRN sums) with a tolerance that scales with K.
-//! Dispatch: with `UPX_KERNELS=sm90a` a qualifying Gemm launches the sm_90a kernel on hostsim,
-//! and shapes that do not qualify (misaligned operands, the A modulation) fall back to the
-//! portable kernel and still compute the right product. Runs in both thread orders
-//! (`HOSTSIM_REVERSE=1`).
+//! persistent grid so the 4-stage ring wraps), each tile width (64, 128, 256), every epilogue
+//! (bias, GELU-erf, residual, FiLM, GRN slab sums, bf16 and f32 out), outputs poisoned first,
+//! against the CPU reference (`ops::gemm::gemm_ref` plus FiLM and the GRN sums) with a
+//! tolerance that scales with K. The widths give bit-identical C and partials; the grouped
+//! tile order computes every tile exactly once (residual added in place). Dispatch: with
+//! `UPX_KERNELS=sm90a` a qualifying Gemm launches the sm_90a kernel on hostsim, and shapes
+//! that do not qualify (misaligned operands, the A modulation) fall back to the portable
+//! kernel and still compute the right product. Runs in both thread orders
+//! (`HOSTSIM_REVERSE=1`) and under the race check (tools/racecheck.sh).
 #![cfg(feature = "hostsim")]
 
 use half::bf16;
@@ -91,7 +93,13 @@ fn inputs(rng: &mut StdRng, c: &Case) -> Inputs {
         res = bf16_round(&res);
     }
     let ab = values(rng, c.samples * 2 * n, 0.5);
-    Inputs { a, w, bias, res, ab }
+    Inputs {
+        a,
+        w,
+        bias,
+        res,
+        ab,
+    }
 }
 
 /// Runs one case on fresh random inputs ([`check_on`]).
@@ -385,12 +393,26 @@ fn every_tile_width_gives_bit_identical_outputs() {
         let x = inputs(&mut rng, &c);
         let runs: Vec<(Vec<f32>, Vec<f32>)> = TileWidth::ALL
             .iter()
-            .map(|&w| check_on(&x, Case { width: Some(w), ..c }))
+            .map(|&w| {
+                check_on(
+                    &x,
+                    Case {
+                        width: Some(w),
+                        ..c
+                    },
+                )
+            })
             .collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         for (w, run) in TileWidth::ALL.iter().zip(&runs).skip(1) {
-            assert!(bits(&run.0) == bits(&runs[0].0), "{c:?}: C of {w:?} differs from N64's");
-            assert!(bits(&run.1) == bits(&runs[0].1), "{c:?}: partials of {w:?} differ from N64's");
+            assert!(
+                bits(&run.0) == bits(&runs[0].0),
+                "{c:?}: C of {w:?} differs from N64's"
+            );
+            assert!(
+                bits(&run.1) == bits(&runs[0].1),
+                "{c:?}: partials of {w:?} differ from N64's"
+            );
         }
     }
 }

@@ -1,7 +1,12 @@
 //! The Hopper GEMM (`kernels/gemm_sm90a.cu`): the launcher and its TMA tensor maps. The
 //! [`Gemm`](super::gemm::Gemm) ops call [`launch`] instead of the portable kernel when
 //! `UPX_KERNELS` allows it on the target (`runtime::kernel_choice`) and the shape
-//! [`qualifies`]; the math, layouts and epilogues are the portable kernel's.
+//! [`qualifies`]; the math, layouts, epilogues and parameter struct ([`GemmParams`]) are the
+//! portable kernel's. The kernel comes in three tile widths ([`TileWidth`]: 128×64, 128×128,
+//! 128×256 output tiles) that compute the same bits; [`launch`] picks one per shape
+//! ([`TileWidth::for_shape`]: wave quantisation over the SMs, padded columns, operand
+//! traffic), [`launch_width`] takes one. The persistent blocks walk the tiles in groups of 8
+//! row tiles so the tiles in flight share A and W panels in L2 (the kernel's header comment).
 
 use super::gemm::GemmParams;
 use crate::runtime::kernel_choice::KernelTarget;
@@ -188,11 +193,7 @@ pub fn launch_width(
     let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
     let a_map = operand_map(backend, p.a, m, k, TILE_M)?;
     let w_map = operand_map(backend, p.w, n, k, width.columns())?;
-    let name = format!(
-        "{KERNEL_PREFIX}n{}_bf16_{}",
-        width.columns(),
-        out.suffix()
-    );
+    let name = format!("{KERNEL_PREFIX}n{}_bf16_{}", width.columns(), out.suffix());
     Ok(Launch {
         kernel: KernelId::lookup(&name)?,
         grid: [grid(m, n, width, target_sms(target)), 1, 1],
