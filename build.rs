@@ -9,7 +9,7 @@
 //! ignored setmaxnreg is an error), `UPX_HOSTSIM_RACECHECK=1` (the emulator's kernels instrumented
 //! for its shared-memory race check).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,7 +48,7 @@ impl KernelFile {
         format!(
             "#include \"{}\"\n{}",
             self.path.display(),
-            abi::c_checks(&self.structs, &self.display())
+            abi::c_checks(&self.structs)
         )
     }
 }
@@ -72,8 +72,8 @@ fn main() {
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed={}", kdir.display());
 
-    let files = discover(&kdir);
     let common = common_sources(&kdir);
+    let files = discover(&kdir, &common);
     let require = env::var("UPX_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let strict = env::var("UPX_STRICT_PTXAS").is_ok_and(|v| v == "1");
 
@@ -125,11 +125,10 @@ fn main() {
         generate_table(&files, compiled, &nvcc_version, &ptxas),
     )
     .unwrap();
-    for f in &files {
-        for st in &f.structs {
-            let path = out.join(format!("abi_{}.rs", st.name));
-            fs::write(path, abi::rust_checks(st, &f.display())).unwrap();
-        }
+    // One mirror check per struct (a shared header's struct is in several files' lists).
+    for st in files.iter().flat_map(|f| &f.structs) {
+        let path = out.join(format!("abi_{}.rs", st.name));
+        fs::write(path, abi::rust_checks(st)).unwrap();
     }
 
     if env::var_os("CARGO_FEATURE_HOSTSIM").is_some() {
@@ -137,26 +136,39 @@ fn main() {
     }
 }
 
-/// Top-level `kernels/*.cu`, sorted, with the kernel names each one exports.
-fn discover(kdir: &Path) -> Vec<KernelFile> {
+/// Top-level `kernels/*.cu`, sorted, with the kernel names each one exports (`common`: the
+/// kernels/common headers, where shared parameter structs live).
+fn discover(kdir: &Path, common: &[(PathBuf, String)]) -> Vec<KernelFile> {
+    let headers: Vec<(String, String)> = common
+        .iter()
+        .map(|(p, text)| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            (format!("common/{name}"), text.clone())
+        })
+        .collect();
     let mut paths: Vec<PathBuf> = fs::read_dir(kdir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     paths.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     paths.sort();
-    let mut seen = BTreeSet::new();
+    let mut seen = BTreeMap::new();
     paths
         .into_iter()
         .map(|path| {
             println!("cargo:rerun-if-changed={}", path.display());
             let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
             let text = fs::read_to_string(&path).unwrap();
-            let (kernels, structs) = abi::parse(&text, &format!("kernels/{stem}.cu"));
-            let names = kernels.iter().map(|k| &k.name);
-            for name in names.chain(structs.iter().map(|s| &s.name)) {
+            let file = format!("kernels/{stem}.cu");
+            let (kernels, structs) = abi::parse(&text, &file, &headers);
+            // A name belongs to one definition: a struct from a shared header may be taken by
+            // several files, anything else is defined twice.
+            let kernel_defs = kernels.iter().map(|k| (&k.name, format!("kernel in {file}")));
+            let struct_defs = structs.iter().map(|s| (&s.name, format!("struct in {}", s.file)));
+            for (name, def) in kernel_defs.chain(struct_defs) {
+                let first = seen.entry(name.clone()).or_insert_with(|| def.clone());
                 assert!(
-                    seen.insert(name.clone()),
-                    "{name} is defined twice under kernels/ (kernels and parameter structs have one namespace)"
+                    *first == def,
+                    "{name} is defined twice under kernels/ ({first}, {def}; kernels and parameter structs have one namespace)"
                 );
             }
             KernelFile {

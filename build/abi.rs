@@ -122,20 +122,35 @@ struct Field {
 /// A struct some kernel takes by value, with its C layout.
 pub struct ParamStruct {
     pub name: String,
+    /// Where it is defined: the kernel file, or a `kernels/common` header it includes.
+    pub file: String,
     fields: Vec<Field>,
     size: usize,
     align: usize,
 }
 
-/// The kernels of a kernel file and the parameter structs they take.
-pub fn parse(text: &str, file: &str) -> (Vec<Kernel>, Vec<ParamStruct>) {
+/// The kernels of a kernel file and the parameter structs they take. A struct is defined in
+/// the file or in one of the `kernels/common` headers it includes (`common`: each header's
+/// path under kernels/ and text), so kernel files can share one.
+pub fn parse(
+    text: &str,
+    file: &str,
+    common: &[(String, String)],
+) -> (Vec<Kernel>, Vec<ParamStruct>) {
     let text = strip_comments(text);
     let kernels = kernels(&text, file);
+    // The file itself first, then its `#include "common/…"` headers.
+    let mut sources = vec![(file.to_string(), text.clone())];
+    for (path, header) in common {
+        if text.contains(&format!("#include \"{path}\"")) {
+            sources.push((format!("kernels/{path}"), strip_comments(header)));
+        }
+    }
     let mut structs: Vec<ParamStruct> = Vec::new();
     for p in kernels.iter().flat_map(|k| &k.params) {
         if let Ty::Struct(name) = &p.ty {
             if !structs.iter().any(|s| &s.name == name) {
-                structs.push(param_struct(&text, name, file));
+                structs.push(param_struct(&sources, name, file));
             }
         }
     }
@@ -261,16 +276,23 @@ fn split_declaration<'a>(d: &'a str, what: &str) -> (&'a str, &'a str) {
 }
 
 /// `struct name { fields };` of the kernel file, laid out.
-fn param_struct(text: &str, name: &str, file: &str) -> ParamStruct {
-    let what = format!("{file}: parameter struct {name}");
+fn param_struct(sources: &[(String, String)], name: &str, file: &str) -> ParamStruct {
     let head = format!("struct {name}");
-    let body = text
-        .match_indices(&head)
-        .map(|(i, _)| text[i + head.len()..].trim_start())
-        .find_map(|s| s.strip_prefix('{'))
-        .and_then(|s| s.split_once('}'))
-        .unwrap_or_else(|| panic!("{what}: no `struct {name} {{ … }}` definition in the file"))
-        .0;
+    let (defined_in, body) = sources
+        .iter()
+        .find_map(|(path, text)| {
+            let body = text
+                .match_indices(&head)
+                .map(|(i, _)| text[i + head.len()..].trim_start())
+                .find_map(|s| s.strip_prefix('{'))
+                .and_then(|s| s.split_once('}'))?
+                .0;
+            Some((path.clone(), body))
+        })
+        .unwrap_or_else(|| {
+            panic!("{file}: parameter struct {name}: no `struct {name} {{ … }}` definition in the file or the kernels/common headers it includes")
+        });
+    let what = format!("{defined_in}: parameter struct {name}");
     let mut fields = Vec::new();
     let (mut offset, mut align) = (0, 1);
     for decl in declarations(body, ';') {
@@ -310,6 +332,7 @@ fn param_struct(text: &str, name: &str, file: &str) -> ParamStruct {
     );
     ParamStruct {
         name: name.to_string(),
+        file: defined_in,
         fields,
         size: offset,
         align,
@@ -378,8 +401,8 @@ pub fn params_table(kernels: &[&Kernel], structs: &[&ParamStruct]) -> String {
 
 /// The Rust side of a parameter struct: the [`KernelStruct`] impl that lets launches pass the
 /// mirror, and const assertions that it has the C layout.
-pub fn rust_checks(st: &ParamStruct, file: &str) -> String {
-    let n = &st.name;
+pub fn rust_checks(st: &ParamStruct) -> String {
+    let (n, file) = (&st.name, &st.file);
     let mut s = String::new();
     writeln!(
         s,
@@ -430,13 +453,13 @@ pub fn rust_checks(st: &ParamStruct, file: &str) -> String {
 }
 
 /// The C side: `static_assert`s on each struct's layout, compiled after the kernel file.
-pub fn c_checks(structs: &[ParamStruct], file: &str) -> String {
+pub fn c_checks(structs: &[ParamStruct]) -> String {
     if structs.is_empty() {
         return String::new();
     }
     let mut s = String::from("#include <cstddef>\n");
     for st in structs {
-        let n = &st.name;
+        let (n, file) = (&st.name, &st.file);
         let mut check = |got: String, want: usize, what: &str| {
             writeln!(
                 s,

@@ -28,25 +28,7 @@
 #include "common/convert.cuh"
 #include "common/mma.cuh"
 #include "common/gemm_epilogue.cuh"
-
-// The kernels' parameters, mirrored by ops::gemm::GemmParams; build.rs checks that both have
-// this layout (build/abi.rs). Pointers first, so there is no implicit padding.
-struct GemmParams {
-    const __nv_bfloat16* a;  // A [M, K]
-    const __nv_bfloat16* w;  // W [N, K]
-    const float* bias;       // [N], or null
-    const void* r;           // R [M, N] in the output type, or null
-    void* c;                 // C [M, N] in the output type
-    const float* ab;         // FiLM a | β [M / rows_per_sample, 2N], or null
-    float* partials;         // GRN slab sums, or null
-    const float* a_mod;      // the A modulation [samples, 2K], or null
-    int m, n, k;
-    int gelu;
-    int rows_per_sample;
-    float film_k;
-    float a_k;
-    int pad;  // explicit, so every byte is a field
-};
+#include "common/gemm_params.cuh"
 
 namespace gemm {
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 8, THREADS = 256;

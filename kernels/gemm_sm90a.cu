@@ -9,62 +9,81 @@
 //   gemm_scale_a_bf16 into a workspace first (the same arithmetic), or falls back.
 // Layout: A bf16 [M, K] row-major, W bf16 [N, K] row-major (a Linear weight), bias f32 [N],
 //   R and C [M, N] row-major in the output type, ab f32 [M / rows_per_sample, 2N] (a | β).
-//   A and W reach the kernel as TMA tensor maps (dims {K, rows}, box {64, 128}, 128-byte
-//   swizzle): each stage holds a 128×64 A tile and a 128×64 W tile, rows of 128 bytes in the
-//   canonical K-major 128-byte-swizzled layout (8-row atoms of 1024 bytes).
-// Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×128 output tiles
-//   b, b + grid, b + 2·grid, … (tile t: row tile t mod ceil(M/128), column tile t div it).
+//   A and W reach the kernel as TMA tensor maps (dims {K, rows}, boxes {64, 128} for A and
+//   {64, BN} for W, 128-byte swizzle): each stage holds a 128×64 A tile and a BN×64 W tile,
+//   rows of 128 bytes in the canonical K-major 128-byte-swizzled layout (8-row atoms of 1024
+//   bytes).
+// Tile width BN ∈ {64, 128, 256}, one instantiation each (ops/gemm_sm90a.rs TileWidth picks
+//   per shape: wave quantisation over the SMs, padded columns, operand traffic). Each element
+//   is accumulated and reduced the same way in every width, so all three give the same bits
+//   (C and the GRN partials).
+// Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×BN output tiles
+//   b, b + grid, b + 2·grid, … in grouped order: tile t lies in group g = t div (8·tiles_n) of
+//   8 row tiles (the last group has the remaining r ≤ 8), walked row-fastest: row tile
+//   8g + (t' mod r), column tile t' div r, t' = t − 8g·tiles_n. The ~SM-count tiles in flight
+//   at once then share ≤ 8 A row panels and ~SMs/8 W column panels in L2.
 //   384 threads = 3 warpgroups: warpgroup 0 the producer (setmaxnreg.dec to 40; one thread
-//   issues the TMA loads), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232), each
-//   computing 64 rows × 128 columns with wgmma.mma_async m64n128k16 f32.bf16.bf16, A and B
-//   from shared-memory descriptors, one k-tile's batch of 4 wgmmas in flight (wait_group 1
-//   releases the previous stage). A 4-stage ring of full/empty mbarrier pairs: full[s] one
-//   arrival (expect_tx of 32 KiB) + the TMA bytes, empty[s] one arrival per consumer warp (8).
-//   Dynamic shared memory: 1024 (alignment slack) + 4 · 32 KiB + 8 KiB GRN scratch + 64 bytes
-//   of barriers = SMEM_BYTES below.
+//   issues the TMA loads), warpgroups 1 and 2 the consumers (setmaxnreg.inc to 232: BN = 256
+//   holds 128 f32 accumulators per thread), each computing 64 rows × BN columns with
+//   wgmma.mma_async m64nBNk16 f32.bf16.bf16, A and B from shared-memory descriptors, one
+//   k-tile's batch of 4 wgmmas in flight (wait_group 1 releases the previous stage). A 4-stage
+//   ring of full/empty mbarrier pairs: full[s] one arrival (expect_tx of the stage's 16 KiB +
+//   BN·128 bytes) + the TMA bytes, empty[s] one arrival per consumer warp (8).
+//   Dynamic shared memory: 1024 (alignment slack) + 4 stages · (16 KiB + BN·128) + BN·64 bytes
+//   of GRN scratch + 64 bytes of barriers = Plan<BN>::SMEM_BYTES below (103 488, 140 352 and
+//   214 080 bytes for BN 64, 128, 256; the limit is 227 KiB).
 // Limits: K % 8 == 0 (TMA strides are multiples of 16 bytes), A and W 16-byte aligned;
 //   M, N, K tails are zero-filled by TMA and masked on store. M, N < 2^31, tiles < 2^31.
-// Names: gemm_sm90a_bf16_<out>. Parameters: the A and W tensor maps, then GemmSm90aParams
-//   (the fields of kernels/gemm.cu's GemmParams; `a` and `w` are unused, `a_mod` must be null).
+// Names: gemm_sm90a_n<BN>_bf16_<out>. Parameters: the A and W tensor maps, then GemmParams
+//   (kernels/common/gemm_params.cuh, shared with kernels/gemm.cu; `a` and `w` are unused,
+//   `a_mod` must be null).
+// The released model's GEMMs (`bench --shapes --list` at 1024², 2048², 4096²; docs/PERF.md
+//   lists them with work shares): N and K each one of 16, 192, 320, 384, 512, 576, 640, 768,
+//   1024, 1152, 1280, 1536, 2048, 2304, 4096, 4608, 5120, 8192 (N also 12, 256, 3072, 3456,
+//   3840, 6144; K also 8, 64), M from 2 to 524 288; 92 % of the GEMM FLOPs at 4096² have
+//   N ∈ {1152, 2048, 3456, 4608, 6144, 8192} and K ∈ {1152, 2048, 4608, 8192}.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/hopper_sm90a.cuh"
 #include "common/gemm_epilogue.cuh"
-
-struct GemmSm90aParams {
-    const __nv_bfloat16* a;  // A [M, K] (the tensor map's; for messages only)
-    const __nv_bfloat16* w;  // W [N, K] (likewise)
-    const float* bias;       // [N], or null
-    const void* r;           // R [M, N] in the output type, or null
-    void* c;                 // C [M, N] in the output type
-    const float* ab;         // FiLM a | β [M / rows_per_sample, 2N], or null
-    float* partials;         // GRN slab sums, or null
-    const float* a_mod;      // must be null (the host scales A first)
-    int m, n, k;
-    int gelu;
-    int rows_per_sample;
-    float film_k;
-    float a_k;
-    int pad;  // explicit, so every byte is a field
-};
+#include "common/gemm_params.cuh"
 
 namespace gemm_sm90a {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4;
-constexpr int TILE_BYTES = BM * BK * 2;        // 16 KiB, one operand's stage
-constexpr int STAGE_BYTES = 2 * TILE_BYTES;    // A and W
-constexpr int RED_BYTES = 2 * 4 * 2 * BN * 4;  // GRN: [consumer][warp][part][column] f32
-constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + RED_BYTES + 2 * STAGES * 8;
+constexpr int BM = 128, BK = 64, STAGES = 4, GROUP_M = 8;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
-static_assert(SMEM_BYTES == 140352, "ops/gemm_sm90a.rs SMEM_BYTES mirrors this");
 
-template <typename TO>
-__device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap* w_map, const GemmSm90aParams& p) {
+// The shared-memory plan of the BN-wide kernel: [STAGES][A BM×BK | W BN×BK] tiles, the GRN
+// scratch [consumer][warp][part][column] f32, then the full and empty mbarriers.
+template <int BN> struct Plan {
+    static constexpr int A_BYTES = BM * BK * 2;
+    static constexpr int W_BYTES = BN * BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;
+    static constexpr int RED_BYTES = 2 * 4 * 2 * BN * 4;
+    static constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + RED_BYTES + 2 * STAGES * 8;
+    static_assert(SMEM_BYTES <= 227 * 1024, "Hopper's per-block shared memory limit");
+};
+static_assert(Plan<64>::SMEM_BYTES == 103488 && Plan<128>::SMEM_BYTES == 140352 && Plan<256>::SMEM_BYTES == 214080,
+              "ops/gemm_sm90a.rs TileWidth::smem_bytes mirrors these");
+
+// Tile t → (row tile, column tile): groups of GROUP_M row tiles (the last group may be
+// shorter), each walked row-fastest over all column tiles. A bijection of [0, tiles_m·tiles_n).
+__device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& tm, int& tn) {
+    const int group = t / (GROUP_M * tiles_n), first = group * GROUP_M;
+    const int rows = min(GROUP_M, tiles_m - first), in_group = t - first * tiles_n;
+    tm = first + in_group % rows;
+    tn = in_group / rows;
+}
+
+template <int BN, typename TO>
+__device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap* w_map, const GemmParams& p) {
+    using P = Plan<BN>;
+    constexpr int STAGE_BYTES = P::STAGE_BYTES;
     unsigned char* raw = dynamic_smem<unsigned char>();
     // 128-byte swizzle atoms start on 1024-byte boundaries of the shared address space.
     unsigned char* smem = raw + ((1024 - (smem_address(raw) & 1023)) & 1023);
-    unsigned char* tiles = smem;  // [STAGES][A 128×64 | W 128×64]
+    unsigned char* tiles = smem;  // [STAGES][A 128×64 | W BN×64]
     float* red = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES);
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES + RED_BYTES);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES + P::RED_BYTES);
     uint64_t* empty = full + STAGES;
 
     const int M = p.m, N = p.n, K = p.k;
@@ -88,14 +107,16 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
         if (threadIdx.x == 0) {
             int it = 0;
             for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-                const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+                int tm, tn;
+                tile_coords(tile, tiles_m, tiles_n, tm, tn);
+                const int m0 = tm * BM, n0 = tn * BN;
                 for (int kt = 0; kt < ktiles; ++kt, ++it) {
                     const int s = it % STAGES;
                     mbarrier_wait_parity(&empty[s], ((it / STAGES) & 1) ^ 1);
                     unsigned char* st = tiles + s * STAGE_BYTES;
                     mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
                     tma_load_2d(st, a_map, &full[s], kt * BK, m0);
-                    tma_load_2d(st + TILE_BYTES, w_map, &full[s], kt * BK, n0);
+                    tma_load_2d(st + P::A_BYTES, w_map, &full[s], kt * BK, n0);
                 }
             }
         }
@@ -111,12 +132,14 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
     float acc[BN / 2];
     int it = 0;
     for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-        const int m0 = (tile % tiles_m) * BM, n0 = (tile / tiles_m) * BN;
+        int tm, tn;
+        tile_coords(tile, tiles_m, tiles_n, tm, tn);
+        const int m0 = tm * BM, n0 = tn * BN;
         for (int kt = 0; kt < ktiles; ++kt, ++it) {
             const int s = it % STAGES;
             mbarrier_wait_parity(&full[s], (it / STAGES) & 1);
             const uint32_t a_addr = tiles_addr + s * STAGE_BYTES + c * (64 * 128);
-            const uint32_t w_addr = tiles_addr + s * STAGE_BYTES + TILE_BYTES;
+            const uint32_t w_addr = tiles_addr + s * STAGE_BYTES + P::A_BYTES;
             wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < BK / 16; ++ks)
@@ -168,16 +191,18 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
         if (grn) {
             // The slab's 4 warps, added in warp order by the thread that owns the column.
             named_barrier_sync(1 + c, 128);
-            const int col = n0 + t;
-            if (slab < M && col < N) {
-                const float* cred = red + c * 4 * 2 * BN;
-                float* out = p.partials + (slab / 64) * 2LL * N;
+            const float* cred = red + c * 4 * 2 * BN;
+            float* out = p.partials + (slab / 64) * 2LL * N;
+            for (int cl = t; cl < BN; cl += 128) {
+                const int col = n0 + cl;
+                if (slab < M && col < N) {
 #pragma unroll
-                for (int part = 0; part < 2; ++part) {
-                    float v = 0.f;
+                    for (int part = 0; part < 2; ++part) {
+                        float v = 0.f;
 #pragma unroll
-                    for (int w = 0; w < 4; ++w) v += cred[(w * 2 + part) * BN + t];
-                    out[part * N + col] = v;
+                        for (int w = 0; w < 4; ++w) v += cred[(w * 2 + part) * BN + cl];
+                        out[part * N + col] = v;
+                    }
                 }
             }
             named_barrier_sync(1 + c, 128);  // the scratch is free for the next tile
@@ -186,13 +211,33 @@ __device__ __forceinline__ void body(const CUtensorMap* a_map, const CUtensorMap
 }
 }  // namespace gemm_sm90a
 
-extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_f32(const __grid_constant__ CUtensorMap a_map,
-                                                                        const __grid_constant__ CUtensorMap w_map,
-                                                                        const GemmSm90aParams p) {
-    gemm_sm90a::body<float>(&a_map, &w_map, p);
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n64_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<64, float>(&a_map, &w_map, p);
 }
-extern "C" __global__ void __launch_bounds__(384, 1) gemm_sm90a_bf16_bf16(const __grid_constant__ CUtensorMap a_map,
-                                                                         const __grid_constant__ CUtensorMap w_map,
-                                                                         const GemmSm90aParams p) {
-    gemm_sm90a::body<__nv_bfloat16>(&a_map, &w_map, p);
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n64_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<64, __nv_bfloat16>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n128_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<128, float>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n128_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<128, __nv_bfloat16>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n256_bf16_f32(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<256, float>(&a_map, &w_map, p);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_sm90a_n256_bf16_bf16(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                          const GemmParams p) {
+    gemm_sm90a::body<256, __nv_bfloat16>(&a_map, &w_map, p);
 }

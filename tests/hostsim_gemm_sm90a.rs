@@ -1,19 +1,21 @@
 //! The Hopper GEMM (`kernels/gemm_sm90a.cu`) on the emulator: fresh random inputs, odd M, N
 //! and K that still qualify (tails in every dimension, several tiles per block of the
-//! persistent grid so the 4-stage ring wraps), every epilogue (bias, GELU-erf, residual, FiLM,
-//! GRN slab sums, bf16 and f32 out), outputs poisoned first, against the CPU reference
-//! (`ops::gemm::gemm_ref` plus FiLM and the GRN sums) with a tolerance that scales with K.
-//! Dispatch: with `UPX_KERNELS=sm90a` a qualifying Gemm launches the sm_90a kernel on hostsim,
-//! and shapes that do not qualify (misaligned operands, the A modulation) fall back to the
-//! portable kernel and still compute the right product. Runs in both thread orders
-//! (`HOSTSIM_REVERSE=1`).
+//! persistent grid so the 4-stage ring wraps), each tile width (64, 128, 256), every epilogue
+//! (bias, GELU-erf, residual, FiLM, GRN slab sums, bf16 and f32 out), outputs poisoned first,
+//! against the CPU reference (`ops::gemm::gemm_ref` plus FiLM and the GRN sums) with a
+//! tolerance that scales with K. The widths give bit-identical C and partials; the grouped
+//! tile order computes every tile exactly once (residual added in place). Dispatch: with
+//! `UPX_KERNELS=sm90a` a qualifying Gemm launches the sm_90a kernel on hostsim, and shapes
+//! that do not qualify (misaligned operands, the A modulation) fall back to the portable
+//! kernel and still compute the right product. Runs in both thread orders
+//! (`HOSTSIM_REVERSE=1`) and under the race check (tools/racecheck.sh).
 #![cfg(feature = "hostsim")]
 
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::RngExt;
 use ultrapixel::ops::gemm::{gemm_ref, Gemm, GemmParams, GemmScaledA};
-use ultrapixel::ops::gemm_sm90a;
+use ultrapixel::ops::gemm_sm90a::{self, TileWidth};
 use ultrapixel::ops::math::gelu_ref;
 use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
 use ultrapixel::runtime::hostsim::launch;
@@ -48,6 +50,10 @@ struct Case {
     samples: usize,
     /// SMs of the persistent grid.
     sms: u32,
+    /// The tile width (None: the launcher's rule).
+    width: Option<TileWidth>,
+    /// R is C (the residual added in place): a tile computed twice would add it twice.
+    in_place: bool,
 }
 
 fn case(m: usize, n: usize, k: usize, out: DType) -> Case {
@@ -63,12 +69,22 @@ fn case(m: usize, n: usize, k: usize, out: DType) -> Case {
         grn: false,
         samples: 1,
         sms: 132,
+        width: None,
+        in_place: false,
     }
 }
 
-/// Runs one case on the sm_90a kernel and checks C (and the GRN partials) against the CPU.
-fn check(rng: &mut StdRng, c: Case) {
-    let Case { m, n, k, out, .. } = c;
+/// A case's random inputs: A, W, bias, R, FiLM a | β.
+struct Inputs {
+    a: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    res: Vec<f32>,
+    ab: Vec<f32>,
+}
+
+fn inputs(rng: &mut StdRng, c: &Case) -> Inputs {
+    let Case { m, n, k, out, .. } = *c;
     let a = bf16_round(&values(rng, m * k, 1.0));
     let w = bf16_round(&values(rng, n * k, 1.0));
     let bias = values(rng, n, 0.5);
@@ -77,24 +93,60 @@ fn check(rng: &mut StdRng, c: Case) {
         res = bf16_round(&res);
     }
     let ab = values(rng, c.samples * 2 * n, 0.5);
+    Inputs {
+        a,
+        w,
+        bias,
+        res,
+        ab,
+    }
+}
+
+/// Runs one case on fresh random inputs ([`check_on`]).
+fn check(rng: &mut StdRng, c: Case) -> (Vec<f32>, Vec<f32>) {
+    let x = inputs(rng, &c);
+    check_on(&x, c)
+}
+
+/// Runs one case on the sm_90a kernel and checks C (and the GRN partials) against the CPU;
+/// returns them (C as f32 values, the partials empty without GRN).
+fn check_on(x: &Inputs, c: Case) -> (Vec<f32>, Vec<f32>) {
+    let Case { m, n, k, out, .. } = c;
+    let Inputs {
+        a,
+        w,
+        bias,
+        res,
+        ab,
+    } = x;
     let rows_per_sample = m / c.samples;
     assert_eq!(rows_per_sample * c.samples, m);
     let slabs = m.div_ceil(64);
 
     let (ga, gw, gbias, gres, gab) = (
-        Buf::of_bf16(&a),
-        Buf::of_bf16(&w),
-        Buf::of_f32(&bias),
-        Buf::of(&res, out),
-        Buf::of_f32(&ab),
+        Buf::of_bf16(a),
+        Buf::of_bf16(w),
+        Buf::of_f32(bias),
+        Buf::of(res, out),
+        Buf::of_f32(ab),
     );
-    let gc = Buf::new(m * n * if out == DType::BF16 { 2 } else { 4 });
+    // In place: C starts as R (a tile left out keeps R, one computed twice adds R twice);
+    // otherwise poisoned.
+    let gc = if c.in_place {
+        Buf::of(res, out)
+    } else {
+        Buf::new(m * n * if out == DType::BF16 { 2 } else { 4 })
+    };
     let gp = Buf::new(slabs * 2 * n * 4);
     let p = GemmParams {
         a: ga.addr(),
         w: gw.addr(),
         bias: if c.bias { gbias.addr() } else { 0 },
-        r: if c.residual { gres.addr() } else { 0 },
+        r: match (c.residual, c.in_place) {
+            (false, _) => 0,
+            (true, false) => gres.addr(),
+            (true, true) => gc.addr(),
+        },
         c: gc.addr(),
         ab: if c.film.is_some() { gab.addr() } else { 0 },
         partials: if c.grn { gp.addr() } else { 0 },
@@ -117,15 +169,19 @@ fn check(rng: &mut StdRng, c: Case) {
         sms: c.sms,
         ..KernelTarget::hostsim()
     };
-    let mut l = gemm_sm90a::launch(&target, &p, out).unwrap();
+    let mut l = match c.width {
+        Some(width) => gemm_sm90a::launch_width(&target, &p, out, width),
+        None => gemm_sm90a::launch(&target, &p, out),
+    }
+    .unwrap();
     assert!(gemm_sm90a::is_sm90a_gemm(&l));
     launch(&mut l).unwrap_or_else(|e| panic!("{c:?}: {e}"));
 
     // The reference: Σ in f64 → f32, bias, GELU, residual (gemm_ref), then FiLM in f32.
     let mut want = vec![0f32; m * n];
     gemm_ref(
-        &a,
-        &w,
+        a,
+        w,
         c.bias.then_some(&bias[..]),
         c.gelu,
         c.residual.then_some(&res[..]),
@@ -166,9 +222,10 @@ fn check(rng: &mut StdRng, c: Case) {
             worst = worst.max(err / tol);
         }
     }
+    let mut parts = Vec::new();
     if c.grn {
         // Slab q's sums of the stored values' squares, split at the sample boundary.
-        let parts = gp.read(DType::F32);
+        parts = gp.read(DType::F32);
         assert!(gp.guard_intact(), "{c:?}: a store past the partials");
         for q in 0..slabs {
             let s0 = q * 64 / rows_per_sample;
@@ -187,19 +244,33 @@ fn check(rng: &mut StdRng, c: Case) {
             }
         }
     }
-    eprintln!("{c:?}: worst error {worst:.3} of the tolerance");
+    eprintln!(
+        "{c:?} ({}): worst error {worst:.3} of the tolerance",
+        l.kernel.name()
+    );
+    (got, parts)
 }
 
 #[test]
 fn sm90a_gemm_plain_products_with_tails_in_every_dimension() {
     let mut rng = rng();
-    // K tail (72 = 64 + 8), N tail, M tail; then several tiles per block so the ring's phases
-    // wrap (1 and 2 SMs), and a real K (768, the model's width) on a cut-down M × N.
-    check(&mut rng, case(77, 200, 72, DType::F32));
+    // K tail (72 = 64 + 8), N tail, M tail in each width; then several tiles per block so the
+    // ring's phases wrap (1 and 2 SMs), and a real K (768, the model's width) on a cut-down
+    // M × N.
+    for width in TileWidth::ALL {
+        check(
+            &mut rng,
+            Case {
+                width: Some(width),
+                ..case(77, 200, 72, DType::F32)
+            },
+        );
+    }
     check(
         &mut rng,
         Case {
             sms: 1,
+            width: Some(TileWidth::N128),
             ..case(130, 136, 200, DType::BF16)
         },
     );
@@ -207,7 +278,16 @@ fn sm90a_gemm_plain_products_with_tails_in_every_dimension() {
         &mut rng,
         Case {
             sms: 2,
+            width: Some(TileWidth::N64),
             ..case(200, 130, 40, DType::F32)
+        },
+    );
+    check(
+        &mut rng,
+        Case {
+            sms: 1,
+            width: Some(TileWidth::N256),
+            ..case(150, 300, 136, DType::BF16)
         },
     );
     check(&mut rng, case(64, 128, 768, DType::BF16));
@@ -221,6 +301,7 @@ fn sm90a_gemm_every_epilogue() {
         Case {
             bias: true,
             gelu: true,
+            width: Some(TileWidth::N256),
             ..case(70, 136, 88, DType::BF16)
         },
     );
@@ -230,6 +311,7 @@ fn sm90a_gemm_every_epilogue() {
             bias: true,
             residual: true,
             sms: 1,
+            width: Some(TileWidth::N128),
             ..case(131, 72, 136, DType::F32)
         },
     );
@@ -238,6 +320,7 @@ fn sm90a_gemm_every_epilogue() {
         Case {
             bias: true,
             residual: true,
+            width: Some(TileWidth::N64),
             ..case(66, 40, 64, DType::BF16)
         },
     );
@@ -250,6 +333,7 @@ fn sm90a_gemm_every_epilogue() {
             film: Some(1.0),
             samples: 3,
             sms: 2,
+            width: Some(TileWidth::N128),
             ..case(3 * 45, 136, 72, DType::BF16)
         },
     );
@@ -262,6 +346,7 @@ fn sm90a_gemm_every_epilogue() {
             grn: true,
             samples: 2,
             sms: 1,
+            width: Some(TileWidth::N64),
             ..case(2 * 97, 136, 64, DType::BF16)
         },
     );
@@ -273,9 +358,89 @@ fn sm90a_gemm_every_epilogue() {
             film: Some(0.0),
             grn: true,
             samples: 2,
+            width: Some(TileWidth::N256),
             ..case(2 * 70, 200, 48, DType::F32)
         },
     );
+}
+
+/// The tile width changes which block computes an element, never how: every width gives the
+/// same bits of C and of the GRN partials, for every epilogue and both output types.
+#[test]
+fn every_tile_width_gives_bit_identical_outputs() {
+    let mut rng = rng();
+    let cases = [
+        Case {
+            bias: true,
+            gelu: true,
+            residual: true,
+            film: Some(1.0),
+            grn: true,
+            samples: 2,
+            sms: 3,
+            ..case(2 * 83, 330, 88, DType::BF16)
+        },
+        Case {
+            bias: true,
+            residual: true,
+            grn: true,
+            samples: 3,
+            sms: 2,
+            ..case(3 * 67, 270, 72, DType::F32)
+        },
+    ];
+    for c in cases {
+        let x = inputs(&mut rng, &c);
+        let runs: Vec<(Vec<f32>, Vec<f32>)> = TileWidth::ALL
+            .iter()
+            .map(|&w| {
+                check_on(
+                    &x,
+                    Case {
+                        width: Some(w),
+                        ..c
+                    },
+                )
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        for (w, run) in TileWidth::ALL.iter().zip(&runs).skip(1) {
+            assert!(
+                bits(&run.0) == bits(&runs[0].0),
+                "{c:?}: C of {w:?} differs from N64's"
+            );
+            assert!(
+                bits(&run.1) == bits(&runs[0].1),
+                "{c:?}: partials of {w:?} differ from N64's"
+            );
+        }
+    }
+}
+
+/// The grouped tile order (groups of 8 row tiles, the last one shorter) visits every tile
+/// exactly once: with C = R updated in place, a tile left out keeps R and a tile computed
+/// twice adds R twice. Odd tile counts, several groups, blocks that take many tiles.
+#[test]
+fn grouped_tile_order_computes_every_tile_once() {
+    let mut rng = rng();
+    // 11 row tiles (a group of 8 and one of 3) × 3 column tiles of 64 = 33 tiles on 4 SMs;
+    // 10 × 3 of 128 = 30 on 7; 9 × 1 of 256 on 2.
+    for (m, n, width, sms) in [
+        (1300, 136, TileWidth::N64, 4),
+        (1200, 300, TileWidth::N128, 7),
+        (1100, 200, TileWidth::N256, 2),
+    ] {
+        check(
+            &mut rng,
+            Case {
+                residual: true,
+                in_place: true,
+                sms,
+                width: Some(width),
+                ..case(m, n, 16, DType::F32)
+            },
+        );
+    }
 }
 
 /// An op's launches (a bias Gemm, or the GRN-scaled-A Gemm) on the emulator's target under
@@ -391,12 +556,12 @@ fn dispatch_picks_sm90a_where_the_shape_qualifies_and_falls_back_otherwise() {
     let mut rng = rng();
     assert_eq!(
         run_op(&mut rng, false, (66, 72, 24), 0, false, true),
-        ["gemm_sm90a_bf16_f32"]
+        ["gemm_sm90a_n64_bf16_f32"]
     );
     // The GRN-scaled A: the scale pass into the workspace, then the Hopper kernel ...
     assert_eq!(
         run_op(&mut rng, true, (130, 40, 72), 0, true, true),
-        ["gemm_scale_a_bf16", "gemm_sm90a_bf16_f32"]
+        ["gemm_scale_a_bf16", "gemm_sm90a_n64_bf16_f32"]
     );
     // ... and without a workspace the portable kernel, which scales A itself.
     assert_eq!(

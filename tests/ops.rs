@@ -207,12 +207,16 @@ fn noise_matches_reference() {
 fn every_kernel_is_exercised_by_a_check() {
     let mut used = BTreeSet::new();
     // The emulator-size checks launch every kernel the GPU-size ones do, and build quickly;
-    // the Hopper kernels: the same checks built for the emulator with them forced.
+    // the Hopper kernels: the same checks built for the emulator with them forced, for an
+    // H100's 132 SMs and for 1 and 2 SMs (where the GEMM's wider tiles win at these sizes).
     let sm90a = KernelTarget::hostsim().with_choice(KernelChoice::Sm90a);
     for c in ultrapixel::ops::all_checks(1, Scale::Emulator).unwrap() {
-        let portable = dry_launches(&c.graph).unwrap();
-        let hopper = dry_launches_for(&c.graph, sm90a).unwrap();
-        used.extend(portable.iter().chain(&hopper).map(|l| l.kernel));
+        used.extend(dry_launches(&c.graph).unwrap().iter().map(|l| l.kernel));
+        for sms in [132, 1, 2] {
+            let target = KernelTarget { sms, ..sm90a };
+            let hopper = dry_launches_for(&c.graph, target).unwrap();
+            used.extend(hopper.iter().map(|l| l.kernel));
+        }
     }
     let unused: Vec<&str> = KernelId::ALL
         .iter()

@@ -25,8 +25,9 @@ const TILE_N: usize = 128;
 /// STAGES · (TILE_M + TILE_N) · padded row pitch 40 · 2 bytes.
 const SMEM_BYTES: u32 = 3 * (128 + 128) * 40 * 2;
 
-/// The parameters of `gemm_bf16_*`: `struct GemmParams` of kernels/gemm.cu, whose comments say
-/// what each field is. Device pointers are addresses, 0 for null.
+/// The parameters of `gemm_bf16_*` and `gemm_sm90a_*`: `struct GemmParams` of
+/// kernels/common/gemm_params.cuh, whose comments say what each field is. Device pointers are
+/// addresses, 0 for null.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct GemmParams {

@@ -1,10 +1,14 @@
 //! The Hopper GEMM (`kernels/gemm_sm90a.cu`): the launcher and its TMA tensor maps. The
 //! [`Gemm`](super::gemm::Gemm) ops call [`launch`] instead of the portable kernel when
 //! `UPX_KERNELS` allows it on the target (`runtime::kernel_choice`) and the shape
-//! [`qualifies`]; the math, layouts and epilogues are the portable kernel's.
+//! [`qualifies`]; the math, layouts, epilogues and parameter struct ([`GemmParams`]) are the
+//! portable kernel's. The kernel comes in three tile widths ([`TileWidth`]: 128×64, 128×128,
+//! 128×256 output tiles) that compute the same bits; [`launch`] picks one per shape
+//! ([`TileWidth::for_shape`]: wave quantisation over the SMs, padded columns, operand
+//! traffic), [`launch_width`] takes one. The persistent blocks walk the tiles in groups of 8
+//! row tiles so the tiles in flight share A and W panels in L2 (the kernel's header comment).
 
 use super::gemm::GemmParams;
-use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::kernel_choice::KernelTarget;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{Args, Launch};
@@ -13,41 +17,87 @@ use crate::runtime::BackendKind;
 use crate::tensor::DType;
 use crate::{Error, Result};
 
-/// Output tile (rows × columns) of one block iteration, and the k-tile of a pipeline stage.
+/// Rows of the output tile, and the k-tile of a pipeline stage.
 pub const TILE_M: usize = 128;
-pub const TILE_N: usize = 128;
 pub const TILE_K: usize = 64;
-/// 1024 alignment slack + 4 stages · (A + W tiles of 128 × 64 bf16) + 8 KiB GRN scratch +
-/// 8 mbarriers (kernels/gemm_sm90a.cu, gemm_sm90a::SMEM_BYTES).
-pub const SMEM_BYTES: u32 = 1024 + 4 * 2 * (128 * 64 * 2) + 2 * 4 * 2 * 128 * 4 + 2 * 4 * 8;
+/// Pipeline stages (every width fits 4 in the 227 KiB of shared memory).
+pub const STAGES: u32 = 4;
 /// 3 warpgroups: the producer and two consumers.
 pub const THREADS: u32 = 384;
 /// The kernel name prefix (every launch of it is an sm_90a GEMM).
 pub const KERNEL_PREFIX: &str = "gemm_sm90a_";
 
-/// `struct GemmSm90aParams` of kernels/gemm_sm90a.cu: the fields of [`GemmParams`], same
-/// layout (`a_mod` must be 0).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct GemmSm90aParams {
-    pub a: u64,
-    pub w: u64,
-    pub bias: u64,
-    pub r: u64,
-    pub c: u64,
-    pub ab: u64,
-    pub partials: u64,
-    pub a_mod: u64,
-    pub m: i32,
-    pub n: i32,
-    pub k: i32,
-    pub gelu: i32,
-    pub rows_per_sample: i32,
-    pub film_k: f32,
-    pub a_k: f32,
-    pub pad: i32,
+/// The output tile's width (BN columns): one kernel instantiation each,
+/// `gemm_sm90a_n<BN>_bf16_<out>`, all computing bit-identical outputs (the accumulation and
+/// the GRN slab order do not depend on the width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileWidth {
+    /// 128×64 tiles: N that 128 would pad by more than an eighth (N = 192, 320, 16, …).
+    N64,
+    /// 128×128 tiles.
+    N128,
+    /// 128×256 tiles (128 f32 accumulators per consumer thread): wide N with enough tiles.
+    N256,
 }
-mirror_kernel_struct!(GemmSm90aParams);
+
+impl TileWidth {
+    pub const ALL: [TileWidth; 3] = [TileWidth::N64, TileWidth::N128, TileWidth::N256];
+
+    /// BN, the tile's columns.
+    pub fn columns(self) -> usize {
+        match self {
+            TileWidth::N64 => 64,
+            TileWidth::N128 => 128,
+            TileWidth::N256 => 256,
+        }
+    }
+
+    /// Dynamic shared memory: 1024 alignment slack + STAGES · (A 128×64 + W BN×64 bf16
+    /// tiles) + the GRN scratch (2 consumers · 4 warps · 2 parts · BN f32) + 2 · STAGES
+    /// mbarriers (kernels/gemm_sm90a.cu, gemm_sm90a::Plan).
+    pub fn smem_bytes(self) -> u32 {
+        let bn = self.columns() as u32;
+        let stage = (TILE_M * TILE_K * 2) as u32 + bn * TILE_K as u32 * 2;
+        1024 + STAGES * stage + 2 * 4 * 2 * bn * 4 + 2 * STAGES * 8
+    }
+
+    /// Output tiles of an M × N product.
+    pub fn tiles(self, m: usize, n: usize) -> u64 {
+        m.div_ceil(TILE_M) as u64 * n.div_ceil(self.columns()) as u64
+    }
+
+    /// The assumed time per output column relative to the 128-wide tile, in 112ths: 8/7
+    /// for 64 (its operand traffic per flop is 3/2 of the 128-wide tile's, and its m64n64
+    /// wgmma reads shared memory at the SM's full 128 bytes per clock), 15/16 for 256 (3/4 of
+    /// the traffic). Guesses from the traffic until the bench measures each width.
+    fn column_weight(self) -> u64 {
+        match self {
+            TileWidth::N64 => 128,
+            TileWidth::N128 => 112,
+            TileWidth::N256 => 105,
+        }
+    }
+
+    /// The modelled time of an M × N product on `sms` SMs: waves of the persistent grid (the
+    /// tiles rounded up to a multiple of the SM count) × the columns of a tile × the
+    /// per-column weight.
+    fn cost(self, m: usize, n: usize, sms: u32) -> u64 {
+        let waves = self.tiles(m, n).div_ceil(sms.max(1) as u64);
+        waves * self.columns() as u64 * self.column_weight()
+    }
+
+    /// The width of least modelled [cost](Self::cost) for an M × N product on `sms` SMs
+    /// (ties to the wider): wave quantisation, padded columns and operand traffic all count.
+    pub fn for_shape(m: usize, n: usize, sms: u32) -> TileWidth {
+        let mut best = TileWidth::N256;
+        for w in [TileWidth::N128, TileWidth::N64] {
+            if w.cost(m, n, sms) < best.cost(m, n, sms) {
+                best = w;
+            }
+        }
+        best
+    }
+}
 
 /// Why a GEMM cannot run the Hopper kernel (None: it qualifies). TMA needs 16-byte-aligned
 /// A and W and row strides that are multiples of 16 bytes (K % 8 == 0); M, N and K tails are
@@ -69,7 +119,8 @@ pub fn why_not(p: &GemmParams) -> Option<String> {
     if p.a_mod != 0 {
         return Some("the A modulation needs the scale pass first".into());
     }
-    let tiles = (p.m as u64).div_ceil(TILE_M as u64) * (p.n as u64).div_ceil(TILE_N as u64);
+    // The narrowest width has the most tiles.
+    let tiles = TileWidth::N64.tiles(p.m as usize, p.n as usize);
     if tiles > i32::MAX as u64 {
         return Some(format!("{tiles} tiles exceed the tile index range"));
     }
@@ -81,15 +132,21 @@ pub fn qualifies(p: &GemmParams) -> bool {
     why_not(p).is_none()
 }
 
-/// The tensor map of a row-major bf16 `[rows, k]` operand: dims {k, rows}, box {64, 128},
-/// 128-byte swizzle (the kernel's stage layout).
-pub fn operand_map(backend: BackendKind, addr: u64, rows: usize, k: usize) -> Result<TensorMap> {
+/// The tensor map of a row-major bf16 `[rows, k]` operand: dims {k, rows}, box {64, box_rows},
+/// 128-byte swizzle (the kernel's stage layout: 128 rows of A, BN rows of W).
+pub fn operand_map(
+    backend: BackendKind,
+    addr: u64,
+    rows: usize,
+    k: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
     TensorMapSpec {
         dtype: TmaDtype::Bf16,
         global_address: addr,
         dims: vec![k as u64, rows as u64],
         strides: vec![2 * k as u64],
-        box_dims: vec![TILE_K as u32, TILE_M as u32],
+        box_dims: vec![TILE_K as u32, box_rows as u32],
         element_strides: vec![1, 1],
         swizzle: TmaSwizzle::B128,
     }
@@ -97,14 +154,34 @@ pub fn operand_map(backend: BackendKind, addr: u64, rows: usize, k: usize) -> Re
 }
 
 /// Blocks of the persistent grid: one per SM at most.
-pub fn grid(m: usize, n: usize, sms: u32) -> u32 {
-    let tiles = m.div_ceil(TILE_M) * n.div_ceil(TILE_N);
-    (tiles as u64).min(sms.max(1) as u64).max(1) as u32
+pub fn grid(m: usize, n: usize, width: TileWidth, sms: u32) -> u32 {
+    width.tiles(m, n).min(sms.max(1) as u64).max(1) as u32
 }
 
-/// The launch of `gemm_sm90a_bf16_<out>` for parameters that [`qualify`](qualifies), on
-/// `target` (its backend encodes the tensor maps; its SM count sizes the grid).
+/// The SM count the grid is sized for (an H100's 132 when the target does not say).
+fn target_sms(target: &KernelTarget) -> u32 {
+    if target.sms == 0 {
+        132
+    } else {
+        target.sms
+    }
+}
+
+/// The launch of the Hopper GEMM for parameters that [`qualify`](qualifies), on `target` (its
+/// backend encodes the tensor maps; its SM count sizes the grid), in the width
+/// [`TileWidth::for_shape`] picks.
 pub fn launch(target: &KernelTarget, p: &GemmParams, out: DType) -> Result<Launch> {
+    let width = TileWidth::for_shape(p.m.max(0) as usize, p.n.max(0) as usize, target_sms(target));
+    launch_width(target, p, out, width)
+}
+
+/// [`launch`] in a given tile width: `gemm_sm90a_n<BN>_bf16_<out>`.
+pub fn launch_width(
+    target: &KernelTarget,
+    p: &GemmParams,
+    out: DType,
+    width: TileWidth,
+) -> Result<Launch> {
     if let Some(why) = why_not(p) {
         return Err(Error::InvalidArgument(format!(
             "gemm_sm90a: this GEMM does not qualify: {why}"
@@ -114,23 +191,18 @@ pub fn launch(target: &KernelTarget, p: &GemmParams, out: DType) -> Result<Launc
         Error::InvalidArgument("gemm_sm90a: no backend to encode the tensor maps for".into())
     })?;
     let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-    let a_map = operand_map(backend, p.a, m, k)?;
-    let w_map = operand_map(backend, p.w, n, k)?;
-    let params: GemmSm90aParams = bytemuck::cast(*p);
-    let name = format!("{KERNEL_PREFIX}bf16_{}", out.suffix());
+    let a_map = operand_map(backend, p.a, m, k, TILE_M)?;
+    let w_map = operand_map(backend, p.w, n, k, width.columns())?;
+    let name = format!("{KERNEL_PREFIX}n{}_bf16_{}", width.columns(), out.suffix());
     Ok(Launch {
         kernel: KernelId::lookup(&name)?,
-        grid: [
-            grid(m, n, if target.sms == 0 { 132 } else { target.sms }),
-            1,
-            1,
-        ],
+        grid: [grid(m, n, width, target_sms(target)), 1, 1],
         block: [THREADS, 1, 1],
-        smem: SMEM_BYTES,
+        smem: width.smem_bytes(),
         args: Args::new()
             .tensor_map(&a_map)
             .tensor_map(&w_map)
-            .by_value(&params),
+            .by_value(p),
     })
 }
 
@@ -180,9 +252,50 @@ mod tests {
 
     #[test]
     fn the_persistent_grid_is_at_most_the_sm_count() {
-        assert_eq!(grid(128, 128, 132), 1);
-        assert_eq!(grid(129, 257, 132), 6);
-        assert_eq!(grid(4096, 4096, 132), 132);
-        assert_eq!(SMEM_BYTES, 140_352);
+        assert_eq!(grid(128, 128, TileWidth::N128, 132), 1);
+        assert_eq!(grid(129, 257, TileWidth::N128, 132), 6);
+        assert_eq!(grid(129, 257, TileWidth::N64, 132), 10);
+        assert_eq!(grid(129, 257, TileWidth::N256, 132), 4);
+        assert_eq!(grid(4096, 4096, TileWidth::N256, 132), 132);
+    }
+
+    #[test]
+    fn every_width_fits_shared_memory() {
+        // The kernel's static_asserts state the same numbers.
+        let bytes = TileWidth::ALL.map(TileWidth::smem_bytes);
+        assert_eq!(bytes, [103_488, 140_352, 214_080]);
+        assert!(bytes.iter().all(|&b| b <= 227 * 1024));
+    }
+
+    #[test]
+    fn width_rule_on_the_models_shapes() {
+        use TileWidth::*;
+        // (M, N, width) on 132 SMs, from `bench --shapes --list` (docs/PERF.md's table).
+        for (m, n, want) in [
+            // Stage C at 4096²: N a multiple of 256, many tiles.
+            (18432, 2048, N256),
+            (18432, 8192, N256),
+            (18432, 6144, N256),
+            // Stage C at 1024²: 288 tiles of 256 take 3 waves, 576 of 128 take 5 (640 < 768
+            // columns per SM).
+            (1152, 8192, N128),
+            // 170 rows × 6144: 48 tiles of 256 leave most SMs idle; 96 of 128 take one wave.
+            (170, 6144, N128),
+            // 144 tiles of 128 are 1.1 waves; 288 of 64 fill 3 waves better.
+            (1152, 2048, N64),
+            // Stage B: 1152 = 9 · 128; 3456 = 13.5 · 256 still gains from 256; 4608 = 18 · 256.
+            (32768, 1152, N128),
+            (32768, 3456, N256),
+            (32768, 4608, N256),
+            // Narrow N that 128 pads by a fifth or more.
+            (524288, 320, N64),
+            (331776, 192, N64),
+            (1152, 16, N64),
+            // 576 = 4.5 · 128: 64 saves a tenth of the columns, less than its weight costs.
+            (131072, 576, N128),
+            (82944, 384, N128),
+        ] {
+            assert_eq!(TileWidth::for_shape(m, n, 132), want, "M {m}, N {n}");
+        }
     }
 }

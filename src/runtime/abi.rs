@@ -6,7 +6,8 @@
 //! op's launches.
 //!
 //! The wide kernels (GEMM, attention, CFG's apply pass) take one parameter struct by value:
-//! a C struct in the kernel file, mirrored by a `#[repr(C)]` Rust struct that
+//! a C struct in the kernel file (or in a `kernels/common` header it includes, as the two GEMM
+//! kernels share `GemmParams`), mirrored by a `#[repr(C)]` Rust struct that
 //! `mirror_kernel_struct!` ties to it. build.rs lays the C struct out and asserts that
 //! layout on both sides at build time (see build/abi.rs): they cannot drift apart.
 

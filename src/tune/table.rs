@@ -144,6 +144,10 @@ pub const TUNED_SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/common/gemm_epilogue.cuh"),
     ),
     (
+        "common/gemm_params.cuh",
+        include_str!("../../kernels/common/gemm_params.cuh"),
+    ),
+    (
         "common/hopper_sm90a.cuh",
         include_str!("../../kernels/common/hopper_sm90a.cuh"),
     ),
