@@ -211,6 +211,14 @@ pub fn is_sm90a_gemm(l: &Launch) -> bool {
     l.kernel.name().starts_with(KERNEL_PREFIX)
 }
 
+/// The tile width of an sm_90a GEMM launch (None for any other kernel).
+pub fn width_of(l: &Launch) -> Option<TileWidth> {
+    let rest = l.kernel.name().strip_prefix(KERNEL_PREFIX)?;
+    TileWidth::ALL
+        .into_iter()
+        .find(|w| rest.starts_with(&format!("n{}_", w.columns())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,21 +67,13 @@ pub fn our_configs() -> Vec<OurConfig> {
     }]
 }
 
-/// Our Hopper GEMM's one configuration (kernels/gemm_sm90a.cu: 4 TMA stages, two consumer
-/// warpgroups on `wgmma`).
-pub fn sm90a_config() -> OurConfig {
+/// Our Hopper GEMM's configuration at tile width `width` (kernels/gemm_sm90a.cu: 4 TMA
+/// stages, two consumer warpgroups on `wgmma`; the launcher picks the width per shape).
+pub fn sm90a_config(width: gemm_sm90a::TileWidth) -> OurConfig {
+    let tile = [gemm_sm90a::TILE_M, width.columns(), gemm_sm90a::TILE_K];
     OurConfig {
-        name: format!(
-            "{}x{}x{}s4",
-            gemm_sm90a::TILE_M,
-            gemm_sm90a::TILE_N,
-            gemm_sm90a::TILE_K
-        ),
-        tile: [
-            gemm_sm90a::TILE_M as u32,
-            gemm_sm90a::TILE_N as u32,
-            gemm_sm90a::TILE_K as u32,
-        ],
+        name: format!("{}x{}x{}s4", tile[0], tile[1], tile[2]),
+        tile: tile.map(|t| t as u32),
         stages: 4,
         mma: "wgmma".into(),
     }
@@ -239,9 +231,9 @@ impl<'a> Problem<'a> {
 
     /// Our op's launches built for `sm90a` on the engine's device, as a GEMM node whose winner
     /// is our Hopper kernel runs them ([`sm90a_entries`]: a scaled A in the scratch), into the
-    /// candidate outputs; None when they would not run the Hopper GEMM (the shape does not
-    /// qualify, or the device cannot run it).
-    fn sm90a(&self, engine: &dyn Engine) -> Result<Option<Vec<Entry>>> {
+    /// candidate outputs, with the tile width the launcher picked; None when they would not
+    /// run the Hopper GEMM (the shape does not qualify, or the device cannot run it).
+    fn sm90a(&self, engine: &dyn Engine) -> Result<Option<(Vec<Entry>, gemm_sm90a::TileWidth)>> {
         let mut io = self.io(&self.bufs.outputs.candidate);
         io.target = engine.device().kernel_target();
         let steps = sm90a_entries(
@@ -251,10 +243,11 @@ impl<'a> Problem<'a> {
             self.bufs.scratch.ptr,
         )?
         .unwrap_or_default();
-        let hopper = steps
-            .iter()
-            .any(|e| matches!(e, Entry::Kernel(l) if gemm_sm90a::is_sm90a_gemm(l)));
-        Ok(hopper.then_some(steps))
+        let width = steps.iter().find_map(|e| match e {
+            Entry::Kernel(l) => gemm_sm90a::width_of(l),
+            _ => None,
+        });
+        Ok(width.map(|w| (steps, w)))
     }
 
     /// A vendor product `vendor(a, d)` completed by our passes, as a GEMM node runs it
@@ -299,8 +292,8 @@ impl<'a> Problem<'a> {
                 steps: self.ours(&self.bufs.outputs.candidate)?,
             });
         }
-        if let Some(steps) = self.sm90a(engine)? {
-            let config = sm90a_config();
+        if let Some((steps, width)) = self.sm90a(engine)? {
+            let config = sm90a_config(width);
             let mut r = record(format!("ours-sm90a/{}", config.name), OURS_SM90A);
             r.config = Some(config);
             trials.push(Trial { record: r, steps });
