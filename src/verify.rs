@@ -2,7 +2,9 @@
 //! compared with its f32 CPU reference. Used by the test suite on the host emulator and by
 //! `ultrapixel verify` on the GPU, so the same checks run everywhere.
 
+use crate::runtime::device::dry_launches_for;
 use crate::runtime::graph::{Graph, OpImpl, TensorId};
+use crate::runtime::kernel_choice::{KernelChoice, KernelTarget};
 use crate::runtime::session::SessionOptions;
 use crate::runtime::Backend;
 use crate::tensor::{bf16_bits_to_f32, f32_to_bf16_bits, DType, HostTensor};
@@ -126,6 +128,7 @@ pub enum Scale {
 }
 
 /// One op instance with its inputs, ready to run on any backend.
+#[derive(Clone)]
 pub struct OpCheck {
     pub name: String,
     pub graph: Graph,
@@ -148,6 +151,39 @@ impl OpCheck {
             .get(name)
             .unwrap_or_else(|| panic!("{}: {name} is neither an input nor a weight", self.name))
             .data
+    }
+
+    /// This check with the Hopper kernels forced ([`KernelChoice::Sm90a`]) and its op
+    /// tagged with them (`gemm[sm90a] [7,40]x[37,40] …`, so a failure names the op and the
+    /// kernel), where `target` can run them and forcing them changes one of the check's
+    /// launches; None where the run would repeat the check's own (a shape that does not
+    /// qualify, a target that cannot run them, or `UPX_KERNELS` picking them already).
+    pub fn sm90a_variant(&self, target: KernelTarget) -> Result<Option<OpCheck>> {
+        let forced = target.with_choice(KernelChoice::Sm90a);
+        if target.why_not_sm90a(KernelChoice::Sm90a).is_some() {
+            return Ok(None);
+        }
+        let names = |t| -> Result<Vec<&'static str>> {
+            Ok(dry_launches_for(&self.graph, t)?
+                .iter()
+                .map(|l| l.kernel.name())
+                .collect())
+        };
+        if names(forced)? == names(target)? {
+            return Ok(None);
+        }
+        let mut forced = self.clone();
+        forced.graph.set_kernels(Some(KernelChoice::Sm90a));
+        forced.name = self.sm90a_name();
+        Ok(Some(forced))
+    }
+
+    /// The name of [`Self::sm90a_variant`]: the op (the first word) tagged `[sm90a]`.
+    pub fn sm90a_name(&self) -> String {
+        match self.name.split_once(' ') {
+            Some((op, rest)) => format!("{op}[sm90a] {rest}"),
+            None => format!("{}[sm90a]", self.name),
+        }
     }
 
     /// The same check with per-element magnitudes.

@@ -130,3 +130,44 @@ fn every_command_exits_as_the_readme_table_says() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// `info --size` names the kernel each GEMM and attention op of a generation runs under
+/// `UPX_KERNELS` on the chosen backend: on the emulator, forced sm_90a puts every op of the
+/// released model on the sm_90a kernels (each shape qualifies), the default on the portable
+/// ones; the executions per image are the same either way.
+#[test]
+fn info_names_the_kernel_of_every_gemm_and_attention_op() {
+    let run = |kernels: &str| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+            .args(["info", "--size", "1024x1024", "--backend", "hostsim"])
+            .env("UPX_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Per op family: (sm_90a, portable) executions per image.
+    let counts = |text: &str, op: &str| -> (usize, usize) {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{op}: ")))
+            .unwrap_or_else(|| panic!("no {op} line:\n{text}"));
+        // "gemm: 120 sm90a, 8 portable …"
+        let w: Vec<&str> = line.split_whitespace().collect();
+        (w[1].parse().unwrap(), w[3].parse().unwrap())
+    };
+    let (forced, portable) = (run("sm90a"), run("portable"));
+    for (text, kernels) in [(&forced, "sm90a"), (&portable, "portable")] {
+        assert!(
+            text.contains(&format!(
+                "GEMM and attention kernels per image (UPX_KERNELS={kernels} on the emulator)"
+            )),
+            "{text}"
+        );
+    }
+    for op in ["gemm", "attention"] {
+        let (hopper, rest) = counts(&forced, op);
+        assert!(hopper > 0 && rest == 0, "{forced}");
+        assert_eq!(counts(&portable, op), (0, hopper), "{portable}");
+    }
+}

@@ -17,10 +17,14 @@ use rand::RngExt;
 use ultrapixel::ops::gemm::{gemm_ref, Gemm, GemmParams, GemmScaledA};
 use ultrapixel::ops::gemm_sm90a::{self, TileWidth};
 use ultrapixel::ops::math::gelu_ref;
+use ultrapixel::runtime::device::KernelSession;
 use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
 use ultrapixel::runtime::hostsim::launch;
-use ultrapixel::runtime::kernel_choice::KernelTarget;
+use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
+use ultrapixel::runtime::session::{Session, SessionOptions};
+use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::tensor::{DType, HostTensor};
+use ultrapixel::verify::{self, Scale};
 
 #[path = "common/guarded_buf.rs"]
 mod guarded_buf;
@@ -504,7 +508,7 @@ fn run_op(
         inputs.push(dev(gab.addr(), &dab));
     }
     let descs: Vec<&TensorDesc> = inputs.iter().map(|t| t.desc).collect();
-    let ws = Buf::new(op.workspace_bytes(&descs));
+    let ws = Buf::new(op.workspace_bytes(&descs, KernelChoice::Sm90a));
     let io = LaunchIo {
         inputs,
         outputs: vec![dev(gc.addr(), &dc)],
@@ -582,4 +586,58 @@ fn dispatch_picks_sm90a_where_the_shape_qualifies_and_falls_back_otherwise() {
 fn gelu_reference_is_erf() {
     // The reference the tolerance above leans on is the erf form (cuBLASLt's is tanh).
     assert!((gelu_ref(1.0) - 0.841_344_7).abs() < 1e-6);
+}
+
+/// A graph's own kernel choice wins over `UPX_KERNELS=sm90a` (this binary's): the GRN pair
+/// check of the gemm family (a GEMM with the fused statistics, the modulation, the GEMM on the
+/// modulated A) placed in a session under the environment's choice runs the Hopper GEMMs and
+/// reserves the scaled A's workspace; built under `Some(Portable)` it does neither. Both
+/// match the CPU reference on fresh random inputs.
+#[test]
+fn a_graph_built_for_the_portable_kernels_ignores_upx_kernels() {
+    std::env::set_var("UPX_KERNELS", "sm90a");
+    let check = ultrapixel::ops::family("gemm")
+        .unwrap()
+        .checks_for(rng().random(), Scale::Emulator)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name.contains("grn pair b3 rows97"))
+        .unwrap();
+    let reference = verify::run_on(&check, &Backend::Cpu).unwrap();
+    let hostsim = Backend::open(BackendKind::Hostsim).unwrap();
+    for choice in [None, Some(KernelChoice::Portable)] {
+        let mut c = check.clone();
+        c.graph.set_kernels(choice);
+        let session = KernelSession::new(
+            hostsim.device().unwrap(),
+            c.graph.clone(),
+            &c.weights,
+            SessionOptions { poison: true },
+            None,
+        )
+        .unwrap();
+        let kernels = session.kernel_names();
+        let hopper = kernels
+            .iter()
+            .any(|k| k.starts_with(gemm_sm90a::KERNEL_PREFIX));
+        let portable = kernels.iter().any(|k| k.starts_with("gemm_bf16_"));
+        assert_eq!(
+            (hopper, portable),
+            (choice.is_none(), choice.is_some()),
+            "{kernels:?}"
+        );
+        // The session sized the workspaces for the choice it resolved.
+        let g = session.graph();
+        let scaled = g
+            .nodes
+            .iter()
+            .find(|n| n.op.name() == "gemm_scaled_a")
+            .unwrap();
+        let a_bytes = g.desc(scaled.inputs[0]).bytes();
+        assert_eq!(scaled.workspace, if hopper { a_bytes } else { 0 });
+        let got = verify::run_on(&c, &hostsim).unwrap();
+        for r in c.compare(&reference, &got, 1.0) {
+            assert!(r.passed(), "{choice:?}: {r:?}");
+        }
+    }
 }

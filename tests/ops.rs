@@ -1,12 +1,15 @@
 //! Every op's kernels on the host emulator against the op's f32 CPU reference, on fresh
 //! random inputs (odd shapes included) and on each family's regression seeds, with outputs
-//! poisoned beforehand. Run in both emulator thread orders (`HOSTSIM_REVERSE=1`). Plus: every kernel is exercised by some
+//! poisoned beforehand; the checks whose launches change with the sm_90a kernels forced run
+//! again with them, as `verify` runs them. Run in both emulator thread orders (`HOSTSIM_REVERSE=1`). Plus: every kernel is exercised by some
 //! check, every launch matches its kernel's parameters, and ptxas reports no spills.
 
 use std::collections::BTreeSet;
-use ultrapixel::runtime::device::{dry_launches, dry_launches_for};
+use ultrapixel::bench::shapes::is_gemm;
+use ultrapixel::runtime::device::{dry_launches, dry_launches_for, KernelSession};
 use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
 use ultrapixel::runtime::kernels::{KernelId, CUDA_ARCHS, KERNELS_COMPILED, PTXAS};
+use ultrapixel::runtime::session::SessionOptions;
 use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::verify::{self, OpCheck, Scale};
 
@@ -109,10 +112,15 @@ fn run_family(family: &str) {
     );
 }
 
-/// Runs every check; returns one line per failing output.
+/// Runs every check, and its sm_90a run where there is one (`OpCheck::sm90a_variant`);
+/// returns one line per failing output.
 fn run_all(checks: &[OpCheck], backend: &Backend) -> Vec<String> {
     let mut failures = Vec::new();
-    for c in checks {
+    let forced: Vec<OpCheck> = checks
+        .iter()
+        .filter_map(|c| c.sm90a_variant(KernelTarget::hostsim()).unwrap())
+        .collect();
+    for c in checks.iter().chain(&forced) {
         match verify::run_check(c, backend) {
             Ok(results) => failures.extend(results.iter().filter(|r| !r.passed()).map(|r| {
                 format!(
@@ -201,6 +209,128 @@ fn sampler_ops_match_reference() {
 #[test]
 fn noise_matches_reference() {
     run_family("noise");
+}
+
+/// A graph's own kernel choice decides, whatever `UPX_KERNELS` says: the GRN pair (a GEMM
+/// with the fused statistics, the modulation, a GEMM on the modulated A) and an hd64
+/// attention run the sm_90a kernels under `Some(Sm90a)` and the portable ones under
+/// `Some(Portable)` and `Some(Auto)` (auto picks them on Hopper hardware only), each matching
+/// the CPU reference; only the forced sm_90a choice reserves the scaled A's workspace.
+#[test]
+fn a_graph_kernel_choice_overrides_the_environment() {
+    let s = seed();
+    let pick = |family: &str, name: &str| -> OpCheck {
+        let checks = ultrapixel::ops::family(family)
+            .unwrap()
+            .checks_for(s, Scale::Emulator)
+            .unwrap();
+        checks.into_iter().find(|c| c.name.contains(name)).unwrap()
+    };
+    let hostsim = Backend::open(BackendKind::Hostsim).unwrap();
+    for c in [
+        pick("gemm", "grn pair b3 rows97"),
+        pick("attention", "b2 n37 m5 h2x64"),
+    ] {
+        let reference = verify::run_on(&c, &Backend::Cpu).unwrap();
+        for choice in [
+            KernelChoice::Sm90a,
+            KernelChoice::Portable,
+            KernelChoice::Auto,
+        ] {
+            let mut check = c.clone();
+            check.graph.set_kernels(Some(choice));
+            let g = &check.graph;
+            for n in g.nodes.iter().filter(|n| n.op.name() == "gemm_scaled_a") {
+                let scaled_a = g.desc(n.inputs[0]).bytes();
+                let want = if choice == KernelChoice::Sm90a {
+                    scaled_a
+                } else {
+                    0
+                };
+                assert_eq!(n.workspace, want, "{choice:?}");
+            }
+            let session = KernelSession::new(
+                hostsim.device().unwrap(),
+                check.graph.clone(),
+                &check.weights,
+                SessionOptions { poison: true },
+                None,
+            )
+            .unwrap();
+            let kernels = session.kernel_names();
+            let hopper = kernels.iter().filter(|k| k.contains("_sm90a_")).count();
+            let portable = kernels
+                .iter()
+                .filter(|k| k.starts_with("gemm_bf16_") || k.starts_with("attention_d"))
+                .count();
+            match choice {
+                KernelChoice::Sm90a => assert!(hopper > 0 && portable == 0, "{kernels:?}"),
+                _ => assert!(hopper == 0 && portable > 0, "{choice:?}: {kernels:?}"),
+            }
+            let got = verify::run_on(&check, &hostsim).unwrap();
+            for r in check.compare(&reference, &got, 1.0) {
+                assert!(r.passed(), "{choice:?} {kernels:?}: {r:?}");
+            }
+        }
+    }
+}
+
+/// `verify`'s sm_90a runs: exactly the GEMM and attention checks whose launches change with
+/// the sm_90a kernels forced get one (every GEMM check; the attentions of head dims 32 and
+/// 64, not those without an sm_90a kernel), named `op[sm90a] …` and built under the forced
+/// choice; a GPU that cannot run them gets none. (The family tests run and check them.)
+#[test]
+fn verify_reruns_the_qualifying_checks_with_the_sm90a_kernels() {
+    let sim = KernelTarget::hostsim();
+    let a100 = KernelTarget {
+        backend: Some(BackendKind::Cuda),
+        compute_capability: Some((8, 0)),
+        sms: 108,
+        choice: None,
+    };
+    // Unless UPX_KERNELS already picks them on the emulator (then the checks' own runs do).
+    let env_picks_them = sim.sm90a_allowed().unwrap();
+    let hopper = |c: &OpCheck, t| {
+        dry_launches_for(&c.graph, t)
+            .unwrap()
+            .iter()
+            .any(|l| l.kernel.name().contains("_sm90a_"))
+    };
+    let s = seed();
+    let (mut gemms, mut attentions) = (0, 0);
+    for family in ["gemm", "attention"] {
+        let checks = ultrapixel::ops::family(family)
+            .unwrap()
+            .checks_for(s, Scale::Emulator)
+            .unwrap();
+        for c in &checks {
+            assert!(c.sm90a_variant(a100).unwrap().is_none(), "{}", c.name);
+            let forced = c.sm90a_variant(sim).unwrap();
+            let qualifies = hopper(c, sim.with_choice(KernelChoice::Sm90a));
+            assert_eq!(forced.is_some(), qualifies && !env_picks_them, "{}", c.name);
+            // Every check with one of our GEMM ops qualifies, and the attentions of head
+            // dims 32 and 64.
+            let expected = match family {
+                "attention" => c.name.contains("x64 ") || c.name.contains("x32 "),
+                _ => c.graph.nodes.iter().any(|n| is_gemm(n.op.name())),
+            };
+            assert_eq!(qualifies, expected, "{}", c.name);
+            let Some(f) = forced else { continue };
+            *if family == "gemm" {
+                &mut gemms
+            } else {
+                &mut attentions
+            } += 1;
+            let (op, rest) = c.name.split_once(' ').unwrap();
+            assert_eq!(f.name, format!("{op}[sm90a] {rest}"));
+            assert_eq!(f.name, c.sm90a_name());
+            assert_eq!(f.graph.kernels(), Some(KernelChoice::Sm90a));
+            assert!(hopper(&f, sim), "{}", f.name);
+        }
+    }
+    if !env_picks_them {
+        assert!(gemms > 20 && attentions > 4, "{gemms} {attentions}");
+    }
 }
 
 #[test]

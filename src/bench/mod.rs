@@ -24,6 +24,8 @@ const COPY_BYTES: usize = 1 << 30;
 
 pub struct OpTiming {
     pub name: String,
+    /// The kernels timed (`KernelSession::kernel_names`).
+    pub kernels: Vec<String>,
     pub seconds: f64,
     pub flops: f64,
     pub bytes: f64,
@@ -65,8 +67,12 @@ impl Ceilings {
 }
 
 impl OpTiming {
-    /// One report line, with the rate as a share of its ceiling.
+    /// One report line, with the rate as a share of its ceiling and the kernels timed.
     pub fn line(&self, ceilings: &Ceilings) -> String {
+        format!("{}  [{}]", self.measure(ceilings), self.kernels.join(" + "))
+    }
+
+    fn measure(&self, ceilings: &Ceilings) -> String {
         let us = self.seconds * 1e6;
         if self.flops > 0.0 {
             let rate = self.flops / self.seconds;
@@ -122,6 +128,7 @@ pub fn run(
         let cost = s.cost();
         out.push(OpTiming {
             name: check.name.clone(),
+            kernels: s.kernel_names(),
             seconds: s.time(iters)?,
             flops: cost.flops,
             bytes: cost.bytes,

@@ -1,9 +1,11 @@
 //! Model-shape benchmarks (`ultrapixel bench --shapes`): every distinct GEMM and attention
 //! shape of a generation, read off the stage graphs at their real shapes and weighted by how
-//! often one image runs it. GEMMs are timed with our kernel and with cuBLASLt in the same
-//! run, both as the plain product (bf16 in and out, f32 accumulation, no epilogue: the main
-//! loops, where the time goes); attention with our kernel, against the matmul ceiling; the
-//! fused depthwise conv + LayerNorm of every ResBlock with our kernel, as bandwidth. The same
+//! often one image runs it. GEMMs are timed with our portable kernel, our sm_90a kernel (where
+//! the device runs it: compute capability 9.0, or the emulator) and cuBLASLt in the same run,
+//! all as the plain product (bf16 in and out, f32 accumulation, no epilogue: the main loops,
+//! where the time goes); attention with our portable and sm_90a kernels, against the matmul
+//! ceiling; the fused depthwise conv + LayerNorm of every ResBlock with our kernel, as
+//! bandwidth. The same
 //! list, as JSON (`--list`), drives the PyTorch peer (`tools/torch-peer.py`), which runs the
 //! unfused sequence the reference runs for the last.
 
@@ -15,8 +17,9 @@ use crate::ops::gemm::Gemm;
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::plan::{stage_graphs, StageGraph};
 use crate::pipeline::Size;
-use crate::runtime::device::{Device, WeightCache};
+use crate::runtime::device::{dry_node_launches, Device, WeightCache};
 use crate::runtime::graph::{Graph, Node, Role};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::tensor::{numel, DType};
 use crate::Result;
 use serde_json::json;
@@ -197,9 +200,10 @@ pub fn model_shapes(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
     })
 }
 
-/// Our plain GEMM of one shape, as a one-node graph.
-fn gemm_graph(s: &GemmShape) -> Result<Graph> {
+/// Our plain GEMM of one shape, as a one-node graph built under `kernels`.
+fn gemm_graph(s: &GemmShape, kernels: KernelChoice) -> Result<Graph> {
     let mut g = Graph::new();
+    g.set_kernels(Some(kernels));
     let a = g.input("a", &[s.m, s.k], DType::BF16)?;
     let w = g.weight("w", &[s.n, s.k], DType::BF16)?;
     let op = Gemm {
@@ -215,6 +219,34 @@ fn gemm_graph(s: &GemmShape) -> Result<Graph> {
 
 fn rate(flops: f64, seconds: f64) -> String {
     format!("{:>6.1} TFLOP/s", flops / seconds / 1e12)
+}
+
+/// `graph` with our portable kernels.
+fn portable(mut graph: Graph) -> Graph {
+    graph.set_kernels(Some(KernelChoice::Portable));
+    graph
+}
+
+/// Seconds per run of `graph` with the sm_90a kernels forced, where `device` runs them and
+/// every node of the graph takes them; else why not.
+fn time_sm90a(
+    device: &Arc<dyn Device>,
+    mut graph: Graph,
+    iters: usize,
+    cache: &WeightCache,
+) -> Result<std::result::Result<f64, String>> {
+    let target = device.kernel_target();
+    if let Some(why) = target.why_not_sm90a(KernelChoice::Sm90a) {
+        return Ok(Err(why));
+    }
+    graph.set_kernels(Some(KernelChoice::Sm90a));
+    let fallback = dry_node_launches(&graph, target)?
+        .into_iter()
+        .find_map(|n| n.sm90a_fallback);
+    if let Some(why) = fallback {
+        return Ok(Err(why));
+    }
+    Ok(Ok(time_graph(device, graph, iters, cache)?.0))
 }
 
 /// The shapes of each size as JSON, for the PyTorch peer.
@@ -281,6 +313,10 @@ pub fn print(
             None
         }
     };
+    let skip_sm90a = device.kernel_target().why_not_sm90a(KernelChoice::Sm90a);
+    if let Some(why) = &skip_sm90a {
+        println!("sm_90a kernels: skipped: {why}");
+    }
     let cache = WeightCache::new();
     for &size in sizes {
         let shapes = model_shapes(cfg, size, (20, 10))?;
@@ -289,18 +325,25 @@ pub fn print(
             shapes.gemms.len()
         );
         println!(
-            "{:>8} {:>6} {:>6} {:>5}  {:>10} {:>14}  {:>11} {:>14}  {:>5}  first use",
-            "M", "N", "K", "runs", "ours ms", "", "cuBLASLt ms", "", "ratio"
+            "{:>8} {:>6} {:>6} {:>5}  {:>10} {:>14}  {:>11} {:>14}  {:>5}  {:>9} {:>14}  {:>5}  first use",
+            "M", "N", "K", "runs", "ours ms", "", "cuBLASLt ms", "", "ratio", "sm90a ms", "",
+            "ratio"
         );
-        let (mut ours, mut theirs, mut flops) = (0.0, 0.0, 0.0);
+        // Per image: our portable kernel, cuBLASLt, our sm_90a kernel (the portable one for
+        // shapes it does not take).
+        let (mut ours, mut theirs, mut hopper, mut flops) = (0.0, 0.0, 0.0, 0.0);
         for s in &shapes.gemms {
-            let (t, _) = time_graph(device, gemm_graph(s)?, iters, &cache)?;
+            let graph = gemm_graph(s, KernelChoice::Portable)?;
+            let (t, _) = time_graph(device, graph, iters, &cache)?;
             let runs = s.per_image as f64;
             ours += t * runs;
             flops += s.flops() * runs;
-            let peer = match vendor {
-                Some(v) => {
-                    let tv = v.time(s.m, s.n, s.k, iters)?;
+            let tv = match vendor {
+                Some(v) => Some(v.time(s.m, s.n, s.k, iters)?),
+                None => None,
+            };
+            let peer = match tv {
+                Some(tv) => {
                     theirs += tv * runs;
                     format!(
                         "{:>11.3} {}  {:>4.0}%",
@@ -311,8 +354,29 @@ pub fn print(
                 }
                 None => format!("{:>11} {:>14}  {:>5}", "-", "", "-"),
             };
+            let hopper_graph = gemm_graph(s, KernelChoice::Sm90a)?;
+            let (sm90a, fallback) = match time_sm90a(device, hopper_graph, iters, &cache)? {
+                Ok(th) => {
+                    hopper += th * runs;
+                    let ratio = tv.map_or("-".into(), |tv| format!("{:.0}%", 100.0 * tv / th));
+                    let col = format!("{:>9.3} {}  {ratio:>5}", th * 1e3, rate(s.flops(), th));
+                    (col, String::new())
+                }
+                Err(why) => {
+                    hopper += t * runs;
+                    let col = format!("{:>9} {:>14}  {:>5}", "-", "", "-");
+                    (
+                        col,
+                        if skip_sm90a.is_some() {
+                            String::new()
+                        } else {
+                            format!(" (sm_90a: {why})")
+                        },
+                    )
+                }
+            };
             println!(
-                "{:>8} {:>6} {:>6} {:>5}  {:>10.3} {}  {peer}  {}",
+                "{:>8} {:>6} {:>6} {:>5}  {:>10.3} {}  {peer}  {sm90a}  {}{fallback}",
                 s.m,
                 s.n,
                 s.k,
@@ -333,19 +397,46 @@ pub fn print(
                 100.0 * theirs / ours
             );
         }
+        if skip_sm90a.is_none() {
+            print!("; sm_90a {hopper:.3} s ({})", rate(flops, hopper).trim());
+            if vendor.is_some() {
+                print!(": at {:.0} % of cuBLASLt's speed", 100.0 * theirs / hopper);
+            }
+        }
         println!("\n\n{size}: {} attention shapes", shapes.attention.len());
-        let mut attn_time = 0.0;
+        let (mut attn_time, mut attn_hopper) = (0.0, 0.0);
         for s in &shapes.attention {
-            let (t, _) = time_graph(device, s.graph.clone(), iters, &cache)?;
+            let (t, _) = time_graph(device, portable(s.graph.clone()), iters, &cache)?;
             attn_time += t * s.per_image as f64;
-            let share = ceiling.map_or(String::new(), |c| {
-                format!(
-                    " ({:.0} % of the matmul ceiling)",
-                    100.0 * s.flops() / t / c
-                )
-            });
+            let share = |t: f64| {
+                ceiling.map_or(String::new(), |c| {
+                    format!(
+                        " ({:.0} % of the matmul ceiling)",
+                        100.0 * s.flops() / t / c
+                    )
+                })
+            };
+            let sm90a = match time_sm90a(device, s.graph.clone(), iters, &cache)? {
+                Ok(th) => {
+                    attn_hopper += th * s.per_image as f64;
+                    format!(
+                        "; sm90a {:.3} ms {}{}",
+                        th * 1e3,
+                        rate(s.flops(), th),
+                        share(th)
+                    )
+                }
+                Err(why) => {
+                    attn_hopper += t * s.per_image as f64;
+                    if skip_sm90a.is_some() {
+                        String::new()
+                    } else {
+                        format!("; sm90a: {why}")
+                    }
+                }
+            };
             println!(
-                "b{} n{} m{} h{}x{} causal={} mask={} × {:>3}: {:>9.3} ms {}{share}  {}",
+                "b{} n{} m{} h{}x{} causal={} mask={} × {:>3}: {:>9.3} ms {}{}{sm90a}  {}",
                 s.batch,
                 s.queries,
                 s.extra,
@@ -356,10 +447,15 @@ pub fn print(
                 s.per_image,
                 t * 1e3,
                 rate(s.flops(), t),
+                share(t),
                 s.example
             );
         }
-        println!("attention of one image: {attn_time:.3} s");
+        print!("attention of one image: {attn_time:.3} s");
+        if skip_sm90a.is_none() {
+            print!("; sm_90a {attn_hopper:.3} s");
+        }
+        println!();
         println!(
             "\n{size}: {} depthwise conv + LayerNorm shapes",
             shapes.dwconv_ln.len()

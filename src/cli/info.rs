@@ -1,8 +1,11 @@
 //! `ultrapixel info`: the build's kernels, the GPU and its tuning table, the ptxas resource
-//! table, and with --size the memory plan and launch count of a generation.
+//! table, and with --size the memory plan and launch count of a generation and which kernel
+//! (portable or sm_90a) its GEMM and attention ops run.
 
+use super::backend_arg::BackendArg;
 use crate::runtime::cuda::probe;
 use crate::runtime::device::Device;
+use crate::runtime::kernel_choice::{KernelCensus, KernelChoice, KernelTarget};
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::Result;
 
@@ -17,6 +20,10 @@ pub struct InfoArgs {
     /// With --size: plan a generation with this ControlNet (its weights and activations).
     #[arg(long, value_name = "KIND", requires = "size")]
     pub control: Option<crate::pipeline::ControlKind>,
+    /// With --size: list the GEMM and attention kernels for this backend under
+    /// `UPX_KERNELS` (default: the GPU when one is usable, else the emulator).
+    #[arg(long, value_enum, requires = "size")]
+    pub backend: Option<BackendArg>,
 }
 
 pub fn info(a: InfoArgs) -> Result<i32> {
@@ -76,18 +83,60 @@ pub fn info(a: InfoArgs) -> Result<i32> {
         // cuBLASLt.
         let gpu = crate::backend::open_gpu(0).ok();
         let device = gpu.as_deref().map(|d| d as &dyn Device);
-        print_plan(size, a.model_dir.as_deref(), a.control, device)?;
+        let configs = print_plan(size, a.model_dir.as_deref(), a.control, device)?;
+        let target = match (a.backend, device) {
+            (Some(BackendArg::Cuda) | None, Some(d)) => Ok((d.kernel_target(), d.describe())),
+            (Some(BackendArg::Hostsim) | None, _) => {
+                Ok((KernelTarget::hostsim(), "the emulator".to_string()))
+            }
+            (Some(BackendArg::Cuda), None) => Err("no usable GPU"),
+            (Some(BackendArg::Cpu), _) => Err("the cpu backend runs no kernels"),
+        };
+        match target {
+            Ok((target, on)) => print_kernels(&configs, size, target, &on)?,
+            Err(why) => println!("\nGEMM and attention kernels: not listed ({why})"),
+        }
     }
     Ok(0)
 }
 
-/// The memory plan of a generation at `size`, stage by stage.
+/// Which kernel the GEMM and attention ops of a generation at `size` run on `target` (`on`
+/// names it) under `UPX_KERNELS`: per op family, executions per image on each kernel, and
+/// why the portable ones did not take the sm_90a kernel where it was allowed.
+fn print_kernels(
+    configs: &crate::pipeline::open_models::Configs,
+    size: crate::pipeline::Size,
+    target: KernelTarget,
+    on: &str,
+) -> Result<()> {
+    let choice = target.resolve(None)?;
+    let mut census = KernelCensus::default();
+    for g in crate::pipeline::plan::stage_graphs(configs, size, (20, 10))? {
+        census.add(&g.graph, target, g.runs)?;
+    }
+    let not_here = match target.why_not_sm90a(choice) {
+        Some(why) if choice != KernelChoice::Portable => format!("; no sm_90a kernels: {why}"),
+        _ => String::new(),
+    };
+    println!(
+        "\nGEMM and attention kernels per image ({}={} on {on}{not_here}):",
+        crate::runtime::kernel_choice::ENV,
+        choice.name()
+    );
+    for line in census.lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// The memory plan of a generation at `size`, stage by stage; returns the configurations it
+/// planned with.
 fn print_plan(
     size: crate::pipeline::Size,
     dir: Option<&std::path::Path>,
     control: Option<crate::pipeline::ControlKind>,
     device: Option<&dyn Device>,
-) -> Result<()> {
+) -> Result<crate::pipeline::open_models::Configs> {
     use crate::pipeline::control::net::add_to_plan;
     use crate::pipeline::open_models::{open_controlnet, Configs};
     use crate::pipeline::plan::memory_plan;
@@ -147,5 +196,5 @@ fn print_plan(
         println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
     }
     println!("per image: {total} launches");
-    Ok(())
+    Ok(configs)
 }

@@ -1,14 +1,19 @@
 //! `ultrapixel verify`: every kernel check against its CPU reference on the GPU (then GPU ↔
-//! emulator parity), or on the emulator where there is no GPU. On the GPU each check runs in
-//! isolation: a failure is reported with the op and kernel that failed (the check is rerun
-//! synchronized after every launch to find it), a sticky fault restarts the context, and the
-//! remaining checks still run.
+//! emulator parity), or on the emulator where there is no GPU. Checks whose launches change
+//! when the Hopper kernels are forced run a second time with them, tagged `op[sm90a]`
+//! (`OpCheck::sm90a_variant`), where the backend can run them: on the emulator always, on a
+//! GPU of compute capability 9.0. On the GPU each check runs in isolation: a failure is
+//! reported with the op and kernel that failed (the check is rerun synchronized after every
+//! launch to find it), a sticky fault restarts the context, and the remaining checks still
+//! run.
 
 use super::tally::{selected, Tally};
 use crate::runtime::cuda::CudaDevice;
+use crate::runtime::kernel_choice::{KernelChoice, KernelTarget};
 use crate::runtime::{Backend, BackendKind};
 use crate::verify::{self, CheckResult, OpCheck, Scale};
 use crate::Result;
+use std::borrow::Cow;
 use std::sync::mpsc;
 
 #[derive(clap::Args, Debug)]
@@ -49,22 +54,26 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     });
     println!("verify: seed {seed} (rerun with --seed {seed})");
     let require_gpu = std::env::var("UPX_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let selected = |c: &OpCheck| selected(a.filter.as_deref(), &c.name);
+    let runs = |c: &OpCheck| Runs::of(a.filter.as_deref(), c);
     let mut counts = Tally::default();
     match Backend::open(BackendKind::Cuda) {
         Ok(gpu) => {
-            let mut gpu = IsolatedGpu::new(gpu);
+            let target = gpu.device().map(|d| d.kernel_target()).unwrap_or_default();
+            if let Some(why) = target.why_not_sm90a(KernelChoice::Sm90a) {
+                println!("the sm_90a kernels' checks: skipped ({why})");
+            }
+            let mut gpu = IsolatedGpu::new(gpu, target);
             let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Gpu)?
                 .into_iter()
-                .filter(|c| selected(c))
+                .filter(|c| runs(c).any())
                 .collect();
-            gpu.against_references("cuda", &checks, &mut counts)?;
+            gpu.against_references("cuda", &checks, &runs, &mut counts)?;
             if cfg!(feature = "hostsim") {
                 let checks: Vec<_> = crate::ops::all_checks(seed, Scale::Emulator)?
                     .into_iter()
-                    .filter(|c| selected(c))
+                    .filter(|c| runs(c).any())
                     .collect();
-                gpu.against_emulator(&checks, &mut counts)?;
+                gpu.against_emulator(&checks, &runs, &mut counts)?;
             }
             if gpu.restarts > 0 {
                 println!("the GPU context was restarted {} times", gpu.restarts);
@@ -77,28 +86,69 @@ pub fn verify_cmd(a: VerifyArgs) -> Result<i32> {
                 return Ok(1);
             }
             if cfg!(feature = "hostsim") {
-                let hostsim = Backend::open(BackendKind::Hostsim)?;
-                for check in crate::ops::all_checks(seed, Scale::Emulator)? {
-                    if !selected(&check) {
-                        continue;
-                    }
-                    match verify::run_check(&check, &hostsim) {
-                        Ok(results) => {
-                            for r in results {
-                                print_result("hostsim", &r);
-                                counts.add(r.passed());
-                            }
-                        }
-                        Err(e) => {
-                            println!("FAIL {:<8} {}: {e}", "hostsim", check.name);
-                            counts.add(false);
-                        }
-                    }
-                }
+                on_emulator(seed, &runs, &mut counts)?;
             }
         }
     }
     Ok(counts.finish())
+}
+
+/// Which runs of a check `--filter` selects: as it is, and with the Hopper kernels forced
+/// (the `op[sm90a]` name).
+#[derive(Clone, Copy)]
+struct Runs {
+    own: bool,
+    sm90a: bool,
+}
+
+impl Runs {
+    fn of(filter: Option<&str>, c: &OpCheck) -> Self {
+        Runs {
+            own: selected(filter, &c.name),
+            sm90a: selected(filter, &c.sm90a_name()),
+        }
+    }
+
+    fn any(self) -> bool {
+        self.own || self.sm90a
+    }
+}
+
+/// Every emulator-size check on the emulator against its CPU reference, the qualifying ones
+/// with the Hopper kernels forced too.
+fn on_emulator(seed: u64, runs: &dyn Fn(&OpCheck) -> Runs, counts: &mut Tally) -> Result<()> {
+    let hostsim = Backend::open(BackendKind::Hostsim)?;
+    for check in crate::ops::all_checks(seed, Scale::Emulator)? {
+        let want = runs(&check);
+        if !want.any() {
+            continue;
+        }
+        let forced = match want.sm90a {
+            true => check.sm90a_variant(KernelTarget::hostsim())?,
+            false => None,
+        };
+        let own = want.own.then_some(&check);
+        let reference = verify::run_on(&check, &Backend::Cpu);
+        for c in own.into_iter().chain(&forced) {
+            let results = reference.as_ref().map_err(|e| e.to_string()).and_then(|r| {
+                let got = verify::run_on(c, &hostsim).map_err(|e| e.to_string())?;
+                Ok(c.compare(r, &got, 1.0))
+            });
+            match results {
+                Ok(results) => {
+                    for r in results {
+                        print_result("hostsim", &r);
+                        counts.add(r.passed());
+                    }
+                }
+                Err(e) => {
+                    println!("FAIL {:<8} {}: {e}", "hostsim", c.name);
+                    counts.add(false);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `verify --truth FILE`: the fixture from this GPU, then the emulator against it.
@@ -175,14 +225,30 @@ pub fn print_result(backend: &str, r: &CheckResult) {
 struct IsolatedGpu {
     backend: Option<Backend>,
     restarts: usize,
+    /// What its launches are built for (the sm_90a checks run where it allows them).
+    target: KernelTarget,
 }
 
 impl IsolatedGpu {
-    fn new(backend: Backend) -> Self {
+    fn new(backend: Backend, target: KernelTarget) -> Self {
         IsolatedGpu {
             backend: Some(backend),
             restarts: 0,
+            target,
         }
+    }
+
+    /// The runs of `check` that `want` selects: the check itself, and with the Hopper kernels
+    /// forced where this GPU runs them and they change a launch.
+    fn runs<'a>(&self, check: &'a OpCheck, want: Runs) -> Result<Vec<Cow<'a, OpCheck>>> {
+        let mut v = Vec::new();
+        if want.own {
+            v.push(Cow::Borrowed(check));
+        }
+        if want.sm90a {
+            v.extend(check.sm90a_variant(self.target)?.map(Cow::Owned));
+        }
+        Ok(v)
     }
 
     fn device(&self) -> Option<&std::sync::Arc<CudaDevice>> {
@@ -248,6 +314,7 @@ impl IsolatedGpu {
         &mut self,
         label: &str,
         checks: &[OpCheck],
+        runs: &dyn Fn(&OpCheck) -> Runs,
         counts: &mut Tally,
     ) -> Result<()> {
         std::thread::scope(|scope| {
@@ -261,26 +328,36 @@ impl IsolatedGpu {
             });
             for check in checks {
                 let reference = rx.recv().expect("the reference thread ended early")?;
-                self.report(label, check, &reference, 1.0, counts);
+                for c in self.runs(check, runs(check))? {
+                    self.report(label, &c, &reference, 1.0, counts);
+                }
             }
             Ok(())
         })
     }
 
-    /// GPU ↔ emulator parity on the emulator-sized checks: the only test that catches
-    /// compensating mistakes in the emulated fragment layouts.
-    fn against_emulator(&mut self, checks: &[OpCheck], counts: &mut Tally) -> Result<()> {
+    /// GPU ↔ emulator parity on the emulator-sized checks (the sm_90a runs on both sides
+    /// with the Hopper kernels): the only test that catches compensating mistakes in the
+    /// emulated fragment layouts.
+    fn against_emulator(
+        &mut self,
+        checks: &[OpCheck],
+        runs: &dyn Fn(&OpCheck) -> Runs,
+        counts: &mut Tally,
+    ) -> Result<()> {
         let hostsim = Backend::open(BackendKind::Hostsim)?;
         for check in checks {
-            let emulated = match verify::run_on(check, &hostsim) {
-                Ok(out) => out,
-                Err(e) => {
-                    println!("FAIL {:<8} {}: {e}", "hostsim", check.name);
-                    counts.add(false);
-                    continue;
-                }
-            };
-            self.report("cuda~emu", check, &emulated, 2.0, counts);
+            for c in self.runs(check, runs(check))? {
+                let emulated = match verify::run_on(&c, &hostsim) {
+                    Ok(out) => out,
+                    Err(e) => {
+                        println!("FAIL {:<8} {}: {e}", "hostsim", c.name);
+                        counts.add(false);
+                        continue;
+                    }
+                };
+                self.report("cuda~emu", &c, &emulated, 2.0, counts);
+            }
         }
         Ok(())
     }

@@ -279,11 +279,64 @@ impl OpImpl for Attention {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        let (params, d) = self.params(io)?;
+        let op = self.name();
+        // The Hopper kernel where the kernel choice allows it on this target and the shape
+        // qualifies (ops/attention_sm90a.rs); the portable one otherwise.
+        if io.target.sm90a_allowed()?
+            && super::attention_sm90a::qualifies(&params, d.head_dim, self.heads, d.batch)
+        {
+            let l = super::attention_sm90a::launch(
+                &io.target, &params, d.head_dim, self.heads, d.batch, self.out,
+            )?;
+            return Ok(vec![l]);
+        }
+        let small = matches!(d.head_dim, 4 | 8);
+        let args = Args::new().by_value(&params);
+        let name = format!("attention_d{}_{}", d.head_dim, self.out.suffix());
+        let grid_y = to_i32(op, "heads", self.heads)?;
+        let grid_z = to_i32(op, "batch", d.batch)?;
+        if grid_y > 65535 || grid_z > 65535 {
+            return Err(Error::shape(op, "heads and batch must each be below 65536"));
+        }
+        // Small heads: one thread per query row, no shared memory.
+        let (rows_per_block, smem) = if small {
+            (SMALL_HEAD_THREADS, 0)
+        } else {
+            (QUERY_TILE, smem_bytes(d.head_dim))
+        };
+        Ok(vec![Launch {
+            kernel: KernelId::lookup(&name)?,
+            grid: [
+                to_i32(op, "query tiles", ceil_div(d.queries, rows_per_block))? as u32,
+                grid_y as u32,
+                grid_z as u32,
+            ],
+            block: [128, 1, 1],
+            smem,
+            args,
+        }])
+    }
+
+    fn sm90a_fallback(&self, io: &LaunchIo) -> Result<Option<String>> {
+        if !io.target.sm90a_allowed()? {
+            return Ok(None);
+        }
+        let (params, d) = self.params(io)?;
+        Ok(super::attention_sm90a::why_not(
+            &params, d.head_dim, self.heads, d.batch,
+        ))
+    }
+}
+
+impl Attention {
+    /// The kernel parameters of a launch on `io` (after checking that a kernel exists for
+    /// its head dim and operand dtypes), and its dimensions.
+    fn params(&self, io: &LaunchIo) -> Result<(AttentionParams, AttnDims)> {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let d = self.dims(&descs)?;
         let op = self.name();
-        let small = matches!(d.head_dim, 4 | 8);
-        if !small && !matches!(d.head_dim, 16 | 32 | 64) {
+        if !matches!(d.head_dim, 4 | 8 | 16 | 32 | 64) {
             return Err(Error::shape(
                 op,
                 format!(
@@ -312,40 +365,7 @@ impl OpImpl for Attention {
             scale: 1.0 / (d.head_dim as f32).sqrt(),
             pad: 0,
         };
-        // The Hopper kernel where UPX_KERNELS allows it on this target and the shape
-        // qualifies (ops/attention_sm90a.rs); the portable one otherwise.
-        if io.target.sm90a_allowed()?
-            && super::attention_sm90a::qualifies(&params, d.head_dim, self.heads, d.batch)
-        {
-            let l = super::attention_sm90a::launch(
-                &io.target, &params, d.head_dim, self.heads, d.batch, self.out,
-            )?;
-            return Ok(vec![l]);
-        }
-        let args = Args::new().by_value(&params);
-        let name = format!("attention_d{}_{}", d.head_dim, self.out.suffix());
-        let grid_y = to_i32(op, "heads", self.heads)?;
-        let grid_z = to_i32(op, "batch", d.batch)?;
-        if grid_y > 65535 || grid_z > 65535 {
-            return Err(Error::shape(op, "heads and batch must each be below 65536"));
-        }
-        // Small heads: one thread per query row, no shared memory.
-        let (rows_per_block, smem) = if small {
-            (SMALL_HEAD_THREADS, 0)
-        } else {
-            (QUERY_TILE, smem_bytes(d.head_dim))
-        };
-        Ok(vec![Launch {
-            kernel: KernelId::lookup(&name)?,
-            grid: [
-                to_i32(op, "query tiles", ceil_div(d.queries, rows_per_block))? as u32,
-                grid_y as u32,
-                grid_z as u32,
-            ],
-            block: [128, 1, 1],
-            smem,
-            args,
-        }])
+        Ok((params, d))
     }
 }
 

@@ -223,6 +223,10 @@ impl OpImpl for Gemm {
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
         self.launch(io, &Extras::default())
     }
+
+    fn sm90a_fallback(&self, io: &LaunchIo) -> Result<Option<String>> {
+        self.sm90a_fallback_with(io, &Extras::default())
+    }
 }
 
 /// The per-sample features of a launch beyond the plain epilogue (device pointers; 0 = off).
@@ -286,7 +290,8 @@ fn samples_of(op: &str, a: &[usize]) -> Result<(usize, usize)> {
 }
 
 impl Gemm {
-    fn launch(&self, io: &LaunchIo, x: &Extras) -> Result<Vec<Launch>> {
+    /// The kernel parameters of a launch on the operands of `io` with the extras `x`.
+    fn params(&self, io: &LaunchIo, x: &Extras) -> Result<GemmParams> {
         let (a, w) = (io.inputs[0], io.inputs[1]);
         let (m, n, k) = self.dims(&a.desc.shape, &w.desc.shape)?;
         let bias = if self.bias { io.inputs[2].ptr } else { 0 };
@@ -295,9 +300,8 @@ impl Gemm {
         } else {
             0
         };
-        let name = format!("gemm_bf16_{}", self.out.suffix());
         let op = self.name();
-        let params = GemmParams {
+        Ok(GemmParams {
             a: a.ptr,
             w: w.ptr,
             bias,
@@ -314,14 +318,20 @@ impl Gemm {
             film_k: x.film_k,
             a_k: x.a_k,
             pad: 0,
-        };
-        // The Hopper kernel where UPX_KERNELS allows it on this target and the shape
+        })
+    }
+
+    fn launch(&self, io: &LaunchIo, x: &Extras) -> Result<Vec<Launch>> {
+        let params = self.params(io, x)?;
+        // The Hopper kernel where the kernel choice allows it on this target and the shape
         // qualifies (ops/gemm_sm90a.rs); the portable one otherwise.
         if io.target.sm90a_allowed()? && super::gemm_sm90a::qualifies(&params) {
             return Ok(vec![super::gemm_sm90a::launch(
                 &io.target, &params, self.out,
             )?]);
         }
+        let (op, m, n) = (self.name(), params.m as usize, params.n as usize);
+        let name = format!("gemm_bf16_{}", self.out.suffix());
         let args = Args::new().by_value(&params);
         let grid_n = ceil_div(n, TILE_N);
         if grid_n > 65535 {
@@ -341,6 +351,14 @@ impl Gemm {
             smem: SMEM_BYTES,
             args,
         }])
+    }
+
+    /// [`OpImpl::sm90a_fallback`] of a launch with the extras `x`.
+    fn sm90a_fallback_with(&self, io: &LaunchIo, x: &Extras) -> Result<Option<String>> {
+        if !io.target.sm90a_allowed()? {
+            return Ok(None);
+        }
+        Ok(super::gemm_sm90a::why_not(&self.params(io, x)?))
     }
 }
 
@@ -407,18 +425,29 @@ impl OpImpl for GemmFilm {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        self.gemm
+            .launch(&gemm_io(io, self.gemm.n_inputs()), &self.extras(io)?)
+    }
+
+    fn sm90a_fallback(&self, io: &LaunchIo) -> Result<Option<String>> {
+        self.gemm
+            .sm90a_fallback_with(&gemm_io(io, self.gemm.n_inputs()), &self.extras(io)?)
+    }
+}
+
+impl GemmFilm {
+    /// The FiLM epilogue's extras (after checking the inputs).
+    fn extras(&self, io: &LaunchIo) -> Result<Extras> {
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         self.infer(&descs)?;
         let (m, _) = rows_channels(self.name(), &descs[0].shape)?;
         let samples = descs[descs.len() - 1].shape[0];
-        let extras = Extras {
+        Ok(Extras {
             rows_per_sample: m / samples,
             film: io.inputs[io.inputs.len() - 1].ptr,
             film_k: self.k,
             ..Extras::default()
-        };
-        self.gemm
-            .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)
+        })
     }
 }
 
@@ -465,7 +494,7 @@ impl OpImpl for GemmGrnStats {
     }
 
     /// The per-slab partial sums live in the workspace (the fused path).
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], _: KernelChoice) -> usize {
         match grn_slabs(self.name(), inputs) {
             Ok(Some((slabs, n))) => slabs * 2 * n * 4,
             _ => 0,
@@ -501,24 +530,34 @@ impl OpImpl for GemmGrnStats {
                     .i32(to_i32(op, "N", n)?),
             })
         };
-        match grn_slabs(op, &descs)? {
-            Some(_) => {
-                let extras = Extras {
-                    rows_per_sample,
-                    partials: io.workspace,
-                    ..Extras::default()
-                };
-                let mut launches = self.gemm.launch(&gemm_io, &extras)?;
-                launches.push(tail("grn_reduce_partials", io.workspace, 256)?);
-                Ok(launches)
-            }
-            None => {
-                let mut launches = self.gemm.launch(&gemm_io, &Extras::default())?;
-                let kernel = format!("grn_sumsq_{}", y.desc.dtype.suffix());
-                launches.push(tail(&kernel, y.ptr, 32)?);
-                Ok(launches)
-            }
-        }
+        let mut launches = self.gemm.launch(&gemm_io, &self.extras(io)?)?;
+        launches.push(match grn_slabs(op, &descs)? {
+            Some(_) => tail("grn_reduce_partials", io.workspace, 256)?,
+            None => tail(&format!("grn_sumsq_{}", y.desc.dtype.suffix()), y.ptr, 32)?,
+        });
+        Ok(launches)
+    }
+
+    fn sm90a_fallback(&self, io: &LaunchIo) -> Result<Option<String>> {
+        self.gemm
+            .sm90a_fallback_with(&gemm_io(io, self.gemm.n_inputs()), &self.extras(io)?)
+    }
+}
+
+impl GemmGrnStats {
+    /// The GEMM's extras: on the fused path (samples of at least one slab) the per-slab sums
+    /// into the workspace; none otherwise.
+    fn extras(&self, io: &LaunchIo) -> Result<Extras> {
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
+        Ok(match grn_slabs(self.name(), &descs)? {
+            Some(_) => Extras {
+                rows_per_sample,
+                partials: io.workspace,
+                ..Extras::default()
+            },
+            None => Extras::default(),
+        })
     }
 }
 
@@ -588,12 +627,13 @@ impl OpImpl for GemmScaledA {
         self.gemm.cost(&inputs[..inputs.len() - 1], outputs)
     }
 
-    /// With `UPX_KERNELS` other than portable: room for the scaled A, which the Hopper GEMM
-    /// reads after a scale pass (it has no A modulation of its own).
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
-        match KernelChoice::from_env() {
-            Ok(KernelChoice::Portable) | Err(_) => 0,
-            Ok(_) => inputs[0].bytes(),
+    /// With the Hopper kernels forced: room for the scaled A, which the Hopper GEMM reads
+    /// after a scale pass (it has no A modulation of its own). Not under `auto`, whose
+    /// tuned dispatch supplies its own scratch where it picks them.
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], kernels: KernelChoice) -> usize {
+        match kernels {
+            KernelChoice::Sm90a => inputs[0].bytes(),
+            KernelChoice::Portable | KernelChoice::Auto => 0,
         }
     }
 
@@ -611,12 +651,7 @@ impl OpImpl for GemmScaledA {
                 dtype: DType::BF16,
                 role: Role::Activation,
             };
-            let mut gemm_in = gemm_io(io, n);
-            gemm_in.inputs[0].ptr = io.workspace;
-            let extras = Extras {
-                rows_per_sample,
-                ..Extras::default()
-            };
+            let (gemm_in, extras) = self.scaled_gemm(io, rows_per_sample);
             let gemm = self.gemm.launch(&gemm_in, &extras)?;
             if gemm.iter().all(super::gemm_sm90a::is_sm90a_gemm) {
                 let mut launches = GemmScaleA { k: self.k }.launches(&LaunchIo {
@@ -640,6 +675,35 @@ impl OpImpl for GemmScaledA {
         };
         self.gemm
             .launch(&gemm_io(io, self.gemm.n_inputs()), &extras)
+    }
+
+    fn sm90a_fallback(&self, io: &LaunchIo) -> Result<Option<String>> {
+        if !io.target.sm90a_allowed()? {
+            return Ok(None);
+        }
+        if io.workspace == 0 {
+            return Ok(Some(
+                "no workspace for the scaled A (reserved where the sm_90a kernels are forced)"
+                    .into(),
+            ));
+        }
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let (_, rows_per_sample) = samples_of(self.name(), &descs[0].shape)?;
+        let (gemm_in, extras) = self.scaled_gemm(io, rows_per_sample);
+        self.gemm.sm90a_fallback_with(&gemm_in, &extras)
+    }
+}
+
+impl GemmScaledA {
+    /// The Hopper path's GEMM: on the scaled A in the workspace, without the A modulation.
+    fn scaled_gemm<'a>(&self, io: &LaunchIo<'a>, rows_per_sample: usize) -> (LaunchIo<'a>, Extras) {
+        let mut gemm_in = gemm_io(io, self.gemm.n_inputs());
+        gemm_in.inputs[0].ptr = io.workspace;
+        let extras = Extras {
+            rows_per_sample,
+            ..Extras::default()
+        };
+        (gemm_in, extras)
     }
 }
 

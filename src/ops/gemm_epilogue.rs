@@ -17,6 +17,7 @@
 use super::math::gelu_ref;
 use super::{arity, linear_launch, rows_channels, to_i32};
 use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -160,7 +161,7 @@ impl OpImpl for GemmEpilogue {
         Ok(outs)
     }
 
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], _: KernelChoice) -> usize {
         let shapes: Vec<&[usize]> = inputs.iter().map(|d| d.shape.as_slice()).collect();
         match self.slabs(&shapes) {
             Ok(Some(slabs)) => slabs * 2 * inputs[0].shape[inputs[0].shape.len() - 1] * 4,

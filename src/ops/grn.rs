@@ -10,6 +10,7 @@
 use super::math::sums_of_squares;
 use super::{inputs_n, require_f32, to_i32, Shaped};
 use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -77,7 +78,7 @@ impl OpImpl for GrnModulation {
     }
 
     /// The per-(sample, channel) sums of squares between the two launches.
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], _: KernelChoice) -> usize {
         self.dims(inputs).map_or(0, |(b, _, d)| b * d * 4)
     }
 

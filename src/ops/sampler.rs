@@ -12,6 +12,7 @@ use super::rows_launch;
 use super::{inputs_n, require_f32, Shaped};
 use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
@@ -253,7 +254,7 @@ impl OpImpl for CfgCombine {
     }
 
     /// The statistics records of `cfg_stats`: 5 f32 per block and group.
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], _: KernelChoice) -> usize {
         self.dims(inputs).map_or(0, |(b, per)| {
             let len = self.group_len(b, per);
             b * per / len * self.stat_blocks(len) * 5 * 4
@@ -392,8 +393,8 @@ impl OpImpl for GuidedStep {
         "guided_step"
     }
 
-    fn workspace_bytes(&self, inputs: &[&TensorDesc]) -> usize {
-        self.guidance.workspace_bytes(&inputs[..1])
+    fn workspace_bytes(&self, inputs: &[&TensorDesc], kernels: KernelChoice) -> usize {
+        self.guidance.workspace_bytes(&inputs[..1], kernels)
     }
 
     fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {

@@ -2,6 +2,7 @@
 //! session that places a graph in one arena and replays its launch list.
 
 use super::graph::{Graph, Node, Role, TensorDesc, TensorId};
+use super::kernel_choice::KernelTarget;
 use super::launch::{Entry, Launch};
 use super::planner::{self, ArenaPlan, ALIGN};
 use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
@@ -10,6 +11,7 @@ use crate::tensor::DType;
 use crate::tensor::{decode, encode};
 use crate::{Error, Result};
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -62,8 +64,8 @@ pub trait Device: Send + Sync {
 
     /// What launches are built for on this device (`runtime::kernel_choice`): the default
     /// (no backend) builds portable launches only.
-    fn kernel_target(&self) -> super::kernel_choice::KernelTarget {
-        super::kernel_choice::KernelTarget::default()
+    fn kernel_target(&self) -> KernelTarget {
+        KernelTarget::default()
     }
 
     /// Scratch bytes [`Device::substitute`] needs to run `node` (0: it runs the op's own
@@ -229,6 +231,8 @@ impl KernelSession {
         opts: SessionOptions,
         cache: Option<&WeightCache>,
     ) -> Result<Self> {
+        let (graph, target) = resolve_kernels(Cow::Owned(graph), device.kernel_target())?;
+        let graph = graph.into_owned();
         // The scratch of the nodes the device runs its own way (vendor GEMMs) is planned in the
         // arena like a workspace; without the memory for it, they run our kernels.
         let scratch = node_scratch(device.as_ref(), &graph);
@@ -265,7 +269,6 @@ impl KernelSession {
         )?;
 
         let substitute = substitute.then_some(device.as_ref());
-        let target = device.kernel_target();
         let list = build_launches(&graph, &plan, &ptrs, arena.ptr, substitute, target)?;
         super::kernel_choice::count_launches(&list.launches);
         Ok(KernelSession {
@@ -287,6 +290,22 @@ impl KernelSession {
         self.list.launches.len()
     }
 
+    /// What a run launches, each once in order of first use: our kernels by name, vendor
+    /// calls by their description.
+    pub fn kernel_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for e in &self.list.launches {
+            let name = match e {
+                Entry::Kernel(l) => l.kernel.name().to_string(),
+                Entry::Vendor(v) => v.describe(),
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
     /// Seconds per run, averaged over `iters` runs (inputs as last set).
     pub fn time(&mut self, iters: usize) -> Result<f64> {
         self.device.time(&mut self.list, iters)
@@ -296,6 +315,20 @@ impl KernelSession {
     pub fn cost(&self) -> crate::runtime::graph::Cost {
         self.graph.cost()
     }
+}
+
+/// `graph` with its kernel choice resolved for `target` ([`KernelTarget::resolve`]: the
+/// target's, else the graph's, else `UPX_KERNELS`) and its workspaces sized for it, and the
+/// target carrying that choice.
+fn resolve_kernels(
+    mut graph: Cow<'_, Graph>,
+    target: KernelTarget,
+) -> Result<(Cow<'_, Graph>, KernelTarget)> {
+    let choice = target.resolve(graph.kernels())?;
+    if graph.kernels() != Some(choice) {
+        graph.to_mut().set_kernels(Some(choice));
+    }
+    Ok((graph, target.with_choice(choice)))
 }
 
 /// Scratch bytes `device` needs for each node of `graph` to run it its own way (0: the op's
@@ -319,7 +352,7 @@ fn build_launches(
     ptrs: &[u64],
     arena: u64,
     substitute: Option<&dyn Device>,
-    target: super::kernel_choice::KernelTarget,
+    target: KernelTarget,
 ) -> Result<LaunchList> {
     let mut list = LaunchList {
         launches: Vec::new(),
@@ -327,20 +360,7 @@ fn build_launches(
         replay: None,
     };
     for (i, node) in graph.nodes.iter().enumerate() {
-        let dev = |ids: &[TensorId]| -> Vec<DevTensor<'_>> {
-            ids.iter()
-                .map(|&t| DevTensor {
-                    ptr: ptrs[t.index()],
-                    desc: graph.desc(t),
-                })
-                .collect()
-        };
-        let io = LaunchIo {
-            inputs: dev(&node.inputs),
-            outputs: dev(&node.outputs),
-            workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
-            target,
-        };
+        let io = node_io(graph, plan, ptrs, arena, target, i);
         let entries = match substitute {
             Some(device) => {
                 let scratch = plan.scratch[i].map_or(0, |o| arena + o as u64);
@@ -365,6 +385,33 @@ fn build_launches(
     Ok(list)
 }
 
+/// The device tensors of node `i` of a graph whose tensors live at `ptrs` (its workspace at
+/// `arena` + offset), for launches built for `target`.
+fn node_io<'a>(
+    graph: &'a Graph,
+    plan: &ArenaPlan,
+    ptrs: &[u64],
+    arena: u64,
+    target: KernelTarget,
+    i: usize,
+) -> LaunchIo<'a> {
+    let node = &graph.nodes[i];
+    let dev = |ids: &[TensorId]| -> Vec<DevTensor<'a>> {
+        ids.iter()
+            .map(|&t| DevTensor {
+                ptr: ptrs[t.index()],
+                desc: graph.desc(t),
+            })
+            .collect()
+    };
+    LaunchIo {
+        inputs: dev(&node.inputs),
+        outputs: dev(&node.outputs),
+        workspace: plan.workspaces[i].map_or(0, |o| arena + o as u64),
+        target,
+    }
+}
+
 /// The launches a graph would make, at made-up addresses: for inspecting which kernels a
 /// graph uses without any device.
 pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
@@ -372,11 +419,29 @@ pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
 }
 
 /// [`dry_launches`] built for `target` (e.g. the emulator with the Hopper kernels forced:
-/// `KernelTarget::hostsim().with_choice(KernelChoice::Sm90a)`).
-pub fn dry_launches_for(
-    graph: &Graph,
-    target: super::kernel_choice::KernelTarget,
-) -> Result<Vec<Launch>> {
+/// `KernelTarget::hostsim().with_choice(KernelChoice::Sm90a)`), under the choice a session
+/// on it would resolve.
+pub fn dry_launches_for(graph: &Graph, target: KernelTarget) -> Result<Vec<Launch>> {
+    Ok(dry_node_launches(graph, target)?
+        .into_iter()
+        .flat_map(|n| n.launches)
+        .collect())
+}
+
+/// One node's part of a dry listing.
+pub struct DryNode {
+    /// The node's index in the graph.
+    pub node: usize,
+    pub launches: Vec<Launch>,
+    /// Why the node takes a portable kernel although the target allows its Hopper one
+    /// ([`OpImpl::sm90a_fallback`](super::graph::OpImpl::sm90a_fallback)).
+    pub sm90a_fallback: Option<String>,
+}
+
+/// [`dry_launches_for`] node by node, with why a node falls back to a portable kernel.
+pub fn dry_node_launches(graph: &Graph, target: KernelTarget) -> Result<Vec<DryNode>> {
+    let (graph, target) = resolve_kernels(Cow::Borrowed(graph), target)?;
+    let graph = graph.as_ref();
     let plan = planner::plan(graph);
     const ARENA: u64 = 1 << 40;
     const WEIGHTS: u64 = 1 << 44;
@@ -394,14 +459,17 @@ pub fn dry_launches_for(
             }
         })
         .collect();
-    Ok(build_launches(graph, &plan, &ptrs, ARENA, None, target)?
-        .launches
-        .into_iter()
-        .filter_map(|e| match e {
-            Entry::Kernel(l) => Some(l),
-            Entry::Vendor(_) => None,
+    (0..graph.nodes.len())
+        .map(|i| {
+            let io = node_io(graph, &plan, &ptrs, ARENA, target, i);
+            let op = &graph.nodes[i].op;
+            Ok(DryNode {
+                node: i,
+                launches: op.launches(&io)?,
+                sm90a_fallback: op.sm90a_fallback(&io)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 impl Session for KernelSession {

@@ -3,6 +3,7 @@
 //! implements ([`OpImpl`]: shapes, reference, launches, cost) lives here too: the graph, the
 //! planner and the executors use it, the op families in `ops` implement it.
 
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{numel, DType, HostTensor};
 use crate::{Error, Result};
@@ -67,11 +68,35 @@ pub struct Graph {
     pub constants: Vec<TensorId>,
     by_name: HashMap<String, TensorId>,
     scope: Vec<String>,
+    /// The kernel family choice the launches are built under instead of `UPX_KERNELS`
+    /// (`runtime::kernel_choice`); None: the environment's, read when a session places the
+    /// graph (the node workspaces are then the portable kernels' until it does).
+    kernels: Option<KernelChoice>,
 }
 
 impl Graph {
     pub fn new() -> Self {
         Graph::default()
+    }
+
+    /// The graph's own kernel choice (None: `UPX_KERNELS`).
+    pub fn kernels(&self) -> Option<KernelChoice> {
+        self.kernels
+    }
+
+    /// Builds this graph's launches under `choice` instead of `UPX_KERNELS` (None: the
+    /// environment's), with every node's workspace sized for it.
+    pub fn set_kernels(&mut self, choice: Option<KernelChoice>) {
+        self.kernels = choice;
+        let kernels = choice.unwrap_or_default();
+        for node in &mut self.nodes {
+            let descs: Vec<&TensorDesc> = node
+                .inputs
+                .iter()
+                .map(|&i| &self.tensors[i.index()])
+                .collect();
+            node.workspace = node.op.workspace_bytes(&descs, kernels);
+        }
     }
 
     pub fn desc(&self, id: TensorId) -> &TensorDesc {
@@ -84,7 +109,7 @@ impl Graph {
 
     /// A hash of everything that decides what the graph computes and how it is placed: its
     /// tensors (names, shapes, dtypes, roles), its nodes (ops with every parameter, wiring,
-    /// workspaces, labels), outputs and constants. Equal graphs, built twice, hash equal.
+    /// workspaces, labels), outputs, constants and kernel choice. Equal graphs, built twice, hash equal.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         use std::io::Write;
@@ -93,8 +118,8 @@ impl Graph {
         // order (no hash maps: `by_name` is derived from `tensors`).
         write!(
             h,
-            "{:?}|{:?}|{:?}|{:?}",
-            self.tensors, self.nodes, self.outputs, self.constants
+            "{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.tensors, self.nodes, self.outputs, self.constants, self.kernels
         )
         .expect("hashing never fails");
         h.finalize().into()
@@ -173,7 +198,7 @@ impl Graph {
     pub fn op_shared(&mut self, op: Arc<dyn OpImpl>, inputs: &[TensorId]) -> Result<Vec<TensorId>> {
         let descs: Vec<&TensorDesc> = inputs.iter().map(|&i| self.desc(i)).collect();
         let specs = op.infer(&descs)?;
-        let workspace = op.workspace_bytes(&descs);
+        let workspace = op.workspace_bytes(&descs, self.kernels.unwrap_or_default());
         let label = self.label(op.name());
         let mut outputs = Vec::with_capacity(specs.len());
         for (k, (shape, dtype)) in specs.into_iter().enumerate() {
@@ -280,8 +305,9 @@ pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
     /// Validates the inputs and returns the outputs' shapes and dtypes.
     fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>>;
 
-    /// Scratch memory the kernels need while the node runs.
-    fn workspace_bytes(&self, _inputs: &[&TensorDesc]) -> usize {
+    /// Scratch memory the kernels need while the node runs, with its launches built under
+    /// `kernels` (`runtime::kernel_choice`).
+    fn workspace_bytes(&self, _inputs: &[&TensorDesc], _kernels: KernelChoice) -> usize {
         0
     }
 
@@ -290,6 +316,13 @@ pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
 
     /// The kernel launches that compute the op on the given device buffers.
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>>;
+
+    /// For an op with a Hopper kernel (`runtime::kernel_choice`): why its launches for `io`
+    /// take the portable kernel although `io.target` allows the Hopper one. None where they
+    /// take it, where the target does not allow it, and for ops without one.
+    fn sm90a_fallback(&self, _io: &LaunchIo) -> Result<Option<String>> {
+        Ok(None)
+    }
 
     /// Work of one execution, for benchmarks: tensor-core FLOPs and the bytes the op must
     /// move at least (by default every input and output once).

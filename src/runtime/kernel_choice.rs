@@ -14,15 +14,21 @@
 //!   not compute capability 9.0 the portable ones, which are the only ones it can load),
 //!   whatever the table says.
 //!
-//! A shape that does not qualify (see each op's rules, e.g. `ops::gemm_sm90a::qualifies`)
+//! A graph can carry its own choice instead ([`Graph::set_kernels`]): `verify` and
+//! `bench --shapes` run the portable and the Hopper kernels side by side in one process.
+//! A shape that does not qualify (see each op's rules, e.g. `ops::gemm_sm90a::why_not`)
 //! always falls back to the portable kernel.
+//!
+//! [`Graph::set_kernels`]: super::graph::Graph::set_kernels
 
+use super::graph::Graph;
 use super::launch::Entry;
 use super::BackendKind;
 use crate::{Error, Result};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The value of `UPX_KERNELS`.
+/// The value of `UPX_KERNELS`, or a graph's own choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum KernelChoice {
     Portable,
@@ -85,8 +91,9 @@ pub struct KernelTarget {
     pub compute_capability: Option<(i32, i32)>,
     /// Streaming multiprocessors (0: unknown).
     pub sms: u32,
-    /// The choice to apply instead of `UPX_KERNELS` (None: the environment's), for listings
-    /// and tests that must not depend on the process environment.
+    /// The choice to apply instead of `UPX_KERNELS` (None: the environment's). Sessions set
+    /// it to the graph's resolved choice; listings and tests set it so as not to depend on
+    /// the process environment.
     pub choice: Option<KernelChoice>,
 }
 
@@ -112,10 +119,36 @@ impl KernelTarget {
     /// The choice that applies here: the explicit one, else `UPX_KERNELS` (an unparsable value
     /// is an error).
     pub fn kernel_choice(&self) -> Result<KernelChoice> {
-        match self.choice {
+        self.resolve(None)
+    }
+
+    /// The choice launches for this target are built under: the target's own, else
+    /// `graph_choice` (a graph's), else `UPX_KERNELS`.
+    pub fn resolve(&self, graph_choice: Option<KernelChoice>) -> Result<KernelChoice> {
+        match self.choice.or(graph_choice) {
             Some(c) => Ok(c),
             None => KernelChoice::from_env(),
         }
+    }
+
+    /// Why an op's own launches take no Hopper kernel here under `choice` (None: they may,
+    /// where a shape qualifies).
+    pub fn why_not_sm90a(&self, choice: KernelChoice) -> Option<String> {
+        if choice.allows_sm90a(self) {
+            return None;
+        }
+        Some(match (choice, self.backend, self.compute_capability) {
+            (_, None, _) => "no backend (a dry listing)".into(),
+            (KernelChoice::Portable, ..) => format!("{ENV}=portable"),
+            (KernelChoice::Auto, ..) => {
+                format!("{ENV}=auto runs them only where a tuning table measured them the winner")
+            }
+            (_, Some(BackendKind::Cpu), _) => "the cpu backend runs no kernels".into(),
+            (_, _, Some((ma, mi))) => {
+                format!("they need compute capability 9.0, this is {ma}.{mi}")
+            }
+            (_, _, None) => "they need compute capability 9.0".into(),
+        })
     }
 
     /// Whether the Hopper kernels may run here under [`Self::kernel_choice`].
@@ -141,14 +174,17 @@ pub fn attention_launch_counts() -> (usize, usize) {
 /// A kernel family with a portable and an sm_90a implementation, told apart by name prefix;
 /// `placed` counts (sm_90a launches, all launches).
 struct Family {
+    /// The ops' name in reports.
+    op: &'static str,
     portable: &'static str,
     sm90a: &'static str,
     placed: [AtomicUsize; 2],
 }
 
 impl Family {
-    const fn new(portable: &'static str, sm90a: &'static str) -> Self {
+    const fn new(op: &'static str, portable: &'static str, sm90a: &'static str) -> Self {
         Family {
+            op,
             portable,
             sm90a,
             placed: [AtomicUsize::new(0), AtomicUsize::new(0)],
@@ -161,29 +197,92 @@ impl Family {
             self.placed[1].load(Ordering::Relaxed),
         )
     }
-
-    fn count(&self, name: &str) {
-        let sm90a = name.starts_with(self.sm90a);
-        if sm90a || name.starts_with(self.portable) {
-            self.placed[1].fetch_add(1, Ordering::Relaxed);
-        }
-        if sm90a {
-            self.placed[0].fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 static FAMILIES: [Family; 2] = [
-    Family::new("gemm_bf16_", "gemm_sm90a_"),
-    Family::new("attention_d", "attention_sm90a_"),
+    Family::new("gemm", "gemm_bf16_", "gemm_sm90a_"),
+    Family::new("attention", "attention_d", "attention_sm90a_"),
 ];
+
+/// The kernel family of a launch of `kernel` (None: a kernel with one implementation).
+fn family_of(kernel: &str) -> Option<(&'static Family, bool)> {
+    FAMILIES.iter().find_map(|f| {
+        let sm90a = kernel.starts_with(f.sm90a);
+        (sm90a || kernel.starts_with(f.portable)).then_some((f, sm90a))
+    })
+}
+
+/// Which kernel the GEMM and attention ops of some graphs run on one target: per op family,
+/// the executions on the sm_90a kernel and on the portable one, the latter by reason where
+/// the target allowed the sm_90a kernel (`OpImpl::sm90a_fallback`). `info --size` prints it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelCensus {
+    pub ops: BTreeMap<&'static str, OpKernels>,
+}
+
+/// One op family's part of a [`KernelCensus`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OpKernels {
+    pub sm90a: usize,
+    pub portable: usize,
+    /// The portable executions where the target allowed the sm_90a kernel, by reason.
+    pub fallbacks: BTreeMap<String, usize>,
+}
+
+impl KernelCensus {
+    /// Adds `runs` executions of `graph`'s launches for `target` (each node counted once per
+    /// op family it launches).
+    pub fn add(&mut self, graph: &Graph, target: KernelTarget, runs: usize) -> Result<()> {
+        for node in super::device::dry_node_launches(graph, target)? {
+            let mut families: Vec<(&Family, bool)> = node
+                .launches
+                .iter()
+                .filter_map(|l| family_of(l.kernel.name()))
+                .collect();
+            families.dedup_by_key(|(f, _)| f.op);
+            for (f, sm90a) in families {
+                let e = self.ops.entry(f.op).or_default();
+                if sm90a {
+                    e.sm90a += runs;
+                } else {
+                    e.portable += runs;
+                    if let Some(why) = &node.sm90a_fallback {
+                        *e.fallbacks.entry(why.clone()).or_default() += runs;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One line per op family: `gemm: 120 sm90a, 8 portable (reason: 8)`.
+    pub fn lines(&self) -> Vec<String> {
+        self.ops
+            .iter()
+            .map(|(op, k)| {
+                let why: Vec<String> = k
+                    .fallbacks
+                    .iter()
+                    .map(|(w, n)| format!("{w}: {n}"))
+                    .collect();
+                let why = match why.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", why.join("; ")),
+                };
+                format!("{op}: {} sm90a, {} portable{why}", k.sm90a, k.portable)
+            })
+            .collect()
+    }
+}
 
 /// Counts the GEMM and attention kernel launches of a session's launch list.
 pub(crate) fn count_launches(entries: &[Entry]) {
     for e in entries {
-        if let Entry::Kernel(l) = e {
-            let name = l.kernel.name();
-            FAMILIES.iter().for_each(|f| f.count(name));
+        if let Some((f, sm90a)) = e.kernel().and_then(|l| family_of(l.kernel.name())) {
+            f.placed[1].fetch_add(1, Ordering::Relaxed);
+            if sm90a {
+                f.placed[0].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -240,5 +339,66 @@ mod tests {
         assert!(!sim.with_choice(Portable).sm90a_allowed().unwrap());
         assert!(!none.with_choice(Sm90a).sm90a_allowed().unwrap());
         assert_eq!(sim.with_choice(Auto).kernel_choice().unwrap(), Auto);
+        // Why not, for listings.
+        let why = |t: KernelTarget, c| t.why_not_sm90a(c).unwrap_or_default();
+        assert!(why(a100, Sm90a).contains("compute capability 9.0, this is 8.0"));
+        assert!(why(h100, Auto).contains("tuning table"));
+        assert!(why(h100, Portable).contains("UPX_KERNELS=portable"));
+        assert_eq!(sim.why_not_sm90a(Sm90a), None);
+        assert_eq!(h100.why_not_sm90a(Sm90a), None);
+    }
+
+    /// `info`'s listing: a graph with a GEMM, an attention of head dim 64 (it qualifies) and
+    /// one of head dim 16 (there is no sm_90a kernel for it), counted per run.
+    #[test]
+    fn the_census_counts_each_op_on_its_kernel_with_the_fallback_reasons() {
+        use crate::ops::attention::Attention;
+        use crate::ops::gemm::Gemm;
+        use crate::tensor::DType;
+        let mut g = Graph::new();
+        let a = g.input("a", &[2, 40, 72], DType::BF16).unwrap();
+        let w = g.weight("w", &[24, 72], DType::BF16).unwrap();
+        let gemm = Gemm {
+            bias: false,
+            gelu: false,
+            residual: false,
+            out: DType::BF16,
+        };
+        g.op1(gemm, &[a, w]).unwrap();
+        for (heads, d) in [(3, 64), (2, 16)] {
+            let qkv = g.input(&format!("qkv{d}"), &[2, 37, 3 * heads * d], DType::BF16);
+            let attention = Attention {
+                heads,
+                causal: false,
+                extra_kv: false,
+                key_mask: false,
+                out: DType::BF16,
+            };
+            g.op1(attention, &[qkv.unwrap()]).unwrap();
+        }
+        let census = |target: KernelTarget| {
+            let mut c = KernelCensus::default();
+            c.add(&g, target, 5).unwrap();
+            c
+        };
+        let forced = census(KernelTarget::hostsim().with_choice(KernelChoice::Sm90a));
+        let (gemm, attention) = (&forced.ops["gemm"], &forced.ops["attention"]);
+        assert_eq!((gemm.sm90a, gemm.portable), (5, 0));
+        assert!(gemm.fallbacks.is_empty());
+        assert_eq!((attention.sm90a, attention.portable), (5, 5));
+        let (why, n) = attention.fallbacks.iter().next().unwrap();
+        assert!(why.contains("head dim 16"), "{why}");
+        assert_eq!((attention.fallbacks.len(), *n), (1, 5));
+        let lines = forced.lines();
+        assert_eq!(lines[1], "gemm: 5 sm90a, 0 portable", "{lines:?}");
+        assert!(lines[0].starts_with("attention: 5 sm90a, 5 portable (head dim 16"));
+        // Portable: every op on the portable kernel, no reasons to give.
+        let portable = census(KernelTarget::hostsim().with_choice(KernelChoice::Portable));
+        assert_eq!(portable.ops["gemm"].portable, 5);
+        assert_eq!(portable.ops["attention"].portable, 10);
+        assert!(portable
+            .ops
+            .values()
+            .all(|k| k.sm90a == 0 && k.fallbacks.is_empty()));
     }
 }

@@ -263,7 +263,11 @@ mod tests {
         fn infer(&self, _: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
             Ok(vec![(vec![self.len], DType::F32); self.outs])
         }
-        fn workspace_bytes(&self, _: &[&TensorDesc]) -> usize {
+        fn workspace_bytes(
+            &self,
+            _: &[&TensorDesc],
+            _: crate::runtime::kernel_choice::KernelChoice,
+        ) -> usize {
             self.ws
         }
         fn reference(&self, _: &[&HostTensor], _: &mut [HostTensor]) -> Result<()> {

@@ -433,7 +433,8 @@ pub fn pair_entries(
             .iter()
             .map(|t| t.desc)
             .collect();
-        if pair::epilogue_op(op, key).workspace_bytes(&pass_ins) > workspace {
+        let portable = crate::runtime::kernel_choice::KernelChoice::Portable;
+        if pair::epilogue_op(op, key).workspace_bytes(&pass_ins, portable) > workspace {
             return Ok(None);
         }
     }

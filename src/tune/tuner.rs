@@ -178,8 +178,10 @@ impl<'a> Problem<'a> {
         .iter()
         .map(|t| t.desc)
         .collect();
-        let pass_ws = pair::epilogue_op(p.op.as_ref(), &p.key).workspace_bytes(&pass_ins);
-        let ws = p.op.workspace_bytes(&refs).max(pass_ws);
+        // The tuner's launches are the portable kernels'.
+        let portable = crate::runtime::kernel_choice::KernelChoice::Portable;
+        let pass_ws = pair::epilogue_op(p.op.as_ref(), &p.key).workspace_bytes(&pass_ins, portable);
+        let ws = p.op.workspace_bytes(&refs, portable).max(pass_ws);
         let widest = PairPlan {
             product: DType::F32,
             scale_a: p.key.epilogue.scaled_a,
