@@ -608,7 +608,8 @@ pub fn sweep_seed(start: u64, i: u64) -> u64 {
 
 /// Runs every check of `families` whose name contains `filter` on `backend`
 /// against the CPU reference at emulator size, for seeds `sweep_seed(start, 0..n)`, seeds in
-/// parallel. Stops starting seeds once `stop` is set; `progress` sees the report after each
+/// parallel; with the sm_90a kernels forced too where they change a check's launches
+/// ([`OpCheck::sm90a_variant`]: the `op[sm90a]` entries). Stops starting seeds once `stop` is set; `progress` sees the report after each
 /// seed.
 pub fn sweep(
     backend: &Backend,
@@ -622,6 +623,10 @@ pub fn sweep(
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     let report = Mutex::new(SweepReport::default());
+    let target = backend
+        .device()
+        .map(|d| d.kernel_target())
+        .unwrap_or_default();
     (0..n).into_par_iter().for_each(|i| {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -639,11 +644,20 @@ pub fn sweep(
                     continue;
                 }
             };
-            for c in checks
-                .iter()
-                .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
-            {
-                local.add(family.name, seed, c, &run_check(c, backend));
+            for c in &checks {
+                let forced = match c.sm90a_variant(target) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        local.add(family.name, seed, c, &Err(e));
+                        None
+                    }
+                };
+                for c in std::iter::once(c)
+                    .chain(&forced)
+                    .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+                {
+                    local.add(family.name, seed, c, &run_check(c, backend));
+                }
             }
         }
         let mut r = report.lock().unwrap_or_else(|e| e.into_inner());

@@ -78,17 +78,17 @@ pub fn sweep_cmd(a: &VerifyArgs, n: u64) -> Result<i32> {
 
 fn print_report(r: &SweepReport) {
     println!(
-        "\n{:<12} {:<20} {:>8} {:>9} {:>22} {:>6}  worst check / output",
+        "\n{:<12} {:<24} {:>8} {:>9} {:>22} {:>6}  worst check / output",
         "family", "op", "outputs", "worst", "at seed", "fails"
     );
     for ((family, op), e) in &r.entries {
         println!(
-            "{family:<12} {op:<20} {:>8} {:>9.4} {:>22} {:>6}  {}",
+            "{family:<12} {op:<24} {:>8} {:>9.4} {:>22} {:>6}  {}",
             e.outputs, e.worst_ratio, e.worst_seed, e.failures, e.worst
         );
         if !e.failed_seeds.is_empty() {
             let seeds: Vec<String> = e.failed_seeds.iter().map(|s| s.to_string()).collect();
-            println!("{:<33} failing seeds: {}", "", seeds.join(", "));
+            println!("{:<37} failing seeds: {}", "", seeds.join(", "));
         }
     }
     if !r.lines.is_empty() {
