@@ -7,12 +7,15 @@
 #
 # PARTS, in the order given (default: truth checks bench shapes; the second call: stages tune)
 #   truth   verify --truth: the sm_90 truth fixture (returned as truth-sm90.safetensors)
-#   checks  info --size 4096x4096; verify (UPX_REQUIRE_GPU=1); every golden case on cuda;
+#   checks  info --size 4096x4096 (which kernel each GEMM / attention op runs); verify
+#           (UPX_REQUIRE_GPU=1; on compute capability 9.0 the op[sm90a] checks too); every
+#           golden case on cuda;
 #           the tiny random model generated twice with one seed (with previews, then
 #           without): the PNGs must be bit-identical
 #   bench   every kernel against the copy and cuBLASLt ceilings
-#   shapes  every GEMM / attention / dwconv+LN shape at 1K, 2K, 4K against cuBLASLt, and the
-#           same shapes in PyTorch (tools/torch-peer.py; skipped without python3 or torch)
+#   shapes  every GEMM / attention / dwconv+LN shape at 1K, 2K, 4K: our portable and (on
+#           compute capability 9.0) sm_90a kernels against cuBLASLt, and the same shapes in
+#           PyTorch (tools/torch-peer.py; skipped without python3 or torch)
 #   stages  every part of a generation at 1024², 2048², 4096², 5120x2560
 #   tune    tune --out-dir: the tuning table (returned as tuning-<device>.json)
 #   dispatch the tuning table at work (the one `tune` wrote earlier in this call, else the
