@@ -809,7 +809,12 @@ mod substitution {
         fn execute(&self, list: &mut LaunchList) -> ultrapixel::Result<()> {
             self.inner.execute(list)
         }
-        fn substitute_scratch(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+        fn substitute_scratch(
+            &self,
+            node: &Node,
+            inputs: &[&TensorDesc],
+            _: ultrapixel::runtime::kernel_choice::KernelChoice,
+        ) -> usize {
             self.plan(node, inputs)
                 .map_or(0, |(key, plan)| plan_layout(&key, plan).bytes)
         }

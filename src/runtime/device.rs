@@ -2,7 +2,7 @@
 //! session that places a graph in one arena and replays its launch list.
 
 use super::graph::{Graph, Node, Role, TensorDesc, TensorId};
-use super::kernel_choice::KernelTarget;
+use super::kernel_choice::{KernelChoice, KernelTarget};
 use super::launch::{Entry, Launch};
 use super::planner::{self, ArenaPlan, ALIGN};
 use super::session::{check_input, load_weight, Session, SessionOptions, WeightSource};
@@ -68,9 +68,14 @@ pub trait Device: Send + Sync {
         KernelTarget::default()
     }
 
-    /// Scratch bytes [`Device::substitute`] needs to run `node` (0: it runs the op's own
-    /// launches).
-    fn substitute_scratch(&self, _node: &Node, _inputs: &[&TensorDesc]) -> usize {
+    /// Scratch bytes [`Device::substitute`] needs to run `node` in a graph built for
+    /// `choice` (0: it runs the op's own launches).
+    fn substitute_scratch(
+        &self,
+        _node: &Node,
+        _inputs: &[&TensorDesc],
+        _choice: KernelChoice,
+    ) -> usize {
         0
     }
 
@@ -334,12 +339,16 @@ fn resolve_kernels(
 /// Scratch bytes `device` needs for each node of `graph` to run it its own way (0: the op's
 /// launches).
 pub fn node_scratch(device: &dyn Device, graph: &Graph) -> Vec<usize> {
+    // An unreadable UPX_KERNELS plans none: building the launches reports it.
+    let choice = graph.kernels().map_or_else(KernelChoice::from_env, Ok);
     graph
         .nodes
         .iter()
         .map(|n| {
             let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
-            device.substitute_scratch(n, &ins)
+            choice
+                .as_ref()
+                .map_or(0, |&c| device.substitute_scratch(n, &ins, c))
         })
         .collect()
 }

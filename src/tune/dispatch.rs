@@ -194,8 +194,8 @@ pub fn of(dev: &CudaDevice) -> &Dispatch {
 }
 
 impl Substitution for Dispatch {
-    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
-        Dispatch::scratch_bytes(self, node, inputs)
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc], choice: KernelChoice) -> usize {
+        Dispatch::scratch_bytes(self, node, inputs, choice)
     }
 
     fn entries(
@@ -255,13 +255,13 @@ impl Dispatch {
     }
 
     /// Scratch bytes the node needs when it runs a vendor GEMM or the Hopper GEMM of a
-    /// `scaled_a` winner (0 otherwise). The node's target is not known when the arena is
-    /// planned, so this follows `UPX_KERNELS`; a target that forces a choice only makes
-    /// [`Self::entries`] leave the scratch unused.
-    pub fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
-        let Ok(choice) = KernelChoice::from_env() else {
-            return 0;
-        };
+    /// `scaled_a` winner in a graph built for `choice` (0 otherwise).
+    pub fn scratch_bytes(
+        &self,
+        node: &Node,
+        inputs: &[&TensorDesc],
+        choice: KernelChoice,
+    ) -> usize {
         match self.decide(choice, node.op.as_ref(), inputs) {
             Decision::CublasLt(key, c) => scratch_layout(&key, &c).bytes,
             Decision::Sm90a(Some(key)) => sm90a_layout(&key).bytes,

@@ -14,6 +14,7 @@ use super::graph::{Node, TensorDesc};
 use super::kernels::{KernelId, ModuleBlob, KERNELS_COMPILED, MODULES};
 use super::launch::Entry;
 use crate::runtime::graph::LaunchIo;
+use crate::runtime::kernel_choice::KernelChoice;
 use crate::{Error, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
 use driver::{Function, RealDriver, Stream};
@@ -48,8 +49,9 @@ pub struct CudaDevice {
 /// a layer above the runtime (the tuning table's GEMM dispatch, `tune::dispatch`) and
 /// installed when the backend is opened, so the executor never depends on that layer.
 pub trait Substitution: Send + Sync {
-    /// Scratch bytes the node needs when it runs the substitute's way (0: our kernel).
-    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc]) -> usize;
+    /// Scratch bytes the node needs when it runs the substitute's way in a graph built for
+    /// `choice` (0: our kernel).
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc], choice: KernelChoice) -> usize;
     /// The node's entries, or None for our kernel.
     fn entries(
         &self,
@@ -394,10 +396,15 @@ impl Device for CudaDevice {
         self.exec.execute(list)
     }
 
-    fn substitute_scratch(&self, node: &Node, inputs: &[&TensorDesc]) -> usize {
+    fn substitute_scratch(
+        &self,
+        node: &Node,
+        inputs: &[&TensorDesc],
+        choice: KernelChoice,
+    ) -> usize {
         self.substitution
             .get()
-            .map_or(0, |s| s.scratch_bytes(node, inputs))
+            .map_or(0, |s| s.scratch_bytes(node, inputs, choice))
     }
 
     fn substitute(&self, node: &Node, io: &LaunchIo, scratch: u64) -> Result<Option<Vec<Entry>>> {
