@@ -49,11 +49,11 @@ files() { # NAME EXPECTED...: exactly these files in OUT
 }
 
 # 1. Every part on the stub: all pass, the four files, the archive's layout, the summary last.
-run all 0 -- --dry-run truth checks bench shapes stages tune dispatch
+run all 0 -- --dry-run truth checks bench shapes stages tune dispatch serve
 files all summary.txt logs.tar.gz truth-sm90.safetensors tuning-stub-gpu.json
-for p in pack truth checks bench shapes stages tune dispatch; do has all "^$p +0 "; done
+for p in pack truth checks bench shapes stages tune dispatch serve; do has all "^$p +0 "; done
 for s in truth info verify cases tinymodel generate determinism bench shapeslist shapes stages tune \
-    tuninginfo tunecheck tuned untuned; do
+    tuninginfo tunecheck tuned untuned servemodel serve; do
     has all "^  $s +0 "
 done
 has all '^  torchpeer +(0|skip) '
@@ -65,13 +65,15 @@ has all "4096x4096: GEMMs of one image.*; sm_90a 0.0015 s .*of cuBLASLt's speed"
 has all '4096x4096: attention of one image: 0.001 s; sm_90a'
 has all '5120x2560: end to end'
 has all '3 kernels, median'
+has all '^ +2048x2048 +time to first step .* time per image'
 has all '^  tunecheck +0 .*137 passed, 0 failed'
 has all '^  tuninginfo +0 .*tuning: stub-gpu.json'
 tail -n 1 "$work/all.log" | grep -q '^result: all parts passed' || fail "all: the summary is not printed last"
 tar -tzf "$work/all/logs.tar.gz" | sort >"$work/all.tar"
 for f in BUILD environment.log pack.log truth.log info.log verify.log cases.log tinymodel.log \
     generate.log determinism.log bench.log shapeslist.log shapes.json shapes.log torchpeer.log \
-    stages.log tune.log tuning/stub-gpu.json tuninginfo.log tunecheck.log tuned.log untuned.log; do
+    stages.log tune.log tuning/stub-gpu.json tuninginfo.log tunecheck.log tuned.log untuned.log \
+    servemodel.log serve.log; do
     grep -qx "logs/$f" "$work/all.tar" || fail "all: logs.tar.gz lacks logs/$f"
 done
 grep -vqE '^logs/' "$work/all.tar" && fail "all: logs.tar.gz has files outside logs/"
@@ -135,7 +137,7 @@ has limits '^result: FAILED: the output limits$'
 
 # 8. Bad usage and a missing binary: exit 2 before anything runs.
 run unknown 2 -- --dry-run checks nonsense
-has unknown "unknown part 'nonsense' \(parts: truth checks bench shapes stages tune dispatch\)" "$work/unknown.log"
+has unknown "unknown part 'nonsense' \(parts: truth checks bench shapes stages tune dispatch serve\)" "$work/unknown.log"
 run option 2 -- --frobnicate
 run badbudget 2 -- --budget soon
 run nobin 2 -- --bin "$work/nowhere/ultrapixel" checks

@@ -22,6 +22,9 @@
 #           embedded one): which table `info` selects, `tune --check` (every cuBLASLt and
 #           sm_90a winner as a GEMM node builds it, against our kernel, rerun bit-identical),
 #           4096² stages with the table and with UPX_TUNING=off
+#   serve   `bench --serve` on the tiny random model: cold start by part (CUDA init, model
+#           load, first image with its weight upload), a warm pipeline's time to first step
+#           and per image at 1024² and 2048² (kept sessions), throughput with two clients
 #
 # Every command runs under `timeout`: a step gets min(its cap, what its part has left, what
 # the budget has left), a part min(its cap, what the budget has left); the whole selection
@@ -46,7 +49,7 @@ caller=$(pwd)
 cd "$(dirname "$0")/.." || exit 2
 root=$(pwd)
 
-all_parts=(truth checks bench shapes stages tune dispatch)
+all_parts=(truth checks bench shapes stages tune dispatch serve)
 usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die2() { echo "error: $*" >&2; exit 2; }
 
@@ -164,6 +167,7 @@ step_keys() {
         tune)
             [ -d "$tmp/tuning" ] && echo "wrote: $(cd "$tmp/tuning" && find . -maxdepth 1 -name '*.json' -printf '%f ')"
             ;;
+        serve) grep -E '^  (backend open|first image|[0-9]+x[0-9]+ +time to first step)|^throughput' "$log" ;;
     esac
 }
 
@@ -244,6 +248,7 @@ part_cap() {
         stages) echo 300 ;;
         tune) echo 480 ;;
         dispatch) echo 500 ;;
+        serve) echo 150 ;;
     esac
 }
 part_truth() {
@@ -306,6 +311,13 @@ part_dispatch() {
     step tunecheck 200 -- env ${dir:+UPX_TUNING_DIR="$dir"} "$bin" tune --check
     step tuned 130 -- env ${dir:+UPX_TUNING_DIR="$dir"} "$bin" bench --stages --size 4096x4096 --iters 3
     step untuned 130 -- env UPX_TUNING=off "$bin" bench --stages --size 4096x4096 --iters 3
+}
+
+part_serve() {
+    local tiny=$tmp/tiny-serve
+    step servemodel 30 -- "$bin" make-tiny-model "$tiny" || return
+    step serve 110 -- "$bin" bench --serve --model-dir "$tiny" --backend cuda \
+        --size 1024x1024 --size 2048x2048 --iters 3
 }
 
 run_part() {
