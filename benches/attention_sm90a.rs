@@ -7,10 +7,11 @@
 //! "skipped: no GPU" and exits; on a GPU that is not compute capability 9.0 both rows run the
 //! portable kernel.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::Duration;
 use ultrapixel::ops::attention::Attention;
-use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::tensor::DType;
 use ultrapixel::verify::{CheckBuilder, OpCheck, Tolerance};
 
@@ -45,14 +46,7 @@ fn check(batch: usize, n: usize, m: usize, heads: usize) -> OpCheck {
 }
 
 fn attention(c: &mut Criterion) {
-    let dev = match Backend::open(BackendKind::Cuda) {
-        Ok(Backend::Cuda(d)) => d,
-        Ok(_) => unreachable!("opened the cuda backend"),
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu() else { return };
     let mut group = c.benchmark_group("attention_sm90a");
     group
         .sample_size(10)
@@ -70,11 +64,7 @@ fn attention(c: &mut Criterion) {
                 secs * 1e6,
                 flops / secs / 1e12
             );
-            group.bench_function(format!("{name}/{kernels}"), |b| {
-                b.iter_custom(|iters| {
-                    Duration::from_secs_f64(s.time(iters as usize).expect("timing") * iters as f64)
-                })
-            });
+            common::bench_session(&mut group, &format!("{name}/{kernels}"), &mut s);
         }
     }
     std::env::remove_var("UPX_KERNELS");

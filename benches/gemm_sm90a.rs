@@ -4,21 +4,15 @@
 //! capability 9.0 GPU (H100, H200); elsewhere it prints why it skipped and exits. No hardware
 //! numbers exist yet (docs/PERF.md).
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::Duration;
 use ultrapixel::runtime::kernel_choice::ENV;
-use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::verify::Scale;
 
 fn gemm_sm90a(c: &mut Criterion) {
-    let dev = match Backend::open(BackendKind::Cuda) {
-        Ok(Backend::Cuda(d)) => d,
-        Ok(_) => unreachable!("opened the cuda backend"),
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu() else { return };
     let cc = dev.info().compute_capability;
     if cc != (9, 0) {
         println!("skipped: the sm_90a GEMM needs compute capability 9.0, this GPU is {cc:?}");
@@ -33,11 +27,7 @@ fn gemm_sm90a(c: &mut Criterion) {
             // The choice is read when the session builds its launches.
             std::env::set_var(ENV, kernels);
             let mut s = ultrapixel::bench::session(&dev, &check).expect("session");
-            group.bench_function(format!("{}/{kernels}", check.name), |b| {
-                b.iter_custom(|iters| {
-                    Duration::from_secs_f64(s.time(iters as usize).expect("timing") * iters as f64)
-                })
-            });
+            common::bench_session(&mut group, &format!("{}/{kernels}", check.name), &mut s);
         }
     }
     std::env::remove_var(ENV);

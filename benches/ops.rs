@@ -1,21 +1,15 @@
 //! Criterion benchmarks of every op check at GPU size, timed with CUDA events over replayed
 //! CUDA graphs (`ultrapixel::bench`). Without a GPU: prints "skipped: no GPU" and exits.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::Duration;
 use ultrapixel::ops::all_checks;
-use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::verify::Scale;
 
 fn ops(c: &mut Criterion) {
-    let dev = match Backend::open(BackendKind::Cuda) {
-        Ok(Backend::Cuda(d)) => d,
-        Ok(_) => unreachable!("opened the cuda backend"),
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            return;
-        }
-    };
+    let Some(dev) = common::gpu() else { return };
     let (ceilings, timings) = ultrapixel::bench::run(&dev, 20, None).expect("bench");
     println!("{}", ceilings.describe());
     for t in &timings {
@@ -27,11 +21,7 @@ fn ops(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     for check in all_checks(7, Scale::Gpu).expect("checks") {
         let mut s = ultrapixel::bench::session(&dev, &check).expect("session");
-        group.bench_function(&check.name, |b| {
-            b.iter_custom(|iters| {
-                Duration::from_secs_f64(s.time(iters as usize).expect("timing") * iters as f64)
-            })
-        });
+        common::bench_session(&mut group, &check.name, &mut s);
     }
     group.finish();
 }

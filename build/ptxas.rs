@@ -1,7 +1,7 @@
 //! ptxas's `-v` report: resource use per kernel and architecture, and the notes that say a
-//! wgmma pipeline was serialized or a setmaxnreg ignored (C7508, C7511, C7515 and relatives,
-//! "Potential Performance Loss": ptxas prints them as "info", so `-Werror` does not catch
-//! them and strict builds look for them here).
+//! wgmma pipeline was serialized or a setmaxnreg ignored (C7508, C7511, C7512, C7515 and
+//! relatives, "Potential Performance Loss": ptxas prints them as "info", so `-Werror` does not
+//! catch them and strict builds look for them here).
 
 #[derive(Default, Clone)]
 pub struct PtxasEntry {

@@ -21,27 +21,16 @@
 // narrower than one mma k-step): the same math in scalar f32 — one thread per query row, keys
 // streamed from global memory with the online softmax, P·V in f32. Launch: grid
 // (ceil(N / 128), heads, B), 128 threads, no shared memory. Names: attention_d<D>_<out>.
-// Parameters: one AttentionParams by value.
+// Parameters: one AttentionParams (common/attention.cuh) by value; the masking rule and the
+// online softmax's per-row steps are common/attention.cuh's too, shared with attention_sm90a.cu.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/mma.cuh"
-
-// The kernels' parameters, mirrored by ops::attention::AttentionParams; build.rs checks that
-// both have this layout (build/abi.rs).
-struct AttentionParams {
-    const __nv_bfloat16* qkv;  // [B, N, 3C]
-    const __nv_bfloat16* kv;   // [B, M, 2C], or null
-    const float* mask;         // [B, N + M], or null
-    void* out;                 // O [B, N, C] in the output type
-    int n, m, c;
-    int causal;
-    float scale;
-    int pad;  // explicit, so every byte is a field
-};
+#include "common/attention.cuh"
 
 namespace attn {
+using namespace attn_shared;
 constexpr int BQ = 64, BKV = 64, THREADS = 128;
-constexpr float LOG2E = 1.4426950408889634f;
 
 template <int D, typename TO>
 __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ kv,
@@ -62,6 +51,7 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
     const long long C3 = 3LL * C, C2 = 2LL * C;
     const __nv_bfloat16* qkv_b = qkv + (long long)b * N * C3;
     const __nv_bfloat16* kv_b = kv ? kv + (long long)b * M * C2 : nullptr;
+    const long long mask_row = (long long)b * keys;  // this sample's key mask
 
     // Q tile: rows past N are zero-filled.
     for (int c = tid; c < BQ * CHUNKS; c += THREADS) {
@@ -136,24 +126,12 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = tile * BKV + nt * 8 + 2 * t + (e & 1);
-                const int row = e < 2 ? row0 : row1;
-                bool visible = j < keys && !(causal && j > row);
-                if (visible && mask) visible = mask[(long long)b * keys + j] != 0.f;
-                s[nt][e] = visible ? s[nt][e] * sl2 : -INFINITY;
+                s[nt][e] = masked_score(s[nt][e], sl2, j < keys, j, e < 2 ? row0 : row1, causal, mask, mask_row);
                 tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
             }
         float alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-            const float m_new = fmaxf(m_run[r], tile_max[r]);
-            // All keys so far masked: keep the base finite so exp2 gives 0, not NaN.
-            const float base = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(m_run[r] - base);
-            m_run[r] = m_new;
-            tile_max[r] = base;
-        }
+        for (int r = 0; r < 2; ++r) tile_max[r] = online_max_step(tile_max[r], m_run[r], alpha[r]);
         float row_sum[2] = {0.f, 0.f};
         uint32_t pf[4][4];  // P as the A operand of P·V: 4 k-steps of 16 keys
 #pragma unroll
@@ -191,13 +169,8 @@ __device__ __forceinline__ void body(const __nv_bfloat16* __restrict__ qkv, cons
     }
     cp_async_wait_all();
 
-    // Row sums are spread over the quad, like the maxima.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 1);
-        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 2);
-        l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
-    }
+    for (int r = 0; r < 2; ++r) l_run[r] = quad_row_inverse(l_run[r]);
     TO* out_b = out + (long long)b * N * C + h * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -228,8 +201,9 @@ __device__ __forceinline__ void small_body(const __nv_bfloat16* __restrict__ qkv
     }
     float m_run = -INFINITY, l_run = 0.f;
     const int last_key = causal ? min(keys, i + 1) : keys;
+    const long long mask_row = (long long)b * keys;  // this sample's key mask
     for (int j = 0; j < last_key; ++j) {
-        if (mask && mask[(long long)b * keys + j] == 0.f) continue;
+        if (key_masked_out(mask, mask_row, j)) continue;  // (causal: last_key bounds the loop)
         const __nv_bfloat16* k = j < N ? qkv_b + j * C3 + C + h * D : kv + ((long long)b * M + j - N) * C2 + h * D;
         const __nv_bfloat16* v = k + C;
         float s = 0.f;

@@ -51,29 +51,18 @@
 //   portable kernel. C % 8 == 0 (TMA strides are multiples of 16 bytes), qkv and kv 16-byte
 //   aligned; N, M < 2^31 − 128; heads, B < 65536.
 // Names: attention_sm90a_d<D>_<out>. Parameters: the qkv and kv tensor maps (kv: any valid map
-//   when M = 0, never read), then AttentionSm90aParams (the fields of kernels/attention.cu's
-//   AttentionParams; qkv and kv unused).
+//   when M = 0, never read), then the portable kernel's AttentionParams (common/attention.cuh;
+//   qkv and kv unused). The masking rule and the online softmax's per-row steps are
+//   common/attention.cuh's too.
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/hopper_sm90a.cuh"
-
-// The fields of kernels/attention.cu's AttentionParams, same layout
-// (ops::attention_sm90a::AttentionSm90aParams).
-struct AttentionSm90aParams {
-    const __nv_bfloat16* qkv;  // [B, N, 3C]
-    const __nv_bfloat16* kv;   // [B, M, 2C], or null
-    const float* mask;         // [B, N + M], or null
-    void* out;                 // O [B, N, C] in the output type
-    int n, m, c;
-    int causal;  // only with m == 0
-    float scale;
-    int pad;
-};
+#include "common/attention.cuh"
 
 namespace attn_sm90a {
+using namespace attn_shared;
 constexpr int BQ = 128, BKV = 128, STAGES = 2;
 constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
-constexpr float LOG2E = 1.4426950408889634f;
 // A tile row is one head's D channels: 2·D bytes, the swizzle span (128 B for D = 64, 64 B
 // for D = 32); 8-row atoms of 8 spans.
 constexpr int tile_bytes(int d) { return BKV * d * 2; }
@@ -83,7 +72,7 @@ static_assert(smem_bytes(64) == 82984 && smem_bytes(32) == 42024, "ops/attention
 static_assert(PRODUCER_REGS * 128 + 2 * CONSUMER_REGS * 128 <= 65536, "the register file");
 
 template <int D, typename TO>
-__device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorMap* kv_map, const AttentionSm90aParams& p) {
+__device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorMap* kv_map, const AttentionParams& p) {
     static_assert(D == 32 || D == 64, "head dims 32 and 64");
     constexpr int TILE_BYTES = tile_bytes(D);   // one K or V tile (and the Q tile)
     constexpr int STAGE_BYTES = 2 * TILE_BYTES;  // K and V
@@ -145,7 +134,7 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     const uint32_t q_addr = smem_address(q_tile) + c * (64 * SPAN);
     const uint32_t kv_addr = smem_address(kv_tiles);
     const float sl2 = p.scale * LOG2E;
-    const float* mask = p.mask ? p.mask + (long long)b * (N + M) : nullptr;
+    const long long mask_row = (long long)b * (N + M);  // this sample's key mask
     const int row0 = q0 + 64 * c + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
 
     // Fragments (m64nNk16 f32 accumulator): value v of thread t is
@@ -187,21 +176,12 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
 #pragma unroll
         for (int v = 0; v < BKV / 2; ++v) {
             const int col = 8 * (v / 4) + 2 * (lane % 4) + v % 2, j = key0 + col;
-            bool visible = col < valid && !(p.causal && j > row0 + 8 * ((v / 2) % 2));
-            if (visible && mask) visible = mask[j] != 0.f;
-            sc[v] = visible ? sc[v] * sl2 : -INFINITY;
+            sc[v] = masked_score(sc[v], sl2, col < valid, j, row0 + 8 * ((v / 2) % 2), p.causal, p.mask, mask_row);
             tile_max[(v / 2) % 2] = fmaxf(tile_max[(v / 2) % 2], sc[v]);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-            const float m_new = fmaxf(m_run[r], tile_max[r]);
-            // All keys so far masked: keep the base finite so exp2 gives 0, not NaN.
-            const float base = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(m_run[r] - base);
-            m_run[r] = m_new;
-            tile_max[r] = base;
+            tile_max[r] = online_max_step(tile_max[r], m_run[r], alpha[r]);
             row_sum[r] = 0.f;
         }
 #pragma unroll
@@ -274,13 +254,8 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
     wgmma_wait<0>();
     release(tiles - 1);
 
-    // Row sums are spread over the quad, like the maxima.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 1);
-        l_run[r] += __shfl_xor_sync(0xFFFFFFFFu, l_run[r], 2);
-        l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
-    }
+    for (int r = 0; r < 2; ++r) l_run[r] = quad_row_inverse(l_run[r]);
     TO* out_b = static_cast<TO*>(p.out) + (long long)b * N * C + h * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -296,18 +271,18 @@ __device__ __forceinline__ void body(const CUtensorMap* qkv_map, const CUtensorM
 }  // namespace attn_sm90a
 
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_bf16(const __grid_constant__ CUtensorMap qkv_map,
-        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+        const __grid_constant__ CUtensorMap kv_map, const AttentionParams p) {
     attn_sm90a::body<64, __nv_bfloat16>(&qkv_map, &kv_map, p);
 }
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d64_f32(const __grid_constant__ CUtensorMap qkv_map,
-        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+        const __grid_constant__ CUtensorMap kv_map, const AttentionParams p) {
     attn_sm90a::body<64, float>(&qkv_map, &kv_map, p);
 }
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d32_bf16(const __grid_constant__ CUtensorMap qkv_map,
-        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+        const __grid_constant__ CUtensorMap kv_map, const AttentionParams p) {
     attn_sm90a::body<32, __nv_bfloat16>(&qkv_map, &kv_map, p);
 }
 extern "C" __global__ void __launch_bounds__(384, 1) attention_sm90a_d32_f32(const __grid_constant__ CUtensorMap qkv_map,
-        const __grid_constant__ CUtensorMap kv_map, const AttentionSm90aParams p) {
+        const __grid_constant__ CUtensorMap kv_map, const AttentionParams p) {
     attn_sm90a::body<32, float>(&qkv_map, &kv_map, p);
 }

@@ -18,8 +18,8 @@ use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-/// The parameters of `attention_*`: `struct AttentionParams` of kernels/attention.cu, whose
-/// comments say what each field is. Device pointers are addresses, 0 for null.
+/// The parameters of `attention_*` and `attention_sm90a_*`: `struct AttentionParams` of
+/// kernels/common/attention.cuh, whose comments say what each field is. Device pointers are addresses, 0 for null.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AttentionParams {

@@ -4,7 +4,6 @@
 //! and the shape [`qualifies`]; the math, layouts and output are the portable kernel's.
 
 use super::attention::AttentionParams;
-use crate::runtime::abi::mirror_kernel_struct;
 use crate::runtime::kernel_choice::KernelTarget;
 use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{Args, Launch};
@@ -29,24 +28,6 @@ pub const fn smem_bytes(d: usize) -> u32 {
 pub const THREADS: u32 = 384;
 /// The kernel name prefix (every launch of it is an sm_90a attention).
 pub const KERNEL_PREFIX: &str = "attention_sm90a_";
-
-/// `struct AttentionSm90aParams` of kernels/attention_sm90a.cu: the fields of
-/// [`AttentionParams`], same layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct AttentionSm90aParams {
-    pub qkv: u64,
-    pub kv: u64,
-    pub mask: u64,
-    pub out: u64,
-    pub n: i32,
-    pub m: i32,
-    pub c: i32,
-    pub causal: i32,
-    pub scale: f32,
-    pub pad: i32,
-}
-mirror_kernel_struct!(AttentionSm90aParams);
 
 /// Why an attention cannot run the Hopper kernel (None: it qualifies). `head_dim` is C / heads,
 /// `batch` and `heads` the grid's y and z. TMA needs 16-byte-aligned qkv and kv and row strides
@@ -139,7 +120,6 @@ pub fn launch(
     } else {
         qkv_map
     };
-    let params: AttentionSm90aParams = bytemuck::cast(*p);
     let name = format!("{KERNEL_PREFIX}d{head_dim}_{}", out.suffix());
     Ok(Launch {
         kernel: KernelId::lookup(&name)?,
@@ -149,7 +129,7 @@ pub fn launch(
         args: Args::new()
             .tensor_map(&qkv_map)
             .tensor_map(&kv_map)
-            .by_value(&params),
+            .by_value(p),
     })
 }
 

@@ -7,9 +7,10 @@
 //!
 //! The wide kernels (GEMM, attention, CFG's apply pass) take one parameter struct by value:
 //! a C struct in the kernel file (or in a `kernels/common` header it includes, as the two GEMM
-//! kernels share `GemmParams`), mirrored by a `#[repr(C)]` Rust struct that
-//! `mirror_kernel_struct!` ties to it. build.rs lays the C struct out and asserts that
-//! layout on both sides at build time (see build/abi.rs): they cannot drift apart.
+//! kernels share `GemmParams` and the two attention kernels `AttentionParams`), mirrored by a
+//! `#[repr(C)]` Rust struct that `mirror_kernel_struct!` ties to it. build.rs lays the C
+//! struct out and asserts that layout on both sides at build time (see build/abi.rs): they
+//! cannot drift apart.
 
 use super::kernels::KernelId;
 use crate::{Error, Result};
@@ -130,6 +131,13 @@ mod tests {
         let gemm = KernelId::lookup("gemm_bf16_f32").unwrap().params();
         assert_eq!(gemm.len(), 1);
         assert!(matches!(gemm[0].kind, Struct("GemmParams", _)));
+        // A struct of a shared header (kernels/common/attention.cuh), taken by two files.
+        let size = std::mem::size_of::<crate::ops::attention::AttentionParams>();
+        for name in ["attention_d64_bf16", "attention_sm90a_d64_bf16"] {
+            let params = KernelId::lookup(name).unwrap().params();
+            let last = params.last().unwrap();
+            assert_eq!(last.kind, Struct("AttentionParams", size), "{name}");
+        }
     }
 
     #[test]
