@@ -136,6 +136,10 @@ pub const TUNED_SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/common/accurate_math.cuh"),
     ),
     (
+        "common/attention.cuh",
+        include_str!("../../kernels/common/attention.cuh"),
+    ),
+    (
         "common/convert.cuh",
         include_str!("../../kernels/common/convert.cuh"),
     ),
