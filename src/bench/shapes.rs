@@ -60,6 +60,20 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// `b2 n9216 m85 h32x64 causal=false mask=false`: the shape as the tables print it.
+    pub fn label(&self) -> String {
+        format!(
+            "b{} n{} m{} h{}x{} causal={} mask={}",
+            self.batch,
+            self.queries,
+            self.extra,
+            self.op.heads,
+            self.head_dim,
+            self.op.causal,
+            self.op.key_mask
+        )
+    }
+
     /// Q·Kᵀ and P·V.
     pub fn flops(&self) -> f64 {
         4.0 * (self.batch * self.queries * (self.queries + self.extra)) as f64
@@ -436,14 +450,8 @@ pub fn print(
                 }
             };
             println!(
-                "b{} n{} m{} h{}x{} causal={} mask={} × {:>3}: {:>9.3} ms {}{}{sm90a}  {}",
-                s.batch,
-                s.queries,
-                s.extra,
-                s.op.heads,
-                s.head_dim,
-                s.op.causal,
-                s.op.key_mask,
+                "{} × {:>3}: {:>9.3} ms {}{}{sm90a}  {}",
+                s.label(),
                 s.per_image,
                 t * 1e3,
                 rate(s.flops(), t),

@@ -142,17 +142,15 @@ pub fn progress_line(i: usize, total: usize, p: &AttentionProblem, e: &Attention
         }
     };
     format!(
-        "[{i:>3}/{total}] attention b{} n{} m{} h{}x{} causal={} mask={} ->{}: ours {}, sm90a {} → {}",
-        s.batch,
-        s.queries,
-        s.extra,
-        s.op.heads,
-        s.head_dim,
-        s.op.causal,
-        s.op.key_mask,
+        "[{i:>3}/{total}] attention {} ->{}: ours {}, sm90a {} → {}",
+        s.label(),
         s.op.out.suffix(),
         time(OURS),
         time(OURS_SM90A),
-        if e.winner.is_empty() { "none" } else { &e.winner },
+        if e.winner.is_empty() {
+            "none"
+        } else {
+            &e.winner
+        },
     )
 }
