@@ -170,4 +170,15 @@ fn info_names_the_kernel_of_every_gemm_and_attention_op() {
         assert!(hopper > 0 && rest == 0, "{forced}");
         assert_eq!(counts(&portable, op), (0, hopper), "{portable}");
     }
+    // The memory a server needs to keep its sessions: at least the resident peak.
+    let mib_before = |text: &str, marker: &str| -> u64 {
+        let at = text
+            .find(marker)
+            .unwrap_or_else(|| panic!("no {marker:?}:\n{text}"));
+        let words: Vec<&str> = text[..at].split_whitespace().collect();
+        words[words.len() - 1].parse().unwrap()
+    };
+    let resident = mib_before(&portable, " MiB with them kept");
+    let kept = mib_before(&portable, " MiB (placed once");
+    assert!(kept > resident, "{portable}");
 }

@@ -186,6 +186,11 @@ fn print_plan(
         mib(plan.sequential_peak()),
         mib(plan.resident_peak())
     );
+    println!(
+        "a server keeps each stage's sessions for the next request of this size from {} MiB \
+         (placed once: arenas, launch lists, CUDA graphs)",
+        mib(plan.reuse_peak())
+    );
     // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
     // a run pays for.
     println!("\nkernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):");
