@@ -355,8 +355,9 @@ impl Pipeline {
     }
 
     /// Whether the sessions of `request` are kept for the next request: on the kernel
-    /// backends, with resident weights, when the kept sessions were placed for the same size
-    /// and control, or when there is room for them all ([`MemoryPlan::reuse_peak`]).
+    /// backends, with resident weights, when the kept sessions were placed for the same size,
+    /// steps, guidance and control, or when there is room for them all
+    /// ([`MemoryPlan::reuse_peak`]).
     /// Otherwise the kept sessions are dropped.
     fn keep_sessions(
         &self,
@@ -365,10 +366,15 @@ impl Pipeline {
         available: Option<u64>,
         resident: bool,
     ) -> bool {
+        // Everything of the request that its graphs are recorded with (guidance scales and
+        // control strength are op parameters): sessions of another tag are dropped first, so
+        // the cache never holds two requests' sets.
         let tag = format!(
-            "{} {:?}",
+            "{} {:?} c{:?} b{:?}",
             request.size,
-            request.control.as_ref().map(|c| c.kind)
+            request.control.as_ref().map(|c| (c.kind, c.strength)),
+            (request.stage_c.steps, request.stage_c.cfg),
+            (request.stage_b.steps, request.stage_b.cfg),
         );
         let kernels = self.backend.device().is_some();
         let keep = kernels
