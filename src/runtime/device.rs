@@ -132,7 +132,14 @@ impl WeightCache {
         weights: &dyn WeightSource,
     ) -> Result<()> {
         let mut ptrs = vec![0; graph.tensors.len()];
-        place_weights(device, graph, weights, Some(self), &mut ptrs, Copy::Ahead)?;
+        place_weights(
+            device,
+            graph,
+            weights,
+            Some(self),
+            &mut ptrs,
+            UploadOrder::Ahead,
+        )?;
         device.finish_uploads()
     }
 
@@ -151,7 +158,7 @@ impl WeightCache {
 /// How weights reach the device: in order with the kernels ([`Device::write`]), or beside
 /// them, ahead of the session that reads them ([`Device::upload`]).
 #[derive(Clone, Copy, PartialEq)]
-enum Copy {
+enum UploadOrder {
     InOrder,
     Ahead,
 }
@@ -164,7 +171,7 @@ fn place_weights(
     weights: &dyn WeightSource,
     cache: Option<&WeightCache>,
     ptrs: &mut [u64],
-    copy: Copy,
+    order: UploadOrder,
 ) -> Result<Vec<Arc<DeviceBuffer>>> {
     let mut held = Vec::new();
     let mut missing = Vec::new();
@@ -193,9 +200,9 @@ fn place_weights(
             let t = load_weight(graph, id, weights)?;
             let ptr = buf.ptr + off as u64;
             let bytes = encode(&t.data, graph.desc(id).dtype);
-            match copy {
-                Copy::InOrder => device.write(ptr, &bytes)?,
-                Copy::Ahead => device.upload(ptr, &bytes)?,
+            match order {
+                UploadOrder::InOrder => device.write(ptr, &bytes)?,
+                UploadOrder::Ahead => device.upload(ptr, &bytes)?,
             }
             ptrs[id.index()] = ptr;
         }
@@ -270,7 +277,7 @@ impl KernelSession {
             weights,
             cache,
             &mut ptrs,
-            Copy::InOrder,
+            UploadOrder::InOrder,
         )?;
 
         let substitute = substitute.then_some(device.as_ref());
