@@ -130,7 +130,13 @@ pub struct Leased {
 }
 
 impl Leased {
-    fn inner(&mut self) -> &mut SendSession {
+    fn inner(&self) -> &SendSession {
+        self.session
+            .as_ref()
+            .expect("a leased session until dropped")
+    }
+
+    fn inner_mut(&mut self) -> &mut SendSession {
         self.session
             .as_mut()
             .expect("a leased session until dropped")
@@ -147,29 +153,23 @@ impl Drop for Leased {
 
 impl Session for Leased {
     fn graph(&self) -> &Graph {
-        self.session
-            .as_ref()
-            .expect("a leased session until dropped")
-            .graph()
+        self.inner().graph()
     }
 
     fn set_input(&mut self, id: TensorId, data: &[f32]) -> Result<()> {
-        self.inner().set_input(id, data)
+        self.inner_mut().set_input(id, data)
     }
 
     fn run(&mut self) -> Result<()> {
-        self.inner().run()
+        self.inner_mut().run()
     }
 
     fn read(&mut self, id: TensorId) -> Result<Vec<f32>> {
-        self.inner().read(id)
+        self.inner_mut().read(id)
     }
 
     fn arena_bytes(&self) -> usize {
-        self.session
-            .as_ref()
-            .expect("a leased session until dropped")
-            .arena_bytes()
+        self.inner().arena_bytes()
     }
 }
 
