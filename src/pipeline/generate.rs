@@ -595,10 +595,11 @@ impl Pipeline {
         };
         let x0 = std::thread::scope(|s| {
             // With resident weights, Stage B's and A's upload while Stage C runs, so reading
-            // and converting them on the host overlaps the device's work. Where that fails,
-            // their sessions upload again and report the failure.
-            let upload = place
-                .resident
+            // and converting them on the host overlaps the device's work; once their caches
+            // hold them (each is filled by its stage's one graph), there is nothing to do.
+            // Where the upload fails, their sessions upload again and report the failure.
+            let pending = caches[1..].iter().any(|c| c.bytes() == 0);
+            let upload = (place.resident && pending)
                 .then(|| s.spawn(|| self.upload_later_stages(request, place)));
             let sampled = run.sample(&self.stage_context(place, 0), shapes, &noise, observe);
             if let Some(upload) = upload {
