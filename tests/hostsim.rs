@@ -9,21 +9,16 @@
 
 use half::bf16;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use ultrapixel::runtime::hostsim::{launch, set_race_check};
 use ultrapixel::runtime::kernels::KernelId;
 use ultrapixel::runtime::launch::{Args, Launch};
 use ultrapixel::runtime::tensor_map::{TensorMap, TensorMapSpec, TmaDtype, TmaSwizzle};
 use ultrapixel::runtime::BackendKind;
 
-fn rng() -> StdRng {
-    let seed = std::env::var("UPX_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
+#[path = "common/guarded_buf.rs"]
+mod guarded_buf;
+use guarded_buf::rng;
 
 fn ptr<T>(v: &[T]) -> u64 {
     v.as_ptr() as u64
