@@ -1,4 +1,4 @@
-// Convolutions that are not GEMMs (ops/conv.rs).
+// The depthwise convolution, not a GEMM (ops/conv.rs); transposed convs run on conv2d.cu.
 //
 // dwconv_<in>_<out>: depthwise k×k conv (odd k, padding k/2, stride s), optionally followed
 //   by SiLU (EfficientNetV2's MBConv) or by LayerNorm over channels (the front of every
@@ -14,15 +14,7 @@
 //   with ln, dynamic shared memory 4·C·4 bytes holds each warp's conv row between the
 //   passes (every lane reads back only the channels it wrote: no barrier needed).
 //   Limits: B·OH·OW < 2^31·4 pixels; C ≤ 8192 with ln (128 KiB of shared memory).
-//
-// conv_transpose2d_<xw>_<out>: PyTorch ConvTranspose2d(k, stride s, padding p) with bias:
-//     y[b,oy,ox,co] = bias[co] + Σ x[b,iy,ix,ci]·w[ci,co,ky,kx] over oy = iy·s − p + ky,
-//     ox = ix·s − p + kx.
-//   Layout: x NHWC [B, H, W, Cin]; w [Cin, Cout, k, k] (PyTorch), x and w the same dtype;
-//   bias f32 [Cout]; y NHWC [B, OH, OW, Cout].
-//   Launch: a block per output pixel (grid-stride over pixels), its 128 threads over Cout.
-//   Limits: B·OH·OW < 2^31. A direct gather: Stage A's convs are small; the tuned path is an
-//   implicit GEMM.
+
 #include "common/portable.cuh"
 #include "common/convert.cuh"
 #include "common/reduce.cuh"
@@ -80,32 +72,6 @@ __device__ __forceinline__ void depthwise(const TI* __restrict__ x, const float*
     for (int c = lane; c < C; c += 32) y[pixel * C + c] = from_f32<TO>((row[c] - mean) * inv);
 }
 
-template <typename TX, typename TO>
-__device__ __forceinline__ void transposed(const TX* __restrict__ x, const TX* __restrict__ w,
-                                           const float* __restrict__ bias, TO* __restrict__ y, int B, int H, int W,
-                                           int Cin, int Cout, int OH, int OW, int k, int s, int p) {
-    const int pixels = B * OH * OW;  // < 2^31, checked by the launcher
-    const long long wstride = (long long)Cout * k * k;
-    for (int px = blockIdx.x; px < pixels; px += gridDim.x) {
-        const int ox = px % OW, oy = px / OW % OH, b = px / (OW * OH);
-        for (int co = threadIdx.x; co < Cout; co += blockDim.x) {
-            float acc = bias[co];
-            for (int ky = 0; ky < k; ++ky) {
-                const int ty = oy + p - ky;  // = iy·s
-                if (ty < 0 || ty % s || ty / s >= H) continue;
-                for (int kx = 0; kx < k; ++kx) {
-                    const int tx = ox + p - kx;
-                    if (tx < 0 || tx % s || tx / s >= W) continue;
-                    const TX* xp = x + (((long long)b * H + ty / s) * W + tx / s) * Cin;
-                    const TX* wp = w + ((long long)co * k + ky) * k + kx;
-#pragma unroll 4
-                    for (int ci = 0; ci < Cin; ++ci) acc += to_f32(xp[ci]) * to_f32(wp[ci * wstride]);
-                }
-            }
-            y[(long long)px * Cout + co] = from_f32<TO>(acc);
-        }
-    }
-}
 }  // namespace conv
 
 extern "C" __global__ void __launch_bounds__(128) dwconv_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
@@ -119,17 +85,4 @@ extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_f32(const __nv_bfl
 }
 extern "C" __global__ void __launch_bounds__(128) dwconv_bf16_bf16(const __nv_bfloat16* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int c, int k, int stride, int replicate, int ln, int silu, float eps) {
     conv::depthwise(x, w, bias, y, b, h, wd, c, k, stride, replicate, ln, silu, eps);
-}
-
-extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_f32_f32(const float* x, const float* w, const float* bias, float* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
-    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
-}
-extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_f32_bf16(const float* x, const float* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
-    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
-}
-extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_bf16_f32(const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, float* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
-    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
-}
-extern "C" __global__ void __launch_bounds__(128) conv_transpose2d_bf16_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, __nv_bfloat16* y, int b, int h, int wd, int cin, int cout, int oh, int ow, int k, int s, int p) {
-    conv::transposed(x, w, bias, y, b, h, wd, cin, cout, oh, ow, k, s, p);
 }

@@ -81,6 +81,10 @@ const REGRESSION_SEEDS: &[(&str, &[u64])] = &[
     ),
     ("conv2d", &[]),
     ("squeeze_excite", &[]),
+    (
+        "conv_transpose",
+        &[5833679380957638813, 7322627660151822854],
+    ),
 ];
 
 /// Runs `family`'s checks on the emulator for a fresh seed and the family's regression seeds.
@@ -169,6 +173,11 @@ fn convolutions_match_reference() {
 #[test]
 fn dense_convolutions_match_reference() {
     run_family("conv2d");
+}
+
+#[test]
+fn transposed_convolutions_match_reference() {
+    run_family("conv_transpose");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 use super::blocks::linear;
 use super::config::PreviewerConfig;
 use super::{Manifest, ModelBuilder};
-use crate::ops::conv::ConvTranspose2d;
+use crate::ops::conv_transpose::ConvTranspose2d;
 use crate::ops::elementwise::{Act, Activation, Film};
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::Cast;

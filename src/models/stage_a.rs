@@ -123,7 +123,7 @@ pub fn padded_latent(cfg: &StageAConfig) -> usize {
 /// Records the decoder on `x` bf16 `[B, h, w, padded_latent]` (the latent, unscaled: the
 /// 0.43 folds into the first conv); returns f32 `[B, 4h, 4w, 3]`, not clamped.
 pub fn stage_a_decode(mb: &mut ModelBuilder, cfg: &StageAConfig, x: TensorId) -> Result<TensorId> {
-    use crate::ops::conv::ConvTranspose2d;
+    use crate::ops::conv_transpose::ConvTranspose2d;
     use crate::ops::layout::{Cast, PixelShuffle};
     cfg.validate()?;
     let (blocks, c, latent, scale) = (
@@ -158,7 +158,7 @@ pub fn stage_a_decode(mb: &mut ModelBuilder, cfg: &StageAConfig, x: TensorId) ->
         y = stage_a_block(mb, &format!("up_blocks.{i}."), y, c, 4 * c)?;
     }
     let up = format!("up_blocks.{}", blocks + 1);
-    let wt = mb.weight(&format!("{up}.weight"), &[c, half, 4, 4], DType::F32)?;
+    let wt = mb.weight(&format!("{up}.weight"), &[c, half, 4, 4], DType::BF16)?;
     let bt = mb.weight(&format!("{up}.bias"), &[half], DType::F32)?;
     y = mb.g.op1(
         ConvTranspose2d {

@@ -8,7 +8,7 @@ use super::blocks::{
 };
 use super::config::StageBConfig;
 use super::ModelBuilder;
-use crate::ops::conv::ConvTranspose2d;
+use crate::ops::conv_transpose::ConvTranspose2d;
 use crate::ops::elementwise::{Add, Film};
 use crate::ops::gemm::Gemm;
 use crate::ops::layout::{Cast, PixelShuffle, PixelUnshuffle};
@@ -199,7 +199,7 @@ pub fn stage_b(
             let key = format!("up_upscalers.{u}.1");
             let (ci, co) = (widths[level], widths[level - 1]);
             let ln = mb.g.op1(norm(f32t), &[x])?;
-            let w = mb.weight(&format!("{key}.weight"), &[ci, co, 2, 2], f32t)?;
+            let w = mb.weight(&format!("{key}.weight"), &[ci, co, 2, 2], bf)?;
             let bias = mb.weight(&format!("{key}.bias"), &[co], f32t)?;
             x = mb.g.op1(
                 ConvTranspose2d {

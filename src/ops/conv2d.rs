@@ -76,8 +76,40 @@ pub struct Conv2dParams {
     pub pad: i32,
     pub act: i32,
     pub slope: f32,
+    pub transposed: i32,
+    pub m: i32,
 }
 mirror_kernel_struct!(Conv2dParams);
+
+/// The launch of `conv2d_<x>_<out>` on `params` whose GEMM has `params.m` rows per phase, N =
+/// Cout and K = `k` (the most of any phase), in `phases` phases (1 for a conv, stride² for a
+/// transposed one, [`super::conv_transpose`]).
+pub(super) fn conv2d_launch(
+    op: &str,
+    params: Conv2dParams,
+    k: usize,
+    phases: usize,
+    (x, out): (DType, DType),
+) -> Result<Launch> {
+    to_i32(op, "K = taps·Cin", k)?;
+    let grid = |what: &str, n: usize| {
+        u16::try_from(n)
+            .map(u32::from)
+            .map_err(|_| Error::shape(op, format!("{what} = {n} exceeds the grid's 65535 limit")))
+    };
+    let name = format!("conv2d_{}_{}", x.suffix(), out.suffix());
+    Ok(Launch {
+        kernel: KernelId::lookup(&name)?,
+        grid: [
+            ceil_div(params.m as usize, TILE) as u32,
+            grid("Cout / 64", ceil_div(params.cout as usize, TILE))?,
+            grid("stride²", phases)?,
+        ],
+        block: [128, 1, 1],
+        smem: 0,
+        args: Args::new().by_value(&params),
+    })
+}
 
 /// `Conv2d(Cin, Cout, k, stride, pad)` on `x [B, H, W, Cin]` (f32 or bf16) with `w` bf16
 /// `[Cout, Cin, k, k]` (PyTorch's layout), then, each optional and in this order of the
@@ -302,10 +334,9 @@ impl OpImpl for Conv2d {
             ));
         }
         let [b, h, w, cin] = d.x;
-        let m = b * d.oh * d.ow;
         let ptr = |on: bool, i: usize| if on { io.inputs[i].ptr } else { 0 };
         let (act, slope) = self.act.code();
-        let args = Args::new().by_value(&Conv2dParams {
+        let params = Conv2dParams {
             x: io.inputs[0].ptr,
             w: io.inputs[1].ptr,
             bias: ptr(self.bias, 2),
@@ -324,27 +355,17 @@ impl OpImpl for Conv2d {
             pad: to_i32(op, "padding", self.pad)?,
             act,
             slope,
-        });
-        to_i32(op, "K = k²·Cin", self.k * self.k * cin)?;
-        let grid_n = ceil_div(d.cout, TILE);
-        if grid_n > 65535 {
-            return Err(Error::shape(
-                op,
-                format!("Cout = {} exceeds the grid's y range", d.cout),
-            ));
-        }
-        let name = format!("conv2d_{}_{}", descs[0].dtype.suffix(), self.out.suffix());
-        Ok(vec![Launch {
-            kernel: KernelId::lookup(&name)?,
-            grid: [
-                to_i32(op, "pixel tiles", ceil_div(m, TILE))? as u32,
-                grid_n as u32,
-                1,
-            ],
-            block: [128, 1, 1],
-            smem: 0,
-            args,
-        }])
+            transposed: 0,
+            m: to_i32(op, "output pixels", b * d.oh * d.ow)?,
+        };
+        let k = self.k * self.k * cin;
+        Ok(vec![conv2d_launch(
+            op,
+            params,
+            k,
+            1,
+            (descs[0].dtype, self.out),
+        )?])
     }
 
     fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {

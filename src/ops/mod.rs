@@ -5,9 +5,10 @@
 //! [`gemm`] (bf16 tensor-core GEMM with fused epilogues), [`gemm_epilogue`] (the epilogue,
 //! the operand scaling and the tuner's comparison as passes around a vendor GEMM), [`layout`]
 //! (pixel (un)shuffle, concat, slice, broadcast, cast, embedding and row gathers), [`conv`]
-//! (depthwise conv, also fused with LayerNorm2d or SiLU, strided; transposed conv), [`conv2d`]
-//! (dense k×k conv as an implicit GEMM: the EfficientNetV2 backbone), [`squeeze_excite`] (SE
-//! gates), [`resample`] (bilinear and
+//! (depthwise conv, also fused with LayerNorm2d or SiLU, strided), [`conv2d`] (dense k×k conv
+//! as an implicit GEMM: the EfficientNetV2 backbone), [`conv_transpose`] (transposed conv, on
+//! the same kernel one output phase at a time), [`squeeze_excite`] (SE gates), [`resample`]
+//! (bilinear and
 //! nearest resizes), [`attention`] (multi-head softmax attention: extra keys, causal and
 //! padding masks), [`grn`] (GlobalResponseNorm as a FiLM modulation), [`embed`] (sinusoidal
 //! r-embedding, scale signal), [`inr`] (UltraPixel INR: modulated weights, coordinate
@@ -17,6 +18,7 @@ pub mod attention;
 pub mod attention_sm90a;
 pub mod conv;
 pub mod conv2d;
+pub mod conv_transpose;
 mod dot;
 pub mod elementwise;
 pub mod embed;
@@ -43,7 +45,7 @@ use crate::{Error, Result};
 
 /// Every op family once, with its checks (the order `verify` runs them in). `verify`, the
 /// op tests, the benchmarks and `bench` iterate this table.
-pub const FAMILIES: [Family; 14] = [
+pub const FAMILIES: [Family; 15] = [
     Family {
         name: "norm",
         seed_xor: 0x0,
@@ -113,6 +115,11 @@ pub const FAMILIES: [Family; 14] = [
         name: "squeeze_excite",
         seed_xor: 0xd,
         checks: squeeze_excite::checks,
+    },
+    Family {
+        name: "conv_transpose",
+        seed_xor: 0xe,
+        checks: conv_transpose::checks,
     },
 ];
 
