@@ -5,21 +5,11 @@
 
 mod common;
 
-use common::{ok, png_image, poisoned, quick_generate, seed};
+use common::{load_on_cpu, ok, png_image, poisoned, quick_generate, seed, tiny_model};
 use std::path::Path;
 use std::process::Command;
-use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
-use ultrapixel::pipeline::{
-    read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
-};
-use ultrapixel::runtime::{Backend, BackendKind};
-
-fn tiny_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), 3).unwrap();
-    dir
-}
+use ultrapixel::pipeline::{read_metadata, Control, Request, Size};
 
 /// A fresh random control image (rectangles of random colours, so it has edges) at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -42,7 +32,7 @@ fn random_image(path: &Path, seed: u64) {
 
 #[test]
 fn control_changes_the_image_and_at_strength_0_the_control_image_is_irrelevant() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let (a, b) = (work.path().join("a.png"), work.path().join("b.png"));
@@ -122,19 +112,12 @@ fn control_changes_the_image_and_at_strength_0_the_control_image_is_irrelevant()
 
 #[test]
 fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let image_path = work.path().join("control.png");
     random_image(&image_path, s);
-    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-    let options = PipelineOptions {
-        conversion_cache: model.path().join("cache"),
-        control: Some(ControlKind::Canny),
-        ..PipelineOptions::default()
-    };
-    let cpu = Backend::open(BackendKind::Cpu).unwrap();
-    let pipeline = Pipeline::load(&md, cpu, options).unwrap();
+    let pipeline = load_on_cpu(model.path(), Some(ControlKind::Canny)).unwrap();
     let mut request = Request::new("a house by a lake");
     request.size = Size::new(512, 512).unwrap();
     (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(9));
@@ -201,15 +184,7 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
     assert_ne!(long_image.rgb.pixels, by_image.rgb.pixels);
 
     // A pipeline loaded without the ControlNet refuses a controlled request, saying why.
-    let plain = Pipeline::load(
-        &md,
-        Backend::open(BackendKind::Cpu).unwrap(),
-        PipelineOptions {
-            conversion_cache: model.path().join("cache"),
-            ..PipelineOptions::default()
-        },
-    )
-    .unwrap();
+    let plain = load_on_cpu(model.path(), None).unwrap();
     let mut r = request.clone();
     r.set_control(from_image);
     let err = plain.generate(&r).unwrap_err().to_string();
@@ -218,7 +193,7 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
 
 #[test]
 fn bad_control_inputs_exit_2_with_the_reason_and_write_nothing() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let not_image = work.path().join("notes.png");
     std::fs::write(&not_image, b"just some text").unwrap();
@@ -335,7 +310,7 @@ fn info_plans_the_controlnet_weights_and_activations() {
 /// but only beside a norm the ControlNet reads; any other stored key is refused by name.
 #[test]
 fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let file = model.path().join("controlnet/canny.safetensors");
     let original = std::fs::read(&file).unwrap();
     let counter = |name: &str| {
@@ -343,15 +318,7 @@ fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
         let bytes = n.to_le_bytes().to_vec();
         (name.to_string(), safetensors::Dtype::I64, vec![], bytes)
     };
-    let load = || {
-        let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-        let options = PipelineOptions {
-            conversion_cache: model.path().join("cache"),
-            control: Some(ControlKind::Canny),
-            ..PipelineOptions::default()
-        };
-        Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).map(|_| ())
-    };
+    let load = || load_on_cpu(model.path(), Some(ControlKind::Canny)).map(|_| ());
     load().expect("the tiny ControlNet as written");
     let norms: Vec<String> = {
         let st = safetensors::SafeTensors::deserialize(&original).unwrap();
@@ -389,7 +356,7 @@ fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
 /// mask is refused before any output.
 #[test]
 fn inpainting_control_reads_the_image_and_its_mask() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let image = work.path().join("photo.png");
@@ -433,13 +400,7 @@ fn inpainting_control_reads_the_image_and_its_mask() {
         .unwrap();
     assert_eq!(meta.control.unwrap().kind, ControlKind::Inpainting);
 
-    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-    let options = PipelineOptions {
-        conversion_cache: model.path().join("cache"),
-        control: Some(ControlKind::Inpainting),
-        ..PipelineOptions::default()
-    };
-    let pipeline = Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).unwrap();
+    let pipeline = load_on_cpu(model.path(), Some(ControlKind::Inpainting)).unwrap();
     let mut request = Request::new("a garden");
     request.size = Size::new(512, 512).unwrap();
     (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(5));
@@ -463,7 +424,7 @@ fn inpainting_control_reads_the_image_and_its_mask() {
 #[cfg(feature = "hostsim")]
 #[test]
 fn control_on_the_emulator_changes_the_image() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let control = work.path().join("control.png");
     random_image(&control, seed());

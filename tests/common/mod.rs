@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
-use ultrapixel::pipeline::{decode_png, Rgb8Image};
+use ultrapixel::hub::HubOptions;
+use ultrapixel::pipeline::control::ControlKind;
+use ultrapixel::pipeline::{decode_png, ModelDir, Pipeline, PipelineOptions, Rgb8Image};
+use ultrapixel::runtime::{Backend, BackendKind};
 
 /// A stored tensor: name, dtype, shape, little-endian bytes.
 pub type Stored = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
@@ -59,6 +62,27 @@ pub fn broken_copy(model: &Path) -> tempfile::TempDir {
         t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     });
     dir
+}
+
+/// A fresh tiny model (`make_tiny_model` with `seed`) in a temporary directory.
+#[allow(dead_code)]
+pub fn tiny_model(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), seed).unwrap();
+    dir
+}
+
+/// The model in `model` loaded on the CPU backend, its conversion cache inside it, with the
+/// ControlNet `control` (None: without one).
+#[allow(dead_code)]
+pub fn load_on_cpu(model: &Path, control: Option<ControlKind>) -> ultrapixel::Result<Pipeline> {
+    let md = ModelDir::resolve(Some(model), &HubOptions::from_env())?;
+    let options = PipelineOptions {
+        conversion_cache: model.join("cache"),
+        control,
+        ..PipelineOptions::default()
+    };
+    Pipeline::load(&md, Backend::open(BackendKind::Cpu)?, options)
 }
 
 #[allow(dead_code)]
