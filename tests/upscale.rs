@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{load_on_cpu, ok, png_image, poisoned, quick_generate, seed, tiny_model};
+use common::{load_on_cpu, ok, png_image, poisoned, quick_generate, refused, seed, tiny_model};
 use std::path::Path;
 use std::process::{Command, Output};
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
@@ -162,10 +162,7 @@ fn bad_upscale_inputs_exit_2_with_the_reason_and_write_nothing() {
     for (i, (input, extra, reason)) in cases.into_iter().enumerate() {
         let out = work.path().join(format!("out{i}.png"));
         let run = upscale(model.path(), input, &out, &extra);
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(2), "{extra:?}: {stderr}");
-        assert!(stderr.contains(reason), "{extra:?}: {stderr}");
-        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+        refused(&run, &out, reason, &extra);
     }
     // A map is no input for --control sr.
     let out = work.path().join("map.png");
@@ -177,8 +174,5 @@ fn bad_upscale_inputs_exit_2_with_the_reason_and_write_nothing() {
         "x",
     ];
     let run = quick_generate(model.path(), &out, "cpu", &args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("not a map"), "{stderr}");
-    assert!(!out.exists());
+    refused(&run, &out, "not a map", args);
 }

@@ -139,6 +139,16 @@ pub fn poisoned(dir: &Path, name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Asserts that a run was refused with exit code 2 and `reason` in its stderr, and that it
+/// wrote no `out`; `what` (the arguments) names the run in a failure.
+#[allow(dead_code)]
+pub fn refused(run: &Output, out: &Path, reason: &str, what: impl std::fmt::Debug) {
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{what:?}: {stderr}");
+    assert!(stderr.contains(reason), "{what:?}: {stderr}");
+    assert!(!out.exists(), "{what:?} wrote {}", out.display());
+}
+
 /// Asserts that a command succeeded, showing its stderr otherwise.
 #[allow(dead_code)]
 pub fn ok(out: &Output) {
