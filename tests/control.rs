@@ -5,11 +5,13 @@
 
 mod common;
 
-use common::{load_on_cpu, ok, png_image, poisoned, quick_generate, refused, seed, tiny_model};
+use common::{
+    load_on_cpu, ok, png_image, poisoned, quick_generate, quick_request, refused, seed, tiny_model,
+};
 use std::path::Path;
 use std::process::Command;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
-use ultrapixel::pipeline::{read_metadata, Control, Request, Size};
+use ultrapixel::pipeline::{read_metadata, Control};
 
 /// A fresh random control image (rectangles of random colours, so it has edges) at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -118,9 +120,7 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
     let image_path = work.path().join("control.png");
     random_image(&image_path, s);
     let pipeline = load_on_cpu(model.path(), Some(ControlKind::Canny)).unwrap();
-    let mut request = Request::new("a house by a lake");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(9));
+    let request = quick_request("a house by a lake", 9);
     let from_image = Control::canny_image_file(&image_path).unwrap();
     let rgb = ultrapixel::control::image_file::read_rgb(&image_path).unwrap();
     let edges = ultrapixel::control::canny_map(&rgb);
@@ -398,9 +398,7 @@ fn inpainting_control_reads_the_image_and_its_mask() {
     assert_eq!(meta.control.unwrap().kind, ControlKind::Inpainting);
 
     let pipeline = load_on_cpu(model.path(), Some(ControlKind::Inpainting)).unwrap();
-    let mut request = Request::new("a garden");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(5));
+    let mut request = quick_request("a garden", 5);
     let control = Control::inpainting_image_file(&image, &left).unwrap();
     assert_eq!(control.map.shape[0], 4);
     request.set_control(control);

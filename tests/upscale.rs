@@ -5,11 +5,13 @@
 
 mod common;
 
-use common::{load_on_cpu, ok, png_image, poisoned, quick_generate, refused, seed, tiny_model};
+use common::{
+    load_on_cpu, ok, png_image, poisoned, quick_generate, quick_request, refused, seed, tiny_model,
+};
 use std::path::Path;
 use std::process::{Command, Output};
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
-use ultrapixel::pipeline::{read_metadata, Control, Request, Size};
+use ultrapixel::pipeline::{read_metadata, Control};
 
 /// A fresh random image (a smooth gradient plus noise) of a random size at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -107,9 +109,7 @@ fn the_library_super_resolution_control_is_what_the_cli_runs() {
     let input = work.path().join("in.png");
     random_image(&input, s);
     let pipeline = load_on_cpu(model.path(), Some(ControlKind::SuperResolution)).unwrap();
-    let mut request = Request::new("a lake");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(4));
+    let request = quick_request("a lake", 4);
     let control = Control::super_resolution_image_file(&input).unwrap();
     let rgb = ultrapixel::control::image_file::read_rgb(&input).unwrap();
     assert_eq!(control.map, rgb, "the image is kept as read");

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::ControlKind;
-use ultrapixel::pipeline::{decode_png, ModelDir, Pipeline, PipelineOptions, Rgb8Image};
+use ultrapixel::pipeline::{
+    decode_png, ModelDir, Pipeline, PipelineOptions, Request, Rgb8Image, Size,
+};
 use ultrapixel::runtime::{Backend, BackendKind};
 
 /// A stored tensor: name, dtype, shape, little-endian bytes.
@@ -119,6 +121,15 @@ pub fn quick_generate(model: &Path, out: &Path, backend: &str, extra: &[&str]) -
         .args(extra)
         .output()
         .unwrap()
+}
+
+/// The library request that [`quick_generate`]'s settings make: 512×512, one step per stage.
+#[allow(dead_code)]
+pub fn quick_request(prompt: &str, seed: u64) -> Request {
+    let mut request = Request::new(prompt);
+    request.size = Size::new(512, 512).unwrap();
+    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(seed));
+    request
 }
 
 /// The pixels of a PNG that `generate` wrote.
