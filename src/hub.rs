@@ -450,13 +450,7 @@ impl Hub {
                 .call()
                 .map_err(transport)?;
             let status = response.status().as_u16();
-            let header = |name: &str| {
-                response
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
+            let header = |name: &str| header_text(response.headers(), name);
             let location = header("location").filter(|_| (300..400).contains(&status));
             let target = location.map(|l| join_url(&url, &l));
             match &target {
@@ -525,13 +519,7 @@ impl Hub {
         }
         let response = request.call().map_err(transport)?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
+        let header = |name: &str| header_text(response.headers(), name);
         // `bytes first-last/total` or `bytes */total`.
         let range = header("content-range").unwrap_or_default();
         let range_total = range
@@ -880,6 +868,14 @@ fn create_parent(path: &Path) -> Result<()> {
         Some(dir) => std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e)),
         None => Ok(()),
     }
+}
+
+/// A header's value, where the answer has it as text.
+fn header_text(headers: &ureq::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 fn transport(e: ureq::Error) -> Fail {

@@ -224,6 +224,16 @@ impl OpCheck {
     }
 }
 
+/// The seeds `seed` + 1, + 2, … (wrapping), one per check of a family: each check draws its
+/// own inputs, and one `--seed` always gives the same checks.
+pub fn seed_sequence(seed: u64) -> impl FnMut() -> u64 {
+    let mut k = 0u64;
+    move || {
+        k += 1;
+        seed.wrapping_add(k)
+    }
+}
+
 /// Builds an [`OpCheck`]: random inputs and weights, exactly representable in their
 /// storage dtype so the reference and the kernels see the same values.
 pub struct CheckBuilder {

@@ -5,21 +5,13 @@
 
 mod common;
 
-use common::{ok, png_image, poisoned, quick_generate, seed};
+use common::{
+    load_on_cpu, ok, png_image, poisoned, quick_generate, quick_request, refused, seed, tiny_model,
+};
 use std::path::Path;
 use std::process::Command;
-use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
-use ultrapixel::pipeline::{
-    read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
-};
-use ultrapixel::runtime::{Backend, BackendKind};
-
-fn tiny_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), 3).unwrap();
-    dir
-}
+use ultrapixel::pipeline::{read_metadata, Control};
 
 /// A fresh random control image (rectangles of random colours, so it has edges) at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -42,7 +34,7 @@ fn random_image(path: &Path, seed: u64) {
 
 #[test]
 fn control_changes_the_image_and_at_strength_0_the_control_image_is_irrelevant() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let (a, b) = (work.path().join("a.png"), work.path().join("b.png"));
@@ -122,22 +114,13 @@ fn control_changes_the_image_and_at_strength_0_the_control_image_is_irrelevant()
 
 #[test]
 fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let image_path = work.path().join("control.png");
     random_image(&image_path, s);
-    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-    let options = PipelineOptions {
-        conversion_cache: model.path().join("cache"),
-        control: Some(ControlKind::Canny),
-        ..PipelineOptions::default()
-    };
-    let cpu = Backend::open(BackendKind::Cpu).unwrap();
-    let pipeline = Pipeline::load(&md, cpu, options).unwrap();
-    let mut request = Request::new("a house by a lake");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(9));
+    let pipeline = load_on_cpu(model.path(), Some(ControlKind::Canny)).unwrap();
+    let request = quick_request("a house by a lake", 9);
     let from_image = Control::canny_image_file(&image_path).unwrap();
     let rgb = ultrapixel::control::image_file::read_rgb(&image_path).unwrap();
     let edges = ultrapixel::control::canny_map(&rgb);
@@ -201,15 +184,7 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
     assert_ne!(long_image.rgb.pixels, by_image.rgb.pixels);
 
     // A pipeline loaded without the ControlNet refuses a controlled request, saying why.
-    let plain = Pipeline::load(
-        &md,
-        Backend::open(BackendKind::Cpu).unwrap(),
-        PipelineOptions {
-            conversion_cache: model.path().join("cache"),
-            ..PipelineOptions::default()
-        },
-    )
-    .unwrap();
+    let plain = load_on_cpu(model.path(), None).unwrap();
     let mut r = request.clone();
     r.set_control(from_image);
     let err = plain.generate(&r).unwrap_err().to_string();
@@ -218,7 +193,7 @@ fn a_ready_map_gives_what_the_image_gives_and_the_library_matches_the_cli() {
 
 #[test]
 fn bad_control_inputs_exit_2_with_the_reason_and_write_nothing() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let not_image = work.path().join("notes.png");
     std::fs::write(&not_image, b"just some text").unwrap();
@@ -263,10 +238,7 @@ fn bad_control_inputs_exit_2_with_the_reason_and_write_nothing() {
         args.extend(extra);
         args.push("a test");
         let run = quick_generate(model.path(), &out, "cpu", &args);
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(reason), "{args:?}: {stderr}");
-        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+        refused(&run, &out, reason, &args);
     }
     // --control without an input, and an input without --control.
     for args in [
@@ -335,7 +307,7 @@ fn info_plans_the_controlnet_weights_and_activations() {
 /// but only beside a norm the ControlNet reads; any other stored key is refused by name.
 #[test]
 fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let file = model.path().join("controlnet/canny.safetensors");
     let original = std::fs::read(&file).unwrap();
     let counter = |name: &str| {
@@ -343,15 +315,7 @@ fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
         let bytes = n.to_le_bytes().to_vec();
         (name.to_string(), safetensors::Dtype::I64, vec![], bytes)
     };
-    let load = || {
-        let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-        let options = PipelineOptions {
-            conversion_cache: model.path().join("cache"),
-            control: Some(ControlKind::Canny),
-            ..PipelineOptions::default()
-        };
-        Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).map(|_| ())
-    };
+    let load = || load_on_cpu(model.path(), Some(ControlKind::Canny)).map(|_| ());
     load().expect("the tiny ControlNet as written");
     let norms: Vec<String> = {
         let st = safetensors::SafeTensors::deserialize(&original).unwrap();
@@ -389,7 +353,7 @@ fn batchnorm_counters_are_ignored_and_other_unknown_keys_refused() {
 /// mask is refused before any output.
 #[test]
 fn inpainting_control_reads_the_image_and_its_mask() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let image = work.path().join("photo.png");
@@ -433,16 +397,8 @@ fn inpainting_control_reads_the_image_and_its_mask() {
         .unwrap();
     assert_eq!(meta.control.unwrap().kind, ControlKind::Inpainting);
 
-    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-    let options = PipelineOptions {
-        conversion_cache: model.path().join("cache"),
-        control: Some(ControlKind::Inpainting),
-        ..PipelineOptions::default()
-    };
-    let pipeline = Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).unwrap();
-    let mut request = Request::new("a garden");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(5));
+    let pipeline = load_on_cpu(model.path(), Some(ControlKind::Inpainting)).unwrap();
+    let mut request = quick_request("a garden", 5);
     let control = Control::inpainting_image_file(&image, &left).unwrap();
     assert_eq!(control.map.shape[0], 4);
     request.set_control(control);
@@ -452,10 +408,7 @@ fn inpainting_control_reads_the_image_and_its_mask() {
     let out = work.path().join("no-mask.png");
     let args = ["--control", "inpaint", "--control-image", img, "a garden"];
     let run = quick_generate(model.path(), &out, "cpu", &args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--control-mask"), "{stderr}");
-    assert!(!out.exists());
+    refused(&run, &out, "--control-mask", args);
 }
 
 /// The same `.cu` kernels on the emulator: the ControlNet runs there and its maps change the
@@ -463,7 +416,7 @@ fn inpainting_control_reads_the_image_and_its_mask() {
 #[cfg(feature = "hostsim")]
 #[test]
 fn control_on_the_emulator_changes_the_image() {
-    let model = tiny_model();
+    let model = tiny_model(3);
     let work = tempfile::tempdir().unwrap();
     let control = work.path().join("control.png");
     random_image(&control, seed());

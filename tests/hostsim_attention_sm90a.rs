@@ -12,15 +12,17 @@ use rand::rngs::StdRng;
 use rand::RngExt;
 use ultrapixel::ops::attention::{attention_bounds, Attention};
 use ultrapixel::ops::attention_sm90a;
-use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
-use ultrapixel::runtime::hostsim::launch;
 use ultrapixel::runtime::kernel_choice::KernelTarget;
-use ultrapixel::tensor::{DType, HostTensor};
+use ultrapixel::tensor::DType;
 
 #[path = "common/guarded_buf.rs"]
 mod guarded_buf;
 
+#[path = "common/sm90a_op.rs"]
+mod sm90a_op;
+
 use guarded_buf::{rng, Buf};
+use sm90a_op::{OpCall, Operand};
 
 fn values(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {
     (0..n)
@@ -55,10 +57,9 @@ fn case(batch: usize, n: usize, m: usize, heads: usize, out: DType) -> Case {
     }
 }
 
-/// Builds the op's launches for `c` on hostsim under UPX_KERNELS=sm90a, runs them when `run`,
-/// checks the output against the CPU reference, and returns the kernel names.
-fn check(rng: &mut StdRng, c: Case, run: bool) -> Vec<String> {
-    std::env::set_var("UPX_KERNELS", "sm90a");
+/// Runs the op's launches for `c` on hostsim under UPX_KERNELS=sm90a, checks the output
+/// against the CPU reference, and returns the kernel names.
+fn check(rng: &mut StdRng, c: Case) -> Vec<String> {
     let Case {
         batch,
         n,
@@ -91,49 +92,30 @@ fn check(rng: &mut StdRng, c: Case, run: bool) -> Vec<String> {
     let (gqkv, gkv) = (Buf::of_bf16(&qkv), Buf::of_bf16(&kv));
     let gmask = Buf::of_f32(&mask);
     let gout = Buf::new(batch * n * ch * out.size());
-    let desc = |name: &str, shape: Vec<usize>, dtype| TensorDesc {
-        name: name.into(),
-        shape,
-        dtype,
-        role: Role::Input,
-    };
-    let dqkv = desc("qkv", vec![batch, n, 3 * ch], DType::BF16);
-    let dkv = desc("kv", vec![batch, m, 2 * ch], DType::BF16);
-    let dmask = desc("mask", vec![batch, n + m], DType::F32);
-    let dout = desc("out", vec![batch, n, ch], out);
-    let dev = |ptr, desc| DevTensor { ptr, desc };
-    let mut inputs = vec![dev(gqkv.addr(), &dqkv)];
-    let host = |shape: &[usize], data: &[f32]| HostTensor::new(shape.to_vec(), data.to_vec());
-    let mut host_in = vec![host(&dqkv.shape, &qkv)];
+    let mut inputs = vec![Operand::new(
+        "qkv",
+        vec![batch, n, 3 * ch],
+        DType::BF16,
+        gqkv.addr(),
+        &qkv,
+    )];
     if m > 0 {
-        inputs.push(dev(gkv.addr(), &dkv));
-        host_in.push(host(&dkv.shape, &kv));
+        let shape = vec![batch, m, 2 * ch];
+        inputs.push(Operand::new("kv", shape, DType::BF16, gkv.addr(), &kv));
     }
     if c.key_mask {
-        inputs.push(dev(gmask.addr(), &dmask));
-        host_in.push(host(&dmask.shape, &mask));
+        let shape = vec![batch, n + m];
+        inputs.push(Operand::new("mask", shape, DType::F32, gmask.addr(), &mask));
     }
-    let io = LaunchIo {
+    let call = OpCall {
+        op: &op,
         inputs,
-        outputs: vec![dev(gout.addr(), &dout)],
-        workspace: 0,
-        target: KernelTarget::hostsim(),
+        output: Operand::new("out", vec![batch, n, ch], out, gout.addr(), &[]),
     };
-    let mut launches = op.launches(&io).unwrap();
-    let names: Vec<String> = launches
-        .iter()
-        .map(|l| l.kernel.name().to_string())
-        .collect();
-    if !run {
-        return names;
-    }
-    for l in &mut launches {
-        launch(l).unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    }
-    let refs: Vec<&HostTensor> = host_in.iter().collect();
-    let mut want = vec![HostTensor::zeros(&dout.shape)];
-    op.reference(&refs, &mut want).unwrap();
-    let want = &want[0].data;
+    let names = call
+        .launch(false, true)
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let want = &call.reference();
     let got = gout.read(out);
     assert!(gout.guard_intact(), "{c:?}: a store past O");
     let bounds = attention_bounds(
@@ -180,7 +162,7 @@ fn sm90a_attention_head_dim_32() {
             ..case(1, 150, 0, 1, DType::F32)
         },
     ] {
-        let names = check(&mut rng, c, true);
+        let names = check(&mut rng, c);
         assert_eq!(names, [SM90A_D32[(c.out == DType::F32) as usize]], "{c:?}");
     }
 }
@@ -194,7 +176,7 @@ fn sm90a_attention_self_attention_with_tails() {
         case(2, 257, 0, 1, DType::BF16),
         case(1, 1, 0, 3, DType::F32),
     ] {
-        let names = check(&mut rng, c, true);
+        let names = check(&mut rng, c);
         assert_eq!(names, [SM90A[(c.out == DType::F32) as usize]], "{c:?}");
     }
 }
@@ -210,7 +192,7 @@ fn sm90a_attention_with_extra_text_tokens() {
         // Extra tokens spanning two tiles.
         case(1, 40, 133, 1, DType::F32),
     ] {
-        let names = check(&mut rng, c, true);
+        let names = check(&mut rng, c);
         assert_eq!(names, [SM90A[(c.out == DType::F32) as usize]], "{c:?}");
     }
 }
@@ -225,17 +207,17 @@ fn sm90a_attention_with_causal_and_key_masks() {
         key_mask: true,
         ..case(2, 150, 0, 2, DType::F32)
     };
-    assert_eq!(check(&mut rng, causal, true), [SM90A[1]]);
+    assert_eq!(check(&mut rng, causal), [SM90A[1]]);
     let causal = Case {
         causal: true,
         ..case(1, 77, 0, 1, DType::BF16)
     };
-    assert_eq!(check(&mut rng, causal, true), [SM90A[0]]);
+    assert_eq!(check(&mut rng, causal), [SM90A[0]]);
     let masked = Case {
         key_mask: true,
         ..case(1, 33, 7, 1, DType::BF16)
     };
-    assert_eq!(check(&mut rng, masked, true), [SM90A[0]]);
+    assert_eq!(check(&mut rng, masked), [SM90A[0]]);
 }
 
 #[test]
@@ -245,7 +227,7 @@ fn shapes_that_do_not_qualify_fall_back_to_the_portable_kernel() {
         d: 16,
         ..case(1, 33, 7, 2, DType::BF16)
     };
-    assert_eq!(check(&mut rng, d16, true), ["attention_d16_bf16"]);
+    assert_eq!(check(&mut rng, d16), ["attention_d16_bf16"]);
     // Without a backend (dry listings, the tuner) launches stay portable.
     assert!(!KernelTarget::default().sm90a_allowed().unwrap());
     const { assert!(attention_sm90a::smem_bytes(64) < 227 * 1024) };

@@ -18,18 +18,22 @@ use ultrapixel::ops::gemm::{gemm_ref, Gemm, GemmParams, GemmScaledA};
 use ultrapixel::ops::gemm_sm90a::{self, TileWidth};
 use ultrapixel::ops::math::gelu_ref;
 use ultrapixel::runtime::device::KernelSession;
-use ultrapixel::runtime::graph::{DevTensor, LaunchIo, OpImpl, Role, TensorDesc};
+use ultrapixel::runtime::graph::OpImpl;
 use ultrapixel::runtime::hostsim::launch;
 use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
 use ultrapixel::runtime::session::{Session, SessionOptions};
 use ultrapixel::runtime::{Backend, BackendKind};
-use ultrapixel::tensor::{DType, HostTensor};
+use ultrapixel::tensor::DType;
 use ultrapixel::verify::{self, Scale};
 
 #[path = "common/guarded_buf.rs"]
 mod guarded_buf;
 
+#[path = "common/sm90a_op.rs"]
+mod sm90a_op;
+
 use guarded_buf::{rng, Buf};
+use sm90a_op::{OpCall, Operand};
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
@@ -458,8 +462,6 @@ fn run_op(
     workspace: bool,
     run: bool,
 ) -> Vec<String> {
-    // The whole test binary runs with the Hopper kernels forced (every test sets the same value).
-    std::env::set_var("UPX_KERNELS", "sm90a");
     let gemm = Gemm {
         bias: true,
         gelu: false,
@@ -485,61 +487,33 @@ fn run_op(
         Buf::of_f32(&ab),
     );
     let gc = Buf::new(m * n * 4);
-    let desc = |name: &str, shape: Vec<usize>, dtype| TensorDesc {
-        name: name.into(),
-        shape,
-        dtype,
-        role: Role::Input,
-    };
-    let (da, dw, db, dab, dc) = (
-        desc("a", vec![2, m / 2, k], DType::BF16),
-        desc("w", vec![n, k], DType::BF16),
-        desc("bias", vec![n], DType::F32),
-        desc("ab", vec![2, 2 * k], DType::F32),
-        desc("c", vec![2, m / 2, n], DType::F32),
-    );
-    let dev = |ptr, desc| DevTensor { ptr, desc };
+    let a_ptr = ga.addr() + a_offset as u64;
     let mut inputs = vec![
-        dev(ga.addr() + a_offset as u64, &da),
-        dev(gw.addr(), &dw),
-        dev(gb.addr(), &db),
+        Operand::new("a", vec![2, m / 2, k], DType::BF16, a_ptr, &a),
+        Operand::new("w", vec![n, k], DType::BF16, gw.addr(), &w),
+        Operand::new("bias", vec![n], DType::F32, gb.addr(), &bias),
     ];
     if scaled {
-        inputs.push(dev(gab.addr(), &dab));
+        inputs.push(Operand::new(
+            "ab",
+            vec![2, 2 * k],
+            DType::F32,
+            gab.addr(),
+            &ab,
+        ));
     }
-    let descs: Vec<&TensorDesc> = inputs.iter().map(|t| t.desc).collect();
-    let ws = Buf::new(op.workspace_bytes(&descs, KernelChoice::Sm90a));
-    let io = LaunchIo {
+    let call = OpCall {
+        op: op.as_ref(),
         inputs,
-        outputs: vec![dev(gc.addr(), &dc)],
-        workspace: if workspace { ws.addr() } else { 0 },
-        target: KernelTarget::hostsim(),
+        output: Operand::new("c", vec![2, m / 2, n], DType::F32, gc.addr(), &[]),
     };
-    let mut launches = op.launches(&io).unwrap();
-    let names: Vec<String> = launches
-        .iter()
-        .map(|l| l.kernel.name().to_string())
-        .collect();
+    let names = call.launch(workspace, run).unwrap();
     if !run {
         return names;
     }
-    for l in &mut launches {
-        launch(l).unwrap();
-    }
-    let host = |shape: &[usize], data: &[f32]| HostTensor::new(shape.to_vec(), data.to_vec());
-    let mut host_in = vec![
-        host(&da.shape, &a),
-        host(&dw.shape, &w),
-        host(&db.shape, &bias),
-    ];
-    if scaled {
-        host_in.push(host(&dab.shape, &ab));
-    }
-    let refs: Vec<&HostTensor> = host_in.iter().collect();
-    let mut want = vec![HostTensor::zeros(&dc.shape)];
-    op.reference(&refs, &mut want).unwrap();
+    let want = call.reference();
     let got = gc.read(DType::F32);
-    for (i, (&g, &w)) in got.iter().zip(&want[0].data).enumerate() {
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
         // The scaled A is rounded to bf16 on the device (the reference keeps f32): 2⁻⁸ per term.
         let tol = if scaled {
             4e-3 * k as f32

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::tiny_model;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use ultrapixel::hub::HubOptions;
@@ -18,12 +19,6 @@ use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::tensor::HostTensor;
 use ultrapixel::text::{Tokenizer, Tokens};
 use ultrapixel::weights::{open_checkpoint, SafetensorsFile};
-
-fn tiny_model(seed: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), seed).unwrap();
-    dir
-}
 
 fn lora(dir: &Path, scale: f32) -> LoraSpec {
     LoraSpec::new(dir.join(TINY_LORA_FILE), scale)

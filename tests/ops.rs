@@ -13,12 +13,13 @@ use ultrapixel::runtime::session::SessionOptions;
 use ultrapixel::runtime::{Backend, BackendKind};
 use ultrapixel::verify::{self, OpCheck, Scale};
 
+#[path = "common/guarded_buf.rs"]
+mod guarded_buf;
+
+/// A seed for the checks ([`guarded_buf::seed`]), which `ultrapixel verify --seed` takes too.
 fn seed() -> u64 {
-    let s = std::env::var("UPX_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {s} (rerun with UPX_TEST_SEED={s}, or ultrapixel verify --seed {s})");
+    let s = guarded_buf::seed();
+    eprintln!("(the same checks: ultrapixel verify --seed {s})");
     s
 }
 

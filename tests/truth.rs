@@ -9,16 +9,11 @@ use ultrapixel::runtime::device::Device;
 use ultrapixel::runtime::hostsim::HostsimDevice;
 use ultrapixel::truth::{self, Elem, Mismatch, Raw, TruthSet};
 
-const FIXTURE: &str = "tests/fixtures/truth-sm90.safetensors";
+#[path = "common/guarded_buf.rs"]
+mod guarded_buf;
+use guarded_buf::seed;
 
-fn seed() -> u64 {
-    let seed = std::env::var("UPX_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
-    seed
-}
+const FIXTURE: &str = "tests/fixtures/truth-sm90.safetensors";
 
 fn emulator() -> HostsimDevice {
     HostsimDevice::new()

@@ -5,15 +5,13 @@
 
 mod common;
 
-use common::{ok, png_image, poisoned, quick_generate, seed};
+use common::{
+    load_on_cpu, ok, png_image, poisoned, quick_generate, quick_request, refused, seed, tiny_model,
+};
 use std::path::Path;
 use std::process::{Command, Output};
-use ultrapixel::hub::HubOptions;
 use ultrapixel::pipeline::control::{ControlKind, ControlSource};
-use ultrapixel::pipeline::{
-    read_metadata, Control, ModelDir, Pipeline, PipelineOptions, Request, Size,
-};
-use ultrapixel::runtime::{Backend, BackendKind};
+use ultrapixel::pipeline::{read_metadata, Control};
 
 /// A fresh random image (a smooth gradient plus noise) of a random size at `path`.
 fn random_image(path: &Path, seed: u64) {
@@ -43,15 +41,9 @@ fn upscale(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-fn tiny_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), 5).unwrap();
-    dir
-}
-
 #[test]
 fn upscale_has_the_size_asked_depends_on_the_image_and_seed_and_records_its_source() {
-    let model = tiny_model();
+    let model = tiny_model(5);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let (a, b) = (work.path().join("a.png"), work.path().join("b.png"));
@@ -111,21 +103,13 @@ fn upscale_has_the_size_asked_depends_on_the_image_and_seed_and_records_its_sour
 
 #[test]
 fn the_library_super_resolution_control_is_what_the_cli_runs() {
-    let model = tiny_model();
+    let model = tiny_model(5);
     let work = tempfile::tempdir().unwrap();
     let s = seed();
     let input = work.path().join("in.png");
     random_image(&input, s);
-    let md = ModelDir::resolve(Some(model.path()), &HubOptions::from_env()).unwrap();
-    let options = PipelineOptions {
-        conversion_cache: model.path().join("cache"),
-        control: Some(ControlKind::SuperResolution),
-        ..PipelineOptions::default()
-    };
-    let pipeline = Pipeline::load(&md, Backend::open(BackendKind::Cpu).unwrap(), options).unwrap();
-    let mut request = Request::new("a lake");
-    request.size = Size::new(512, 512).unwrap();
-    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(4));
+    let pipeline = load_on_cpu(model.path(), Some(ControlKind::SuperResolution)).unwrap();
+    let request = quick_request("a lake", 4);
     let control = Control::super_resolution_image_file(&input).unwrap();
     let rgb = ultrapixel::control::image_file::read_rgb(&input).unwrap();
     assert_eq!(control.map, rgb, "the image is kept as read");
@@ -149,16 +133,7 @@ fn the_library_super_resolution_control_is_what_the_cli_runs() {
     assert_eq!(png_image(&out).pixels, from_file.rgb.pixels);
 
     // A pipeline with the Canny ControlNet refuses a super-resolution request.
-    let canny = Pipeline::load(
-        &md,
-        Backend::open(BackendKind::Cpu).unwrap(),
-        PipelineOptions {
-            conversion_cache: model.path().join("cache"),
-            control: Some(ControlKind::Canny),
-            ..PipelineOptions::default()
-        },
-    )
-    .unwrap();
+    let canny = load_on_cpu(model.path(), Some(ControlKind::Canny)).unwrap();
     let mut r = request.clone();
     r.set_control(control);
     let err = canny.generate(&r).unwrap_err().to_string();
@@ -167,7 +142,7 @@ fn the_library_super_resolution_control_is_what_the_cli_runs() {
 
 #[test]
 fn bad_upscale_inputs_exit_2_with_the_reason_and_write_nothing() {
-    let model = tiny_model();
+    let model = tiny_model(5);
     let work = tempfile::tempdir().unwrap();
     let not_image = work.path().join("notes.png");
     std::fs::write(&not_image, b"some text, not pixels").unwrap();
@@ -187,10 +162,7 @@ fn bad_upscale_inputs_exit_2_with_the_reason_and_write_nothing() {
     for (i, (input, extra, reason)) in cases.into_iter().enumerate() {
         let out = work.path().join(format!("out{i}.png"));
         let run = upscale(model.path(), input, &out, &extra);
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(2), "{extra:?}: {stderr}");
-        assert!(stderr.contains(reason), "{extra:?}: {stderr}");
-        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+        refused(&run, &out, reason, &extra);
     }
     // A map is no input for --control sr.
     let out = work.path().join("map.png");
@@ -202,8 +174,5 @@ fn bad_upscale_inputs_exit_2_with_the_reason_and_write_nothing() {
         "x",
     ];
     let run = quick_generate(model.path(), &out, "cpu", &args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("not a map"), "{stderr}");
-    assert!(!out.exists());
+    refused(&run, &out, "not a map", args);
 }

@@ -6,7 +6,7 @@ use super::{arity, linear_launch, rows_channels, to_i32};
 use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
-use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
+use crate::verify::{seed_sequence, CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -226,11 +226,8 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         sizes.push(3 << 22);
     }
     let mut v = Vec::new();
-    let mut s = seed;
-    let mut next = || {
-        s = s.wrapping_add(1);
-        CheckBuilder::new(s)
-    };
+    let mut seeds = seed_sequence(seed);
+    let mut next = || CheckBuilder::new(seeds());
     for &n in &sizes {
         for (act, d) in [
             (Act::Gelu, DType::F32),

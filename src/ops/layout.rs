@@ -10,7 +10,7 @@ use crate::runtime::graph::{DevTensor, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{numel, DType, HostTensor};
 use crate::verify::{copy_tolerance, make_indices, unary_check, DTYPE_PAIRS};
-use crate::verify::{CheckBuilder, OpCheck, Scale};
+use crate::verify::{seed_sequence, CheckBuilder, OpCheck, Scale};
 use crate::{Error, Result};
 
 /// The address `elems` elements of `dtype` past `ptr`.
@@ -754,11 +754,7 @@ fn gather_check(
 /// ones that cannot); on a GPU also one model-sized instance of each op.
 pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     let mut v = Vec::new();
-    let mut k = 0u64;
-    let mut next = || {
-        k += 1;
-        seed.wrapping_add(k)
-    };
+    let mut next = seed_sequence(seed);
     for &(din, dout) in &DTYPE_PAIRS {
         let tol = copy_tolerance(&[din], dout);
         for (shape, r) in [

@@ -9,7 +9,7 @@ use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::{Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{copy_tolerance, unary_check, DTYPE_PAIRS};
-use crate::verify::{OpCheck, Scale, Tolerance};
+use crate::verify::{seed_sequence, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -236,11 +236,7 @@ impl OpImpl for ResizeNearest {
 /// also model-sized resizes.
 pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
     let mut v = Vec::new();
-    let mut k = 0u64;
-    let mut next = || {
-        k += 1;
-        seed.wrapping_add(k)
-    };
+    let mut next = seed_sequence(seed);
     for &(din, dout) in &DTYPE_PAIRS {
         for (shape, (h, w)) in [
             (&[2, 5, 7, 3][..], (11, 13)),

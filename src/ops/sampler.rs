@@ -17,7 +17,7 @@ use crate::runtime::kernels::KernelId;
 use crate::runtime::launch::{ceil_div, Args, Launch};
 use crate::tensor::{DType, HostTensor};
 use crate::verify::input_values;
-use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
+use crate::verify::{seed_sequence, CheckBuilder, OpCheck, Scale, Tolerance};
 use crate::{Error, Result};
 use std::f32::consts::{FRAC_PI_2, PI};
 
@@ -566,11 +566,7 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         steps.push((&[2, 16, 128, 128], f, true));
     }
     let mut v = Vec::new();
-    let mut k = 0u64;
-    let mut next = || {
-        k += 1;
-        seed.wrapping_add(k)
-    };
+    let mut next = seed_sequence(seed);
     // Both tolerances are bounds computed per element: see `cfg_bounds` and `step_bounds`.
     for (shape, dt, cfg, rho, per_sample) in cfgs {
         let mut b = CheckBuilder::new(next());

@@ -114,27 +114,37 @@ impl ModelDir {
 
     fn from_dir(dir: &Path) -> Result<ModelDir> {
         let records = read_records(dir);
-        let mut files = BTreeMap::new();
-        let mut missing = Vec::new();
-        for f in MODEL_FILES
-            .iter()
-            .chain(OPTIONAL_FILES)
-            .chain(CONTROL_FILES)
-        {
-            let path = dir.join(f.name);
-            if path.is_file() {
-                let sha = records.get(f.name).map(|r| r.etag.clone());
-                files.insert(f.name, (path, sha.filter(|e| e.len() == 64)));
-            } else if !is_optional(f) {
-                missing.push(f.name);
-            }
-        }
         let location = dir.display().to_string();
         let fetch = format!("ultrapixel download --model-dir {location}");
-        Self::complete(location, files, &missing, &fetch)
+        Self::collect(location, &fetch, |f| {
+            let path = dir.join(f.name);
+            if !path.is_file() {
+                return None;
+            }
+            let sha = records.get(f.name).map(|r| r.etag.clone());
+            Some((path, sha.filter(|e| e.len() == 64)))
+        })
     }
 
     fn from_cache(hub: &Hub) -> Result<ModelDir> {
+        let location = format!(
+            "the Hugging Face cache ({})",
+            hub.options().cache_dir.display()
+        );
+        Self::collect(location, "ultrapixel download", |f| {
+            let c = hub.cached(&f.repo_file())?;
+            let sha = c.sha256().map(str::to_string);
+            Some((c.path, sha))
+        })
+    }
+
+    /// Every model, optional and control file that `find` locates in `location` (its path
+    /// and sha256 when known); an error, naming `fetch`, lists the required ones it did not.
+    fn collect(
+        location: String,
+        fetch: &str,
+        find: impl Fn(&ModelFile) -> Option<(PathBuf, Option<String>)>,
+    ) -> Result<ModelDir> {
         let mut files = BTreeMap::new();
         let mut missing = Vec::new();
         for f in MODEL_FILES
@@ -142,28 +152,14 @@ impl ModelDir {
             .chain(OPTIONAL_FILES)
             .chain(CONTROL_FILES)
         {
-            match hub.cached(&f.repo_file()) {
-                Some(c) => {
-                    let sha = c.sha256().map(str::to_string);
-                    files.insert(f.name, (c.path, sha));
+            match find(f) {
+                Some(found) => {
+                    files.insert(f.name, found);
                 }
                 None if is_optional(f) => {}
                 None => missing.push(f.name),
             }
         }
-        let location = format!(
-            "the Hugging Face cache ({})",
-            hub.options().cache_dir.display()
-        );
-        Self::complete(location, files, &missing, "ultrapixel download")
-    }
-
-    fn complete(
-        location: String,
-        files: BTreeMap<&'static str, (PathBuf, Option<String>)>,
-        missing: &[&str],
-        fetch: &str,
-    ) -> Result<ModelDir> {
         if missing.is_empty() {
             return Ok(ModelDir { location, files });
         }

@@ -1,4 +1,4 @@
-//! For the emulator tests of the Hopper kernels: a seeded random source and guarded device
+//! For the emulator tests: the test seed, a random source seeded with it, and guarded device
 //! buffers. (Included by path, `#[path = "common/guarded_buf.rs"] mod guarded_buf;`.)
 // Each test that includes this file uses its own subset.
 #![allow(dead_code)]
@@ -8,14 +8,19 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use ultrapixel::tensor::DType;
 
-/// A random source from `UPX_TEST_SEED`, or a fresh seed that is printed for a rerun.
-pub fn rng() -> StdRng {
+/// `UPX_TEST_SEED`, or a fresh seed that is printed for a rerun.
+pub fn seed() -> u64 {
     let seed = std::env::var("UPX_TEST_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (rerun with UPX_TEST_SEED={seed})");
-    StdRng::seed_from_u64(seed)
+    seed
+}
+
+/// A random source from [`seed`].
+pub fn rng() -> StdRng {
+    StdRng::seed_from_u64(seed())
 }
 
 /// 16-byte-aligned device memory (host memory under the emulator), poisoned with 0xFF bytes

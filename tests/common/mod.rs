@@ -3,7 +3,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
-use ultrapixel::pipeline::{decode_png, Rgb8Image};
+use ultrapixel::hub::HubOptions;
+use ultrapixel::pipeline::control::ControlKind;
+use ultrapixel::pipeline::{
+    decode_png, ModelDir, Pipeline, PipelineOptions, Request, Rgb8Image, Size,
+};
+use ultrapixel::runtime::{Backend, BackendKind};
 
 /// A stored tensor: name, dtype, shape, little-endian bytes.
 pub type Stored = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
@@ -61,6 +66,27 @@ pub fn broken_copy(model: &Path) -> tempfile::TempDir {
     dir
 }
 
+/// A fresh tiny model (`make_tiny_model` with `seed`) in a temporary directory.
+#[allow(dead_code)]
+pub fn tiny_model(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ultrapixel::pipeline::tiny::make_tiny_model(dir.path(), seed).unwrap();
+    dir
+}
+
+/// The model in `model` loaded on the CPU backend, its conversion cache inside it, with the
+/// ControlNet `control` (None: without one).
+#[allow(dead_code)]
+pub fn load_on_cpu(model: &Path, control: Option<ControlKind>) -> ultrapixel::Result<Pipeline> {
+    let md = ModelDir::resolve(Some(model), &HubOptions::from_env())?;
+    let options = PipelineOptions {
+        conversion_cache: model.join("cache"),
+        control,
+        ..PipelineOptions::default()
+    };
+    Pipeline::load(&md, Backend::open(BackendKind::Cpu)?, options)
+}
+
 #[allow(dead_code)]
 pub fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
@@ -97,6 +123,15 @@ pub fn quick_generate(model: &Path, out: &Path, backend: &str, extra: &[&str]) -
         .unwrap()
 }
 
+/// The library request that [`quick_generate`]'s settings make: 512×512, one step per stage.
+#[allow(dead_code)]
+pub fn quick_request(prompt: &str, seed: u64) -> Request {
+    let mut request = Request::new(prompt);
+    request.size = Size::new(512, 512).unwrap();
+    (request.stage_c.steps, request.stage_b.steps, request.seed) = (1, 1, Some(seed));
+    request
+}
+
 /// The pixels of a PNG that `generate` wrote.
 #[allow(dead_code)]
 pub fn png_image(path: &Path) -> Rgb8Image {
@@ -113,6 +148,16 @@ pub fn poisoned(dir: &Path, name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, POISON).unwrap();
     path
+}
+
+/// Asserts that a run was refused with exit code 2 and `reason` in its stderr, and that it
+/// wrote no `out`; `what` (the arguments) names the run in a failure.
+#[allow(dead_code)]
+pub fn refused(run: &Output, out: &Path, reason: &str, what: impl std::fmt::Debug) {
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{what:?}: {stderr}");
+    assert!(stderr.contains(reason), "{what:?}: {stderr}");
+    assert!(!out.exists(), "{what:?} wrote {}", out.display());
 }
 
 /// Asserts that a command succeeded, showing its stderr otherwise.
