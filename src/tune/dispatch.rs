@@ -3,8 +3,9 @@
 //! its recorded algorithm) in the session's launch list, so in the same CUDA graph as our
 //! kernels, followed by our epilogue pass where cuBLASLt cannot fuse the op's epilogue, and
 //! preceded by our operand scaling where the op modulates A; a GEMM or attention node whose
-//! winner is our Hopper kernel gets the op's launches built for `sm90a` (a GEMM that
-//! modulates A gets its scaled A in the node's scratch). Every other node, every node under
+//! winner is our Hopper kernel gets the op's launches built for `sm90a`, a GEMM in the tile
+//! width of its winner (`ours-sm90a/128x<BN>x64s4`; a GEMM that modulates A gets its scaled
+//! A in the node's scratch). Every other node, every node under
 //! the built-in rules (no table, a stale one, `UPX_TUNING=off`), and every node under a forced
 //! `UPX_KERNELS` (`portable`, `sm90a`: the table is not consulted) runs the op's own launches.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
@@ -17,6 +18,7 @@
 use super::pair;
 use super::problems::{attention_key, gemm_key, GemmKey};
 use super::table::{parse_dtype, AttentionChoice, GemmChoice, LtChoice, Selection};
+use crate::ops::gemm_sm90a::TileWidth;
 use crate::runtime::cuda::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
 use crate::runtime::cuda::{CudaDevice, Substitution};
 use crate::runtime::graph::{DevTensor, LaunchIo, Node, OpImpl, TensorDesc};
@@ -100,6 +102,14 @@ pub fn sm90a_layout(key: &GemmKey) -> ScratchLayout {
     )
 }
 
+/// A GEMM node on our Hopper kernel: its key (its scratch) and the tile width its winner
+/// measured fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sm90aGemm {
+    pub key: GemmKey,
+    pub width: TileWidth,
+}
+
 /// What a node runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -107,9 +117,9 @@ pub enum Decision {
     Own,
     /// The table's cuBLASLt winner of this GEMM.
     CublasLt(GemmKey, LtChoice),
-    /// Our Hopper kernel: the op's launches built for `sm90a`; the GEMM's key where the node
-    /// is a GEMM (its scratch, [`sm90a_layout`]).
-    Sm90a(Option<GemmKey>),
+    /// Our Hopper kernel: the op's launches built for `sm90a`; where the node is a GEMM, in
+    /// the table's tile width, with its scratch ([`sm90a_layout`]).
+    Sm90a(Option<Sm90aGemm>),
     /// The table's entry does not fit the node (why): the op's own launches.
     Unfit(String),
 }
@@ -118,7 +128,9 @@ pub enum Decision {
 /// (`portable`, `sm90a`) ignores the table; `auto` follows the winner of the node's shape, and
 /// the op's own launches (the portable kernels under `auto`) where the selection has none
 /// (a shape the table lacks, the built-in rules). The Hopper kernels are not yet measured on
-/// hardware, so without a winner saying so `auto` never prefers them.
+/// hardware, so without a winner saying so `auto` never prefers them; a Hopper GEMM winner
+/// runs in the tile width its candidate measured (under a forced `sm90a`, the launcher's
+/// modelled width).
 pub fn decide(
     choice: KernelChoice,
     selection: &Selection,
@@ -136,7 +148,13 @@ pub fn decide(
                     Decision::Unfit(format!("tuning table entry for {}: {why}", key.describe()))
                 }
             },
-            Some(GemmChoice::OursSm90a(_)) => Decision::Sm90a(Some(key)),
+            Some(GemmChoice::OursSm90a(Some(width))) => {
+                Decision::Sm90a(Some(Sm90aGemm { key, width }))
+            }
+            Some(GemmChoice::OursSm90a(None)) => Decision::Unfit(format!(
+                "tuning table entry for {}: its sm_90a winner names no tile width of this build",
+                key.describe()
+            )),
             Some(GemmChoice::Ours(_)) | None => Decision::Own,
         };
     }
@@ -264,7 +282,7 @@ impl Dispatch {
     ) -> usize {
         match self.decide(choice, node.op.as_ref(), inputs) {
             Decision::CublasLt(key, c) => scratch_layout(&key, &c).bytes,
-            Decision::Sm90a(Some(key)) => sm90a_layout(&key).bytes,
+            Decision::Sm90a(Some(g)) => sm90a_layout(&g.key).bytes,
             Decision::Sm90a(None) | Decision::Own | Decision::Unfit(_) => 0,
         }
     }
@@ -284,7 +302,7 @@ impl Dispatch {
         let op = node.op.as_ref();
         match self.decide(io.target.kernel_choice()?, op, &descs) {
             Decision::CublasLt(key, c) => self.vendor_entries(dev, node, io, scratch, key, c),
-            Decision::Sm90a(key) => sm90a_entries(op, key.as_ref(), io, scratch),
+            Decision::Sm90a(gemm) => sm90a_entries(op, gemm.as_ref(), io, scratch),
             Decision::Own | Decision::Unfit(_) => Ok(None),
         }
     }
@@ -380,27 +398,31 @@ impl Dispatch {
     }
 }
 
-/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies), the
-/// scaled A of a GEMM that modulates A in the scratch ([`sm90a_layout`]); None when that
-/// scratch is missing (the op's own launches run).
+/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies); for a
+/// GEMM in tile width `gemm.width`, the scaled A of a GEMM that modulates A in the scratch
+/// ([`sm90a_layout`]); None when that scratch is missing (the op's own launches run).
 pub fn sm90a_entries(
     op: &dyn OpImpl,
-    key: Option<&GemmKey>,
+    gemm: Option<&Sm90aGemm>,
     io: &LaunchIo,
     scratch: u64,
 ) -> Result<Option<Vec<Entry>>> {
     let mut workspace = io.workspace;
-    if let Some(at) = key.and_then(|k| sm90a_layout(k).scaled_a) {
-        if scratch == 0 {
-            return Ok(None);
+    let mut target = io.target.with_choice(KernelChoice::Sm90a);
+    if let Some(g) = gemm {
+        target = target.with_gemm_tile_n(g.width.columns());
+        if let Some(at) = sm90a_layout(&g.key).scaled_a {
+            if scratch == 0 {
+                return Ok(None);
+            }
+            workspace = scratch + at as u64;
         }
-        workspace = scratch + at as u64;
     }
     let forced = LaunchIo {
         inputs: io.inputs.clone(),
         outputs: io.outputs.clone(),
         workspace,
-        target: io.target.with_choice(KernelChoice::Sm90a),
+        target,
     };
     Ok(Some(pair::kernels(op.launches(&forced)?)))
 }

@@ -25,7 +25,7 @@ pub mod problems;
 pub mod table;
 pub mod tuner;
 
-pub use problems::{attention_key, gemm_key, AttentionKey, Epilogue, GemmKey};
+pub use problems::{attention_key, gemm_key, AttentionDims, AttentionKey, Epilogue, GemmKey};
 pub use table::{AttentionChoice, GemmChoice};
 pub use table::{Selection, Table, TableKey};
 
