@@ -84,7 +84,7 @@ impl TileWidth {
     /// The assumed time per output column relative to the 128-wide tile, in 112ths: 8/7
     /// for 64 (its operand traffic per flop is 3/2 of the 128-wide tile's, and its m64n64
     /// wgmma reads shared memory at the SM's full 128 bytes per clock), 15/16 for 256 (3/4 of
-    /// the traffic). Guesses from the traffic until the bench measures each width.
+    /// the traffic). Guesses from the traffic, used where no tuning table measured the shape.
     fn column_weight(self) -> u64 {
         match self {
             TileWidth::N64 => 128,
