@@ -5,9 +5,9 @@
 //! preceded by our operand scaling where the op modulates A; a GEMM or attention node whose
 //! winner is our Hopper kernel gets the op's launches built for `sm90a`, a GEMM in the tile
 //! width of its winner (`ours-sm90a/128x<BN>x64s4`; a GEMM that modulates A gets its scaled
-//! A in the node's scratch). Every other node, every node under
-//! the built-in rules (no table, a stale one, `UPX_TUNING=off`), and every node under a forced
-//! `UPX_KERNELS` (`portable`, `sm90a`: the table is not consulted) runs the op's own launches.
+//! A in the node's scratch). Every other node, every node under the built-in rules (no table,
+//! a stale one, `UPX_TUNING=off`), and every node under a forced `UPX_KERNELS` (`portable`,
+//! `sm90a`: the table is not consulted) runs the op's own launches.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
 //! run is bit-identical to the next.
 //!
@@ -398,8 +398,8 @@ impl Dispatch {
     }
 }
 
-/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies); for a
-/// GEMM in tile width `gemm.width`, the scaled A of a GEMM that modulates A in the scratch
+/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies); a GEMM
+/// (`gemm`) in its tile width, with its scaled A in the scratch where the op modulates A
 /// ([`sm90a_layout`]); None when that scratch is missing (the op's own launches run).
 pub fn sm90a_entries(
     op: &dyn OpImpl,
