@@ -296,7 +296,10 @@ impl KernelCensus {
             .iter()
             .map(|(op, k)| {
                 let count = |(w, n): (&String, &usize)| format!("{w}: {n}");
-                let variants = listed(k.sm90a_variants.iter().map(count).collect(), ", ");
+                // Shorter names first: n64 before n128.
+                let mut variants: Vec<_> = k.sm90a_variants.iter().collect();
+                variants.sort_by_key(|(w, _)| w.len());
+                let variants = listed(variants.into_iter().map(count).collect(), ", ");
                 let why = listed(k.fallbacks.iter().map(count).collect(), "; ");
                 format!(
                     "{op}: {} sm90a{variants}, {} portable{why}",
