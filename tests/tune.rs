@@ -260,11 +260,11 @@ fn sm90a(width: TileWidth, seconds: f64) -> Candidate {
 
 /// The dispatch decision per node under each `UPX_KERNELS` value, on a synthetic table where
 /// cuBLASLt wins one GEMM, our Hopper GEMM two (one that scales A) and ours one, and our
-/// Hopper attention wins the attention: `auto` follows each winner, the forced choices ignore
-/// the table, and shapes the table lacks, a stale table and no table give the op's own
-/// launches.
+/// Hopper attention wins the attention: `auto` follows each winner, the forced choices keep
+/// their family (forced `sm90a` takes a Hopper GEMM winner's tile width), and shapes the table
+/// lacks, a stale table and no table give the op's own launches.
 #[test]
-fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
+fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_family() {
     use ultrapixel::ops::attention::Attention;
     use ultrapixel::runtime::kernel_choice::KernelChoice;
     use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision, Sm90aGemm};
@@ -390,14 +390,22 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
     assert_eq!((l.scaled_a, l.product), (Some(0), None));
     assert_eq!(l.bytes, 600 * 1280 * 2);
     assert_eq!(sm90a_layout(&hopper_plain).bytes, 0);
-    for choice in [KernelChoice::Portable, KernelChoice::Sm90a] {
-        assert!(
-            decisions(choice, &fresh)
-                .iter()
-                .all(|d| *d == Decision::Own),
-            "{choice:?}"
-        );
-    }
+    assert!(decisions(KernelChoice::Portable, &fresh)
+        .iter()
+        .all(|d| *d == Decision::Own));
+    // Forced sm90a: the op's own launches, the Hopper GEMM winners in their widths.
+    let forced = decisions(KernelChoice::Sm90a, &fresh);
+    assert_eq!(
+        forced[..5],
+        [
+            Decision::Own,
+            Decision::Own,
+            Decision::OwnInWidth(TileWidth::N64),
+            Decision::OwnInWidth(TileWidth::N256),
+            Decision::Own,
+        ]
+    );
+    assert!(forced[5..].iter().all(|d| *d == Decision::Own));
     for selection in [&stale, &none] {
         for choice in [
             KernelChoice::Auto,
@@ -456,15 +464,18 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
 }
 
 /// A GEMM node whose table winner is our Hopper GEMM in each tile width launches that
-/// width's kernel, as the dispatch builds it (a GEMM that scales A: after its scaling pass);
-/// without an entry, the forced Hopper kernel takes the launcher's modelled width.
+/// width's kernel, as the dispatch builds it under `auto` and under a forced `sm90a` (a GEMM
+/// that scales A: after its scaling pass); without an entry, the forced Hopper kernel takes
+/// the launcher's modelled width.
 #[test]
 fn a_hopper_winner_runs_in_its_measured_tile_width() {
     use ultrapixel::runtime::device::dry_launches_for;
     use ultrapixel::runtime::graph::{DevTensor, Graph, LaunchIo};
     use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
     use ultrapixel::runtime::launch::Entry;
-    use ultrapixel::tune::dispatch::{decide, sm90a_entries, sm90a_layout, Decision};
+    use ultrapixel::tune::dispatch::{
+        decide, own_entries_in_width, sm90a_entries, sm90a_layout, Decision,
+    };
     // N = 200: 4, 2 or 1 column tiles, no width dominated; odd M.
     let keys = [
         ("bias+gelu", 1, DType::BF16),
@@ -503,7 +514,7 @@ fn a_hopper_winner_runs_in_its_measured_tile_width() {
                 panic!("{}: not the Hopper GEMM", k.describe());
             };
             assert_eq!((g.key, g.width), (k, win));
-            let io = LaunchIo {
+            let io = |choice| LaunchIo {
                 inputs: inputs
                     .iter()
                     .enumerate()
@@ -517,31 +528,35 @@ fn a_hopper_winner_runs_in_its_measured_tile_width() {
                     desc: &out_desc,
                 }],
                 workspace: 0xa000_0000,
-                target: hostsim.with_choice(KernelChoice::Auto),
+                target: hostsim.with_choice(choice),
             };
             let scratch = if sm90a_layout(&k).bytes > 0 {
                 0xb000_0000
             } else {
                 0
             };
-            let entries = sm90a_entries(op.as_ref(), Some(&g), &io, scratch)
+            let auto = sm90a_entries(op.as_ref(), Some(&g), &io(KernelChoice::Auto), scratch)
                 .unwrap()
                 .unwrap();
-            let names: Vec<&str> = entries
-                .iter()
-                .filter_map(|e| match e {
-                    Entry::Kernel(l) => Some(l.kernel.name()),
-                    _ => None,
-                })
-                .collect();
-            // The scaling pass first where the op scales A, then the GEMM.
+            // Forced sm90a: the op's own launches (its workspace), in the winner's width.
             assert_eq!(
-                names.last(),
-                Some(&kernel(win).as_str()),
-                "{}",
-                k.describe()
+                decide(KernelChoice::Sm90a, &s, op.as_ref(), &descs),
+                Decision::OwnInWidth(win)
             );
-            assert_eq!(names.len(), 1 + k.epilogue.scaled_a as usize, "{names:?}");
+            let forced = own_entries_in_width(op.as_ref(), win, &io(KernelChoice::Sm90a)).unwrap();
+            for entries in [auto, forced] {
+                let names: Vec<&str> = entries
+                    .iter()
+                    .filter_map(|e| match e {
+                        Entry::Kernel(l) => Some(l.kernel.name()),
+                        _ => None,
+                    })
+                    .collect();
+                // The scaling pass first where the op scales A, then the GEMM.
+                let gemm = kernel(win);
+                assert_eq!(names.last(), Some(&gemm.as_str()), "{}", k.describe());
+                assert_eq!(names.len(), 1 + k.epilogue.scaled_a as usize, "{names:?}");
+            }
         }
         // No table entry: the forced Hopper kernel in the modelled width.
         let mut g = Graph::new();

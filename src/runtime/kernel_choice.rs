@@ -12,7 +12,8 @@
 //! - `portable`: the portable kernels everywhere, whatever the table says;
 //! - `sm90a`: the Hopper kernels wherever a shape qualifies, on hostsim too (on a GPU that is
 //!   not compute capability 9.0 the portable ones, which are the only ones it can load),
-//!   whatever the table says.
+//!   whatever the table says; a GEMM whose winner is our Hopper GEMM takes the winner's tile
+//!   width ([`KernelTarget::gemm_tile_n`]), every other the launcher's modelled one.
 //!
 //! A graph can carry its own choice instead ([`Graph::set_kernels`]): `verify` and
 //! `bench --shapes` run the portable and the Hopper kernels side by side in one process.

@@ -7,7 +7,8 @@
 //! width of its winner (`ours-sm90a/128x<BN>x64s4`; a GEMM that modulates A gets its scaled
 //! A in the node's scratch). Every other node, every node under the built-in rules (no table,
 //! a stale one, `UPX_TUNING=off`), and every node under a forced `UPX_KERNELS` (`portable`,
-//! `sm90a`: the table is not consulted) runs the op's own launches.
+//! `sm90a`: the family is not the table's to choose) runs the op's own launches; under a
+//! forced `sm90a` a GEMM whose winner is our Hopper GEMM takes the winner's tile width.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
 //! run is bit-identical to the next.
 //!
@@ -120,28 +121,40 @@ pub enum Decision {
     /// Our Hopper kernel: the op's launches built for `sm90a`; where the node is a GEMM, in
     /// the table's tile width, with its scratch ([`sm90a_layout`]).
     Sm90a(Option<Sm90aGemm>),
+    /// Under a forced `sm90a`, a GEMM whose winner is our Hopper GEMM: the op's own launches
+    /// (its workspace holds a scaled A), the Hopper GEMM in the winner's tile width.
+    OwnInWidth(TileWidth),
     /// The table's entry does not fit the node (why): the op's own launches.
     Unfit(String),
 }
 
-/// What a node with these inputs runs under `choice` and `selection`. A forced choice
-/// (`portable`, `sm90a`) ignores the table; `auto` follows the winner of the node's shape, and
-/// the op's own launches (the portable kernels under `auto`) where the selection has none
-/// (a shape the table lacks, the built-in rules). The Hopper kernels are not yet measured on
-/// hardware, so without a winner saying so `auto` never prefers them; a Hopper GEMM winner
-/// runs in the tile width its candidate measured (under a forced `sm90a`, the launcher's
-/// modelled width).
+/// What a node with these inputs runs under `choice` and `selection`. `auto` follows the
+/// winner of the node's shape, and the op's own launches (the portable kernels under `auto`)
+/// where the selection has none (a shape the table lacks, the built-in rules). The Hopper
+/// kernels are not yet measured on hardware, so without a winner saying so `auto` never
+/// prefers them; a Hopper GEMM winner runs in the tile width its candidate measured. A forced
+/// choice (`portable`, `sm90a`) keeps its family whatever the table says; under `sm90a` a GEMM
+/// whose winner is our Hopper GEMM takes the winner's width, every other node the launcher's
+/// modelled one.
 pub fn decide(
     choice: KernelChoice,
     selection: &Selection,
     op: &dyn OpImpl,
     inputs: &[&TensorDesc],
 ) -> Decision {
-    if choice != KernelChoice::Auto {
-        return Decision::Own;
+    let gemm = gemm_key(op, inputs).map(|key| (key, selection.gemm(&key)));
+    match choice {
+        KernelChoice::Portable => return Decision::Own,
+        KernelChoice::Sm90a => {
+            return match gemm {
+                Some((_, Some(GemmChoice::OursSm90a(Some(width))))) => Decision::OwnInWidth(width),
+                _ => Decision::Own,
+            }
+        }
+        KernelChoice::Auto => {}
     }
-    if let Some(key) = gemm_key(op, inputs) {
-        return match selection.gemm(&key) {
+    if let Some((key, winner)) = gemm {
+        return match winner {
             Some(GemmChoice::CublasLt(c)) => match inconsistency(&key, &c) {
                 None => Decision::CublasLt(key, c),
                 Some(why) => {
@@ -283,7 +296,10 @@ impl Dispatch {
         match self.decide(choice, node.op.as_ref(), inputs) {
             Decision::CublasLt(key, c) => scratch_layout(&key, &c).bytes,
             Decision::Sm90a(Some(g)) => sm90a_layout(&g.key).bytes,
-            Decision::Sm90a(None) | Decision::Own | Decision::Unfit(_) => 0,
+            Decision::Sm90a(None)
+            | Decision::Own
+            | Decision::OwnInWidth(_)
+            | Decision::Unfit(_) => 0,
         }
     }
 
@@ -303,6 +319,7 @@ impl Dispatch {
         match self.decide(io.target.kernel_choice()?, op, &descs) {
             Decision::CublasLt(key, c) => self.vendor_entries(dev, node, io, scratch, key, c),
             Decision::Sm90a(gemm) => sm90a_entries(op, gemm.as_ref(), io, scratch),
+            Decision::OwnInWidth(width) => own_entries_in_width(op, width, io).map(Some),
             Decision::Own | Decision::Unfit(_) => Ok(None),
         }
     }
@@ -425,6 +442,22 @@ pub fn sm90a_entries(
         target,
     };
     Ok(Some(pair::kernels(op.launches(&forced)?)))
+}
+
+/// A node's own launches with the Hopper GEMM in tile width `width` (a forced `sm90a`'s
+/// [`Decision::OwnInWidth`]).
+pub fn own_entries_in_width(
+    op: &dyn OpImpl,
+    width: TileWidth,
+    io: &LaunchIo,
+) -> Result<Vec<Entry>> {
+    let io = LaunchIo {
+        inputs: io.inputs.clone(),
+        outputs: io.outputs.clone(),
+        workspace: io.workspace,
+        target: io.target.with_gemm_tile_n(width.columns()),
+    };
+    Ok(pair::kernels(op.launches(&io)?))
 }
 
 /// A GEMM node's entries with a vendor GEMM: our operand scaling (into the scratch) where the
