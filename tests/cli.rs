@@ -133,8 +133,8 @@ fn every_command_exits_as_the_readme_table_says() {
 
 /// `info --size` names the kernel each GEMM and attention op of a generation runs under
 /// `UPX_KERNELS` on the chosen backend: on the emulator, forced sm_90a puts every op of the
-/// released model on the sm_90a kernels (each shape qualifies), the default on the portable
-/// ones; the executions per image are the same either way.
+/// released model on the sm_90a kernels (each shape qualifies; the GEMMs by tile width), the
+/// default on the portable ones; the executions per image are the same either way.
 #[test]
 fn info_names_the_kernel_of_every_gemm_and_attention_op() {
     let run = |kernels: &str| -> String {
@@ -146,15 +146,34 @@ fn info_names_the_kernel_of_every_gemm_and_attention_op() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    // Per op family: (sm_90a, portable) executions per image.
-    let counts = |text: &str, op: &str| -> (usize, usize) {
-        let line = text
-            .lines()
+    let line = |text: &str, op: &str| -> String {
+        text.lines()
             .find(|l| l.trim_start().starts_with(&format!("{op}: ")))
-            .unwrap_or_else(|| panic!("no {op} line:\n{text}"));
-        // "gemm: 120 sm90a, 8 portable …"
+            .unwrap_or_else(|| panic!("no {op} line:\n{text}"))
+            .to_string()
+    };
+    // Per op family: (sm_90a, portable) executions per image, from
+    // "gemm: 120 sm90a (n128: 40, n256: 80), 8 portable …".
+    let counts = |text: &str, op: &str| -> (usize, usize) {
+        let line = line(text, op);
         let w: Vec<&str> = line.split_whitespace().collect();
-        (w[1].parse().unwrap(), w[3].parse().unwrap())
+        let portable = w.iter().position(|&x| x == "portable").unwrap();
+        (w[1].parse().unwrap(), w[portable - 1].parse().unwrap())
+    };
+    // The sm_90a executions by kernel variant (the GEMM's tile width): (variant, count).
+    let variants = |text: &str, op: &str| -> Vec<(String, usize)> {
+        let line = line(text, op);
+        let Some((_, rest)) = line.split_once(" sm90a (") else {
+            return Vec::new();
+        };
+        let inside = rest.split_once(')').unwrap().0;
+        inside
+            .split(", ")
+            .map(|v| {
+                let (name, n) = v.split_once(": ").unwrap();
+                (name.to_string(), n.parse().unwrap())
+            })
+            .collect()
     };
     let (forced, portable) = (run("sm90a"), run("portable"));
     for (text, kernels) in [(&forced, "sm90a"), (&portable, "portable")] {
@@ -169,6 +188,18 @@ fn info_names_the_kernel_of_every_gemm_and_attention_op() {
         let (hopper, rest) = counts(&forced, op);
         assert!(hopper > 0 && rest == 0, "{forced}");
         assert_eq!(counts(&portable, op), (0, hopper), "{portable}");
+        let by_variant = variants(&forced, op);
+        assert_eq!(by_variant.iter().map(|v| v.1).sum::<usize>(), hopper);
+        assert!(variants(&portable, op).is_empty(), "{portable}");
+        if op == "gemm" {
+            // The GEMMs' tile widths, named as the kernels are.
+            assert!(
+                by_variant
+                    .iter()
+                    .all(|(w, _)| ["n64", "n128", "n256"].contains(&w.as_str())),
+                "{forced}"
+            );
+        }
     }
     // The memory a server needs to keep its sessions: at least the resident peak.
     let mib_before = |text: &str, marker: &str| -> u64 {

@@ -297,6 +297,7 @@ fn verify_reruns_the_qualifying_checks_with_the_sm90a_kernels() {
         compute_capability: Some((8, 0)),
         sms: 108,
         choice: None,
+        gemm_tile_n: None,
     };
     // Unless UPX_KERNELS already picks them on the emulator (then the checks' own runs do).
     let env_picks_them = sim.sm90a_allowed().unwrap();

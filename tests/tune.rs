@@ -2,6 +2,7 @@
 //! node gets) with synthetic tables, and the tuner itself on the host emulator.
 
 use std::path::Path;
+use ultrapixel::ops::gemm_sm90a::TileWidth;
 use ultrapixel::runtime::cuda::cublaslt::AlgoRecord;
 use ultrapixel::runtime::graph::{OpImpl, Role, TensorDesc};
 use ultrapixel::tensor::DType;
@@ -9,7 +10,8 @@ use ultrapixel::tune::table::{
     kernels_hash, AttentionEntry, Candidate, GemmChoice, GemmEntry, LtChoice, OurConfig, Table,
     TableKey, Use, EMBEDDED, FORMAT,
 };
-use ultrapixel::tune::{Epilogue, GemmKey, Selection};
+use ultrapixel::tune::table::{sm90a_candidate, OURS_SM90A};
+use ultrapixel::tune::{AttentionDims, Epilogue, GemmKey, Selection};
 
 fn key() -> TableKey {
     TableKey {
@@ -143,13 +145,15 @@ fn table(key: TableKey) -> Table {
             ),
         ],
         attention: vec![AttentionEntry {
-            batch: 2,
-            queries: 9216,
-            extra: 85,
-            heads: 32,
-            head_dim: 64,
-            causal: false,
-            key_mask: false,
+            dims: AttentionDims {
+                batch: 2,
+                queries: 9216,
+                extra: 85,
+                heads: 32,
+                head_dim: 64,
+                causal: false,
+                key_mask: false,
+            },
             // As tables written before the output dtype was recorded: matches either.
             out_dtype: None,
             uses: vec![],
@@ -247,27 +251,23 @@ fn gemm_node(k: &GemmKey) -> (std::sync::Arc<dyn OpImpl>, Vec<TensorDesc>) {
     (op, inputs)
 }
 
-fn sm90a(name: &str, seconds: f64) -> Candidate {
-    let mut c = candidate(name, "ours-sm90a", seconds);
-    c.config = Some(OurConfig {
-        name: "128x128x64s4".into(),
-        tile: [128, 128, 64],
-        stages: 4,
-        mma: "wgmma".into(),
-    });
+/// Our Hopper GEMM's candidate in tile width `width`, as the tuner records it.
+fn sm90a(width: TileWidth, seconds: f64) -> Candidate {
+    let mut c = candidate(&sm90a_candidate(width), OURS_SM90A, seconds);
+    c.config = Some(OurConfig::sm90a(width));
     c
 }
 
 /// The dispatch decision per node under each `UPX_KERNELS` value, on a synthetic table where
 /// cuBLASLt wins one GEMM, our Hopper GEMM two (one that scales A) and ours one, and our
-/// Hopper attention wins the attention: `auto` follows each winner, the forced choices ignore
-/// the table, and shapes the table lacks, a stale table and no table give the op's own
-/// launches.
+/// Hopper attention wins the attention: `auto` follows each winner, the forced choices keep
+/// their family (forced `sm90a` takes a Hopper GEMM winner's tile width), and shapes the table
+/// lacks, a stale table and no table give the op's own launches.
 #[test]
-fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
+fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_family() {
     use ultrapixel::ops::attention::Attention;
     use ultrapixel::runtime::kernel_choice::KernelChoice;
-    use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision};
+    use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision, Sm90aGemm};
     let scaled = GemmKey {
         m: 2 * 300,
         n: 640,
@@ -281,15 +281,20 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
         ..PLAIN
     };
     let mut t = table(key());
+    let widths = |win: TileWidth| {
+        let mut cs = vec![ours()];
+        cs.extend(TileWidth::ALL.map(|w| sm90a(w, if w == win { 1e-3 } else { 1.5e-3 })));
+        cs
+    };
     t.gemm.push(entry(
         scaled,
-        vec![ours(), sm90a("ours-sm90a/128x128x64s4", 1e-3)],
-        "ours-sm90a/128x128x64s4",
+        widths(TileWidth::N64),
+        &sm90a_candidate(TileWidth::N64),
     ));
     t.gemm.push(entry(
         hopper_plain,
-        vec![ours(), sm90a("ours-sm90a/128x128x64s4", 1e-3)],
-        "ours-sm90a/128x128x64s4",
+        widths(TileWidth::N256),
+        &sm90a_candidate(TileWidth::N256),
     ));
     t.attention[0]
         .candidates
@@ -367,8 +372,14 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
         auto[1..],
         [
             Decision::Own,
-            Decision::Sm90a(Some(scaled)),
-            Decision::Sm90a(Some(hopper_plain)),
+            Decision::Sm90a(Some(Sm90aGemm {
+                key: scaled,
+                width: TileWidth::N64
+            })),
+            Decision::Sm90a(Some(Sm90aGemm {
+                key: hopper_plain,
+                width: TileWidth::N256
+            })),
             Decision::Own,
             Decision::Sm90a(None),
             Decision::Sm90a(None),
@@ -379,14 +390,22 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
     assert_eq!((l.scaled_a, l.product), (Some(0), None));
     assert_eq!(l.bytes, 600 * 1280 * 2);
     assert_eq!(sm90a_layout(&hopper_plain).bytes, 0);
-    for choice in [KernelChoice::Portable, KernelChoice::Sm90a] {
-        assert!(
-            decisions(choice, &fresh)
-                .iter()
-                .all(|d| *d == Decision::Own),
-            "{choice:?}"
-        );
-    }
+    assert!(decisions(KernelChoice::Portable, &fresh)
+        .iter()
+        .all(|d| *d == Decision::Own));
+    // Forced sm90a: the op's own launches, the Hopper GEMM winners in their widths.
+    let forced = decisions(KernelChoice::Sm90a, &fresh);
+    assert_eq!(
+        forced[..5],
+        [
+            Decision::Own,
+            Decision::Own,
+            Decision::OwnInWidth(TileWidth::N64),
+            Decision::OwnInWidth(TileWidth::N256),
+            Decision::Own,
+        ]
+    );
+    assert!(forced[5..].iter().all(|d| *d == Decision::Own));
     for selection in [&stale, &none] {
         for choice in [
             KernelChoice::Auto,
@@ -417,6 +436,145 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
         Decision::Unfit(why) => assert!(why.contains("operand scaling"), "{why}"),
         other => panic!("{other:?}"),
     }
+    // So is a Hopper winner whose name records no tile width of this build (a stale or
+    // hand-edited entry): the op's own launches, not a panic.
+    for name in [
+        "ours-sm90a/128x96x64s4",
+        "ours-sm90a/128x128x64s3",
+        "ours-sm90a",
+    ] {
+        let mut bad = t.clone();
+        let e = &mut bad.gemm[3];
+        e.candidates[3].name = name.into();
+        e.winner = name.into();
+        write(dir.path(), "nvidia-h200.json", &bad.to_json());
+        let bad = Selection::load_from(Some(dir.path()), &[], &key());
+        assert_eq!(bad.gemm(&hopper_plain), Some(GemmChoice::OursSm90a(None)));
+        let (op, inputs) = &nodes[3];
+        match decide(
+            KernelChoice::Auto,
+            &bad,
+            op.as_ref(),
+            &inputs.iter().collect::<Vec<_>>(),
+        ) {
+            Decision::Unfit(why) => assert!(why.contains("no tile width"), "{name}: {why}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+/// A GEMM node whose table winner is our Hopper GEMM in each tile width launches that
+/// width's kernel, as the dispatch builds it under `auto` and under a forced `sm90a` (a GEMM
+/// that scales A: after its scaling pass); without an entry, the forced Hopper kernel takes
+/// the launcher's modelled width.
+#[test]
+fn a_hopper_winner_runs_in_its_measured_tile_width() {
+    use ultrapixel::runtime::device::dry_launches_for;
+    use ultrapixel::runtime::graph::{DevTensor, Graph, LaunchIo};
+    use ultrapixel::runtime::kernel_choice::{KernelChoice, KernelTarget};
+    use ultrapixel::runtime::launch::Entry;
+    use ultrapixel::tune::dispatch::{
+        decide, own_entries_in_width, sm90a_entries, sm90a_layout, Decision,
+    };
+    // N = 200: 4, 2 or 1 column tiles, no width dominated; odd M.
+    let keys = [
+        ("bias+gelu", 1, DType::BF16),
+        ("bias+residual+scaled_a", 3, DType::F32),
+    ]
+    .map(|(e, samples, out)| GemmKey {
+        m: samples * 101,
+        n: 200,
+        k: 72,
+        samples,
+        epilogue: Epilogue::parse(e).unwrap(),
+        out,
+    });
+    let hostsim = KernelTarget::hostsim();
+    for k in keys {
+        let (op, inputs) = gemm_node(&k);
+        let descs: Vec<&TensorDesc> = inputs.iter().collect();
+        let out_desc = TensorDesc {
+            name: "y".into(),
+            shape: op.infer(&descs).unwrap()[0].0.clone(),
+            dtype: k.out,
+            role: Role::Activation,
+        };
+        let kernel = |w: TileWidth| format!("gemm_sm90a_n{}_bf16_{}", w.columns(), k.out.suffix());
+        for win in TileWidth::ALL {
+            let mut t = table(key());
+            let mut cs = vec![ours()];
+            cs.extend(TileWidth::ALL.map(|w| sm90a(w, if w == win { 1e-4 } else { 2e-4 })));
+            t.gemm.push(entry(k, cs, &sm90a_candidate(win)));
+            let s = Selection::Table {
+                table: Box::new(t),
+                source: "test".into(),
+            };
+            let Decision::Sm90a(Some(g)) = decide(KernelChoice::Auto, &s, op.as_ref(), &descs)
+            else {
+                panic!("{}: not the Hopper GEMM", k.describe());
+            };
+            assert_eq!((g.key, g.width), (k, win));
+            let io = |choice| LaunchIo {
+                inputs: inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, desc)| DevTensor {
+                        ptr: 0x1000_0000 * (i as u64 + 1),
+                        desc,
+                    })
+                    .collect(),
+                outputs: vec![DevTensor {
+                    ptr: 0x9000_0000,
+                    desc: &out_desc,
+                }],
+                workspace: 0xa000_0000,
+                target: hostsim.with_choice(choice),
+            };
+            let scratch = if sm90a_layout(&k).bytes > 0 {
+                0xb000_0000
+            } else {
+                0
+            };
+            let auto = sm90a_entries(op.as_ref(), Some(&g), &io(KernelChoice::Auto), scratch)
+                .unwrap()
+                .unwrap();
+            // Forced sm90a: the op's own launches (its workspace), in the winner's width.
+            assert_eq!(
+                decide(KernelChoice::Sm90a, &s, op.as_ref(), &descs),
+                Decision::OwnInWidth(win)
+            );
+            let forced = own_entries_in_width(op.as_ref(), win, &io(KernelChoice::Sm90a)).unwrap();
+            for entries in [auto, forced] {
+                let names: Vec<&str> = entries
+                    .iter()
+                    .filter_map(|e| match e {
+                        Entry::Kernel(l) => Some(l.kernel.name()),
+                        _ => None,
+                    })
+                    .collect();
+                // The scaling pass first where the op scales A, then the GEMM.
+                let gemm = kernel(win);
+                assert_eq!(names.last(), Some(&gemm.as_str()), "{}", k.describe());
+                assert_eq!(names.len(), 1 + k.epilogue.scaled_a as usize, "{names:?}");
+            }
+        }
+        // No table entry: the forced Hopper kernel in the modelled width.
+        let mut g = Graph::new();
+        let ids: Vec<_> = inputs
+            .iter()
+            .map(|d| g.input(&d.name, &d.shape, d.dtype).unwrap())
+            .collect();
+        let y = g.op_shared(op.clone(), &ids).unwrap()[0];
+        g.output(y, "y").unwrap();
+        let modelled = TileWidth::for_shape(k.m, k.n, hostsim.sms);
+        let names: Vec<String> = dry_launches_for(&g, hostsim.with_choice(KernelChoice::Sm90a))
+            .unwrap()
+            .iter()
+            .map(|l| l.kernel.name().to_string())
+            .filter(|n| n.starts_with(ultrapixel::ops::gemm_sm90a::KERNEL_PREFIX))
+            .collect();
+        assert_eq!(names, [kernel(modelled)], "{}", k.describe());
+    }
 }
 
 /// A table of the format this build writes, with an sm_90a winner and an attention output
@@ -426,12 +584,10 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_ignore_it() {
 fn new_candidate_kinds_and_old_entries_load() {
     use ultrapixel::tune::{AttentionChoice, AttentionKey};
     let mut t = table(key());
-    t.gemm[1]
-        .candidates
-        .push(sm90a("ours-sm90a/128x128x64s4", 1e-3));
-    t.gemm[1].winner = "ours-sm90a/128x128x64s4".into();
+    t.gemm[1].candidates.push(sm90a(TileWidth::N128, 1e-3));
+    t.gemm[1].winner = sm90a_candidate(TileWidth::N128);
     let mut with_dtype = t.attention[0].clone();
-    with_dtype.queries = 4096;
+    with_dtype.dims.queries = 4096;
     with_dtype.out_dtype = Some("f32".into());
     with_dtype.candidates = vec![candidate("ours/sm90a", "ours-sm90a", 1e-4)];
     with_dtype.winner = "ours/sm90a".into();
@@ -440,15 +596,15 @@ fn new_candidate_kinds_and_old_entries_load() {
     assert!(!text.contains("\"out_dtype\": null"), "absent, not null");
     let back = Table::parse(&text).unwrap();
     assert_eq!(back, t);
-    assert!(matches!(back.gemm[1].choice(), Some(GemmChoice::OursSm90a(c)) if c.mma == "wgmma"));
+    assert_eq!(
+        back.gemm[1].choice(),
+        Some(GemmChoice::OursSm90a(Some(TileWidth::N128)))
+    );
     let k = |queries, out| AttentionKey {
-        batch: 2,
-        queries,
-        extra: 85,
-        heads: 32,
-        head_dim: 64,
-        causal: false,
-        key_mask: false,
+        dims: AttentionDims {
+            queries,
+            ..t.attention[0].dims
+        },
         out,
     };
     let s = Selection::Table {
@@ -604,6 +760,51 @@ fn every_committed_table_is_embedded_and_well_formed() {
     }
 }
 
+/// The committed table reads back as it was written (the attention entries' shape inline,
+/// in its order: the JSON round trip gives the same lines, floats to within their last
+/// digit, which serde_json's parser may round) and picks what it always picked:
+/// cuBLASLt's recorded call on every GEMM, our portable attention on every attention shape of
+/// either output dtype (its entries predate the recorded dtype).
+#[test]
+fn the_committed_table_reads_back_unchanged_with_its_decisions() {
+    use ultrapixel::tune::{AttentionChoice, AttentionKey};
+    let (name, text) = EMBEDDED[0];
+    assert_eq!(name, "nvidia-h200.json");
+    let t = Table::parse(text).unwrap();
+    let json = t.to_json();
+    assert_eq!(json.lines().count(), text.lines().count());
+    for (i, (a, b)) in json.lines().zip(text.lines()).enumerate() {
+        let float = |l: &str| -> Option<(String, f64)> {
+            let (field, v) = l.split_once(": ")?;
+            Some((field.into(), v.trim_end_matches(',').parse().ok()?))
+        };
+        let same = a == b
+            || matches!((float(a), float(b)), (Some((fa, x)), Some((fb, y)))
+                if fa == fb && (x - y).abs() <= 1e-15 * y.abs());
+        assert!(same, "{name} line {}: {a} vs {b}", i + 1);
+    }
+    let s = Selection::Table {
+        table: Box::new(t.clone()),
+        source: name.into(),
+    };
+    assert_eq!((t.gemm.len(), t.attention.len()), (137, 9));
+    for e in &t.gemm {
+        let winner = e.candidates.iter().find(|c| c.name == e.winner).unwrap();
+        let want = GemmChoice::CublasLt(winner.cublaslt.clone().unwrap());
+        assert_eq!(s.gemm(&e.key().unwrap()), Some(want), "{}", e.winner);
+    }
+    for e in &t.attention {
+        assert_eq!(
+            (e.out_dtype.as_deref(), e.winner.as_str()),
+            (None, "ours/flash")
+        );
+        for out in [DType::BF16, DType::F32] {
+            let k = AttentionKey { dims: e.dims, out };
+            assert_eq!(s.attention(&k), Some(AttentionChoice::Ours), "{k:?}");
+        }
+    }
+}
+
 fn ultrapixel(args: &[&str]) -> (std::process::Output, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
         .args(args)
@@ -634,6 +835,28 @@ fn tune_lists_its_shapes_and_refuses_the_reference_backend() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --backend cuda"));
 }
 
+/// The tuner on the emulator, one timed iteration per candidate: its table, its log and the
+/// emulator's table key.
+#[cfg(feature = "hostsim")]
+fn tune_on_emulator(
+    sizes: &[String],
+    gemms: &[ultrapixel::tune::problems::GemmProblem],
+    attention: &[ultrapixel::tune::problems::AttentionProblem],
+) -> (Table, String, TableKey) {
+    use std::sync::Arc;
+    use ultrapixel::runtime::hostsim::HostsimDevice;
+    use ultrapixel::tune::engine::{Engine, HostsimEngine};
+    use ultrapixel::tune::tuner::{tune_problems, Options};
+    let engine = HostsimEngine::new(Arc::new(HostsimDevice::new()));
+    let opts = Options {
+        iters: Some(1),
+        ..Options::default()
+    };
+    let mut log = Vec::new();
+    let t = tune_problems(&engine, sizes, gemms, attention, &opts, &mut log).unwrap();
+    (t, String::from_utf8(log).unwrap(), engine.key())
+}
+
 /// The tuner on the emulator, on one GEMM of each epilogue kind of the tiny model (the
 /// smallest) and its smallest attention: our kernel and the stand-in pair (our plain GEMM,
 /// then the epilogue pass) are checked and timed, the stand-in agrees with ours within the
@@ -641,12 +864,8 @@ fn tune_lists_its_shapes_and_refuses_the_reference_backend() {
 #[cfg(feature = "hostsim")]
 #[test]
 fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
-    use std::sync::Arc;
     use ultrapixel::pipeline::Size;
-    use ultrapixel::runtime::hostsim::HostsimDevice;
-    use ultrapixel::tune::engine::{Engine, HostsimEngine};
     use ultrapixel::tune::problems::problems;
-    use ultrapixel::tune::tuner::{tune_problems, Options};
 
     let size = Size {
         width: 512,
@@ -673,22 +892,7 @@ fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
         .min_by(|a, b| a.shape.flops().total_cmp(&b.shape.flops()))
         .unwrap()
         .clone();
-    let engine = HostsimEngine::new(Arc::new(HostsimDevice::new()));
-    let opts = Options {
-        iters: Some(1),
-        ..Options::default()
-    };
-    let mut log = Vec::new();
-    let t = tune_problems(
-        &engine,
-        &[size.to_string()],
-        &picked,
-        &[smallest],
-        &opts,
-        &mut log,
-    )
-    .unwrap();
-    let log = String::from_utf8(log).unwrap();
+    let (t, log, emulator) = tune_on_emulator(&[size.to_string()], &picked, &[smallest]);
     assert_eq!(log.lines().count(), 1 + picked.len() + 1, "{log}");
     assert_eq!(t.gemm.len(), picked.len());
     for e in &t.gemm {
@@ -745,7 +949,7 @@ fn the_tuner_checks_and_times_every_candidate_on_the_emulator() {
     }
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), &t.key.file_name(), &t.to_json());
-    let s = Selection::load_from(Some(dir.path()), &[], &engine.key());
+    let s = Selection::load_from(Some(dir.path()), &[], &emulator);
     assert!(s.table().is_some(), "{}", s.describe());
 }
 
@@ -906,24 +1110,23 @@ mod substitution {
 #[cfg(feature = "hostsim")]
 #[test]
 fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
-    use std::sync::Arc;
     use ultrapixel::bench::shapes::AttentionShape;
     use ultrapixel::ops::attention::Attention;
     use ultrapixel::runtime::graph::Graph;
-    use ultrapixel::runtime::hostsim::HostsimDevice;
-    use ultrapixel::tune::engine::HostsimEngine;
     use ultrapixel::tune::problems::{AttentionProblem, GemmProblem};
-    use ultrapixel::tune::tuner::{tune_problems, Options};
 
-    // Odd rows and columns (tails in M and N), K a multiple of 8 but not of the 64-deep tile.
+    // Odd rows and columns (tails in M and N), K a multiple of 8 but not of the 64-deep tile;
+    // N = 136 takes 3, 2 or 1 column tiles (every width timed), N = 40 one tile of each (only
+    // the 64-wide one timed: the wider ones only pad more).
     let keys = [
-        ("none", 1, DType::BF16),
-        ("bias+gelu+grn_stats", 2, DType::BF16),
-        ("bias+residual+scaled_a", 2, DType::F32),
+        ("none", 1, 136, DType::BF16),
+        ("bias+gelu+grn_stats", 2, 136, DType::BF16),
+        ("bias+residual+scaled_a", 2, 136, DType::F32),
+        ("bias", 1, 40, DType::BF16),
     ]
-    .map(|(e, samples, out)| GemmKey {
+    .map(|(e, samples, n, out)| GemmKey {
         m: samples * 70 + 3 * (samples == 1) as usize,
-        n: 136,
+        n,
         k: 72,
         samples,
         epilogue: Epilogue::parse(e).unwrap(),
@@ -991,22 +1194,7 @@ fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
         }
     };
     let attentions = [attention(2, 130, 5, 2, 64), attention(1, 40, 0, 2, 16)];
-    let engine = HostsimEngine::new(Arc::new(HostsimDevice::new()));
-    let opts = Options {
-        iters: Some(1),
-        ..Options::default()
-    };
-    let mut log = Vec::new();
-    let t = tune_problems(
-        &engine,
-        &["test".into()],
-        &gemms,
-        &attentions,
-        &opts,
-        &mut log,
-    )
-    .unwrap();
-    let log = String::from_utf8(log).unwrap();
+    let (t, log, _) = tune_on_emulator(&["test".into()], &gemms, &attentions);
     let fastest = |cs: &[Candidate]| {
         cs.iter()
             .filter(|c| c.ok())
@@ -1014,18 +1202,32 @@ fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
             .fold(f64::INFINITY, f64::min)
     };
     for e in &t.gemm {
-        let kinds: Vec<&str> = e.candidates.iter().map(|c| c.kind.as_str()).collect();
-        assert_eq!(kinds[..2], ["ours", "ours-sm90a"], "{}", e.epilogue);
-        let h = &e.candidates[1];
-        assert!(h.ok(), "{}: {h:?}\n{log}", e.epilogue);
-        assert!(h.max_err.unwrap() <= h.limit.unwrap(), "{h:?}");
-        assert_eq!(h.config.as_ref().unwrap().mma, "wgmma");
-        assert!(matches!(
-            e.choice(),
-            Some(GemmChoice::Ours(_) | GemmChoice::OursSm90a(_)) | None
-        ));
+        let widths: &[TileWidth] = match e.n {
+            136 => &TileWidth::ALL,
+            _ => &[TileWidth::N64],
+        };
+        let names: Vec<&str> = e.candidates.iter().map(|c| c.name.as_str()).collect();
+        let mut want = vec!["ours/128x128x32s3".to_string()];
+        want.extend(widths.iter().map(|&w| sm90a_candidate(w)));
+        assert_eq!(names[..want.len()], want, "{}", e.epilogue);
+        for (h, &w) in e.candidates[1..].iter().zip(widths) {
+            assert_eq!(h.kind, OURS_SM90A);
+            assert!(h.ok(), "{}: {h:?}\n{log}", e.epilogue);
+            assert!(h.max_err.unwrap() <= h.limit.unwrap(), "{h:?}");
+            assert_eq!(h.config, Some(OurConfig::sm90a(w)));
+        }
         let w = e.candidates.iter().find(|c| c.name == e.winner).unwrap();
         assert_eq!(w.seconds, Some(fastest(&e.candidates)));
+        // A Hopper winner is read back in its width.
+        match e.choice() {
+            Some(GemmChoice::OursSm90a(width)) => {
+                assert_eq!(width.map(sm90a_candidate), Some(e.winner.clone()))
+            }
+            other => assert!(
+                matches!(other, Some(GemmChoice::Ours(_)) | None),
+                "{other:?}"
+            ),
+        }
     }
     let names = |i: usize| -> Vec<&str> {
         t.attention[i]

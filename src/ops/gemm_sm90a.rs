@@ -5,7 +5,8 @@
 //! portable kernel's. The kernel comes in three tile widths ([`TileWidth`]: 128×64, 128×128,
 //! 128×256 output tiles) that compute the same bits; [`launch`] picks one per shape
 //! ([`TileWidth::for_shape`]: wave quantisation over the SMs, padded columns, operand
-//! traffic), [`launch_width`] takes one. The persistent blocks walk the tiles in groups of 8
+//! traffic) unless the target names the width a tuning table measured fastest;
+//! [`launch_width`] takes one. The persistent blocks walk the tiles in groups of 8
 //! row tiles so the tiles in flight share A and W panels in L2 (the kernel's header comment).
 
 use super::gemm::GemmParams;
@@ -52,6 +53,20 @@ impl TileWidth {
         }
     }
 
+    /// The width of `columns` BN columns (None: no kernel has that width).
+    pub fn from_columns(columns: usize) -> Option<TileWidth> {
+        TileWidth::ALL.into_iter().find(|w| w.columns() == columns)
+    }
+
+    /// Whether a narrower width covers N in as many column tiles: then this one only computes
+    /// more padded columns with the same tiles in flight, and can never be faster (the tuner
+    /// does not time it).
+    pub fn pads_only(self, n: usize) -> bool {
+        TileWidth::ALL.into_iter().any(|w| {
+            w.columns() < self.columns() && n.div_ceil(w.columns()) == n.div_ceil(self.columns())
+        })
+    }
+
     /// Dynamic shared memory: 1024 alignment slack + STAGES · (A 128×64 + W BN×64 bf16
     /// tiles) + the GRN scratch (2 consumers · 4 warps · 2 parts · BN f32) + 2 · STAGES
     /// mbarriers (kernels/gemm_sm90a.cu, gemm_sm90a::Plan).
@@ -69,7 +84,7 @@ impl TileWidth {
     /// The assumed time per output column relative to the 128-wide tile, in 112ths: 8/7
     /// for 64 (its operand traffic per flop is 3/2 of the 128-wide tile's, and its m64n64
     /// wgmma reads shared memory at the SM's full 128 bytes per clock), 15/16 for 256 (3/4 of
-    /// the traffic). Guesses from the traffic until the bench measures each width.
+    /// the traffic). Guesses from the traffic, used where no tuning table measured the shape.
     fn column_weight(self) -> u64 {
         match self {
             TileWidth::N64 => 128,
@@ -168,10 +183,16 @@ fn target_sms(target: &KernelTarget) -> u32 {
 }
 
 /// The launch of the Hopper GEMM for parameters that [`qualify`](qualifies), on `target` (its
-/// backend encodes the tensor maps; its SM count sizes the grid), in the width
-/// [`TileWidth::for_shape`] picks.
+/// backend encodes the tensor maps; its SM count sizes the grid), in the target's width where
+/// it names one (a tuning table's measured winner, `KernelTarget::gemm_tile_n`), else in the
+/// width [`TileWidth::for_shape`] models best.
 pub fn launch(target: &KernelTarget, p: &GemmParams, out: DType) -> Result<Launch> {
-    let width = TileWidth::for_shape(p.m.max(0) as usize, p.n.max(0) as usize, target_sms(target));
+    let width = match target.gemm_tile_n {
+        Some(columns) => TileWidth::from_columns(columns).ok_or_else(|| {
+            Error::InvalidArgument(format!("gemm_sm90a: no kernel of tile width {columns}"))
+        })?,
+        None => TileWidth::for_shape(p.m.max(0) as usize, p.n.max(0) as usize, target_sms(target)),
+    };
     launch_width(target, p, out, width)
 }
 
@@ -265,6 +286,48 @@ mod tests {
         assert_eq!(grid(129, 257, TileWidth::N64, 132), 10);
         assert_eq!(grid(129, 257, TileWidth::N256, 132), 4);
         assert_eq!(grid(4096, 4096, TileWidth::N256, 132), 132);
+    }
+
+    #[test]
+    fn a_width_is_read_back_from_its_columns_and_the_target_can_name_it() {
+        for w in TileWidth::ALL {
+            assert_eq!(TileWidth::from_columns(w.columns()), Some(w));
+        }
+        assert_eq!(TileWidth::from_columns(96), None);
+        let p = params(300, 200, 72);
+        let modelled = TileWidth::for_shape(300, 200, 132);
+        let width = |t: &KernelTarget| launch(t, &p, DType::BF16).map(|l| width_of(&l));
+        assert_eq!(width(&KernelTarget::hostsim()).unwrap(), Some(modelled));
+        for w in TileWidth::ALL {
+            let t = KernelTarget::hostsim().with_gemm_tile_n(w.columns());
+            assert_eq!(width(&t).unwrap(), Some(w));
+        }
+        let bad = KernelTarget::hostsim().with_gemm_tile_n(96);
+        assert!(width(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("tile width 96"));
+    }
+
+    #[test]
+    fn only_widths_that_pad_more_in_as_many_tiles_are_dominated() {
+        let dominated = |n| TileWidth::ALL.map(|w| w.pads_only(n));
+        // One 64-wide tile covers N: the wider ones only pad more.
+        assert_eq!(dominated(1), [false, true, true]);
+        assert_eq!(dominated(16), [false, true, true]);
+        assert_eq!(dominated(64), [false, true, true]);
+        // 65..128: two 64-wide tiles or one 128; 256 pads more than 128 in one tile.
+        assert_eq!(dominated(100), [false, false, true]);
+        assert_eq!(dominated(128), [false, false, true]);
+        // Every width a trade-off of tiles against padding.
+        for n in [129, 192, 257, 320, 2048, 3456] {
+            assert_eq!(dominated(n), [false; 3], "N {n}");
+        }
+        // The model never picks a width that only pads more.
+        for n in [1, 16, 64, 100, 128, 129, 192, 257, 320, 2048] {
+            let w = TileWidth::for_shape(1000, n, 132);
+            assert!(!w.pads_only(n), "N {n}: {w:?}");
+        }
     }
 
     #[test]

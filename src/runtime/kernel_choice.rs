@@ -12,7 +12,8 @@
 //! - `portable`: the portable kernels everywhere, whatever the table says;
 //! - `sm90a`: the Hopper kernels wherever a shape qualifies, on hostsim too (on a GPU that is
 //!   not compute capability 9.0 the portable ones, which are the only ones it can load),
-//!   whatever the table says.
+//!   whatever the table says; a GEMM whose winner is our Hopper GEMM takes the winner's tile
+//!   width ([`KernelTarget::gemm_tile_n`]), every other the launcher's modelled one.
 //!
 //! A graph can carry its own choice instead ([`Graph::set_kernels`]): `verify` and
 //! `bench --shapes` run the portable and the Hopper kernels side by side in one process.
@@ -95,6 +96,10 @@ pub struct KernelTarget {
     /// it to the graph's resolved choice; listings and tests set it so as not to depend on
     /// the process environment.
     pub choice: Option<KernelChoice>,
+    /// The Hopper GEMM's output tile width (BN columns) to build instead of the one its
+    /// launcher models for the shape (None: the modelled one): the width a tuning table
+    /// measured fastest for the node's GEMM, set by the tuning dispatch and the tuner.
+    pub gemm_tile_n: Option<usize>,
 }
 
 impl KernelTarget {
@@ -105,6 +110,7 @@ impl KernelTarget {
             compute_capability: None,
             sms: 132,
             choice: None,
+            gemm_tile_n: None,
         }
     }
 
@@ -112,6 +118,15 @@ impl KernelTarget {
     pub fn with_choice(self, choice: KernelChoice) -> Self {
         KernelTarget {
             choice: Some(choice),
+            ..self
+        }
+    }
+
+    /// This target with the Hopper GEMM built in tile width `columns` (see
+    /// [`Self::gemm_tile_n`]).
+    pub fn with_gemm_tile_n(self, columns: usize) -> Self {
+        KernelTarget {
+            gemm_tile_n: Some(columns),
             ..self
         }
     }
@@ -212,6 +227,14 @@ fn family_of(kernel: &str) -> Option<(&'static Family, bool)> {
     })
 }
 
+/// The variant of an sm_90a kernel: the first part of its name after the family's prefix
+/// (`gemm_sm90a_n256_bf16_f32` → `n256`, the GEMM's tile width; `attention_sm90a_d64_bf16` →
+/// `d64`).
+fn sm90a_variant(f: &Family, kernel: &str) -> String {
+    let rest = kernel.strip_prefix(f.sm90a).unwrap_or(kernel);
+    rest.split('_').next().unwrap_or(rest).to_string()
+}
+
 /// Which kernel the GEMM and attention ops of some graphs run on one target: per op family,
 /// the executions on the sm_90a kernel and on the portable one, the latter by reason where
 /// the target allowed the sm_90a kernel (`OpImpl::sm90a_fallback`). `info --size` prints it.
@@ -224,6 +247,8 @@ pub struct KernelCensus {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OpKernels {
     pub sm90a: usize,
+    /// The sm_90a executions by kernel variant (the GEMM's tile width: `n64`, `n128`, `n256`).
+    pub sm90a_variants: BTreeMap<String, usize>,
     pub portable: usize,
     /// The portable executions where the target allowed the sm_90a kernel, by reason.
     pub fallbacks: BTreeMap<String, usize>,
@@ -234,16 +259,22 @@ impl KernelCensus {
     /// op family it launches).
     pub fn add(&mut self, graph: &Graph, target: KernelTarget, runs: usize) -> Result<()> {
         for node in super::device::dry_node_launches(graph, target)? {
-            let mut families: Vec<(&Family, bool)> = node
+            let mut families: Vec<(&Family, bool, &str)> = node
                 .launches
                 .iter()
-                .filter_map(|l| family_of(l.kernel.name()))
+                .filter_map(|l| {
+                    let name = l.kernel.name();
+                    family_of(name).map(|(f, sm90a)| (f, sm90a, name))
+                })
                 .collect();
-            families.dedup_by_key(|(f, _)| f.op);
-            for (f, sm90a) in families {
+            families.dedup_by_key(|(f, ..)| f.op);
+            for (f, sm90a, kernel) in families {
                 let e = self.ops.entry(f.op).or_default();
                 if sm90a {
                     e.sm90a += runs;
+                    *e.sm90a_variants
+                        .entry(sm90a_variant(f, kernel))
+                        .or_default() += runs;
                 } else {
                     e.portable += runs;
                     if let Some(why) = &node.sm90a_fallback {
@@ -255,21 +286,26 @@ impl KernelCensus {
         Ok(())
     }
 
-    /// One line per op family: `gemm: 120 sm90a, 8 portable (reason: 8)`.
+    /// One line per op family: `gemm: 120 sm90a (n128: 40, n256: 80), 8 portable (reason:
+    /// 8)`.
     pub fn lines(&self) -> Vec<String> {
+        let listed = |parts: Vec<String>, sep: &str| match parts.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", parts.join(sep)),
+        };
         self.ops
             .iter()
             .map(|(op, k)| {
-                let why: Vec<String> = k
-                    .fallbacks
-                    .iter()
-                    .map(|(w, n)| format!("{w}: {n}"))
-                    .collect();
-                let why = match why.is_empty() {
-                    true => String::new(),
-                    false => format!(" ({})", why.join("; ")),
-                };
-                format!("{op}: {} sm90a, {} portable{why}", k.sm90a, k.portable)
+                let count = |(w, n): (&String, &usize)| format!("{w}: {n}");
+                // Shorter names first: n64 before n128.
+                let mut variants: Vec<_> = k.sm90a_variants.iter().collect();
+                variants.sort_by_key(|(w, _)| w.len());
+                let variants = listed(variants.into_iter().map(count).collect(), ", ");
+                let why = listed(k.fallbacks.iter().map(count).collect(), "; ");
+                format!(
+                    "{op}: {} sm90a{variants}, {} portable{why}",
+                    k.sm90a, k.portable
+                )
             })
             .collect()
     }
@@ -319,6 +355,7 @@ mod tests {
             compute_capability: Some(cc),
             sms: 132,
             choice: None,
+            gemm_tile_n: None,
         };
         let (h100, a100, blackwell) = (cuda((9, 0)), cuda((8, 0)), cuda((10, 0)));
         let sim = KernelTarget::hostsim();
@@ -390,8 +427,20 @@ mod tests {
         assert!(why.contains("head dim 16"), "{why}");
         assert_eq!((attention.fallbacks.len(), *n), (1, 5));
         let lines = forced.lines();
-        assert_eq!(lines[1], "gemm: 5 sm90a, 0 portable", "{lines:?}");
-        assert!(lines[0].starts_with("attention: 5 sm90a, 5 portable (head dim 16"));
+        // The GEMM's tile width: the modelled one, or the one the target names.
+        let modelled = crate::ops::gemm_sm90a::TileWidth::for_shape(80, 24, 132).columns();
+        assert_eq!(
+            lines[1],
+            format!("gemm: 5 sm90a (n{modelled}: 5), 0 portable"),
+            "{lines:?}"
+        );
+        assert!(lines[0].starts_with("attention: 5 sm90a (d64: 5), 5 portable (head dim 16"));
+        let named = census(
+            KernelTarget::hostsim()
+                .with_choice(KernelChoice::Sm90a)
+                .with_gemm_tile_n(256),
+        );
+        assert_eq!(named.lines()[1], "gemm: 5 sm90a (n256: 5), 0 portable");
         // Portable: every op on the portable kernel, no reasons to give.
         let portable = census(KernelTarget::hostsim().with_choice(KernelChoice::Portable));
         assert_eq!(portable.ops["gemm"].portable, 5);

@@ -112,13 +112,7 @@ pub fn tune_attention(
         iterations,
     );
     Ok(AttentionEntry {
-        batch: s.batch,
-        queries: s.queries,
-        extra: s.extra,
-        heads: s.op.heads,
-        head_dim: s.head_dim,
-        causal: s.op.causal,
-        key_mask: s.op.key_mask,
+        dims: p.key().dims,
         out_dtype: Some(dtype_name(s.op.out).into()),
         uses: p.uses.clone(),
         candidates,

@@ -3,10 +3,12 @@
 //! its recorded algorithm) in the session's launch list, so in the same CUDA graph as our
 //! kernels, followed by our epilogue pass where cuBLASLt cannot fuse the op's epilogue, and
 //! preceded by our operand scaling where the op modulates A; a GEMM or attention node whose
-//! winner is our Hopper kernel gets the op's launches built for `sm90a` (a GEMM that
-//! modulates A gets its scaled A in the node's scratch). Every other node, every node under
-//! the built-in rules (no table, a stale one, `UPX_TUNING=off`), and every node under a forced
-//! `UPX_KERNELS` (`portable`, `sm90a`: the table is not consulted) runs the op's own launches.
+//! winner is our Hopper kernel gets the op's launches built for `sm90a`, a GEMM in the tile
+//! width of its winner (`ours-sm90a/128x<BN>x64s4`; a GEMM that modulates A gets its scaled
+//! A in the node's scratch). Every other node, every node under the built-in rules (no table,
+//! a stale one, `UPX_TUNING=off`), and every node under a forced `UPX_KERNELS` (`portable`,
+//! `sm90a`: the family is not the table's to choose) runs the op's own launches; under a
+//! forced `sm90a` a GEMM whose winner is our Hopper GEMM takes the winner's tile width.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
 //! run is bit-identical to the next.
 //!
@@ -17,6 +19,7 @@
 use super::pair;
 use super::problems::{attention_key, gemm_key, GemmKey};
 use super::table::{parse_dtype, AttentionChoice, GemmChoice, LtChoice, Selection};
+use crate::ops::gemm_sm90a::TileWidth;
 use crate::runtime::cuda::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
 use crate::runtime::cuda::{CudaDevice, Substitution};
 use crate::runtime::graph::{DevTensor, LaunchIo, Node, OpImpl, TensorDesc};
@@ -100,6 +103,14 @@ pub fn sm90a_layout(key: &GemmKey) -> ScratchLayout {
     )
 }
 
+/// A GEMM node on our Hopper kernel: its key (its scratch) and the tile width its winner
+/// measured fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sm90aGemm {
+    pub key: GemmKey,
+    pub width: TileWidth,
+}
+
 /// What a node runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -107,36 +118,56 @@ pub enum Decision {
     Own,
     /// The table's cuBLASLt winner of this GEMM.
     CublasLt(GemmKey, LtChoice),
-    /// Our Hopper kernel: the op's launches built for `sm90a`; the GEMM's key where the node
-    /// is a GEMM (its scratch, [`sm90a_layout`]).
-    Sm90a(Option<GemmKey>),
+    /// Our Hopper kernel: the op's launches built for `sm90a`; where the node is a GEMM, in
+    /// the table's tile width, with its scratch ([`sm90a_layout`]).
+    Sm90a(Option<Sm90aGemm>),
+    /// Under a forced `sm90a`, a GEMM whose winner is our Hopper GEMM: the op's own launches
+    /// (its workspace holds a scaled A), the Hopper GEMM in the winner's tile width.
+    OwnInWidth(TileWidth),
     /// The table's entry does not fit the node (why): the op's own launches.
     Unfit(String),
 }
 
-/// What a node with these inputs runs under `choice` and `selection`. A forced choice
-/// (`portable`, `sm90a`) ignores the table; `auto` follows the winner of the node's shape, and
-/// the op's own launches (the portable kernels under `auto`) where the selection has none
-/// (a shape the table lacks, the built-in rules). The Hopper kernels are not yet measured on
-/// hardware, so without a winner saying so `auto` never prefers them.
+/// What a node with these inputs runs under `choice` and `selection`. `auto` follows the
+/// winner of the node's shape, and the op's own launches (the portable kernels under `auto`)
+/// where the selection has none (a shape the table lacks, the built-in rules). The Hopper
+/// kernels are not yet measured on hardware, so without a winner saying so `auto` never
+/// prefers them; a Hopper GEMM winner runs in the tile width its candidate measured. A forced
+/// choice (`portable`, `sm90a`) keeps its family whatever the table says; under `sm90a` a GEMM
+/// whose winner is our Hopper GEMM takes the winner's width, every other node the launcher's
+/// modelled one.
 pub fn decide(
     choice: KernelChoice,
     selection: &Selection,
     op: &dyn OpImpl,
     inputs: &[&TensorDesc],
 ) -> Decision {
-    if choice != KernelChoice::Auto {
-        return Decision::Own;
+    let gemm = gemm_key(op, inputs).map(|key| (key, selection.gemm(&key)));
+    match choice {
+        KernelChoice::Portable => return Decision::Own,
+        KernelChoice::Sm90a => {
+            return match gemm {
+                Some((_, Some(GemmChoice::OursSm90a(Some(width))))) => Decision::OwnInWidth(width),
+                _ => Decision::Own,
+            }
+        }
+        KernelChoice::Auto => {}
     }
-    if let Some(key) = gemm_key(op, inputs) {
-        return match selection.gemm(&key) {
+    if let Some((key, winner)) = gemm {
+        return match winner {
             Some(GemmChoice::CublasLt(c)) => match inconsistency(&key, &c) {
                 None => Decision::CublasLt(key, c),
                 Some(why) => {
                     Decision::Unfit(format!("tuning table entry for {}: {why}", key.describe()))
                 }
             },
-            Some(GemmChoice::OursSm90a(_)) => Decision::Sm90a(Some(key)),
+            Some(GemmChoice::OursSm90a(Some(width))) => {
+                Decision::Sm90a(Some(Sm90aGemm { key, width }))
+            }
+            Some(GemmChoice::OursSm90a(None)) => Decision::Unfit(format!(
+                "tuning table entry for {}: its sm_90a winner names no tile width of this build",
+                key.describe()
+            )),
             Some(GemmChoice::Ours(_)) | None => Decision::Own,
         };
     }
@@ -264,8 +295,11 @@ impl Dispatch {
     ) -> usize {
         match self.decide(choice, node.op.as_ref(), inputs) {
             Decision::CublasLt(key, c) => scratch_layout(&key, &c).bytes,
-            Decision::Sm90a(Some(key)) => sm90a_layout(&key).bytes,
-            Decision::Sm90a(None) | Decision::Own | Decision::Unfit(_) => 0,
+            Decision::Sm90a(Some(g)) => sm90a_layout(&g.key).bytes,
+            Decision::Sm90a(None)
+            | Decision::Own
+            | Decision::OwnInWidth(_)
+            | Decision::Unfit(_) => 0,
         }
     }
 
@@ -284,7 +318,8 @@ impl Dispatch {
         let op = node.op.as_ref();
         match self.decide(io.target.kernel_choice()?, op, &descs) {
             Decision::CublasLt(key, c) => self.vendor_entries(dev, node, io, scratch, key, c),
-            Decision::Sm90a(key) => sm90a_entries(op, key.as_ref(), io, scratch),
+            Decision::Sm90a(gemm) => sm90a_entries(op, gemm.as_ref(), io, scratch),
+            Decision::OwnInWidth(width) => own_entries_in_width(op, width, io).map(Some),
             Decision::Own | Decision::Unfit(_) => Ok(None),
         }
     }
@@ -380,29 +415,49 @@ impl Dispatch {
     }
 }
 
-/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies), the
-/// scaled A of a GEMM that modulates A in the scratch ([`sm90a_layout`]); None when that
-/// scratch is missing (the op's own launches run).
+/// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies); a GEMM
+/// (`gemm`) in its tile width, with its scaled A in the scratch where the op modulates A
+/// ([`sm90a_layout`]); None when that scratch is missing (the op's own launches run).
 pub fn sm90a_entries(
     op: &dyn OpImpl,
-    key: Option<&GemmKey>,
+    gemm: Option<&Sm90aGemm>,
     io: &LaunchIo,
     scratch: u64,
 ) -> Result<Option<Vec<Entry>>> {
     let mut workspace = io.workspace;
-    if let Some(at) = key.and_then(|k| sm90a_layout(k).scaled_a) {
-        if scratch == 0 {
-            return Ok(None);
+    let mut target = io.target.with_choice(KernelChoice::Sm90a);
+    if let Some(g) = gemm {
+        target = target.with_gemm_tile_n(g.width.columns());
+        if let Some(at) = sm90a_layout(&g.key).scaled_a {
+            if scratch == 0 {
+                return Ok(None);
+            }
+            workspace = scratch + at as u64;
         }
-        workspace = scratch + at as u64;
     }
     let forced = LaunchIo {
         inputs: io.inputs.clone(),
         outputs: io.outputs.clone(),
         workspace,
-        target: io.target.with_choice(KernelChoice::Sm90a),
+        target,
     };
     Ok(Some(pair::kernels(op.launches(&forced)?)))
+}
+
+/// A node's own launches with the Hopper GEMM in tile width `width` (a forced `sm90a`'s
+/// [`Decision::OwnInWidth`]).
+pub fn own_entries_in_width(
+    op: &dyn OpImpl,
+    width: TileWidth,
+    io: &LaunchIo,
+) -> Result<Vec<Entry>> {
+    let io = LaunchIo {
+        inputs: io.inputs.clone(),
+        outputs: io.outputs.clone(),
+        workspace: io.workspace,
+        target: io.target.with_gemm_tile_n(width.columns()),
+    };
+    Ok(pair::kernels(op.launches(&io)?))
 }
 
 /// A GEMM node's entries with a vendor GEMM: our operand scaling (into the scratch) where the

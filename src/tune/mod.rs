@@ -14,7 +14,8 @@
 //! - [`pair`]: a vendor GEMM completed by our passes (scaling, epilogue).
 //! - [`dispatch`]: at run time under `UPX_KERNELS=auto`, a GEMM node whose winner is cuBLASLt
 //!   runs it in the session's CUDA graph, and a GEMM or attention node whose winner is our
-//!   Hopper kernel runs that; forced kernel choices ignore the table.
+//!   Hopper kernel runs that (a GEMM in the winner's tile width); forced kernel choices keep
+//!   their family whatever the table says (forced `sm90a` takes a Hopper winner's width).
 
 pub mod attention;
 pub mod checking;
@@ -25,7 +26,7 @@ pub mod problems;
 pub mod table;
 pub mod tuner;
 
-pub use problems::{attention_key, gemm_key, AttentionKey, Epilogue, GemmKey};
+pub use problems::{attention_key, gemm_key, AttentionDims, AttentionKey, Epilogue, GemmKey};
 pub use table::{AttentionChoice, GemmChoice};
 pub use table::{Selection, Table, TableKey};
 

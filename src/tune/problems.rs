@@ -10,6 +10,7 @@ use crate::pipeline::Size;
 use crate::runtime::graph::{Node, OpImpl, TensorDesc};
 use crate::tensor::{numel, DType};
 use crate::Result;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use super::table::Use;
@@ -182,10 +183,10 @@ pub fn gemm_key(op: &dyn OpImpl, inputs: &[&TensorDesc]) -> Option<GemmKey> {
     })
 }
 
-/// How an attention node is looked up in a tuning table: `batch × heads` problems of
+/// The shape of an attention as a tuning table records it: `batch × heads` problems of
 /// `queries` queries against `queries + extra` keys, `head_dim` wide.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AttentionKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AttentionDims {
     pub batch: usize,
     pub queries: usize,
     pub extra: usize,
@@ -193,19 +194,27 @@ pub struct AttentionKey {
     pub head_dim: usize,
     pub causal: bool,
     pub key_mask: bool,
+}
+
+/// How an attention node is looked up in a tuning table: its shape and output dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttentionKey {
+    pub dims: AttentionDims,
     pub out: DType,
 }
 
 impl AttentionKey {
     fn of(op: &Attention, batch: usize, queries: usize, extra: usize, head_dim: usize) -> Self {
         AttentionKey {
-            batch,
-            queries,
-            extra,
-            heads: op.heads,
-            head_dim,
-            causal: op.causal,
-            key_mask: op.key_mask,
+            dims: AttentionDims {
+                batch,
+                queries,
+                extra,
+                heads: op.heads,
+                head_dim,
+                causal: op.causal,
+                key_mask: op.key_mask,
+            },
             out: op.out,
         }
     }

@@ -4,7 +4,8 @@
 //! Written by `ultrapixel tune` to `tuning/<device-slug>.json`; read at run time, where a
 //! table whose key differs from this machine's is stale and the built-in rules apply.
 
-use super::problems::{AttentionKey, Epilogue, GemmKey};
+use super::problems::{AttentionDims, AttentionKey, Epilogue, GemmKey};
+use crate::ops::gemm_sm90a::{self, TileWidth};
 use crate::runtime::cuda::cublaslt::AlgoRecord;
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTX_ARCH};
 use crate::tensor::DType;
@@ -304,17 +305,12 @@ pub struct LtChoice {
     pub algo: AlgoRecord,
 }
 
-/// One distinct attention: `batch × heads` problems of `queries` queries against
-/// `queries + extra` keys.
+/// One distinct attention: its shape (the fields of [`AttentionDims`], inline), output dtype,
+/// uses and candidates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionEntry {
-    pub batch: usize,
-    pub queries: usize,
-    pub extra: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub causal: bool,
-    pub key_mask: bool,
+    #[serde(flatten)]
+    pub dims: AttentionDims,
     /// `bf16` or `f32`; absent in tables written before it was recorded (any output then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_dtype: Option<String>,
@@ -329,11 +325,41 @@ pub const OURS: &str = "ours";
 /// The candidate kind of our Hopper kernels.
 pub const OURS_SM90A: &str = "ours-sm90a";
 
+impl OurConfig {
+    /// Our Hopper GEMM's configuration at tile width `width` (kernels/gemm_sm90a.cu: 4 TMA
+    /// stages, two consumer warpgroups on `wgmma`): `128x<BN>x64s4`.
+    pub fn sm90a(width: TileWidth) -> OurConfig {
+        let tile = [gemm_sm90a::TILE_M, width.columns(), gemm_sm90a::TILE_K];
+        OurConfig {
+            name: format!("{}x{}x{}s{}", tile[0], tile[1], tile[2], gemm_sm90a::STAGES),
+            tile: tile.map(|t| t as u32),
+            stages: gemm_sm90a::STAGES,
+            mma: "wgmma".into(),
+        }
+    }
+}
+
+/// The name of our Hopper GEMM's candidate at tile width `width`:
+/// `ours-sm90a/128x<BN>x64s4`.
+pub fn sm90a_candidate(width: TileWidth) -> String {
+    format!("{OURS_SM90A}/{}", OurConfig::sm90a(width).name)
+}
+
+/// The tile width a Hopper GEMM candidate's name records (the inverse of
+/// [`sm90a_candidate`]); None for any name this build does not write.
+pub fn sm90a_width(name: &str) -> Option<TileWidth> {
+    TileWidth::ALL
+        .into_iter()
+        .find(|&w| sm90a_candidate(w) == name)
+}
+
 /// What a GEMM node runs, by the table.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GemmChoice {
     Ours(OurConfig),
-    OursSm90a(OurConfig),
+    /// Our Hopper GEMM in the tile width the winner's name records; None where the name
+    /// records none this build has (an invalid entry: the node runs the op's own launches).
+    OursSm90a(Option<TileWidth>),
     CublasLt(LtChoice),
 }
 
@@ -367,7 +393,7 @@ impl GemmEntry {
         let c = checked_winner(&self.candidates, &self.winner)?;
         match c.kind.as_str() {
             OURS => c.config.clone().map(GemmChoice::Ours),
-            OURS_SM90A => c.config.clone().map(GemmChoice::OursSm90a),
+            OURS_SM90A => Some(GemmChoice::OursSm90a(sm90a_width(&c.name))),
             "cublaslt" | "cublaslt+epilogue" => c.cublaslt.clone().map(GemmChoice::CublasLt),
             _ => None,
         }
@@ -378,26 +404,11 @@ impl AttentionEntry {
     /// Whether this entry is the attention of `key` (an entry without an output dtype, from
     /// an older table, matches either).
     pub fn matches(&self, key: &AttentionKey) -> bool {
-        (
-            self.batch,
-            self.queries,
-            self.extra,
-            self.heads,
-            self.head_dim,
-            self.causal,
-            self.key_mask,
-        ) == (
-            key.batch,
-            key.queries,
-            key.extra,
-            key.heads,
-            key.head_dim,
-            key.causal,
-            key.key_mask,
-        ) && self
-            .out_dtype
-            .as_deref()
-            .is_none_or(|d| parse_dtype(d) == Some(key.out))
+        self.dims == key.dims
+            && self
+                .out_dtype
+                .as_deref()
+                .is_none_or(|d| parse_dtype(d) == Some(key.out))
     }
 
     /// The winner, as something an attention node can run.
@@ -587,6 +598,37 @@ pub fn now_utc() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hopper_candidate_name_gives_back_its_width_and_no_other_name_does() {
+        let names = TileWidth::ALL.map(sm90a_candidate);
+        assert_eq!(
+            names,
+            [
+                "ours-sm90a/128x64x64s4",
+                "ours-sm90a/128x128x64s4",
+                "ours-sm90a/128x256x64s4"
+            ]
+        );
+        for w in TileWidth::ALL {
+            assert_eq!(sm90a_width(&sm90a_candidate(w)), Some(w));
+            assert_eq!(OurConfig::sm90a(w).tile, [128, w.columns() as u32, 64]);
+        }
+        for bad in [
+            "",
+            "ours-sm90a/",
+            "ours-sm90a/128x96x64s4",
+            "ours-sm90a/128x128x64s4 ",
+            "ours-sm90a/128x128x64s3",
+            "ours-sm90a/128x128x32s4",
+            "ours/128x128x64s4",
+            "ours-sm90a/128x1280x64s4",
+            "ours-sm90a/128x12Ⅷx64s4",
+            "cublaslt/f32/0",
+        ] {
+            assert_eq!(sm90a_width(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn slugs_and_timestamps() {

@@ -2,8 +2,9 @@
 //! against our kernel and timed, and the table of winners.
 //!
 //! Per GEMM (with its epilogue): our kernel in each compiled tile configuration; our Hopper
-//! kernel where the shape qualifies and the device runs it (compute capability 9.0, or the
-//! emulator), after its operand-scaling pass for a GEMM that modulates A; cuBLASLt's
+//! kernel in each tile width ([`sm90a_widths`]) where the shape qualifies and the device runs
+//! it (compute capability 9.0, or the emulator), after its operand-scaling pass for a GEMM
+//! that modulates A (the winner's width is the one a GEMM node then runs); cuBLASLt's
 //! top heuristics alone where its own epilogue covers the op (bias; a residual as C with
 //! β = 1); and cuBLASLt's product (f32, or bf16 where the output is bf16) followed by our
 //! epilogue pass for everything else (exact GELU, FiLM, GRN sums; our operand-scaling pass
@@ -14,15 +15,16 @@
 //! chosen so each candidate replays for about `target` seconds.
 
 use super::checking::{measure, record, Outputs, Trial};
-use super::dispatch::{pair_entries, plan_layout, sm90a_entries, PairPlan};
+use super::dispatch::{pair_entries, plan_layout, sm90a_entries, PairPlan, Sm90aGemm};
 use super::engine::Engine;
 use super::pair;
-use super::problems::{problems, AttentionProblem, Epilogue, GemmProblem};
+use super::problems::{problems, AttentionProblem, Epilogue, GemmKey, GemmProblem};
 use super::table::{
-    dtype_name, now_utc, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT, OURS, OURS_SM90A,
+    dtype_name, now_utc, sm90a_candidate, Candidate, GemmEntry, LtChoice, OurConfig, Table, FORMAT,
+    OURS, OURS_SM90A,
 };
 use crate::bench::{hash, uniform};
-use crate::ops::gemm_sm90a;
+use crate::ops::gemm_sm90a::{self, TileWidth};
 use crate::pipeline::open_models::Configs;
 use crate::pipeline::Size;
 use crate::runtime::cuda::cublaslt::{LtCall, LtMatmul, LtSpec};
@@ -67,16 +69,14 @@ pub fn our_configs() -> Vec<OurConfig> {
     }]
 }
 
-/// Our Hopper GEMM's configuration at tile width `width` (kernels/gemm_sm90a.cu: 4 TMA
-/// stages, two consumer warpgroups on `wgmma`; the launcher picks the width per shape).
-pub fn sm90a_config(width: gemm_sm90a::TileWidth) -> OurConfig {
-    let tile = [gemm_sm90a::TILE_M, width.columns(), gemm_sm90a::TILE_K];
-    OurConfig {
-        name: format!("{}x{}x{}s4", tile[0], tile[1], tile[2]),
-        tile: tile.map(|t| t as u32),
-        stages: 4,
-        mma: "wgmma".into(),
-    }
+/// The tile widths of our Hopper GEMM timed for a GEMM: every width but those a narrower one
+/// beats by construction (as many column tiles, more padding: `TileWidth::pads_only`), so
+/// each GEMM adds at most three candidates (two where N ≤ 128, one where N ≤ 64).
+pub fn sm90a_widths(key: &GemmKey) -> Vec<TileWidth> {
+    TileWidth::ALL
+        .into_iter()
+        .filter(|w| !w.pads_only(key.n))
+        .collect()
 }
 
 /// Element shift between the inputs read from one random pool (a multiple of 128 elements,
@@ -231,25 +231,24 @@ impl<'a> Problem<'a> {
         Ok(pair::kernels(self.p.op.launches(&self.io(outs))?))
     }
 
-    /// Our op's launches built for `sm90a` on the engine's device, as a GEMM node whose winner
-    /// is our Hopper kernel runs them ([`sm90a_entries`]: a scaled A in the scratch), into the
-    /// candidate outputs, with the tile width the launcher picked; None when they would not
-    /// run the Hopper GEMM (the shape does not qualify, or the device cannot run it).
-    fn sm90a(&self, engine: &dyn Engine) -> Result<Option<(Vec<Entry>, gemm_sm90a::TileWidth)>> {
+    /// Our op's launches built for `sm90a` in tile width `width` on the engine's device, as a
+    /// GEMM node whose winner is that candidate runs them ([`sm90a_entries`]: a scaled A in
+    /// the scratch), into the candidate outputs; None when they would not run the Hopper GEMM
+    /// (the shape does not qualify, or the device cannot run it).
+    fn sm90a(&self, engine: &dyn Engine, width: TileWidth) -> Result<Option<Vec<Entry>>> {
         let mut io = self.io(&self.bufs.outputs.candidate);
         io.target = engine.device().kernel_target();
-        let steps = sm90a_entries(
-            self.p.op.as_ref(),
-            Some(&self.p.key),
-            &io,
-            self.bufs.scratch.ptr,
-        )?
-        .unwrap_or_default();
-        let width = steps.iter().find_map(|e| match e {
-            Entry::Kernel(l) => gemm_sm90a::width_of(l),
-            _ => None,
+        let gemm = Sm90aGemm {
+            key: self.p.key,
+            width,
+        };
+        let steps = sm90a_entries(self.p.op.as_ref(), Some(&gemm), &io, self.bufs.scratch.ptr)?
+            .unwrap_or_default();
+        let hopper = steps.iter().any(|e| match e {
+            Entry::Kernel(l) => gemm_sm90a::width_of(l) == Some(width),
+            _ => false,
         });
-        Ok(width.map(|w| (steps, w)))
+        Ok(hopper.then_some(steps))
     }
 
     /// A vendor product `vendor(a, d)` completed by our passes, as a GEMM node runs it
@@ -294,11 +293,12 @@ impl<'a> Problem<'a> {
                 steps: self.ours(&self.bufs.outputs.candidate)?,
             });
         }
-        if let Some((steps, width)) = self.sm90a(engine)? {
-            let config = sm90a_config(width);
-            let mut r = record(format!("ours-sm90a/{}", config.name), OURS_SM90A);
-            r.config = Some(config);
-            trials.push(Trial { record: r, steps });
+        for width in sm90a_widths(&p.key) {
+            if let Some(steps) = self.sm90a(engine, width)? {
+                let mut r = record(sm90a_candidate(width), OURS_SM90A);
+                r.config = Some(OurConfig::sm90a(width));
+                trials.push(Trial { record: r, steps });
+            }
         }
         // (variant, plan): cuBLASLt alone where its own epilogue covers the op, else its
         // product in f32 (and in bf16 for bf16 outputs) completed by our passes.

@@ -338,6 +338,7 @@ impl Device for CudaDevice {
             compute_capability: Some(self.info.compute_capability),
             sms,
             choice: None,
+            gemm_tile_n: None,
         }
     }
 
