@@ -13,10 +13,10 @@
 //   {64, BN} for W, 128-byte swizzle): each stage holds a 128×64 A tile and a BN×64 W tile,
 //   rows of 128 bytes in the canonical K-major 128-byte-swizzled layout (8-row atoms of 1024
 //   bytes).
-// Tile width BN ∈ {64, 128, 256}, one instantiation each (ops/gemm_sm90a.rs TileWidth picks
-//   per shape: wave quantisation over the SMs, padded columns, operand traffic). Each element
-//   is accumulated and reduced the same way in every width, so all three give the same bits
-//   (C and the GRN partials).
+// Tile width BN ∈ {64, 128, 256}, one instantiation each; per shape the tuning table's
+//   measured winner, else ops/gemm_sm90a.rs TileWidth's model (waves over the SMs, padded
+//   columns, operand traffic). Each element is accumulated and reduced the same way in every
+//   width, so all three give the same bits (C and the GRN partials).
 // Launch: a persistent grid of min(tiles, SMs) blocks; block b takes the 128×BN output tiles
 //   b, b + grid, b + 2·grid, … in grouped order: tile t lies in group g = t div (8·tiles_n) of
 //   8 row tiles (the last group has the remaining r ≤ 8), walked row-fastest: row tile

@@ -1250,3 +1250,29 @@ fn the_tuner_checks_the_sm90a_candidates_on_the_emulator() {
     }
     assert!(log.contains("sm90a"), "{log}");
 }
+
+/// The committed table stays keyed to the kernels it measured: a change to a tuned kernel
+/// source (or a header it includes) makes it stale on the GPU, so every GEMM silently falls
+/// back to the portable kernels. Such a change must re-tune, or re-key with a reason in
+/// tuning/README.md. Checked on the release build's configuration (nvcc 13.0.88, default
+/// architectures); other builds hash differently by design.
+#[test]
+fn the_committed_table_is_keyed_to_these_kernels() {
+    use ultrapixel::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION};
+    let release = KERNELS_COMPILED
+        && NVCC_VERSION.ends_with("V13.0.88")
+        && CUDA_ARCHS == ["sm_80", "sm_86", "sm_89", "sm_90"];
+    if !release {
+        eprintln!("skipped: not the release kernel build ({NVCC_VERSION:?}, {CUDA_ARCHS:?})");
+        return;
+    }
+    for (name, text) in EMBEDDED {
+        let t = Table::parse(text).unwrap();
+        assert_eq!(
+            t.key.kernels_hash,
+            kernels_hash(),
+            "{name} is stale for these kernel sources: re-tune on the GPU, or re-key it with \
+             the reason in tuning/README.md"
+        );
+    }
+}
