@@ -499,6 +499,26 @@ impl Pipeline {
         }
     }
 
+    /// Stage B's run for `request` on Stage C's latent (`effnet`) and the pooled text (`clip`).
+    fn stage_b_run<'a>(
+        &'a self,
+        request: &Request,
+        effnet: &'a HostTensor,
+        clip: &'a HostTensor,
+    ) -> StageBRun<'a> {
+        StageBRun {
+            weights: &self.models.stage_b.weights,
+            cfg: &self.models.stage_b.config,
+            effnet,
+            clip,
+            steps: request.stage_b.steps as usize,
+            guidance: Guidance {
+                cfg: request.stage_b.cfg,
+                rho: CFG_RHO,
+            },
+        }
+    }
+
     /// Uploads Stage B's and Stage A's weights for `request` into their caches.
     fn upload_later_stages(&self, request: &Request, place: &Placement) -> Result<()> {
         let m = &self.models;
@@ -508,19 +528,9 @@ impl Pipeline {
         let (hc, wc) = sizes.stage_c;
         let effnet = HostTensor::zeros(&[2, hc, wc, m.stage_c.config.c_out]);
         let clip = HostTensor::zeros(&[2, 1, m.stage_b.config.c_clip]);
-        let stage_b = StageBRun {
-            weights: &m.stage_b.weights,
-            cfg: &m.stage_b.config,
-            effnet: &effnet,
-            clip: &clip,
-            steps: request.stage_b.steps as usize,
-            guidance: Guidance {
-                cfg: request.stage_b.cfg,
-                rho: CFG_RHO,
-            },
-        };
         let shape = stage_b_shape(&cfg, &sizes);
-        stage_b.upload_weights(&self.stage_context(place, 1), shape)?;
+        self.stage_b_run(request, &effnet, &clip)
+            .upload_weights(&self.stage_context(place, 1), shape)?;
         let [_, h, w, _] = shape;
         self.decoder()
             .upload_weights(&self.stage_context(place, 2), [1, h, w])
@@ -617,17 +627,7 @@ impl Pipeline {
         let mut effnet = x0;
         effnet.resize(2 * effnet.len(), 0.0);
         let effnet = HostTensor::new(vec![2, hc, wc, m.stage_c.config.c_out], effnet);
-        let run = StageBRun {
-            weights: &m.stage_b.weights,
-            cfg: &m.stage_b.config,
-            effnet: &effnet,
-            clip: &text.pooled,
-            steps: request.stage_b.steps as usize,
-            guidance: Guidance {
-                cfg: request.stage_b.cfg,
-                rho: CFG_RHO,
-            },
-        };
+        let run = self.stage_b_run(request, &effnet, &text.pooled);
         let shape = stage_b_shape(&cfg, &sizes);
         let noise = StepNoise::Seeded {
             seed,
