@@ -842,23 +842,24 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         v.push(concat_check(next(), 3, &[part, part], &[h, h], h)?);
         v.push(gather_check(next(), (2, 77, 4096, 1280), h, h)?);
     }
+    // A reshape of an input is a view of its block; of a weight, a copy.
     for dtype in [DType::F32, DType::BF16] {
         let op = Reshape {
             shape: vec![3, 35, 7],
         };
-        v.push(unary_check(
-            next(),
-            op,
-            &[3, 5, 7, 7],
-            dtype,
-            copy_tolerance(&[dtype], dtype),
-        )?);
+        let tol = copy_tolerance(&[dtype], dtype);
+        v.push(unary_check(next(), op.clone(), &[3, 5, 7, 7], dtype, tol)?);
+        let mut b = CheckBuilder::new(next());
+        let w = b.weight(&[3, 5, 7, 7], dtype, 4.0)?;
+        let y = b.graph.op1(op.clone(), &[w])?;
+        v.push(b.finish(format!("{op:?} of a weight {dtype:?}"), &[y], tol)?);
     }
     Ok(v)
 }
 
 /// The same elements under another shape (row-major order kept): e.g. NHWC maps as token
-/// sequences. A copy, through [`Cast`]'s kernel.
+/// sequences. A view of its input's bytes where the planner can place it there (an arena
+/// tensor), else a copy through [`Cast`]'s kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reshape {
     pub shape: Vec<usize>,
@@ -885,7 +886,16 @@ impl OpImpl for Reshape {
         Ok(())
     }
 
+    fn is_view(&self) -> bool {
+        true
+    }
+
+    /// Nothing where the planner placed the output on the input (an arena tensor); a copy
+    /// where it could not (the input is a weight).
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
+        if io.inputs[0].ptr == io.outputs[0].ptr {
+            return Ok(Vec::new());
+        }
         Cast {
             out: io.inputs[0].desc.dtype,
         }
@@ -1204,5 +1214,27 @@ mod tests {
         let direct = run(&Embedding { out: DType::F32 }, &[&ids_v, &table_v]).unwrap();
         assert_eq!(s.read(emb).unwrap(), direct.data);
         assert_eq!(s.read(fine).unwrap(), img_v.data);
+    }
+
+    #[test]
+    fn a_reshape_launches_nothing_on_an_arena_tensor_and_copies_a_weight() {
+        use crate::runtime::device::dry_launches;
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 3, 5, 4], DType::BF16).unwrap();
+        let w = g.weight("w", &[6, 10], DType::F32).unwrap();
+        let reshape = |shape: &[usize]| Reshape {
+            shape: shape.to_vec(),
+        };
+        let xv = g.op1(reshape(&[2, 15, 4]), &[x]).unwrap();
+        let xvv = g.op1(reshape(&[120]), &[xv]).unwrap();
+        let wv = g.op1(reshape(&[60]), &[w]).unwrap();
+        g.output(xvv, "x_flat").unwrap();
+        g.output(wv, "w_flat").unwrap();
+        let names: Vec<&str> = dry_launches(&g)
+            .unwrap()
+            .iter()
+            .map(|l| l.kernel.name())
+            .collect();
+        assert_eq!(names, ["copy_rows_x16"]);
     }
 }

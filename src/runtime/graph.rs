@@ -324,6 +324,14 @@ pub trait OpImpl: AsAny + std::fmt::Debug + Send + Sync {
         Ok(None)
     }
 
+    /// Whether the op's one output is its first input's bytes as they are (same dtype, same
+    /// row-major order, another shape): the planner then places the output on the input's
+    /// block where that is in the arena, and the op launches nothing when its output and input
+    /// pointers coincide (`runtime::planner`).
+    fn is_view(&self) -> bool {
+        false
+    }
+
     /// Work of one execution, for benchmarks: tensor-core FLOPs and the bytes the op must
     /// move at least (by default every input and output once).
     fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {

@@ -37,8 +37,42 @@ fn aligned(bytes: usize) -> usize {
     bytes.max(1).div_ceil(ALIGN) * ALIGN
 }
 
-/// Live ranges of every non-weight tensor, indexed like `graph.tensors`.
+/// For each tensor, the tensor whose arena block holds it: itself, or for the output of a
+/// view op ([`OpImpl::is_view`](super::graph::OpImpl::is_view)) whose input lives in the arena,
+/// that input's holder. Weights are not in the arena, so a view of one is its own copy.
+fn holders(graph: &Graph) -> Vec<usize> {
+    let mut holder: Vec<usize> = (0..graph.tensors.len()).collect();
+    for node in &graph.nodes {
+        if let ([x], [y]) = (&node.inputs[..], &node.outputs[..]) {
+            let x = holder[x.index()];
+            if node.op.is_view() && graph.tensors[x].role != Role::Weight {
+                holder[y.index()] = x;
+            }
+        }
+    }
+    holder
+}
+
+/// Live ranges of every tensor that owns an arena block, indexed like `graph.tensors`: from
+/// its definition to its last use or that of any view held in its block. None for weights
+/// and views.
 fn lifetimes(graph: &Graph) -> Vec<Option<Life>> {
+    let mut life = own_lifetimes(graph);
+    for (t, h) in holders(graph).into_iter().enumerate() {
+        if h != t {
+            if let Some(view) = life[t].take() {
+                let l = life[h]
+                    .as_mut()
+                    .expect("a view's holder lives in the arena");
+                l.last = l.last.max(view.last);
+            }
+        }
+    }
+    life
+}
+
+/// Live ranges of every non-weight tensor by itself, indexed like `graph.tensors`.
+fn own_lifetimes(graph: &Graph) -> Vec<Option<Life>> {
     let end = graph.nodes.len();
     let mut life: Vec<Option<Life>> = graph
         .tensors
@@ -150,11 +184,16 @@ pub fn plan_with_scratch(graph: &Graph, scratch: &dyn Fn(usize) -> usize) -> Are
         }
     }
     let size = |t: usize| aligned(graph.tensors[t].bytes());
+    let holder = holders(graph);
     for (i, node) in graph.nodes.iter().enumerate() {
         // Outputs and workspace are allocated before this node's dying inputs are released,
-        // so no output ever aliases an input of the same node.
+        // so no output shares bytes with an input of the same node, except a view's.
         for &o in &node.outputs {
-            offsets[o.index()] = Some(fl.alloc(size(o.index())));
+            let o = o.index();
+            offsets[o] = match holder[o] {
+                h if h == o => Some(fl.alloc(size(o))),
+                h => offsets[h],
+            };
         }
         let (ws, sc) = (node.workspace, scratch(i));
         if ws + sc > 0 {
@@ -191,26 +230,44 @@ pub fn check_with_scratch(
     plan: &ArenaPlan,
     scratch: &dyn Fn(usize) -> usize,
 ) -> Result<()> {
-    let life = lifetimes(graph);
-    // (first, last, offset, bytes, what)
-    let mut spans: Vec<(usize, usize, usize, usize, String)> = Vec::new();
+    // Every tensor by its own live range; a view may share bytes only with its holder's
+    // block, at the holder's offset.
+    let life = own_lifetimes(graph);
+    let holder = holders(graph);
+    // (first, last, offset, bytes, what, holder: None for workspaces and scratch)
+    let mut spans: Vec<(usize, usize, usize, usize, String, Option<usize>)> = Vec::new();
     for (t, l) in life.iter().enumerate() {
         if let Some(l) = l {
             let off = plan.offsets[t].ok_or_else(|| {
                 Error::InvalidArgument(format!("planner: tensor {t} has no offset"))
             })?;
             let d = &graph.tensors[t];
-            spans.push((l.first, l.last, off, d.bytes(), d.name.clone()));
+            if holder[t] != t && plan.offsets[holder[t]] != Some(off) {
+                return Err(Error::InvalidArgument(format!(
+                    "planner: the view {} is not at its holder's offset",
+                    d.name
+                )));
+            }
+            spans.push((
+                l.first,
+                l.last,
+                off,
+                d.bytes(),
+                d.name.clone(),
+                Some(holder[t]),
+            ));
         }
     }
     for (i, (n, w)) in graph.nodes.iter().zip(&plan.workspaces).enumerate() {
         if let Some(off) = w {
-            spans.push((i, i, *off, n.workspace, format!("{} workspace", n.label)));
+            let what = format!("{} workspace", n.label);
+            spans.push((i, i, *off, n.workspace, what, None));
         }
     }
     for (i, (n, sc)) in graph.nodes.iter().zip(&plan.scratch).enumerate() {
         if let Some(off) = sc {
-            spans.push((i, i, *off, scratch(i), format!("{} scratch", n.label)));
+            let what = format!("{} scratch", n.label);
+            spans.push((i, i, *off, scratch(i), what, None));
         }
     }
     for s in &spans {
@@ -227,7 +284,8 @@ pub fn check_with_scratch(
         for y in &spans[a + 1..] {
             let live_together = x.0 <= y.1 && y.0 <= x.1;
             let overlap = x.2 < y.2 + y.3 && y.2 < x.2 + x.3;
-            if live_together && overlap && x.3 > 0 && y.3 > 0 {
+            let one_block = x.5.is_some() && x.5 == y.5;
+            if live_together && overlap && x.3 > 0 && y.3 > 0 && !one_block {
                 return Err(Error::InvalidArgument(format!(
                     "planner: {} and {} are live together and overlap",
                     x.4, y.4
@@ -278,6 +336,28 @@ mod tests {
         }
     }
 
+    /// A view op ([`OpImpl::is_view`]): its output is its input under the same shape.
+    #[derive(Debug)]
+    struct View;
+
+    impl OpImpl for View {
+        fn name(&self) -> &'static str {
+            "view"
+        }
+        fn infer(&self, inputs: &[&TensorDesc]) -> Result<Vec<OutSpec>> {
+            Ok(vec![(inputs[0].shape.clone(), inputs[0].dtype)])
+        }
+        fn is_view(&self) -> bool {
+            true
+        }
+        fn reference(&self, _: &[&HostTensor], _: &mut [HostTensor]) -> Result<()> {
+            Ok(())
+        }
+        fn launches(&self, _: &LaunchIo) -> Result<Vec<Launch>> {
+            Ok(vec![])
+        }
+    }
+
     fn random_graph(seed: u64) -> Graph {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut g = Graph::new();
@@ -303,6 +383,11 @@ mod tests {
                 },
             };
             pool.extend(g.op(op, &ins).unwrap());
+            // Views of activations, inputs and the weight, and views of views.
+            if rng.random_bool(0.25) {
+                let x = pool[rng.random_range(0..pool.len())];
+                pool.push(g.op1(View, &[x]).unwrap());
+            }
         }
         for _ in 0..rng.random_range(0..3) {
             let t = pool[rng.random_range(0..pool.len())];
@@ -333,7 +418,43 @@ mod tests {
                     assert_eq!(o % ALIGN, 0);
                 }
             }
+            // A view sits on its input's block unless the input is a weight.
+            for node in g.nodes.iter().filter(|n| n.op.is_view()) {
+                let (x, y) = (node.inputs[0].index(), node.outputs[0].index());
+                let on_input = p.offsets[y] == p.offsets[x];
+                assert_eq!(on_input, g.tensors[x].role != Role::Weight);
+            }
         }
+    }
+
+    #[test]
+    fn a_view_keeps_its_holders_block_until_its_last_use() {
+        let shaped = || Shaped {
+            outs: 1,
+            len: 1 << 10,
+            ws: 0,
+        };
+        let mut g = Graph::new();
+        let x = g.input("x", &[1 << 10], DType::F32).unwrap();
+        let a = g.op1(shaped(), &[x]).unwrap();
+        let v = g.op1(View, &[a]).unwrap();
+        // `a` itself is dead here; only its view is read later.
+        let b = g.op1(shaped(), &[x]).unwrap();
+        let c = g.op1(shaped(), &[v, b]).unwrap();
+        g.output(c, "c").unwrap();
+        let mut p = plan(&g);
+        check(&g, &p).unwrap();
+        assert_eq!(p.offsets[v.index()], p.offsets[a.index()]);
+        assert_ne!(p.offsets[b.index()], p.offsets[a.index()]);
+        // A plan that reuses the block while the view lives is caught.
+        p.offsets[b.index()] = p.offsets[a.index()];
+        let e = check(&g, &p).unwrap_err().to_string();
+        assert!(e.contains("live together and overlap"), "{e}");
+        // And a view placed off its holder.
+        let mut p = plan(&g);
+        p.offsets[v.index()] = p.offsets[b.index()];
+        let e = check(&g, &p).unwrap_err().to_string();
+        assert!(e.contains("not at its holder's offset"), "{e}");
     }
 
     #[test]
