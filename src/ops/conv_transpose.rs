@@ -9,7 +9,7 @@
 use super::conv2d::{conv2d_launch, Conv2dParams};
 use super::dot::{accumulate, pack_panels, LANES};
 use super::{inputs_n, nhwc, require_f32, to_i32, Shaped};
-use crate::runtime::graph::{LaunchIo, OpImpl, OutSpec, TensorDesc};
+use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::Launch;
 use crate::tensor::{DType, HostTensor};
 use crate::verify::{CheckBuilder, OpCheck, Scale, Tolerance};
@@ -166,6 +166,32 @@ impl OpImpl for ConvTranspose2d {
                 }
             });
         Ok(())
+    }
+
+    /// The products of every (output pixel, tap) pair that reads an input pixel: per axis,
+    /// the taps whose source row exists, summed over the output rows.
+    fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let [b, h, wd, cin] = inputs[0].shape[..] else {
+            return Cost::default();
+        };
+        let [_, oh, ow, cout] = outputs[0].shape[..] else {
+            return Cost::default();
+        };
+        let pairs = |out: usize, n: usize| -> usize {
+            (0..out)
+                .map(|o| {
+                    (0..k)
+                        .filter(|&kk| transposed_source(o, kk, s, p, n).is_some())
+                        .count()
+                })
+                .sum()
+        };
+        let products = b * pairs(oh, h) * pairs(ow, wd) * cin * cout;
+        Cost {
+            flops: 2.0 * products as f64,
+            bytes: inputs.iter().chain(outputs).map(|d| d.bytes() as f64).sum(),
+        }
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
@@ -495,5 +521,27 @@ mod tests {
             ),
         ];
         assert_rejected(&cases);
+    }
+
+    #[test]
+    fn cost_counts_the_taps_that_read_an_input_pixel() {
+        let desc = |shape: &[usize]| TensorDesc {
+            name: String::new(),
+            shape: shape.to_vec(),
+            dtype: DType::BF16,
+            role: crate::runtime::graph::Role::Activation,
+        };
+        // 4/2/1 doubles the size; every output row reads 2 taps but the first and the last,
+        // which read 1: 4H − 2 pairs along an axis of H input rows.
+        let (b, h, w, cin, cout) = (2, 5, 7, 3, 4);
+        let x = desc(&[b, h, w, cin]);
+        let y = desc(&[b, 2 * h, 2 * w, cout]);
+        let c = conv_t(4, 2, 1).cost(&[&x], &[&y]);
+        let want = b * (4 * h - 2) * (4 * w - 2) * cin * cout;
+        assert_eq!(c.flops, 2.0 * want as f64);
+        // 2/2/0: one tap per output pixel.
+        let y = desc(&[b, 2 * h, 2 * w, cout]);
+        let c = conv_t(2, 2, 0).cost(&[&x], &[&y]);
+        assert_eq!(c.flops, 2.0 * (b * 4 * h * w * cin * cout) as f64);
     }
 }
