@@ -245,7 +245,18 @@ enum Then {
     LayerNorm(f32),
 }
 
-/// The launch of `dwconv_<in>_<out>` with kernel size and stride `(k, stride)`.
+/// Whether the depthwise conv can take the vector kernel `dwconv3x16_*`: k = 3 (every
+/// depthwise conv of the model), whole 16-byte groups of x channels (8 bf16 or 4 f32) and
+/// 16-byte aligned x, w, bias and y (the arena and the weight buffers align every tensor to
+/// 256 bytes; a view into one may not be).
+fn vector_path(io: &LaunchIo, k: usize, c: usize) -> bool {
+    let group = 16 / io.inputs[0].desc.dtype.size();
+    let aligned = io.inputs.iter().chain(&io.outputs).all(|t| t.ptr % 16 == 0);
+    k == 3 && c % group == 0 && aligned
+}
+
+/// The launch of `dwconv_<in>_<out>` (or its vector form, [`vector_path`]) with kernel
+/// size and stride `(k, stride)`.
 fn depthwise_launch(
     op: &str,
     io: &LaunchIo,
@@ -268,19 +279,24 @@ fn depthwise_launch(
             format!("C = {c} exceeds the kernel's 8192 channels"),
         ));
     }
-    let args = io
+    let vector = vector_path(io, k, c);
+    let mut args = io
         .tensor_args()
         .i32(to_i32(op, "B", b)?)
         .i32(to_i32(op, "H", h)?)
         .i32(to_i32(op, "W", w)?)
-        .i32(to_i32(op, "C", c)?)
-        .i32(to_i32(op, "k", k)?)
+        .i32(to_i32(op, "C", c)?);
+    if !vector {
+        args = args.i32(to_i32(op, "k", k)?);
+    }
+    let args = args
         .i32(to_i32(op, "stride", stride)?)
         .i32((pad == Pad::Replicate) as i32)
         .i32(eps.is_some() as i32)
         .i32((then == Then::Silu) as i32)
         .f32(eps.unwrap_or(0.0));
-    let name = format!("dwconv_{}_{}", descs[0].dtype.suffix(), out.suffix());
+    let kernel = if vector { "dwconv3x16" } else { "dwconv" };
+    let name = format!("{kernel}_{}_{}", descs[0].dtype.suffix(), out.suffix());
     let pixels = b * strided(h, stride) * strided(w, stride);
     let mut launch = Launch::linear(
         KernelId::lookup(&name)?,
@@ -302,11 +318,17 @@ pub fn checks(seed: u64, scale: Scale) -> Result<Vec<OpCheck>> {
         (DType::BF16, DType::F32),
     ];
     // Depthwise: (B, H, W, C, k), with and without LayerNorm, zero and replicate padding.
+    // k = 3 with C a multiple of 16 bytes of x (8 bf16, 4 f32) takes the vector kernel: C 8,
+    // 40, 320 (every dtype; 320 loops over groups), 20 (f32 x only); the others the scalar.
     let mut dw = vec![
         (1, 1, 1, 1, 3),
         (2, 7, 9, 37, 3),
         (1, 5, 3, 64, 5),
         (1, 13, 11, 320, 3),
+        (1, 1, 3, 8, 3),
+        (2, 9, 7, 40, 3),
+        (1, 7, 5, 20, 3),
+        (1, 5, 7, 72, 5),
     ];
     if scale == Scale::Gpu {
         dw.extend([(2, 64, 64, 2048, 3), (1, 256, 256, 640, 3)]);
@@ -451,7 +473,7 @@ fn depthwise_bounds(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_support::{assert_rejected, random, run, Rejected};
+    use crate::ops::test_support::{self, assert_rejected, random, run, Rejected};
     use crate::runtime::graph::Graph;
     use crate::runtime::session::SessionOptions;
     use crate::runtime::Backend;
@@ -610,6 +632,87 @@ mod tests {
                 mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3,
                 "mean {mean} var {var}"
             );
+        }
+    }
+
+    /// Runs the depthwise launch on the emulator with y `y_shift` bytes into its buffer;
+    /// returns the kernel that ran and y's bytes (poisoned first).
+    fn emulate(
+        (x, din): (&HostTensor, DType),
+        w: &HostTensor,
+        bias: &HostTensor,
+        (k, stride, pad, then): (usize, usize, Pad, Then),
+        (y_shape, dout): (&[usize], DType),
+        y_shift: u64,
+    ) -> (String, Vec<u8>) {
+        use crate::runtime::device::Device;
+        use crate::runtime::graph::DevTensor;
+        use crate::runtime::hostsim::{launch, HostsimDevice};
+        use crate::runtime::kernel_choice::KernelTarget;
+        use crate::tensor::encode;
+        let dev = HostsimDevice::new();
+        let y_bytes = y_shape.iter().product::<usize>() * dout.size();
+        let ins = [(x, din), (w, DType::F32), (bias, DType::F32)];
+        let bufs: Vec<_> = ins
+            .iter()
+            .map(|(t, d)| {
+                let b = dev.alloc(t.numel() * d.size()).unwrap();
+                dev.write(b.ptr, &encode(&t.data, *d)).unwrap();
+                b
+            })
+            .collect();
+        let y = dev.alloc(y_bytes + 16).unwrap();
+        dev.fill(y.ptr, 0xFF, y_bytes + 16).unwrap();
+        let descs: Vec<TensorDesc> = ins
+            .iter()
+            .map(|(t, d)| test_support::desc(&t.shape, *d))
+            .chain([test_support::desc(y_shape, dout)])
+            .collect();
+        let tensor = |ptr, desc| DevTensor { ptr, desc };
+        let io = LaunchIo {
+            inputs: (0..3).map(|i| tensor(bufs[i].ptr, &descs[i])).collect(),
+            outputs: vec![tensor(y.ptr + y_shift, &descs[3])],
+            workspace: 0,
+            target: KernelTarget::hostsim(),
+        };
+        let mut launches = depthwise_launch("test", &io, (k, stride), pad, then, dout).unwrap();
+        assert_eq!(launches.len(), 1);
+        launch(&mut launches[0]).unwrap();
+        let mut out = vec![0u8; y_bytes];
+        dev.read(y.ptr + y_shift, &mut out).unwrap();
+        (launches[0].kernel.name().to_string(), out)
+    }
+
+    #[test]
+    fn the_vector_and_scalar_kernels_give_the_same_bits() {
+        let (b, h, w, c) = (2, 5, 7, 40);
+        let dtypes = [DType::F32, DType::BF16];
+        for (case, (din, dout, stride, pad, then)) in [
+            (0, 1, 1, Pad::Zero, Then::LayerNorm(1e-6)),
+            (1, 0, 1, Pad::Zero, Then::LayerNorm(1e-6)),
+            (1, 1, 1, Pad::Replicate, Then::Nothing),
+            (0, 0, 2, Pad::Zero, Then::Silu),
+            (1, 0, 1, Pad::Zero, Then::Silu),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (din, dout) = (dtypes[din], dtypes[dout]);
+            let seed = 30 + 3 * case as u64;
+            let x = random(&[b, h, w, c], seed);
+            let (wt, bias) = (random(&[c, 9], seed + 1), random(&[c], seed + 2));
+            let y_shape = [b, strided(h, stride), strided(w, stride), c];
+            let run = |shift| {
+                let conv = (3, stride, pad, then);
+                emulate((&x, din), &wt, &bias, conv, (&y_shape, dout), shift)
+            };
+            // y 16-byte aligned takes the vector kernel, one element off the scalar one.
+            let (vector, scalar) = (run(0), run(dout.size() as u64));
+            assert!(vector.0.starts_with("dwconv3x16_"), "{}", vector.0);
+            assert!(scalar.0.starts_with("dwconv_"), "{}", scalar.0);
+            assert!(vector.1 == scalar.1, "case {case}: the kernels differ");
+            let y = crate::tensor::decode(&vector.1, dout);
+            assert!(y.iter().all(|v| v.is_finite()), "case {case}: unwritten");
         }
     }
 
