@@ -203,6 +203,13 @@ fn info_names_the_kernel_of_every_gemm_and_attention_op() {
         tuned.contains(&format!("  tuning: tuning table {table} (")),
         "{tuned}"
     );
+    // The launches follow the table too: a cuBLASLt call replaces a GEMM launch, and the
+    // GEMMs whose epilogue (GELU, FiLM, ...) cuBLASLt cannot fuse add our epilogue pass.
+    let per_image = |text: &str| -> usize {
+        let at = text.find(" launches\n").unwrap();
+        text[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(per_image(&tuned) > per_image(&auto), "{tuned}\n{auto}");
     for op in ["gemm", "attention"] {
         let (hopper, rest) = counts(&forced, op);
         assert!(hopper > 0 && rest == 0, "{forced}");

@@ -5,7 +5,7 @@
 
 use super::backend_arg::BackendArg;
 use crate::runtime::cuda::probe;
-use crate::runtime::device::{Device, DrySubstitution};
+use crate::runtime::device::{dry_node_entries, Device, DrySubstitution};
 use crate::runtime::kernel_choice::{KernelCensus, KernelChoice, KernelTarget};
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
 use crate::tune::dispatch::{self, Dispatch};
@@ -90,7 +90,6 @@ pub fn info(a: InfoArgs) -> Result<i32> {
         // cuBLASLt.
         let gpu = crate::backend::open_gpu(0).ok();
         let device = gpu.as_deref().map(|d| d as &dyn Device);
-        let configs = print_plan(size, a.model_dir.as_deref(), a.control, device)?;
         let target = match (a.backend, gpu.as_deref()) {
             (Some(BackendArg::Cuda) | None, Some(d)) => {
                 Ok((d.kernel_target(), d.describe(), Some(d)))
@@ -101,11 +100,16 @@ pub fn info(a: InfoArgs) -> Result<i32> {
             (Some(BackendArg::Cuda), None) => Err("no usable GPU"),
             (Some(BackendArg::Cpu), _) => Err("the cpu backend runs no kernels"),
         };
-        match target {
-            Ok((target, on, gpu)) => {
-                let dispatch = listing_dispatch(a.tuning_table.as_deref(), gpu);
-                print_kernels(&configs, size, target, &on, dispatch)?
-            }
+        let listing = target.map(|(target, on, gpu)| {
+            let dispatch = listing_dispatch(a.tuning_table.as_deref(), gpu);
+            (target, on, dispatch)
+        });
+        let launches = listing.as_ref().ok().map(|(target, _, dispatch)| {
+            (*target, dispatch.get().map(|d| d as &dyn DrySubstitution))
+        });
+        let configs = print_plan(size, a.model_dir.as_deref(), a.control, device, launches)?;
+        match &listing {
+            Ok((target, on, dispatch)) => print_kernels(&configs, size, *target, on, dispatch)?,
             Err(why) => println!("\nGEMM and attention kernels: not listed ({why})"),
         }
     }
@@ -163,7 +167,7 @@ fn print_kernels(
     size: crate::pipeline::Size,
     target: KernelTarget,
     on: &str,
-    dispatch: ListingDispatch,
+    dispatch: &ListingDispatch,
 ) -> Result<()> {
     let choice = target.resolve(None)?;
     let mut census = KernelCensus::default();
@@ -188,13 +192,15 @@ fn print_kernels(
     Ok(())
 }
 
-/// The memory plan of a generation at `size`, stage by stage; returns the configurations it
-/// planned with.
+/// The memory plan of a generation at `size`, stage by stage, and its launches per part
+/// (built for `launches`' target with its substitution, as the kernel listing; without one
+/// the portable kernels'); returns the configurations it planned with.
 fn print_plan(
     size: crate::pipeline::Size,
     dir: Option<&std::path::Path>,
     control: Option<crate::pipeline::ControlKind>,
     device: Option<&dyn Device>,
+    launches: Option<(KernelTarget, Option<&dyn DrySubstitution>)>,
 ) -> Result<crate::pipeline::open_models::Configs> {
     use crate::pipeline::control::net::add_to_plan;
     use crate::pipeline::open_models::{open_controlnet, Configs};
@@ -252,10 +258,19 @@ fn print_plan(
     );
     // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
     // a run pays for.
-    println!("\nkernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):");
+    println!(
+        "\nlaunches, our kernels and the cuBLASLt calls below (one CUDA graph per part; 20 Stage \
+         C steps per pass, 10 Stage B):"
+    );
     let mut total = 0;
     for g in crate::pipeline::plan::stage_graphs(&configs, size, (20, 10))? {
-        let n = crate::runtime::device::dry_launches(&g.graph)?.len();
+        let n = match launches {
+            Some((target, substitution)) => dry_node_entries(&g.graph, target, substitution)?
+                .iter()
+                .map(|node| node.entries.len())
+                .sum(),
+            None => crate::runtime::device::dry_launches(&g.graph)?.len(),
+        };
         total += n * g.runs;
         println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
     }
