@@ -10,7 +10,8 @@
 //! `sm90a`: the family is not the table's to choose) runs the op's own launches; under a
 //! forced `sm90a` a GEMM whose winner is our Hopper GEMM takes the winner's tile width.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
-//! run is bit-identical to the next.
+//! run is bit-identical to the next. `info --size` lists the same decisions without placing
+//! anything ([`Dispatch::listed_entries`], the cuBLASLt calls as stand-ins that name them).
 //!
 //! Anything that keeps a chosen call from running here (cuBLASLt missing or without a
 //! workspace, an algorithm `cublasLtMatmulAlgoCheck` refuses, an inconsistent entry) makes that
