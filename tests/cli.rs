@@ -134,32 +134,41 @@ fn every_command_exits_as_the_readme_table_says() {
 /// `info --size` names the kernel each GEMM and attention op of a generation runs under
 /// `UPX_KERNELS` on the chosen backend: on the emulator, forced sm_90a puts every op of the
 /// released model on the sm_90a kernels (each shape qualifies; the GEMMs by tile width), the
-/// default on the portable ones; the executions per image are the same either way.
+/// default on the portable ones (the emulator's sessions use no tuning table), and the
+/// committed H200 table given with `--tuning-table` its GEMMs on its winners (cuBLASLt for
+/// every shape it measured); the executions per image are the same every way.
 #[test]
 fn info_names_the_kernel_of_every_gemm_and_attention_op() {
-    let run = |kernels: &str| -> String {
+    let table = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/nvidia-h200.json");
+    let run_with = |kernels: &str, extra: &[&str]| -> String {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
             .args(["info", "--size", "1024x1024", "--backend", "hostsim"])
+            .args(extra)
             .env("UPX_KERNELS", kernels)
+            .env_remove("UPX_TUNING")
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
+    let run = |kernels: &str| run_with(kernels, &[]);
     let line = |text: &str, op: &str| -> String {
         text.lines()
             .find(|l| l.trim_start().starts_with(&format!("{op}: ")))
             .unwrap_or_else(|| panic!("no {op} line:\n{text}"))
             .to_string()
     };
-    // Per op family: (sm_90a, portable) executions per image, from
-    // "gemm: 120 sm90a (n128: 40, n256: 80), 8 portable …".
-    let counts = |text: &str, op: &str| -> (usize, usize) {
+    // The executions per image on one implementation, from "gemm: 12 cublaslt, 120 sm90a
+    // (n128: 40, n256: 80), 8 portable …" (0 where the line has no such count).
+    let count = |text: &str, op: &str, kind: &str| -> usize {
         let line = line(text, op);
         let w: Vec<&str> = line.split_whitespace().collect();
-        let portable = w.iter().position(|&x| x == "portable").unwrap();
-        (w[1].parse().unwrap(), w[portable - 1].parse().unwrap())
+        w.iter()
+            .position(|&x| x.trim_end_matches(',') == kind)
+            .map_or(0, |at| w[at - 1].parse().unwrap())
     };
+    // Per op family: (sm_90a, portable) executions per image.
+    let counts = |text: &str, op: &str| (count(text, op, "sm90a"), count(text, op, "portable"));
     // The sm_90a executions by kernel variant (the GEMM's tile width): (variant, count).
     let variants = |text: &str, op: &str| -> Vec<(String, usize)> {
         let line = line(text, op);
@@ -184,10 +193,36 @@ fn info_names_the_kernel_of_every_gemm_and_attention_op() {
             "{text}"
         );
     }
+    let auto = run("auto");
+    assert!(
+        auto.contains("tuning: none (the emulator's sessions use no tuning table"),
+        "{auto}"
+    );
+    let tuned = run_with("auto", &["--tuning-table", table]);
+    assert!(
+        tuned.contains(&format!("  tuning: tuning table {table} (")),
+        "{tuned}"
+    );
+    // The launches follow the table too: a cuBLASLt call replaces a GEMM launch, and the
+    // GEMMs whose epilogue (GELU, FiLM, ...) cuBLASLt cannot fuse add our epilogue pass.
+    let per_image = |text: &str| -> usize {
+        let at = text.find(" launches\n").unwrap();
+        text[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(per_image(&tuned) > per_image(&auto), "{tuned}\n{auto}");
     for op in ["gemm", "attention"] {
         let (hopper, rest) = counts(&forced, op);
         assert!(hopper > 0 && rest == 0, "{forced}");
         assert_eq!(counts(&portable, op), (0, hopper), "{portable}");
+        assert_eq!(counts(&auto, op), (0, hopper), "{auto}");
+        // The committed table: cuBLASLt wins every GEMM, our portable kernel every attention.
+        let vendor = count(&tuned, op, "cublaslt");
+        let want = match op {
+            "gemm" => (hopper, (0, 0)),
+            _ => (0, (0, hopper)),
+        };
+        assert_eq!((vendor, counts(&tuned, op)), want, "{tuned}");
+        assert!(count(&forced, op, "cublaslt") == 0, "{forced}");
         let by_variant = variants(&forced, op);
         assert_eq!(by_variant.iter().map(|v| v.1).sum::<usize>(), hopper);
         assert!(variants(&portable, op).is_empty(), "{portable}");

@@ -251,23 +251,31 @@ fn gemm_node(k: &GemmKey) -> (std::sync::Arc<dyn OpImpl>, Vec<TensorDesc>) {
     (op, inputs)
 }
 
-/// Our Hopper GEMM's candidate in tile width `width`, as the tuner records it.
-fn sm90a(width: TileWidth, seconds: f64) -> Candidate {
-    let mut c = candidate(&sm90a_candidate(width), OURS_SM90A, seconds);
-    c.config = Some(OurConfig::sm90a(width));
-    c
+/// The attention of [`table`]'s entry (which has no output dtype: either matches).
+fn attention_node(out: DType) -> (std::sync::Arc<dyn OpImpl>, Vec<TensorDesc>) {
+    let op = ultrapixel::ops::attention::Attention {
+        heads: 32,
+        causal: false,
+        extra_kv: true,
+        key_mask: false,
+        out,
+    };
+    let desc = |name: &str, shape: Vec<usize>| TensorDesc {
+        name: name.into(),
+        shape,
+        dtype: DType::BF16,
+        role: Role::Input,
+    };
+    let inputs = vec![
+        desc("qkv", vec![2, 9216, 3 * 2048]),
+        desc("kv", vec![2, 85, 2 * 2048]),
+    ];
+    (std::sync::Arc::new(op), inputs)
 }
 
-/// The dispatch decision per node under each `UPX_KERNELS` value, on a synthetic table where
-/// cuBLASLt wins one GEMM, our Hopper GEMM two (one that scales A) and ours one, and our
-/// Hopper attention wins the attention: `auto` follows each winner, the forced choices keep
-/// their family (forced `sm90a` takes a Hopper GEMM winner's tile width), and shapes the table
-/// lacks, a stale table and no table give the op's own launches.
-#[test]
-fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_family() {
-    use ultrapixel::ops::attention::Attention;
-    use ultrapixel::runtime::kernel_choice::KernelChoice;
-    use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision, Sm90aGemm};
+/// [`table`] with our Hopper GEMM winning two more GEMMs (returned: one that scales A, in
+/// tile width 64; one in width 256) and our Hopper attention winning the attention.
+fn mixed_table() -> (Table, [GemmKey; 2]) {
     let scaled = GemmKey {
         m: 2 * 300,
         n: 640,
@@ -300,6 +308,26 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
         .candidates
         .push(candidate("ours/sm90a", "ours-sm90a", 5e-4));
     t.attention[0].winner = "ours/sm90a".into();
+    (t, [scaled, hopper_plain])
+}
+
+/// Our Hopper GEMM's candidate in tile width `width`, as the tuner records it.
+fn sm90a(width: TileWidth, seconds: f64) -> Candidate {
+    let mut c = candidate(&sm90a_candidate(width), OURS_SM90A, seconds);
+    c.config = Some(OurConfig::sm90a(width));
+    c
+}
+
+/// The dispatch decision per node under each `UPX_KERNELS` value, on a synthetic table where
+/// cuBLASLt wins one GEMM, our Hopper GEMM two (one that scales A) and ours one, and our
+/// Hopper attention wins the attention: `auto` follows each winner, the forced choices keep
+/// their family (forced `sm90a` takes a Hopper GEMM winner's tile width), and shapes the table
+/// lacks, a stale table and no table give the op's own launches.
+#[test]
+fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_family() {
+    use ultrapixel::runtime::kernel_choice::KernelChoice;
+    use ultrapixel::tune::dispatch::{decide, sm90a_layout, Decision, Sm90aGemm};
+    let (t, [scaled, hopper_plain]) = mixed_table();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "nvidia-h200.json", &t.to_json());
     let fresh = Selection::load_from(Some(dir.path()), &[], &key());
@@ -315,28 +343,6 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
     let none = Selection::load_from(None, &[], &key());
     assert!(stale.table().is_none() && none.table().is_none());
 
-    // The attention of the table's entry (which has no output dtype: either matches).
-    let attention = |out| {
-        let op = Attention {
-            heads: 32,
-            causal: false,
-            extra_kv: true,
-            key_mask: false,
-            out,
-        };
-        let desc = |name: &str, shape: Vec<usize>| TensorDesc {
-            name: name.into(),
-            shape,
-            dtype: DType::BF16,
-            role: Role::Input,
-        };
-        let inputs = vec![
-            desc("qkv", vec![2, 9216, 3 * 2048]),
-            desc("kv", vec![2, 85, 2 * 2048]),
-        ];
-        let op: std::sync::Arc<dyn OpImpl> = std::sync::Arc::new(op);
-        (op, inputs)
-    };
     let lacking = GemmKey {
         epilogue: Epilogue::default(),
         ..PLAIN
@@ -347,8 +353,8 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
         gemm_node(&scaled),
         gemm_node(&hopper_plain),
         gemm_node(&lacking),
-        attention(DType::BF16),
-        attention(DType::F32),
+        attention_node(DType::BF16),
+        attention_node(DType::F32),
     ];
     let decisions = |choice, selection: &Selection| -> Vec<Decision> {
         nodes
@@ -461,6 +467,115 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
             other => panic!("{name}: {other:?}"),
         }
     }
+}
+
+/// `info`'s census goes through the dispatch's decision: under `auto` with [`mixed_table`]
+/// matched, each GEMM runs its winner (cuBLASLt, our Hopper GEMM in the
+/// winner's width, our portable GEMM; a shape the table lacks the portable one) and the
+/// attention our Hopper kernel, counted per run; a stale table, no table and a forced
+/// `portable` put every op on the portable kernels.
+#[test]
+fn the_kernel_census_counts_the_table_winners_per_family() {
+    use ultrapixel::runtime::graph::Graph;
+    use ultrapixel::runtime::kernel_choice::{KernelCensus, KernelChoice, KernelTarget};
+    use ultrapixel::tune::dispatch::Dispatch;
+    let (t, [scaled, hopper_plain]) = mixed_table();
+    let lacking = GemmKey {
+        epilogue: Epilogue::default(),
+        ..PLAIN
+    };
+    let mut g = Graph::new();
+    let nodes = [
+        gemm_node(&GELU),
+        gemm_node(&PLAIN),
+        gemm_node(&scaled),
+        gemm_node(&hopper_plain),
+        gemm_node(&lacking),
+        attention_node(DType::BF16),
+    ];
+    for (i, (op, inputs)) in nodes.into_iter().enumerate() {
+        let ids: Vec<_> = inputs
+            .iter()
+            .map(|d| {
+                g.input(&format!("{}{i}", d.name), &d.shape, d.dtype)
+                    .unwrap()
+            })
+            .collect();
+        let y = g.op_shared(op, &ids).unwrap()[0];
+        g.output(y, &format!("y{i}")).unwrap();
+    }
+    // The emulator builds every kernel, the Hopper ones included (their tensor maps without
+    // a driver), as `info` lists them without a GPU.
+    let target = KernelTarget::hostsim();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "nvidia-h200.json", &t.to_json());
+    let stale_key = TableKey {
+        kernels_hash: "0".repeat(16),
+        ..key()
+    };
+    let runs = 3;
+    let census = |key: &TableKey, choice| {
+        let selection = Selection::load_from(Some(dir.path()), &[], key);
+        let dispatch = Dispatch::with(selection);
+        let mut c = KernelCensus::default();
+        c.add(&g, target.with_choice(choice), Some(&dispatch), runs)
+            .unwrap();
+        c
+    };
+    let auto = census(&key(), KernelChoice::Auto);
+    let (gemm, attention) = (&auto.ops["gemm"], &auto.ops["attention"]);
+    assert_eq!((gemm.vendor, gemm.sm90a, gemm.portable), (3, 6, 6));
+    assert_eq!(
+        gemm.sm90a_variants,
+        [("n64".to_string(), 3), ("n256".to_string(), 3)].into()
+    );
+    assert_eq!(
+        (attention.vendor, attention.sm90a, attention.portable),
+        (0, 3, 0)
+    );
+    assert!(
+        auto.ops.values().all(|k| k.fallbacks.is_empty()),
+        "{auto:?}"
+    );
+    assert_eq!(
+        auto.lines(),
+        [
+            "attention: 3 sm90a (d64: 3), 0 portable",
+            "gemm: 3 cublaslt, 6 sm90a (n64: 3, n256: 3), 6 portable",
+        ]
+    );
+    let all_portable = |c: &KernelCensus| {
+        c.ops["gemm"].portable == 15
+            && c.ops["attention"].portable == 3
+            && c.ops.values().all(|k| k.vendor + k.sm90a == 0)
+    };
+    for (key, choice) in [
+        (&stale_key, KernelChoice::Auto),
+        (&key(), KernelChoice::Portable),
+    ] {
+        let c = census(key, choice);
+        assert!(all_portable(&c), "{choice:?}: {c:?}");
+    }
+    let mut none = KernelCensus::default();
+    none.add(&g, target.with_choice(KernelChoice::Auto), None, runs)
+        .unwrap();
+    assert!(all_portable(&none), "{none:?}");
+    // A table file given as is (`info --tuning-table`): used when its kernels are this
+    // build's, whatever device it names.
+    let given = |t: &Table| {
+        let path = dir.path().join("given.json");
+        write(dir.path(), "given.json", &t.to_json());
+        Selection::load_file(&path)
+    };
+    let mut elsewhere = t.clone();
+    elsewhere.key.device_name = "some other GPU".into();
+    assert_eq!(given(&elsewhere).table(), Some(&elsewhere));
+    elsewhere.key.kernels_hash = stale_key.kernels_hash.clone();
+    let stale = given(&elsewhere);
+    assert!(
+        built_in_reason(&stale).contains("kernels_hash"),
+        "{stale:?}"
+    );
 }
 
 /// A GEMM node whose table winner is our Hopper GEMM in each tile width launches that

@@ -1,12 +1,14 @@
 //! `ultrapixel info`: the build's kernels, the GPU and its tuning table, the ptxas resource
 //! table, and with --size the memory plan and launch count of a generation and which kernel
-//! (portable or sm_90a) its GEMM and attention ops run.
+//! (cuBLASLt, sm_90a or portable) its GEMM and attention ops run, as the tuning dispatch
+//! decides at session build.
 
 use super::backend_arg::BackendArg;
 use crate::runtime::cuda::probe;
-use crate::runtime::device::Device;
+use crate::runtime::device::{dry_node_entries, Device, DrySubstitution};
 use crate::runtime::kernel_choice::{KernelCensus, KernelChoice, KernelTarget};
 use crate::runtime::kernels::{CUDA_ARCHS, KERNELS_COMPILED, NVCC_VERSION, PTXAS, PTX_ARCH};
+use crate::tune::dispatch::{self, Dispatch};
 use crate::Result;
 
 #[derive(clap::Args, Debug)]
@@ -24,6 +26,11 @@ pub struct InfoArgs {
     /// `UPX_KERNELS` (default: the GPU when one is usable, else the emulator).
     #[arg(long, value_enum, requires = "size")]
     pub backend: Option<BackendArg>,
+    /// With --size: list the kernels this tuning table picks (under `UPX_KERNELS=auto`), as
+    /// on a GPU it matches, instead of the table the GPU's sessions would use (none on the
+    /// emulator). Used unless stale: measured with other kernels than this build's.
+    #[arg(long, value_name = "FILE", requires = "size")]
+    pub tuning_table: Option<std::path::PathBuf>,
 }
 
 pub fn info(a: InfoArgs) -> Result<i32> {
@@ -83,39 +90,94 @@ pub fn info(a: InfoArgs) -> Result<i32> {
         // cuBLASLt.
         let gpu = crate::backend::open_gpu(0).ok();
         let device = gpu.as_deref().map(|d| d as &dyn Device);
-        let configs = print_plan(size, a.model_dir.as_deref(), a.control, device)?;
-        let target = match (a.backend, device) {
-            (Some(BackendArg::Cuda) | None, Some(d)) => Ok((d.kernel_target(), d.describe())),
+        let target = match (a.backend, gpu.as_deref()) {
+            (Some(BackendArg::Cuda) | None, Some(d)) => {
+                Ok((d.kernel_target(), d.describe(), Some(d)))
+            }
             (Some(BackendArg::Hostsim) | None, _) => {
-                Ok((KernelTarget::hostsim(), "the emulator".to_string()))
+                Ok((KernelTarget::hostsim(), "the emulator".to_string(), None))
             }
             (Some(BackendArg::Cuda), None) => Err("no usable GPU"),
             (Some(BackendArg::Cpu), _) => Err("the cpu backend runs no kernels"),
         };
-        match target {
-            Ok((target, on)) => print_kernels(&configs, size, target, &on)?,
+        let listing = target.map(|(target, on, gpu)| {
+            let dispatch = listing_dispatch(a.tuning_table.as_deref(), gpu);
+            (target, on, dispatch)
+        });
+        let launches = listing.as_ref().ok().map(|(target, _, dispatch)| {
+            (*target, dispatch.get().map(|d| d as &dyn DrySubstitution))
+        });
+        let configs = print_plan(size, a.model_dir.as_deref(), a.control, device, launches)?;
+        match &listing {
+            Ok((target, on, dispatch)) => print_kernels(&configs, size, *target, on, dispatch)?,
             Err(why) => println!("\nGEMM and attention kernels: not listed ({why})"),
         }
     }
     Ok(0)
 }
 
+/// The tuning dispatch a listing applies, as the sessions on its target would: the table
+/// given (`--tuning-table`), else the GPU's own (the one its sessions use), else none (the
+/// emulator's sessions use no table: every node runs the op's own launches).
+enum ListingDispatch<'a> {
+    Given(Dispatch),
+    Gpu(&'a Dispatch),
+    None,
+}
+
+fn listing_dispatch<'a>(
+    table: Option<&std::path::Path>,
+    gpu: Option<&'a crate::runtime::cuda::CudaDevice>,
+) -> ListingDispatch<'a> {
+    match (table, gpu) {
+        (Some(path), _) => ListingDispatch::Given(Dispatch::with(dispatch::unless_off(|| {
+            crate::tune::Selection::load_file(path)
+        }))),
+        (None, Some(d)) => ListingDispatch::Gpu(dispatch::of(d)),
+        (None, None) => ListingDispatch::None,
+    }
+}
+
+impl ListingDispatch<'_> {
+    fn get(&self) -> Option<&Dispatch> {
+        match self {
+            ListingDispatch::Given(d) => Some(d),
+            ListingDispatch::Gpu(d) => Some(d),
+            ListingDispatch::None => None,
+        }
+    }
+
+    /// Which rules pick the kernels, for the listing's heading.
+    fn describe(&self) -> String {
+        match self.get() {
+            Some(d) => d.selection().describe(),
+            None => "none (the emulator's sessions use no tuning table; \
+                     --tuning-table FILE lists what a table picks)"
+                .into(),
+        }
+    }
+}
+
 /// Which kernel the GEMM and attention ops of a generation at `size` run on `target` (`on`
-/// names it) under `UPX_KERNELS`: per op family, executions per image on each kernel, and
-/// why the portable ones did not take the sm_90a kernel where it was allowed.
+/// names it) under `UPX_KERNELS` and the tuning `dispatch` (its decision per node, as at
+/// session build): per op family, executions per image on each kernel, and why the portable
+/// ones did not take the sm_90a kernel where it was allowed.
 fn print_kernels(
     configs: &crate::pipeline::open_models::Configs,
     size: crate::pipeline::Size,
     target: KernelTarget,
     on: &str,
+    dispatch: &ListingDispatch,
 ) -> Result<()> {
     let choice = target.resolve(None)?;
     let mut census = KernelCensus::default();
+    let substitution = dispatch.get().map(|d| d as &dyn DrySubstitution);
     for g in crate::pipeline::plan::stage_graphs(configs, size, (20, 10))? {
-        census.add(&g.graph, target, g.runs)?;
+        census.add(&g.graph, target, substitution, g.runs)?;
     }
+    // Under auto the tuning line below says which rules pick them.
     let not_here = match target.why_not_sm90a(choice) {
-        Some(why) if choice != KernelChoice::Portable => format!("; no sm_90a kernels: {why}"),
+        Some(why) if choice == KernelChoice::Sm90a => format!("; no sm_90a kernels: {why}"),
         _ => String::new(),
     };
     println!(
@@ -123,19 +185,22 @@ fn print_kernels(
         crate::runtime::kernel_choice::ENV,
         choice.name()
     );
+    println!("  tuning: {}", dispatch.describe());
     for line in census.lines() {
         println!("  {line}");
     }
     Ok(())
 }
 
-/// The memory plan of a generation at `size`, stage by stage; returns the configurations it
-/// planned with.
+/// The memory plan of a generation at `size`, stage by stage, and its launches per part
+/// (built for `launches`' target with its substitution, as the kernel listing; without one
+/// the portable kernels'); returns the configurations it planned with.
 fn print_plan(
     size: crate::pipeline::Size,
     dir: Option<&std::path::Path>,
     control: Option<crate::pipeline::ControlKind>,
     device: Option<&dyn Device>,
+    launches: Option<(KernelTarget, Option<&dyn DrySubstitution>)>,
 ) -> Result<crate::pipeline::open_models::Configs> {
     use crate::pipeline::control::net::add_to_plan;
     use crate::pipeline::open_models::{open_controlnet, Configs};
@@ -193,10 +258,19 @@ fn print_plan(
     );
     // Each part is one CUDA graph, replayed per run: its launches are the kernel boundaries
     // a run pays for.
-    println!("\nkernel launches (one CUDA graph per part; 20 Stage C steps per pass, 10 Stage B):");
+    println!(
+        "\nlaunches, our kernels and the cuBLASLt calls below (one CUDA graph per part; 20 Stage \
+         C steps per pass, 10 Stage B):"
+    );
     let mut total = 0;
     for g in crate::pipeline::plan::stage_graphs(&configs, size, (20, 10))? {
-        let n = crate::runtime::device::dry_launches(&g.graph)?.len();
+        let n = match launches {
+            Some((target, substitution)) => dry_node_entries(&g.graph, target, substitution)?
+                .iter()
+                .map(|node| node.entries.len())
+                .sum(),
+            None => crate::runtime::device::dry_launches(&g.graph)?.len(),
+        };
         total += n * g.runs;
         println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
     }

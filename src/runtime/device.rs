@@ -440,25 +440,64 @@ pub fn dry_launches(graph: &Graph) -> Result<Vec<Launch>> {
 pub fn dry_launches_for(graph: &Graph, target: KernelTarget) -> Result<Vec<Launch>> {
     Ok(dry_node_launches(graph, target)?
         .into_iter()
-        .flat_map(|n| n.launches)
+        .flat_map(|n| n.entries)
+        .filter_map(|e| e.kernel().cloned())
         .collect())
+}
+
+/// What a device's sessions run instead of some nodes' own launches, for a listing without
+/// that device: the tuning dispatch's decision, the vendor calls as stand-ins that name them.
+pub trait DrySubstitution {
+    /// Scratch bytes the node needs in a graph built for `choice` (as
+    /// [`Device::substitute_scratch`]).
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc], choice: KernelChoice) -> usize;
+    /// The node's entries (as [`Device::substitute`]) and the target its own launches among
+    /// them were built for (for the fallback reason); None: the op's own launches.
+    fn entries(
+        &self,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<(Vec<Entry>, KernelTarget)>>;
 }
 
 /// One node's part of a dry listing.
 pub struct DryNode {
     /// The node's index in the graph.
     pub node: usize,
-    pub launches: Vec<Launch>,
-    /// Why the node takes a portable kernel although the target allows its Hopper one
-    /// ([`OpImpl::sm90a_fallback`](super::graph::OpImpl::sm90a_fallback)).
+    pub entries: Vec<Entry>,
+    /// Why the node takes a portable kernel although the target it was built for allows its
+    /// Hopper one ([`OpImpl::sm90a_fallback`](super::graph::OpImpl::sm90a_fallback)).
     pub sm90a_fallback: Option<String>,
 }
 
 /// [`dry_launches_for`] node by node, with why a node falls back to a portable kernel.
 pub fn dry_node_launches(graph: &Graph, target: KernelTarget) -> Result<Vec<DryNode>> {
+    dry_node_entries(graph, target, None)
+}
+
+/// [`dry_node_launches`] with the nodes `substitution` runs its own way, their scratch
+/// planned in the arena as a session plans it.
+pub fn dry_node_entries(
+    graph: &Graph,
+    target: KernelTarget,
+    substitution: Option<&dyn DrySubstitution>,
+) -> Result<Vec<DryNode>> {
     let (graph, target) = resolve_kernels(Cow::Borrowed(graph), target)?;
     let graph = graph.as_ref();
-    let plan = planner::plan(graph);
+    let choice = target.kernel_choice()?;
+    let scratch: Vec<usize> = match substitution {
+        Some(s) => graph
+            .nodes
+            .iter()
+            .map(|n| {
+                let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
+                s.scratch_bytes(n, &ins, choice)
+            })
+            .collect(),
+        None => vec![0; graph.nodes.len()],
+    };
+    let plan = planner::plan_with_scratch(graph, &|i| scratch[i]);
     const ARENA: u64 = 1 << 40;
     const WEIGHTS: u64 = 1 << 44;
     let mut next_weight = WEIGHTS;
@@ -478,11 +517,31 @@ pub fn dry_node_launches(graph: &Graph, target: KernelTarget) -> Result<Vec<DryN
     (0..graph.nodes.len())
         .map(|i| {
             let io = node_io(graph, &plan, &ptrs, ARENA, target, i);
-            let op = &graph.nodes[i].op;
+            let node = &graph.nodes[i];
+            let scratch = plan.scratch[i].map_or(0, |o| ARENA + o as u64);
+            let substituted = match substitution {
+                Some(s) => s.entries(node, &io, scratch)?,
+                None => None,
+            };
+            let (entries, built_for) = match substituted {
+                Some(e) => e,
+                None => (
+                    node.op
+                        .launches(&io)?
+                        .into_iter()
+                        .map(Entry::Kernel)
+                        .collect(),
+                    target,
+                ),
+            };
+            let io = LaunchIo {
+                target: built_for,
+                ..io
+            };
             Ok(DryNode {
                 node: i,
-                launches: op.launches(&io)?,
-                sm90a_fallback: op.sm90a_fallback(&io)?,
+                entries,
+                sm90a_fallback: node.op.sm90a_fallback(&io)?,
             })
         })
         .collect()

@@ -22,6 +22,7 @@
 //!
 //! [`Graph::set_kernels`]: super::graph::Graph::set_kernels
 
+use super::device::DrySubstitution;
 use super::graph::Graph;
 use super::launch::Entry;
 use super::BackendKind;
@@ -186,22 +187,38 @@ pub fn attention_launch_counts() -> (usize, usize) {
     FAMILIES[1].counts()
 }
 
-/// A kernel family with a portable and an sm_90a implementation, told apart by name prefix;
-/// `placed` counts (sm_90a launches, all launches).
+/// A kernel family with a portable and an sm_90a implementation, told apart by name prefix,
+/// and for some a vendor library's call (its description's prefix); `placed` counts (sm_90a
+/// launches, all launches of our kernels).
 struct Family {
     /// The ops' name in reports.
     op: &'static str,
     portable: &'static str,
     sm90a: &'static str,
+    vendor: Option<&'static str>,
     placed: [AtomicUsize; 2],
 }
 
+/// Which implementation of its family an entry runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Implementation {
+    Portable,
+    Sm90a,
+    Vendor,
+}
+
 impl Family {
-    const fn new(op: &'static str, portable: &'static str, sm90a: &'static str) -> Self {
+    const fn new(
+        op: &'static str,
+        portable: &'static str,
+        sm90a: &'static str,
+        vendor: Option<&'static str>,
+    ) -> Self {
         Family {
             op,
             portable,
             sm90a,
+            vendor,
             placed: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
     }
@@ -215,15 +232,28 @@ impl Family {
 }
 
 static FAMILIES: [Family; 2] = [
-    Family::new("gemm", "gemm_bf16_", "gemm_sm90a_"),
-    Family::new("attention", "attention_d", "attention_sm90a_"),
+    Family::new(
+        "gemm",
+        "gemm_bf16_",
+        "gemm_sm90a_",
+        Some(super::cuda::cublaslt::CALL_PREFIX),
+    ),
+    Family::new("attention", "attention_d", "attention_sm90a_", None),
 ];
 
-/// The kernel family of a launch of `kernel` (None: a kernel with one implementation).
-fn family_of(kernel: &str) -> Option<(&'static Family, bool)> {
+/// The kernel family of an entry named `name` (a kernel's name, a vendor call's description)
+/// and which of its implementations it is (None: one with a single implementation).
+fn family_of(name: &str) -> Option<(&'static Family, Implementation)> {
     FAMILIES.iter().find_map(|f| {
-        let sm90a = kernel.starts_with(f.sm90a);
-        (sm90a || kernel.starts_with(f.portable)).then_some((f, sm90a))
+        if name.starts_with(f.sm90a) {
+            Some((f, Implementation::Sm90a))
+        } else if name.starts_with(f.portable) {
+            Some((f, Implementation::Portable))
+        } else if f.vendor.is_some_and(|v| name.starts_with(v)) {
+            Some((f, Implementation::Vendor))
+        } else {
+            None
+        }
     })
 }
 
@@ -236,8 +266,9 @@ fn sm90a_variant(f: &Family, kernel: &str) -> String {
 }
 
 /// Which kernel the GEMM and attention ops of some graphs run on one target: per op family,
-/// the executions on the sm_90a kernel and on the portable one, the latter by reason where
-/// the target allowed the sm_90a kernel (`OpImpl::sm90a_fallback`). `info --size` prints it.
+/// the executions on the vendor library (cuBLASLt, for GEMMs), on the sm_90a kernel and on
+/// the portable one, the latter by reason where the node's launches allowed the sm_90a
+/// kernel (`OpImpl::sm90a_fallback`). `info --size` prints it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KernelCensus {
     pub ops: BTreeMap<&'static str, OpKernels>,
@@ -246,6 +277,8 @@ pub struct KernelCensus {
 /// One op family's part of a [`KernelCensus`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OpKernels {
+    /// Executions on the vendor library (cuBLASLt) the tuning table chose.
+    pub vendor: usize,
     pub sm90a: usize,
     /// The sm_90a executions by kernel variant (the GEMM's tile width: `n64`, `n128`, `n256`).
     pub sm90a_variants: BTreeMap<String, usize>,
@@ -256,29 +289,38 @@ pub struct OpKernels {
 
 impl KernelCensus {
     /// Adds `runs` executions of `graph`'s launches for `target` (each node counted once per
-    /// op family it launches).
-    pub fn add(&mut self, graph: &Graph, target: KernelTarget, runs: usize) -> Result<()> {
-        for node in super::device::dry_node_launches(graph, target)? {
-            let mut families: Vec<(&Family, bool, &str)> = node
-                .launches
+    /// op family it runs), with the nodes `substitution` runs its own way (the tuning
+    /// dispatch of the device, as its sessions would: `device::dry_node_entries`).
+    pub fn add(
+        &mut self,
+        graph: &Graph,
+        target: KernelTarget,
+        substitution: Option<&dyn DrySubstitution>,
+        runs: usize,
+    ) -> Result<()> {
+        for node in super::device::dry_node_entries(graph, target, substitution)? {
+            let mut families: Vec<(&Family, Implementation, String)> = node
+                .entries
                 .iter()
-                .filter_map(|l| {
-                    let name = l.kernel.name();
-                    family_of(name).map(|(f, sm90a)| (f, sm90a, name))
+                .filter_map(|e| {
+                    let name = e.name();
+                    family_of(&name).map(|(f, imp)| (f, imp, name))
                 })
                 .collect();
             families.dedup_by_key(|(f, ..)| f.op);
-            for (f, sm90a, kernel) in families {
+            for (f, imp, name) in families {
                 let e = self.ops.entry(f.op).or_default();
-                if sm90a {
-                    e.sm90a += runs;
-                    *e.sm90a_variants
-                        .entry(sm90a_variant(f, kernel))
-                        .or_default() += runs;
-                } else {
-                    e.portable += runs;
-                    if let Some(why) = &node.sm90a_fallback {
-                        *e.fallbacks.entry(why.clone()).or_default() += runs;
+                match imp {
+                    Implementation::Vendor => e.vendor += runs,
+                    Implementation::Sm90a => {
+                        e.sm90a += runs;
+                        *e.sm90a_variants.entry(sm90a_variant(f, &name)).or_default() += runs;
+                    }
+                    Implementation::Portable => {
+                        e.portable += runs;
+                        if let Some(why) = &node.sm90a_fallback {
+                            *e.fallbacks.entry(why.clone()).or_default() += runs;
+                        }
                     }
                 }
             }
@@ -286,8 +328,8 @@ impl KernelCensus {
         Ok(())
     }
 
-    /// One line per op family: `gemm: 120 sm90a (n128: 40, n256: 80), 8 portable (reason:
-    /// 8)`.
+    /// One line per op family: `gemm: 12 cublaslt, 120 sm90a (n128: 40, n256: 80), 8 portable
+    /// (reason: 8)`, the vendor count for the families that have one.
     pub fn lines(&self) -> Vec<String> {
         let listed = |parts: Vec<String>, sep: &str| match parts.is_empty() {
             true => String::new(),
@@ -302,8 +344,13 @@ impl KernelCensus {
                 variants.sort_by_key(|(w, _)| w.len());
                 let variants = listed(variants.into_iter().map(count).collect(), ", ");
                 let why = listed(k.fallbacks.iter().map(count).collect(), "; ");
+                let has_vendor = FAMILIES.iter().any(|f| f.op == *op && f.vendor.is_some());
+                let vendor = match has_vendor {
+                    true => format!("{} cublaslt, ", k.vendor),
+                    false => String::new(),
+                };
                 format!(
-                    "{op}: {} sm90a{variants}, {} portable{why}",
+                    "{op}: {vendor}{} sm90a{variants}, {} portable{why}",
                     k.sm90a, k.portable
                 )
             })
@@ -314,9 +361,9 @@ impl KernelCensus {
 /// Counts the GEMM and attention kernel launches of a session's launch list.
 pub(crate) fn count_launches(entries: &[Entry]) {
     for e in entries {
-        if let Some((f, sm90a)) = e.kernel().and_then(|l| family_of(l.kernel.name())) {
+        if let Some((f, imp)) = e.kernel().and_then(|l| family_of(l.kernel.name())) {
             f.placed[1].fetch_add(1, Ordering::Relaxed);
-            if sm90a {
+            if imp == Implementation::Sm90a {
                 f.placed[0].fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -415,7 +462,7 @@ mod tests {
         }
         let census = |target: KernelTarget| {
             let mut c = KernelCensus::default();
-            c.add(&g, target, 5).unwrap();
+            c.add(&g, target, None, 5).unwrap();
             c
         };
         let forced = census(KernelTarget::hostsim().with_choice(KernelChoice::Sm90a));
@@ -431,7 +478,7 @@ mod tests {
         let modelled = crate::ops::gemm_sm90a::TileWidth::for_shape(80, 24, 132).columns();
         assert_eq!(
             lines[1],
-            format!("gemm: 5 sm90a (n{modelled}: 5), 0 portable"),
+            format!("gemm: 0 cublaslt, 5 sm90a (n{modelled}: 5), 0 portable"),
             "{lines:?}"
         );
         assert!(lines[0].starts_with("attention: 5 sm90a (d64: 5), 5 portable (head dim 16"));
@@ -440,7 +487,10 @@ mod tests {
                 .with_choice(KernelChoice::Sm90a)
                 .with_gemm_tile_n(256),
         );
-        assert_eq!(named.lines()[1], "gemm: 5 sm90a (n256: 5), 0 portable");
+        assert_eq!(
+            named.lines()[1],
+            "gemm: 0 cublaslt, 5 sm90a (n256: 5), 0 portable"
+        );
         // Portable: every op on the portable kernel, no reasons to give.
         let portable = census(KernelTarget::hostsim().with_choice(KernelChoice::Portable));
         assert_eq!(portable.ops["gemm"].portable, 5);

@@ -10,7 +10,8 @@
 //! `sm90a`: the family is not the table's to choose) runs the op's own launches; under a
 //! forced `sm90a` a GEMM whose winner is our Hopper GEMM takes the winner's tile width.
 //! The choice depends only on the table, the kernel choice and the node ([`decide`]), so a
-//! run is bit-identical to the next.
+//! run is bit-identical to the next. `info --size` lists the same decisions without placing
+//! anything ([`Dispatch::listed_entries`], the cuBLASLt calls as stand-ins that name them).
 //!
 //! Anything that keeps a chosen call from running here (cuBLASLt missing or without a
 //! workspace, an algorithm `cublasLtMatmulAlgoCheck` refuses, an inconsistent entry) makes that
@@ -22,9 +23,10 @@ use super::table::{parse_dtype, AttentionChoice, GemmChoice, LtChoice, Selection
 use crate::ops::gemm_sm90a::TileWidth;
 use crate::runtime::cuda::cublaslt::{Algo, Lt, LtCall, LtMatmul, LtSpec};
 use crate::runtime::cuda::{CudaDevice, Substitution};
+use crate::runtime::device::DrySubstitution;
 use crate::runtime::graph::{DevTensor, LaunchIo, Node, OpImpl, TensorDesc};
-use crate::runtime::kernel_choice::KernelChoice;
-use crate::runtime::launch::Entry;
+use crate::runtime::kernel_choice::{KernelChoice, KernelTarget};
+use crate::runtime::launch::{Entry, VendorCall};
 use crate::tensor::DType;
 use crate::Result;
 use std::collections::HashSet;
@@ -244,16 +246,30 @@ impl Substitution for Dispatch {
     }
 }
 
+impl DrySubstitution for Dispatch {
+    fn scratch_bytes(&self, node: &Node, inputs: &[&TensorDesc], choice: KernelChoice) -> usize {
+        Dispatch::scratch_bytes(self, node, inputs, choice)
+    }
+
+    fn entries(
+        &self,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<(Vec<Entry>, KernelTarget)>> {
+        self.listed_entries(node, io, scratch)
+    }
+}
+
 impl Dispatch {
     /// The selection for a device with this key (see [`Selection::load_for`]); `UPX_TUNING=off`
     /// forces the built-in rules.
     pub fn new(key: &super::table::TableKey) -> Dispatch {
-        let selection = match std::env::var("UPX_TUNING").as_deref() {
-            Ok("off") => Selection::BuiltIn {
-                reason: "UPX_TUNING=off".into(),
-            },
-            _ => Selection::load_for(key),
-        };
+        Dispatch::with(unless_off(|| Selection::load_for(key)))
+    }
+
+    /// The dispatch of a device that uses `selection`.
+    pub fn with(selection: Selection) -> Dispatch {
         Dispatch {
             selection,
             lt: OnceLock::new(),
@@ -303,6 +319,31 @@ impl Dispatch {
         }
     }
 
+    /// [`Self::entries`] for a listing without the device: the cuBLASLt call as a stand-in
+    /// that names it (whether this machine's cuBLASLt accepts the algorithm is not checked),
+    /// and the target the node's own launches were built for.
+    pub fn listed_entries(
+        &self,
+        node: &Node,
+        io: &LaunchIo,
+        scratch: u64,
+    ) -> Result<Option<(Vec<Entry>, KernelTarget)>> {
+        let op = node.op.as_ref();
+        let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
+        let decision = self.decide(io.target.kernel_choice()?, op, &descs);
+        let entries = match &decision {
+            Decision::CublasLt(key, c) => {
+                let vendor = Arc::new(ListedLt(lt_spec(key, c).describe()));
+                let plan = PairPlan::of(key, c);
+                pair_entries(op, key, node.workspace, io, scratch, plan, &mut |_, _| {
+                    Ok(Entry::Vendor(vendor.clone()))
+                })?
+            }
+            other => our_entries(other, op, io, scratch)?,
+        };
+        Ok(entries.map(|e| (e, built_for(&decision, io.target))))
+    }
+
     /// The node's entries under its target's kernel choice ([`decide`]): for a cuBLASLt
     /// winner the scaling pass where the op modulates A, cuBLASLt, the epilogue pass where it
     /// needs one; for a Hopper winner the op's launches built for `sm90a`; None for the op's
@@ -318,9 +359,7 @@ impl Dispatch {
         let op = node.op.as_ref();
         match self.decide(io.target.kernel_choice()?, op, &descs) {
             Decision::CublasLt(key, c) => self.vendor_entries(dev, node, io, scratch, key, c),
-            Decision::Sm90a(gemm) => sm90a_entries(op, gemm.as_ref(), io, scratch),
-            Decision::OwnInWidth(width) => own_entries_in_width(op, width, io).map(Some),
-            Decision::Own | Decision::Unfit(_) => Ok(None),
+            other => our_entries(&other, op, io, scratch),
         }
     }
 
@@ -347,16 +386,8 @@ impl Dispatch {
         if layout.bytes > 0 && scratch == 0 {
             return Ok(None);
         }
-        let product = parse_dtype(&c.product).expect("checked by inconsistency");
         let algo = Algo::from_hex(&c.algo.bytes).expect("checked by inconsistency");
-        let spec = LtSpec {
-            m: key.m,
-            n: key.n,
-            k: key.k,
-            product,
-            bias: c.epilogue == "bias",
-            residual_as_c: c.residual_as_c,
-        };
+        let spec = lt_spec(&key, &c);
         let bias = if spec.bias {
             io.inputs[pair::bias_index()].ptr
         } else {
@@ -415,6 +446,74 @@ impl Dispatch {
     }
 }
 
+/// `load()`, unless `UPX_TUNING=off` forces the built-in rules.
+pub fn unless_off(load: impl FnOnce() -> Selection) -> Selection {
+    match std::env::var("UPX_TUNING").as_deref() {
+        Ok("off") => Selection::BuiltIn {
+            reason: "UPX_TUNING=off".into(),
+        },
+        _ => load(),
+    }
+}
+
+/// The cuBLASLt call of a winner that fits its GEMM ([`inconsistency`] is None).
+fn lt_spec(key: &GemmKey, c: &LtChoice) -> LtSpec {
+    LtSpec {
+        m: key.m,
+        n: key.n,
+        k: key.k,
+        product: parse_dtype(&c.product).expect("checked by inconsistency"),
+        bias: c.epilogue == "bias",
+        residual_as_c: c.residual_as_c,
+    }
+}
+
+/// A listed cuBLASLt call: its description alone (a listing runs nothing).
+struct ListedLt(String);
+
+impl VendorCall for ListedLt {
+    unsafe fn enqueue(&self, _stream: usize) -> Result<()> {
+        Err(crate::Error::InvalidArgument(format!(
+            "{} was listed, not placed on a device",
+            self.0
+        )))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+/// The entries of a decision that runs our kernels (None: the op's own launches).
+fn our_entries(
+    decision: &Decision,
+    op: &dyn OpImpl,
+    io: &LaunchIo,
+    scratch: u64,
+) -> Result<Option<Vec<Entry>>> {
+    match decision {
+        Decision::Sm90a(gemm) => sm90a_entries(op, gemm.as_ref(), io, scratch),
+        Decision::OwnInWidth(width) => own_entries_in_width(op, *width, io).map(Some),
+        Decision::Own | Decision::Unfit(_) | Decision::CublasLt(..) => Ok(None),
+    }
+}
+
+/// What a node's own launches are built for under `decision` on `target`: the Hopper kernels
+/// forced for a Hopper winner, a GEMM winner's tile width.
+fn built_for(decision: &Decision, target: KernelTarget) -> KernelTarget {
+    match decision {
+        Decision::Sm90a(gemm) => {
+            let t = target.with_choice(KernelChoice::Sm90a);
+            match gemm {
+                Some(g) => t.with_gemm_tile_n(g.width.columns()),
+                None => t,
+            }
+        }
+        Decision::OwnInWidth(width) => target.with_gemm_tile_n(width.columns()),
+        Decision::Own | Decision::Unfit(_) | Decision::CublasLt(..) => target,
+    }
+}
+
 /// A node's launches built for `sm90a` (our Hopper kernel where the shape qualifies); a GEMM
 /// (`gemm`) in its tile width, with its scaled A in the scratch where the op modulates A
 /// ([`sm90a_layout`]); None when that scratch is missing (the op's own launches run).
@@ -425,21 +524,17 @@ pub fn sm90a_entries(
     scratch: u64,
 ) -> Result<Option<Vec<Entry>>> {
     let mut workspace = io.workspace;
-    let mut target = io.target.with_choice(KernelChoice::Sm90a);
-    if let Some(g) = gemm {
-        target = target.with_gemm_tile_n(g.width.columns());
-        if let Some(at) = sm90a_layout(&g.key).scaled_a {
-            if scratch == 0 {
-                return Ok(None);
-            }
-            workspace = scratch + at as u64;
+    if let Some(at) = gemm.and_then(|g| sm90a_layout(&g.key).scaled_a) {
+        if scratch == 0 {
+            return Ok(None);
         }
+        workspace = scratch + at as u64;
     }
     let forced = LaunchIo {
         inputs: io.inputs.clone(),
         outputs: io.outputs.clone(),
         workspace,
-        target,
+        target: built_for(&Decision::Sm90a(gemm.copied()), io.target),
     };
     Ok(Some(pair::kernels(op.launches(&forced)?)))
 }
@@ -455,7 +550,7 @@ pub fn own_entries_in_width(
         inputs: io.inputs.clone(),
         outputs: io.outputs.clone(),
         workspace: io.workspace,
-        target: io.target.with_gemm_tile_n(width.columns()),
+        target: built_for(&Decision::OwnInWidth(width), io.target),
     };
     Ok(pair::kernels(op.launches(&io)?))
 }

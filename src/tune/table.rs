@@ -490,11 +490,7 @@ impl Selection {
                 let source = path.display().to_string();
                 match std::fs::read_to_string(&path) {
                     Ok(t) => (source, t),
-                    Err(e) => {
-                        return Selection::BuiltIn {
-                            reason: format!("unreadable tuning table {source}: {e}"),
-                        }
-                    }
+                    Err(e) => return Self::unreadable(&source, e.to_string()),
                 }
             }
             None => match embedded.iter().find(|(name, _)| *name == file) {
@@ -510,14 +506,41 @@ impl Selection {
                 }
             },
         };
-        let table = match Table::parse(&text) {
+        match Table::parse(&text) {
+            Ok(t) => Self::unless_stale(source, t, key),
+            Err(e) => Self::unreadable(&source, e),
+        }
+    }
+
+    /// The table in file `path` wherever it was measured, for listing what it picks without
+    /// its device: used unless it cannot be read or its kernels are not this build's (the one
+    /// key field that does not depend on the device).
+    pub fn load_file(path: &Path) -> Selection {
+        let source = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) => {
-                return Selection::BuiltIn {
-                    reason: format!("unreadable tuning table {source}: {e}"),
-                }
-            }
+            Err(e) => return Self::unreadable(&source, e.to_string()),
         };
+        match Table::parse(&text) {
+            Ok(t) => {
+                let key = TableKey {
+                    kernels_hash: kernels_hash(),
+                    ..t.key.clone()
+                };
+                Self::unless_stale(source, t, &key)
+            }
+            Err(e) => Self::unreadable(&source, e),
+        }
+    }
+
+    fn unreadable(source: &str, e: String) -> Selection {
+        Selection::BuiltIn {
+            reason: format!("unreadable tuning table {source}: {e}"),
+        }
+    }
+
+    /// `table` (from `source`) where its key matches `key`, else the built-in rules.
+    fn unless_stale(source: String, table: Table, key: &TableKey) -> Selection {
         let diff = table.key.differences(key);
         if !diff.is_empty() {
             return Selection::BuiltIn {

@@ -126,6 +126,24 @@ pub struct LtSpec {
     pub residual_as_c: bool,
 }
 
+/// How a call's description begins (launch lists, `info`'s census).
+pub const CALL_PREFIX: &str = "cuBLASLt ";
+
+impl LtSpec {
+    /// The call in reports: `cuBLASLt 4096x1280x1280 ->f32 +bias`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{CALL_PREFIX}{}x{}x{} ->{}{}{}",
+            self.m,
+            self.n,
+            self.k,
+            self.product.suffix(),
+            if self.bias { " +bias" } else { "" },
+            if self.residual_as_c { " +C" } else { "" }
+        )
+    }
+}
+
 fn data_type(d: DType) -> sys::cudaDataType {
     match d {
         DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
@@ -392,16 +410,7 @@ impl VendorCall for LtCall {
     }
 
     fn describe(&self) -> String {
-        let s = self.mm.spec;
-        format!(
-            "cuBLASLt {}x{}x{} ->{}{}{}",
-            s.m,
-            s.n,
-            s.k,
-            s.product.suffix(),
-            if s.bias { " +bias" } else { "" },
-            if s.residual_as_c { " +C" } else { "" }
-        )
+        self.mm.spec.describe()
     }
 }
 
