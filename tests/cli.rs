@@ -131,6 +131,51 @@ fn every_command_exits_as_the_readme_table_says() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// `info --size` lists the work per image by stage and op kind, most bytes first: the
+/// transposed convs with their tensor-core FLOPs, and no reshape (a view moves nothing).
+#[test]
+fn info_lists_the_work_per_op() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrapixel"))
+        .args(["info", "--size", "1024x1536", "--backend", "hostsim"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let section: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("work per image by op"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let rows: Vec<(String, String, f64, f64)> = section
+        .iter()
+        .filter(|l| l.ends_with(" runs"))
+        .map(|l| {
+            let (stage, rest) = l.split_at(13);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            (
+                stage.trim().into(),
+                f[0].into(),
+                f[1].parse().unwrap(),
+                f[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert!(rows.len() > 10, "{text}");
+    assert!(rows.windows(2).all(|w| w[0].3 >= w[1].3), "{text}");
+    for stage in ["stage A", "stage B"] {
+        let up = rows
+            .iter()
+            .find(|r| r.0 == stage && r.1 == "conv_transpose2d");
+        assert!(up.is_some_and(|r| r.2 > 0.0), "{stage}:\n{text}");
+    }
+    assert!(!rows.iter().any(|r| r.1 == "reshape"), "{text}");
+    assert!(
+        section.last().unwrap().contains("smaller op kinds"),
+        "{text}"
+    );
+}
+
 /// `info --size` names the kernel each GEMM and attention op of a generation runs under
 /// `UPX_KERNELS` on the chosen backend: on the emulator, forced sm_90a puts every op of the
 /// released model on the sm_90a kernels (each shape qualifies; the GEMMs by tile width), the

@@ -275,5 +275,35 @@ fn print_plan(
         println!("{:<13} {:<20} {n:>6} × {:>3}", g.stage, g.part, g.runs);
     }
     println!("per image: {total} launches");
+    print_work(&configs, size)?;
     Ok(configs)
+}
+
+/// The work per image by stage and op kind (tensor-core FLOPs, the bytes each op must move
+/// at least), the kinds that move at least 1 GB or compute 10 GFLOP; the rest summed.
+fn print_work(
+    configs: &crate::pipeline::open_models::Configs,
+    size: crate::pipeline::Size,
+) -> Result<()> {
+    let work = crate::pipeline::plan::work_by_op(configs, size, (20, 10))?;
+    println!(
+        "
+work per image by op, most bytes first (TFLOP on tensor cores, GB moved at least):"
+    );
+    let (shown, rest): (Vec<_>, Vec<_>) = work
+        .iter()
+        .partition(|w| w.cost.bytes >= 1e9 || w.cost.flops >= 1e10);
+    for w in shown {
+        println!(
+            "{:<13} {:<20} {:>9.2} TFLOP {:>9.1} GB {:>7} runs",
+            w.stage,
+            w.op,
+            w.cost.flops / 1e12,
+            w.cost.bytes / 1e9,
+            w.runs
+        );
+    }
+    let bytes: f64 = rest.iter().map(|w| w.cost.bytes).sum();
+    println!("{} smaller op kinds: {:.2} GB", rest.len(), bytes / 1e9);
+    Ok(())
 }

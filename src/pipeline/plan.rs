@@ -9,7 +9,7 @@ use super::stages::{
     StageADecode, StageBRun, StageCConditions, StageCRun, StageCShapes, StageId, STAGE_A_TILE,
 };
 use crate::runtime::device::{node_scratch, Device};
-use crate::runtime::graph::{Graph, Role};
+use crate::runtime::graph::{Cost, Graph, Role};
 use crate::runtime::planner::{self, ALIGN};
 use crate::sampling_loop::{Guidance, NoiseSource};
 use crate::tensor::HostTensor;
@@ -181,6 +181,56 @@ pub fn stage_graphs(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<
     ])
 }
 
+/// The work of one op kind in one stage over a whole generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpWork {
+    pub stage: StageId,
+    pub op: &'static str,
+    /// Executions per image.
+    pub runs: usize,
+    /// Tensor-core FLOPs and the bytes the op must move at least, per image.
+    pub cost: Cost,
+}
+
+/// Per stage and op kind, the work of a generation at `size` ([`stage_graphs`] with `steps`:
+/// every node's [`Cost`] times its graph's runs per image), most bytes first. A view (a
+/// reshape of an activation, which the planner places on its input) moves nothing.
+pub fn work_by_op(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Vec<OpWork>> {
+    let mut work: Vec<OpWork> = Vec::new();
+    for sg in stage_graphs(cfg, size, steps)? {
+        for node in &sg.graph.nodes {
+            let view = node.op.is_view() && sg.graph.desc(node.inputs[0]).role != Role::Weight;
+            let cost = if view {
+                Cost::default()
+            } else {
+                sg.graph.node_cost(node)
+            };
+            let (stage, op) = (sg.stage, node.op.name());
+            let at = match work.iter().position(|w| (w.stage, w.op) == (stage, op)) {
+                Some(i) => i,
+                None => {
+                    work.push(OpWork {
+                        stage,
+                        op,
+                        runs: 0,
+                        cost: Cost::default(),
+                    });
+                    work.len() - 1
+                }
+            };
+            let w = &mut work[at];
+            w.runs += sg.runs;
+            w.cost = w.cost
+                + Cost {
+                    flops: cost.flops * sg.runs as f64,
+                    bytes: cost.bytes * sg.runs as f64,
+                };
+        }
+    }
+    work.sort_by(|a, b| b.cost.bytes.total_cmp(&a.cost.bytes));
+    Ok(work)
+}
+
 /// The device memory of a generation at `size` with these networks, stage by stage: every
 /// graph recorded at its real shapes and planned, no weights read; with `device`, the scratch
 /// it needs for the nodes it runs its own way (vendor GEMMs) counted in the arenas.
@@ -295,5 +345,48 @@ mod tests {
         // Never below the resident peak (a text encoder larger than everything else).
         plan.stages[0] = stage(StageId::TextEncoder, 1000, 5, 5);
         assert_eq!(plan.reuse_peak(), 1005);
+    }
+
+    #[test]
+    fn work_by_op_adds_every_node_once_and_views_move_nothing() {
+        let cfg = Configs {
+            text: Default::default(),
+            stage_c: Default::default(),
+            stage_b: Default::default(),
+            stage_a: Default::default(),
+        };
+        let size = Size::new(1024, 1536).unwrap();
+        let work = work_by_op(&cfg, size, (3, 2)).unwrap();
+        assert!(work.windows(2).all(|w| w[0].cost.bytes >= w[1].cost.bytes));
+        let (mut flops, mut bytes, mut views, mut tiles) = (0.0, 0.0, 0.0, 0);
+        for g in stage_graphs(&cfg, size, (3, 2)).unwrap() {
+            if g.stage == StageId::StageA {
+                tiles = g.runs;
+            }
+            let c = g.graph.cost();
+            flops += c.flops * g.runs as f64;
+            bytes += c.bytes * g.runs as f64;
+            for n in g.graph.nodes.iter().filter(|n| n.op.name() == "reshape") {
+                views += g.graph.node_cost(n).bytes * g.runs as f64;
+            }
+        }
+        let total = work.iter().fold(Cost::default(), |a, w| a + w.cost);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+        assert!(close(total.flops, flops), "{} vs {flops}", total.flops);
+        assert!(views > 0.0 && close(total.bytes, bytes - views));
+        let find = |stage, op| {
+            work.iter()
+                .find(|w| (w.stage, w.op) == (stage, op))
+                .unwrap()
+        };
+        assert_eq!(find(StageId::StageC, "reshape").cost, Cost::default());
+        // Stage A's upsampler once per tile (two at this size), Stage B's three upscalers at
+        // each of its 2 steps.
+        let up = find(StageId::StageA, "conv_transpose2d");
+        assert!(
+            up.cost.flops > 0.0 && up.runs == tiles && tiles == 2,
+            "{up:?}"
+        );
+        assert_eq!(find(StageId::StageB, "conv_transpose2d").runs, 3 * 2);
     }
 }
