@@ -427,18 +427,19 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
             );
         }
     }
+    // `table` as the GPU's table, and what it makes of node `i`.
+    let load = |table: &Table, i: usize| {
+        write(dir.path(), "nvidia-h200.json", &table.to_json());
+        let selection = Selection::load_from(Some(dir.path()), &[], &key());
+        let (op, inputs) = &nodes[i];
+        let inputs: Vec<&TensorDesc> = inputs.iter().collect();
+        let decision = decide(KernelChoice::Auto, &selection, op.as_ref(), &inputs);
+        (selection, decision)
+    };
     // An entry that does not fit its node is refused, with the reason.
     let mut bad = t.clone();
     bad.gemm[0].candidates[1].cublaslt.as_mut().unwrap().scale_a = true;
-    write(dir.path(), "nvidia-h200.json", &bad.to_json());
-    let bad = Selection::load_from(Some(dir.path()), &[], &key());
-    let (op, inputs) = &nodes[0];
-    match decide(
-        KernelChoice::Auto,
-        &bad,
-        op.as_ref(),
-        &inputs.iter().collect::<Vec<_>>(),
-    ) {
+    match load(&bad, 0).1 {
         Decision::Unfit(why) => assert!(why.contains("operand scaling"), "{why}"),
         other => panic!("{other:?}"),
     }
@@ -453,16 +454,12 @@ fn the_dispatch_follows_the_table_under_auto_and_forced_choices_keep_their_famil
         let e = &mut bad.gemm[3];
         e.candidates[3].name = name.into();
         e.winner = name.into();
-        write(dir.path(), "nvidia-h200.json", &bad.to_json());
-        let bad = Selection::load_from(Some(dir.path()), &[], &key());
-        assert_eq!(bad.gemm(&hopper_plain), Some(GemmChoice::OursSm90a(None)));
-        let (op, inputs) = &nodes[3];
-        match decide(
-            KernelChoice::Auto,
-            &bad,
-            op.as_ref(),
-            &inputs.iter().collect::<Vec<_>>(),
-        ) {
+        let (selection, decision) = load(&bad, 3);
+        assert_eq!(
+            selection.gemm(&hopper_plain),
+            Some(GemmChoice::OursSm90a(None))
+        );
+        match decision {
             Decision::Unfit(why) => assert!(why.contains("no tile width"), "{name}: {why}"),
             other => panic!("{name}: {other:?}"),
         }
