@@ -82,8 +82,8 @@ template <int N, typename T> __device__ __forceinline__ void store_f32(T* p, con
     }
 }
 
-// The output pixel a warp computes: its index, batch, and the source row and column of
-// each tap row and column (−1: reads zeros). Whole warps of a tail block leave together.
+// The output pixel a warp computes: its index, batch, and the input row and column of its
+// centre tap (output coordinate × stride). Whole warps of a tail block leave together.
 struct Pixel {
     long long index, b;
     int i, j;
