@@ -81,34 +81,93 @@ pub struct Conv2dParams {
 }
 mirror_kernel_struct!(Conv2dParams);
 
-/// The launch of `conv2d_<x>_<out>` on `params` whose GEMM has `params.m` rows per phase, N =
-/// Cout and K = `k` (the most of any phase), in `phases` phases (1 for a conv, stride² for a
-/// transposed one, [`super::conv_transpose`]).
-pub(super) fn conv2d_launch(
-    op: &str,
-    params: Conv2dParams,
-    k: usize,
-    phases: usize,
-    (x, out): (DType, DType),
-) -> Result<Launch> {
-    to_i32(op, "K = taps·Cin", k)?;
-    let grid = |what: &str, n: usize| {
-        u16::try_from(n)
-            .map(u32::from)
-            .map_err(|_| Error::shape(op, format!("{what} = {n} exceeds the grid's 65535 limit")))
-    };
-    let name = format!("conv2d_{}_{}", x.suffix(), out.suffix());
-    Ok(Launch {
-        kernel: KernelId::lookup(&name)?,
-        grid: [
-            ceil_div(params.m as usize, TILE) as u32,
-            grid("Cout / 64", ceil_div(params.cout as usize, TILE))?,
-            grid("stride²", phases)?,
-        ],
-        block: [128, 1, 1],
-        smem: 0,
-        args: Args::new().by_value(&params),
-    })
+/// One launch of `conv2d_*`: an ordinary conv, or a transposed one run as its stride²
+/// output phases ([`super::conv_transpose`]). `io`'s first two inputs are x and w (bf16, in
+/// PyTorch's layout for the kind); the optional ones are given as device addresses (0: none).
+pub(super) struct Conv2dLaunch {
+    pub x: [usize; 4],
+    pub out_hw: (usize, usize),
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub transposed: bool,
+    pub bias: u64,
+    pub gate: u64,
+    pub r: u64,
+    pub act: Act,
+    pub out: DType,
+}
+
+impl Conv2dLaunch {
+    /// The launch: a GEMM of M output pixels (per phase), N = Cout and K = taps·Cin, in 64×64
+    /// tiles, one grid layer per phase.
+    pub(super) fn launch(&self, op: &str, io: &LaunchIo) -> Result<Launch> {
+        if io.inputs[1].desc.dtype != DType::BF16 {
+            return Err(Error::shape(
+                op,
+                "the kernel needs w in bf16 (a tensor-core operand)",
+            ));
+        }
+        let [b, h, w, cin] = self.x;
+        let (oh, ow) = self.out_hw;
+        let s = self.stride;
+        // A transposed conv's phase holds every s-th output row and column, and at most
+        // ⌈k/s⌉ of the taps along each axis.
+        let (rows, taps, phases) = match self.transposed {
+            false => (b * oh * ow, self.k * self.k, 1),
+            true => (
+                b * oh.div_ceil(s) * ow.div_ceil(s),
+                self.k.div_ceil(s).pow(2),
+                s * s,
+            ),
+        };
+        to_i32(op, "K = taps·Cin", taps * cin)?;
+        let (act, slope) = self.act.code();
+        let params = Conv2dParams {
+            x: io.inputs[0].ptr,
+            w: io.inputs[1].ptr,
+            bias: self.bias,
+            gate: self.gate,
+            r: self.r,
+            y: io.outputs[0].ptr,
+            b: to_i32(op, "B", b)?,
+            h: to_i32(op, "H", h)?,
+            w_in: to_i32(op, "W", w)?,
+            cin: to_i32(op, "Cin", cin)?,
+            oh: to_i32(op, "OH", oh)?,
+            ow: to_i32(op, "OW", ow)?,
+            cout: to_i32(op, "Cout", self.cout)?,
+            k: to_i32(op, "k", self.k)?,
+            stride: to_i32(op, "stride", s)?,
+            pad: to_i32(op, "padding", self.pad)?,
+            act,
+            slope,
+            transposed: self.transposed as i32,
+            m: to_i32(op, "output pixels per phase", rows)?,
+        };
+        let grid = |what: &str, n: usize| {
+            u16::try_from(n).map(u32::from).map_err(|_| {
+                Error::shape(op, format!("{what} = {n} exceeds the grid's 65535 limit"))
+            })
+        };
+        let name = format!(
+            "conv2d_{}_{}",
+            io.inputs[0].desc.dtype.suffix(),
+            self.out.suffix()
+        );
+        Ok(Launch {
+            kernel: KernelId::lookup(&name)?,
+            grid: [
+                ceil_div(rows, TILE) as u32,
+                grid("Cout / 64", ceil_div(self.cout, TILE))?,
+                grid("stride²", phases)?,
+            ],
+            block: [128, 1, 1],
+            smem: 0,
+            args: Args::new().by_value(&params),
+        })
+    }
 }
 
 /// `Conv2d(Cin, Cout, k, stride, pad)` on `x [B, H, W, Cin]` (f32 or bf16) with `w` bf16
@@ -324,48 +383,24 @@ impl OpImpl for Conv2d {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        let op = self.name();
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let d = self.dims(&descs)?;
-        if descs[1].dtype != DType::BF16 {
-            return Err(Error::shape(
-                op,
-                "the kernel needs w in bf16 (a tensor-core operand)",
-            ));
-        }
-        let [b, h, w, cin] = d.x;
         let ptr = |on: bool, i: usize| if on { io.inputs[i].ptr } else { 0 };
-        let (act, slope) = self.act.code();
-        let params = Conv2dParams {
-            x: io.inputs[0].ptr,
-            w: io.inputs[1].ptr,
+        let launch = Conv2dLaunch {
+            x: d.x,
+            out_hw: (d.oh, d.ow),
+            cout: d.cout,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+            transposed: false,
             bias: ptr(self.bias, 2),
             gate: self.gate_at().map_or(0, |i| io.inputs[i].ptr),
             r: ptr(self.residual, io.inputs.len() - 1),
-            y: io.outputs[0].ptr,
-            b: to_i32(op, "B", b)?,
-            h: to_i32(op, "H", h)?,
-            w_in: to_i32(op, "W", w)?,
-            cin: to_i32(op, "Cin", cin)?,
-            oh: to_i32(op, "OH", d.oh)?,
-            ow: to_i32(op, "OW", d.ow)?,
-            cout: to_i32(op, "Cout", d.cout)?,
-            k: to_i32(op, "k", self.k)?,
-            stride: to_i32(op, "stride", self.stride)?,
-            pad: to_i32(op, "padding", self.pad)?,
-            act,
-            slope,
-            transposed: 0,
-            m: to_i32(op, "output pixels", b * d.oh * d.ow)?,
+            act: self.act,
+            out: self.out,
         };
-        let k = self.k * self.k * cin;
-        Ok(vec![conv2d_launch(
-            op,
-            params,
-            k,
-            1,
-            (descs[0].dtype, self.out),
-        )?])
+        Ok(vec![launch.launch(self.name(), io)?])
     }
 
     fn cost(&self, inputs: &[&TensorDesc], outputs: &[&TensorDesc]) -> Cost {

@@ -6,9 +6,9 @@
 //!
 //! The reference accumulates in f64 and rounds once, like [`super::gemm::gemm_ref`].
 
-use super::conv2d::{conv2d_launch, Conv2dParams};
+use super::conv2d::{Act, Conv2dLaunch};
 use super::dot::{accumulate, pack_panels, LANES};
-use super::{inputs_n, nhwc, require_f32, to_i32, Shaped};
+use super::{inputs_n, nhwc, require_f32, Shaped};
 use crate::runtime::graph::{Cost, LaunchIo, OpImpl, OutSpec, TensorDesc};
 use crate::runtime::launch::Launch;
 use crate::tensor::{DType, HostTensor};
@@ -195,52 +195,23 @@ impl OpImpl for ConvTranspose2d {
     }
 
     fn launches(&self, io: &LaunchIo) -> Result<Vec<Launch>> {
-        let op = self.name();
         let descs: Vec<&TensorDesc> = io.inputs.iter().map(|t| t.desc).collect();
         let d = self.dims(&descs)?;
-        if descs[1].dtype != DType::BF16 {
-            return Err(Error::shape(
-                op,
-                "the kernel needs w in bf16 (a tensor-core operand)",
-            ));
-        }
-        let [b, h, wd, cin] = d.x;
-        let (oh, ow) = d.out_hw;
-        let s = self.stride;
-        let params = Conv2dParams {
-            x: io.inputs[0].ptr,
-            w: io.inputs[1].ptr,
+        let launch = Conv2dLaunch {
+            x: d.x,
+            out_hw: d.out_hw,
+            cout: d.cout,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+            transposed: true,
             bias: io.inputs[2].ptr,
             gate: 0,
             r: 0,
-            y: io.outputs[0].ptr,
-            b: to_i32(op, "B", b)?,
-            h: to_i32(op, "H", h)?,
-            w_in: to_i32(op, "W", wd)?,
-            cin: to_i32(op, "Cin", cin)?,
-            oh: to_i32(op, "OH", oh)?,
-            ow: to_i32(op, "OW", ow)?,
-            cout: to_i32(op, "Cout", d.cout)?,
-            k: to_i32(op, "k", self.k)?,
-            stride: to_i32(op, "stride", s)?,
-            pad: to_i32(op, "padding", self.pad)?,
-            act: 0,
-            slope: 0.0,
-            transposed: 1,
-            m: to_i32(
-                op,
-                "output pixels per phase",
-                b * oh.div_ceil(s) * ow.div_ceil(s),
-            )?,
+            act: Act::None,
+            out: self.out,
         };
-        let taps = self.k.div_ceil(s).pow(2);
-        Ok(vec![conv2d_launch(
-            op,
-            params,
-            taps * cin,
-            s * s,
-            (descs[0].dtype, self.out),
-        )?])
+        Ok(vec![launch.launch(self.name(), io)?])
     }
 }
 
