@@ -347,15 +347,20 @@ fn resolve_kernels(
 /// launches).
 pub fn node_scratch(device: &dyn Device, graph: &Graph) -> Vec<usize> {
     // An unreadable UPX_KERNELS plans none: building the launches reports it.
-    let choice = graph.kernels().map_or_else(KernelChoice::from_env, Ok);
+    match graph.kernels().map_or_else(KernelChoice::from_env, Ok) {
+        Ok(choice) => scratch_by_node(graph, |n, ins| device.substitute_scratch(n, ins, choice)),
+        Err(_) => vec![0; graph.nodes.len()],
+    }
+}
+
+/// `bytes(node, its inputs)` for each node of `graph`.
+fn scratch_by_node(graph: &Graph, bytes: impl Fn(&Node, &[&TensorDesc]) -> usize) -> Vec<usize> {
     graph
         .nodes
         .iter()
         .map(|n| {
             let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
-            choice
-                .as_ref()
-                .map_or(0, |&c| device.substitute_scratch(n, &ins, c))
+            bytes(n, &ins)
         })
         .collect()
 }
@@ -487,14 +492,7 @@ pub fn dry_node_entries(
     let graph = graph.as_ref();
     let choice = target.kernel_choice()?;
     let scratch: Vec<usize> = match substitution {
-        Some(s) => graph
-            .nodes
-            .iter()
-            .map(|n| {
-                let ins: Vec<&TensorDesc> = n.inputs.iter().map(|&t| graph.desc(t)).collect();
-                s.scratch_bytes(n, &ins, choice)
-            })
-            .collect(),
+        Some(s) => scratch_by_node(graph, |n, ins| s.scratch_bytes(n, ins, choice)),
         None => vec![0; graph.nodes.len()],
     };
     let plan = planner::plan_with_scratch(graph, &|i| scratch[i]);
