@@ -14,7 +14,7 @@ use crate::runtime::planner::{self, ALIGN};
 use crate::sampling_loop::{Guidance, NoiseSource};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The latent sizes of an output size (docs/MODEL.md §1.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,29 +196,23 @@ pub struct OpWork {
 /// every node's [`Cost`] times its graph's runs per image), most bytes first. A view (a
 /// reshape of an activation, which the planner places on its input) moves nothing.
 pub fn work_by_op(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Vec<OpWork>> {
-    let mut work: Vec<OpWork> = Vec::new();
+    let mut work: BTreeMap<(StageId, &'static str), OpWork> = BTreeMap::new();
     for sg in stage_graphs(cfg, size, steps)? {
+        let holder = planner::holders(&sg.graph);
         for node in &sg.graph.nodes {
-            let view = node.op.is_view() && sg.graph.desc(node.inputs[0]).role != Role::Weight;
+            let view = node.outputs.iter().any(|o| holder[o.index()] != o.index());
             let cost = if view {
                 Cost::default()
             } else {
                 sg.graph.node_cost(node)
             };
             let (stage, op) = (sg.stage, node.op.name());
-            let at = match work.iter().position(|w| (w.stage, w.op) == (stage, op)) {
-                Some(i) => i,
-                None => {
-                    work.push(OpWork {
-                        stage,
-                        op,
-                        runs: 0,
-                        cost: Cost::default(),
-                    });
-                    work.len() - 1
-                }
-            };
-            let w = &mut work[at];
+            let w = work.entry((stage, op)).or_insert(OpWork {
+                stage,
+                op,
+                runs: 0,
+                cost: Cost::default(),
+            });
             w.runs += sg.runs;
             w.cost = w.cost
                 + Cost {
@@ -227,6 +221,7 @@ pub fn work_by_op(cfg: &Configs, size: Size, steps: (usize, usize)) -> Result<Ve
                 };
         }
     }
+    let mut work: Vec<OpWork> = work.into_values().collect();
     work.sort_by(|a, b| b.cost.bytes.total_cmp(&a.cost.bytes));
     Ok(work)
 }

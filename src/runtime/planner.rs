@@ -40,7 +40,7 @@ fn aligned(bytes: usize) -> usize {
 /// For each tensor, the tensor whose arena block holds it: itself, or for the output of a
 /// view op ([`OpImpl::is_view`](super::graph::OpImpl::is_view)) whose input lives in the arena,
 /// that input's holder. Weights are not in the arena, so a view of one is its own copy.
-fn holders(graph: &Graph) -> Vec<usize> {
+pub fn holders(graph: &Graph) -> Vec<usize> {
     let mut holder: Vec<usize> = (0..graph.tensors.len()).collect();
     for node in &graph.nodes {
         if let ([x], [y]) = (&node.inputs[..], &node.outputs[..]) {
